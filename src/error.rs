@@ -1,0 +1,223 @@
+//! The crate's one error type.
+//!
+//! Every fallible function in qcow2kit returns [`Result`]. Errors that come from the bytes of an
+//! image (as opposed to the operating system or the caller) are [`Error::Corrupt`] or
+//! [`Error::Unsupported`], and name the field and the rule that was broken, so that a user can tell
+//! a damaged or hostile image from an I/O failure.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// A specialised `Result` for qcow2kit operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in qcow2kit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error from the storage under an image.
+    #[error("I/O error{}: {source}", context_suffix(.context))]
+    Io {
+        /// What was being done when the error happened.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image breaks a rule of the qcow2 format (or a limit qcow2kit shares with QEMU).
+    #[error("image is corrupt or invalid: {0}")]
+    Corrupt(#[from] Corruption),
+    /// The image uses a feature qcow2kit does not (yet) implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The image is encrypted and no key was supplied.
+    #[error("image is encrypted ({method}); a key is required to read it")]
+    EncryptedNoKey {
+        /// The encryption method named by the header.
+        method: &'static str,
+    },
+    /// The image refers to a backing or data file that the open policy does not allow.
+    #[error("{kind} file '{name}' is not allowed by the open policy")]
+    ExternalFileDenied {
+        /// `"backing"` or `"data"`.
+        kind: &'static str,
+        /// The name as stored in the image.
+        name: String,
+    },
+    /// A backing chain refers back to an image already in the chain.
+    #[error("backing chain loop: '{}' is already part of the chain", .0.display())]
+    BackingLoop(PathBuf),
+    /// A backing chain is deeper than the configured limit.
+    #[error("backing chain is deeper than the limit of {0} images")]
+    BackingTooDeep(usize),
+    /// A write was attempted on a read-only image.
+    #[error("image is opened read-only")]
+    ReadOnly,
+    /// A request lies (partly) outside the device.
+    #[error("request at offset {offset} length {len} is beyond the end of the device (size {size})")]
+    OutOfRange {
+        /// Start of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Size of the device.
+        size: u64,
+    },
+    /// An argument given by the caller is not valid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The named snapshot does not exist.
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
+}
+
+fn context_suffix(context: &str) -> String {
+    if context.is_empty() {
+        String::new()
+    } else {
+        format!(" {context}")
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(source: io::Error) -> Self {
+        Error::Io { context: String::new(), source }
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with a description of what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    /// Returns the corruption, if this error is one.
+    pub fn corruption(&self) -> Option<&Corruption> {
+        match self {
+            Error::Corrupt(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// A rule of the qcow2 format broken by an image, naming the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Corruption {
+    /// The file is shorter than the structure that must be there.
+    Truncated {
+        /// The structure that is cut short.
+        what: &'static str,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// The magic number is not `QFI\xfb`.
+    BadMagic(u32),
+    /// A header field has a value outside what the format (or QEMU's limits) allow.
+    BadField {
+        /// The field, by its spec name.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// Incompatible feature bits this implementation does not know.
+    UnknownIncompatibleFeatures {
+        /// The unknown bits.
+        bits: u64,
+        /// Names from the image's feature-name table, where it has them.
+        names: Vec<String>,
+    },
+    /// A table (L1, refcount, snapshot, …) is too large, misaligned, overflows or lies past the
+    /// end of the file.
+    BadTable {
+        /// Which table.
+        table: &'static str,
+        /// Its offset.
+        offset: u64,
+        /// Its size in bytes.
+        size: u64,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// A header extension is malformed.
+    BadExtension {
+        /// The extension's type code.
+        kind: u32,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// An L1 or L2 entry is malformed.
+    BadEntry {
+        /// `"L1"` or `"L2"`.
+        table: &'static str,
+        /// Guest offset the entry maps.
+        guest_offset: u64,
+        /// The raw entry.
+        entry: u64,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// A compressed cluster could not be decompressed into exactly one cluster.
+    BadCompressedCluster {
+        /// Host offset of the compressed data.
+        host_offset: u64,
+        /// What went wrong.
+        rule: String,
+    },
+    /// A snapshot table entry is malformed.
+    BadSnapshot {
+        /// Index of the entry in the table.
+        index: u32,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// The image is marked corrupt (incompatible bit 1) and cannot be opened writable.
+    MarkedCorrupt,
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Corruption::Truncated { what, needed, available } => {
+                write!(f, "{what} is truncated: needs {needed} bytes, file has {available}")
+            }
+            Corruption::BadMagic(m) => write!(f, "bad magic {m:#010x} (expected QFI\\xfb)"),
+            Corruption::BadField { field, value, rule } => {
+                write!(f, "header field {field} = {value}: {rule}")
+            }
+            Corruption::UnknownIncompatibleFeatures { bits, names } => {
+                write!(f, "unsupported incompatible feature bits {bits:#x}")?;
+                if !names.is_empty() {
+                    write!(f, " ({})", names.join(", "))?;
+                }
+                Ok(())
+            }
+            Corruption::BadTable { table, offset, size, rule } => {
+                write!(f, "{table} at offset {offset:#x} (size {size}): {rule}")
+            }
+            Corruption::BadExtension { kind, rule } => {
+                write!(f, "header extension {kind:#010x}: {rule}")
+            }
+            Corruption::BadEntry { table, guest_offset, entry, rule } => write!(
+                f,
+                "{table} entry {entry:#018x} for guest offset {guest_offset:#x}: {rule}"
+            ),
+            Corruption::BadCompressedCluster { host_offset, rule } => {
+                write!(f, "compressed cluster at host offset {host_offset:#x}: {rule}")
+            }
+            Corruption::BadSnapshot { index, rule } => {
+                write!(f, "snapshot table entry {index}: {rule}")
+            }
+            Corruption::MarkedCorrupt => {
+                write!(f, "image is marked corrupt and cannot be opened for writing")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Corruption {}

@@ -1,0 +1,38 @@
+//! On-disk structures of qcow2, as pure functions of bytes (no I/O).
+//!
+//! Everything is big-endian. Parsing returns validated values or a [`Corruption`](crate::Corruption)
+//! naming the field and the rule broken; encoding is the exact inverse, so that round trips hold.
+
+pub mod bitmap;
+mod bytes;
+pub mod entry;
+pub mod extension;
+pub mod features;
+pub mod header;
+pub mod refcount;
+pub mod snapshot;
+
+pub use bytes::{be_u16, be_u32, be_u64};
+
+/// `QFI\xfb`: the first four bytes of every qcow2 image.
+pub const QCOW2_MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster size: 512 bytes.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size: 2 MiB.
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Largest active or snapshot L1 table QEMU accepts, in bytes.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table QEMU accepts, in bytes.
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Most snapshots an image may hold.
+pub const MAX_SNAPSHOTS: u32 = 65_536;
+/// Largest snapshot table, in bytes.
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+/// Largest extra data of one snapshot table entry, in bytes.
+pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+/// Longest backing file name, in bytes.
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Host offsets must lie below 2^56 (bits 56.. of an entry are flags or reserved).
+pub const MAX_HOST_OFFSET: u64 = 1 << 56;
+/// Number of subclusters in a cluster of an image with extended L2 entries.
+pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;

@@ -1,0 +1,177 @@
+//! The internal snapshot table.
+//!
+//! Each entry, 8-byte aligned:
+//!
+//! | bytes  | field                                              |
+//! |--------|----------------------------------------------------|
+//! | 0..8   | l1_table_offset                                    |
+//! | 8..12  | l1_size (entries)                                  |
+//! | 12..14 | id_str_size                                        |
+//! | 14..16 | name_size                                          |
+//! | 16..20 | date_sec                                           |
+//! | 20..24 | date_nsec                                          |
+//! | 24..32 | vm_clock_nsec                                      |
+//! | 32..36 | vm_state_size                                      |
+//! | 36..40 | extra_data_size (≤ 1024)                           |
+//! | 40..   | extra data: vm_state_size_large u64, disk_size u64, icount u64 (each optional) |
+//! | …      | id string, then name string, then padding to 8     |
+
+use super::bytes::{put_u16, put_u32, put_u64};
+use super::header::SNAPSHOT_HEADER_SIZE;
+use super::{be_u16, be_u32, be_u64, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA_DATA};
+use crate::error::Corruption;
+
+/// One internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries in the snapshot's L1 table.
+    pub l1_size: u32,
+    /// Unique id string.
+    pub id: String,
+    /// Name (tag).
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock at creation, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state (the 64-bit field when present).
+    pub vm_state_size: u64,
+    /// Virtual disk size at creation, if recorded.
+    pub disk_size: Option<u64>,
+    /// Instruction count at creation (`None` or `u64::MAX`: not recorded).
+    pub icount: Option<u64>,
+    /// Extra data bytes beyond the three known fields, preserved.
+    pub extra_unknown: Vec<u8>,
+}
+
+fn bad(index: u32, rule: &'static str) -> Corruption {
+    Corruption::BadSnapshot { index, rule }
+}
+
+/// Parses `count` entries from `buf` (the table's bytes, however many the file holds).
+/// Returns the snapshots and the table's length in bytes.
+pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corruption> {
+    // Each entry takes at least 40 bytes, so `count` is bounded by the buffer, not trusted.
+    let mut out = Vec::with_capacity((count as usize).min(buf.len() / 40));
+    let mut off = 0usize;
+    for index in 0..count {
+        let fixed = SNAPSHOT_HEADER_SIZE as usize;
+        if buf.len() < off + fixed {
+            return Err(bad(index, "entry lies past the end of the file or the 64 MiB limit"));
+        }
+        let e = &buf[off..off + fixed];
+        let l1_table_offset = be_u64(e, 0);
+        let l1_size = be_u32(e, 8);
+        let id_len = be_u16(e, 12) as usize;
+        let name_len = be_u16(e, 14) as usize;
+        let extra_len = be_u32(e, 36);
+        if extra_len > MAX_SNAPSHOT_EXTRA_DATA {
+            return Err(bad(index, "extra data is larger than 1024 bytes"));
+        }
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(bad(index, "L1 table is larger than 32 MiB"));
+        }
+        let extra_len = extra_len as usize;
+        let total = fixed + extra_len + id_len + name_len;
+        if buf.len() < off + total {
+            return Err(bad(index, "entry lies past the end of the file or the 64 MiB limit"));
+        }
+        let extra = &buf[off + fixed..off + fixed + extra_len];
+        let id_start = off + fixed + extra_len;
+        let id = String::from_utf8_lossy(&buf[id_start..id_start + id_len]).into_owned();
+        let name_start = id_start + id_len;
+        let name = String::from_utf8_lossy(&buf[name_start..name_start + name_len]).into_owned();
+        let field = |i: usize| (extra.len() >= (i + 1) * 8).then(|| be_u64(extra, i * 8));
+        let vm_state_size = field(0).unwrap_or(u64::from(be_u32(e, 32)));
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec: be_u32(e, 16),
+            date_nsec: be_u32(e, 20),
+            vm_clock_nsec: be_u64(e, 24),
+            vm_state_size,
+            disk_size: field(1),
+            icount: field(2),
+            extra_unknown: extra.get(24..).unwrap_or(&[]).to_vec(),
+        });
+        off = (off + total).next_multiple_of(8);
+    }
+    Ok((out, off as u64))
+}
+
+/// Encodes snapshots into table bytes (QEMU's layout: 24 bytes of extra data plus any unknown).
+pub fn encode_table(snapshots: &[Snapshot]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in snapshots {
+        let start = out.len();
+        let extra_len = 24 + s.extra_unknown.len();
+        out.resize(start + SNAPSHOT_HEADER_SIZE as usize + extra_len, 0);
+        let e = &mut out[start..];
+        put_u64(e, 0, s.l1_table_offset);
+        put_u32(e, 8, s.l1_size);
+        put_u16(e, 12, s.id.len() as u16);
+        put_u16(e, 14, s.name.len() as u16);
+        put_u32(e, 16, s.date_sec);
+        put_u32(e, 20, s.date_nsec);
+        put_u64(e, 24, s.vm_clock_nsec);
+        put_u32(e, 32, u32::try_from(s.vm_state_size).unwrap_or(0));
+        put_u32(e, 36, extra_len as u32);
+        put_u64(e, 40, s.vm_state_size);
+        put_u64(e, 48, s.disk_size.unwrap_or(0));
+        put_u64(e, 56, s.icount.unwrap_or(u64::MAX));
+        e[64..64 + s.extra_unknown.len()].copy_from_slice(&s.extra_unknown);
+        out.extend_from_slice(s.id.as_bytes());
+        out.extend_from_slice(s.name.as_bytes());
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, name: &str) -> Snapshot {
+        Snapshot {
+            l1_table_offset: 0x50000,
+            l1_size: 8,
+            id: id.into(),
+            name: name.into(),
+            date_sec: 1_700_000_000,
+            date_nsec: 5,
+            vm_clock_nsec: 77,
+            vm_state_size: 0,
+            disk_size: Some(1 << 30),
+            icount: Some(u64::MAX),
+            extra_unknown: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = vec![snap("1", "first"), snap("2", "second one")];
+        let b = encode_table(&s);
+        let (p, len) = parse_table(&b, 2).unwrap();
+        assert_eq!(p, s);
+        assert_eq!(len, b.len() as u64);
+    }
+
+    #[test]
+    fn count_larger_than_table_is_refused() {
+        let b = encode_table(&[snap("1", "a")]);
+        assert!(matches!(parse_table(&b, 3), Err(Corruption::BadSnapshot { index: 1, .. })));
+    }
+
+    #[test]
+    fn huge_extra_data_is_refused() {
+        let mut b = encode_table(&[snap("1", "a")]);
+        put_u32(&mut b, 36, 5000);
+        assert!(parse_table(&b, 1).is_err());
+    }
+}

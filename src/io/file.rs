@@ -1,0 +1,107 @@
+//! A file on the host as [`Storage`].
+
+use super::Storage;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// A host file accessed with positioned I/O (`pread`/`pwrite`), shareable between threads.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file, read-only or read-write.
+    pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
+        let path = path.as_ref();
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(FileStorage { file, path: path.to_path_buf(), writable })
+    }
+
+    /// Creates (or truncates) a file for writing.
+    pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Ok(FileStorage { file, path: path.to_path_buf(), writable: true })
+    }
+
+    /// Wraps an already open file.
+    pub fn from_file(file: File, path: PathBuf, writable: bool) -> Self {
+        FileStorage { file, path, writable }
+    }
+
+    /// The path this storage was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the file was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    // End of file: the rest reads as zeros.
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Without an fallocate binding (this crate has no unsafe code), write zeros; the range
+        // reads as zeros either way. Clipped to the file so that no hole extends it.
+        let end = offset.saturating_add(len).min(self.len()?);
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+}

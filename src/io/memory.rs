@@ -1,0 +1,106 @@
+//! An in-memory [`Storage`], for tests and fuzzing.
+
+use super::Storage;
+use std::io;
+use std::sync::RwLock;
+
+/// A growable byte vector behind a lock.
+#[derive(Debug, Default)]
+pub struct MemoryStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemoryStorage {
+    /// Empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Storage holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        MemoryStorage { data: RwLock::new(bytes) }
+    }
+
+    /// A copy of the current contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn too_large() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "offset beyond addressable memory")
+}
+
+impl Storage for MemoryStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let len = data.len() as u64;
+        if offset >= len {
+            buf.fill(0);
+            return Ok(());
+        }
+        let start = offset as usize;
+        let avail = (data.len() - start).min(buf.len());
+        buf[..avail].copy_from_slice(&data[start..start + avail]);
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let start = usize::try_from(offset).map_err(|_| too_large())?;
+        let end = start.checked_add(buf.len()).ok_or_else(too_large)?;
+        if end > data.len() {
+            data.resize(end, 0);
+        }
+        data[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| too_large())?;
+        self.data.write().unwrap_or_else(|e| e.into_inner()).resize(len, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let dlen = data.len() as u64;
+        let start = offset.min(dlen) as usize;
+        let end = offset.saturating_add(len).min(dlen) as usize;
+        data[start..end].fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_end_are_zero() {
+        let s = MemoryStorage::from_bytes(vec![1, 2, 3]);
+        let mut b = [9u8; 5];
+        s.read_at(&mut b, 1).unwrap();
+        assert_eq!(b, [2, 3, 0, 0, 0]);
+        s.read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [0; 5]);
+    }
+
+    #[test]
+    fn write_extends() {
+        let s = MemoryStorage::new();
+        s.write_at(&[7, 7], 4).unwrap();
+        assert_eq!(s.to_bytes(), vec![0, 0, 0, 0, 7, 7]);
+        s.punch_hole(3, 10).unwrap();
+        assert_eq!(s.to_bytes(), vec![0; 6]);
+    }
+}
