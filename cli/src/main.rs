@@ -1,1 +1,50 @@
-fn main(){}
+//! `qcow2kit`: a qemu-img compatible command-line tool over the qcow2kit library.
+//!
+//! Subcommands, options, output and exit codes follow qemu-img for what they cover, so scripts
+//! can swap the binary.
+
+mod args;
+mod common;
+mod compare;
+mod convert;
+mod info;
+mod map;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: qcow2kit COMMAND [OPTIONS]
+
+Commands (qemu-img compatible):
+  info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
+  convert [-f FMT] [-O raw] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
+  map [-f FMT] [--output human|json] [-U] FILE
+  compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
+";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(1);
+    };
+    let rest = &argv[1..];
+    let code = match cmd.as_str() {
+        "info" => info::run(rest),
+        "convert" => convert::run(rest),
+        "map" => map::run(rest),
+        "compare" => compare::run(rest),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            0
+        }
+        "-V" | "--version" => {
+            println!("qcow2kit version {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        other => {
+            eprintln!("qcow2kit: Command not found: {other}");
+            1
+        }
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,76 @@
+//! Helpers shared by the subcommands: error printing, size parsing, opening images as qemu-img.
+
+use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions, Opened};
+use std::path::Path;
+
+/// Prints `qcow2kit: MSG` to stderr and returns exit code 1.
+pub fn fail(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("qcow2kit: {msg}");
+    1
+}
+
+/// Parses a size with an optional k/M/G/T/P/E suffix (binary units; `b` or none: bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return Err(format!("invalid size suffix in '{s}'")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    if !(f >= 0.0) || f * mult as f64 >= u64::MAX as f64 {
+        return Err(format!("invalid size '{s}'"));
+    }
+    Ok((f * mult as f64) as u64)
+}
+
+/// Parses a `-f`/`-O` format name.
+pub fn parse_format(name: &str) -> Result<ImageFormat, String> {
+    ImageFormat::from_name(name.as_bytes()).map_err(|_| format!("Unknown file format '{name}'"))
+}
+
+/// Opens `path` the way qemu-img does: the given format or a probe, backing chains followed
+/// relative to the image, data files allowed.
+pub fn open_image(
+    path: &str,
+    format: Option<&str>,
+    customize: impl FnOnce(&mut OpenOptions),
+) -> Result<Opened, String> {
+    let p = Path::new(path);
+    let fmt = match format {
+        Some(f) => parse_format(f)?,
+        None => probe_file(p).map_err(|e| format!("Could not open '{path}': {e}"))?,
+    };
+    let mut opts = OpenOptions::qemu_compatible();
+    customize(&mut opts);
+    open(p, fmt, &opts).map_err(|e| format!("Could not open '{path}': {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5M"), Ok(3 << 19));
+        assert!(parse_size("12q").is_err());
+        assert!(parse_size("99999999999E").is_err());
+    }
+}

@@ -1,0 +1,6 @@
+//! `qcow2kit compare` (to be written).
+
+/// Runs the subcommand; returns the exit code.
+pub fn run(_args: &[String]) -> u8 {
+    crate::common::fail("compare: not implemented yet")
+}

@@ -1,0 +1,273 @@
+//! Opening images with their backing chains and data files, under a policy.
+//!
+//! The library's default policy ([`OpenOptions::default`]) opens no file an image names: an image
+//! with a backing or data file is refused with [`Error::ExternalFileDenied`]. The CLI uses
+//! [`OpenOptions::qemu_compatible`], which resolves names as qemu-img does: relative to the
+//! directory of the image that names them, in the format the backing-format extension records
+//! (probing only when it is absent), at most [`DEFAULT_MAX_DEPTH`] backing layers deep. A chain
+//! that comes back to an image already in it (same device and inode) is an error, not a hang.
+
+use crate::device::{BlockDevice, RawImage};
+use crate::engine::{Qcow2Image, Qcow2Options, SnapshotRef};
+use crate::error::{Error, Result};
+use crate::format::probe::{probe, Detected};
+use crate::io::{FileStorage, Storage, StorageExt};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Default limit on the number of backing layers under an image.
+pub const DEFAULT_MAX_DEPTH: usize = 16;
+
+/// Image formats qcow2kit opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// qcow2.
+    Qcow2,
+    /// Raw.
+    Raw,
+}
+
+impl ImageFormat {
+    /// Parses a format name (`qcow2`, `raw`).
+    pub fn from_name(name: &[u8]) -> Result<Self> {
+        match name {
+            b"qcow2" => Ok(ImageFormat::Qcow2),
+            b"raw" => Ok(ImageFormat::Raw),
+            other => Err(Error::Unsupported(format!(
+                "image format '{}'",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
+    /// The format's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+}
+
+/// What to do with a backing file an image names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Refuse images that name a backing file.
+    Deny,
+    /// Open no backing file: unallocated clusters read as zeros.
+    Ignore,
+    /// Open the chain, at most `max_depth` backing layers deep.
+    Follow {
+        /// Largest number of backing layers below the top image.
+        max_depth: usize,
+    },
+}
+
+/// How to open an image and what it refers to.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open the top image for writing.
+    pub writable: bool,
+    /// Backing file policy.
+    pub backing: BackingPolicy,
+    /// Probe a backing file's format when the image does not record it (qemu-img does).
+    pub probe_backing_format: bool,
+    /// Allow opening an external data file named by a qcow2 image.
+    pub allow_data_file: bool,
+    /// Read this internal snapshot of the top image.
+    pub snapshot: Option<SnapshotRef>,
+    /// qcow2 tuning (L2 cache size) for every layer.
+    pub qcow2: Qcow2Options,
+}
+
+impl Default for OpenOptions {
+    /// The safe default for untrusted images: no backing file, no data file, read-only.
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            backing: BackingPolicy::Deny,
+            probe_backing_format: false,
+            allow_data_file: false,
+            snapshot: None,
+            qcow2: Qcow2Options::default(),
+        }
+    }
+}
+
+impl OpenOptions {
+    /// What qemu-img does: follow backing chains (probing formats it does not know) and open
+    /// data files.
+    pub fn qemu_compatible() -> Self {
+        OpenOptions {
+            backing: BackingPolicy::Follow { max_depth: DEFAULT_MAX_DEPTH },
+            probe_backing_format: true,
+            allow_data_file: true,
+            ..OpenOptions::default()
+        }
+    }
+}
+
+/// An opened image: the device and, for qcow2, the concrete top image.
+#[derive(Clone)]
+pub struct Opened {
+    /// The image as a block device (with its chain attached).
+    pub device: Arc<dyn BlockDevice>,
+    /// The top image, when it is qcow2.
+    pub qcow2: Option<Arc<Qcow2Image>>,
+    /// The top image's format.
+    pub format: ImageFormat,
+    /// The path it was opened from.
+    pub path: PathBuf,
+}
+
+/// Opens `path` as `format` with `opts`.
+pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Opened> {
+    let mut seen = Vec::new();
+    open_layer(path, format, opts, 0, &mut seen, true)
+}
+
+/// Reads the first 64 KiB of `path` and returns the detected format (raw if none).
+pub fn probe_file(path: &Path) -> Result<ImageFormat> {
+    let s = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
+    let head = s.read_vec(0, 64 << 10).map_err(|e| Error::io("probing format", e))?;
+    match probe(&head) {
+        None => Ok(ImageFormat::Raw),
+        Some(Detected::Qcow2) => Ok(ImageFormat::Qcow2),
+        Some(d) => Err(Error::Unsupported(format!("image format '{}'", d.name()))),
+    }
+}
+
+fn open_error(path: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("opening '{}'", path.display()), e)
+}
+
+/// Resolves a name stored in an image relative to the directory of the image's path.
+pub fn resolve_relative(image_path: &Path, name: &[u8]) -> Result<PathBuf> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("empty file name".into()));
+    }
+    // qemu treats "proto:..." (a colon before any slash) as a protocol, not a file.
+    if let Some(colon) = name.iter().position(|&b| b == b':') {
+        if !name[..colon].contains(&b'/') {
+            return Err(Error::Unsupported(format!(
+                "file name '{}' uses a protocol or json: syntax",
+                String::from_utf8_lossy(name)
+            )));
+        }
+    }
+    let p = Path::new(OsStr::from_bytes(name));
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(match image_path.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    })
+}
+
+fn open_layer(
+    path: &Path,
+    format: ImageFormat,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut Vec<(u64, u64)>,
+    top: bool,
+) -> Result<Opened> {
+    let writable = top && opts.writable;
+    let storage = FileStorage::open(path, writable).map_err(|e| open_error(path, e))?;
+    let meta = storage.file().metadata().map_err(|e| open_error(path, e))?;
+    let id = (meta.dev(), meta.ino());
+    if seen.contains(&id) {
+        return Err(Error::BackingLoop(path.to_path_buf()));
+    }
+    seen.push(id);
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+
+    match format {
+        ImageFormat::Raw => {
+            if top && opts.snapshot.is_some() {
+                return Err(Error::InvalidArgument("raw images have no snapshots".into()));
+            }
+            let dev: Arc<dyn BlockDevice> = Arc::new(RawImage::open(storage, writable)?);
+            Ok(Opened { device: dev, qcow2: None, format, path: path.to_path_buf() })
+        }
+        ImageFormat::Qcow2 => {
+            if writable {
+                return Err(Error::Unsupported("writing qcow2 images is not implemented yet".into()));
+            }
+            let mut q_opts = opts.qcow2.clone();
+            q_opts.snapshot = if top { opts.snapshot.clone() } else { None };
+            let mut img = Qcow2Image::open(storage, &q_opts)?;
+
+            if img.has_data_file() {
+                let name = img.data_file_name().map(<[u8]>::to_vec).ok_or_else(|| {
+                    Error::Unsupported("image uses an external data file but names none".into())
+                })?;
+                if !opts.allow_data_file {
+                    return Err(Error::ExternalFileDenied {
+                        kind: "data",
+                        name: String::from_utf8_lossy(&name).into_owned(),
+                    });
+                }
+                let dpath = resolve_relative(path, &name)?;
+                let ds = FileStorage::open(&dpath, false).map_err(|e| open_error(&dpath, e))?;
+                img.set_data_file(Arc::new(ds));
+            }
+
+            if let Some(name) = img.backing_file_name().map(<[u8]>::to_vec) {
+                let shown = || String::from_utf8_lossy(&name).into_owned();
+                match opts.backing {
+                    BackingPolicy::Deny => {
+                        return Err(Error::ExternalFileDenied { kind: "backing", name: shown() })
+                    }
+                    BackingPolicy::Ignore => {}
+                    BackingPolicy::Follow { max_depth } => {
+                        if depth >= max_depth {
+                            return Err(Error::BackingTooDeep(max_depth));
+                        }
+                        let bpath = resolve_relative(path, &name)?;
+                        let bformat = match img.backing_format() {
+                            Some(f) => ImageFormat::from_name(f)?,
+                            None if opts.probe_backing_format => probe_file(&bpath)?,
+                            None => {
+                                return Err(Error::Unsupported(format!(
+                                    "backing file '{}' has no recorded format and probing is off",
+                                    shown()
+                                )))
+                            }
+                        };
+                        let b = open_layer(&bpath, bformat, opts, depth + 1, seen, false)?;
+                        img.set_backing(Some(b.device));
+                    }
+                }
+            }
+            let img = Arc::new(img);
+            Ok(Opened {
+                device: img.clone(),
+                qcow2: Some(img),
+                format,
+                path: path.to_path_buf(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_resolve_against_the_image_directory() {
+        let p = resolve_relative(Path::new("/a/b/top.qcow2"), b"base.qcow2").unwrap();
+        assert_eq!(p, PathBuf::from("/a/b/base.qcow2"));
+        let p = resolve_relative(Path::new("top.qcow2"), b"base.qcow2").unwrap();
+        assert_eq!(p, PathBuf::from("base.qcow2"));
+        let p = resolve_relative(Path::new("/a/top.qcow2"), b"/abs/base").unwrap();
+        assert_eq!(p, PathBuf::from("/abs/base"));
+        assert!(resolve_relative(Path::new("/a/t"), b"nbd:localhost:10809").is_err());
+        assert!(resolve_relative(Path::new("/a/t"), b"dir/with:colon").is_ok());
+    }
+}

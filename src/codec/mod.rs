@@ -1,0 +1,5 @@
+//! Per-buffer codecs: compression of one cluster.
+
+mod compress;
+
+pub use compress::decompress_cluster;

@@ -1,0 +1,319 @@
+//! The qcow2 image at run time: open and validation, the L2 cache, guest → host mapping and the
+//! read path.
+//!
+//! Locking: the L2 slice cache sits behind one mutex that is held only while entries are looked
+//! up (and, on a miss, while one slice is read from the image). It is never held during guest
+//! data I/O, so readers of different clusters proceed in parallel.
+
+mod cache;
+mod mapping;
+mod open;
+
+pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
+
+use crate::codec::decompress_cluster;
+use crate::device::{check_range, BlockDevice, Extent, ExtentKind};
+use crate::error::{Corruption, Error, Result};
+use crate::format::bitmap::BitmapEntry;
+use crate::format::entry::CompressedDescriptor;
+use crate::format::extension::Extensions;
+use crate::format::header::{CompressionType, Header};
+use crate::format::snapshot::Snapshot;
+use crate::io::Storage;
+use cache::SliceCache;
+use mapping::Mapped;
+use std::sync::{Arc, Mutex};
+
+/// Sizes derived from the header, computed once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub(crate) cluster_bits: u32,
+    pub(crate) cluster_size: u64,
+    /// log2 of L2 entries per table.
+    pub(crate) l2_bits: u32,
+    /// 64-bit words per L2 entry (1 standard, 2 extended).
+    pub(crate) words_per_entry: usize,
+    /// Bytes of one cached L2 slice.
+    pub(crate) slice_bytes: u64,
+    /// log2 of L2 entries per slice.
+    pub(crate) slice_entry_bits: u32,
+    pub(crate) extended: bool,
+    pub(crate) subcluster_bits: u32,
+    pub(crate) data_file: bool,
+    pub(crate) compression: CompressionType,
+}
+
+/// Largest slice of an L2 table read and cached at once.
+const MAX_SLICE_BYTES: u64 = 4096;
+
+impl Geometry {
+    fn new(h: &Header) -> Self {
+        let cluster_size = h.cluster_size();
+        let slice_bytes = cluster_size.min(MAX_SLICE_BYTES);
+        let entry_bytes = h.l2_entry_size();
+        let extended = h.has_extended_l2();
+        Geometry {
+            cluster_bits: h.cluster_bits,
+            cluster_size,
+            l2_bits: h.l2_bits(),
+            words_per_entry: (entry_bytes / 8) as usize,
+            slice_bytes,
+            slice_entry_bits: (slice_bytes / entry_bytes).trailing_zeros(),
+            extended,
+            subcluster_bits: if extended { h.cluster_bits - 5 } else { h.cluster_bits },
+            data_file: h.has_data_file(),
+            compression: h.compression_type,
+        }
+    }
+}
+
+/// An open qcow2 image (read path).
+///
+/// Created by [`Qcow2Image::open`] or, with backing and data files resolved under a policy, by
+/// [`crate::chain::open`].
+pub struct Qcow2Image {
+    storage: Arc<dyn Storage>,
+    data_storage: Option<Arc<dyn Storage>>,
+    header: Header,
+    extensions: Extensions,
+    backing_name: Option<Vec<u8>>,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<BitmapEntry>,
+    backing: Option<Arc<dyn BlockDevice>>,
+    geo: Geometry,
+    l1: Box<[u64]>,
+    size: u64,
+    file_len: u64,
+    file_end: u64,
+    cache: Mutex<SliceCache>,
+    snapshot_view: Option<usize>,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("storage", &self.storage)
+            .field("size", &self.size)
+            .field("cluster_size", &self.geo.cluster_size)
+            .field("backing", &self.backing.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Image {
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The header extensions.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// The backing file name as stored (bytes), if the image names one.
+    pub fn backing_file_name(&self) -> Option<&[u8]> {
+        self.backing_name.as_deref()
+    }
+
+    /// The backing file format from the header extension, if recorded.
+    pub fn backing_format(&self) -> Option<&[u8]> {
+        self.extensions.backing_format.as_deref()
+    }
+
+    /// The external data file name from the header extension, if recorded.
+    pub fn data_file_name(&self) -> Option<&[u8]> {
+        self.extensions.data_file.as_deref()
+    }
+
+    /// Whether the image keeps its data in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.geo.data_file
+    }
+
+    /// Internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Persistent bitmaps listed in the bitmap directory.
+    pub fn bitmaps(&self) -> &[BitmapEntry] {
+        &self.bitmaps
+    }
+
+    /// The snapshot being viewed, if the image was opened on one.
+    pub fn snapshot_view(&self) -> Option<&Snapshot> {
+        self.snapshot_view.map(|i| &self.snapshots[i])
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size
+    }
+
+    /// The storage under the image.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Attaches the backing device that unallocated clusters read from.
+    pub fn set_backing(&mut self, backing: Option<Arc<dyn BlockDevice>>) {
+        self.backing = backing;
+    }
+
+    /// Attaches the storage of the external data file.
+    pub fn set_data_file(&mut self, storage: Arc<dyn Storage>) {
+        self.data_storage = Some(storage);
+    }
+
+    /// L2 cache (hits, misses) since open.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        self.lock_cache().stats()
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, SliceCache> {
+        // A panic while holding the lock leaves the cache consistent (each operation completes
+        // its list updates before returning), so a poisoned lock is still usable.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn data(&self) -> Result<&Arc<dyn Storage>> {
+        if self.geo.data_file {
+            self.data_storage.as_ref().ok_or_else(|| {
+                Error::Unsupported("image has an external data file that is not attached".into())
+            })
+        } else {
+            Ok(&self.storage)
+        }
+    }
+
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        if offset >= bsize {
+            buf.fill(0);
+            return Ok(());
+        }
+        let n = (bsize - offset).min(buf.len() as u64) as usize;
+        b.read_at(&mut buf[..n], offset)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn read_compressed(
+        &self,
+        desc: CompressedDescriptor,
+        in_cluster: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if desc.host_offset >= self.file_len {
+            return Err(Corruption::BadCompressedCluster {
+                host_offset: desc.host_offset,
+                rule: "compressed data lies past the end of the file".into(),
+            }
+            .into());
+        }
+        // stored_len ≤ 2 × cluster size by construction of the descriptor.
+        let stored = desc.stored_len() as usize;
+        let mut input = vec![0u8; stored];
+        self.storage
+            .read_at(&mut input, desc.host_offset)
+            .map_err(|e| Error::io("reading compressed cluster", e))?;
+        let cs = self.geo.cluster_size as usize;
+        let fail = |rule| {
+            Error::Corrupt(Corruption::BadCompressedCluster { host_offset: desc.host_offset, rule })
+        };
+        if in_cluster == 0 && out.len() == cs {
+            decompress_cluster(self.geo.compression, &input, out).map_err(fail)?;
+        } else {
+            let mut tmp = vec![0u8; cs];
+            decompress_cluster(self.geo.compression, &input, &mut tmp).map_err(fail)?;
+            let s = in_cluster as usize;
+            out.copy_from_slice(&tmp[s..s + out.len()]);
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let run = self.map(pos, (buf.len() - done) as u64)?;
+            let n = run.len as usize;
+            let chunk = &mut buf[done..done + n];
+            match run.mapped {
+                Mapped::Data { host } => self
+                    .data()?
+                    .read_at(chunk, host)
+                    .map_err(|e| Error::io("reading data cluster", e))?,
+                Mapped::Zero { .. } => chunk.fill(0),
+                Mapped::Unallocated => self.read_backing(chunk, pos)?,
+                Mapped::Compressed { desc, in_cluster } => {
+                    self.read_compressed(desc, in_cluster, chunk)?
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Err(Error::InvalidArgument("block_status of an empty range".into()));
+        }
+        let first = self.map(offset, len)?;
+        let (kind, host_offset, compressed) = match first.mapped {
+            Mapped::Data { host } => (ExtentKind::Data, Some(host), false),
+            Mapped::Zero { host } => (ExtentKind::Zero, host, false),
+            Mapped::Unallocated => (ExtentKind::Unallocated, None, false),
+            Mapped::Compressed { .. } => (ExtentKind::Data, None, true),
+        };
+        let mut total = first.len;
+        if compressed {
+            // Report a run of compressed clusters as one extent, as qemu-img map does.
+            while total < len {
+                let next = self.map(offset + total, len - total)?;
+                if !matches!(next.mapped, Mapped::Compressed { .. }) {
+                    break;
+                }
+                total += next.len;
+            }
+        }
+        Ok(Extent { offset, len: total, kind, depth: 0, host_offset, compressed })
+    }
+
+    fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
+        self.backing.as_ref()
+    }
+
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+}

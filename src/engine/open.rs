@@ -1,0 +1,266 @@
+//! Opening a qcow2 image: every header rule and limit checked before any table is read or
+//! allocated (mirroring QEMU's `qcow2_do_open`), then the L1 table, snapshot table and bitmap
+//! directory loaded with sizes bounded by the file.
+
+use super::cache::SliceCache;
+use super::{Geometry, Qcow2Image};
+use crate::error::{Corruption, Error, Result};
+use crate::format::bitmap::{parse_directory, BitmapEntry};
+use crate::format::extension::Extensions;
+use crate::format::features::{known_incompatible_name, AutoclearFeatures, FeatureKind};
+use crate::format::header::{check_table, CryptMethod, Header, V2_HEADER_LENGTH};
+use crate::format::snapshot::{parse_table, Snapshot};
+use crate::format::{be_u64, MAX_CLUSTER_BITS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::io::{Storage, StorageExt};
+use std::sync::{Arc, Mutex};
+
+/// Default memory for the L2 cache: maps 256 GiB of guest data with 64 KiB clusters.
+pub const DEFAULT_L2_CACHE_BYTES: usize = 32 << 20;
+
+/// Which snapshot to read instead of the active image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotRef {
+    /// Match the snapshot id (`snapshot.id=`).
+    Id(String),
+    /// Match the snapshot name (`snapshot.name=`).
+    Name(String),
+    /// Match the id first, then the name (qemu-img's plain `-l NAME`).
+    IdOrName(String),
+}
+
+impl SnapshotRef {
+    /// Parses qemu-img's `-l` argument: `snapshot.id=ID`, `snapshot.name=NAME`, a combination
+    /// separated by commas, or a plain id-or-name.
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut id = None;
+        let mut name = None;
+        if !s.starts_with("snapshot.") {
+            return Ok(SnapshotRef::IdOrName(s.to_string()));
+        }
+        for part in s.split(',') {
+            if let Some(v) = part.strip_prefix("snapshot.id=") {
+                id = Some(v.to_string());
+            } else if let Some(v) = part.strip_prefix("snapshot.name=") {
+                name = Some(v.to_string());
+            } else {
+                return Err(Error::InvalidArgument(format!("invalid snapshot option '{part}'")));
+            }
+        }
+        match (id, name) {
+            (Some(i), None) => Ok(SnapshotRef::Id(i)),
+            (None, Some(n)) => Ok(SnapshotRef::Name(n)),
+            (Some(i), Some(_)) => Ok(SnapshotRef::Id(i)),
+            (None, None) => Err(Error::InvalidArgument(s.to_string())),
+        }
+    }
+
+    fn find(&self, snaps: &[Snapshot]) -> Option<usize> {
+        match self {
+            SnapshotRef::Id(i) => snaps.iter().position(|s| &s.id == i),
+            SnapshotRef::Name(n) => snaps.iter().position(|s| &s.name == n),
+            SnapshotRef::IdOrName(x) => snaps
+                .iter()
+                .position(|s| &s.id == x)
+                .or_else(|| snaps.iter().position(|s| &s.name == x)),
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            SnapshotRef::Id(s) | SnapshotRef::Name(s) | SnapshotRef::IdOrName(s) => s,
+        }
+    }
+}
+
+/// How to open one qcow2 image (its backing and data files are attached separately; see
+/// [`crate::chain`]).
+#[derive(Debug, Clone)]
+pub struct Qcow2Options {
+    /// Bytes of memory the L2 cache may use (at least one slice is always kept).
+    pub l2_cache_bytes: usize,
+    /// Read this internal snapshot instead of the active image (read-only view).
+    pub snapshot: Option<SnapshotRef>,
+}
+
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        Qcow2Options { l2_cache_bytes: DEFAULT_L2_CACHE_BYTES, snapshot: None }
+    }
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(what, e)
+}
+
+fn read_table_words(storage: &dyn Storage, offset: u64, entries: usize) -> Result<Box<[u64]>> {
+    let bytes = storage.read_vec(offset, entries * 8).map_err(io_err("reading L1 table"))?;
+    Ok(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
+}
+
+impl Qcow2Image {
+    /// Opens and validates a qcow2 image on `storage`, read-only.
+    ///
+    /// No backing or data file is opened here: an image that names one reads unallocated
+    /// clusters as zeros until [`set_backing`](Qcow2Image::set_backing) attaches a device, and an
+    /// image with an external data file refuses reads until
+    /// [`set_data_file`](Qcow2Image::set_data_file) attaches its storage.
+    pub fn open(storage: Arc<dyn Storage>, opts: &Qcow2Options) -> Result<Qcow2Image> {
+        let file_len = storage.len().map_err(io_err("reading image size"))?;
+
+        // The header and its extensions live in cluster 0; read at most the largest cluster.
+        let first_len = file_len.min(1 << MAX_CLUSTER_BITS) as usize;
+        let first = storage.read_vec(0, first_len).map_err(io_err("reading header"))?;
+        let header = Header::parse(&first)?;
+        let cs = header.cluster_size();
+
+        let ext_end = if header.backing_file_offset != 0 { header.backing_file_offset } else { cs };
+        let ext_start = u64::from(header.header_length.max(V2_HEADER_LENGTH));
+        let area = if ext_end > ext_start {
+            let end = (ext_end as usize).min(first.len());
+            first.get(ext_start as usize..end).unwrap_or(&[])
+        } else {
+            &[]
+        };
+        let extensions = Extensions::parse(area)?;
+
+        let unknown = header.unknown_incompatible();
+        if unknown != 0 {
+            let names = (0..64u32)
+                .filter(|b| unknown >> b & 1 != 0)
+                .map(|b| {
+                    extensions
+                        .feature_name(FeatureKind::Incompatible, b as u8)
+                        .map(str::to_string)
+                        .or_else(|| known_incompatible_name(b).map(str::to_string))
+                        .unwrap_or_else(|| format!("unknown incompatible feature bit {b}"))
+                })
+                .collect();
+            return Err(Corruption::UnknownIncompatibleFeatures { bits: unknown, names }.into());
+        }
+        header.validate(file_len)?;
+        let file_end = file_len.next_multiple_of(cs);
+
+        match header.crypt_method {
+            CryptMethod::None => {}
+            m => return Err(Error::EncryptedNoKey { method: m.name() }),
+        }
+        if extensions.crypto.is_some() {
+            return Err(Error::EncryptedNoKey { method: "luks" });
+        }
+
+        let backing_name = if header.backing_file_offset != 0 && header.backing_file_size > 0 {
+            let len = u64::from(header.backing_file_size);
+            let end = header.backing_file_offset + len;
+            if end > file_len {
+                return Err(Corruption::Truncated {
+                    what: "backing file name",
+                    needed: end,
+                    available: file_len,
+                }
+                .into());
+            }
+            let name = storage
+                .read_vec(header.backing_file_offset, len as usize)
+                .map_err(io_err("reading backing file name"))?;
+            Some(name)
+        } else {
+            None
+        };
+        if header.has_data_file() && backing_name.is_some()
+            && header.autoclear.contains(AutoclearFeatures::DATA_FILE_RAW)
+        {
+            return Err(Corruption::BadField {
+                field: "autoclear_features",
+                value: header.autoclear.bits(),
+                rule: "a raw external data file cannot have a backing file",
+            }
+            .into());
+        }
+
+        let snapshots = if header.nb_snapshots > 0 {
+            let avail = file_end.saturating_sub(header.snapshots_offset);
+            let len = avail.min(MAX_SNAPSHOT_TABLE_BYTES) as usize;
+            let buf = storage
+                .read_vec(header.snapshots_offset, len)
+                .map_err(io_err("reading snapshot table"))?;
+            parse_table(&buf, header.nb_snapshots)?.0
+        } else {
+            Vec::new()
+        };
+
+        let bitmaps = match extensions.bitmaps {
+            Some(b) if header.autoclear.contains(AutoclearFeatures::BITMAPS) => {
+                check_table("bitmap directory", b.directory_offset, b.directory_size, cs, file_end)?;
+                let buf = storage
+                    .read_vec(b.directory_offset, b.directory_size as usize)
+                    .map_err(io_err("reading bitmap directory"))?;
+                parse_directory(&buf, b.nb_bitmaps)?
+            }
+            _ => Vec::<BitmapEntry>::new(),
+        };
+
+        let geo = Geometry::new(&header);
+        let (l1, size, view) = match &opts.snapshot {
+            None => {
+                let l1 = read_table_words(
+                    storage.as_ref(),
+                    header.l1_table_offset,
+                    header.l1_size as usize,
+                )?;
+                (l1, header.size, None)
+            }
+            Some(r) => {
+                let i = r.find(&snapshots).ok_or_else(|| Error::SnapshotNotFound(r.text().into()))?;
+                let s = &snapshots[i];
+                let l1_bytes = u64::from(s.l1_size) * 8;
+                check_table("snapshot L1 table", s.l1_table_offset, l1_bytes, cs, file_end)?;
+                let size = s.disk_size.unwrap_or(header.size);
+                let needed = header.l1_entries_for(size).unwrap_or(u64::MAX);
+                if u64::from(s.l1_size) < needed {
+                    return Err(Corruption::BadSnapshot {
+                        index: i as u32,
+                        rule: "L1 table is too small for the snapshot's disk size",
+                    }
+                    .into());
+                }
+                let l1 = read_table_words(storage.as_ref(), s.l1_table_offset, s.l1_size as usize)?;
+                (l1, size, Some(i))
+            }
+        };
+
+        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).max(4);
+        Ok(Qcow2Image {
+            storage,
+            data_storage: None,
+            header,
+            extensions,
+            backing_name,
+            snapshots,
+            bitmaps,
+            backing: None,
+            geo,
+            l1,
+            size,
+            file_len,
+            file_end,
+            cache: Mutex::new(SliceCache::new(slices)),
+            snapshot_view: view,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_ref_parse() {
+        assert_eq!(SnapshotRef::parse("s1").unwrap(), SnapshotRef::IdOrName("s1".into()));
+        assert_eq!(
+            SnapshotRef::parse("snapshot.name=x").unwrap(),
+            SnapshotRef::Name("x".into())
+        );
+        assert_eq!(SnapshotRef::parse("snapshot.id=3").unwrap(), SnapshotRef::Id("3".into()));
+        assert!(SnapshotRef::parse("snapshot.foo=3").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Convert (to be written).

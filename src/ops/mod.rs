@@ -1,0 +1,3 @@
+//! Whole-image operations over [`BlockDevice`](crate::BlockDevice)s and paths.
+
+pub mod convert;
