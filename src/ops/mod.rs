@@ -1,3 +1,6 @@
 //! Whole-image operations over [`BlockDevice`](crate::BlockDevice)s and paths.
 
+pub mod compare;
 pub mod convert;
+pub mod info;
+pub mod map;
