@@ -1,6 +1,134 @@
-//! `qcow2kit convert` (to be written).
+//! `qcow2kit convert`: copy an image (with its backing chain flattened) into a new image.
+//!
+//! Covered now: output format raw. Options as qemu-img: `-f FMT`, `-O FMT`, `-p`, `-q`, `-S SIZE`
+//! (zero detection granularity, 0 = off), `-m N` (parallel workers), `-W` (accepted: writes are
+//! always allowed out of order), `-l SNAPSHOT` (`snapshot.name=`, `snapshot.id=` or a plain
+//! name), `-n` (target exists; nothing is created), `-U` and `-t`/`-T` (accepted, no effect).
+
+use crate::args::{opt, parse, Spec};
+use crate::common::{fail, open_image, parse_format, parse_size};
+use qcow2kit::chain::ImageFormat;
+use qcow2kit::io::{FileStorage, Storage};
+use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
+use qcow2kit::SnapshotRef;
+use std::io::Write;
+
+const SPECS: &[Spec] = &[
+    opt(Some('f'), None, true, "f"),
+    opt(Some('O'), None, true, "O"),
+    opt(Some('o'), None, true, "o"),
+    opt(Some('c'), None, false, "c"),
+    opt(Some('p'), None, false, "p"),
+    opt(Some('q'), None, false, "q"),
+    opt(Some('S'), None, true, "S"),
+    opt(Some('m'), None, true, "m"),
+    opt(Some('W'), None, false, "W"),
+    opt(Some('l'), None, true, "l"),
+    opt(Some('s'), None, true, "s"),
+    opt(Some('n'), None, false, "n"),
+    opt(Some('U'), Some("force-share"), false, "U"),
+    opt(Some('t'), None, true, "t"),
+    opt(Some('T'), None, true, "T"),
+    opt(Some('B'), None, true, "B"),
+    opt(Some('F'), None, true, "F"),
+    opt(None, Some("object"), true, "object"),
+    opt(None, Some("image-opts"), false, "image-opts"),
+    opt(None, Some("target-image-opts"), false, "target-image-opts"),
+];
 
 /// Runs the subcommand; returns the exit code.
-pub fn run(_args: &[String]) -> u8 {
-    crate::common::fail("convert: not implemented yet")
+pub fn run(args: &[String]) -> u8 {
+    match convert(args) {
+        Ok(()) => 0,
+        Err(msg) => fail(msg),
+    }
+}
+
+fn convert(args: &[String]) -> Result<(), String> {
+    let p = parse(args, SPECS)?;
+    let [src, dst] = p.operands.as_slice() else {
+        return Err(if p.operands.len() > 2 {
+            "convert: more than one source image is not supported".into()
+        } else {
+            "Expecting one image file name and one output file name".into()
+        });
+    };
+    let out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
+    if out_fmt != ImageFormat::Raw {
+        return Err("convert: output format qcow2 is not implemented yet".into());
+    }
+    if p.has("c") {
+        return Err("Compression not supported for this file format".into());
+    }
+    if p.has("B") {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    if p.has("object") || p.has("image-opts") || p.has("target-image-opts") {
+        return Err("convert: --object and --image-opts are not supported yet".into());
+    }
+    for o in p.all("o") {
+        for kv in o.split(',').filter(|s| !s.is_empty()) {
+            let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
+            if k != "preallocation" {
+                return Err(format!("Invalid parameter '{k}'"));
+            }
+        }
+    }
+    let zero_granularity = match p.last("S") {
+        Some(s) => {
+            let v = parse_size(s).map_err(|_| "Invalid buffer size for sparse output specified")?;
+            if v % 512 != 0 {
+                return Err("Invalid buffer size for sparse output specified".into());
+            }
+            v
+        }
+        None => 4096,
+    };
+    let workers = match p.last("m") {
+        Some(m) => match m.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => return Err("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16".into()),
+        },
+        None => 0,
+    };
+    let snapshot = match p.last("l").or(p.last("s")) {
+        Some(s) => Some(SnapshotRef::parse(s).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let image = open_image(src, p.last("f"), |o| o.snapshot = snapshot.clone())?;
+    let dev = image.device;
+
+    let exists = p.has("n");
+    let target = if exists {
+        FileStorage::open(dst, true)
+    } else {
+        FileStorage::create(dst)
+    }
+    .map_err(|e| format!("Could not open '{dst}': {e}"))?;
+
+    let quiet = p.has("q");
+    let show = p.has("p") && !quiet;
+    let print = |d: u64, t: u64| {
+        let pct = if t == 0 { 100.0 } else { d as f64 * 100.0 / t as f64 };
+        let mut err = std::io::stdout().lock();
+        let _ = write!(err, "    ({pct:.2}/100%)\r");
+        let _ = err.flush();
+    };
+    if show {
+        print(0, 1);
+    }
+    let opts = RawConvertOptions {
+        workers,
+        zero_granularity,
+        target_is_zero: !exists,
+        progress: if show { Some(&print) } else { None },
+    };
+    convert_to_raw(dev.as_ref(), &target, &opts)
+        .map_err(|e| format!("error while converting raw: {e}"))?;
+    target.flush().map_err(|e| format!("error while flushing '{dst}': {e}"))?;
+    if show {
+        print(1, 1);
+        println!();
+    }
+    Ok(())
 }
