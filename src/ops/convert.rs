@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Largest range one worker reads and writes at a time.
-pub const CHUNK_BYTES: u64 = 2 << 20;
+pub const CHUNK_BYTES: u64 = 256 << 10;
 
 /// A progress callback: `(bytes done, bytes total)`.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
