@@ -102,7 +102,9 @@ impl OpenOptions {
     /// data files.
     pub fn qemu_compatible() -> Self {
         OpenOptions {
-            backing: BackingPolicy::Follow { max_depth: DEFAULT_MAX_DEPTH },
+            backing: BackingPolicy::Follow {
+                max_depth: DEFAULT_MAX_DEPTH,
+            },
             probe_backing_format: true,
             allow_data_file: true,
             ..OpenOptions::default()
@@ -132,7 +134,9 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
 /// Reads the first 64 KiB of `path` and returns the detected format (raw if none).
 pub fn probe_file(path: &Path) -> Result<ImageFormat> {
     let s = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
-    let head = s.read_vec(0, 64 << 10).map_err(|e| Error::io("probing format", e))?;
+    let head = s
+        .read_vec(0, 64 << 10)
+        .map_err(|e| Error::io("probing format", e))?;
     match probe(&head) {
         None => Ok(ImageFormat::Raw),
         Some(Detected::Qcow2) => Ok(ImageFormat::Qcow2),
@@ -189,14 +193,23 @@ fn open_layer(
     match format {
         ImageFormat::Raw => {
             if top && opts.snapshot.is_some() {
-                return Err(Error::InvalidArgument("raw images have no snapshots".into()));
+                return Err(Error::InvalidArgument(
+                    "raw images have no snapshots".into(),
+                ));
             }
             let dev: Arc<dyn BlockDevice> = Arc::new(RawImage::open(storage, writable)?);
-            Ok(Opened { device: dev, qcow2: None, format, path: path.to_path_buf() })
+            Ok(Opened {
+                device: dev,
+                qcow2: None,
+                format,
+                path: path.to_path_buf(),
+            })
         }
         ImageFormat::Qcow2 => {
             if writable {
-                return Err(Error::Unsupported("writing qcow2 images is not implemented yet".into()));
+                return Err(Error::Unsupported(
+                    "writing qcow2 images is not implemented yet".into(),
+                ));
             }
             let mut q_opts = opts.qcow2.clone();
             q_opts.snapshot = if top { opts.snapshot.clone() } else { None };
@@ -221,7 +234,10 @@ fn open_layer(
                 let shown = || String::from_utf8_lossy(&name).into_owned();
                 match opts.backing {
                     BackingPolicy::Deny => {
-                        return Err(Error::ExternalFileDenied { kind: "backing", name: shown() })
+                        return Err(Error::ExternalFileDenied {
+                            kind: "backing",
+                            name: shown(),
+                        })
                     }
                     BackingPolicy::Ignore => {}
                     BackingPolicy::Follow { max_depth } => {

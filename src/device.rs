@@ -88,7 +88,11 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Exte
         depth += 1;
         let bsize = b.size();
         if offset >= bsize {
-            e = Extent { depth, kind: ExtentKind::Zero, ..e };
+            e = Extent {
+                depth,
+                kind: ExtentKind::Zero,
+                ..e
+            };
             break;
         }
         let l = e.len.min(bsize - offset);
@@ -112,8 +116,14 @@ pub struct RawImage {
 impl RawImage {
     /// A raw image over `storage`; its size is the storage's length.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
-        let size = storage.len().map_err(|e| Error::io("reading raw image size", e))?;
-        Ok(RawImage { storage, size, writable })
+        let size = storage
+            .len()
+            .map_err(|e| Error::io("reading raw image size", e))?;
+        Ok(RawImage {
+            storage,
+            size,
+            writable,
+        })
     }
 
     /// The storage under the image.
@@ -137,19 +147,25 @@ impl BlockDevice for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        self.storage.read_at(buf, offset).map_err(|e| Error::io("reading raw image", e))
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| Error::io("reading raw image", e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
-        self.storage.write_at(buf, offset).map_err(|e| Error::io("writing raw image", e))
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io("writing raw image", e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size)?;
-        self.storage.punch_hole(offset, len).map_err(|e| Error::io("zeroing raw image", e))
+        self.storage
+            .punch_hole(offset, len)
+            .map_err(|e| Error::io("zeroing raw image", e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -157,7 +173,9 @@ impl BlockDevice for RawImage {
     }
 
     fn flush(&self) -> Result<()> {
-        self.storage.flush().map_err(|e| Error::io("flushing raw image", e))
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flushing raw image", e))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
@@ -189,7 +207,10 @@ mod tests {
         let mut b = [0u8; 10];
         r.read_at(&mut b, 990).unwrap();
         assert_eq!(b, [5; 10]);
-        assert!(matches!(r.read_at(&mut b, 995), Err(Error::OutOfRange { .. })));
+        assert!(matches!(
+            r.read_at(&mut b, 995),
+            Err(Error::OutOfRange { .. })
+        ));
         assert!(matches!(r.write_at(&b, 0), Err(Error::ReadOnly)));
     }
 }

@@ -55,7 +55,9 @@ pub enum Error {
     #[error("image is opened read-only")]
     ReadOnly,
     /// A request lies (partly) outside the device.
-    #[error("request at offset {offset} length {len} is beyond the end of the device (size {size})")]
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of the device (size {size})"
+    )]
     OutOfRange {
         /// Start of the request.
         offset: u64,
@@ -82,14 +84,20 @@ fn context_suffix(context: &str) -> String {
 
 impl From<io::Error> for Error {
     fn from(source: io::Error) -> Self {
-        Error::Io { context: String::new(), source }
+        Error::Io {
+            context: String::new(),
+            source,
+        }
     }
 }
 
 impl Error {
     /// Wraps an I/O error with a description of what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Returns the corruption, if this error is one.
@@ -183,8 +191,15 @@ pub enum Corruption {
 impl fmt::Display for Corruption {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Corruption::Truncated { what, needed, available } => {
-                write!(f, "{what} is truncated: needs {needed} bytes, file has {available}")
+            Corruption::Truncated {
+                what,
+                needed,
+                available,
+            } => {
+                write!(
+                    f,
+                    "{what} is truncated: needs {needed} bytes, file has {available}"
+                )
             }
             Corruption::BadMagic(m) => write!(f, "bad magic {m:#010x} (expected QFI\\xfb)"),
             Corruption::BadField { field, value, rule } => {
@@ -197,24 +212,40 @@ impl fmt::Display for Corruption {
                 }
                 Ok(())
             }
-            Corruption::BadTable { table, offset, size, rule } => {
+            Corruption::BadTable {
+                table,
+                offset,
+                size,
+                rule,
+            } => {
                 write!(f, "{table} at offset {offset:#x} (size {size}): {rule}")
             }
             Corruption::BadExtension { kind, rule } => {
                 write!(f, "header extension {kind:#010x}: {rule}")
             }
-            Corruption::BadEntry { table, guest_offset, entry, rule } => write!(
+            Corruption::BadEntry {
+                table,
+                guest_offset,
+                entry,
+                rule,
+            } => write!(
                 f,
                 "{table} entry {entry:#018x} for guest offset {guest_offset:#x}: {rule}"
             ),
             Corruption::BadCompressedCluster { host_offset, rule } => {
-                write!(f, "compressed cluster at host offset {host_offset:#x}: {rule}")
+                write!(
+                    f,
+                    "compressed cluster at host offset {host_offset:#x}: {rule}"
+                )
             }
             Corruption::BadSnapshot { index, rule } => {
                 write!(f, "snapshot table entry {index}: {rule}")
             }
             Corruption::MarkedCorrupt => {
-                write!(f, "image is marked corrupt and cannot be opened for writing")
+                write!(
+                    f,
+                    "image is marked corrupt and cannot be opened for writing"
+                )
             }
         }
     }

@@ -25,7 +25,12 @@ pub const fn opt(
     takes_arg: bool,
     key: &'static str,
 ) -> Spec {
-    Spec { short, long, takes_arg, key }
+    Spec {
+        short,
+        long,
+        takes_arg,
+        key,
+    }
 }
 
 /// Parsed command line.
@@ -44,7 +49,10 @@ impl Parsed {
 
     /// The last value of an option.
     pub fn last(&self, key: &str) -> Option<&str> {
-        self.values.get(key).and_then(|v| v.last()).map(String::as_str)
+        self.values
+            .get(key)
+            .and_then(|v| v.last())
+            .map(String::as_str)
     }
 
     /// All values of an option, in order.
@@ -142,8 +150,11 @@ mod tests {
 
     #[test]
     fn permutes_and_bundles() {
-        let p = parse(&s(&["a", "-pU", "-Oraw", "--output=json", "b", "-f", "qcow2"]), SPECS)
-            .unwrap();
+        let p = parse(
+            &s(&["a", "-pU", "-Oraw", "--output=json", "b", "-f", "qcow2"]),
+            SPECS,
+        )
+        .unwrap();
         assert_eq!(p.operands, s(&["a", "b"]));
         assert!(p.has("p") && p.has("U"));
         assert_eq!(p.last("O"), Some("raw"));

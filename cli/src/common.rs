@@ -29,7 +29,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"));
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size '{s}' is too large"));
     }
     let f: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
     if !(f >= 0.0) || f * mult as f64 >= u64::MAX as f64 {

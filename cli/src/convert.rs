@@ -87,7 +87,10 @@ fn convert(args: &[String]) -> Result<(), String> {
     let workers = match p.last("m") {
         Some(m) => match m.parse::<usize>() {
             Ok(n) if (1..=16).contains(&n) => n,
-            _ => return Err("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16".into()),
+            _ => return Err(
+                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+                    .into(),
+            ),
         },
         None => 0,
     };
@@ -109,7 +112,11 @@ fn convert(args: &[String]) -> Result<(), String> {
     let quiet = p.has("q");
     let show = p.has("p") && !quiet;
     let print = |d: u64, t: u64| {
-        let pct = if t == 0 { 100.0 } else { d as f64 * 100.0 / t as f64 };
+        let pct = if t == 0 {
+            100.0
+        } else {
+            d as f64 * 100.0 / t as f64
+        };
         let mut err = std::io::stdout().lock();
         let _ = write!(err, "    ({pct:.2}/100%)\r");
         let _ = err.flush();
@@ -125,7 +132,9 @@ fn convert(args: &[String]) -> Result<(), String> {
     };
     convert_to_raw(dev.as_ref(), &target, &opts)
         .map_err(|e| format!("error while converting raw: {e}"))?;
-    target.flush().map_err(|e| format!("error while flushing '{dst}': {e}"))?;
+    target
+        .flush()
+        .map_err(|e| format!("error while flushing '{dst}': {e}"))?;
     if show {
         print(1, 1);
         println!();

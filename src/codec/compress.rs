@@ -26,10 +26,14 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     let produced = d.total_out() as usize;
     match status {
         Ok(_) if produced == out.len() => Ok(()),
-        Ok(Status::StreamEnd) => {
-            Err(format!("deflate stream ended after {produced} of {} bytes", out.len()))
-        }
-        Ok(_) => Err(format!("deflate input ran out after {produced} of {} bytes", out.len())),
+        Ok(Status::StreamEnd) => Err(format!(
+            "deflate stream ended after {produced} of {} bytes",
+            out.len()
+        )),
+        Ok(_) => Err(format!(
+            "deflate input ran out after {produced} of {} bytes",
+            out.len()
+        )),
         Err(e) if produced == out.len() => {
             // Trailing garbage after a full cluster is tolerated.
             let _ = e;
@@ -47,7 +51,9 @@ fn zstd_stream(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     loop {
         let before_in = inb.pos();
         let before_out = outb.pos();
-        let hint = dec.run(&mut inb, &mut outb).map_err(|e| format!("zstd error: {e}"))?;
+        let hint = dec
+            .run(&mut inb, &mut outb)
+            .map_err(|e| format!("zstd error: {e}"))?;
         if outb.pos() == outb.capacity() {
             return Ok(());
         }

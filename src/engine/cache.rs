@@ -113,7 +113,12 @@ impl SliceCache {
             return &self.slots[i as usize].entries;
         }
         let i = if self.slots.len() < self.capacity {
-            self.slots.push(Slot { key, prev: NIL, next: NIL, entries });
+            self.slots.push(Slot {
+                key,
+                prev: NIL,
+                next: NIL,
+                entries,
+            });
             (self.slots.len() - 1) as u32
         } else {
             let victim = self.tail;

@@ -7,9 +7,11 @@
 
 use super::Qcow2Image;
 use crate::error::{Corruption, Error, Result};
-use crate::format::entry::{classify, ClusterKind, CompressedDescriptor, SubclusterBitmap, SubclusterState};
-use crate::format::entry::OFFSET_MASK;
 use crate::format::be_u64;
+use crate::format::entry::OFFSET_MASK;
+use crate::format::entry::{
+    classify, ClusterKind, CompressedDescriptor, SubclusterBitmap, SubclusterState,
+};
 use crate::io::StorageExt;
 
 /// What backs a run of guest bytes.
@@ -22,7 +24,10 @@ pub(crate) enum Mapped {
     /// Falls through to the backing device.
     Unallocated,
     /// Part of a compressed cluster, starting `in_cluster` bytes into it.
-    Compressed { desc: CompressedDescriptor, in_cluster: u64 },
+    Compressed {
+        desc: CompressedDescriptor,
+        in_cluster: u64,
+    },
 }
 
 /// A run of guest bytes with one mapping.
@@ -50,7 +55,13 @@ impl Run {
 }
 
 fn bad_entry(table: &'static str, guest_offset: u64, entry: u64, rule: &'static str) -> Error {
-    Corruption::BadEntry { table, guest_offset, entry, rule }.into()
+    Corruption::BadEntry {
+        table,
+        guest_offset,
+        entry,
+        rule,
+    }
+    .into()
 }
 
 impl Qcow2Image {
@@ -74,7 +85,10 @@ impl Qcow2Image {
             let l2_offset = l1_entry & OFFSET_MASK;
             let l1_end = ((l1_index as u64 + 1) << l1_shift).min(end);
             if l2_offset == 0 {
-                let piece = Run { mapped: Mapped::Unallocated, len: l1_end - pos };
+                let piece = Run {
+                    mapped: Mapped::Unallocated,
+                    len: l1_end - pos,
+                };
                 match &mut run {
                     None => run = Some(piece),
                     Some(r) => {
@@ -87,10 +101,20 @@ impl Qcow2Image {
                 continue;
             }
             if l2_offset % cs != 0 {
-                return Err(bad_entry("L1", pos, l1_entry, "L2 table offset is not cluster-aligned"));
+                return Err(bad_entry(
+                    "L1",
+                    pos,
+                    l1_entry,
+                    "L2 table offset is not cluster-aligned",
+                ));
             }
             if l2_offset.checked_add(cs).is_none_or(|e| e > self.file_end) {
-                return Err(bad_entry("L1", pos, l1_entry, "L2 table lies past the end of the file"));
+                return Err(bad_entry(
+                    "L1",
+                    pos,
+                    l1_entry,
+                    "L2 table lies past the end of the file",
+                ));
             }
 
             // One slice of the L2 table at a time, entries walked without further lookups.
@@ -156,22 +180,41 @@ impl Qcow2Image {
         let whole = cluster_end - pos;
         let kind = classify(entry, g.cluster_bits, g.extended, g.data_file);
         let run = match kind {
-            ClusterKind::Compressed(desc) => {
-                Run { mapped: Mapped::Compressed { desc, in_cluster }, len: whole }
-            }
+            ClusterKind::Compressed(desc) => Run {
+                mapped: Mapped::Compressed { desc, in_cluster },
+                len: whole,
+            },
             ClusterKind::Zero { host } => {
                 if host % cs != 0 {
-                    return Err(bad_entry("L2", pos, entry, "cluster offset is not cluster-aligned"));
+                    return Err(bad_entry(
+                        "L2",
+                        pos,
+                        entry,
+                        "cluster offset is not cluster-aligned",
+                    ));
                 }
                 let host = (host != 0).then_some(host + in_cluster);
-                Run { mapped: Mapped::Zero { host }, len: whole }
+                Run {
+                    mapped: Mapped::Zero { host },
+                    len: whole,
+                }
             }
             ClusterKind::Normal { host } => {
                 if host % cs != 0 {
-                    return Err(bad_entry("L2", pos, entry, "cluster offset is not cluster-aligned"));
+                    return Err(bad_entry(
+                        "L2",
+                        pos,
+                        entry,
+                        "cluster offset is not cluster-aligned",
+                    ));
                 }
                 if !g.extended {
-                    Run { mapped: Mapped::Data { host: host + in_cluster }, len: whole }
+                    Run {
+                        mapped: Mapped::Data {
+                            host: host + in_cluster,
+                        },
+                        len: whole,
+                    }
                 } else {
                     if (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
                         return Err(bad_entry(
@@ -183,8 +226,12 @@ impl Qcow2Image {
                     }
                     let (state, len) = self.subcluster_run(bitmap, in_cluster, whole);
                     let mapped = match state {
-                        SubclusterState::Allocated => Mapped::Data { host: host + in_cluster },
-                        SubclusterState::Zero => Mapped::Zero { host: Some(host + in_cluster) },
+                        SubclusterState::Allocated => Mapped::Data {
+                            host: host + in_cluster,
+                        },
+                        SubclusterState::Zero => Mapped::Zero {
+                            host: Some(host + in_cluster),
+                        },
                         _ => Mapped::Unallocated,
                     };
                     Run { mapped, len }
@@ -192,7 +239,10 @@ impl Qcow2Image {
             }
             ClusterKind::Unallocated => {
                 if !g.extended {
-                    Run { mapped: Mapped::Unallocated, len: whole }
+                    Run {
+                        mapped: Mapped::Unallocated,
+                        len: whole,
+                    }
                 } else {
                     if bitmap & 0xffff_ffff != 0 {
                         return Err(bad_entry(

@@ -60,7 +60,11 @@ impl Geometry {
             slice_bytes,
             slice_entry_bits: (slice_bytes / entry_bytes).trailing_zeros(),
             extended,
-            subcluster_bits: if extended { h.cluster_bits - 5 } else { h.cluster_bits },
+            subcluster_bits: if extended {
+                h.cluster_bits - 5
+            } else {
+                h.cluster_bits
+            },
             data_file: h.has_data_file(),
             compression: h.compression_type,
         }
@@ -224,7 +228,10 @@ impl Qcow2Image {
             .map_err(|e| Error::io("reading compressed cluster", e))?;
         let cs = self.geo.cluster_size as usize;
         let fail = |rule| {
-            Error::Corrupt(Corruption::BadCompressedCluster { host_offset: desc.host_offset, rule })
+            Error::Corrupt(Corruption::BadCompressedCluster {
+                host_offset: desc.host_offset,
+                rule,
+            })
         };
         if in_cluster == 0 && out.len() == cs {
             decompress_cluster(self.geo.compression, &input, out).map_err(fail)?;
@@ -286,7 +293,9 @@ impl BlockDevice for Qcow2Image {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;
         if len == 0 {
-            return Err(Error::InvalidArgument("block_status of an empty range".into()));
+            return Err(Error::InvalidArgument(
+                "block_status of an empty range".into(),
+            ));
         }
         let first = self.map(offset, len)?;
         let (kind, host_offset, compressed) = match first.mapped {
@@ -306,7 +315,14 @@ impl BlockDevice for Qcow2Image {
                 total += next.len;
             }
         }
-        Ok(Extent { offset, len: total, kind, depth: 0, host_offset, compressed })
+        Ok(Extent {
+            offset,
+            len: total,
+            kind,
+            depth: 0,
+            host_offset,
+            compressed,
+        })
     }
 
     fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {

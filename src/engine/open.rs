@@ -43,7 +43,9 @@ impl SnapshotRef {
             } else if let Some(v) = part.strip_prefix("snapshot.name=") {
                 name = Some(v.to_string());
             } else {
-                return Err(Error::InvalidArgument(format!("invalid snapshot option '{part}'")));
+                return Err(Error::InvalidArgument(format!(
+                    "invalid snapshot option '{part}'"
+                )));
             }
         }
         match (id, name) {
@@ -84,7 +86,10 @@ pub struct Qcow2Options {
 
 impl Default for Qcow2Options {
     fn default() -> Self {
-        Qcow2Options { l2_cache_bytes: DEFAULT_L2_CACHE_BYTES, snapshot: None }
+        Qcow2Options {
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            snapshot: None,
+        }
     }
 }
 
@@ -93,7 +98,9 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 fn read_table_words(storage: &dyn Storage, offset: u64, entries: usize) -> Result<Box<[u64]>> {
-    let bytes = storage.read_vec(offset, entries * 8).map_err(io_err("reading L1 table"))?;
+    let bytes = storage
+        .read_vec(offset, entries * 8)
+        .map_err(io_err("reading L1 table"))?;
     Ok(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
 }
 
@@ -109,11 +116,17 @@ impl Qcow2Image {
 
         // The header and its extensions live in cluster 0; read at most the largest cluster.
         let first_len = file_len.min(1 << MAX_CLUSTER_BITS) as usize;
-        let first = storage.read_vec(0, first_len).map_err(io_err("reading header"))?;
+        let first = storage
+            .read_vec(0, first_len)
+            .map_err(io_err("reading header"))?;
         let header = Header::parse(&first)?;
         let cs = header.cluster_size();
 
-        let ext_end = if header.backing_file_offset != 0 { header.backing_file_offset } else { cs };
+        let ext_end = if header.backing_file_offset != 0 {
+            header.backing_file_offset
+        } else {
+            cs
+        };
         let ext_start = u64::from(header.header_length.max(V2_HEADER_LENGTH));
         let area = if ext_end > ext_start {
             let end = (ext_end as usize).min(first.len());
@@ -135,7 +148,11 @@ impl Qcow2Image {
                         .unwrap_or_else(|| format!("unknown incompatible feature bit {b}"))
                 })
                 .collect();
-            return Err(Corruption::UnknownIncompatibleFeatures { bits: unknown, names }.into());
+            return Err(Corruption::UnknownIncompatibleFeatures {
+                bits: unknown,
+                names,
+            }
+            .into());
         }
         header.validate(file_len)?;
         let file_end = file_len.next_multiple_of(cs);
@@ -166,7 +183,8 @@ impl Qcow2Image {
         } else {
             None
         };
-        if header.has_data_file() && backing_name.is_some()
+        if header.has_data_file()
+            && backing_name.is_some()
             && header.autoclear.contains(AutoclearFeatures::DATA_FILE_RAW)
         {
             return Err(Corruption::BadField {
@@ -190,7 +208,13 @@ impl Qcow2Image {
 
         let bitmaps = match extensions.bitmaps {
             Some(b) if header.autoclear.contains(AutoclearFeatures::BITMAPS) => {
-                check_table("bitmap directory", b.directory_offset, b.directory_size, cs, file_end)?;
+                check_table(
+                    "bitmap directory",
+                    b.directory_offset,
+                    b.directory_size,
+                    cs,
+                    file_end,
+                )?;
                 let buf = storage
                     .read_vec(b.directory_offset, b.directory_size as usize)
                     .map_err(io_err("reading bitmap directory"))?;
@@ -210,10 +234,18 @@ impl Qcow2Image {
                 (l1, header.size, None)
             }
             Some(r) => {
-                let i = r.find(&snapshots).ok_or_else(|| Error::SnapshotNotFound(r.text().into()))?;
+                let i = r
+                    .find(&snapshots)
+                    .ok_or_else(|| Error::SnapshotNotFound(r.text().into()))?;
                 let s = &snapshots[i];
                 let l1_bytes = u64::from(s.l1_size) * 8;
-                check_table("snapshot L1 table", s.l1_table_offset, l1_bytes, cs, file_end)?;
+                check_table(
+                    "snapshot L1 table",
+                    s.l1_table_offset,
+                    l1_bytes,
+                    cs,
+                    file_end,
+                )?;
                 let size = s.disk_size.unwrap_or(header.size);
                 let needed = header.l1_entries_for(size).unwrap_or(u64::MAX);
                 if u64::from(s.l1_size) < needed {
@@ -255,12 +287,18 @@ mod tests {
 
     #[test]
     fn snapshot_ref_parse() {
-        assert_eq!(SnapshotRef::parse("s1").unwrap(), SnapshotRef::IdOrName("s1".into()));
+        assert_eq!(
+            SnapshotRef::parse("s1").unwrap(),
+            SnapshotRef::IdOrName("s1".into())
+        );
         assert_eq!(
             SnapshotRef::parse("snapshot.name=x").unwrap(),
             SnapshotRef::Name("x".into())
         );
-        assert_eq!(SnapshotRef::parse("snapshot.id=3").unwrap(), SnapshotRef::Id("3".into()));
+        assert_eq!(
+            SnapshotRef::parse("snapshot.id=3").unwrap(),
+            SnapshotRef::Id("3".into())
+        );
         assert!(SnapshotRef::parse("snapshot.foo=3").is_err());
     }
 }

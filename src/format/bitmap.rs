@@ -55,7 +55,10 @@ impl BitmapEntry {
 
 /// Parses `count` directory entries from `buf`.
 pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapEntry>, Corruption> {
-    let bad = |rule| Corruption::BadExtension { kind: super::extension::EXT_BITMAPS, rule };
+    let bad = |rule| Corruption::BadExtension {
+        kind: super::extension::EXT_BITMAPS,
+        rule,
+    };
     let mut out = Vec::with_capacity((count as usize).min(buf.len() / 24));
     let mut off = 0usize;
     for _ in 0..count {

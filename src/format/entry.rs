@@ -60,7 +60,9 @@ pub fn classify(entry: u64, cluster_bits: u32, extended: bool, data_file: bool) 
     if entry & COMPRESSED != 0 {
         ClusterKind::Compressed(CompressedDescriptor::decode(entry, cluster_bits))
     } else if entry & ZERO != 0 && !extended {
-        ClusterKind::Zero { host: entry & OFFSET_MASK }
+        ClusterKind::Zero {
+            host: entry & OFFSET_MASK,
+        }
     } else if entry & OFFSET_MASK == 0 {
         if data_file && entry & COPIED != 0 {
             ClusterKind::Normal { host: 0 }
@@ -68,7 +70,9 @@ pub fn classify(entry: u64, cluster_bits: u32, extended: bool, data_file: bool) 
             ClusterKind::Unallocated
         }
     } else {
-        ClusterKind::Normal { host: entry & OFFSET_MASK }
+        ClusterKind::Normal {
+            host: entry & OFFSET_MASK,
+        }
     }
 }
 
@@ -100,7 +104,10 @@ impl CompressedDescriptor {
         let host_offset = entry & ((1u64 << x) - 1);
         let count_mask = (1u64 << (cluster_bits - 8)) - 1;
         let sectors = ((entry >> x) & count_mask) + 1;
-        CompressedDescriptor { host_offset, sectors }
+        CompressedDescriptor {
+            host_offset,
+            sectors,
+        }
     }
 
     /// Encodes into an L2 entry (with the compressed bit set). `None` if it does not fit.
@@ -120,7 +127,10 @@ impl CompressedDescriptor {
     pub fn for_bytes(host_offset: u64, len: u64) -> Self {
         let first = host_offset & !511;
         let end = (host_offset + len).next_multiple_of(512);
-        CompressedDescriptor { host_offset, sectors: (end - first) / 512 }
+        CompressedDescriptor {
+            host_offset,
+            sectors: (end - first) / 512,
+        }
     }
 
     /// Bytes from `host_offset` to the end of the last sector: the most that may hold data.
@@ -193,13 +203,25 @@ mod tests {
     #[test]
     fn classify_standard() {
         assert_eq!(classify(0, 16, false, false), ClusterKind::Unallocated);
-        assert_eq!(classify(COPIED | 0x50000, 16, false, false), ClusterKind::Normal { host: 0x50000 });
-        assert_eq!(classify(ZERO, 16, false, false), ClusterKind::Zero { host: 0 });
-        assert_eq!(classify(ZERO | 0x50000, 16, false, false), ClusterKind::Zero { host: 0x50000 });
+        assert_eq!(
+            classify(COPIED | 0x50000, 16, false, false),
+            ClusterKind::Normal { host: 0x50000 }
+        );
+        assert_eq!(
+            classify(ZERO, 16, false, false),
+            ClusterKind::Zero { host: 0 }
+        );
+        assert_eq!(
+            classify(ZERO | 0x50000, 16, false, false),
+            ClusterKind::Zero { host: 0x50000 }
+        );
         // With extended L2 bit 0 is not a zero flag.
         assert_eq!(classify(ZERO, 16, true, false), ClusterKind::Unallocated);
         // External data files: offset 0 with COPIED is a cluster.
-        assert_eq!(classify(COPIED, 16, false, true), ClusterKind::Normal { host: 0 });
+        assert_eq!(
+            classify(COPIED, 16, false, true),
+            ClusterKind::Normal { host: 0 }
+        );
         assert_eq!(classify(COPIED, 16, false, false), ClusterKind::Unallocated);
     }
 
@@ -208,7 +230,13 @@ mod tests {
         // 64 KiB clusters: x = 54; one additional sector.
         let e = COMPRESSED | 1 << 54 | 0x12345;
         let d = CompressedDescriptor::decode(e, 16);
-        assert_eq!(d, CompressedDescriptor { host_offset: 0x12345, sectors: 2 });
+        assert_eq!(
+            d,
+            CompressedDescriptor {
+                host_offset: 0x12345,
+                sectors: 2
+            }
+        );
         assert_eq!(d.stored_len(), 1024 - 0x145);
         assert_eq!(d.encode(16), Some(e));
     }

@@ -86,7 +86,10 @@ impl Extensions {
         let mut off = 0usize;
         while off < area.len() {
             if area.len() - off < 8 {
-                return Err(bad(0, "extension header crosses the end of the header area"));
+                return Err(bad(
+                    0,
+                    "extension header crosses the end of the header area",
+                ));
             }
             let kind = be_u32(area, off);
             let len = be_u32(area, off + 4) as usize;
@@ -105,7 +108,9 @@ impl Extensions {
                 }
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
-                        let Some(kind) = FeatureKind::from_byte(e[0]) else { continue };
+                        let Some(kind) = FeatureKind::from_byte(e[0]) else {
+                            continue;
+                        };
                         let name_bytes = &e[2..48];
                         let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
                         ext.feature_names.push(FeatureName {
@@ -154,7 +159,10 @@ impl Extensions {
 
     /// The name of `bit` of `kind` from the feature table, if the image names it.
     pub fn feature_name(&self, kind: FeatureKind, bit: u8) -> Option<&str> {
-        self.feature_names.iter().find(|f| f.kind == kind && f.bit == bit).map(|f| f.name.as_str())
+        self.feature_names
+            .iter()
+            .find(|f| f.kind == kind && f.bit == bit)
+            .map(|f| f.name.as_str())
     }
 
     /// Encodes the extensions, ending with the end marker.
@@ -214,15 +222,26 @@ mod tests {
         let e = Extensions {
             backing_format: Some(b"qcow2".to_vec()),
             feature_names: vec![
-                FeatureName { kind: FeatureKind::Incompatible, bit: 0, name: "dirty bit".into() },
-                FeatureName { kind: FeatureKind::Autoclear, bit: 1, name: "raw".into() },
+                FeatureName {
+                    kind: FeatureKind::Incompatible,
+                    bit: 0,
+                    name: "dirty bit".into(),
+                },
+                FeatureName {
+                    kind: FeatureKind::Autoclear,
+                    bit: 1,
+                    name: "raw".into(),
+                },
             ],
             bitmaps: Some(BitmapsExtension {
                 nb_bitmaps: 2,
                 directory_size: 80,
                 directory_offset: 0x30000,
             }),
-            crypto: Some(CryptoHeaderExtension { offset: 0x10000, length: 0x200000 }),
+            crypto: Some(CryptoHeaderExtension {
+                offset: 0x10000,
+                length: 0x200000,
+            }),
             data_file: Some(b"data.raw".to_vec()),
             unknown: vec![(0x1234_5678, vec![1, 2, 3])],
         };

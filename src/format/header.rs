@@ -133,7 +133,12 @@ fn bad(field: &'static str, value: u64, rule: &'static str) -> Corruption {
 }
 
 fn bad_table(table: &'static str, offset: u64, size: u64, rule: &'static str) -> Corruption {
-    Corruption::BadTable { table, offset, size, rule }
+    Corruption::BadTable {
+        table,
+        offset,
+        size,
+        rule,
+    }
 }
 
 impl Header {
@@ -210,7 +215,11 @@ impl Header {
                 return Err(bad("header_length", hl.into(), "must be a multiple of 8"));
             }
             if u64::from(hl) > h.cluster_size() {
-                return Err(bad("header_length", hl.into(), "must not exceed the cluster size"));
+                return Err(bad(
+                    "header_length",
+                    hl.into(),
+                    "must not exceed the cluster size",
+                ));
             }
             if buf.len() < hl as usize {
                 return Err(truncated(hl));
@@ -219,11 +228,19 @@ impl Header {
                 h.compression_type = match buf[104] {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
-                    t => return Err(bad("compression_type", t.into(), "must be 0 (zlib) or 1 (zstd)")),
+                    t => {
+                        return Err(bad(
+                            "compression_type",
+                            t.into(),
+                            "must be 0 (zlib) or 1 (zstd)",
+                        ))
+                    }
                 };
                 h.extra_bytes = buf[105..hl as usize].to_vec();
             }
-            let bit_set = h.incompatible.contains(IncompatibleFeatures::COMPRESSION_TYPE);
+            let bit_set = h
+                .incompatible
+                .contains(IncompatibleFeatures::COMPRESSION_TYPE);
             match (h.compression_type, bit_set) {
                 (CompressionType::Zlib, true) => {
                     return Err(bad(
@@ -251,7 +268,11 @@ impl Header {
     pub fn validate(&self, file_len: u64) -> Result<(), Corruption> {
         let cs = self.cluster_size();
         if self.refcount_order > 6 {
-            return Err(bad("refcount_order", self.refcount_order.into(), "must be at most 6"));
+            return Err(bad(
+                "refcount_order",
+                self.refcount_order.into(),
+                "must be at most 6",
+            ));
         }
         if self.has_extended_l2() && self.cluster_bits < 14 {
             return Err(bad(
@@ -280,14 +301,27 @@ impl Header {
 
         // Virtual size: the L1 table must be able to map it, within QEMU's limits.
         let l1_needed = self.l1_entries_for(self.size).ok_or_else(|| {
-            bad("size", self.size, "virtual size is too large for any L1 table")
+            bad(
+                "size",
+                self.size,
+                "virtual size is too large for any L1 table",
+            )
         })?;
         if l1_needed > MAX_L1_BYTES / 8 {
-            return Err(bad("size", self.size, "virtual size needs an L1 table over 32 MiB"));
+            return Err(bad(
+                "size",
+                self.size,
+                "virtual size needs an L1 table over 32 MiB",
+            ));
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(bad_table("L1 table", self.l1_table_offset, l1_bytes, "larger than 32 MiB"));
+            return Err(bad_table(
+                "L1 table",
+                self.l1_table_offset,
+                l1_bytes,
+                "larger than 32 MiB",
+            ));
         }
         if u64::from(self.l1_size) < l1_needed {
             return Err(bad(
@@ -302,7 +336,11 @@ impl Header {
 
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if self.refcount_table_clusters == 0 {
-            return Err(bad("refcount_table_clusters", 0, "image has no refcount table"));
+            return Err(bad(
+                "refcount_table_clusters",
+                0,
+                "image has no refcount table",
+            ));
         }
         if rt_bytes > MAX_REFTABLE_BYTES {
             return Err(bad_table(
@@ -312,7 +350,13 @@ impl Header {
                 "larger than 8 MiB",
             ));
         }
-        check_table("refcount table", self.refcount_table_offset, rt_bytes, cs, file_end)?;
+        check_table(
+            "refcount table",
+            self.refcount_table_offset,
+            rt_bytes,
+            cs,
+            file_end,
+        )?;
 
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(bad(
@@ -343,12 +387,14 @@ impl Header {
 
     /// Whether L2 entries are 128 bits wide (incompatible bit 4).
     pub fn has_extended_l2(&self) -> bool {
-        self.incompatible.contains(IncompatibleFeatures::EXTENDED_L2)
+        self.incompatible
+            .contains(IncompatibleFeatures::EXTENDED_L2)
     }
 
     /// Whether guest data lives in an external data file (incompatible bit 2).
     pub fn has_data_file(&self) -> bool {
-        self.incompatible.contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        self.incompatible
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
     }
 
     /// Bytes per L2 entry (8 or 16).
@@ -430,7 +476,12 @@ pub fn check_table(
     file_end: u64,
 ) -> Result<(), Corruption> {
     if offset % cluster_size != 0 {
-        return Err(bad_table(table, offset, size, "offset is not cluster-aligned"));
+        return Err(bad_table(
+            table,
+            offset,
+            size,
+            "offset is not cluster-aligned",
+        ));
     }
     if offset == 0 && size > 0 {
         return Err(bad_table(table, offset, size, "overlaps the image header"));
@@ -439,7 +490,12 @@ pub fn check_table(
         .checked_add(size)
         .ok_or_else(|| bad_table(table, offset, size, "offset + size overflows"))?;
     if end > file_end {
-        return Err(bad_table(table, offset, size, "lies past the end of the file"));
+        return Err(bad_table(
+            table,
+            offset,
+            size,
+            "lies past the end of the file",
+        ));
     }
     Ok(())
 }
@@ -500,39 +556,72 @@ mod tests {
         b[23] = 22; // cluster_bits
         assert!(matches!(
             Header::parse(&b),
-            Err(Corruption::BadField { field: "cluster_bits", .. })
+            Err(Corruption::BadField {
+                field: "cluster_bits",
+                ..
+            })
         ));
         let mut b = h.encode();
         b[103] = 106; // header_length not a multiple of 8
         assert!(matches!(
             Header::parse(&b),
-            Err(Corruption::BadField { field: "header_length", .. })
+            Err(Corruption::BadField {
+                field: "header_length",
+                ..
+            })
         ));
         let mut b = h.encode();
         b[104] = 1; // zstd without bit 3
         assert!(matches!(
             Header::parse(&b),
-            Err(Corruption::BadField { field: "compression_type", .. })
+            Err(Corruption::BadField {
+                field: "compression_type",
+                ..
+            })
         ));
-        assert!(matches!(Header::parse(&b[..50]), Err(Corruption::Truncated { .. })));
-        assert!(matches!(Header::parse(b"QFI"), Err(Corruption::Truncated { .. })));
-        assert!(matches!(Header::parse(&[0u8; 112]), Err(Corruption::BadMagic(0))));
+        assert!(matches!(
+            Header::parse(&b[..50]),
+            Err(Corruption::Truncated { .. })
+        ));
+        assert!(matches!(
+            Header::parse(b"QFI"),
+            Err(Corruption::Truncated { .. })
+        ));
+        assert!(matches!(
+            Header::parse(&[0u8; 112]),
+            Err(Corruption::BadMagic(0))
+        ));
     }
 
     #[test]
     fn validate_limits() {
         let mut h = sample_v3();
         h.l1_size = 1;
-        assert!(matches!(h.validate(1 << 20), Err(Corruption::BadField { field: "l1_size", .. })));
+        assert!(matches!(
+            h.validate(1 << 20),
+            Err(Corruption::BadField {
+                field: "l1_size",
+                ..
+            })
+        ));
         let mut h = sample_v3();
         h.l1_table_offset = 12345;
-        assert!(matches!(h.validate(1 << 20), Err(Corruption::BadTable { .. })));
+        assert!(matches!(
+            h.validate(1 << 20),
+            Err(Corruption::BadTable { .. })
+        ));
         let mut h = sample_v3();
         h.l1_table_offset = 100 << 16;
-        assert!(matches!(h.validate(1 << 20), Err(Corruption::BadTable { .. })));
+        assert!(matches!(
+            h.validate(1 << 20),
+            Err(Corruption::BadTable { .. })
+        ));
         let mut h = sample_v3();
         h.refcount_table_clusters = 1000;
-        assert!(matches!(h.validate(1 << 40), Err(Corruption::BadTable { .. })));
+        assert!(matches!(
+            h.validate(1 << 40),
+            Err(Corruption::BadTable { .. })
+        ));
         let mut h = sample_v3();
         h.size = u64::MAX;
         assert!(h.validate(1 << 20).is_err());

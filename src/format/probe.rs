@@ -50,7 +50,10 @@ pub fn detect_all(head: &[u8]) -> Vec<Detected> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     let mut v = Vec::new();
     if at(0, b"QFI\xfb") {
-        match head.get(4..8).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])) {
+        match head
+            .get(4..8)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        {
             Some(1) => v.push(Detected::Qcow1),
             _ => v.push(Detected::Qcow2),
         }
@@ -99,7 +102,10 @@ mod tests {
         assert_eq!(detect_all(&b), vec![Detected::Qcow2]);
         b[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
         b[32769..32774].copy_from_slice(b"CD001");
-        assert_eq!(detect_all(&b), vec![Detected::Qcow2, Detected::Vdi, Detected::Iso]);
+        assert_eq!(
+            detect_all(&b),
+            vec![Detected::Qcow2, Detected::Vdi, Detected::Iso]
+        );
         assert_eq!(probe(&[0u8; 10]), None);
         assert_eq!(probe(b"LUKS\xba\xbe\0\x01"), Some(Detected::Luks));
     }

@@ -61,7 +61,10 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
     for index in 0..count {
         let fixed = SNAPSHOT_HEADER_SIZE as usize;
         if buf.len() < off + fixed {
-            return Err(bad(index, "entry lies past the end of the file or the 64 MiB limit"));
+            return Err(bad(
+                index,
+                "entry lies past the end of the file or the 64 MiB limit",
+            ));
         }
         let e = &buf[off..off + fixed];
         let l1_table_offset = be_u64(e, 0);
@@ -78,7 +81,10 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
         let extra_len = extra_len as usize;
         let total = fixed + extra_len + id_len + name_len;
         if buf.len() < off + total {
-            return Err(bad(index, "entry lies past the end of the file or the 64 MiB limit"));
+            return Err(bad(
+                index,
+                "entry lies past the end of the file or the 64 MiB limit",
+            ));
         }
         let extra = &buf[off + fixed..off + fixed + extra_len];
         let id_start = off + fixed + extra_len;
@@ -165,7 +171,10 @@ mod tests {
     #[test]
     fn count_larger_than_table_is_refused() {
         let b = encode_table(&[snap("1", "a")]);
-        assert!(matches!(parse_table(&b, 3), Err(Corruption::BadSnapshot { index: 1, .. })));
+        assert!(matches!(
+            parse_table(&b, 3),
+            Err(Corruption::BadSnapshot { index: 1, .. })
+        ));
     }
 
     #[test]

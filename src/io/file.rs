@@ -19,20 +19,36 @@ impl FileStorage {
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(FileStorage { file, path: path.to_path_buf(), writable })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable,
+        })
     }
 
     /// Creates (or truncates) a file for writing.
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
-        let file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(FileStorage { file, path: path.to_path_buf(), writable: true })
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+        })
     }
 
     /// Wraps an already open file.
     pub fn from_file(file: File, path: PathBuf, writable: bool) -> Self {
-        FileStorage { file, path, writable }
+        FileStorage {
+            file,
+            path,
+            writable,
+        }
     }
 
     /// The path this storage was opened from.

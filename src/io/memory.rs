@@ -18,7 +18,9 @@ impl MemoryStorage {
 
     /// Storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        MemoryStorage { data: RwLock::new(bytes) }
+        MemoryStorage {
+            data: RwLock::new(bytes),
+        }
     }
 
     /// A copy of the current contents.
@@ -28,7 +30,10 @@ impl MemoryStorage {
 }
 
 fn too_large() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, "offset beyond addressable memory")
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "offset beyond addressable memory",
+    )
 }
 
 impl Storage for MemoryStorage {
@@ -63,7 +68,10 @@ impl Storage for MemoryStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| too_large())?;
-        self.data.write().unwrap_or_else(|e| e.into_inner()).resize(len, 0);
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len, 0);
         Ok(())
     }
 

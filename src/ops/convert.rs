@@ -64,7 +64,10 @@ struct Job {
 
 /// The number of workers to use when the caller says 0.
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8)
 }
 
 /// Splits the device into jobs: data ranges in chunks of at most [`CHUNK_BYTES`] aligned to
@@ -85,12 +88,21 @@ fn plan(src: &dyn BlockDevice, need_zero_jobs: bool) -> Result<(Vec<Job>, u64)> 
                 let n = chunk_end.min(end) - p;
                 // Merge with the previous job when it ends here in the same chunk.
                 match jobs.last_mut() {
-                    Some(Job { offset, len, data: d })
-                        if *d == data && *offset + *len == p && *offset / CHUNK_BYTES == p / CHUNK_BYTES =>
+                    Some(Job {
+                        offset,
+                        len,
+                        data: d,
+                    }) if *d == data
+                        && *offset + *len == p
+                        && *offset / CHUNK_BYTES == p / CHUNK_BYTES =>
                     {
                         *len += n
                     }
-                    _ => jobs.push(Job { offset: p, len: n, data }),
+                    _ => jobs.push(Job {
+                        offset: p,
+                        len: n,
+                        data,
+                    }),
                 }
                 p += n;
             }
@@ -107,7 +119,9 @@ fn plan(src: &dyn BlockDevice, need_zero_jobs: bool) -> Result<(Vec<Job>, u64)> 
 #[inline]
 pub fn is_zero(b: &[u8]) -> bool {
     let (chunks, rest) = b.split_at(b.len() - b.len() % 64);
-    chunks.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+    chunks
+        .chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
         && rest.iter().all(|&x| x == 0)
 }
 
@@ -168,9 +182,12 @@ pub fn convert_to_raw(
 ) -> Result<()> {
     let size = src.size();
     if opts.target_is_zero {
-        dst.set_len(size).map_err(|e| Error::io("sizing target", e))?;
+        dst.set_len(size)
+            .map_err(|e| Error::io("sizing target", e))?;
     } else if dst.len().map_err(|e| Error::io("reading target size", e))? < size {
-        return Err(Error::InvalidArgument("target is smaller than the source".into()));
+        return Err(Error::InvalidArgument(
+            "target is smaller than the source".into(),
+        ));
     }
     let (jobs, _data) = plan(src, !opts.target_is_zero)?;
     let total: u64 = jobs.iter().map(|j| j.len).sum();
@@ -193,15 +210,25 @@ pub fn convert_to_raw(
                 if job.data {
                     buf.resize(job.len as usize, 0);
                     src.read_at(&mut buf, job.offset)?;
-                    write_sparse(dst, &buf, job.offset, opts.zero_granularity, opts.target_is_zero)
-                        .map_err(|e| Error::io("writing target", e))
+                    write_sparse(
+                        dst,
+                        &buf,
+                        job.offset,
+                        opts.zero_granularity,
+                        opts.target_is_zero,
+                    )
+                    .map_err(|e| Error::io("writing target", e))
                 } else {
-                    dst.punch_hole(job.offset, job.len).map_err(|e| Error::io("zeroing target", e))
+                    dst.punch_hole(job.offset, job.len)
+                        .map_err(|e| Error::io("zeroing target", e))
                 }
             })();
             if let Err(e) = r {
                 stop.store(true, Ordering::Relaxed);
-                first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
                 break;
             }
             let d = done.fetch_add(job.len, Ordering::Relaxed) + job.len;
@@ -245,13 +272,19 @@ mod tests {
         let src = RawImage::open(Arc::new(MemoryStorage::from_bytes(data.clone())), false).unwrap();
         for workers in [1, 3] {
             let dst = MemoryStorage::new();
-            let opts = RawConvertOptions { workers, ..Default::default() };
+            let opts = RawConvertOptions {
+                workers,
+                ..Default::default()
+            };
             convert_to_raw(&src, &dst, &opts).unwrap();
             assert_eq!(dst.to_bytes(), data);
         }
         // A target full of garbage is zeroed where the source is zero.
         let dst = MemoryStorage::from_bytes(vec![0xee; 7 << 20]);
-        let opts = RawConvertOptions { target_is_zero: false, ..Default::default() };
+        let opts = RawConvertOptions {
+            target_is_zero: false,
+            ..Default::default()
+        };
         convert_to_raw(&src, &dst, &opts).unwrap();
         assert_eq!(dst.to_bytes(), data);
     }
