@@ -55,6 +55,8 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod ops;
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Regenerates fuzz/seeds/ from small images made by qemu-img and qemu-io (every option variant
+# the read path handles). The seeds are committed; run this only to refresh them.
+set -euo pipefail
+cd "$(dirname "$0")"
+out=seeds/open_read
+mkdir -p "$out" seeds/decompress
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+mk() { # name, create options, qemu-io commands...
+  local name=$1 opts=$2
+  shift 2
+  qemu-img create -q -f qcow2 -o "$opts" "$tmp/$name" 256k
+  local args=()
+  for c in "$@"; do args+=(-c "$c"); done
+  [ ${#args[@]} -gt 0 ] && qemu-io "${args[@]}" "$tmp/$name" >/dev/null
+  cp "$tmp/$name" "$out/$name"
+}
+mk v3-512 cluster_size=512 'write -P 1 0 3k' 'write -z 4k 1k' 'discard 1k 512'
+mk v2-512 cluster_size=512,compat=0.10 'write -P 2 512 2k'
+mk v3-4k-rc1 cluster_size=4k,refcount_bits=1 'write -P 3 8k 12k'
+mk v3-4k-rc64 cluster_size=4k,refcount_bits=64 'write -P 4 0 4k'
+mk zlib-4k cluster_size=4k 'write -c -P 5 0 4k' 'write -c -P 6 8k 4k'
+mk zstd-4k cluster_size=4k,compression_type=zstd 'write -c -P 7 0 4k'
+mk ext-l2-16k cluster_size=16k,extended_l2=on 'write -P 8 1k 1k' 'write -z 4k 512'
+mk lazy-4k cluster_size=4k,lazy_refcounts=on 'write -P 9 0 8k'
+qemu-img create -q -f qcow2 -o cluster_size=512 "$tmp/base" 256k
+qemu-img create -q -f qcow2 -o cluster_size=512 -b base -F qcow2 "$tmp/overlay"
+cp "$tmp/overlay" "$out/overlay-512"
+qemu-img create -q -f qcow2 -o cluster_size=4k "$tmp/snap" 256k
+qemu-io -c 'write -P 10 0 4k' "$tmp/snap" >/dev/null
+qemu-img snapshot -c s1 "$tmp/snap"
+qemu-io -c 'write -P 11 0 4k' "$tmp/snap" >/dev/null
+cp "$tmp/snap" "$out/snapshot-4k"
+qemu-img create -q -f qcow2 -o cluster_size=4k "$tmp/bm" 256k
+qemu-img bitmap --add "$tmp/bm" b0
+cp "$tmp/bm" "$out/bitmap-4k"
+# Decompressor seeds: byte 0 = kind (0 zlib, 1 zstd), byte 1 = cluster bits - 9.
+python3 - <<'PY'
+import zlib
+data = bytes(i * 7 % 251 for i in range(4096))
+c = zlib.compressobj(6, zlib.DEFLATED, -15)
+z = c.compress(data) + c.flush()
+open("seeds/decompress/zlib-4k", "wb").write(b"\x00\x03" + z)
+PY
+if command -v zstd >/dev/null; then
+  python3 -c "import sys; sys.stdout.buffer.write(bytes(i*7%251 for i in range(4096)))" | zstd -q -c > "$tmp/z"
+  { printf '\x01\x03'; cat "$tmp/z"; } > seeds/decompress/zstd-4k
+fi
+ls -la "$out" seeds/decompress
