@@ -14,7 +14,7 @@ use crate::format::probe::{probe, Detected};
 use crate::io::{FileStorage, Storage, StorageExt};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -133,7 +133,7 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
 
 /// Reads the first 64 KiB of `path` and returns the detected format (raw if none).
 pub fn probe_file(path: &Path) -> Result<ImageFormat> {
-    let s = FileStorage::open(path, false).map_err(|e| open_error(path, e))?;
+    let s = open_storage(path, false)?;
     let head = s
         .read_vec(0, 64 << 10)
         .map_err(|e| Error::io("probing format", e))?;
@@ -146,6 +146,22 @@ pub fn probe_file(path: &Path) -> Result<ImageFormat> {
 
 fn open_error(path: &Path, e: std::io::Error) -> Error {
     Error::io(format!("opening '{}'", path.display()), e)
+}
+
+/// Opens a file an image (or the caller) names, refusing anything but a regular file or a
+/// block device *before* opening it: opening a FIFO blocks until a writer appears, so a hostile
+/// backing or data file name must not reach `open(2)` (QEMU's `file` driver likewise requires a
+/// regular file; block devices go through `host_device`).
+fn open_storage(path: &Path, writable: bool) -> Result<FileStorage> {
+    let meta = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(Error::Unsupported(format!(
+            "'{}' is not a regular file or block device",
+            path.display()
+        )));
+    }
+    FileStorage::open(path, writable).map_err(|e| open_error(path, e))
 }
 
 /// Resolves a name stored in an image relative to the directory of the image's path.
@@ -181,7 +197,7 @@ fn open_layer(
     top: bool,
 ) -> Result<Opened> {
     let writable = top && opts.writable;
-    let storage = FileStorage::open(path, writable).map_err(|e| open_error(path, e))?;
+    let storage = open_storage(path, writable)?;
     let meta = storage.file().metadata().map_err(|e| open_error(path, e))?;
     let id = (meta.dev(), meta.ino());
     if seen.contains(&id) {
@@ -226,7 +242,7 @@ fn open_layer(
                     });
                 }
                 let dpath = resolve_relative(path, &name)?;
-                let ds = FileStorage::open(&dpath, false).map_err(|e| open_error(&dpath, e))?;
+                let ds = open_storage(&dpath, false)?;
                 img.set_data_file(Arc::new(ds));
             }
 
@@ -277,11 +293,13 @@ mod tests {
 
     #[test]
     fn relative_names_resolve_against_the_image_directory() {
-        let p = resolve_relative(Path::new("/a/b/top.qcow2"), b"base.qcow2").unwrap();
+        let p =
+            resolve_relative(Path::new("/a/b/top.qcow2"), b"base.qcow2").expect("valid test input");
         assert_eq!(p, PathBuf::from("/a/b/base.qcow2"));
-        let p = resolve_relative(Path::new("top.qcow2"), b"base.qcow2").unwrap();
+        let p = resolve_relative(Path::new("top.qcow2"), b"base.qcow2").expect("valid test input");
         assert_eq!(p, PathBuf::from("base.qcow2"));
-        let p = resolve_relative(Path::new("/a/top.qcow2"), b"/abs/base").unwrap();
+        let p =
+            resolve_relative(Path::new("/a/top.qcow2"), b"/abs/base").expect("valid test input");
         assert_eq!(p, PathBuf::from("/abs/base"));
         assert!(resolve_relative(Path::new("/a/t"), b"nbd:localhost:10809").is_err());
         assert!(resolve_relative(Path::new("/a/t"), b"dir/with:colon").is_ok());

@@ -47,6 +47,7 @@
 //! # Ok::<(), qcow2kit::Error>(())
 //! ```
 #![deny(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 #![deny(missing_docs)]
 
 pub mod chain;

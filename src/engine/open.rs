@@ -8,9 +8,11 @@ use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::{parse_directory, BitmapEntry};
 use crate::format::extension::Extensions;
 use crate::format::features::{known_incompatible_name, AutoclearFeatures, FeatureKind};
-use crate::format::header::{check_table, CryptMethod, Header, V2_HEADER_LENGTH};
-use crate::format::snapshot::{parse_table, Snapshot};
-use crate::format::{be_u64, MAX_CLUSTER_BITS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::header::{
+    check_table, CryptMethod, Header, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH,
+};
+use crate::format::snapshot::{parse_table, Snapshot, ENTRY_PAST_END};
+use crate::format::{be_u64, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::io::{Storage, StorageExt};
 use std::sync::{Arc, Mutex};
 
@@ -104,6 +106,39 @@ fn read_table_words(storage: &dyn Storage, offset: u64, entries: usize) -> Resul
     Ok(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
 }
 
+/// First read of the snapshot table; doubled while entries run past it.
+const SNAPSHOT_TABLE_FIRST_READ: u64 = 64 << 10;
+
+/// Reads and parses the snapshot table. The table's length is only known by parsing it, and may
+/// be anything up to 64 MiB (QEMU's limit): read a little, and read more (doubling, up to what
+/// the file and the limit allow) only while an entry runs past what was read, so that opening
+/// reads in proportion to the real table, not to the file or the limit.
+fn read_snapshot_table(
+    storage: &dyn Storage,
+    header: &Header,
+    file_end: u64,
+) -> Result<Vec<Snapshot>> {
+    let cap = file_end
+        .saturating_sub(header.snapshots_offset)
+        .min(MAX_SNAPSHOT_TABLE_BYTES);
+    // Every entry takes at least its 40-byte fixed part (validate checked this fits).
+    let mut len = (u64::from(header.nb_snapshots) * SNAPSHOT_HEADER_SIZE)
+        .max(SNAPSHOT_TABLE_FIRST_READ)
+        .min(cap);
+    loop {
+        let buf = storage
+            .read_vec(header.snapshots_offset, len as usize)
+            .map_err(io_err("reading snapshot table"))?;
+        match parse_table(&buf, header.nb_snapshots) {
+            Ok((snapshots, _)) => return Ok(snapshots),
+            Err(Corruption::BadSnapshot { rule, .. }) if rule == ENTRY_PAST_END && len < cap => {
+                len = (len * 2).min(cap);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Qcow2Image {
     /// Opens and validates a qcow2 image on `storage`, read-only.
     ///
@@ -122,8 +157,10 @@ impl Qcow2Image {
         let header = Header::parse(&first)?;
         let cs = header.cluster_size();
 
+        // Extensions end at the backing file name, and never past cluster 0 (QEMU refuses a
+        // backing_file_offset beyond it before reading extensions; `validate` reports that).
         let ext_end = if header.backing_file_offset != 0 {
-            header.backing_file_offset
+            header.backing_file_offset.min(cs)
         } else {
             cs
         };
@@ -196,12 +233,7 @@ impl Qcow2Image {
         }
 
         let snapshots = if header.nb_snapshots > 0 {
-            let avail = file_end.saturating_sub(header.snapshots_offset);
-            let len = avail.min(MAX_SNAPSHOT_TABLE_BYTES) as usize;
-            let buf = storage
-                .read_vec(header.snapshots_offset, len)
-                .map_err(io_err("reading snapshot table"))?;
-            parse_table(&buf, header.nb_snapshots)?.0
+            read_snapshot_table(storage.as_ref(), &header, file_end)?
         } else {
             Vec::new()
         };
@@ -239,6 +271,17 @@ impl Qcow2Image {
                     .ok_or_else(|| Error::SnapshotNotFound(r.text().into()))?;
                 let s = &snapshots[i];
                 let l1_bytes = u64::from(s.l1_size) * 8;
+                // QEMU (qcow2_snapshot_load_tmp → qcow2_validate_table): a snapshot's L1 is
+                // limited to 32 MiB like the active one; checked here, when it is used.
+                if l1_bytes > MAX_L1_BYTES {
+                    return Err(Corruption::BadTable {
+                        table: "snapshot L1 table",
+                        offset: s.l1_table_offset,
+                        size: l1_bytes,
+                        rule: "larger than 32 MiB",
+                    }
+                    .into());
+                }
                 check_table(
                     "snapshot L1 table",
                     s.l1_table_offset,
@@ -288,15 +331,15 @@ mod tests {
     #[test]
     fn snapshot_ref_parse() {
         assert_eq!(
-            SnapshotRef::parse("s1").unwrap(),
+            SnapshotRef::parse("s1").expect("valid test input"),
             SnapshotRef::IdOrName("s1".into())
         );
         assert_eq!(
-            SnapshotRef::parse("snapshot.name=x").unwrap(),
+            SnapshotRef::parse("snapshot.name=x").expect("valid test input"),
             SnapshotRef::Name("x".into())
         );
         assert_eq!(
-            SnapshotRef::parse("snapshot.id=3").unwrap(),
+            SnapshotRef::parse("snapshot.id=3").expect("valid test input"),
             SnapshotRef::Id("3".into())
         );
         assert!(SnapshotRef::parse("snapshot.foo=3").is_err());

@@ -100,7 +100,7 @@ mod tests {
         b[17] = 16;
         b[18..20].copy_from_slice(&2u16.to_be_bytes());
         b[24..26].copy_from_slice(b"b0");
-        let d = parse_directory(&b, 1).unwrap();
+        let d = parse_directory(&b, 1).expect("valid test input");
         assert_eq!(d[0].name, "b0");
         assert_eq!(d[0].flag_names(), vec!["auto"]);
         assert!(parse_directory(&b, 2).is_err());

@@ -247,7 +247,7 @@ mod tests {
         };
         let b = e.encode();
         assert_eq!(b.len() % 8, 0);
-        assert_eq!(Extensions::parse(&b).unwrap(), e);
+        assert_eq!(Extensions::parse(&b).expect("valid test input"), e);
         assert_eq!(e.feature_name(FeatureKind::Autoclear, 1), Some("raw"));
     }
 
@@ -265,6 +265,9 @@ mod tests {
 
     #[test]
     fn area_without_end_marker_is_fine() {
-        assert_eq!(Extensions::parse(&[]).unwrap(), Extensions::default());
+        assert_eq!(
+            Extensions::parse(&[]).expect("valid test input"),
+            Extensions::default()
+        );
     }
 }

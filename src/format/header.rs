@@ -296,6 +296,16 @@ impl Header {
                     "backing file name must be at most 1023 bytes",
                 ));
             }
+            // QEMU (qcow2_do_open): the name must also fit in cluster 0, i.e.
+            // backing_file_size ≤ cluster_size - backing_file_offset ("Backing file name too
+            // long"). This also keeps the name inside the file, whose tables lie past cluster 0.
+            if u64::from(self.backing_file_size) > cs - self.backing_file_offset {
+                return Err(bad(
+                    "backing_file_size",
+                    self.backing_file_size.into(),
+                    "backing file name must lie inside the first cluster",
+                ));
+            }
         }
         let file_end = file_len.checked_next_multiple_of(cs).unwrap_or(u64::MAX);
 
@@ -533,8 +543,8 @@ mod tests {
         let h = sample_v3();
         let b = h.encode();
         assert_eq!(b.len(), 112);
-        assert_eq!(Header::parse(&b).unwrap(), h);
-        h.validate(4 << 16).unwrap();
+        assert_eq!(Header::parse(&b).expect("valid test input"), h);
+        h.validate(4 << 16).expect("valid test input");
     }
 
     #[test]
@@ -546,7 +556,7 @@ mod tests {
         h.extra_bytes.clear();
         let b = h.encode();
         assert_eq!(b.len(), 72);
-        assert_eq!(Header::parse(&b).unwrap(), h);
+        assert_eq!(Header::parse(&b).expect("valid test input"), h);
     }
 
     #[test]
@@ -625,6 +635,20 @@ mod tests {
         let mut h = sample_v3();
         h.size = u64::MAX;
         assert!(h.validate(1 << 20).is_err());
+        // The backing file name must end inside cluster 0 (QEMU: "Backing file name too long").
+        let mut h = sample_v3();
+        h.backing_file_offset = (1 << 16) - 10;
+        h.backing_file_size = 10;
+        h.validate(1 << 20).expect("valid test input");
+        h.backing_file_size = 11;
+        assert!(matches!(
+            h.validate(1 << 20),
+            Err(Corruption::BadField {
+                field: "backing_file_size",
+                value: 11,
+                ..
+            })
+        ));
         let mut h = sample_v3();
         h.nb_snapshots = 70_000;
         assert!(h.validate(1 << 20).is_err());
