@@ -34,7 +34,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .ok_or_else(|| format!("size '{s}' is too large"));
     }
     let f: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    if !(f >= 0.0) || f * mult as f64 >= u64::MAX as f64 {
+    if f.is_nan() || f < 0.0 || f * mult as f64 >= u64::MAX as f64 {
         return Err(format!("invalid size '{s}'"));
     }
     Ok((f * mult as f64) as u64)

@@ -55,7 +55,7 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) -> bool {
 
 /// Number of entries in a refcount block of `cluster_size` bytes.
 pub fn entries_per_block(cluster_size: u64, order: u32) -> u64 {
-    cluster_size * 8 >> order
+    (cluster_size * 8) >> order
 }
 
 #[cfg(test)]

@@ -242,7 +242,7 @@ pub fn convert_to_raw(
     } else {
         std::thread::scope(|s| {
             for _ in 0..workers {
-                s.spawn(&work);
+                s.spawn(work);
             }
         });
     }
