@@ -114,11 +114,20 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// A raw image over `storage`; its size is the storage's length.
+    /// A raw image over `storage`; its size is the storage's length rounded up to a multiple
+    /// of 512 bytes.
+    ///
+    /// Invariant: the virtual size is what QEMU sees. QEMU's block layer counts whole 512-byte
+    /// sectors (`total_sectors` is the length rounded up), so a 1000-byte raw file is a
+    /// 1024-byte disk for qemu-img (`info`, `convert`, and as a backing file). The bytes past
+    /// the end of the storage read as zeros (the [`Storage`] contract).
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
-        let size = storage
+        let len = storage
             .len()
             .map_err(|e| Error::io("reading raw image size", e))?;
+        let size = len.checked_next_multiple_of(512).ok_or_else(|| {
+            Error::InvalidArgument(format!("raw image length {len} is too large"))
+        })?;
         Ok(RawImage {
             storage,
             size,
@@ -180,9 +189,25 @@ impl BlockDevice for RawImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;
+        // The sector-rounding tail past the end of the storage holds no data: it reads as
+        // zeros, and qemu-img map reports it as zero, not data.
+        let stored = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("reading raw image size", e))?;
+        if offset >= stored && len > 0 {
+            return Ok(Extent {
+                offset,
+                len,
+                kind: ExtentKind::Zero,
+                depth: 0,
+                host_offset: None,
+                compressed: false,
+            });
+        }
         Ok(Extent {
             offset,
-            len,
+            len: len.min(stored.saturating_sub(offset)),
             kind: ExtentKind::Data,
             depth: 0,
             host_offset: Some(offset),
@@ -202,15 +227,33 @@ mod tests {
 
     #[test]
     fn raw_reads_and_bounds() {
-        let s = Arc::new(MemoryStorage::from_bytes(vec![5; 1000]));
+        let s = Arc::new(MemoryStorage::from_bytes(vec![5; 1024]));
         let r = RawImage::open(s, false).unwrap();
         let mut b = [0u8; 10];
-        r.read_at(&mut b, 990).unwrap();
+        r.read_at(&mut b, 1014).unwrap();
         assert_eq!(b, [5; 10]);
         assert!(matches!(
-            r.read_at(&mut b, 995),
+            r.read_at(&mut b, 1019),
             Err(Error::OutOfRange { .. })
         ));
         assert!(matches!(r.write_at(&b, 0), Err(Error::ReadOnly)));
+    }
+
+    #[test]
+    fn raw_size_rounds_up_to_sectors_like_qemu() -> Result<()> {
+        let s = Arc::new(MemoryStorage::from_bytes(vec![5; 1000]));
+        let r = RawImage::open(s, false)?;
+        assert_eq!(r.size(), 1024);
+        let mut b = [1u8; 30];
+        r.read_at(&mut b, 990)?;
+        assert_eq!(b[..10], [5; 10]);
+        assert_eq!(b[10..], [0; 20]);
+        let e = r.block_status(0, 1024)?;
+        assert_eq!((e.kind, e.len), (ExtentKind::Data, 1000));
+        let e = r.block_status(1000, 24)?;
+        assert_eq!((e.kind, e.len), (ExtentKind::Zero, 24));
+        let empty = RawImage::open(Arc::new(MemoryStorage::new()), false)?;
+        assert_eq!(empty.size(), 0);
+        Ok(())
     }
 }

@@ -78,10 +78,9 @@ impl Qcow2Image {
 
         while pos < end {
             let l1_index = (pos >> l1_shift) as usize;
-            let l1_entry = *self
-                .l1
-                .get(l1_index)
-                .ok_or_else(|| bad_entry("L1", pos, 0, "guest offset beyond the L1 table"))?;
+            // Past the end of the L1 table (only possible for a snapshot view, whose table may
+            // be shorter than the current size requires) nothing is allocated.
+            let l1_entry = self.l1.get(l1_index).copied().unwrap_or(0);
             let l2_offset = l1_entry & OFFSET_MASK;
             let l1_end = ((l1_index as u64 + 1) << l1_shift).min(end);
             if l2_offset == 0 {

@@ -289,17 +289,11 @@ impl Qcow2Image {
                     cs,
                     file_end,
                 )?;
-                let size = s.disk_size.unwrap_or(header.size);
-                let needed = header.l1_entries_for(size).unwrap_or(u64::MAX);
-                if u64::from(s.l1_size) < needed {
-                    return Err(Corruption::BadSnapshot {
-                        index: i as u32,
-                        rule: "L1 table is too small for the snapshot's disk size",
-                    }
-                    .into());
-                }
+                // As in QEMU (qcow2_snapshot_load_tmp), a snapshot is read at the image's
+                // current virtual size: guest offsets past the snapshot's L1 table are
+                // unallocated (backing data or zeros), whatever size the snapshot recorded.
                 let l1 = read_table_words(storage.as_ref(), s.l1_table_offset, s.l1_size as usize)?;
-                (l1, size, Some(i))
+                (l1, header.size, Some(i))
             }
         };
 

@@ -92,8 +92,8 @@ mod tests {
             let before: Vec<u64> = (0..64).map(|i| get(&b, order, i)).collect();
             let v = v & max_value(order);
             prop_assert!(set(&mut b, order, idx, v));
-            for i in 0..64 {
-                let want = if i == idx { v } else { before[i] };
+            for (i, &old) in before.iter().enumerate() {
+                let want = if i == idx { v } else { old };
                 prop_assert_eq!(get(&b, order, i), want);
             }
         }
