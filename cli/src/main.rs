@@ -4,6 +4,7 @@
 //! can swap the binary.
 
 mod args;
+mod check;
 mod common;
 mod compare;
 mod convert;
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: qcow2kit COMMAND [OPTIONS]
 
 Commands (qemu-img compatible):
+  check [-f FMT] [--output human|json] [-r leaks|all] FILE
   info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
   convert [-f FMT] [-O raw] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
   map [-f FMT] [--output human|json] [-U] FILE
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     };
     let rest = &argv[1..];
     let code = match cmd.as_str() {
+        "check" => check::run(rest),
         "info" => info::run(rest),
         "convert" => convert::run(rest),
         "map" => map::run(rest),

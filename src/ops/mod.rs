@@ -1,6 +1,8 @@
 //! Whole-image operations over [`BlockDevice`](crate::BlockDevice)s and paths.
 
+pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod info;
+pub mod inspect;
 pub mod map;
