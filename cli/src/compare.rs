@@ -1,6 +1,194 @@
-//! `qcow2kit compare` (to be written).
+//! `qcow2kit compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] FILE1 FILE2`: compares the guest
+//! contents of two images, with qemu-img compare's messages and exit codes: 0 identical,
+//! 1 different, 2 an image could not be opened, 3 an allocation status query failed, 4 a read
+//! failed.
+
+use crate::args::{opt, parse, Spec};
+use crate::common::{fail, open_image};
+use qcow2kit::ops::compare::{compare_with_progress, CompareResult, CompareStage};
+use std::io::Write;
+
+const SPECS: &[Spec] = &[
+    opt(Some('f'), Some("a-format"), true, "f"),
+    opt(Some('F'), Some("b-format"), true, "F"),
+    opt(Some('s'), Some("strict"), false, "s"),
+    opt(Some('q'), Some("quiet"), false, "q"),
+    opt(Some('p'), Some("progress"), false, "p"),
+    opt(Some('T'), Some("cache"), true, "T"),
+    opt(Some('U'), Some("force-share"), false, "U"),
+    opt(None, Some("image-opts"), false, "image-opts"),
+    opt(None, Some("object"), true, "object"),
+    opt(Some('h'), Some("help"), false, "help"),
+];
+
+const HELP: &str = "usage: qcow2kit compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] FILE1 FILE2
+
+Compares the guest contents of two images. Exit codes: 0 identical, 1 different,
+2 an image could not be opened, 3 an allocation query failed, 4 a read failed.
+";
+
+/// qemu-img's progress meter: percentages accumulated in `f32`, printed when they move by more
+/// than 2 points (and at 0 and 100).
+struct Progress {
+    enabled: bool,
+    current: f32,
+    last_print: f32,
+}
+
+impl Progress {
+    fn advance(&mut self, delta: f32) {
+        let mut current = self.current + delta / 100.0 * 100.0;
+        if current > 100.0 {
+            current = 100.0;
+        }
+        self.current = current;
+        if current > self.last_print + 2.0
+            || current < self.last_print - 2.0
+            || current == 100.0
+            || current == 0.0
+        {
+            self.last_print = current;
+            if self.enabled {
+                let mut out = std::io::stdout().lock();
+                let _ = write!(out, "    ({:.2}/100%)\r", f64::from(current));
+                let _ = out.flush();
+            }
+        }
+    }
+
+    fn end(&self) {
+        if self.enabled {
+            println!();
+        }
+    }
+}
 
 /// Runs the subcommand; returns the exit code.
-pub fn run(_args: &[String]) -> u8 {
-    crate::common::fail("compare: not implemented yet")
+pub fn run(args: &[String]) -> u8 {
+    let p = match parse(args, SPECS) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("compare: {e}")),
+    };
+    if p.has("help") {
+        print!("{HELP}");
+        return 0;
+    }
+    if p.has("image-opts") || p.has("object") {
+        return fail("compare: --image-opts and --object are not supported");
+    }
+    if p.operands.len() != 2 {
+        return fail("Expecting two image file names");
+    }
+    let quiet = p.has("q");
+    let strict = p.has("s");
+    let mut progress = Progress {
+        enabled: p.has("p") && !quiet,
+        current: 0.0,
+        last_print: 0.0,
+    };
+    let code = compare_files(
+        &p.operands[0],
+        &p.operands[1],
+        p.last("f"),
+        p.last("F"),
+        strict,
+        quiet,
+        &mut progress,
+    );
+    progress.end();
+    code
+}
+
+fn compare_files(
+    name1: &str,
+    name2: &str,
+    fmt1: Option<&str>,
+    fmt2: Option<&str>,
+    strict: bool,
+    quiet: bool,
+    progress: &mut Progress,
+) -> u8 {
+    let a = match open_image(name1, fmt1, |_| {}) {
+        Ok(o) => o,
+        Err(e) => {
+            fail(e);
+            return 2;
+        }
+    };
+    let b = match open_image(name2, fmt2, |_| {}) {
+        Ok(o) => o,
+        Err(e) => {
+            fail(e);
+            return 2;
+        }
+    };
+    let (size1, size2) = (a.device.size(), b.device.size());
+    let (common, base) = (size1.min(size2), size1.max(size2));
+    let mut done = 0u64;
+    let mut warned = false;
+    // qemu-img warns about differing sizes when it has compared the common part and goes on to
+    // check the rest of the larger image, between two progress reports.
+    let result =
+        compare_with_progress(a.device.as_ref(), b.device.as_ref(), strict, &mut |d, _| {
+            let chunk = d - done;
+            done = d;
+            // The first report is qemu-img's `qemu_progress_print(0, 100)` (also for empty
+            // images); later ones add each chunk as a fraction of the larger size.
+            let delta = if chunk == 0 {
+                0.0
+            } else {
+                chunk as f32 / base as f32 * 100.0
+            };
+            progress.advance(delta);
+            if d == common && size1 != size2 && !strict && !warned {
+                warned = true;
+                if !quiet {
+                    println!("Warning: Image size mismatch!");
+                }
+            }
+        });
+    let say = |msg: &str| {
+        if !quiet {
+            println!("{msg}");
+        }
+    };
+    match result {
+        Ok(CompareResult::Identical) => {
+            say("Images are identical.");
+            0
+        }
+        Ok(CompareResult::ContentMismatch { offset }) => {
+            say(&format!("Content mismatch at offset {offset}!"));
+            1
+        }
+        Ok(CompareResult::SizeMismatch) => {
+            say("Strict mode: Image size mismatch!");
+            1
+        }
+        Ok(CompareResult::StatusMismatch { offset }) => {
+            say(&format!(
+                "Strict mode: Offset {offset} block status mismatch!"
+            ));
+            1
+        }
+        Err(e) => {
+            let name = if e.image == 1 { name1 } else { name2 };
+            match e.stage {
+                CompareStage::BlockStatus => {
+                    fail(format!(
+                        "Sector allocation test failed for {name}: {}",
+                        e.source
+                    ));
+                    3
+                }
+                CompareStage::Read => {
+                    fail(format!(
+                        "Error while reading offset {} of {name}: {}",
+                        e.offset, e.source
+                    ));
+                    4
+                }
+            }
+        }
+    }
 }

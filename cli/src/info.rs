@@ -1,6 +1,940 @@
-//! `qcow2kit info` (to be written).
+//! `qcow2kit info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE`: what qemu-img info
+//! prints, byte for byte.
+//!
+//! qemu-img builds QAPI objects and prints them through QEMU's `QDict`, whose iteration order is
+//! that of a 512-bucket hash table (`tdb_hash` of the key; later insertions first within a
+//! bucket). [`qdict`] reproduces that order, [`write_json`] QEMU's pretty JSON writer and
+//! [`dump_value`] the human dump of format-specific data. Snapshot dates are printed in local
+//! time, read from `TZ` or `/etc/localtime` as the C library does (see [`localtime`]).
+
+use crate::args::{opt, parse, Spec};
+use crate::common::{fail, parse_format};
+use qcow2kit::chain::probe_file;
+use qcow2kit::ops::info::{backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info};
+use serde_json::{Map, Value};
+use std::io::Write;
+use std::path::Path;
+
+const SPECS: &[Spec] = &[
+    opt(Some('f'), Some("format"), true, "f"),
+    opt(None, Some("output"), true, "output"),
+    opt(Some('b'), Some("backing-chain"), false, "backing-chain"),
+    opt(Some('U'), Some("force-share"), false, "U"),
+    opt(None, Some("image-opts"), false, "image-opts"),
+    opt(None, Some("object"), true, "object"),
+    opt(Some('h'), Some("help"), false, "help"),
+];
+
+const HELP: &str = "usage: qcow2kit info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
+
+Shows what qemu-img info shows about an image (and, with --backing-chain, every image below it).
+";
 
 /// Runs the subcommand; returns the exit code.
-pub fn run(_args: &[String]) -> u8 {
-    crate::common::fail("info: not implemented yet")
+pub fn run(args: &[String]) -> u8 {
+    let p = match parse(args, SPECS) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("info: {e}")),
+    };
+    if p.has("help") {
+        print!("{HELP}");
+        return 0;
+    }
+    if p.has("image-opts") || p.has("object") {
+        return fail("info: --image-opts and --object are not supported");
+    }
+    let json = match p.last("output").unwrap_or("human") {
+        "human" => false,
+        "json" => true,
+        other => return fail(format!("--output expects 'human' or 'json' not '{other}'")),
+    };
+    let [path] = p.operands.as_slice() else {
+        return fail("Expecting one image file name");
+    };
+    let fmt = match p.last("f") {
+        Some(f) => match parse_format(f) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let could_not_open = |e: qcow2kit::Error| fail(format!("Could not open '{path}': {e}"));
+    let infos = if p.has("backing-chain") {
+        match backing_chain_info(Path::new(path), fmt) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        }
+    } else {
+        let fmt = match fmt {
+            Some(f) => f,
+            None => match probe_file(Path::new(path)) {
+                Ok(f) => f,
+                Err(e) => return could_not_open(e),
+            },
+        };
+        match open_for_info(Path::new(path), fmt).and_then(|o| image_info(&o)) {
+            Ok(i) => vec![i],
+            Err(e) => return could_not_open(e),
+        }
+    };
+
+    let mut out = String::new();
+    if json {
+        let v = if p.has("backing-chain") {
+            Value::Array(infos.iter().map(node_value).collect())
+        } else {
+            node_value(&infos[0])
+        };
+        write_json(&mut out, &v, 0);
+        out.push('\n');
+    } else {
+        let tz = localtime::Zone::load();
+        for (i, info) in infos.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            dump_human(&mut out, info, &tz);
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        return 1;
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// QDict order and QEMU's JSON writer
+
+/// QEMU's `tdb_hash` bucket of a QDict key (`qobject/qdict.c`).
+fn qdict_bucket(key: &str) -> u32 {
+    let b = key.as_bytes();
+    let mut value = 0x238F_13AFu32.wrapping_mul(b.len() as u32);
+    for (i, &c) in b.iter().enumerate() {
+        value = value.wrapping_add(u32::from(c) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
+}
+
+/// A JSON object whose keys iterate as a QDict filled in `entries` order iterates.
+fn qdict(entries: Vec<(&str, Value)>) -> Value {
+    let mut e: Vec<(usize, &str, Value)> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, v))| (i, k, v))
+        .collect();
+    e.sort_by_key(|&(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(i)));
+    let mut m = Map::new();
+    for (_, k, v) in e {
+        m.insert(k.to_string(), v);
+    }
+    Value::Object(m)
+}
+
+fn indent(out: &mut String, level: usize) {
+    out.push('\n');
+    out.push_str(&" ".repeat(level * 4));
+}
+
+/// QEMU's pretty JSON (`qobject_to_json_pretty`): four spaces per level, empty containers still
+/// broken over two lines.
+fn write_json(out: &mut String, v: &Value, level: usize) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => quote(out, s),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                indent(out, level + 1);
+                write_json(out, x, level + 1);
+            }
+            indent(out, level);
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                indent(out, level + 1);
+                quote(out, k);
+                out.push_str(": ");
+                write_json(out, x, level + 1);
+            }
+            indent(out, level);
+            out.push('}');
+        }
+    }
+}
+
+/// QEMU's JSON string quoting: control characters and everything outside printable ASCII as
+/// `\uXXXX` (upper-case hex, surrogate pairs beyond the BMP).
+fn quote(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{:04X}", u));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+// ---------------------------------------------------------------------------------------------
+// The QAPI objects qemu-img prints
+
+/// The `BlockGraphInfo` of an image and its `file` child, in QAPI member order.
+fn node_value(info: &ImageInfo) -> Value {
+    let mut e: Vec<(&str, Value)> = vec![
+        ("filename", info.filename.clone().into()),
+        ("format", info.format.name().into()),
+        ("dirty-flag", info.dirty.into()),
+    ];
+    if let Some(a) = info.actual_size {
+        e.push(("actual-size", a.into()));
+    }
+    e.push(("virtual-size", info.virtual_size.into()));
+    if let Some(c) = info.cluster_size {
+        e.push(("cluster-size", c.into()));
+    }
+    if let Some(b) = &info.backing_filename {
+        e.push(("backing-filename", b.clone().into()));
+        if let Some(f) = &info.full_backing_filename {
+            e.push(("full-backing-filename", f.clone().into()));
+        }
+        if let Some(f) = &info.backing_format {
+            e.push(("backing-filename-format", f.clone().into()));
+        }
+    }
+    if !info.snapshots.is_empty() {
+        let list = info
+            .snapshots
+            .iter()
+            .map(|s| {
+                let mut f: Vec<(&str, Value)> = vec![
+                    ("id", s.id.clone().into()),
+                    ("name", s.name.clone().into()),
+                    ("vm-state-size", (s.vm_state_size as i64).into()),
+                    ("date-sec", s.date_sec.into()),
+                    ("date-nsec", s.date_nsec.into()),
+                    (
+                        "vm-clock-sec",
+                        ((s.vm_clock_nsec / 1_000_000_000) as i64).into(),
+                    ),
+                    ("vm-clock-nsec", (s.vm_clock_nsec % 1_000_000_000).into()),
+                ];
+                if let Some(i) = s.icount {
+                    f.push(("icount", (i as i64).into()));
+                }
+                qdict(f)
+            })
+            .collect();
+        e.push(("snapshots", Value::Array(list)));
+    }
+    if let Some(q) = &info.qcow2 {
+        e.push((
+            "format-specific",
+            qdict(vec![("type", "qcow2".into()), ("data", qcow2_data(q))]),
+        ));
+    }
+    let file = qdict(vec![
+        ("filename", info.file.filename.clone().into()),
+        ("format", "file".into()),
+        ("dirty-flag", false.into()),
+        (
+            "actual-size",
+            info.file.actual_size.map_or(Value::Null, Value::from),
+        ),
+        ("virtual-size", info.file.length.into()),
+        (
+            "format-specific",
+            qdict(vec![("type", "file".into()), ("data", qdict(vec![]))]),
+        ),
+        ("children", Value::Array(vec![])),
+    ]);
+    let file = drop_nulls(file);
+    e.push((
+        "children",
+        Value::Array(vec![qdict(vec![("name", "file".into()), ("info", file)])]),
+    ));
+    qdict(e)
+}
+
+fn drop_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, x)| !x.is_null()).collect()),
+        v => v,
+    }
+}
+
+/// `ImageInfoSpecificQCow2`, in QAPI member order.
+fn qcow2_data(q: &Qcow2Info) -> Value {
+    let mut e: Vec<(&str, Value)> = vec![("compat", q.compat.into())];
+    if let Some(d) = &q.data_file {
+        e.push(("data-file", d.clone().into()));
+    }
+    if let Some(r) = q.data_file_raw {
+        e.push(("data-file-raw", r.into()));
+    }
+    if let Some(x) = q.extended_l2 {
+        e.push(("extended-l2", x.into()));
+    }
+    if let Some(l) = q.lazy_refcounts {
+        e.push(("lazy-refcounts", l.into()));
+    }
+    if let Some(c) = q.corrupt {
+        e.push(("corrupt", c.into()));
+    }
+    e.push(("refcount-bits", q.refcount_bits.into()));
+    if !q.bitmaps.is_empty() {
+        let list = q
+            .bitmaps
+            .iter()
+            .map(|b| {
+                qdict(vec![
+                    ("name", b.name.clone().into()),
+                    ("granularity", b.granularity.into()),
+                    (
+                        "flags",
+                        Value::Array(b.flags.iter().map(|&f| f.into()).collect()),
+                    ),
+                ])
+            })
+            .collect();
+        e.push(("bitmaps", Value::Array(list)));
+    }
+    e.push(("compression-type", q.compression_type.name().into()));
+    qdict(e)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Human output
+
+/// QEMU's `size_to_str`: binary units, three significant digits (`%0.3g`).
+fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let x = val as f64 / (1000.0 / 1024.0);
+    // frexp's exponent: x = m · 2^e with m in [0.5, 1).
+    let e = if x == 0.0 {
+        0
+    } else {
+        ((x.to_bits() >> 52) & 0x7ff) as i64 - 1022
+    };
+    let i = ((e - 1) / 10).clamp(0, 6) as usize;
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", format_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// C's `%.3g`.
+fn format_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let sci = format!("{v:.2e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let strip = |s: &str| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..3).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{}{:02}", strip(mant), sign, exp.abs())
+    } else {
+        let prec = (2 - exp) as usize;
+        strip(&format!("{v:.prec$}"))
+    }
+}
+
+/// Pads `s` with spaces to `width` bytes, on the right (`%-Ns`) or the left (`%Ns`).
+fn pad(s: &str, width: usize, left_align: bool) -> String {
+    let fill = " ".repeat(width.saturating_sub(s.len()));
+    if left_align {
+        format!("{s}{fill}")
+    } else {
+        format!("{fill}{s}")
+    }
+}
+
+/// At most `max - 1` bytes of `s` (QEMU's `pstrcpy` into a fixed buffer), on a char boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() < max {
+        return s;
+    }
+    let mut end = max - 1;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn dump_human(out: &mut String, info: &ImageInfo, tz: &localtime::Zone) {
+    let dsize = info
+        .actual_size
+        .map_or("unavailable".to_string(), size_to_str);
+    out.push_str(&format!(
+        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
+        info.filename,
+        info.format.name(),
+        size_to_str(info.virtual_size),
+        info.virtual_size,
+        dsize
+    ));
+    if let Some(c) = info.cluster_size {
+        out.push_str(&format!("cluster_size: {c}\n"));
+    }
+    if info.dirty {
+        out.push_str("cleanly shut down: no\n");
+    }
+    if let Some(b) = &info.backing_filename {
+        out.push_str(&format!("backing file: {b}"));
+        match &info.full_backing_filename {
+            None => out.push_str(" (cannot determine actual path)"),
+            Some(f) if f != b => out.push_str(&format!(" (actual path: {f})")),
+            Some(_) => {}
+        }
+        out.push('\n');
+        if let Some(f) = &info.backing_format {
+            out.push_str(&format!("backing file format: {f}\n"));
+        }
+    }
+    if !info.snapshots.is_empty() {
+        out.push_str("Snapshot list:\n");
+        out.push_str(&format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        ));
+        for s in &info.snapshots {
+            let date = tz.format(i64::from(s.date_sec));
+            let ns = s.vm_clock_nsec;
+            let secs = ns / 1_000_000_000;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                (secs / 60) % 60,
+                secs % 60,
+                (ns / 1_000_000) % 1000
+            );
+            let icount = s.icount.map(|i| (i as i64).to_string()).unwrap_or_default();
+            out.push_str(&format!(
+                "{} {} {} {} {} {}\n",
+                pad(truncate(&s.id, 128), 7, true),
+                pad(truncate(&s.name, 256), 16, true),
+                pad(&size_to_str(s.vm_state_size), 8, false),
+                pad(&date, 19, false),
+                pad(&clock, 15, false),
+                pad(&icount, 10, false)
+            ));
+        }
+    }
+    if let Some(q) = &info.qcow2 {
+        out.push_str("Format specific information:\n");
+        dump_value(out, 1, &qcow2_data(q));
+    }
+    out.push_str(&format!(
+        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} \
+         bytes)\n    disk size: {}\n",
+        info.file.filename,
+        size_to_str(info.file.length),
+        info.file.length,
+        info.file
+            .actual_size
+            .map_or("unavailable".to_string(), size_to_str)
+    ));
+}
+
+/// QEMU's `dump_qobject`: dicts as `key: value` (dashes in keys become spaces), lists as
+/// `[i]: value`, composites on the following lines one level deeper.
+fn dump_value(out: &mut String, level: usize, v: &Value) {
+    let scalar = |out: &mut String, v: &Value| match v {
+        Value::String(s) => out.push_str(s),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        _ => {}
+    };
+    let ind = " ".repeat(level * 4);
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let composite = x.is_object() || x.is_array();
+                out.push_str(&format!(
+                    "{ind}{}:{}",
+                    k.replace('-', " "),
+                    if composite { '\n' } else { ' ' }
+                ));
+                if composite {
+                    dump_value(out, level + 1, x);
+                } else {
+                    scalar(out, x);
+                    out.push('\n');
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                let composite = x.is_object() || x.is_array();
+                out.push_str(&format!(
+                    "{ind}[{i}]:{}",
+                    if composite { '\n' } else { ' ' }
+                ));
+                if composite {
+                    dump_value(out, level + 1, x);
+                } else {
+                    scalar(out, x);
+                    out.push('\n');
+                }
+            }
+        }
+        x => {
+            scalar(out, x);
+            out.push('\n');
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Local time, as the C library computes it
+
+/// Local time for snapshot dates: `TZ` (a zoneinfo name, a path, or a POSIX rule string) or
+/// `/etc/localtime`, in TZif format with its POSIX footer for times after the last transition.
+mod localtime {
+    use std::path::Path;
+
+    /// A POSIX TZ rule: standard offset and optional daylight-saving rule.
+    #[derive(Debug, Clone)]
+    struct Rule {
+        /// Seconds east of UTC in standard time.
+        std_off: i64,
+        /// Seconds east of UTC in daylight time, with the start and end (date, seconds after
+        /// local midnight) when daylight time applies.
+        dst: Option<(i64, Date, i64, Date, i64)>,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Date {
+        /// `Jn`: day 1..=365, February 29 never counted.
+        Julian1(i64),
+        /// `n`: day 0..=365, counting February 29.
+        Julian0(i64),
+        /// `Mm.w.d`: day `d` (0 = Sunday) of week `w` (5 = last) of month `m`.
+        Month(i64, i64, i64),
+    }
+
+    /// A time zone.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct Zone {
+        transitions: Vec<(i64, usize)>,
+        types: Vec<i64>,
+        footer: Option<Rule>,
+    }
+
+    impl Zone {
+        /// The zone the C library would use.
+        pub(super) fn load() -> Zone {
+            match std::env::var("TZ") {
+                Err(_) => from_file(Path::new("/etc/localtime")).unwrap_or_default(),
+                Ok(tz) => {
+                    let name = tz.strip_prefix(':').unwrap_or(&tz);
+                    if name.is_empty() {
+                        return Zone::default();
+                    }
+                    let file = if name.starts_with('/') {
+                        from_file(Path::new(name))
+                    } else if name.contains("..") {
+                        None
+                    } else {
+                        let dir = std::env::var("TZDIR")
+                            .unwrap_or_else(|_| "/usr/share/zoneinfo".to_string());
+                        from_file(&Path::new(&dir).join(name))
+                    };
+                    file.or_else(|| {
+                        parse_rule(name).map(|r| Zone {
+                            footer: Some(r),
+                            ..Zone::default()
+                        })
+                    })
+                    .unwrap_or_default()
+                }
+            }
+        }
+
+        /// Seconds east of UTC at UTC time `t`.
+        fn offset(&self, t: i64) -> i64 {
+            let after = self.transitions.partition_point(|&(at, _)| at <= t);
+            if after == self.transitions.len() {
+                if let Some(r) = &self.footer {
+                    return r.offset(t);
+                }
+            }
+            let idx = match after {
+                0 => 0,
+                n => self.transitions[n - 1].1,
+            };
+            self.types.get(idx).copied().unwrap_or(0)
+        }
+
+        /// `%Y-%m-%d %H:%M:%S` of UTC time `t` in this zone.
+        pub(super) fn format(&self, t: i64) -> String {
+            let local = t + self.offset(t);
+            let (y, m, d) = civil_from_days(local.div_euclid(86400));
+            let s = local.rem_euclid(86400);
+            format!(
+                "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+                s / 3600,
+                s / 60 % 60,
+                s % 60
+            )
+        }
+    }
+
+    fn be32(b: &[u8], at: usize) -> Option<i64> {
+        let x = b.get(at..at + 4)?;
+        Some(i64::from(i32::from_be_bytes([x[0], x[1], x[2], x[3]])))
+    }
+
+    fn be64(b: &[u8], at: usize) -> Option<i64> {
+        let x = b.get(at..at + 8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(x);
+        Some(i64::from_be_bytes(a))
+    }
+
+    /// Parses a TZif file (RFC 8536), preferring the 64-bit data of version 2 and later.
+    fn from_file(path: &Path) -> Option<Zone> {
+        let b = std::fs::read(path).ok()?;
+        if b.len() > 1 << 20 || b.get(0..4)? != b"TZif" {
+            return None;
+        }
+        let counts = |at: usize| -> Option<[usize; 6]> {
+            let mut c = [0usize; 6];
+            for (i, v) in c.iter_mut().enumerate() {
+                *v = usize::try_from(be32(&b, at + 20 + 4 * i)?).ok()?;
+            }
+            Some(c)
+        };
+        let c1 = counts(0)?;
+        let v1_len = c1[3] * 5 + c1[4] * 6 + c1[5] + c1[2] * 8 + c1[1] + c1[0];
+        let (base, c, tsize) = if b[4] >= b'2' {
+            let at = 44 + v1_len;
+            if b.get(at..at + 4)? != b"TZif" {
+                return None;
+            }
+            (at + 44, counts(at)?, 8)
+        } else {
+            (44, c1, 4)
+        };
+        let [isut, isstd, leap, timecnt, typecnt, charcnt] = c;
+        let idx_at = base + timecnt * tsize;
+        let types_at = idx_at + timecnt;
+        let mut transitions = Vec::with_capacity(timecnt);
+        for i in 0..timecnt {
+            let at = if tsize == 8 {
+                be64(&b, base + 8 * i)?
+            } else {
+                be32(&b, base + 4 * i)?
+            };
+            transitions.push((at, usize::from(*b.get(idx_at + i)?)));
+        }
+        let mut types = Vec::with_capacity(typecnt);
+        for i in 0..typecnt {
+            types.push(be32(&b, types_at + 6 * i)?);
+        }
+        let end = types_at + typecnt * 6 + charcnt + leap * (tsize + 4) + isstd + isut;
+        let footer = if tsize == 8 {
+            b.get(end..).and_then(|f| {
+                let f = std::str::from_utf8(f).ok()?;
+                let line = f.strip_prefix('\n')?.split('\n').next()?;
+                parse_rule(line)
+            })
+        } else {
+            None
+        };
+        Some(Zone {
+            transitions,
+            types,
+            footer,
+        })
+    }
+
+    /// Parses a POSIX TZ string such as `CET-1CEST,M3.5.0,M10.5.0/3` or `<+03>-3`.
+    fn parse_rule(s: &str) -> Option<Rule> {
+        let mut p = s.as_bytes();
+        skip_name(&mut p)?;
+        let std_off = -parse_offset(&mut p)?;
+        if p.is_empty() {
+            return Some(Rule { std_off, dst: None });
+        }
+        skip_name(&mut p)?;
+        let dst_off = if !p.is_empty() && p[0] != b',' {
+            -parse_offset(&mut p)?
+        } else {
+            std_off + 3600
+        };
+        let (start, start_t, end, end_t) = if p.is_empty() {
+            (Date::Month(3, 2, 0), 7200, Date::Month(11, 1, 0), 7200)
+        } else {
+            p = p.strip_prefix(b",")?;
+            let (a, at) = parse_date(&mut p)?;
+            p = p.strip_prefix(b",")?;
+            let (e, et) = parse_date(&mut p)?;
+            (a, at, e, et)
+        };
+        if !p.is_empty() {
+            return None;
+        }
+        Some(Rule {
+            std_off,
+            dst: Some((dst_off, start, start_t, end, end_t)),
+        })
+    }
+
+    fn skip_name(p: &mut &[u8]) -> Option<()> {
+        if p.first() == Some(&b'<') {
+            let close = p.iter().position(|&c| c == b'>')?;
+            *p = &p[close + 1..];
+        } else {
+            let n = p.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+            if n < 3 {
+                return None;
+            }
+            *p = &p[n..];
+        }
+        Some(())
+    }
+
+    fn parse_num(p: &mut &[u8]) -> Option<i64> {
+        let n = p.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return None;
+        }
+        let v = std::str::from_utf8(&p[..n]).ok()?.parse().ok()?;
+        *p = &p[n..];
+        Some(v)
+    }
+
+    /// `[+-]hh[:mm[:ss]]` in seconds.
+    fn parse_offset(p: &mut &[u8]) -> Option<i64> {
+        let sign = match p.first() {
+            Some(b'-') => {
+                *p = &p[1..];
+                -1
+            }
+            Some(b'+') => {
+                *p = &p[1..];
+                1
+            }
+            _ => 1,
+        };
+        let mut v = parse_num(p)? * 3600;
+        for mult in [60, 1] {
+            if p.first() == Some(&b':') {
+                *p = &p[1..];
+                v += parse_num(p)? * mult;
+            } else {
+                break;
+            }
+        }
+        Some(sign * v)
+    }
+
+    fn parse_date(p: &mut &[u8]) -> Option<(Date, i64)> {
+        let d = match p.first()? {
+            b'J' => {
+                *p = &p[1..];
+                Date::Julian1(parse_num(p)?)
+            }
+            b'M' => {
+                *p = &p[1..];
+                let m = parse_num(p)?;
+                *p = p.strip_prefix(b".")?;
+                let w = parse_num(p)?;
+                *p = p.strip_prefix(b".")?;
+                Date::Month(m, w, parse_num(p)?)
+            }
+            _ => Date::Julian0(parse_num(p)?),
+        };
+        let t = if p.first() == Some(&b'/') {
+            *p = &p[1..];
+            parse_offset(p)?
+        } else {
+            7200
+        };
+        Some((d, t))
+    }
+
+    fn is_leap(y: i64) -> bool {
+        y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date.
+    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    fn civil_from_days(z: i64) -> (i64, i64, i64) {
+        let z = z + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        (yoe + era * 400 + i64::from(m <= 2), m, d)
+    }
+
+    impl Date {
+        /// Days since the epoch of this rule date in year `y`.
+        fn day(self, y: i64) -> i64 {
+            let jan1 = days_from_civil(y, 1, 1);
+            match self {
+                Date::Julian1(n) => {
+                    let n = n.clamp(1, 365);
+                    jan1 + n - 1 + i64::from(is_leap(y) && n >= 60)
+                }
+                Date::Julian0(n) => jan1 + n.clamp(0, 365),
+                Date::Month(m, w, d) => {
+                    let m = m.clamp(1, 12);
+                    let first = days_from_civil(y, m, 1);
+                    // 1970-01-01 was a Thursday (4).
+                    let wday = (first + 4).rem_euclid(7);
+                    let mut day = first + (d - wday).rem_euclid(7) + 7 * (w.clamp(1, 5) - 1);
+                    let next = if m == 12 {
+                        days_from_civil(y + 1, 1, 1)
+                    } else {
+                        days_from_civil(y, m + 1, 1)
+                    };
+                    while day >= next {
+                        day -= 7;
+                    }
+                    day
+                }
+            }
+        }
+    }
+
+    impl Rule {
+        fn offset(&self, t: i64) -> i64 {
+            let Some((dst_off, start, start_t, end, end_t)) = self.dst else {
+                return self.std_off;
+            };
+            let (y, _, _) = civil_from_days((t + self.std_off).div_euclid(86400));
+            let begin = start.day(y) * 86400 + start_t - self.std_off;
+            let finish = end.day(y) * 86400 + end_t - dst_off;
+            let in_dst = if begin < finish {
+                begin <= t && t < finish
+            } else {
+                !(finish <= t && t < begin)
+            };
+            if in_dst {
+                dst_off
+            } else {
+                self.std_off
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn rules() {
+            let z = Zone {
+                footer: parse_rule("CET-1CEST,M3.5.0,M10.5.0/3"),
+                ..Zone::default()
+            };
+            assert_eq!(z.format(1_700_000_000), "2023-11-14 23:13:20");
+            assert_eq!(z.format(1_690_000_000), "2023-07-22 06:26:40");
+            let z = Zone {
+                footer: parse_rule("<+0530>-5:30"),
+                ..Zone::default()
+            };
+            assert_eq!(z.format(0), "1970-01-01 05:30:00");
+            let z = Zone {
+                footer: parse_rule("EST5EDT"),
+                ..Zone::default()
+            };
+            assert_eq!(z.format(1_690_000_000), "2023-07-22 00:26:40");
+            assert_eq!(Zone::default().format(1_795_407_984), "2026-11-23 04:26:24");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(1_617_920), "1.54 MiB");
+        assert_eq!(size_to_str(331_776), "324 KiB");
+        assert_eq!(size_to_str(2_163_200), "2.06 MiB");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(1023 * 1024 + 1000), "1 MiB");
+        assert_eq!(format_g3(999.9), "1e+03");
+    }
+
+    #[test]
+    fn qdict_order_matches_qemu() {
+        let v = qdict(vec![
+            ("type", Value::Null),
+            ("data", Value::Null),
+            ("backing-filename-format", Value::Null),
+            ("children", Value::Null),
+        ]);
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            keys,
+            ["children", "backing-filename-format", "type", "data"]
+        );
+    }
+
+    #[test]
+    fn json_like_qemu() {
+        let mut s = String::new();
+        let v = qdict(vec![
+            ("children", Value::Array(vec![])),
+            ("filename", "a\u{e9}\"".into()),
+        ]);
+        write_json(&mut s, &v, 0);
+        assert_eq!(
+            s,
+            "{\n    \"children\": [\n    ],\n    \"filename\": \"a\\u00E9\\\"\"\n}"
+        );
+    }
 }
