@@ -9,6 +9,7 @@ mod common;
 mod compare;
 mod convert;
 mod info;
+mod localtime;
 mod map;
 
 use std::process::ExitCode;
