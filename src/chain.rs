@@ -222,13 +222,9 @@ fn open_layer(
             })
         }
         ImageFormat::Qcow2 => {
-            if writable {
-                return Err(Error::Unsupported(
-                    "writing qcow2 images is not implemented yet".into(),
-                ));
-            }
             let mut q_opts = opts.qcow2.clone();
             q_opts.snapshot = if top { opts.snapshot.clone() } else { None };
+            q_opts.writable = writable;
             let mut img = Qcow2Image::open(storage, &q_opts)?;
 
             if img.has_data_file() {
@@ -242,7 +238,7 @@ fn open_layer(
                     });
                 }
                 let dpath = resolve_relative(path, &name)?;
-                let ds = open_storage(&dpath, false)?;
+                let ds = open_storage(&dpath, writable)?;
                 img.set_data_file(Arc::new(ds));
             }
 

@@ -14,6 +14,8 @@ struct Slot {
     key: u64,
     prev: u32,
     next: u32,
+    /// Modified in memory and not yet written back to the image.
+    dirty: bool,
     entries: Box<[u64]>,
 }
 
@@ -108,6 +110,7 @@ impl SliceCache {
         self.misses += 1;
         if let Some(&i) = self.map.get(&key) {
             self.slots[i as usize].entries = entries;
+            self.slots[i as usize].dirty = false;
             self.unlink(i);
             self.push_front(i);
             return &self.slots[i as usize].entries;
@@ -117,6 +120,7 @@ impl SliceCache {
                 key,
                 prev: NIL,
                 next: NIL,
+                dirty: false,
                 entries,
             });
             (self.slots.len() - 1) as u32
@@ -126,13 +130,100 @@ impl SliceCache {
             let old_key = self.slots[victim as usize].key;
             self.map.remove(&old_key);
             let s = &mut self.slots[victim as usize];
+            debug_assert!(
+                !s.dirty,
+                "a dirty slice must be written back before eviction"
+            );
             s.key = key;
+            s.dirty = false;
             s.entries = entries;
             victim
         };
         self.map.insert(key, i);
         self.push_front(i);
         &self.slots[i as usize].entries
+    }
+
+    /// Whether inserting a new key now would evict a dirty slice (which must first be written
+    /// back, in dependency order, by the caller).
+    pub(crate) fn insert_would_evict_dirty(&self, key: u64) -> bool {
+        !self.map.contains_key(&key)
+            && self.slots.len() >= self.capacity
+            && self.tail != NIL
+            && self.slots[self.tail as usize].dirty
+    }
+
+    /// The slice under `key` for modification, marked dirty and most recently used.
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut [u64]> {
+        let i = *self.map.get(&key)?;
+        if self.head != i {
+            self.unlink(i);
+            self.push_front(i);
+        }
+        let s = &mut self.slots[i as usize];
+        s.dirty = true;
+        Some(&mut s.entries)
+    }
+
+    /// Keys of all dirty slices, in ascending order (so write-back is sequential).
+    pub(crate) fn dirty_keys(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| s.dirty)
+            .map(|s| s.key)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The entries under `key` without touching recency.
+    pub(crate) fn peek(&self, key: u64) -> Option<&[u64]> {
+        self.map
+            .get(&key)
+            .map(|&i| &*self.slots[i as usize].entries)
+    }
+
+    /// Marks the slice under `key` as written back.
+    pub(crate) fn mark_clean(&mut self, key: u64) {
+        if let Some(&i) = self.map.get(&key) {
+            self.slots[i as usize].dirty = false;
+        }
+    }
+
+    /// Drops every slice whose key lies in `start..end` (a freed L2 table), dirty or not.
+    pub(crate) fn forget_range(&mut self, start: u64, end: u64) {
+        let keys: Vec<u64> = self
+            .map
+            .keys()
+            .copied()
+            .filter(|k| (start..end).contains(k))
+            .collect();
+        for k in keys {
+            if let Some(i) = self.map.remove(&k) {
+                self.unlink(i);
+                let s = &mut self.slots[i as usize];
+                s.dirty = false;
+                s.key = u64::MAX;
+                s.entries = Box::new([]);
+                // Park the emptied slot at the tail so it is reused first.
+                self.push_back(i);
+            }
+        }
+    }
+
+    fn push_back(&mut self, i: u32) {
+        let old = self.tail;
+        {
+            let s = &mut self.slots[i as usize];
+            s.next = NIL;
+            s.prev = old;
+        }
+        match old {
+            NIL => self.head = i,
+            o => self.slots[o as usize].next = i,
+        }
+        self.tail = i;
     }
 
     /// (hits, misses) since creation.
@@ -181,6 +272,28 @@ mod tests {
             assert!(c.get(k).is_some());
         }
         assert!(c.get(0).is_none());
+    }
+
+    #[test]
+    fn dirty_tracking_and_forget() {
+        let mut c = SliceCache::new(2);
+        c.insert(10, s(1));
+        c.insert(20, s(2));
+        c.get_mut(10).unwrap()[0] = 7;
+        assert_eq!(c.dirty_keys(), vec![10]);
+        // 20 is now the LRU victim and clean; 10 is dirty and most recent.
+        assert!(!c.insert_would_evict_dirty(30));
+        c.get_mut(20).unwrap();
+        c.get(10);
+        assert!(c.insert_would_evict_dirty(30));
+        c.mark_clean(20);
+        assert!(!c.insert_would_evict_dirty(30));
+        c.forget_range(5, 15);
+        assert!(c.peek(10).is_none());
+        c.insert(30, s(3));
+        c.insert(40, s(4));
+        assert!(c.peek(20).is_none() || c.peek(30).is_some());
+        assert_eq!(c.len(), 2);
     }
 
     #[test]

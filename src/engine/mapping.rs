@@ -5,14 +5,13 @@
 //! contiguous (so one I/O serves many clusters), zero and unallocated runs grow across clusters,
 //! whole unallocated L1 entries and subclusters. A compressed cluster is always its own run.
 
+use super::meta::Meta;
 use super::Qcow2Image;
 use crate::error::{Corruption, Error, Result};
-use crate::format::be_u64;
 use crate::format::entry::OFFSET_MASK;
 use crate::format::entry::{
     classify, ClusterKind, CompressedDescriptor, SubclusterBitmap, SubclusterState,
 };
-use crate::io::StorageExt;
 
 /// What backs a run of guest bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,19 +67,24 @@ impl Qcow2Image {
     /// Maps the guest range `offset..offset+max_len` (inside the device, `max_len > 0`) to the
     /// longest leading run of one kind.
     pub(crate) fn map(&self, offset: u64, max_len: u64) -> Result<Run> {
+        let mut m = self.lock_meta();
+        self.map_in(&mut m, offset, max_len)
+    }
+
+    /// [`map`](Self::map) with the metadata lock held.
+    pub(crate) fn map_in(&self, m: &mut Meta, offset: u64, max_len: u64) -> Result<Run> {
         let g = self.geo;
         let end = offset + max_len;
         let cs = g.cluster_size;
         let l1_shift = g.cluster_bits + g.l2_bits;
         let mut pos = offset;
         let mut run: Option<Run> = None;
-        let mut cache = None;
 
         while pos < end {
             let l1_index = (pos >> l1_shift) as usize;
             // Past the end of the L1 table (only possible for a snapshot view, whose table may
             // be shorter than the current size requires) nothing is allocated.
-            let l1_entry = self.l1.get(l1_index).copied().unwrap_or(0);
+            let l1_entry = m.l1.get(l1_index).copied().unwrap_or(0);
             let l2_offset = l1_entry & OFFSET_MASK;
             let l1_end = ((l1_index as u64 + 1) << l1_shift).min(end);
             if l2_offset == 0 {
@@ -107,7 +111,7 @@ impl Qcow2Image {
                     "L2 table offset is not cluster-aligned",
                 ));
             }
-            if l2_offset.checked_add(cs).is_none_or(|e| e > self.file_end) {
+            if l2_offset.checked_add(cs).is_none_or(|e| e > m.file_end) {
                 return Err(bad_entry(
                     "L1",
                     pos,
@@ -120,14 +124,10 @@ impl Qcow2Image {
             let l2_index = (pos >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
             let slice_index = l2_index >> g.slice_entry_bits;
             let key = l2_offset + slice_index * g.slice_bytes;
-            let guard = cache.get_or_insert_with(|| self.lock_cache());
-            let slice = guard.get_or_load(key, || {
-                let bytes = self
-                    .storage
-                    .read_vec(key, g.slice_bytes as usize)
-                    .map_err(|e| Error::io("reading L2 table", e))?;
-                Ok::<_, Error>(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
-            })?;
+            if m.would_evict_dirty(key) {
+                self.flush_locked(m)?;
+            }
+            let slice = m.load_slice(self.storage.as_ref(), &g, key)?;
             let slice_mask = (1u64 << g.slice_entry_bits) - 1;
             let slice_end_guest = {
                 let first_in_slice = (pos >> g.cluster_bits) & !slice_mask;

@@ -1,13 +1,20 @@
-//! The qcow2 image at run time: open and validation, the L2 cache, guest → host mapping and the
-//! read path.
+//! The qcow2 image at run time: open and validation, the L2 cache, guest → host mapping, the
+//! read path and the copy-on-write write path.
 //!
-//! Locking: the L2 slice cache sits behind one mutex that is held only while entries are looked
-//! up (and, on a miss, while one slice is read from the image). It is never held during guest
-//! data I/O, so readers of different clusters proceed in parallel.
+//! Locking: all metadata ([`meta::Meta`]: L1, L2 slice cache, refcounts, allocator) sits behind
+//! one mutex that is held while entries are looked up or changed (and, on a miss, while one
+//! slice is read from the image). It is never held during guest data I/O, so readers and writers
+//! of different clusters proceed in parallel. Writers additionally hold a range lock on the guest
+//! clusters they touch, so two requests never allocate or free the same guest cluster at once.
 
 mod cache;
+mod flush;
 mod mapping;
+mod meta;
 mod open;
+mod refcount;
+mod resize;
+mod write;
 
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 
@@ -20,9 +27,10 @@ use crate::format::extension::Extensions;
 use crate::format::header::{CompressionType, Header};
 use crate::format::snapshot::Snapshot;
 use crate::io::Storage;
-use cache::SliceCache;
 use mapping::Mapped;
-use std::sync::{Arc, Mutex};
+use meta::Meta;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Sizes derived from the header, computed once.
 #[derive(Debug, Clone, Copy)]
@@ -78,18 +86,20 @@ impl Geometry {
 pub struct Qcow2Image {
     storage: Arc<dyn Storage>,
     data_storage: Option<Arc<dyn Storage>>,
-    header: Header,
     extensions: Extensions,
     backing_name: Option<Vec<u8>>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
     backing: Option<Arc<dyn BlockDevice>>,
     geo: Geometry,
-    l1: Box<[u64]>,
-    size: u64,
-    file_len: u64,
-    file_end: u64,
-    cache: Mutex<SliceCache>,
+    size: AtomicU64,
+    /// Length of the image file as far as this process knows (bounds compressed reads).
+    file_len: AtomicU64,
+    meta: Mutex<Meta>,
+    writable: bool,
+    /// Guest byte ranges (cluster-aligned) that a write, zeroing or discard is working on.
+    inflight: Mutex<Vec<(u64, u64)>>,
+    inflight_done: Condvar,
     snapshot_view: Option<usize>,
 }
 
@@ -97,7 +107,8 @@ impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Image")
             .field("storage", &self.storage)
-            .field("size", &self.size)
+            .field("size", &self.size.load(Ordering::Relaxed))
+            .field("writable", &self.writable)
             .field("cluster_size", &self.geo.cluster_size)
             .field("backing", &self.backing.is_some())
             .finish_non_exhaustive()
@@ -105,9 +116,14 @@ impl std::fmt::Debug for Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// The parsed header.
-    pub fn header(&self) -> &Header {
-        &self.header
+    /// The header as currently on disk.
+    pub fn header(&self) -> Header {
+        self.lock_meta().header.clone()
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// The header extensions.
@@ -172,13 +188,14 @@ impl Qcow2Image {
 
     /// L2 cache (hits, misses) since open.
     pub fn cache_stats(&self) -> (u64, u64) {
-        self.lock_cache().stats()
+        self.lock_meta().l2.stats()
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, SliceCache> {
-        // A panic while holding the lock leaves the cache consistent (each operation completes
-        // its list updates before returning), so a poisoned lock is still usable.
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_meta(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock cannot leave a half-updated cache list (each operation
+        // completes its list updates before returning); metadata changes are published in one
+        // step each. A poisoned lock is therefore still usable.
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn data(&self) -> Result<&Arc<dyn Storage>> {
@@ -213,7 +230,7 @@ impl Qcow2Image {
         in_cluster: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        if desc.host_offset >= self.file_len {
+        if desc.host_offset >= self.file_len.load(Ordering::Relaxed) {
             return Err(Corruption::BadCompressedCluster {
                 host_offset: desc.host_offset,
                 rule: "compressed data lies past the end of the file".into(),
@@ -247,11 +264,11 @@ impl Qcow2Image {
 
 impl BlockDevice for Qcow2Image {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -274,24 +291,24 @@ impl BlockDevice for Qcow2Image {
         Ok(())
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_impl(buf, offset)
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_impl(offset, len, write::ZeroMode::WriteZeroes)
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_impl(offset, len, write::ZeroMode::Discard)
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        self.flush_impl()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Err(Error::InvalidArgument(
                 "block_status of an empty range".into(),

@@ -3,10 +3,14 @@
 //! directory loaded with sizes bounded by the file.
 
 use super::cache::SliceCache;
+use super::meta::Meta;
+use super::refcount::Refcounts;
 use super::{Geometry, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
+use crate::format::bitmap::FLAG_AUTO;
 use crate::format::bitmap::{parse_directory, BitmapEntry};
 use crate::format::extension::Extensions;
+use crate::format::features::IncompatibleFeatures;
 use crate::format::features::{known_incompatible_name, AutoclearFeatures, FeatureKind};
 use crate::format::header::{
     check_table, CryptMethod, Header, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH,
@@ -14,6 +18,8 @@ use crate::format::header::{
 use crate::format::snapshot::{parse_table, Snapshot, ENTRY_PAST_END};
 use crate::format::{be_u64, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::io::{Storage, StorageExt};
+use std::sync::atomic::AtomicU64;
+use std::sync::Condvar;
 use std::sync::{Arc, Mutex};
 
 /// Default memory for the L2 cache: maps 256 GiB of guest data with 64 KiB clusters.
@@ -84,6 +90,8 @@ pub struct Qcow2Options {
     pub l2_cache_bytes: usize,
     /// Read this internal snapshot instead of the active image (read-only view).
     pub snapshot: Option<SnapshotRef>,
+    /// Open for writing (the storage must be writable).
+    pub writable: bool,
 }
 
 impl Default for Qcow2Options {
@@ -91,6 +99,7 @@ impl Default for Qcow2Options {
         Qcow2Options {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             snapshot: None,
+            writable: false,
         }
     }
 }
@@ -297,25 +306,91 @@ impl Qcow2Image {
             }
         };
 
+        let refs = if opts.writable {
+            Some(prepare_writable(
+                storage.as_ref(),
+                &header,
+                &bitmaps,
+                view.is_some(),
+            )?)
+        } else {
+            None
+        };
         let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).max(4);
+        let meta = Meta {
+            l1: l1.into_vec(),
+            l1_dirty: Default::default(),
+            l2: SliceCache::new(slices),
+            refs,
+            pending_free: Vec::new(),
+            file_end,
+            file_len,
+            header: header.clone(),
+            broken: false,
+        };
         Ok(Qcow2Image {
             storage,
             data_storage: None,
-            header,
             extensions,
             backing_name,
             snapshots,
             bitmaps,
             backing: None,
             geo,
-            l1,
-            size,
-            file_len,
-            file_end,
-            cache: Mutex::new(SliceCache::new(slices)),
+            size: AtomicU64::new(size),
+            file_len: AtomicU64::new(file_len),
+            meta: Mutex::new(meta),
+            writable: opts.writable,
+            inflight: Mutex::new(Vec::new()),
+            inflight_done: Condvar::new(),
             snapshot_view: view,
         })
     }
+}
+
+/// Checks that an image may be written and loads its refcounts. Unknown autoclear bits are
+/// cleared on disk (they describe structures this writer would not keep consistent).
+fn prepare_writable(
+    storage: &dyn Storage,
+    header: &Header,
+    bitmaps: &[BitmapEntry],
+    snapshot_view: bool,
+) -> Result<Refcounts> {
+    if snapshot_view {
+        return Err(Error::InvalidArgument(
+            "a snapshot view cannot be opened writable".into(),
+        ));
+    }
+    if header.incompatible.contains(IncompatibleFeatures::CORRUPT) {
+        return Err(Corruption::MarkedCorrupt.into());
+    }
+    if header.incompatible.contains(IncompatibleFeatures::DIRTY) {
+        return Err(Error::Unsupported(
+            "image is dirty (lazy refcounts); rebuilding refcounts before writing is not \
+             implemented yet: run 'qemu-img check -r all' first"
+                .into(),
+        ));
+    }
+    if bitmaps.iter().any(|b| b.flags & FLAG_AUTO != 0) {
+        return Err(Error::Unsupported(
+            "image has enabled persistent bitmaps, which qcow2kit does not update yet".into(),
+        ));
+    }
+    let unknown_autoclear = header.autoclear.bits() & !AutoclearFeatures::all().bits();
+    if unknown_autoclear != 0 && header.version >= 3 {
+        let keep = header.autoclear.bits() & AutoclearFeatures::all().bits();
+        storage
+            .write_at(&keep.to_be_bytes(), 88)
+            .and_then(|()| storage.flush())
+            .map_err(io_err("clearing unknown autoclear bits"))?;
+    }
+    Refcounts::load(
+        storage,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+        header.refcount_order,
+        header.cluster_bits,
+    )
 }
 
 #[cfg(test)]

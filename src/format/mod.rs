@@ -4,7 +4,7 @@
 //! naming the field and the rule broken; encoding is the exact inverse, so that round trips hold.
 
 pub mod bitmap;
-mod bytes;
+pub(crate) mod bytes;
 pub mod entry;
 pub mod extension;
 pub mod features;

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod create;
 pub mod info;
 pub mod inspect;
 pub mod map;

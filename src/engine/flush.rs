@@ -1,0 +1,186 @@
+//! Writing metadata back in dependency order: the crash-safety contract.
+//!
+//! [`Qcow2Image::flush_locked`] is the only place dirty metadata reaches the image (apart from
+//! refcount blocks trimmed from their cache, which only ever hold increases, and table growth,
+//! which follows rule 4 on its own). The order, with a durability barrier (`fdatasync`) between
+//! steps that have anything to write:
+//!
+//! 1. guest data and refcount blocks: every cluster an entry will point to is written and
+//!    counted before the entry (rules 1 and 2);
+//! 2. refcount table entries for new refcount blocks (the blocks are durable already);
+//! 3. dirty L2 slices;
+//! 4. dirty L1 entries (new L2 tables are durable already);
+//! 5. queued frees: refcounts drop only now that no durable entry references the clusters
+//!    (rule 3), and the freed clusters become allocatable only after this step's barrier.
+//!
+//! With `lazy_refcounts` the image carries the dirty bit while refcounts are stale, so steps 1
+//! and 2 write no refcounts (they are written, and the dirty bit cleared, on close).
+
+use super::meta::Meta;
+use super::Qcow2Image;
+use crate::error::{Error, Result};
+use crate::format::bytes::put_u64;
+use crate::format::features::{CompatibleFeatures, IncompatibleFeatures};
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+impl Qcow2Image {
+    /// Flushes every dirty structure in dependency order (see the module docs).
+    pub(crate) fn flush_impl(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut m = self.lock_meta();
+        self.flush_locked(&mut m)
+    }
+
+    pub(crate) fn lazy_refcounts(m: &Meta) -> bool {
+        m.header
+            .compatible
+            .contains(CompatibleFeatures::LAZY_REFCOUNTS)
+    }
+
+    /// Flushes with the metadata lock held. A failure marks the image broken: further writes
+    /// are refused, as the disk may now lag the memory.
+    pub(crate) fn flush_locked(&self, m: &mut Meta) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        if m.broken {
+            return Err(Error::Unsupported(
+                "an earlier metadata write failed; the image must be reopened".into(),
+            ));
+        }
+        let r = self.flush_steps(m);
+        if r.is_err() {
+            m.broken = true;
+        }
+        r
+    }
+
+    fn flush_steps(&self, m: &mut Meta) -> Result<()> {
+        let s = self.storage.as_ref();
+        let lazy = Self::lazy_refcounts(m);
+        // 1. Data (also in an external data file) and refcount increases.
+        if let Some(d) = &self.data_storage {
+            d.flush().map_err(io_err("flushing data file"))?;
+        }
+        if !lazy {
+            m.refs()?.write_blocks(s)?;
+        }
+        s.flush().map_err(io_err("flushing data and refcounts"))?;
+        // 2. Refcount table entries of new blocks.
+        if !lazy && m.refs()?.write_table_entries(s)? {
+            s.flush().map_err(io_err("flushing refcount table"))?;
+        }
+        // 3. L2 slices.
+        let keys = m.l2.dirty_keys();
+        if !keys.is_empty() {
+            let mut buf = vec![0u8; self.geo.slice_bytes as usize];
+            for key in &keys {
+                if let Some(entries) = m.l2.peek(*key) {
+                    for (i, e) in entries.iter().enumerate() {
+                        put_u64(&mut buf, i * 8, *e);
+                    }
+                    s.write_at(&buf, *key).map_err(io_err("writing L2 table"))?;
+                }
+                m.l2.mark_clean(*key);
+            }
+            s.flush().map_err(io_err("flushing L2 tables"))?;
+        }
+        // 4. L1 entries.
+        if !m.l1_dirty.is_empty() {
+            let l1_offset = m.header.l1_table_offset;
+            let dirty = std::mem::take(&mut m.l1_dirty);
+            for i in dirty {
+                let mut b = [0u8; 8];
+                put_u64(&mut b, 0, m.l1[i]);
+                s.write_at(&b, l1_offset + i as u64 * 8)
+                    .map_err(io_err("writing L1 table"))?;
+            }
+            s.flush().map_err(io_err("flushing L1 table"))?;
+        }
+        // 5. Queued frees.
+        if !m.pending_free.is_empty() {
+            let frees = std::mem::take(&mut m.pending_free);
+            let cs = self.geo.cluster_size;
+            let mut zeroed = Vec::new();
+            for host in frees {
+                if m.refs()?.add(s, host, -1)? == 0 {
+                    m.l2.forget_range(host, host + cs);
+                    zeroed.push(host);
+                }
+            }
+            if !lazy {
+                m.refs()?.write_blocks(s)?;
+            }
+            s.flush().map_err(io_err("flushing freed refcounts"))?;
+            // Freed clusters no longer hold anything: give the space back where the file
+            // system can (best effort; the refcount already says they are free).
+            for host in zeroed {
+                let _ = s.punch_hole(host, cs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the dirty bit before the first write of a lazy-refcounts image (rule 5).
+    pub(crate) fn mark_dirty_if_lazy(&self, m: &mut Meta) -> Result<()> {
+        if !Self::lazy_refcounts(m) || m.header.incompatible.contains(IncompatibleFeatures::DIRTY) {
+            return Ok(());
+        }
+        m.header.incompatible |= IncompatibleFeatures::DIRTY;
+        self.write_incompatible(m)
+    }
+
+    fn write_incompatible(&self, m: &mut Meta) -> Result<()> {
+        let s = self.storage.as_ref();
+        let r = s
+            .write_at(&m.header.incompatible.bits().to_be_bytes(), 72)
+            .and_then(|()| s.flush())
+            .map_err(io_err("writing header feature bits"));
+        if r.is_err() {
+            m.broken = true;
+        }
+        r
+    }
+
+    /// Writes everything back and, for a lazy-refcounts image, the refcounts too, then clears
+    /// the dirty bit. Called on drop; callers that want the error call it themselves.
+    pub fn close(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut m = self.lock_meta();
+        if m.broken {
+            return Ok(());
+        }
+        self.flush_locked(&mut m)?;
+        if m.header.incompatible.contains(IncompatibleFeatures::DIRTY) {
+            let s = self.storage.as_ref();
+            let r = (|| {
+                m.refs()?.write_blocks(s)?;
+                s.flush().map_err(io_err("flushing refcounts"))?;
+                if m.refs()?.write_table_entries(s)? {
+                    s.flush().map_err(io_err("flushing refcount table"))?;
+                }
+                Ok::<_, Error>(())
+            })();
+            if let Err(e) = r {
+                m.broken = true;
+                return Err(e);
+            }
+            m.header.incompatible.remove(IncompatibleFeatures::DIRTY);
+            self.write_incompatible(&mut m)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}

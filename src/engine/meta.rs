@@ -1,0 +1,70 @@
+//! Mutable metadata of an open image, behind the image's one metadata lock: the active L1
+//! table, the L2 slice cache, refcounts (writable images), clusters waiting to be freed, and the
+//! header as currently on disk.
+
+use super::cache::SliceCache;
+use super::refcount::Refcounts;
+use super::Geometry;
+use crate::error::{Error, Result};
+use crate::format::be_u64;
+use crate::format::header::Header;
+use crate::io::{Storage, StorageExt};
+use std::collections::BTreeSet;
+
+/// Everything the metadata lock protects.
+pub(crate) struct Meta {
+    /// Active L1 table (or the viewed snapshot's).
+    pub(crate) l1: Vec<u64>,
+    /// Indices of L1 entries changed in memory, not yet written.
+    pub(crate) l1_dirty: BTreeSet<usize>,
+    /// L2 slices, keyed by host offset.
+    pub(crate) l2: SliceCache,
+    /// Refcounts and allocator (writable images only).
+    pub(crate) refs: Option<Refcounts>,
+    /// Host clusters whose refcount drops by one once the L1/L2 entries that stopped
+    /// referencing them are durable (write-ordering rule 3).
+    pub(crate) pending_free: Vec<u64>,
+    /// Cluster-aligned end of everything allocated or in the file: tables must lie below it.
+    pub(crate) file_end: u64,
+    /// Length of the image file as far as this process knows.
+    pub(crate) file_len: u64,
+    /// The header as on disk.
+    pub(crate) header: Header,
+    /// A metadata write failed: further writes are refused, the in-memory state may be ahead
+    /// of the disk.
+    pub(crate) broken: bool,
+}
+
+impl Meta {
+    /// The slice of the L2 table at `l2_offset` that holds entry `l2_index`, from the cache or
+    /// the image. Returns the slice's key (its host offset).
+    pub(crate) fn slice_key(g: &Geometry, l2_offset: u64, l2_index: u64) -> u64 {
+        l2_offset + (l2_index >> g.slice_entry_bits) * g.slice_bytes
+    }
+
+    /// Loads (if needed) the slice under `key`. The caller makes sure a dirty victim is written
+    /// back first (see [`Meta::would_evict_dirty`]).
+    pub(crate) fn load_slice(
+        &mut self,
+        storage: &dyn Storage,
+        g: &Geometry,
+        key: u64,
+    ) -> Result<&[u64]> {
+        self.l2.get_or_load(key, || {
+            let bytes = storage
+                .read_vec(key, g.slice_bytes as usize)
+                .map_err(|e| Error::io("reading L2 table", e))?;
+            Ok::<_, Error>(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
+        })
+    }
+
+    /// Whether loading `key` would evict a dirty slice.
+    pub(crate) fn would_evict_dirty(&self, key: u64) -> bool {
+        self.l2.insert_would_evict_dirty(key)
+    }
+
+    /// The refcount state; an error for read-only images.
+    pub(crate) fn refs(&mut self) -> Result<&mut Refcounts> {
+        self.refs.as_mut().ok_or(Error::ReadOnly)
+    }
+}

@@ -1,0 +1,397 @@
+//! Refcounts at run time: the refcount table, a cache of refcount blocks, and the cluster
+//! allocator.
+//!
+//! Invariants:
+//! - The in-memory table and blocks are the truth; dirty blocks and table entries reach the image
+//!   only in [`flush`](super::flush) order (blocks, flush, table entries, flush) or, for blocks,
+//!   on write-back when the cache is trimmed. Blocks only ever hold refcount *increases* between
+//!   flushes: decreases are queued in `Meta::pending_free` and applied by the flush after the
+//!   L2/L1 entries that dropped the references are durable (write-ordering rule 3).
+//! - `cursor` is a cluster index below which no cluster is free, so the free-space search never
+//!   rescans the image from the start; freeing a cluster lowers it.
+//! - Growing the table (rule 4): the new table and the refcount blocks that describe it are
+//!   written in a fresh area at the end of the file, flushed, then the header is switched and
+//!   flushed; the old table's clusters are freed afterwards through `pending_free`.
+
+use crate::error::{Corruption, Error, Result};
+use crate::format::bytes::{put_u32, put_u64};
+use crate::format::refcount;
+use crate::format::{be_u64, MAX_REFTABLE_BYTES};
+use crate::io::{Storage, StorageExt};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
+
+/// Most refcount blocks kept in memory before clean ones are dropped.
+const MAX_CACHED_BLOCKS: usize = 512;
+
+/// Refcount mask of a table entry (bits 9..63).
+const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
+
+struct Block {
+    data: Box<[u8]>,
+    dirty: bool,
+}
+
+/// The refcount structures of a writable image.
+pub(crate) struct Refcounts {
+    /// Refcount table entries (offsets of refcount blocks, 0 = none).
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u64,
+    table_dirty: BTreeSet<usize>,
+    blocks: HashMap<usize, Block>,
+    order: u32,
+    cluster_bits: u32,
+    /// log2 of refcount entries per block.
+    block_bits: u32,
+    /// Cluster index below which nothing is free.
+    pub(crate) cursor: u64,
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+impl Refcounts {
+    /// Loads the refcount table of an image.
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        table_offset: u64,
+        table_clusters: u32,
+        order: u32,
+        cluster_bits: u32,
+    ) -> Result<Self> {
+        let bytes = u64::from(table_clusters) << cluster_bits;
+        let raw = storage
+            .read_vec(table_offset, bytes as usize)
+            .map_err(io_err("reading refcount table"))?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| be_u64(c, 0) & REFTABLE_OFFSET_MASK)
+            .collect();
+        Ok(Refcounts {
+            table,
+            table_offset,
+            table_clusters: table_clusters.into(),
+            table_dirty: BTreeSet::new(),
+            blocks: HashMap::new(),
+            order,
+            cluster_bits,
+            block_bits: cluster_bits + 3 - order,
+            cursor: 0,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn block<'a>(
+        blocks: &'a mut HashMap<usize, Block>,
+        storage: &dyn Storage,
+        table: &[u64],
+        index: usize,
+        cluster_size: u64,
+    ) -> Result<&'a mut Block> {
+        match blocks.entry(index) {
+            Entry::Occupied(o) => Ok(o.into_mut()),
+            Entry::Vacant(v) => {
+                let data = storage
+                    .read_vec(table[index], cluster_size as usize)
+                    .map_err(io_err("reading refcount block"))?
+                    .into_boxed_slice();
+                Ok(v.insert(Block { data, dirty: false }))
+            }
+        }
+    }
+
+    /// The refcount of cluster `cluster` (by index).
+    pub(crate) fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
+        let ri = (cluster >> self.block_bits) as usize;
+        match self.table.get(ri) {
+            None | Some(0) => Ok(0),
+            Some(_) => {
+                let cs = self.cluster_size();
+                let b = Self::block(&mut self.blocks, storage, &self.table, ri, cs)?;
+                let idx = (cluster & ((1 << self.block_bits) - 1)) as usize;
+                Ok(refcount::get(&b.data, self.order, idx))
+            }
+        }
+    }
+
+    /// Sets the refcount of a cluster whose block exists.
+    fn set_existing(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+        let ri = (cluster >> self.block_bits) as usize;
+        if self.table.get(ri).copied().unwrap_or(0) == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "no refcount block covers cluster {cluster}"
+            )));
+        }
+        let cs = self.cluster_size();
+        let b = Self::block(&mut self.blocks, storage, &self.table, ri, cs)?;
+        let idx = (cluster & ((1 << self.block_bits) - 1)) as usize;
+        if !refcount::set(&mut b.data, self.order, idx, value) {
+            return Err(Error::Unsupported(format!(
+                "refcount of cluster {cluster} would exceed the {}-bit maximum",
+                1u32 << self.order
+            )));
+        }
+        b.dirty = true;
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of the cluster at host offset `host`. The block covering it
+    /// must exist (true of every cluster in use). Refuses overflow and underflow.
+    pub(crate) fn add(&mut self, storage: &dyn Storage, host: u64, delta: i64) -> Result<u64> {
+        let cluster = host >> self.cluster_bits;
+        let old = self.get(storage, cluster)?;
+        let new = old
+            .checked_add_signed(delta)
+            .ok_or(Error::Corrupt(Corruption::BadField {
+                field: "refcount",
+                value: old,
+                rule: "refcount would drop below zero: cluster is referenced more than counted",
+            }))?;
+        if new > refcount::max_value(self.order) {
+            return Err(Error::Unsupported(format!(
+                "refcount of cluster at {host:#x} would exceed the {}-bit maximum",
+                1u32 << self.order
+            )));
+        }
+        self.set_existing(storage, cluster, new)?;
+        if new == 0 && cluster < self.cursor {
+            self.cursor = cluster;
+        }
+        Ok(new)
+    }
+
+    /// Allocates `n` contiguous free clusters, sets their refcounts to 1 and returns the host
+    /// offset of the first. `file_end` (the allocation high-water mark) is raised to cover them.
+    pub(crate) fn alloc(
+        &mut self,
+        storage: &dyn Storage,
+        n: u64,
+        file_end: &mut u64,
+    ) -> Result<u64> {
+        if n == 0 {
+            return Err(Error::InvalidArgument("allocation of zero clusters".into()));
+        }
+        'search: loop {
+            // Find n consecutive clusters with refcount 0, from the cursor.
+            let mut start = self.cursor;
+            let mut c = start;
+            while c < start + n {
+                if self.get(storage, c)? != 0 {
+                    start = c + 1;
+                    if start == self.cursor + 1 && c == self.cursor {
+                        self.cursor = start;
+                    }
+                }
+                c = c.max(start) + if c < start { 0 } else { 1 };
+            }
+            let end = start + n;
+            if (end << self.cluster_bits) >> self.cluster_bits != end {
+                return Err(Error::Unsupported(
+                    "image would exceed the largest offset".into(),
+                ));
+            }
+            // Make sure blocks cover the run; creating one takes a cluster, so search again.
+            let first = (start >> self.block_bits) as usize;
+            let last = ((end - 1) >> self.block_bits) as usize;
+            for ri in first..=last {
+                if ri >= self.table.len() {
+                    self.grow_table(storage, ri, file_end)?;
+                    continue 'search;
+                }
+                if self.table[ri] == 0 {
+                    // The run's first cluster is free and covered by block `first` (created
+                    // first, in this loop's order) or is in block `ri` itself: put the new block
+                    // there, so it describes itself or an existing block describes it.
+                    let at = if ri == first {
+                        start
+                    } else {
+                        (ri as u64) << self.block_bits
+                    };
+                    self.create_block(storage, ri, at, file_end)?;
+                    continue 'search;
+                }
+            }
+            for c in start..end {
+                self.set_existing(storage, c, 1)?;
+            }
+            if start == self.cursor {
+                self.cursor = end;
+            }
+            *file_end = (*file_end).max(end << self.cluster_bits);
+            self.trim(storage)?;
+            return Ok(start << self.cluster_bits);
+        }
+    }
+
+    /// Creates refcount block `ri` in the free cluster `at` (which a block already covers, or
+    /// which block `ri` itself covers) and counts it.
+    fn create_block(
+        &mut self,
+        storage: &dyn Storage,
+        ri: usize,
+        at: u64,
+        file_end: &mut u64,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let host = at << self.cluster_bits;
+        // The cluster is initialised on disk before any table entry can point to it.
+        storage
+            .write_at(&vec![0u8; cs as usize], host)
+            .map_err(io_err("writing new refcount block"))?;
+        self.blocks.insert(
+            ri,
+            Block {
+                data: vec![0u8; cs as usize].into_boxed_slice(),
+                dirty: true,
+            },
+        );
+        self.table[ri] = host;
+        self.table_dirty.insert(ri);
+        self.set_existing(storage, at, 1)?;
+        *file_end = (*file_end).max(host + cs);
+        Ok(())
+    }
+
+    /// Grows the refcount table so that entry `needed` exists (write-ordering rule 4).
+    fn grow_table(
+        &mut self,
+        storage: &dyn Storage,
+        needed: usize,
+        file_end: &mut u64,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let per_cluster = (cs / 8) as usize;
+        let mut entries = (needed + 1).max(self.table.len() * 2).max(per_cluster);
+        let area = (*file_end).div_ceil(cs);
+        // Find a fixed point: the table and the new blocks live in [area, area + len), and every
+        // cluster of that area must be covered by a block.
+        let mut new_blocks: Vec<usize> = Vec::new();
+        let table_clusters = loop {
+            let tc = (entries * 8).div_ceil(cs as usize) as u64;
+            let len = tc + new_blocks.len() as u64;
+            let first = (area >> self.block_bits) as usize;
+            let last = ((area + len - 1) >> self.block_bits) as usize;
+            let missing: Vec<usize> = (first..=last)
+                .filter(|&ri| self.table.get(ri).copied().unwrap_or(0) == 0)
+                .collect();
+            let need_entries = last + 1;
+            if missing == new_blocks && need_entries <= entries {
+                break tc;
+            }
+            new_blocks = missing;
+            entries = entries.max(need_entries);
+        };
+        let bytes = table_clusters * cs;
+        if bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported(
+                "refcount table would exceed 8 MiB (image too large for this cluster size)".into(),
+            ));
+        }
+        let table_at = area << self.cluster_bits;
+        let mut table = self.table.clone();
+        table.resize((bytes / 8) as usize, 0);
+        for (k, &ri) in new_blocks.iter().enumerate() {
+            let host = (area + table_clusters + k as u64) << self.cluster_bits;
+            table[ri] = host;
+            self.blocks.insert(
+                ri,
+                Block {
+                    data: vec![0u8; cs as usize].into_boxed_slice(),
+                    dirty: true,
+                },
+            );
+        }
+        let old = (self.table_offset, self.table_clusters);
+        self.table = table;
+        let area_len = table_clusters + new_blocks.len() as u64;
+        for c in area..area + area_len {
+            self.set_existing(storage, c, 1)?;
+        }
+        *file_end = (*file_end).max((area + area_len) << self.cluster_bits);
+
+        // Persist: blocks (including the new ones), the whole new table, flush; then the
+        // header, flush. Only then is the old table released.
+        self.write_blocks(storage)?;
+        let mut raw = vec![0u8; bytes as usize];
+        for (i, e) in self.table.iter().enumerate() {
+            put_u64(&mut raw, i * 8, *e);
+        }
+        storage
+            .write_at(&raw, table_at)
+            .map_err(io_err("writing refcount table"))?;
+        storage
+            .flush()
+            .map_err(io_err("flushing new refcount table"))?;
+        let mut hdr = [0u8; 12];
+        put_u64(&mut hdr, 0, table_at);
+        put_u32(&mut hdr, 8, table_clusters as u32);
+        storage
+            .write_at(&hdr, 48)
+            .map_err(io_err("switching refcount table"))?;
+        storage.flush().map_err(io_err("flushing header"))?;
+        self.table_offset = table_at;
+        self.table_clusters = table_clusters;
+        self.table_dirty.clear();
+        // The old table's clusters drop their reference now that nothing points to them.
+        for c in 0..old.1 {
+            self.add(storage, old.0 + c * cs, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty block back (safe at any time: blocks hold only increases).
+    pub(crate) fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let mut keys: Vec<usize> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_unstable();
+        for ri in &keys {
+            let off = self.table[*ri];
+            if let Some(b) = self.blocks.get_mut(ri) {
+                storage
+                    .write_at(&b.data, off)
+                    .map_err(io_err("writing refcount block"))?;
+                b.dirty = false;
+            }
+        }
+        Ok(!keys.is_empty())
+    }
+
+    /// Writes dirty refcount table entries (after their blocks are durable).
+    pub(crate) fn write_table_entries(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let dirty = std::mem::take(&mut self.table_dirty);
+        for ri in &dirty {
+            let mut b = [0u8; 8];
+            put_u64(&mut b, 0, self.table[*ri]);
+            storage
+                .write_at(&b, self.table_offset + *ri as u64 * 8)
+                .map_err(io_err("writing refcount table entry"))?;
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Keeps the block cache bounded: past the limit, dirty blocks are written back and every
+    /// block is dropped (they are re-read on demand).
+    fn trim(&mut self, storage: &dyn Storage) -> Result<()> {
+        if self.blocks.len() > MAX_CACHED_BLOCKS {
+            if !self.table_dirty.is_empty() {
+                // A block whose table entry is not yet written must stay in memory.
+                self.write_blocks(storage)?;
+                let keep: BTreeSet<usize> = self.table_dirty.clone();
+                self.blocks.retain(|k, _| keep.contains(k));
+            } else {
+                self.write_blocks(storage)?;
+                self.blocks.clear();
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,196 @@
+//! Changing the virtual size.
+//!
+//! Growing may need a larger L1 table, written elsewhere and switched in the header after a
+//! flush (write-ordering rule 4), the old one freed afterwards. Growing never exposes stale
+//! bytes: the tail of a partial last cluster and any range a longer backing file would show
+//! through read as zeros, as in QEMU. Shrinking drops the clusters past the new end (entries
+//! cleared and flushed before their refcounts drop) and is refused on images with snapshots.
+
+use super::write::ZeroMode;
+use super::Qcow2Image;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::bytes::{put_u32, put_u64};
+use crate::format::entry::OFFSET_MASK;
+use crate::format::MAX_L1_BYTES;
+use std::sync::atomic::Ordering;
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+impl Qcow2Image {
+    /// Resizes the image to `new_size` bytes (a multiple of 512). A smaller size is refused
+    /// unless `allow_shrink` (qemu-img `--shrink`).
+    pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let _g = self.lock_everything()?;
+        if new_size % 512 != 0 {
+            return Err(Error::InvalidArgument(
+                "image size must be a multiple of 512 bytes".into(),
+            ));
+        }
+        let old_size = self.size();
+        if new_size < old_size {
+            if !allow_shrink {
+                return Err(Error::InvalidArgument(
+                    "use the shrink option to make the image smaller; shrinking discards data"
+                        .into(),
+                ));
+            }
+            if !self.snapshots().is_empty() {
+                return Err(Error::Unsupported(
+                    "cannot shrink an image with internal snapshots".into(),
+                ));
+            }
+            self.shrink(new_size)?;
+        } else if new_size > old_size {
+            self.grow(old_size, new_size)?;
+        }
+        Ok(())
+    }
+
+    fn write_size(&self, new_size: u64) -> Result<()> {
+        let mut m = self.lock_meta();
+        let s = self.storage.as_ref();
+        let r = s
+            .write_at(&new_size.to_be_bytes(), 24)
+            .and_then(|()| s.flush())
+            .map_err(io_err("writing virtual size"));
+        if r.is_err() {
+            m.broken = true;
+        }
+        r?;
+        m.header.size = new_size;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    fn grow(&self, old_size: u64, new_size: u64) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        {
+            let mut m = self.lock_meta();
+            self.mark_dirty_if_lazy(&mut m)?;
+            let needed = m
+                .header
+                .l1_entries_for(new_size)
+                .filter(|n| *n <= MAX_L1_BYTES / 8)
+                .ok_or_else(|| Error::Unsupported("size needs an L1 table over 32 MiB".into()))?
+                as usize;
+            if needed > m.l1.len() {
+                // Everything clean first, so the in-memory L1 equals the one on disk plus
+                // entries whose L2 tables are durable.
+                self.flush_locked(&mut m)?;
+                let per_cluster = (cs / 8) as usize;
+                let new_len = needed.next_multiple_of(per_cluster);
+                let clusters = (new_len * 8) as u64 / cs;
+                let s = self.storage.as_ref();
+                let new_off = {
+                    let super::meta::Meta { refs, file_end, .. } = &mut *m;
+                    refs.as_mut()
+                        .ok_or(Error::ReadOnly)?
+                        .alloc(s, clusters, file_end)?
+                };
+                let mut raw = vec![0u8; new_len * 8];
+                for (i, e) in m.l1.iter().enumerate() {
+                    put_u64(&mut raw, i * 8, *e);
+                }
+                s.write_at(&raw, new_off)
+                    .map_err(io_err("writing new L1 table"))?;
+                self.note_growth(&mut m, new_off + clusters * cs);
+                // New table and its refcounts durable, then the header switch, then a flush.
+                self.flush_locked(&mut m)?;
+                if !Self::lazy_refcounts(&m) {
+                    m.refs()?.write_blocks(s)?;
+                }
+                s.flush().map_err(io_err("flushing new L1 table"))?;
+                let mut hdr = [0u8; 12];
+                put_u32(&mut hdr, 0, new_len as u32);
+                put_u64(&mut hdr, 4, new_off);
+                let r = s
+                    .write_at(&hdr, 36)
+                    .and_then(|()| s.flush())
+                    .map_err(io_err("switching L1 table"));
+                if r.is_err() {
+                    m.broken = true;
+                }
+                r?;
+                let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len());
+                m.header.l1_table_offset = new_off;
+                m.header.l1_size = new_len as u32;
+                m.l1.resize(new_len, 0);
+                if old_off != 0 && old_len > 0 {
+                    for c in 0..((old_len * 8) as u64).div_ceil(cs) {
+                        m.pending_free.push(old_off + c * cs);
+                    }
+                }
+                self.flush_locked(&mut m)?;
+            }
+        }
+        self.write_size(new_size)?;
+        // Stale bytes past the old end inside its last cluster, and backing data the new range
+        // would expose, read as zeros.
+        let mut zero_end = old_size.next_multiple_of(cs).min(new_size);
+        if let Some(b) = &self.backing {
+            zero_end = zero_end.max(b.size().min(new_size));
+        }
+        if zero_end > old_size {
+            self.zero_body(old_size, zero_end - old_size, ZeroMode::WriteZeroes)?;
+        }
+        self.flush_impl()
+    }
+
+    fn note_growth(&self, m: &mut super::meta::Meta, end: u64) {
+        m.file_len = m.file_len.max(end);
+        self.file_len.fetch_max(end, Ordering::Relaxed);
+    }
+
+    fn shrink(&self, new_size: u64) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let per_table = 1u64 << (g.cluster_bits + g.l2_bits);
+        let first_gone = new_size.next_multiple_of(cs);
+        {
+            let mut m = self.lock_meta();
+            self.mark_dirty_if_lazy(&mut m)?;
+            let old_size = self.size();
+            let mut c = first_gone;
+            while c < old_size {
+                let l1_index = (c / per_table) as usize;
+                let table_start = l1_index as u64 * per_table;
+                let l1e = m.l1.get(l1_index).copied().unwrap_or(0);
+                if l1e & OFFSET_MASK == 0 {
+                    c = table_start + per_table;
+                    continue;
+                }
+                if c == table_start {
+                    // The whole table goes: drop every entry's clusters and the table.
+                    let mut p = table_start;
+                    while p < table_start + per_table {
+                        let (e, _) = self.entry_at(&mut m, p)?;
+                        self.queue_free_entry(&mut m, e);
+                        p += cs;
+                    }
+                    let l2 = l1e & OFFSET_MASK;
+                    m.l2.forget_range(l2, l2 + cs);
+                    m.pending_free.push(l2);
+                    m.l1[l1_index] = 0;
+                    m.l1_dirty.insert(l1_index);
+                    c = table_start + per_table;
+                } else {
+                    self.ensure_l2_writable(&mut m, l1_index)?;
+                    let (e, _) = self.entry_at(&mut m, c)?;
+                    if e != 0 {
+                        self.set_entry_pub(&mut m, c, 0, 0)?;
+                        self.queue_free_entry(&mut m, e);
+                    }
+                    c += cs;
+                }
+            }
+            // Entries past the new end are cleared and durable before their clusters are freed.
+            self.flush_locked(&mut m)?;
+        }
+        self.write_size(new_size)?;
+        self.flush_impl()
+    }
+}

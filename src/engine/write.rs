@@ -1,0 +1,753 @@
+//! The copy-on-write write path: writes, zero writes and discards.
+//!
+//! A write runs cluster run by cluster run. Under the metadata lock it decides, for the run at
+//! the current position, between an in-place write (a normal cluster whose refcount is one, as
+//! its COPIED flag says) and an allocation (anything else: unallocated, zero, compressed, or
+//! shared with a snapshot — rule 6: a cluster with refcount > 1 is never written). For an
+//! allocation it makes the L2 table writable, reserves contiguous host clusters, and releases the
+//! lock; it then writes the data, filling a partial cluster's head and tail from the image's
+//! current content (its backing file, zeros, the decompressed or shared old cluster); only then,
+//! under the lock again, it publishes the new L2 entries (rule 1: data before the entry that
+//! points to it) and queues the old clusters' references to be dropped after the next flush
+//! makes the new entries durable (rule 3). Refcount increases are written before any L2 entry by
+//! [`flush`](super::flush) (rule 2).
+//!
+//! With extended L2 entries, writes into a cluster that is unallocated or already owned are done
+//! at subcluster granularity: only the touched subclusters are written (a partial subcluster's
+//! head and tail from the current content) and their allocation bits set.
+
+use super::meta::Meta;
+use super::Qcow2Image;
+use crate::device::{check_range, BlockDevice};
+use crate::error::{Corruption, Error, Result};
+use crate::format::entry::{
+    classify, ClusterKind, SubclusterBitmap, SubclusterState, COPIED, OFFSET_MASK, ZERO,
+};
+use crate::format::SUBCLUSTERS_PER_CLUSTER;
+use std::sync::atomic::Ordering;
+
+/// What `zero_impl` was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroMode {
+    /// The range must read as zeros afterwards.
+    WriteZeroes,
+    /// Whole clusters (subclusters) in the range read as zeros afterwards and free their space;
+    /// partial clusters at the edges are left as they are.
+    Discard,
+}
+
+/// Bitmap with every subcluster reading as zeros.
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
+/// Most clusters one allocation covers.
+const MAX_RUN_CLUSTERS: u64 = 1024;
+
+/// Releases a guest range lock on drop.
+struct RangeGuard<'a> {
+    img: &'a Qcow2Image,
+    range: (u64, u64),
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut v = self.img.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = v.iter().position(|r| *r == self.range) {
+            v.swap_remove(i);
+        }
+        self.img.inflight_done.notify_all();
+    }
+}
+
+/// A lock on the whole guest range (resize, preallocation).
+pub(crate) struct RangeGuardAll<'a>(
+    #[allow(dead_code, reason = "held for its Drop")] RangeGuard<'a>,
+);
+
+/// What to do with the run at the current position.
+enum Plan {
+    /// Write `len` bytes at `host` (standard L2, refcount one).
+    InPlace { host: u64, len: usize },
+    /// Write the clusters `guest..guest + n × cs` to new host clusters at `host`.
+    Allocate {
+        guest: u64,
+        host: u64,
+        n: u64,
+        olds: Vec<u64>,
+        fresh: bool,
+    },
+    /// Extended L2: write the touched subclusters of the cluster at `guest` at `host`; `bitmap` is
+    /// the entry's bitmap before the write; `old` an entry whose host cluster is freed.
+    Subclusters {
+        guest: u64,
+        host: u64,
+        bitmap: u64,
+        old: Option<u64>,
+        fresh: bool,
+    },
+}
+
+impl Qcow2Image {
+    fn lock_range(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        let mut v = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        while v.iter().any(|&(s, e)| s < end && start < e) {
+            v = self
+                .inflight_done
+                .wait(v)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        v.push((start, end));
+        RangeGuard {
+            img: self,
+            range: (start, end),
+        }
+    }
+
+    fn begin_write(&self, offset: u64, len: u64) -> Result<RangeGuard<'_>> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, len, self.size())?;
+        let cs = self.geo.cluster_size;
+        let g = self.lock_range(offset & !(cs - 1), (offset + len).next_multiple_of(cs));
+        let mut m = self.lock_meta();
+        if m.broken {
+            return Err(Error::Unsupported(
+                "an earlier metadata write failed; the image must be reopened".into(),
+            ));
+        }
+        self.mark_dirty_if_lazy(&mut m)?;
+        Ok(g)
+    }
+
+    pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _g = self.begin_write(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            done += self.write_run(&buf[done..], offset + done as u64)?;
+        }
+        Ok(())
+    }
+
+    /// The L2 entry (and bitmap) of the cluster holding `guest`.
+    pub(crate) fn entry_at(&self, m: &mut Meta, guest: u64) -> Result<(u64, u64)> {
+        let g = self.geo;
+        let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
+        let l2_offset = m.l1.get(l1_index).copied().unwrap_or(0) & OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok((0, 0));
+        }
+        if l2_offset % g.cluster_size != 0 || l2_offset + g.cluster_size > m.file_end {
+            return Err(Corruption::BadEntry {
+                table: "L1",
+                guest_offset: guest,
+                entry: m.l1[l1_index],
+                rule: "L2 table offset is misaligned or past the end of the file",
+            }
+            .into());
+        }
+        let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+        let key = Meta::slice_key(&g, l2_offset, l2_index);
+        if m.would_evict_dirty(key) {
+            self.flush_locked(m)?;
+        }
+        let slice = m.load_slice(self.storage.as_ref(), &g, key)?;
+        let i = (l2_index & ((1 << g.slice_entry_bits) - 1)) as usize * g.words_per_entry;
+        Ok((slice[i], if g.extended { slice[i + 1] } else { 0 }))
+    }
+
+    /// Sets the L2 entry of the cluster holding `guest`; its L2 table must be writable.
+    fn set_entry(&self, m: &mut Meta, guest: u64, entry: u64, bitmap: u64) -> Result<()> {
+        let g = self.geo;
+        let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
+        let l1e = m.l1.get(l1_index).copied().unwrap_or(0);
+        if l1e & COPIED == 0 || l1e & OFFSET_MASK == 0 {
+            return Err(Error::InvalidArgument("L2 table is not writable".into()));
+        }
+        let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+        let key = Meta::slice_key(&g, l1e & OFFSET_MASK, l2_index);
+        if m.would_evict_dirty(key) {
+            self.flush_locked(m)?;
+        }
+        m.load_slice(self.storage.as_ref(), &g, key)?;
+        let slice =
+            m.l2.get_mut(key)
+                .ok_or_else(|| Error::InvalidArgument("L2 slice vanished".into()))?;
+        let i = (l2_index & ((1 << g.slice_entry_bits) - 1)) as usize * g.words_per_entry;
+        slice[i] = entry;
+        if g.extended {
+            slice[i + 1] = bitmap;
+        }
+        Ok(())
+    }
+
+    /// Makes the L2 table of L1 entry `l1_index` private to the active image: allocates an
+    /// empty one, or copies one shared with a snapshot (whose reference is then dropped).
+    pub(crate) fn ensure_l2_writable(&self, m: &mut Meta, l1_index: usize) -> Result<u64> {
+        let cs = self.geo.cluster_size;
+        let e = *m
+            .l1
+            .get(l1_index)
+            .ok_or_else(|| Error::InvalidArgument("guest offset beyond the L1 table".into()))?;
+        let old = e & OFFSET_MASK;
+        if old != 0 && e & COPIED != 0 {
+            return Ok(old);
+        }
+        let s = self.storage.as_ref();
+        let new = {
+            let Meta { refs, file_end, .. } = &mut *m;
+            refs.as_mut()
+                .ok_or(Error::ReadOnly)?
+                .alloc(s, 1, file_end)?
+        };
+        let mut content = vec![0u8; cs as usize];
+        if old != 0 {
+            // Copy through the cache: a shared table is never modified, so its slices on disk
+            // are current, but read via the cache anyway.
+            let sb = self.geo.slice_bytes;
+            for j in 0..cs / sb {
+                let key = old + j * sb;
+                let words = match m.l2.peek(key) {
+                    Some(w) => w.to_vec(),
+                    None => {
+                        let mut b = vec![0u8; sb as usize];
+                        s.read_at(&mut b, key)
+                            .map_err(|e| Error::io("reading L2 table", e))?;
+                        b.chunks_exact(8)
+                            .map(|c| crate::format::be_u64(c, 0))
+                            .collect()
+                    }
+                };
+                for (i, w) in words.iter().enumerate() {
+                    let at = (j * sb) as usize + i * 8;
+                    content[at..at + 8].copy_from_slice(&w.to_be_bytes());
+                }
+            }
+            m.l2.forget_range(old, old + cs);
+            m.pending_free.push(old);
+        }
+        // The new table is complete on disk before any L1 entry can point to it.
+        s.write_at(&content, new)
+            .map_err(|e| Error::io("writing new L2 table", e))?;
+        self.note_file_growth(m, new + cs);
+        m.l2.forget_range(new, new + cs);
+        m.l1[l1_index] = new | COPIED;
+        m.l1_dirty.insert(l1_index);
+        Ok(new)
+    }
+
+    fn note_file_growth(&self, m: &mut Meta, end: u64) {
+        m.file_len = m.file_len.max(end);
+        self.file_len.fetch_max(end, Ordering::Relaxed);
+    }
+
+    /// [`set_entry`](Self::set_entry) for sibling modules.
+    pub(crate) fn set_entry_pub(&self, m: &mut Meta, guest: u64, e: u64, b: u64) -> Result<()> {
+        self.set_entry(m, guest, e, b)
+    }
+
+    /// [`queue_free`](Self::queue_free) for sibling modules.
+    pub(crate) fn queue_free_entry(&self, m: &mut Meta, entry: u64) {
+        self.queue_free(m, entry)
+    }
+
+    /// Queues the release of whatever host clusters `entry` holds.
+    fn queue_free(&self, m: &mut Meta, entry: u64) {
+        if self.geo.data_file {
+            return; // Data clusters in an external data file are not refcounted.
+        }
+        let cs = self.geo.cluster_size;
+        match classify(entry, self.geo.cluster_bits, self.geo.extended, false) {
+            ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => {
+                m.pending_free.push(host)
+            }
+            ClusterKind::Compressed(d) => {
+                let first = d.host_offset & !(cs - 1);
+                let last = (d.host_offset + d.stored_len() - 1) & !(cs - 1);
+                let mut c = first;
+                while c <= last {
+                    m.pending_free.push(c);
+                    c += cs;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reserves `n` host clusters for guest clusters starting at `guest`: contiguous new clusters
+    /// in the image, or, with an external data file, the guest offsets themselves.
+    fn reserve(&self, m: &mut Meta, guest: u64, n: u64) -> Result<u64> {
+        if self.geo.data_file {
+            return Ok(guest);
+        }
+        let s = self.storage.as_ref();
+        let Meta { refs, file_end, .. } = m;
+        refs.as_mut().ok_or(Error::ReadOnly)?.alloc(s, n, file_end)
+    }
+
+    /// Gives back clusters reserved by [`reserve`](Self::reserve) that were never published.
+    fn unreserve(&self, host: u64, n: u64) {
+        if self.geo.data_file {
+            return;
+        }
+        let mut m = self.lock_meta();
+        let s = self.storage.as_ref();
+        for i in 0..n {
+            if let Some(r) = m.refs.as_mut() {
+                let _ = r.add(s, host + i * self.geo.cluster_size, -1);
+            }
+        }
+    }
+
+    fn plan(&self, m: &mut Meta, pos: u64, len: u64) -> Result<Plan> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let c0 = pos & !(cs - 1);
+        let (entry, bitmap) = self.entry_at(m, c0)?;
+        let kind = classify(entry, g.cluster_bits, g.extended, g.data_file);
+        let owned = |e: u64| e & COPIED != 0;
+        let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
+
+        if g.extended {
+            return match kind {
+                ClusterKind::Normal { host } if owned(entry) => {
+                    self.check_aligned(c0, entry, host)?;
+                    Ok(Plan::Subclusters {
+                        guest: c0,
+                        host,
+                        bitmap,
+                        old: None,
+                        fresh: false,
+                    })
+                }
+                ClusterKind::Unallocated => {
+                    self.ensure_l2_writable(m, l1_index)?;
+                    let host = self.reserve(m, c0, 1)?;
+                    Ok(Plan::Subclusters {
+                        guest: c0,
+                        host,
+                        bitmap,
+                        old: None,
+                        fresh: true,
+                    })
+                }
+                _ => {
+                    // Shared or compressed: the whole cluster is copied.
+                    self.ensure_l2_writable(m, l1_index)?;
+                    let host = self.reserve(m, c0, 1)?;
+                    Ok(Plan::Allocate {
+                        guest: c0,
+                        host,
+                        n: 1,
+                        olds: vec![entry],
+                        fresh: true,
+                    })
+                }
+            };
+        }
+
+        if let ClusterKind::Normal { host } = kind {
+            if owned(entry) {
+                self.check_aligned(c0, entry, host)?;
+                // Extend over following owned clusters that are contiguous on the host.
+                let end = pos + len;
+                let mut run_end = (c0 + cs).min(end);
+                while run_end < end {
+                    let (e, _) = self.entry_at(m, run_end)?;
+                    let k = classify(e, g.cluster_bits, false, g.data_file);
+                    let expect = host + (run_end - c0);
+                    match k {
+                        ClusterKind::Normal { host: h } if owned(e) && h == expect => {
+                            run_end = (run_end + cs).min(end);
+                        }
+                        _ => break,
+                    }
+                }
+                return Ok(Plan::InPlace {
+                    host: host + (pos - c0),
+                    len: (run_end - pos) as usize,
+                });
+            }
+        }
+
+        // Allocation: the clusters from c0 that need one, within this L2 table.
+        let table_end = ((l1_index as u64 + 1) << (g.cluster_bits + g.l2_bits)).min(self.size());
+        let write_end = (pos + len).min(table_end);
+        let mut olds = vec![entry];
+        let mut c = c0 + cs;
+        while c < write_end && (olds.len() as u64) < MAX_RUN_CLUSTERS {
+            let (e, _) = self.entry_at(m, c)?;
+            if matches!(
+                classify(e, g.cluster_bits, false, g.data_file),
+                ClusterKind::Normal { .. }
+            ) && owned(e)
+            {
+                break;
+            }
+            olds.push(e);
+            c += cs;
+        }
+        self.ensure_l2_writable(m, l1_index)?;
+        let n = olds.len() as u64;
+        let host = self.reserve(m, c0, n)?;
+        Ok(Plan::Allocate {
+            guest: c0,
+            host,
+            n,
+            olds,
+            fresh: true,
+        })
+    }
+
+    fn check_aligned(&self, guest: u64, entry: u64, host: u64) -> Result<()> {
+        if host % self.geo.cluster_size != 0 {
+            return Err(Corruption::BadEntry {
+                table: "L2",
+                guest_offset: guest,
+                entry,
+                rule: "cluster offset is not cluster-aligned",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` (guest bytes at `guest`) with the image's current content, clipped to the
+    /// device (bytes past the end read as zeros).
+    fn read_current(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        let size = self.size();
+        let n = size.saturating_sub(guest).min(buf.len() as u64) as usize;
+        self.read_at(&mut buf[..n], guest)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn data_target(&self) -> &dyn crate::io::Storage {
+        match &self.data_storage {
+            Some(d) if self.geo.data_file => d.as_ref(),
+            _ => self.storage.as_ref(),
+        }
+    }
+
+    /// Writes the run at `pos`; returns the bytes of `data` consumed.
+    fn write_run(&self, data: &[u8], pos: u64) -> Result<usize> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let plan = {
+            let mut m = self.lock_meta();
+            self.plan(&mut m, pos, data.len() as u64)?
+        };
+        let target = self.data_target();
+        let wio = |e| Error::io("writing guest data", e);
+        match plan {
+            Plan::InPlace { host, len } => {
+                target.write_at(&data[..len], host).map_err(wio)?;
+                Ok(len)
+            }
+            Plan::Allocate {
+                guest,
+                host,
+                n,
+                olds,
+                fresh,
+            } => {
+                let region_end = guest + n * cs;
+                let wend = (pos + data.len() as u64).min(region_end);
+                let used = (wend - pos) as usize;
+                let r = (|| -> Result<()> {
+                    if pos == guest && wend == region_end {
+                        target.write_at(&data[..used], host).map_err(wio)?;
+                    } else {
+                        // Head and tail come from the current content (copy-on-write).
+                        let mut buf = vec![0u8; (n * cs) as usize];
+                        let head = (pos - guest) as usize;
+                        if head > 0 {
+                            self.read_current(&mut buf[..head], guest)?;
+                        }
+                        buf[head..head + used].copy_from_slice(&data[..used]);
+                        let tail = head + used;
+                        if tail < buf.len() {
+                            self.read_current(&mut buf[tail..], guest + tail as u64)?;
+                        }
+                        target.write_at(&buf, host).map_err(wio)?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    if fresh {
+                        self.unreserve(host, n);
+                    }
+                    return Err(e);
+                }
+                let mut m = self.lock_meta();
+                self.note_file_growth(&mut m, host + n * cs);
+                let bitmap = if g.extended { 0xffff_ffff } else { 0 };
+                for (i, old) in olds.iter().enumerate() {
+                    let gi = guest + i as u64 * cs;
+                    self.set_entry(&mut m, gi, (host + i as u64 * cs) | COPIED, bitmap)?;
+                    self.queue_free(&mut m, *old);
+                }
+                Ok(used)
+            }
+            Plan::Subclusters {
+                guest,
+                host,
+                bitmap,
+                old,
+                fresh,
+            } => {
+                let sb = g.subcluster_bits;
+                let ss = 1u64 << sb;
+                let wend = (pos + data.len() as u64).min(guest + cs);
+                let used = (wend - pos) as usize;
+                let a = (pos - guest) & !(ss - 1);
+                let b = (wend - guest).next_multiple_of(ss);
+                let r = (|| -> Result<()> {
+                    let mut buf = vec![0u8; (b - a) as usize];
+                    let head = (pos - guest - a) as usize;
+                    if head > 0 {
+                        self.read_current(&mut buf[..head], guest + a)?;
+                    }
+                    buf[head..head + used].copy_from_slice(&data[..used]);
+                    let tail = head + used;
+                    if tail < buf.len() {
+                        self.read_current(&mut buf[tail..], guest + a + tail as u64)?;
+                    }
+                    target.write_at(&buf, host + a).map_err(wio)
+                })();
+                if let Err(e) = r {
+                    if fresh {
+                        self.unreserve(host, 1);
+                    }
+                    return Err(e);
+                }
+                let mut bm = SubclusterBitmap(bitmap);
+                for sc in (a >> sb) as u32..(b >> sb) as u32 {
+                    bm.set(sc, SubclusterState::Allocated);
+                }
+                if bm.0 != bitmap || fresh {
+                    let mut m = self.lock_meta();
+                    self.note_file_growth(&mut m, host + cs);
+                    self.set_entry(&mut m, guest, host | COPIED, bm.0)?;
+                    if let Some(o) = old {
+                        self.queue_free(&mut m, o);
+                    }
+                }
+                Ok(used)
+            }
+        }
+    }
+
+    /// Zero writes and discards.
+    pub(crate) fn zero_impl(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let _g = self.begin_write(offset, len)?;
+        self.zero_body(offset, len, mode)
+    }
+
+    /// [`zero_impl`](Self::zero_impl) with the range lock held.
+    pub(crate) fn zero_body(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let size = self.size();
+        let end = offset + len;
+        let (v3, has_backing) = {
+            let m = self.lock_meta();
+            (
+                m.header.version >= 3,
+                self.backing.is_some() || self.backing_name.is_some(),
+            )
+        };
+        let zeros = vec![0u8; cs as usize];
+        let mut pos = offset;
+        while pos < end {
+            let c0 = pos & !(cs - 1);
+            let piece_end = end.min(c0 + cs);
+            // A request that reaches the end of the device covers its short last cluster.
+            let whole = pos == c0 && (piece_end == c0 + cs || piece_end == size);
+            if g.extended {
+                self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
+            } else if whole && (v3 || !has_backing) {
+                let mut m = self.lock_meta();
+                let (entry, _) = self.entry_at(&mut m, c0)?;
+                let kind = classify(entry, g.cluster_bits, false, g.data_file);
+                let new = if v3 { ZERO } else { 0 };
+                let untouched = match kind {
+                    ClusterKind::Zero { host: 0 } => true,
+                    ClusterKind::Unallocated => !has_backing,
+                    _ => false,
+                };
+                if !untouched {
+                    let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
+                    self.ensure_l2_writable(&mut m, l1_index)?;
+                    self.set_entry(&mut m, c0, new, 0)?;
+                    self.queue_free(&mut m, entry);
+                    drop(m);
+                    self.zero_raw_data_file(c0, piece_end - c0)?;
+                }
+            } else if mode == ZeroMode::WriteZeroes {
+                let n = (piece_end - pos) as usize;
+                let mut done = 0;
+                while done < n {
+                    done += self.write_run(&zeros[done..n], pos + done as u64)?;
+                }
+            }
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Extended L2: whole subclusters become zero (the cluster is freed when all are), partial
+    /// ones are written with zeros (write-zeroes) or left alone (discard).
+    fn zero_subclusters(
+        &self,
+        c0: u64,
+        pos: u64,
+        end: u64,
+        whole: bool,
+        mode: ZeroMode,
+        zeros: &[u8],
+    ) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let ss = 1u64 << g.subcluster_bits;
+        let size = self.size();
+        let a = (pos - c0).next_multiple_of(ss);
+        let b = if end == size {
+            (end - c0).next_multiple_of(ss)
+        } else {
+            (end - c0) & !(ss - 1)
+        };
+        if mode == ZeroMode::WriteZeroes {
+            // Partial subclusters at the edges get real zeros.
+            for (s, e) in [
+                (pos - c0, a.min(end - c0)),
+                (b.max(a).max(pos - c0), end - c0),
+            ] {
+                let mut p = s;
+                while p < e {
+                    p += self.write_run(&zeros[..(e - p) as usize], c0 + p)? as u64;
+                }
+            }
+        }
+        if a >= b {
+            return Ok(());
+        }
+        let mut m = self.lock_meta();
+        let (entry, bitmap) = self.entry_at(&mut m, c0)?;
+        let kind = classify(entry, g.cluster_bits, true, g.data_file);
+        let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
+        if whole || (a == 0 && b >= cs) {
+            if entry == 0 && bitmap == ALL_ZERO {
+                return Ok(());
+            }
+            self.ensure_l2_writable(&mut m, l1_index)?;
+            self.set_entry(&mut m, c0, 0, ALL_ZERO)?;
+            self.queue_free(&mut m, entry);
+            return Ok(());
+        }
+        match kind {
+            ClusterKind::Compressed(_) => {
+                // Partial zeroing of a compressed cluster: rewrite it (zeros included).
+                drop(m);
+                let mut p = a;
+                while p < b {
+                    p += self.write_run(&zeros[..(b - p) as usize], c0 + p)? as u64;
+                }
+            }
+            ClusterKind::Normal { .. } if entry & COPIED == 0 => {
+                drop(m);
+                let mut p = a;
+                while p < b {
+                    p += self.write_run(&zeros[..(b - p) as usize], c0 + p)? as u64;
+                }
+            }
+            _ => {
+                let mut bm = SubclusterBitmap(bitmap);
+                for sc in (a >> g.subcluster_bits) as u32..(b >> g.subcluster_bits) as u32 {
+                    bm.set(sc, SubclusterState::Zero);
+                }
+                if bm.0 != bitmap {
+                    self.ensure_l2_writable(&mut m, l1_index)?;
+                    let all_zero =
+                        (0..SUBCLUSTERS_PER_CLUSTER).all(|i| bm.state(i) == SubclusterState::Zero);
+                    if all_zero {
+                        self.set_entry(&mut m, c0, 0, ALL_ZERO)?;
+                        self.queue_free(&mut m, entry);
+                    } else {
+                        self.set_entry(&mut m, c0, entry, bm.0)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With a raw external data file, the data file itself must read as the guest does.
+    fn zero_raw_data_file(&self, offset: u64, len: u64) -> Result<()> {
+        let raw = {
+            let m = self.lock_meta();
+            m.header
+                .autoclear
+                .contains(crate::format::features::AutoclearFeatures::DATA_FILE_RAW)
+        };
+        if self.geo.data_file && raw {
+            self.data_target()
+                .punch_hole(offset, len)
+                .map_err(|e| Error::io("zeroing data file", e))?;
+        }
+        Ok(())
+    }
+
+    /// Locks the whole guest range (no write, zeroing or discard runs concurrently).
+    pub(crate) fn lock_everything(&self) -> Result<RangeGuardAll<'_>> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        Ok(RangeGuardAll(self.lock_range(0, u64::MAX)))
+    }
+
+    /// Allocates every cluster of the device (preallocation=metadata/falloc/full): L2 tables
+    /// and data clusters, contiguous per L2 table; with `write_zeros` the data is written.
+    pub(crate) fn preallocate(&self, write_zeros: bool) -> Result<()> {
+        let _g = self.lock_everything()?;
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let size = self.size();
+        let per_table = 1u64 << (g.cluster_bits + g.l2_bits);
+        let mut guest = 0u64;
+        while guest < size {
+            let mut m = self.lock_meta();
+            self.mark_dirty_if_lazy(&mut m)?;
+            let l1_index = (guest / per_table) as usize;
+            self.ensure_l2_writable(&mut m, l1_index)?;
+            let end = ((l1_index as u64 + 1) * per_table).min(size);
+            let n = (end - guest).div_ceil(cs);
+            let host = self.reserve(&mut m, guest, n)?;
+            let bitmap = if g.extended { 0xffff_ffff } else { 0 };
+            for i in 0..n {
+                let gi = guest + i * cs;
+                let (old, _) = self.entry_at(&mut m, gi)?;
+                self.set_entry(&mut m, gi, (host + i * cs) | COPIED, bitmap)?;
+                self.queue_free(&mut m, old);
+            }
+            self.note_file_growth(&mut m, host + n * cs);
+            drop(m);
+            let target = self.data_target();
+            if write_zeros {
+                let zeros = vec![0u8; (cs * 64).min(n * cs) as usize];
+                let mut p = 0;
+                while p < n * cs {
+                    let k = (n * cs - p).min(zeros.len() as u64) as usize;
+                    target
+                        .write_at(&zeros[..k], host + p)
+                        .map_err(|e| Error::io("preallocating", e))?;
+                    p += k as u64;
+                }
+            } else if target.len().map_err(|e| Error::io("preallocating", e))? < host + n * cs {
+                target
+                    .set_len(host + n * cs)
+                    .map_err(|e| Error::io("preallocating", e))?;
+            }
+            guest = end;
+        }
+        self.flush_impl()
+    }
+}
