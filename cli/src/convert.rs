@@ -1,17 +1,23 @@
 //! `qcow2kit convert`: copy an image (with its backing chain flattened) into a new image.
 //!
-//! Covered now: output format raw. Options as qemu-img: `-f FMT`, `-O FMT`, `-p`, `-q`, `-S SIZE`
-//! (zero detection granularity, 0 = off), `-m N` (parallel workers), `-W` (accepted: writes are
-//! always allowed out of order), `-l SNAPSHOT` (`snapshot.name=`, `snapshot.id=` or a plain
-//! name), `-n` (target exists; nothing is created), `-U` and `-t`/`-T` (accepted, no effect).
+//! Output formats raw and qcow2. Options as qemu-img: `-f FMT`, `-O FMT`, `-o OPTIONS` (qcow2
+//! creation options), `-c` (compressed qcow2), `-B BACKING` and `-F FMT` (the target keeps a
+//! backing file: only the source's top layer is copied), `-p`, `-q`, `-S SIZE` (zero detection
+//! granularity, 0 = off), `-m N` (parallel workers), `-W` (accepted: writes are always allowed
+//! out of order), `-l SNAPSHOT` (`snapshot.name=`, `snapshot.id=` or a plain name), `-n` (target
+//! exists; nothing is created), `-U` and `-t`/`-T` (accepted, no effect).
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
 use qcow2kit::chain::ImageFormat;
 use qcow2kit::io::{FileStorage, Storage};
-use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
+use qcow2kit::ops::convert::{
+    convert_into, convert_to_qcow2, convert_to_raw, Qcow2ConvertOptions, RawConvertOptions,
+};
+use qcow2kit::ops::create::CreateOptions;
 use qcow2kit::SnapshotRef;
 use std::io::Write;
+use std::path::Path;
 
 const SPECS: &[Spec] = &[
     opt(Some('f'), None, true, "f"),
@@ -54,24 +60,36 @@ fn convert(args: &[String]) -> Result<(), String> {
         });
     };
     let out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
-    if out_fmt != ImageFormat::Raw {
-        return Err("convert: output format qcow2 is not implemented yet".into());
-    }
-    if p.has("c") {
-        return Err("Compression not supported for this file format".into());
-    }
-    if p.has("B") {
-        return Err("Backing file not supported for file format 'raw'".into());
-    }
     if p.has("object") || p.has("image-opts") || p.has("target-image-opts") {
         return Err("convert: --object and --image-opts are not supported yet".into());
     }
-    for o in p.all("o") {
-        for kv in o.split(',').filter(|s| !s.is_empty()) {
-            let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
-            if k != "preallocation" {
-                return Err(format!("Invalid parameter '{k}'"));
+    let mut create = CreateOptions::default();
+    if out_fmt == ImageFormat::Raw {
+        if p.has("c") {
+            return Err("Compression not supported for this file format".into());
+        }
+        if p.has("B") {
+            return Err("Backing file not supported for file format 'raw'".into());
+        }
+        for o in p.all("o") {
+            for kv in o.split(',').filter(|s| !s.is_empty()) {
+                let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
+                if k != "preallocation" {
+                    return Err(format!("Invalid parameter '{k}'"));
+                }
             }
+        }
+    } else {
+        for o in p.all("o") {
+            create
+                .apply_qemu_options(o, |v| parse_size(v).ok())
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(b) = p.last("B") {
+            create.backing_file = Some(b.to_string());
+        }
+        if let Some(f) = p.last("F") {
+            create.backing_format = Some(f.to_string());
         }
     }
     let zero_granularity = match p.last("S") {
@@ -101,14 +119,6 @@ fn convert(args: &[String]) -> Result<(), String> {
     let image = open_image(src, p.last("f"), |o| o.snapshot = snapshot.clone())?;
     let dev = image.device;
 
-    let exists = p.has("n");
-    let target = if exists {
-        FileStorage::open(dst, true)
-    } else {
-        FileStorage::create(dst)
-    }
-    .map_err(|e| format!("Could not open '{dst}': {e}"))?;
-
     let quiet = p.has("q");
     let show = p.has("p") && !quiet;
     let print = |d: u64, t: u64| {
@@ -117,24 +127,52 @@ fn convert(args: &[String]) -> Result<(), String> {
         } else {
             d as f64 * 100.0 / t as f64
         };
-        let mut err = std::io::stdout().lock();
-        let _ = write!(err, "    ({pct:.2}/100%)\r");
-        let _ = err.flush();
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "    ({pct:.2}/100%)\r");
+        let _ = out.flush();
     };
     if show {
         print(0, 1);
     }
-    let opts = RawConvertOptions {
-        workers,
-        zero_granularity,
-        target_is_zero: !exists,
-        progress: if show { Some(&print) } else { None },
-    };
-    convert_to_raw(dev.as_ref(), &target, &opts)
-        .map_err(|e| format!("error while converting raw: {e}"))?;
-    target
-        .flush()
-        .map_err(|e| format!("error while flushing '{dst}': {e}"))?;
+    let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
+    let exists = p.has("n");
+    if out_fmt == ImageFormat::Qcow2 {
+        let opts = Qcow2ConvertOptions {
+            create,
+            workers,
+            zero_granularity,
+            compress: p.has("c"),
+            progress,
+        };
+        if exists {
+            let target = open_image(dst, Some("qcow2"), |o| o.writable = true)?;
+            let q = target.qcow2.ok_or("target is not a qcow2 image")?;
+            convert_into(dev.as_ref(), &q, false, &opts)
+                .and_then(|()| q.close())
+                .map_err(|e| format!("error while writing '{dst}': {e}"))?;
+        } else {
+            convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts)
+                .map_err(|e| format!("error while converting qcow2: {e}"))?;
+        }
+    } else {
+        let target = if exists {
+            FileStorage::open(dst, true)
+        } else {
+            FileStorage::create(dst)
+        }
+        .map_err(|e| format!("Could not open '{dst}': {e}"))?;
+        let opts = RawConvertOptions {
+            workers,
+            zero_granularity,
+            target_is_zero: !exists,
+            progress,
+        };
+        convert_to_raw(dev.as_ref(), &target, &opts)
+            .map_err(|e| format!("error while converting raw: {e}"))?;
+        target
+            .flush()
+            .map_err(|e| format!("error while flushing '{dst}': {e}"))?;
+    }
     if show {
         print(1, 1);
         println!();

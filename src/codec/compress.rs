@@ -6,7 +6,7 @@
 //! fills exactly one cluster; the output is never allowed to grow past it.
 
 use crate::format::header::CompressionType;
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// Decompresses `input` into `out` (exactly one cluster). Errors describe what went wrong.
 pub fn decompress_cluster(
@@ -17,6 +17,40 @@ pub fn decompress_cluster(
     match kind {
         CompressionType::Zlib => inflate_raw(input, out),
         CompressionType::Zstd => zstd_stream(input, out),
+    }
+}
+
+/// zlib level for compressed clusters (QEMU uses zlib's default, 6).
+pub const ZLIB_LEVEL: u32 = 6;
+/// zstd level for compressed clusters (zstd's default, as QEMU).
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Compresses one cluster into `out` (cleared first). Returns `false` when the result would not
+/// save at least one 512-byte sector, in which case the cluster should be stored uncompressed
+/// (QEMU's rule).
+pub fn compress_cluster(kind: CompressionType, input: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let limit = input.len().saturating_sub(512);
+    if limit == 0 {
+        return false;
+    }
+    match kind {
+        CompressionType::Zlib => {
+            // Raw deflate with a 4 KiB window, as QEMU writes it (any window decodes).
+            let mut c = Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12);
+            out.reserve(limit);
+            match c.compress_vec(input, out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => out.len() <= limit,
+                _ => false,
+            }
+        }
+        CompressionType::Zstd => match zstd::bulk::compress(input, ZSTD_LEVEL) {
+            Ok(v) if v.len() <= limit => {
+                *out = v;
+                true
+            }
+            _ => false,
+        },
     }
 }
 
@@ -89,6 +123,30 @@ mod tests {
 
     fn cluster() -> Vec<u8> {
         (0..65536u32).map(|i| (i / 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn compress_round_trip_and_incompressible() {
+        let c = cluster();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let mut z = Vec::new();
+            assert!(compress_cluster(kind, &c, &mut z));
+            assert!(z.len() < c.len() / 4);
+            let mut out = vec![0u8; c.len()];
+            decompress_cluster(kind, &z, &mut out).unwrap();
+            assert_eq!(out, c);
+            // Pseudo-random bytes do not compress by a sector.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let noise: Vec<u8> = (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            assert!(!compress_cluster(kind, &noise, &mut z));
+        }
     }
 
     #[test]

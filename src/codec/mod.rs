@@ -2,4 +2,4 @@
 
 mod compress;
 
-pub use compress::decompress_cluster;
+pub use compress::{compress_cluster, decompress_cluster, ZLIB_LEVEL, ZSTD_LEVEL};

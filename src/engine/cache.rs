@@ -7,8 +7,43 @@
 //! - A slice is keyed by its host offset, which is unique for every slice of every L2 table.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 const NIL: u32 = u32::MAX;
+
+/// A hasher for integer keys (host offsets, table indices): one multiplication (Fibonacci
+/// hashing), whose high bits — the ones the hash table uses — mix every bit of the key. Keys
+/// come from the image, but a colliding set of keys costs time only within the cache's bounded
+/// size, never correctness.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// A hash map keyed by integers, with [`IntHasher`].
+pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
 struct Slot {
     key: u64,
@@ -21,7 +56,7 @@ struct Slot {
 
 /// LRU cache of decoded L2 slices (raw 64-bit words, big-endian already converted).
 pub(crate) struct SliceCache {
-    map: HashMap<u64, u32>,
+    map: IntMap<u64, u32>,
     slots: Vec<Slot>,
     head: u32,
     tail: u32,
@@ -35,7 +70,7 @@ impl SliceCache {
     pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.clamp(1, NIL as usize - 1);
         SliceCache {
-            map: HashMap::new(),
+            map: IntMap::default(),
             slots: Vec::new(),
             head: NIL,
             tail: NIL,

@@ -62,6 +62,7 @@ impl Qcow2Image {
 
     fn flush_steps(&self, m: &mut Meta) -> Result<()> {
         let s = self.storage.as_ref();
+        m.compressed_cursor = 0;
         let lazy = Self::lazy_refcounts(m);
         // 1. Data (also in an external data file) and refcount increases.
         if let Some(d) = &self.data_storage {

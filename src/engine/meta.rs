@@ -28,6 +28,9 @@ pub(crate) struct Meta {
     pub(crate) file_end: u64,
     /// Length of the image file as far as this process knows.
     pub(crate) file_len: u64,
+    /// Where the next compressed cluster may be packed (0: start a new host cluster). Reset at
+    /// every flush.
+    pub(crate) compressed_cursor: u64,
     /// The header as on disk.
     pub(crate) header: Header,
     /// A metadata write failed: further writes are refused, the in-memory state may be ahead

@@ -8,6 +8,7 @@
 //! clusters they touch, so two requests never allocate or free the same guest cluster at once.
 
 mod cache;
+mod compressed;
 mod flush;
 mod mapping;
 mod meta;

@@ -323,6 +323,7 @@ impl Qcow2Image {
             l2: SliceCache::new(slices),
             refs,
             pending_free: Vec::new(),
+            compressed_cursor: 0,
             file_end,
             file_len,
             header: header.clone(),

@@ -13,13 +13,14 @@
 //!   written in a fresh area at the end of the file, flushed, then the header is switched and
 //!   flushed; the old table's clusters are freed afterwards through `pending_free`.
 
+use super::cache::IntMap;
 use crate::error::{Corruption, Error, Result};
 use crate::format::bytes::{put_u32, put_u64};
 use crate::format::refcount;
 use crate::format::{be_u64, MAX_REFTABLE_BYTES};
 use crate::io::{Storage, StorageExt};
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// Most refcount blocks kept in memory before clean ones are dropped.
 const MAX_CACHED_BLOCKS: usize = 512;
@@ -39,7 +40,7 @@ pub(crate) struct Refcounts {
     table_offset: u64,
     table_clusters: u64,
     table_dirty: BTreeSet<usize>,
-    blocks: HashMap<usize, Block>,
+    blocks: IntMap<usize, Block>,
     order: u32,
     cluster_bits: u32,
     /// log2 of refcount entries per block.
@@ -74,7 +75,7 @@ impl Refcounts {
             table_offset,
             table_clusters: table_clusters.into(),
             table_dirty: BTreeSet::new(),
-            blocks: HashMap::new(),
+            blocks: IntMap::default(),
             order,
             cluster_bits,
             block_bits: cluster_bits + 3 - order,
@@ -87,7 +88,7 @@ impl Refcounts {
     }
 
     fn block<'a>(
-        blocks: &'a mut HashMap<usize, Block>,
+        blocks: &'a mut IntMap<usize, Block>,
         storage: &dyn Storage,
         table: &[u64],
         index: usize,
@@ -177,17 +178,16 @@ impl Refcounts {
             return Err(Error::InvalidArgument("allocation of zero clusters".into()));
         }
         'search: loop {
-            // Find n consecutive clusters with refcount 0, from the cursor.
+            // Find n consecutive clusters with refcount 0, from the cursor. Like QEMU's
+            // free_cluster_index, the cursor then moves past the allocation whatever it skipped:
+            // a gap too small for this request waits until a free lowers the cursor again.
             let mut start = self.cursor;
             let mut c = start;
             while c < start + n {
                 if self.get(storage, c)? != 0 {
                     start = c + 1;
-                    if start == self.cursor + 1 && c == self.cursor {
-                        self.cursor = start;
-                    }
                 }
-                c = c.max(start) + if c < start { 0 } else { 1 };
+                c += 1;
             }
             let end = start + n;
             if (end << self.cluster_bits) >> self.cluster_bits != end {
@@ -204,24 +204,17 @@ impl Refcounts {
                     continue 'search;
                 }
                 if self.table[ri] == 0 {
-                    // The run's first cluster is free and covered by block `first` (created
-                    // first, in this loop's order) or is in block `ri` itself: put the new block
-                    // there, so it describes itself or an existing block describes it.
-                    let at = if ri == first {
-                        start
-                    } else {
-                        (ri as u64) << self.block_bits
-                    };
-                    self.create_block(storage, ri, at, file_end)?;
+                    // The run's first cluster is free and covered by block `first` (which exists:
+                    // blocks are created in this loop's order) or by block `ri` itself when
+                    // `ri == first`: the new block goes there, and the search starts again.
+                    self.create_block(storage, ri, start, file_end)?;
                     continue 'search;
                 }
             }
             for c in start..end {
                 self.set_existing(storage, c, 1)?;
             }
-            if start == self.cursor {
-                self.cursor = end;
-            }
+            self.cursor = end;
             *file_end = (*file_end).max(end << self.cluster_bits);
             self.trim(storage)?;
             return Ok(start << self.cluster_bits);

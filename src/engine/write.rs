@@ -239,6 +239,16 @@ impl Qcow2Image {
         self.file_len.fetch_max(end, Ordering::Relaxed);
     }
 
+    /// [`begin_write`](Self::begin_write) for sibling modules.
+    pub(crate) fn begin_write_pub(&self, offset: u64, len: u64) -> Result<impl Drop + '_> {
+        self.begin_write(offset, len)
+    }
+
+    /// [`note_file_growth`](Self::note_file_growth) for sibling modules.
+    pub(crate) fn note_file_growth_pub(&self, m: &mut Meta, end: u64) {
+        self.note_file_growth(m, end)
+    }
+
     /// [`set_entry`](Self::set_entry) for sibling modules.
     pub(crate) fn set_entry_pub(&self, m: &mut Meta, guest: u64, e: u64, b: u64) -> Result<()> {
         self.set_entry(m, guest, e, b)

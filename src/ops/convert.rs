@@ -1,15 +1,21 @@
-//! Converting a device (any chain) into a raw image.
+//! Converting a device (any chain) into a raw or qcow2 image.
 //!
 //! Cost is proportional to allocated data: the source's extents are resolved through its whole
-//! backing chain first, only ranges some layer holds data for are read, and the output is a
-//! sparse file whose unallocated and all-zero ranges are never written. Ranges are split into
-//! chunks that a pool of workers reads and writes in parallel; every chunk is one coalesced read
-//! when the source's clusters are contiguous on the host.
+//! backing chain first (or, when the target keeps a backing file, through the source's top layer
+//! only), only ranges some layer holds data for are read, and ranges of zeros are never written
+//! to a fresh target. Ranges are split into chunks that a pool of workers reads and writes in
+//! parallel; every chunk is one coalesced read when the source's clusters are contiguous on the
+//! host. A qcow2 target is built in a temporary file beside the target, flushed, and renamed
+//! into place, so a failed convert never leaves a half image under the target's name.
 
 use crate::device::{chain_status, BlockDevice, ExtentKind};
+use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
-use crate::io::Storage;
+use crate::io::{FileStorage, Storage};
+use crate::ops::create::{create_qcow2_on, CreateOptions};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 /// Largest range one worker reads and writes at a time.
@@ -70,32 +76,56 @@ pub fn default_workers() -> usize {
         .min(8)
 }
 
-/// Splits the device into jobs: data ranges in chunks of at most [`CHUNK_BYTES`] aligned to
-/// chunk boundaries, and zero ranges (only when the target needs them written).
-fn plan(src: &dyn BlockDevice, need_zero_jobs: bool) -> Result<(Vec<Job>, u64)> {
+/// Which extents of the source are copied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The whole chain, flattened; zero ranges become jobs only when the target needs them.
+    Flatten { zero_jobs: bool },
+    /// The source's top layer only (the target keeps a backing file with the rest): its data
+    /// is copied, its zero ranges zeroed, unallocated ranges left to the backing file.
+    TopLayer,
+}
+
+/// Splits the device into jobs: data ranges in chunks of at most `chunk` bytes aligned to chunk
+/// boundaries, and zero ranges; every job boundary is rounded out to `align` (the target's
+/// cluster size) so that no two jobs share a target cluster.
+fn plan(src: &dyn BlockDevice, scope: Scope, align: u64, chunk: u64) -> Result<Vec<Job>> {
     let size = src.size();
-    let mut jobs = Vec::new();
-    let mut data_bytes = 0u64;
+    let mut jobs: Vec<Job> = Vec::new();
     let mut pos = 0u64;
     while pos < size {
-        let e = chain_status(src, pos, size - pos)?;
+        let e = match scope {
+            Scope::TopLayer => src.block_status(pos, size - pos)?,
+            Scope::Flatten { .. } => chain_status(src, pos, size - pos)?,
+        };
         let data = e.kind == ExtentKind::Data;
-        if data || need_zero_jobs {
-            let end = pos + e.len;
-            let mut p = pos;
+        let wanted = match scope {
+            Scope::Flatten { zero_jobs } => data || zero_jobs,
+            Scope::TopLayer => e.kind != ExtentKind::Unallocated,
+        };
+        if wanted {
+            let start = pos - pos % align;
+            let end = (pos + e.len).next_multiple_of(align).min(size);
+            let mut p = start;
+            if let Some(last) = jobs.last_mut() {
+                // A data job absorbs the shared cluster; a zero job yields it.
+                if last.offset + last.len > p {
+                    if last.data || !data {
+                        p = last.offset + last.len;
+                    } else {
+                        last.len = p - last.offset;
+                    }
+                }
+            }
             while p < end {
-                let chunk_end = ((p / CHUNK_BYTES) + 1) * CHUNK_BYTES;
+                let chunk_end = ((p / chunk) + 1) * chunk;
                 let n = chunk_end.min(end) - p;
-                // Merge with the previous job when it ends here in the same chunk.
                 match jobs.last_mut() {
                     Some(Job {
                         offset,
                         len,
                         data: d,
-                    }) if *d == data
-                        && *offset + *len == p
-                        && *offset / CHUNK_BYTES == p / CHUNK_BYTES =>
-                    {
+                    }) if *d == data && *offset + *len == p && *offset / chunk == p / chunk => {
                         *len += n
                     }
                     _ => jobs.push(Job {
@@ -107,12 +137,61 @@ fn plan(src: &dyn BlockDevice, need_zero_jobs: bool) -> Result<(Vec<Job>, u64)> 
                 p += n;
             }
         }
-        if data {
-            data_bytes += e.len;
-        }
         pos += e.len;
     }
-    Ok((jobs, data_bytes))
+    jobs.retain(|j| j.len > 0);
+    Ok(jobs)
+}
+
+/// Runs `handle` over `jobs` on a pool of `workers` threads, stopping at the first error.
+fn run_jobs(
+    jobs: &[Job],
+    workers: usize,
+    progress: Option<Progress<'_>>,
+    handle: impl Fn(&mut Vec<u8>, &Job) -> Result<()> + Sync,
+) -> Result<()> {
+    let total: u64 = jobs.iter().map(|j| j.len).sum();
+    let workers = match workers {
+        0 => default_workers(),
+        n => n,
+    }
+    .clamp(1, jobs.len().max(1));
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let work = || {
+        let mut buf = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(job) = jobs.get(i) else { break };
+            if let Err(e) = handle(&mut buf, job) {
+                stop.store(true, Ordering::Relaxed);
+                first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                break;
+            }
+            let d = done.fetch_add(job.len, Ordering::Relaxed) + job.len;
+            if let Some(p) = progress {
+                p(d, total);
+            }
+        }
+    };
+    if workers == 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(work);
+            }
+        });
+    }
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Whether every byte of `b` is zero.
@@ -189,67 +268,202 @@ pub fn convert_to_raw(
             "target is smaller than the source".into(),
         ));
     }
-    let (jobs, _data) = plan(src, !opts.target_is_zero)?;
-    let total: u64 = jobs.iter().map(|j| j.len).sum();
-    let workers = match opts.workers {
-        0 => default_workers(),
-        n => n,
-    }
-    .clamp(1, jobs.len().max(1));
-
-    let next = AtomicUsize::new(0);
-    let done = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let work = || {
-        let mut buf = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(job) = jobs.get(i) else { break };
-            let r = (|| -> Result<()> {
-                if job.data {
-                    buf.resize(job.len as usize, 0);
-                    src.read_at(&mut buf, job.offset)?;
-                    write_sparse(
-                        dst,
-                        &buf,
-                        job.offset,
-                        opts.zero_granularity,
-                        opts.target_is_zero,
-                    )
-                    .map_err(|e| Error::io("writing target", e))
-                } else {
-                    dst.punch_hole(job.offset, job.len)
-                        .map_err(|e| Error::io("zeroing target", e))
-                }
-            })();
-            if let Err(e) = r {
-                stop.store(true, Ordering::Relaxed);
-                first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(e);
-                break;
-            }
-            let d = done.fetch_add(job.len, Ordering::Relaxed) + job.len;
-            if let Some(p) = opts.progress {
-                p(d, total);
-            }
+    let jobs = plan(
+        src,
+        Scope::Flatten {
+            zero_jobs: !opts.target_is_zero,
+        },
+        1,
+        CHUNK_BYTES,
+    )?;
+    run_jobs(&jobs, opts.workers, opts.progress, |buf, job| {
+        if job.data {
+            buf.resize(job.len as usize, 0);
+            src.read_at(buf, job.offset)?;
+            write_sparse(
+                dst,
+                buf,
+                job.offset,
+                opts.zero_granularity,
+                opts.target_is_zero,
+            )
+            .map_err(|e| Error::io("writing target", e))
+        } else {
+            dst.punch_hole(job.offset, job.len)
+                .map_err(|e| Error::io("zeroing target", e))
         }
-    };
-    if workers == 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(work);
-            }
-        });
+    })
+}
+
+/// Options of [`convert_to_qcow2`] and [`convert_into`].
+#[derive(Clone, Default)]
+pub struct Qcow2ConvertOptions<'a> {
+    /// Options of the new image (its size is the source's). A backing file here (qemu-img `-B`)
+    /// makes the target keep it: only the source's top layer is copied.
+    pub create: CreateOptions,
+    /// Worker threads; 0 means one per available core.
+    pub workers: usize,
+    /// Zero detection granularity (qemu-img `-S`); blocks of zeros are not allocated. The
+    /// effective granularity is at least the target's cluster size.
+    pub zero_granularity: u64,
+    /// Write compressed clusters (qemu-img `-c`).
+    pub compress: bool,
+    /// Called after each chunk.
+    pub progress: Option<Progress<'a>>,
+}
+
+impl std::fmt::Debug for Qcow2ConvertOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2ConvertOptions")
+            .field("create", &self.create)
+            .field("workers", &self.workers)
+            .field("zero_granularity", &self.zero_granularity)
+            .field("compress", &self.compress)
+            .finish_non_exhaustive()
     }
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+}
+
+/// A temporary file beside the target, removed unless kept.
+struct TempTarget {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempTarget {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Converts `src` into a new qcow2 image at `target` (replacing any file there only when the
+/// whole image has been written and flushed).
+pub fn convert_to_qcow2(
+    src: &dyn BlockDevice,
+    target: &Path,
+    opts: &Qcow2ConvertOptions<'_>,
+) -> Result<()> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument("target has no file name".into()))?;
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".qcow2kit-{}.tmp", std::process::id()));
+    let tmp = TempTarget {
+        path: dir.join(tmp_name),
+        keep: false,
+    };
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::create(&tmp.path).map_err(|e| Error::io("creating temporary target", e))?,
+    );
+    let data: Option<Arc<dyn Storage>> = match &opts.create.data_file {
+        Some(d) => {
+            let p = crate::chain::resolve_relative(target, d.as_bytes())?;
+            Some(Arc::new(
+                FileStorage::create(&p).map_err(|e| Error::io("creating data file", e))?,
+            ))
+        }
+        None => None,
+    };
+    let size = src.size().next_multiple_of(512);
+    let img = create_qcow2_on(storage.clone(), data, size, &opts.create)?;
+    convert_into(src, &img, true, opts)?;
+    img.close()?;
+    drop(img);
+    storage
+        .flush()
+        .map_err(|e| Error::io("flushing target", e))?;
+    std::fs::rename(&tmp.path, target).map_err(|e| Error::io("renaming target into place", e))?;
+    let mut tmp = tmp;
+    tmp.keep = true;
+    // The rename itself is durable once the directory is.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Copies `src` into the open qcow2 image `dst` (qemu-img `convert -n` when `dst_is_zero` is
+/// false: zero ranges are then written as zeros).
+pub fn convert_into(
+    src: &dyn BlockDevice,
+    dst: &Qcow2Image,
+    dst_is_zero: bool,
+    opts: &Qcow2ConvertOptions<'_>,
+) -> Result<()> {
+    if dst.size() < src.size() {
+        return Err(Error::InvalidArgument(
+            "target is smaller than the source".into(),
+        ));
+    }
+    let cs = dst.cluster_size();
+    let keeps_backing = opts.create.backing_file.is_some() || dst.backing_file_name().is_some();
+    let scope = if keeps_backing && opts.create.backing_file.is_some() {
+        Scope::TopLayer
+    } else {
+        Scope::Flatten {
+            zero_jobs: !dst_is_zero,
+        }
+    };
+    // Zeros inside data may stay unallocated only when nothing shows through.
+    let zeros_free = dst_is_zero && !keeps_backing;
+    let gran = opts.zero_granularity.max(cs).next_multiple_of(cs);
+    let chunk = CHUNK_BYTES.max(gran).next_multiple_of(gran);
+    let jobs = plan(src, scope, cs, chunk)?;
+    let size = src.size();
+    run_jobs(&jobs, opts.workers, opts.progress, |buf, job| {
+        if !job.data {
+            return dst.write_zeroes(job.offset, job.len);
+        }
+        buf.resize(job.len as usize, 0);
+        src.read_at(buf, job.offset)?;
+        let end = job.offset + job.len;
+        let mut p = job.offset;
+        let mut run: Option<u64> = None;
+        let write_run = |s: u64, e: u64| -> Result<()> {
+            let b = &buf[(s - job.offset) as usize..(e - job.offset) as usize];
+            if opts.compress {
+                let mut c = s;
+                while c < e {
+                    let n = cs.min(e - c);
+                    let piece = &b[(c - s) as usize..(c - s + n) as usize];
+                    if n == cs || c + n == size {
+                        dst.write_compressed(c, piece)?;
+                    } else {
+                        dst.write_at(piece, c)?;
+                    }
+                    c += n;
+                }
+                Ok(())
+            } else {
+                dst.write_at(b, s)
+            }
+        };
+        while p < end {
+            let block_end = ((p / gran) + 1).saturating_mul(gran).min(end);
+            let zero = is_zero(&buf[(p - job.offset) as usize..(block_end - job.offset) as usize]);
+            if zero {
+                if let Some(s) = run.take() {
+                    write_run(s, p)?;
+                }
+                if !zeros_free {
+                    dst.write_zeroes(p, block_end - p)?;
+                }
+            } else if run.is_none() {
+                run = Some(p);
+            }
+            p = block_end;
+        }
+        if let Some(s) = run {
+            write_run(s, end)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

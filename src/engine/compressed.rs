@@ -1,0 +1,97 @@
+//! Compressed writes (qemu-img `convert -c`, qemu-io `write -c`).
+//!
+//! Compressed clusters are packed back to back, byte-granular, into host clusters set aside for
+//! them (as QEMU does): every host cluster a compressed cluster's bytes touch carries one
+//! reference for it. The packing position lives in `Meta::compressed_cursor` and is forgotten at
+//! every flush, because frees are applied there and the cluster under the cursor could be freed
+//! and reused afterwards.
+
+use super::meta::Meta;
+use super::Qcow2Image;
+use crate::codec::compress_cluster;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::entry::CompressedDescriptor;
+
+impl Qcow2Image {
+    /// Writes the cluster at `offset` (cluster-aligned) compressed. `data` is the cluster's
+    /// content: a whole cluster, or, for the device's last cluster, up to the end of the device.
+    /// Data that does not compress by at least one 512-byte sector is written uncompressed.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        let size = self.size();
+        let len = data.len() as u64;
+        if offset % cs != 0 || (len != cs && offset + len != size) || len > cs {
+            return Err(Error::InvalidArgument(
+                "a compressed write covers exactly one cluster (or the device's last one)".into(),
+            ));
+        }
+        if g.data_file {
+            return Err(Error::Unsupported(
+                "compression is not supported with an external data file".into(),
+            ));
+        }
+        let mut full = data.to_vec();
+        full.resize(cs as usize, 0);
+        let mut z = Vec::new();
+        if !compress_cluster(g.compression, &full, &mut z) {
+            return self.write_at(data, offset);
+        }
+        let _g = self.begin_write_pub(offset, len)?;
+        let host = {
+            let mut m = self.lock_meta();
+            self.alloc_compressed(&mut m, z.len() as u64)?
+        };
+        // Rule 1: the data is in place before the entry that points to it.
+        if let Err(e) = self.storage.write_at(&z, host) {
+            return Err(Error::io("writing compressed cluster", e));
+        }
+        let mut m = self.lock_meta();
+        self.note_file_growth_pub(&mut m, host + z.len() as u64);
+        let desc = CompressedDescriptor::for_bytes(host, z.len() as u64);
+        let entry = desc.encode(g.cluster_bits).ok_or_else(|| {
+            Error::Unsupported("compressed cluster lies beyond what an L2 entry can address".into())
+        })?;
+        let (old, _) = self.entry_at(&mut m, offset)?;
+        let l1_index = (offset >> (g.cluster_bits + g.l2_bits)) as usize;
+        self.ensure_l2_writable(&mut m, l1_index)?;
+        self.set_entry_pub(&mut m, offset, entry, 0)?;
+        self.queue_free_entry(&mut m, old);
+        Ok(())
+    }
+
+    /// Reserves `len` bytes for compressed data and counts a reference on every host cluster
+    /// they touch. Returns the host byte offset.
+    fn alloc_compressed(&self, m: &mut Meta, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size;
+        let s = self.storage.as_ref();
+        let cur = m.compressed_cursor;
+        let Meta { refs, file_end, .. } = &mut *m;
+        let refs = refs.as_mut().ok_or(Error::ReadOnly)?;
+        if cur % cs != 0 {
+            let cluster = cur & !(cs - 1);
+            let room = cluster + cs - cur;
+            if len <= room {
+                refs.add(s, cluster, 1)?;
+                m.compressed_cursor = cur + len;
+                return Ok(cur);
+            }
+            // Continue into the next clusters if they are the next ones free.
+            let k = (len - room).div_ceil(cs);
+            let h = refs.alloc(s, k, file_end)?;
+            if h == cluster + cs {
+                refs.add(s, cluster, 1)?;
+                m.compressed_cursor = cur + len;
+                return Ok(cur);
+            }
+            for i in 0..k {
+                refs.add(s, h + i * cs, -1)?;
+            }
+        }
+        let n = len.div_ceil(cs);
+        let h = refs.alloc(s, n, file_end)?;
+        m.compressed_cursor = h + len;
+        Ok(h)
+    }
+}
