@@ -45,6 +45,9 @@ impl Hasher for IntHasher {
 /// A hash map keyed by integers, with [`IntHasher`].
 pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
+/// A set of host offsets.
+pub(crate) type OffsetSet = IntMap<u64, ()>;
+
 struct Slot {
     key: u64,
     prev: u32,

@@ -2,13 +2,14 @@
 //! allocated (mirroring QEMU's `qcow2_do_open`), then the L1 table, snapshot table and bitmap
 //! directory loaded with sizes bounded by the file.
 
-use super::cache::SliceCache;
+use super::cache::{OffsetSet, SliceCache};
 use super::meta::Meta;
 use super::refcount::Refcounts;
 use super::{Geometry, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::FLAG_AUTO;
 use crate::format::bitmap::{parse_directory, BitmapEntry};
+use crate::format::entry::OFFSET_MASK;
 use crate::format::extension::Extensions;
 use crate::format::features::IncompatibleFeatures;
 use crate::format::features::{known_incompatible_name, AutoclearFeatures, FeatureKind};
@@ -306,15 +307,13 @@ impl Qcow2Image {
             }
         };
 
-        let refs = if opts.writable {
-            Some(prepare_writable(
-                storage.as_ref(),
-                &header,
-                &bitmaps,
-                view.is_some(),
-            )?)
+        let (refs, l2_tables, snapshot_l1s) = if opts.writable {
+            let refs = prepare_writable(storage.as_ref(), &header, &bitmaps, view.is_some())?;
+            let (l2_tables, snapshot_l1s) =
+                metadata_map(storage.as_ref(), &l1, &snapshots, cs, file_end)?;
+            (Some(refs), l2_tables, snapshot_l1s)
         } else {
-            None
+            (None, Default::default(), Vec::new())
         };
         let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).max(4);
         let meta = Meta {
@@ -324,6 +323,8 @@ impl Qcow2Image {
             refs,
             pending_free: Vec::new(),
             compressed_cursor: 0,
+            l2_tables,
+            snapshot_l1s,
             file_end,
             file_len,
             header: header.clone(),
@@ -347,6 +348,42 @@ impl Qcow2Image {
             snapshot_view: view,
         })
     }
+}
+
+/// Every L2 table (active and snapshots') and the snapshots' L1 tables: the metadata that the
+/// overlap check keeps data writes away from.
+fn metadata_map(
+    storage: &dyn Storage,
+    l1: &[u64],
+    snapshots: &[Snapshot],
+    cs: u64,
+    file_end: u64,
+) -> Result<(OffsetSet, Vec<(u64, u64)>)> {
+    let mut l2_tables = OffsetSet::default();
+    let mut add = |t: &[u64]| {
+        for e in t {
+            let o = e & OFFSET_MASK;
+            if o != 0 {
+                l2_tables.insert(o, ());
+            }
+        }
+    };
+    add(l1);
+    let mut snapshot_l1s = Vec::new();
+    for s in snapshots {
+        let bytes = u64::from(s.l1_size) * 8;
+        if bytes <= MAX_L1_BYTES
+            && check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_end).is_ok()
+        {
+            snapshot_l1s.push((s.l1_table_offset, bytes));
+            add(&read_table_words(
+                storage,
+                s.l1_table_offset,
+                s.l1_size as usize,
+            )?);
+        }
+    }
+    Ok((l2_tables, snapshot_l1s))
 }
 
 /// Checks that an image may be written and loads its refcounts. Unknown autoclear bits are

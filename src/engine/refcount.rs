@@ -41,6 +41,8 @@ pub(crate) struct Refcounts {
     table_clusters: u64,
     table_dirty: BTreeSet<usize>,
     blocks: IntMap<usize, Block>,
+    /// Host offsets of every refcount block (for the metadata overlap check).
+    block_offsets: IntMap<u64, ()>,
     order: u32,
     cluster_bits: u32,
     /// log2 of refcount entries per block.
@@ -66,9 +68,14 @@ impl Refcounts {
         let raw = storage
             .read_vec(table_offset, bytes as usize)
             .map_err(io_err("reading refcount table"))?;
-        let table = raw
+        let table: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| be_u64(c, 0) & REFTABLE_OFFSET_MASK)
+            .collect();
+        let block_offsets = table
+            .iter()
+            .filter(|&&o| o != 0)
+            .map(|&o| (o, ()))
             .collect();
         Ok(Refcounts {
             table,
@@ -76,6 +83,7 @@ impl Refcounts {
             table_clusters: table_clusters.into(),
             table_dirty: BTreeSet::new(),
             blocks: IntMap::default(),
+            block_offsets,
             order,
             cluster_bits,
             block_bits: cluster_bits + 3 - order,
@@ -104,6 +112,13 @@ impl Refcounts {
                 Ok(v.insert(Block { data, dirty: false }))
             }
         }
+    }
+
+    /// Whether the cluster at `host` holds the refcount table or a refcount block.
+    pub(crate) fn is_metadata(&self, host: u64) -> bool {
+        let cs = 1u64 << self.cluster_bits;
+        (host >= self.table_offset && host < self.table_offset + self.table_clusters * cs)
+            || self.block_offsets.contains_key(&(host & !(cs - 1)))
     }
 
     /// The refcount of cluster `cluster` (by index).
@@ -244,6 +259,7 @@ impl Refcounts {
             },
         );
         self.table[ri] = host;
+        self.block_offsets.insert(host, ());
         self.table_dirty.insert(ri);
         self.set_existing(storage, at, 1)?;
         *file_end = (*file_end).max(host + cs);
@@ -291,6 +307,7 @@ impl Refcounts {
         for (k, &ri) in new_blocks.iter().enumerate() {
             let host = (area + table_clusters + k as u64) << self.cluster_bits;
             table[ri] = host;
+            self.block_offsets.insert(host, ());
             self.blocks.insert(
                 ri,
                 Block {

@@ -231,6 +231,7 @@ impl Qcow2Image {
         m.l2.forget_range(new, new + cs);
         m.l1[l1_index] = new | COPIED;
         m.l1_dirty.insert(l1_index);
+        m.l2_tables.insert(new, ());
         Ok(new)
     }
 
@@ -320,6 +321,7 @@ impl Qcow2Image {
             return match kind {
                 ClusterKind::Normal { host } if owned(entry) => {
                     self.check_aligned(c0, entry, host)?;
+                    self.check_overlap(m, c0, host, cs)?;
                     Ok(Plan::Subclusters {
                         guest: c0,
                         host,
@@ -371,6 +373,7 @@ impl Qcow2Image {
                         _ => break,
                     }
                 }
+                self.check_overlap(m, pos, host, run_end - c0)?;
                 return Ok(Plan::InPlace {
                     host: host + (pos - c0),
                     len: (run_end - pos) as usize,
@@ -405,6 +408,52 @@ impl Qcow2Image {
             olds,
             fresh: true,
         })
+    }
+
+    /// Refuses a data write to host clusters that hold metadata (QEMU's overlap check): the
+    /// image is marked corrupt on disk and no further writes are made.
+    fn check_overlap(&self, m: &mut Meta, guest: u64, host: u64, len: u64) -> Result<()> {
+        if self.geo.data_file {
+            return Ok(()); // Host offsets refer to the data file, which holds no metadata.
+        }
+        let cs = self.geo.cluster_size;
+        let h = &m.header;
+        let in_range =
+            |c: u64, start: u64, bytes: u64| start != 0 && c >= start && c < start + bytes;
+        let snap_table = if h.nb_snapshots > 0 { cs } else { 0 };
+        let mut c = host & !(cs - 1);
+        while c < host + len {
+            let hit = c == 0
+                || in_range(c, h.l1_table_offset, u64::from(h.l1_size) * 8)
+                || in_range(c, h.snapshots_offset, snap_table)
+                || m.l2_tables.contains_key(&c)
+                || m.snapshot_l1s.iter().any(|&(o, b)| in_range(c, o, b))
+                || m.refs.as_ref().is_some_and(|r| r.is_metadata(c));
+            if hit {
+                self.mark_corrupt(m);
+                return Err(Corruption::BadEntry {
+                    table: "L2",
+                    guest_offset: guest,
+                    entry: c,
+                    rule: "data cluster overlaps metadata; image marked corrupt",
+                }
+                .into());
+            }
+            c += cs;
+        }
+        Ok(())
+    }
+
+    /// Sets the corrupt bit on disk (best effort) and refuses further writes.
+    fn mark_corrupt(&self, m: &mut Meta) {
+        m.broken = true;
+        if m.header.version >= 3 {
+            m.header.incompatible |= crate::format::features::IncompatibleFeatures::CORRUPT;
+            let s = self.storage.as_ref();
+            let _ = s
+                .write_at(&m.header.incompatible.bits().to_be_bytes(), 72)
+                .and_then(|()| s.flush());
+        }
     }
 
     fn check_aligned(&self, guest: u64, entry: u64, host: u64) -> Result<()> {
@@ -759,5 +808,60 @@ impl Qcow2Image {
             guest = end;
         }
         self.flush_impl()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::device::BlockDevice;
+    use crate::engine::{Qcow2Image, Qcow2Options};
+    use crate::error::{Corruption, Error};
+    use crate::format::features::IncompatibleFeatures;
+    use crate::io::{MemoryStorage, Storage};
+    use crate::ops::create::{create_qcow2_on, CreateOptions};
+    use std::sync::Arc;
+
+    /// An L2 entry pointing into the L1 table: the write is refused and the image marked
+    /// corrupt, and the L1 table is untouched.
+    #[test]
+    fn data_write_into_metadata_marks_corrupt() {
+        let mem = Arc::new(MemoryStorage::new());
+        let img = create_qcow2_on(mem.clone(), None, 1 << 20, &CreateOptions::default()).unwrap();
+        img.write_at(&[1u8; 4096], 0).unwrap();
+        let h = img.header();
+        drop(img);
+        let l1 = h.l1_table_offset;
+        let mut e = [0u8; 8];
+        mem.read_at(&mut e, l1).unwrap();
+        let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+        mem.write_at(&((1u64 << 63) | l1).to_be_bytes(), l2)
+            .unwrap();
+        let before = mem.to_bytes();
+
+        let opts = Qcow2Options {
+            writable: true,
+            ..Default::default()
+        };
+        let img = Qcow2Image::open(mem.clone(), &opts).unwrap();
+        let r = img.write_at(&[2u8; 512], 0);
+        assert!(
+            matches!(r, Err(Error::Corrupt(Corruption::BadEntry { .. }))),
+            "{r:?}"
+        );
+        assert!(
+            img.write_at(&[2u8; 512], 8192).is_err(),
+            "further writes refused"
+        );
+        drop(img);
+        let after = mem.to_bytes();
+        assert_eq!(
+            after[l1 as usize..l1 as usize + 512],
+            before[l1 as usize..l1 as usize + 512]
+        );
+        let img = Qcow2Image::open(mem, &Qcow2Options::default()).unwrap();
+        assert!(img
+            .header()
+            .incompatible
+            .contains(IncompatibleFeatures::CORRUPT));
     }
 }
