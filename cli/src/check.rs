@@ -1,6 +1,567 @@
-//! `qcow2kit check` (to be written).
+//! `qcow2kit check [-f FMT] [--output human|json] [-r leaks|all] [-q] [-U] [-T CACHE]
+//! [--object secret,id=ID,...] [--image-opts] FILE`: what qemu-img check prints and returns.
+//!
+//! Exit codes as qemu-img: 0 clean, 2 corruptions, 3 leaks only, 1 the check could not be
+//! done (or found internal errors), 63 the format has no check (raw). Standard output is
+//! qemu-img's report (human, or JSON with QEMU's key order and layout); the lines describing
+//! each problem go to standard error, worded as qemu-img words them.
+//!
+//! The check is read-only. Repair (`-r`) needs a write engine qcow2kit does not have yet: with
+//! `-r`, an image with nothing to repair is reported as qemu-img reports it, and any other is
+//! refused with exit code 1 after its problems are listed. As qemu-img does, the check first
+//! opens what the image names — its backing chain and external data file — and fails if they
+//! are missing, and an encrypted image needs `--image-opts …,encrypt.key-secret=ID` with a
+//! matching `--object secret,id=ID,…` (the key is not needed for the metadata check, so it is
+//! not verified). Without `-f`, a file carrying the signatures of several formats (a polyglot,
+//! see `ops::inspect`) is refused rather than probed.
+
+use crate::args::{opt, parse, Spec};
+use crate::common::fail;
+use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
+use qcow2kit::format::header::CryptMethod;
+use qcow2kit::io::FileStorage;
+use qcow2kit::ops::check::{CheckReport, Checker, Finding};
+use qcow2kit::ops::inspect::inspect_path;
+use serde_json::{Map, Value};
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+const SPECS: &[Spec] = &[
+    opt(Some('f'), Some("format"), true, "f"),
+    opt(None, Some("output"), true, "output"),
+    opt(Some('r'), Some("repair"), true, "r"),
+    opt(Some('q'), Some("quiet"), false, "q"),
+    opt(Some('U'), Some("force-share"), false, "U"),
+    opt(Some('T'), Some("cache"), true, "T"),
+    opt(None, Some("object"), true, "object"),
+    opt(None, Some("image-opts"), false, "image-opts"),
+    opt(Some('h'), Some("help"), false, "help"),
+];
+
+const HELP: &str = "usage: qcow2kit check [-f FMT | --image-opts] [-T CACHE_MODE] [-r leaks|all]
+        [--output human|json] [--object OBJDEF] [-q] [-U] FILENAME
+
+Checks the consistency of a qcow2 image's metadata, as qemu-img check does (read-only: -r is
+accepted only for images with nothing to repair). Exit status: 0 clean, 2 corruptions,
+3 leaked clusters only, 1 the check failed, 63 the format has no check.
+";
+
+/// qemu-img's exit code when the format has no check.
+const NO_CHECKS: u8 = 63;
 
 /// Runs the subcommand; returns the exit code.
-pub fn run(_args: &[String]) -> u8 {
-    crate::common::fail("check: not implemented yet")
+pub fn run(args: &[String]) -> u8 {
+    let p = match parse(args, SPECS) {
+        Ok(p) => p,
+        Err(e) => return usage_error(e),
+    };
+    if p.has("help") {
+        print!("{HELP}");
+        return 0;
+    }
+    let json = match p.last("output").unwrap_or("human") {
+        "human" => false,
+        "json" => true,
+        other => return usage_error(format!("--output expects 'human' or 'json' not '{other}'")),
+    };
+    let repair = match p.last("r") {
+        None => None,
+        Some(m @ ("leaks" | "all")) => Some(m.to_string()),
+        Some(other) => {
+            return usage_error(format!(
+                "--repair (-r) expects 'leaks' or 'all' not '{other}'"
+            ))
+        }
+    };
+    let [name] = p.operands.as_slice() else {
+        return usage_error("Expecting one image file name");
+    };
+    let could_not_open =
+        |msg: &dyn std::fmt::Display| fail(format!("Could not open '{name}': {msg}"));
+    if repair.is_some() && p.has("U") {
+        return could_not_open(&"force-share=on can only be used with read-only images");
+    }
+    let mut secrets = Vec::new();
+    for o in p.all("object") {
+        match parse_object(o) {
+            Ok(Some(id)) => secrets.push(id),
+            Ok(None) => {}
+            Err(e) => return fail(e),
+        }
+    }
+
+    // The file and its format: a plain name with -f or a probe, or --image-opts.
+    let (path, format, key_secret) = if p.has("image-opts") {
+        if p.has("f") {
+            return fail("--image-opts and --format are mutually exclusive");
+        }
+        let opts = split_opts(name);
+        let get = |k: &str| {
+            opts.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let Some(file) = get("file.filename") else {
+            return could_not_open(&"A block device must be specified for \"file\"");
+        };
+        (
+            PathBuf::from(file),
+            get("driver"),
+            get("encrypt.key-secret"),
+        )
+    } else {
+        (PathBuf::from(name), p.last("f").map(str::to_string), None)
+    };
+    if let Err(e) = usable_file(&path) {
+        return could_not_open(&format!("Could not open '{}': {e}", path.display()));
+    }
+    let format = match format.as_deref() {
+        Some("qcow2") => ImageFormat::Qcow2,
+        Some("raw") => ImageFormat::Raw,
+        Some(other) => return fail(format!("Unknown file format '{other}'")),
+        None => {
+            // A file carrying several formats' signatures is read differently by different
+            // probes (qemu-img takes a qcow2 image with a VDI signature for VDI): refuse to
+            // guess.
+            match inspect_path(&path) {
+                Ok(ins) if ins.is_polyglot() => {
+                    let names: Vec<&str> = ins.detected.iter().map(|f| f.name()).collect();
+                    return could_not_open(&format!(
+                        "the file carries the signatures of several formats ({}); name its \
+                         format with -f",
+                        names.join(",")
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return could_not_open(&e),
+            }
+            match probe_file(&path) {
+                Ok(f) => f,
+                Err(e) => return could_not_open(&e),
+            }
+        }
+    };
+    if format == ImageFormat::Raw {
+        return fail_with("This image format does not support checks", NO_CHECKS);
+    }
+    let storage = match FileStorage::open(&path, false) {
+        Ok(s) => s,
+        Err(e) => {
+            return could_not_open(&format!(
+                "Could not open '{}': {}",
+                path.display(),
+                strerror(&e)
+            ))
+        }
+    };
+    let checker = match Checker::new(&storage) {
+        Ok(c) => c,
+        Err(e) => return could_not_open(&e),
+    };
+
+    // What qemu-img opens before it checks.
+    if checker.header().crypt_method != CryptMethod::None {
+        match &key_secret {
+            None => {
+                return could_not_open(&"Parameter 'encrypt.key-secret' is required for cipher")
+            }
+            Some(id) if !secrets.contains(id) => {
+                return could_not_open(&format!("No secret with id '{id}'"))
+            }
+            Some(_) => {}
+        }
+    }
+    if checker.header().has_data_file() {
+        let Some(data) = checker.extensions().data_file.clone() else {
+            return could_not_open(&"'data-file' is required for this image");
+        };
+        let shown = String::from_utf8_lossy(&data).into_owned();
+        let opened = resolve_relative(&path, &data)
+            .map_err(|e| e.to_string())
+            .and_then(|d| usable_file(&d));
+        if let Err(e) = opened {
+            return could_not_open(&format!("Could not open '{shown}': {e}"));
+        }
+    }
+    if let Some(backing) = checker.backing_file_name().map(<[u8]>::to_vec) {
+        if let Err(e) = open_backing(
+            &path,
+            &backing,
+            checker.extensions().backing_format.as_deref(),
+        ) {
+            return could_not_open(&format!("Could not open backing file: {e}"));
+        }
+    }
+
+    let stderr = std::io::stderr();
+    let mut err = std::io::BufWriter::new(stderr.lock());
+    let result = checker.run(&mut |f: &Finding| {
+        let prefix = if f.is_error_report() {
+            "qcow2kit: "
+        } else {
+            ""
+        };
+        let _ = writeln!(err, "{prefix}{f}");
+    });
+    let _ = err.flush();
+    drop(err);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => return fail(format!("Check failed: {e}")),
+    };
+    if let Some(f) = &report.failure {
+        return fail(format!("Check failed: {}", f.qemu_message()));
+    }
+    if let Some(mode) = &repair {
+        if !report.is_clean() || report.dirty || report.marked_corrupt {
+            return fail(format!(
+                "This image format does not support checks with -r {mode}: repairing needs a \
+                 write engine qcow2kit does not have yet (the image was not modified; use \
+                 qemu-img check -r {mode})"
+            ));
+        }
+    }
+
+    if !p.has("q") {
+        let out = if json {
+            let mut s = String::new();
+            write_json(&mut s, &json_report(&report, name), 0);
+            s.push('\n');
+            s
+        } else {
+            human_report(&report)
+        };
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return 1;
+        }
+    }
+    if report.check_errors > 0 {
+        return fail("Check failed");
+    }
+    report.exit_code()
+}
+
+/// An argument error, followed by qemu-img's pointer to the help.
+fn usage_error(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("qcow2kit: {msg}\nTry 'qcow2kit check --help' for more info");
+    1
+}
+
+fn fail_with(msg: &str, code: u8) -> u8 {
+    eprintln!("qcow2kit: {msg}");
+    code
+}
+
+/// An I/O error as C's `strerror` words it (no "(os error N)").
+fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Refuses what qemu's file driver refuses, before opening (a FIFO would block `open`).
+fn usable_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| strerror(&e))?;
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err("not a regular file or block device".into());
+    }
+    std::fs::File::open(path).map_err(|e| strerror(&e))?;
+    Ok(())
+}
+
+/// Opens the backing chain as qemu-img would (recorded format, else a probe).
+fn open_backing(image: &Path, name: &[u8], format: Option<&[u8]>) -> Result<(), String> {
+    let path = resolve_relative(image, name).map_err(|e| e.to_string())?;
+    let shown = || String::from_utf8_lossy(name).into_owned();
+    usable_file(&path).map_err(|e| format!("Could not open '{}': {e}", shown()))?;
+    let fmt = match format {
+        Some(f) => ImageFormat::from_name(f).map_err(|e| e.to_string())?,
+        None => probe_file(&path).map_err(|e| e.to_string())?,
+    };
+    open(&path, fmt, &OpenOptions::qemu_compatible()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The id of a `--object secret,id=ID,data=…|file=…` (other object types are ignored).
+fn parse_object(spec: &str) -> Result<Option<String>, String> {
+    let opts = split_opts(spec);
+    let Some((kind, _)) = opts.first() else {
+        return Err(format!("Invalid object '{spec}'"));
+    };
+    let kind = opts
+        .iter()
+        .find(|(k, _)| k == "qom-type")
+        .map_or(kind.as_str(), |(_, v)| v.as_str());
+    if kind != "secret" {
+        return Ok(None);
+    }
+    match opts.iter().find(|(k, _)| k == "id") {
+        Some((_, id)) => Ok(Some(id.clone())),
+        None => Err("Parameter 'id' is missing".into()),
+    }
+}
+
+/// Splits QEMU's `key=value,key=value` option syntax (`,,` is a literal comma; a first element
+/// without `=` is returned as a key with an empty value).
+fn split_opts(s: &str) -> Vec<(String, String)> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (p, String::new()),
+        })
+        .collect()
+}
+
+/// qemu-img's `dump_human_image_check`.
+fn human_report(r: &CheckReport) -> String {
+    let mut s = String::new();
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        s.push_str("No errors were found on the image.\n");
+    } else {
+        if r.corruptions > 0 {
+            s.push_str(&format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes \
+                 to the image may corrupt it.\n",
+                r.corruptions
+            ));
+        }
+        if r.leaks > 0 {
+            s.push_str(&format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, \
+                 but no harm to data.\n",
+                r.leaks
+            ));
+        }
+        if r.check_errors > 0 {
+            s.push_str(&format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            ));
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let pct = |n: u64, d: u64| n as f64 * 100.0 / d as f64;
+        s.push_str(&format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            pct(r.allocated_clusters, r.total_clusters),
+            pct(r.fragmented_clusters, r.allocated_clusters),
+            pct(r.compressed_clusters, r.allocated_clusters),
+        ));
+    }
+    if r.image_end_offset != 0 {
+        s.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+    }
+    s
+}
+
+/// The QAPI `ImageCheck` object, members in schema order (optional ones only when non-zero, as
+/// qemu-img sets them), then laid out in QDict order.
+fn json_report(r: &CheckReport, filename: &str) -> Value {
+    let mut e: Vec<(&str, Value)> = vec![
+        ("filename", Value::from(filename)),
+        ("format", Value::from("qcow2")),
+        ("check-errors", Value::from(r.check_errors)),
+    ];
+    let optional = [
+        ("image-end-offset", r.image_end_offset),
+        ("corruptions", r.corruptions),
+        ("leaks", r.leaks),
+        ("corruptions-fixed", 0),
+        ("leaks-fixed", 0),
+        ("total-clusters", r.total_clusters),
+        ("allocated-clusters", r.allocated_clusters),
+        ("fragmented-clusters", r.fragmented_clusters),
+        ("compressed-clusters", r.compressed_clusters),
+    ];
+    e.extend(
+        optional
+            .into_iter()
+            .filter(|&(_, v)| v != 0)
+            .map(|(k, v)| (k, Value::from(v))),
+    );
+    qdict(e)
+}
+
+// QDict order and QEMU's JSON writer (as in `info.rs`, which keeps its copy private).
+
+/// QEMU's `tdb_hash` bucket of a QDict key (`qobject/qdict.c`).
+fn qdict_bucket(key: &str) -> u32 {
+    let b = key.as_bytes();
+    let mut value = 0x238F_13AFu32.wrapping_mul(b.len() as u32);
+    for (i, &c) in b.iter().enumerate() {
+        value = value.wrapping_add(u32::from(c) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
+}
+
+/// A JSON object whose keys iterate as a QDict filled in `entries` order iterates (buckets in
+/// order, later insertions first within a bucket).
+fn qdict(entries: Vec<(&str, Value)>) -> Value {
+    let mut e: Vec<(usize, &str, Value)> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, v))| (i, k, v))
+        .collect();
+    e.sort_by_key(|&(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(i)));
+    let mut m = Map::new();
+    for (_, k, v) in e {
+        m.insert(k.to_string(), v);
+    }
+    Value::Object(m)
+}
+
+/// QEMU's pretty JSON (`qobject_to_json_pretty`) for the flat objects `check` prints.
+fn write_json(out: &mut String, v: &Value, level: usize) {
+    match v {
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push('\n');
+                out.push_str(&" ".repeat((level + 1) * 4));
+                quote(out, k);
+                out.push_str(": ");
+                write_json(out, x, level + 1);
+            }
+            out.push('\n');
+            out.push_str(&" ".repeat(level * 4));
+            out.push('}');
+        }
+        Value::String(s) => quote(out, s),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// QEMU's JSON string quoting: control characters and everything outside printable ASCII as
+/// `\uXXXX` (upper-case hex, surrogate pairs beyond the BMP).
+fn quote(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_key_order_matches_qemu() {
+        // Orders printed by qemu-img 10.0.2.
+        let r = CheckReport {
+            image_end_offset: 1,
+            total_clusters: 1,
+            corruptions: 1,
+            leaks: 1,
+            allocated_clusters: 1,
+            fragmented_clusters: 1,
+            compressed_clusters: 1,
+            ..Default::default()
+        };
+        let v = json_report(&r, "x");
+        let keys: Vec<&str> = v
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            keys,
+            [
+                "image-end-offset",
+                "compressed-clusters",
+                "total-clusters",
+                "corruptions",
+                "check-errors",
+                "leaks",
+                "allocated-clusters",
+                "filename",
+                "format",
+                "fragmented-clusters"
+            ]
+        );
+    }
+
+    #[test]
+    fn human_report_layout() {
+        let r = CheckReport {
+            corruptions: 2,
+            leaks: 1,
+            total_clusters: 1024,
+            allocated_clusters: 17,
+            fragmented_clusters: 2,
+            image_end_offset: 1441792,
+            ..Default::default()
+        };
+        assert_eq!(
+            human_report(&r),
+            "\n2 errors were found on the image.\nData may be corrupted, or further writes to \
+             the image may corrupt it.\n\n1 leaked clusters were found on the image.\nThis means \
+             waste of disk space, but no harm to data.\n17/1024 = 1.66% allocated, 11.76% \
+             fragmented, 0.00% compressed clusters\nImage end offset: 1441792\n"
+        );
+    }
+
+    #[test]
+    fn option_strings() {
+        assert_eq!(
+            split_opts("driver=qcow2,file.filename=a,,b,encrypt.key-secret=s0"),
+            vec![
+                ("driver".to_string(), "qcow2".to_string()),
+                ("file.filename".to_string(), "a,b".to_string()),
+                ("encrypt.key-secret".to_string(), "s0".to_string()),
+            ]
+        );
+        assert_eq!(
+            parse_object("secret,id=s0,data=pw"),
+            Ok(Some("s0".to_string()))
+        );
+        assert_eq!(parse_object("iothread,id=t"), Ok(None));
+        assert!(parse_object("secret,data=pw").is_err());
+    }
 }

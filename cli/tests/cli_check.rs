@@ -1,0 +1,957 @@
+//! `qcow2kit check` judged by `qemu-img check` (qemu 10.x).
+//!
+//! Every test builds images with `qemu-img` / `qemu-io` in a temporary directory — clean ones
+//! over a matrix of cluster sizes, refcount widths, versions, compression, snapshots, bitmaps,
+//! extended L2, data files, and damaged ones made by patching bytes — runs the same command line
+//! through qemu-img and through qcow2kit from that directory, and requires:
+//! - the same exit code;
+//! - the same standard output, byte for byte (human report, and JSON compared both as values
+//!   and as text, key order included);
+//! - the same lines on standard error (the program-name prefix aside), except the wording of
+//!   "Could not open" errors, which only has to be present on both sides.
+//!
+//! A missing or failing qemu-img / qemu-io fails the tests; it never skips them.
+
+use serde_json::Value;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
+
+/// Runs `prog args…` in `dir`; panics clearly if the program cannot be started.
+fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (Debian \
+                 package qemu-utils, 10.x) in PATH"
+            )
+        })
+}
+
+/// Runs a qemu tool that must succeed (building images).
+fn tool(prog: &str, args: &[&str], dir: &Path) {
+    let out = exec(prog, args, dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stdout.contains(" failed") || stderr.contains("qemu-io:") {
+        panic!(
+            "`{prog} {}` failed with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+}
+
+/// A scratch directory of images.
+struct Work {
+    dir: TempDir,
+}
+
+impl Work {
+    fn new() -> Work {
+        let dir = tempfile::Builder::new()
+            .prefix("qcow2kit-cli-check-")
+            .tempdir()
+            .expect("creating a temporary directory");
+        Work { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn img(&self, args: &[&str]) {
+        tool("qemu-img", args, self.dir.path());
+    }
+
+    /// `qemu-img create -q -f qcow2 -o OPTS NAME SIZE`.
+    fn create(&self, name: &str, opts: &str, size: &str) {
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name, size]);
+        self.img(&args);
+    }
+
+    /// `qemu-io -c CMD… NAME`.
+    fn io(&self, name: &str, cmds: &[&str]) {
+        let mut args = Vec::new();
+        for c in cmds {
+            args.extend(["-c", *c]);
+        }
+        args.push(name);
+        tool("qemu-io", &args, self.dir.path());
+    }
+
+    fn copy(&self, from: &str, to: &str) {
+        fs::copy(self.path(from), self.path(to))
+            .unwrap_or_else(|e| panic!("copying {from} to {to}: {e}"));
+    }
+
+    fn write_file(&self, name: &str, bytes: &[u8]) {
+        fs::write(self.path(name), bytes).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    }
+
+    fn open(&self, name: &str) -> Img {
+        Img::open(&self.path(name))
+    }
+}
+
+/// Exit code, standard output and standard error of one run.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(prog: &str, args: &[&str], dir: &Path) -> Run {
+    let out = exec(prog, args, dir);
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Standard error without the program-name prefix of error_report() lines.
+fn stderr_lines(s: &str) -> Vec<String> {
+    s.lines()
+        .map(|l| {
+            l.strip_prefix("qemu-img: ")
+                .or_else(|| l.strip_prefix("qcow2kit: "))
+                .unwrap_or(l)
+                .replace("'qemu-img check --help'", "'qcow2kit check --help'")
+        })
+        .collect()
+}
+
+/// Runs `check ARGS…` through both tools and requires the same result; returns qemu-img's.
+fn same(w: &Work, args: &[&str]) -> Run {
+    let mut full = vec!["check"];
+    full.extend_from_slice(args);
+    let q = run("qemu-img", &full, w.dir.path());
+    let k = run(QCOW2KIT, &full, w.dir.path());
+    let what = format!("check {}", args.join(" "));
+    assert_eq!(
+        k.code, q.code,
+        "{what}: exit code\n--- qemu-img stderr ---\n{}\n--- qcow2kit stderr ---\n{}",
+        q.stderr, k.stderr
+    );
+    assert_eq!(k.stdout, q.stdout, "{what}: standard output");
+    if args.contains(&"--output=json") && !q.stdout.is_empty() {
+        let qv: Value = serde_json::from_str(&q.stdout).expect("qemu-img JSON");
+        let kv: Value = serde_json::from_str(&k.stdout).expect("qcow2kit JSON");
+        assert_eq!(kv, qv, "{what}: JSON values");
+    }
+    let (qe, ke) = (stderr_lines(&q.stderr), stderr_lines(&k.stderr));
+    let opens = |v: &[String]| v.iter().any(|l| l.starts_with("Could not open"));
+    if opens(&qe) || opens(&ke) {
+        assert!(
+            opens(&qe) && opens(&ke),
+            "{what}: only one side could not open the image\nqemu-img: {qe:?}\nqcow2kit: {ke:?}"
+        );
+    } else {
+        assert_eq!(ke, qe, "{what}: standard error");
+    }
+    q
+}
+
+/// Checks `name` in human and JSON output; returns qemu-img's JSON (Null if it printed none).
+fn judge_any(w: &Work, name: &str) -> Value {
+    same(w, &[name]);
+    let q = same(w, &["--output=json", name]);
+    if q.stdout.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&q.stdout).expect("qemu-img JSON")
+    }
+}
+
+/// [`judge_any`] for images qemu-img does report on.
+fn judge(w: &Work, name: &str) -> Value {
+    let v = judge_any(w, name);
+    assert!(v.is_object(), "{name}: qemu-img printed no report");
+    v
+}
+
+fn field(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Raw access to a qcow2 file for building damaged images (an independent reading of the spec).
+struct Img {
+    f: fs::File,
+    cb: u32,
+    cs: u64,
+    l1_off: u64,
+    l1_size: u64,
+    rt_off: u64,
+    order: u32,
+    entry_size: u64,
+}
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+impl Img {
+    fn open(path: &Path) -> Img {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        let mut h = [0u8; 104];
+        f.read_exact_at(&mut h, 0).expect("reading header");
+        let be32 = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+        let be64 = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&h[o..o + 8]);
+            u64::from_be_bytes(a)
+        };
+        let v3 = be32(4) >= 3;
+        let cb = be32(20);
+        Img {
+            cb,
+            cs: 1 << cb,
+            l1_off: be64(40),
+            l1_size: u64::from(be32(36)),
+            rt_off: be64(48),
+            order: if v3 { be32(96) } else { 4 },
+            entry_size: if v3 && be64(72) & 16 != 0 { 16 } else { 8 },
+            f,
+        }
+    }
+
+    fn u64_at(&self, off: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.f.read_exact_at(&mut b, off).expect("reading image");
+        u64::from_be_bytes(b)
+    }
+
+    fn put_u64(&self, off: u64, v: u64) {
+        self.f
+            .write_all_at(&v.to_be_bytes(), off)
+            .expect("patching");
+    }
+
+    fn u32_at(&self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.f.read_exact_at(&mut b, off).expect("reading image");
+        u32::from_be_bytes(b)
+    }
+
+    fn put_u32(&self, off: u64, v: u32) {
+        self.f
+            .write_all_at(&v.to_be_bytes(), off)
+            .expect("patching");
+    }
+
+    fn len(&self) -> u64 {
+        self.f.metadata().expect("stat").len()
+    }
+
+    /// Offset of the L2 entry of guest offset `guest`, if its L2 table exists.
+    fn l2_entry_addr(&self, guest: u64) -> Option<u64> {
+        let l2_bits = self.cb - if self.entry_size == 16 { 4 } else { 3 };
+        let ci = guest >> self.cb;
+        let l1i = ci >> l2_bits;
+        if l1i >= self.l1_size {
+            return None;
+        }
+        let l2 = self.u64_at(self.l1_off + 8 * l1i) & OFFSET_MASK;
+        (l2 != 0).then(|| l2 + (ci & ((1 << l2_bits) - 1)) * self.entry_size)
+    }
+
+    /// The first guest cluster mapped to a normal (uncompressed) host cluster: (entry address,
+    /// entry).
+    fn first_data(&self) -> (u64, u64) {
+        let mut g = 0;
+        while let Some(a) = self.l2_entry_addr(g) {
+            let e = self.u64_at(a);
+            if e & (1 << 62) == 0 && e & OFFSET_MASK != 0 {
+                return (a, e);
+            }
+            g += self.cs;
+        }
+        panic!("image has no data cluster");
+    }
+
+    /// The first compressed L2 entry: (entry address, entry).
+    fn first_compressed(&self) -> (u64, u64) {
+        let mut g = 0;
+        while let Some(a) = self.l2_entry_addr(g) {
+            let e = self.u64_at(a);
+            if e & (1 << 62) != 0 {
+                return (a, e);
+            }
+            g += self.cs;
+        }
+        panic!("image has no compressed cluster");
+    }
+
+    /// The refcount block covering `cluster` (0: none).
+    fn refcount_block(&self, cluster: u64) -> u64 {
+        let per_block = (self.cs * 8) >> self.order;
+        self.u64_at(self.rt_off + 8 * (cluster / per_block)) & !0x1ff
+    }
+
+    /// (refcount block offset, bit position of the entry) of `cluster`.
+    fn refcount_loc(&self, cluster: u64) -> (u64, u64) {
+        let bits = 1u64 << self.order;
+        let per_block = self.cs * 8 / bits;
+        let block = self.refcount_block(cluster);
+        assert_ne!(block, 0, "cluster {cluster} has no refcount block");
+        (block, (cluster % per_block) * bits)
+    }
+
+    fn refcount(&self, cluster: u64) -> u64 {
+        let (block, bit) = self.refcount_loc(cluster);
+        let bits = 1u64 << self.order;
+        if bits < 8 {
+            let mut b = [0u8; 1];
+            self.f.read_exact_at(&mut b, block + bit / 8).expect("read");
+            u64::from(b[0] >> (bit % 8)) & ((1 << bits) - 1)
+        } else {
+            let n = (bits / 8) as usize;
+            let mut b = [0u8; 8];
+            self.f
+                .read_exact_at(&mut b[8 - n..], block + bit / 8)
+                .expect("read");
+            u64::from_be_bytes(b)
+        }
+    }
+
+    fn set_refcount(&self, cluster: u64, v: u64) {
+        let (block, bit) = self.refcount_loc(cluster);
+        let bits = 1u64 << self.order;
+        if bits < 8 {
+            let mut b = [0u8; 1];
+            self.f.read_exact_at(&mut b, block + bit / 8).expect("read");
+            let mask = (((1u16 << bits) - 1) << (bit % 8)) as u8;
+            b[0] = (b[0] & !mask) | (((v as u8) << (bit % 8)) & mask);
+            self.f.write_all_at(&b, block + bit / 8).expect("write");
+        } else {
+            let n = (bits / 8) as usize;
+            self.f
+                .write_all_at(&v.to_be_bytes()[8 - n..], block + bit / 8)
+                .expect("write");
+        }
+    }
+
+    fn snapshot_table(&self) -> u64 {
+        self.u64_at(64)
+    }
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        v.extend_from_slice(&(z ^ (z >> 31)).to_be_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// `clusters` clusters of `cs` bytes, each partly random and partly constant, so that each
+/// compresses to a different size and compressed clusters straddle host cluster boundaries.
+fn half_compressible(cs: usize, clusters: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(cs * clusters);
+    for i in 0..clusters {
+        let n = cs / 16 + (i * 7919) % (cs * 3 / 4);
+        v.extend_from_slice(&random_bytes(n, i as u64));
+        v.resize(v.len() + cs - n, b'A');
+    }
+    v
+}
+
+#[test]
+fn clean_matrix_of_cluster_sizes_and_refcount_widths() {
+    let w = Work::new();
+    for cs in ["512", "4k", "64k", "2M"] {
+        for rb in ["1", "16", "64"] {
+            let name = format!("m-{cs}-{rb}.qcow2");
+            w.create(
+                &name,
+                &format!("cluster_size={cs},refcount_bits={rb}"),
+                "40M",
+            );
+            w.io(
+                &name,
+                &[
+                    "write -P 1 0 300k",
+                    "write -P 2 5M 70k",
+                    "write -z 8M 64k",
+                    "write -P 3 38M 2M",
+                    "write -P 4 20M 3k",
+                ],
+            );
+            let v = judge(&w, &name);
+            assert_eq!(
+                field(&v, "check-errors") + field(&v, "corruptions"),
+                0,
+                "{name}"
+            );
+            assert!(field(&v, "allocated-clusters") > 0, "{name}");
+        }
+    }
+    // Version 2, with and without a snapshot.
+    w.create("v2.qcow2", "compat=0.10", "32M");
+    w.io("v2.qcow2", &["write -P 1 0 300k", "write -P 2 9M 1M"]);
+    judge(&w, "v2.qcow2");
+    w.create("v2s.qcow2", "compat=0.10,cluster_size=4k", "32M");
+    w.io("v2s.qcow2", &["write -P 1 0 300k"]);
+    w.img(&["snapshot", "-c", "s1", "v2s.qcow2"]);
+    w.io("v2s.qcow2", &["write -P 2 0 100k"]);
+    judge(&w, "v2s.qcow2");
+    // Empty images, quiet mode.
+    w.create("empty.qcow2", "", "0");
+    judge(&w, "empty.qcow2");
+    w.create("blank.qcow2", "", "1T");
+    judge(&w, "blank.qcow2");
+    same(&w, &["-q", "v2.qcow2"]);
+    same(&w, &["-q", "--output=json", "v2.qcow2"]);
+    same(&w, &["-U", "-T", "none", "v2.qcow2"]);
+}
+
+#[test]
+fn compressed_clusters_spanning_host_clusters() {
+    let w = Work::new();
+    for (cs, csn) in [("512", 512usize), ("4k", 4096), ("64k", 65536)] {
+        let clusters = (4 << 20) / csn.max(16384) * (csn.max(16384) / csn);
+        w.write_file("data.raw", &half_compressible(csn, clusters.min(512)));
+        for ct in ["zlib", "zstd"] {
+            let name = format!("c-{cs}-{ct}.qcow2");
+            w.img(&[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cs},compression_type={ct}"),
+                "data.raw",
+                &name,
+            ]);
+            // Some compressed cluster's bytes must cross a host cluster boundary.
+            let img = w.open(&name);
+            let x = 62 - (img.cb - 8);
+            let mut spans = 0;
+            let mut g = 0;
+            while let Some(a) = img.l2_entry_addr(g) {
+                let e = img.u64_at(a);
+                if e & (1 << 62) != 0 {
+                    let host = e & ((1u64 << x) - 1);
+                    let sectors = ((e >> x) & ((1u64 << (img.cb - 8)) - 1)) + 1;
+                    let end = (host & !511) + sectors * 512;
+                    if host >> img.cb != (end - 1) >> img.cb {
+                        spans += 1;
+                    }
+                }
+                g += img.cs;
+            }
+            assert!(
+                spans > 0,
+                "{name}: no compressed cluster spans two host clusters"
+            );
+            let v = judge(&w, &name);
+            assert!(field(&v, "compressed-clusters") > 0, "{name}");
+        }
+    }
+    // Compressed and plain clusters mixed, then overwritten (freed compressed space).
+    w.create("mix.qcow2", "cluster_size=4k", "16M");
+    w.io(
+        "mix.qcow2",
+        &[
+            "write -c -P 1 0 64k",
+            "write -P 2 64k 64k",
+            "write -c -P 3 1M 8k",
+            "write -P 4 4k 4k",
+        ],
+    );
+    judge(&w, "mix.qcow2");
+}
+
+#[test]
+fn snapshots_bitmaps_extended_l2_and_data_files() {
+    let w = Work::new();
+    w.create("snap.qcow2", "", "32M");
+    w.io("snap.qcow2", &["write -P 1 0 1M"]);
+    w.img(&["snapshot", "-c", "s1", "snap.qcow2"]);
+    w.io("snap.qcow2", &["write -P 2 0 128k", "write -P 3 4M 64k"]);
+    w.img(&["snapshot", "-c", "s2", "snap.qcow2"]);
+    w.io(
+        "snap.qcow2",
+        &["write -P 4 64k 64k", "write -c -P 5 8M 64k"],
+    );
+    judge(&w, "snap.qcow2");
+
+    w.create("bm.qcow2", "", "32M");
+    w.img(&["bitmap", "--add", "bm.qcow2", "b0"]);
+    w.img(&["bitmap", "--add", "-g", "512", "bm.qcow2", "b1"]);
+    w.io("bm.qcow2", &["write -P 1 0 1M", "write -P 2 17M 4k"]);
+    judge(&w, "bm.qcow2");
+
+    for cs in ["16k", "64k", "2M"] {
+        let name = format!("xl-{cs}.qcow2");
+        w.create(&name, &format!("extended_l2=on,cluster_size={cs}"), "32M");
+        w.io(
+            &name,
+            &[
+                "write -P 1 0 1M",
+                "write -P 2 2M 4k",
+                "write -z 4M 128k",
+                "write -P 3 6M 68k",
+            ],
+        );
+        judge(&w, &name);
+    }
+
+    w.create("df.qcow2", "data_file=df.raw", "32M");
+    w.io("df.qcow2", &["write -P 1 0 1M", "write -P 2 3M 4k"]);
+    judge(&w, "df.qcow2");
+    w.create("dfr.qcow2", "data_file=dfr.raw,data_file_raw=on", "32M");
+    w.io("dfr.qcow2", &["write -P 1 0 1M"]);
+    judge(&w, "dfr.qcow2");
+
+    w.create("pre.qcow2", "preallocation=metadata", "32M");
+    judge(&w, "pre.qcow2");
+    w.create("full.qcow2", "preallocation=full,cluster_size=4k", "8M");
+    judge(&w, "full.qcow2");
+
+    w.create("base.qcow2", "", "32M");
+    w.io("base.qcow2", &["write -P 9 0 2M"]);
+    w.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ov.qcow2",
+    ]);
+    w.io("ov.qcow2", &["write -P 1 64k 64k"]);
+    judge(&w, "ov.qcow2");
+}
+
+#[test]
+fn dirty_image_with_lazy_refcounts() {
+    let w = Work::new();
+    for cs in ["64k", "4k"] {
+        let name = format!("dirty-{cs}.qcow2");
+        w.create(
+            &name,
+            &format!("lazy_refcounts=on,cluster_size={cs}"),
+            "32M",
+        );
+        // qemu-io dies on `abort` (as a crash would): the image stays dirty.
+        let out = exec(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 7 0 1M",
+                "-c",
+                "write -P 8 9M 4k",
+                "-c",
+                "abort",
+                &name,
+            ],
+            w.dir.path(),
+        );
+        assert!(
+            !out.status.success(),
+            "qemu-io abort should not exit cleanly"
+        );
+        let mut b = [0u8; 8];
+        w.open(&name).f.read_exact_at(&mut b, 72).expect("read");
+        assert_eq!(u64::from_be_bytes(b) & 1, 1, "{name} is not dirty");
+        let v = judge(&w, &name);
+        assert!(
+            field(&v, "corruptions") > 0,
+            "{name}: stale refcounts not found"
+        );
+        same(&w, &["-r", "all", "-U", &name]);
+    }
+}
+
+/// Damages a copy of `base` named `name` with `f`, then compares both tools on it.
+fn damaged(w: &Work, base: &str, name: &str, f: impl FnOnce(&Img)) -> Value {
+    w.copy(base, name);
+    f(&w.open(name));
+    judge(w, name)
+}
+
+/// [`damaged`] for damage that may keep qemu-img from reporting (it fails to open or to
+/// check); returns the exit code.
+fn hostile(w: &Work, base: &str, name: &str, f: impl FnOnce(&Img)) -> Option<i32> {
+    w.copy(base, name);
+    f(&w.open(name));
+    judge_any(w, name);
+    same(w, &[name]).code
+}
+
+#[test]
+fn damaged_images() {
+    let w = Work::new();
+    let mut bases = Vec::new();
+    for (cs, rb) in [("64k", "16"), ("512", "64"), ("4k", "1"), ("2M", "8")] {
+        let name = format!("b-{cs}-{rb}.qcow2");
+        w.create(
+            &name,
+            &format!("cluster_size={cs},refcount_bits={rb}"),
+            "32M",
+        );
+        w.io(
+            &name,
+            &["write -P 1 0 300k", "write -P 2 5M 70k", "write -z 8M 64k"],
+        );
+        bases.push(name);
+    }
+    w.create("b-xl.qcow2", "extended_l2=on", "32M");
+    w.io("b-xl.qcow2", &["write -P 1 0 300k", "write -P 2 5M 4k"]);
+    bases.push("b-xl.qcow2".into());
+
+    for base in &bases {
+        let stem = base.trim_end_matches(".qcow2");
+        // A leak: a cluster appended to the file, counted but unused (if a refcount block
+        // covers it).
+        let probe = w.open(base);
+        let n = probe.len().div_ceil(probe.cs);
+        if probe.refcount_block(n) != 0 {
+            let v = damaged(&w, base, &format!("{stem}-leak.qcow2"), |i| {
+                i.f.write_all_at(&vec![0u8; i.cs as usize], n * i.cs)
+                    .expect("extend");
+                i.set_refcount(n, 1);
+            });
+            assert_eq!(
+                (field(&v, "leaks"), field(&v, "corruptions")),
+                (1, 0),
+                "{base}"
+            );
+        }
+        // A leak of a used cluster (bump the header's refcount), where the width allows.
+        if !base.contains("-1.") {
+            let v = damaged(&w, base, &format!("{stem}-bump.qcow2"), |i| {
+                i.set_refcount(0, 2)
+            });
+            assert_eq!(field(&v, "leaks"), 1, "{base}");
+        }
+        // A refcount error: a used data cluster with refcount 0 (and thus a COPIED error).
+        let v = damaged(&w, base, &format!("{stem}-rc0.qcow2"), |i| {
+            let (_, e) = i.first_data();
+            i.set_refcount((e & OFFSET_MASK) >> i.cb, 0);
+        });
+        assert_eq!(field(&v, "corruptions"), 2, "{base}");
+        // COPIED cleared in an L2 entry.
+        let v = damaged(&w, base, &format!("{stem}-copied.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            i.put_u64(a, e & !(1 << 63));
+        });
+        assert_eq!(field(&v, "corruptions"), 1, "{base}");
+        // COPIED cleared in the L1 entry.
+        damaged(&w, base, &format!("{stem}-l1copied.qcow2"), |i| {
+            let e = i.u64_at(i.l1_off);
+            i.put_u64(i.l1_off, e & !(1 << 63));
+        });
+        // An L2 entry far past the end of the file, and one just past it.
+        damaged(&w, base, &format!("{stem}-eof.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            i.put_u64(a, (e & !OFFSET_MASK) | 1 << 40);
+        });
+        damaged(&w, base, &format!("{stem}-eof1.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            i.put_u64(a, (e & !OFFSET_MASK) | i.len().next_multiple_of(i.cs));
+        });
+        // Two L2 entries naming the same cluster.
+        damaged(&w, base, &format!("{stem}-dup.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            i.put_u64(a + i.entry_size, e);
+        });
+        // Reserved bits in L1 and L2 entries; a misaligned data cluster.
+        damaged(&w, base, &format!("{stem}-res.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            i.put_u64(a, e | 1 << 57);
+            let l1 = i.u64_at(i.l1_off);
+            i.put_u64(i.l1_off, l1 | 2);
+        });
+        damaged(&w, base, &format!("{stem}-misaligned.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            i.put_u64(a, e + 512);
+        });
+        // An L2 table that is not cluster-aligned.
+        damaged(&w, base, &format!("{stem}-l2unaligned.qcow2"), |i| {
+            let e = i.u64_at(i.l1_off);
+            i.put_u64(i.l1_off, e + 512);
+        });
+        // An L2 table that is also a data cluster.
+        damaged(&w, base, &format!("{stem}-overlap.qcow2"), |i| {
+            let (a, e) = i.first_data();
+            let l2 = i.u64_at(i.l1_off) & OFFSET_MASK;
+            i.put_u64(a, (e & !OFFSET_MASK) | l2);
+        });
+    }
+
+    // Snapshots: clusters shared between the active image and a snapshot.
+    w.create("s.qcow2", "", "32M");
+    w.io("s.qcow2", &["write -P 1 0 1M"]);
+    w.img(&["snapshot", "-c", "s1", "s.qcow2"]);
+    w.io("s.qcow2", &["write -P 2 0 64k"]);
+    let shared = |i: &Img| {
+        // Guest cluster 1 is still shared with the snapshot (refcount 2, COPIED clear).
+        let a = i.l2_entry_addr(i.cs).expect("L2 table");
+        let e = i.u64_at(a);
+        assert_eq!(e >> 63, 0, "shared cluster has COPIED set");
+        (a, e)
+    };
+    let v = damaged(&w, "s.qcow2", "s-copied.qcow2", |i| {
+        let (a, e) = shared(i);
+        i.put_u64(a, e | 1 << 63);
+    });
+    assert_eq!(field(&v, "corruptions"), 1);
+    let v = damaged(&w, "s.qcow2", "s-rc1.qcow2", |i| {
+        let (_, e) = shared(i);
+        assert_eq!(i.refcount((e & OFFSET_MASK) >> i.cb), 2);
+        i.set_refcount((e & OFFSET_MASK) >> i.cb, 1);
+    });
+    assert_eq!(field(&v, "corruptions"), 2);
+    let v = damaged(&w, "s.qcow2", "s-rc3.qcow2", |i| {
+        let (_, e) = shared(i);
+        i.set_refcount((e & OFFSET_MASK) >> i.cb, 3);
+    });
+    assert_eq!(field(&v, "leaks"), 1);
+    // A snapshot whose L1 table lies past the end of the file: its clusters leak.
+    damaged(&w, "s.qcow2", "s-l1eof.qcow2", |i| {
+        let t = i.snapshot_table();
+        i.put_u64(t, 300 << 20);
+    });
+
+    // Compressed clusters: COPIED set on a compressed entry; a leaked compressed span.
+    w.create("c.qcow2", "cluster_size=4k", "8M");
+    w.io("c.qcow2", &["write -c -P 1 0 64k", "write -P 2 1M 8k"]);
+    let v = damaged(&w, "c.qcow2", "c-copied.qcow2", |i| {
+        let (a, e) = i.first_compressed();
+        i.put_u64(a, e | 1 << 63);
+    });
+    assert_eq!(field(&v, "corruptions"), 1);
+    damaged(&w, "c.qcow2", "c-gone.qcow2", |i| {
+        let (a, _) = i.first_compressed();
+        i.put_u64(a, 0);
+    });
+}
+
+#[test]
+fn hostile_tables_and_headers() {
+    let w = Work::new();
+    w.create("h.qcow2", "", "64M");
+    w.io("h.qcow2", &["write -P 1 0 1M", "write -P 2 10M 64k"]);
+    w.create("hs.qcow2", "", "64M");
+    w.io("hs.qcow2", &["write -P 1 0 1M"]);
+    w.img(&["snapshot", "-c", "s1", "hs.qcow2"]);
+    w.img(&["snapshot", "-c", "s2", "hs.qcow2"]);
+
+    // Refcount table: an unaligned block (internal errors, exit 1), a block outside the
+    // image, reserved bits.
+    let v = damaged(&w, "h.qcow2", "rt-unaligned.qcow2", |i| {
+        let e = i.u64_at(i.rt_off);
+        i.put_u64(i.rt_off, e + 512);
+    });
+    assert!(field(&v, "check-errors") > 0);
+    damaged(&w, "h.qcow2", "rt-outside.qcow2", |i| {
+        i.put_u64(i.rt_off + 8, 100 << 20)
+    });
+    damaged(&w, "h.qcow2", "rt-reserved.qcow2", |i| {
+        i.put_u64(i.rt_off + 8, 1)
+    });
+    damaged(&w, "h.qcow2", "rt-l2.qcow2", |i| {
+        // A refcount block that is also the L2 table.
+        let l2 = i.u64_at(i.l1_off) & OFFSET_MASK;
+        i.put_u64(i.rt_off + 8, l2);
+    });
+    // Tables past the end of the file (QEMU opens those and reads zeros).
+    damaged(&w, "h.qcow2", "l1-eof.qcow2", |i| i.put_u64(40, 300 << 20));
+    damaged(&w, "h.qcow2", "rt-eof.qcow2", |i| i.put_u64(48, 300 << 20));
+    damaged(&w, "h.qcow2", "rt-none.qcow2", |i| i.put_u32(56, 0));
+    // Headers QEMU cannot open (exit 1, "Could not open").
+    // (A qcow2 file without its magic probes as raw: no check, 63.)
+    for (name, off, v, want) in [
+        ("l1-unaligned.qcow2", 40, (64 << 10) + 512, 1),
+        ("incompat.qcow2", 72, 1 << 20, 1),
+        ("magic.qcow2", 0, 0x1234_5678_0000_0003, 63),
+    ] {
+        let code = hostile(&w, "h.qcow2", name, |i| i.put_u64(off, v));
+        assert_eq!(code, Some(want), "{name}");
+    }
+    same(&w, &["-f", "qcow2", "magic.qcow2"]);
+    // Marked corrupt: still checked.
+    damaged(&w, "h.qcow2", "corrupt-bit.qcow2", |i| i.put_u64(72, 2));
+
+    // Snapshot table: offset invalid with no snapshots, too many snapshots, too much extra
+    // data (all: "Check failed", exit 1); a table past the end of the file; an unaligned and
+    // an oversized snapshot L1 table.
+    let code = hostile(&w, "h.qcow2", "sn-offset.qcow2", |i| i.put_u64(64, 12345));
+    assert_eq!(code, Some(1));
+    let code = hostile(&w, "h.qcow2", "sn-count.qcow2", |i| i.put_u32(60, 70_000));
+    assert_eq!(code, Some(1));
+    let code = hostile(&w, "hs.qcow2", "sn-extra.qcow2", |i| {
+        let t = i.snapshot_table();
+        i.put_u32(t + 36, 5000);
+    });
+    assert_eq!(code, Some(1));
+    damaged(&w, "hs.qcow2", "sn-eof.qcow2", |i| i.put_u64(64, 500 << 20));
+    damaged(&w, "hs.qcow2", "sn-l1unaligned.qcow2", |i| {
+        let t = i.snapshot_table();
+        let e = i.u64_at(t);
+        i.put_u64(t, e + 8);
+    });
+    damaged(&w, "hs.qcow2", "sn-l1big.qcow2", |i| {
+        let t = i.snapshot_table();
+        i.put_u32(t + 8, 5_000_000);
+    });
+    damaged(&w, "hs.qcow2", "sn-shared-l1.qcow2", |i| {
+        // Both snapshots name the same L1 table: its clusters are counted twice.
+        let t = i.snapshot_table();
+        let first = i.u64_at(t);
+        let len = 40
+            + u64::from(i.u32_at(t + 36))
+            + u64::from(i.u32_at(t + 12) >> 16)
+            + u64::from(i.u32_at(t + 12) & 0xffff);
+        i.put_u64((t + len).next_multiple_of(8), first);
+    });
+}
+
+#[test]
+fn formats_arguments_and_missing_files() {
+    let w = Work::new();
+    w.create("a.qcow2", "", "16M");
+    w.io("a.qcow2", &["write -P 1 0 64k"]);
+    w.write_file("r.raw", &random_bytes(1 << 20, 3));
+    // Raw images have no check (63), whether named or probed.
+    same(&w, &["-f", "raw", "a.qcow2"]);
+    same(&w, &["--output=json", "-f", "raw", "a.qcow2"]);
+    same(&w, &["r.raw"]);
+    same(&w, &["-q", "r.raw"]);
+    // A qcow2 image carrying a VDI signature: qemu-img probes it as VDI (and fails); qcow2kit
+    // refuses to probe a polyglot. Named as qcow2, both check it.
+    w.copy("a.qcow2", "poly.qcow2");
+    w.open("poly.qcow2")
+        .put_u32(64, 0xbeda_107f_u32.swap_bytes());
+    assert_eq!(same(&w, &["poly.qcow2"]).code, Some(1));
+    same(&w, &["-f", "qcow2", "--output=json", "poly.qcow2"]);
+    // Open failures.
+    same(&w, &["missing.qcow2"]);
+    same(&w, &["-f", "qcow2", "r.raw"]);
+    // Bad arguments (qemu-img exits 1).
+    same(&w, &["--output=xml", "a.qcow2"]);
+    same(&w, &["-r", "bogus", "a.qcow2"]);
+    same(&w, &[]);
+    same(&w, &["-r", "leaks", "-U", "a.qcow2"]);
+
+    // Backing and data files are opened first, as qemu-img does.
+    w.create("base.qcow2", "", "16M");
+    w.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ov.qcow2",
+    ]);
+    judge(&w, "ov.qcow2");
+    fs::rename(w.path("base.qcow2"), w.path("moved.qcow2")).expect("rename");
+    same(&w, &["ov.qcow2"]);
+    w.create("df.qcow2", "data_file=df.raw", "16M");
+    judge(&w, "df.qcow2");
+    fs::remove_file(w.path("df.raw")).expect("remove");
+    same(&w, &["df.qcow2"]);
+}
+
+#[test]
+fn encrypted_images_need_a_key() {
+    let w = Work::new();
+    for fmt in ["luks", "aes"] {
+        let name = format!("{fmt}.qcow2");
+        let mut opts = format!("encrypt.format={fmt},encrypt.key-secret=s0");
+        if fmt == "luks" {
+            opts.push_str(",encrypt.iter-time=10");
+        }
+        w.img(&[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            &name,
+            "16M",
+        ]);
+        // Without a key both fail to open; with one both check (LUKS header area included).
+        same(&w, &[&name]);
+        let spec = format!("driver=qcow2,file.filename={name},encrypt.key-secret=s0");
+        let v = {
+            let q = same(
+                &w,
+                &[
+                    "--object",
+                    "secret,id=s0,data=pw",
+                    "--image-opts",
+                    &spec,
+                    "--output=json",
+                ],
+            );
+            serde_json::from_str::<Value>(&q.stdout).expect("JSON")
+        };
+        assert_eq!(field(&v, "corruptions") + field(&v, "leaks"), 0, "{name}");
+        same(&w, &["--image-opts", &spec]);
+    }
+}
+
+#[test]
+fn repair_is_not_supported_yet() {
+    let w = Work::new();
+    w.create("clean.qcow2", "", "16M");
+    w.io("clean.qcow2", &["write -P 1 0 64k"]);
+    // Nothing to repair: the same report as qemu-img (which opens it read-write).
+    same(&w, &["-r", "leaks", "clean.qcow2"]);
+    same(&w, &["-r", "all", "--output=json", "clean.qcow2"]);
+    // Something to repair: refused (exit 1), listed, and the image left untouched.
+    w.copy("clean.qcow2", "leaky.qcow2");
+    w.open("leaky.qcow2").set_refcount(0, 2);
+    let before = fs::read(w.path("leaky.qcow2")).expect("read");
+    let k = run(
+        QCOW2KIT,
+        &["check", "-r", "leaks", "leaky.qcow2"],
+        w.dir.path(),
+    );
+    assert_eq!(k.code, Some(1), "{k:?}");
+    assert!(k.stdout.is_empty(), "{k:?}");
+    assert!(
+        k.stderr.contains("Leaked cluster 0 refcount=2 reference=1"),
+        "{k:?}"
+    );
+    assert!(k.stderr.contains("-r leaks"), "{k:?}");
+    assert_eq!(fs::read(w.path("leaky.qcow2")).expect("read"), before);
+    // And qemu-img agrees there is one leak to repair.
+    let v = judge(&w, "leaky.qcow2");
+    assert_eq!(field(&v, "leaks"), 1);
+}
