@@ -1110,7 +1110,11 @@ fn snapshot_disk_size_beyond_its_l1() {
         };
         let active = open_with(&p, &Qcow2Options::default()).expect("active image opens");
         assert_eq!(img.size(), active.size(), "{what}: snapshot view size");
-        opens_and_reads(&format!("snapshot view with {what}"), &p, &snapshot_opts("s1"));
+        opens_and_reads(
+            &format!("snapshot view with {what}"),
+            &p,
+            &snapshot_opts("s1"),
+        );
     }
 }
 

@@ -8,9 +8,13 @@ mod check;
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod info;
+mod io;
 mod localtime;
 mod map;
+mod qjson;
+mod resize;
 
 use std::process::ExitCode;
 
@@ -22,6 +26,11 @@ Commands (qemu-img compatible):
   convert [-f FMT] [-O raw] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
   map [-f FMT] [--output human|json] [-U] FILE
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
+  create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
+  resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
+
+qemu-io compatible:
+  io [-f FMT] [-r] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
 ";
 
 fn main() -> ExitCode {
@@ -37,6 +46,9 @@ fn main() -> ExitCode {
         "convert" => convert::run(rest),
         "map" => map::run(rest),
         "compare" => compare::run(rest),
+        "create" => create::run(rest),
+        "resize" => resize::run(rest),
+        "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             0

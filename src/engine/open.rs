@@ -4,6 +4,7 @@
 
 use super::cache::{OffsetSet, SliceCache};
 use super::meta::Meta;
+use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
 use super::{Geometry, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
@@ -164,7 +165,7 @@ impl Qcow2Image {
         let first = storage
             .read_vec(0, first_len)
             .map_err(io_err("reading header"))?;
-        let header = Header::parse(&first)?;
+        let mut header = Header::parse(&first)?;
         let cs = header.cluster_size();
 
         // Extensions end at the backing file name, and never past cluster 0 (QEMU refuses a
@@ -308,7 +309,14 @@ impl Qcow2Image {
         };
 
         let (refs, l2_tables, snapshot_l1s) = if opts.writable {
-            let refs = prepare_writable(storage.as_ref(), &header, &bitmaps, view.is_some())?;
+            let refs = prepare_writable(
+                storage.as_ref(),
+                &mut header,
+                &extensions,
+                &snapshots,
+                &bitmaps,
+                view.is_some(),
+            )?;
             let (l2_tables, snapshot_l1s) =
                 metadata_map(storage.as_ref(), &l1, &snapshots, cs, file_end)?;
             (Some(refs), l2_tables, snapshot_l1s)
@@ -390,7 +398,9 @@ fn metadata_map(
 /// cleared on disk (they describe structures this writer would not keep consistent).
 fn prepare_writable(
     storage: &dyn Storage,
-    header: &Header,
+    header: &mut Header,
+    extensions: &Extensions,
+    snapshots: &[Snapshot],
     bitmaps: &[BitmapEntry],
     snapshot_view: bool,
 ) -> Result<Refcounts> {
@@ -401,13 +411,6 @@ fn prepare_writable(
     }
     if header.incompatible.contains(IncompatibleFeatures::CORRUPT) {
         return Err(Corruption::MarkedCorrupt.into());
-    }
-    if header.incompatible.contains(IncompatibleFeatures::DIRTY) {
-        return Err(Error::Unsupported(
-            "image is dirty (lazy refcounts); rebuilding refcounts before writing is not \
-             implemented yet: run 'qemu-img check -r all' first"
-                .into(),
-        ));
     }
     if bitmaps.iter().any(|b| b.flags & FLAG_AUTO != 0) {
         return Err(Error::Unsupported(
@@ -421,6 +424,11 @@ fn prepare_writable(
             .write_at(&keep.to_be_bytes(), 88)
             .and_then(|()| storage.flush())
             .map_err(io_err("clearing unknown autoclear bits"))?;
+        header.autoclear = AutoclearFeatures::from_bits_retain(keep);
+    }
+    if header.incompatible.contains(IncompatibleFeatures::DIRTY) {
+        // Refcounts may be stale: recompute them from all metadata before any write.
+        return rebuild_refcounts(storage, header, extensions, snapshots, bitmaps);
     }
     Refcounts::load(
         storage,

@@ -236,6 +236,61 @@ impl Refcounts {
         }
     }
 
+    /// Makes sure refcount block `ri` exists, placing a new one in a free cluster from the
+    /// allocator (used by the refcount rebuild, whose cursor lies past every used cluster).
+    pub(crate) fn ensure_block(
+        &mut self,
+        storage: &dyn Storage,
+        ri: usize,
+        file_end: &mut u64,
+    ) -> Result<()> {
+        loop {
+            if ri >= self.table.len() {
+                self.grow_table(storage, ri, file_end)?;
+                continue;
+            }
+            if self.table[ri] != 0 {
+                return Ok(());
+            }
+            let h = self.alloc(storage, 1, file_end)?;
+            if self.table[ri] != 0 {
+                // The allocation created block `ri` itself; the spare cluster goes back.
+                self.add(storage, h, -1)?;
+                return Ok(());
+            }
+            let cs = self.cluster_size();
+            storage
+                .write_at(&vec![0u8; cs as usize], h)
+                .map_err(io_err("writing new refcount block"))?;
+            self.blocks.insert(
+                ri,
+                Block {
+                    data: vec![0u8; cs as usize].into_boxed_slice(),
+                    dirty: true,
+                },
+            );
+            self.table[ri] = h;
+            self.block_offsets.insert(h, ());
+            self.table_dirty.insert(ri);
+            return Ok(());
+        }
+    }
+
+    /// Sets the refcount of a cluster whose block exists (refcount rebuild).
+    pub(crate) fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+        self.set_existing(storage, cluster, value)
+    }
+
+    /// Number of refcount table entries, and entries per block as a shift.
+    pub(crate) fn shape(&self) -> (usize, u32) {
+        (self.table.len(), self.block_bits)
+    }
+
+    /// Whether table entry `ri` points to a block.
+    pub(crate) fn has_block(&self, ri: usize) -> bool {
+        self.table.get(ri).copied().unwrap_or(0) != 0
+    }
+
     /// Creates refcount block `ri` in the free cluster `at` (which a block already covers, or
     /// which block `ri` itself covers) and counts it.
     fn create_block(

@@ -3,15 +3,17 @@
 //! Growing may need a larger L1 table, written elsewhere and switched in the header after a
 //! flush (write-ordering rule 4), the old one freed afterwards. Growing never exposes stale
 //! bytes: the tail of a partial last cluster and any range a longer backing file would show
-//! through read as zeros, as in QEMU. Shrinking drops the clusters past the new end (entries
-//! cleared and flushed before their refcounts drop) and is refused on images with snapshots.
+//! through read as zeros, as in QEMU. Shrinking drops the active image's clusters past the new
+//! end (entries cleared and flushed before their refcounts drop); tables and clusters shared
+//! with snapshots only lose the active image's reference. An external data file grows with the
+//! image, and a raw one has its new range mapped one to one.
 
 use super::write::ZeroMode;
 use super::Qcow2Image;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::bytes::{put_u32, put_u64};
-use crate::format::entry::OFFSET_MASK;
+use crate::format::entry::{COPIED, OFFSET_MASK};
 use crate::format::MAX_L1_BYTES;
 use std::sync::atomic::Ordering;
 
@@ -35,11 +37,6 @@ impl Qcow2Image {
                 return Err(Error::InvalidArgument(
                     "use the shrink option to make the image smaller; shrinking discards data"
                         .into(),
-                ));
-            }
-            if !self.snapshots().is_empty() {
-                return Err(Error::Unsupported(
-                    "cannot shrink an image with internal snapshots".into(),
                 ));
             }
             self.shrink(new_size)?;
@@ -128,14 +125,36 @@ impl Qcow2Image {
             }
         }
         self.write_size(new_size)?;
-        // Stale bytes past the old end inside its last cluster, and backing data the new range
-        // would expose, read as zeros.
-        let mut zero_end = old_size.next_multiple_of(cs).min(new_size);
-        if let Some(b) = &self.backing {
-            zero_end = zero_end.max(b.size().min(new_size));
+        let raw_data_file = g.data_file
+            && self
+                .lock_meta()
+                .header
+                .autoclear
+                .contains(crate::format::features::AutoclearFeatures::DATA_FILE_RAW);
+        if let Some(d) = self.data_storage.as_ref().filter(|_| g.data_file) {
+            let len = d.len().map_err(io_err("sizing data file"))?;
+            if raw_data_file && len > old_size {
+                // Whatever the data file held past the old end becomes guest data: zero it.
+                d.punch_hole(old_size, len.min(new_size) - old_size)
+                    .map_err(io_err("zeroing data file"))?;
+            }
+            if len < new_size {
+                d.set_len(new_size).map_err(io_err("growing data file"))?;
+            }
         }
-        if zero_end > old_size {
-            self.zero_body(old_size, zero_end - old_size, ZeroMode::WriteZeroes)?;
+        if raw_data_file {
+            // A raw data file is the guest's content: the new range is mapped one to one.
+            self.preallocate_range(old_size, new_size, false)?;
+        } else {
+            // Stale bytes past the old end inside its last cluster, and backing data the new
+            // range would expose, read as zeros.
+            let mut zero_end = old_size.next_multiple_of(cs).min(new_size);
+            if let Some(b) = &self.backing {
+                zero_end = zero_end.max(b.size().min(new_size));
+            }
+            if zero_end > old_size {
+                self.zero_body(old_size, zero_end - old_size, ZeroMode::WriteZeroes)?;
+            }
         }
         self.flush_impl()
     }
@@ -164,12 +183,15 @@ impl Qcow2Image {
                     continue;
                 }
                 if c == table_start {
-                    // The whole table goes: drop every entry's clusters and the table.
-                    let mut p = table_start;
-                    while p < table_start + per_table {
-                        let (e, _) = self.entry_at(&mut m, p)?;
-                        self.queue_free_entry(&mut m, e);
-                        p += cs;
+                    // The whole table goes. An owned table takes its entries' references with
+                    // it; a table shared with a snapshot keeps them (the snapshot still uses it).
+                    if l1e & COPIED != 0 {
+                        let mut p = table_start;
+                        while p < table_start + per_table {
+                            let (e, _) = self.entry_at(&mut m, p)?;
+                            self.queue_free_entry(&mut m, e);
+                            p += cs;
+                        }
                     }
                     let l2 = l1e & OFFSET_MASK;
                     m.l2.forget_range(l2, l2 + cs);

@@ -622,7 +622,10 @@ impl Qcow2Image {
             // A request that reaches the end of the device covers its short last cluster.
             let whole = pos == c0 && (piece_end == c0 + cs || piece_end == size);
             if g.extended {
-                self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
+                // As in QEMU, a discard drops whole clusters only, even with subclusters.
+                if mode == ZeroMode::WriteZeroes || whole {
+                    self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
+                }
             } else if whole && (v3 || !has_backing) {
                 let mut m = self.lock_meta();
                 let (entry, _) = self.entry_at(&mut m, c0)?;
@@ -767,24 +770,30 @@ impl Qcow2Image {
     /// and data clusters, contiguous per L2 table; with `write_zeros` the data is written.
     pub(crate) fn preallocate(&self, write_zeros: bool) -> Result<()> {
         let _g = self.lock_everything()?;
+        self.preallocate_range(0, self.size(), write_zeros)?;
+        self.flush_impl()
+    }
+
+    /// [`preallocate`](Self::preallocate) of the clusters covering `start..end`, with the range
+    /// lock held. With extended L2 entries the subclusters stay unallocated (as in QEMU), so a
+    /// backing file still shows through.
+    pub(crate) fn preallocate_range(&self, start: u64, end: u64, write_zeros: bool) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size;
-        let size = self.size();
         let per_table = 1u64 << (g.cluster_bits + g.l2_bits);
-        let mut guest = 0u64;
-        while guest < size {
+        let mut guest = start & !(cs - 1);
+        while guest < end {
             let mut m = self.lock_meta();
             self.mark_dirty_if_lazy(&mut m)?;
             let l1_index = (guest / per_table) as usize;
             self.ensure_l2_writable(&mut m, l1_index)?;
-            let end = ((l1_index as u64 + 1) * per_table).min(size);
-            let n = (end - guest).div_ceil(cs);
+            let table_end = ((l1_index as u64 + 1) * per_table).min(end);
+            let n = (table_end - guest).div_ceil(cs);
             let host = self.reserve(&mut m, guest, n)?;
-            let bitmap = if g.extended { 0xffff_ffff } else { 0 };
             for i in 0..n {
                 let gi = guest + i * cs;
                 let (old, _) = self.entry_at(&mut m, gi)?;
-                self.set_entry(&mut m, gi, (host + i * cs) | COPIED, bitmap)?;
+                self.set_entry(&mut m, gi, (host + i * cs) | COPIED, 0)?;
                 self.queue_free(&mut m, old);
             }
             self.note_file_growth(&mut m, host + n * cs);
@@ -805,9 +814,9 @@ impl Qcow2Image {
                     .set_len(host + n * cs)
                     .map_err(|e| Error::io("preallocating", e))?;
             }
-            guest = end;
+            guest = table_end;
         }
-        self.flush_impl()
+        Ok(())
     }
 }
 

@@ -226,6 +226,12 @@ impl CreateOptions {
                 "backing file and data-file-raw cannot be used together",
             ));
         }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            return Err(bad("Backing file and preallocation can only be used at the same time if extended_l2 is on"));
+        }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return Err(bad("backing format cannot be used without backing file"));
         }
@@ -372,6 +378,8 @@ pub fn create_qcow2_on(
             .map_err(|e| Error::io("sizing data file", e))?;
         img.set_data_file(d);
     }
+    // With a raw data file, resize maps every cluster one to one (QEMU forces metadata
+    // preallocation there).
     img.resize(size, false)?;
     match o.preallocation {
         Preallocation::Off => {}
