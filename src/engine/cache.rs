@@ -131,6 +131,36 @@ impl SliceCache {
         Ok(self.insert(key, entries))
     }
 
+    /// The slot holding `key`, marking it most recently used (one hash probe on the hot path).
+    #[inline]
+    pub(crate) fn touch(&mut self, key: u64) -> Option<u32> {
+        let i = *self.map.get(&key)?;
+        self.hits += 1;
+        if self.head != i {
+            self.unlink(i);
+            self.push_front(i);
+        }
+        Some(i)
+    }
+
+    /// The entries of a slot returned by [`touch`](Self::touch) or
+    /// [`load_slot`](Self::load_slot).
+    #[inline]
+    pub(crate) fn entries(&self, slot: u32) -> &[u64] {
+        &self.slots[slot as usize].entries
+    }
+
+    /// Inserts the slice `load` produces for `key` (which must be absent); returns its slot.
+    pub(crate) fn load_slot<E>(
+        &mut self,
+        key: u64,
+        load: impl FnOnce() -> Result<Box<[u64]>, E>,
+    ) -> Result<u32, E> {
+        let entries = load()?;
+        self.insert(key, entries);
+        Ok(self.map.get(&key).copied().unwrap_or(self.head))
+    }
+
     /// The slice stored under `key`, marking it most recently used.
     #[cfg(test)]
     pub(crate) fn get(&mut self, key: u64) -> Option<&[u64]> {

@@ -93,6 +93,7 @@ impl Qcow2Image {
                     len: l1_end - pos,
                 };
                 match &mut run {
+                    None if l1_end == end => return Ok(piece),
                     None => run = Some(piece),
                     Some(r) => {
                         if !r.absorb(piece) {
@@ -103,7 +104,7 @@ impl Qcow2Image {
                 pos = l1_end;
                 continue;
             }
-            if l2_offset % cs != 0 {
+            if l2_offset & (cs - 1) != 0 {
                 return Err(bad_entry(
                     "L1",
                     pos,
@@ -124,10 +125,16 @@ impl Qcow2Image {
             let l2_index = (pos >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
             let slice_index = l2_index >> g.slice_entry_bits;
             let key = l2_offset + slice_index * g.slice_bytes;
-            if m.would_evict_dirty(key) {
-                self.flush_locked(m)?;
-            }
-            let slice = m.load_slice(self.storage.as_ref(), &g, key)?;
+            let slot = match m.l2.touch(key) {
+                Some(slot) => slot,
+                None => {
+                    if m.would_evict_dirty(key) {
+                        self.flush_locked(m)?;
+                    }
+                    m.load_slot(self.storage.as_ref(), &g, key)?
+                }
+            };
+            let slice = m.l2.entries(slot);
             let slice_mask = (1u64 << g.slice_entry_bits) - 1;
             let slice_end_guest = {
                 let first_in_slice = (pos >> g.cluster_bits) & !slice_mask;
@@ -143,6 +150,8 @@ impl Qcow2Image {
                 let piece = self.classify_piece(pos, in_cluster, cluster_end, entry, bitmap)?;
                 let compressed = matches!(piece.mapped, Mapped::Compressed { .. });
                 match &mut run {
+                    // The common case of a request inside one cluster: no run to build.
+                    None if pos + piece.len == end || compressed => return Ok(piece),
                     None => run = Some(piece),
                     Some(r) => {
                         if !r.absorb(piece) {
@@ -184,7 +193,7 @@ impl Qcow2Image {
                 len: whole,
             },
             ClusterKind::Zero { host } => {
-                if host % cs != 0 {
+                if host & (cs - 1) != 0 {
                     return Err(bad_entry(
                         "L2",
                         pos,
@@ -199,7 +208,7 @@ impl Qcow2Image {
                 }
             }
             ClusterKind::Normal { host } => {
-                if host % cs != 0 {
+                if host & (cs - 1) != 0 {
                     return Err(bad_entry(
                         "L2",
                         pos,

@@ -65,6 +65,22 @@ impl Meta {
         })
     }
 
+    /// Reads the slice under `key` into the cache (the caller knows it is absent and has made
+    /// sure no dirty slice gets evicted); returns its slot.
+    pub(crate) fn load_slot(
+        &mut self,
+        storage: &dyn Storage,
+        g: &Geometry,
+        key: u64,
+    ) -> Result<u32> {
+        self.l2.load_slot(key, || {
+            let bytes = storage
+                .read_vec(key, g.slice_bytes as usize)
+                .map_err(|e| Error::io("reading L2 table", e))?;
+            Ok::<_, Error>(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
+        })
+    }
+
     /// Whether loading `key` would evict a dirty slice.
     pub(crate) fn would_evict_dirty(&self, key: u64) -> bool {
         self.l2.insert_would_evict_dirty(key)
