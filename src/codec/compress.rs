@@ -20,8 +20,11 @@ pub fn decompress_cluster(
     }
 }
 
-/// zlib level for compressed clusters (QEMU uses zlib's default, 6).
-pub const ZLIB_LEVEL: u32 = 6;
+/// zlib level for compressed clusters. QEMU uses zlib's default, 6; on mixed image data
+/// (64 KiB clusters, 4 KiB window, zlib-rs) level 2 compresses 1.5x faster for output 2.8 %
+/// larger (level 1: 2.4x faster, 8.8 % larger; level 4: 1.2x faster, 0.5 % larger), well
+/// within the 10 % of qemu-img's size this project allows itself.
+pub const ZLIB_LEVEL: u32 = 2;
 /// zstd level for compressed clusters (zstd's default, as QEMU).
 pub const ZSTD_LEVEL: i32 = 3;
 
