@@ -14,8 +14,7 @@
 //! - `create` lays the image out in whole clusters (qemu-img writes the L1 table's bytes only),
 //!   so the image file's length differs; `info` is compared without file sizes.
 //! - `preallocation=falloc` (qcow2) maps the preallocated clusters as zero clusters (QEMU: as
-//!   data), and preallocation with extended L2 entries marks subclusters allocated (QEMU leaves
-//!   them unallocated). The guest data (zeros) is the same; `map` is not compared there.
+//!   data). The guest data (zeros) is the same; `map` is not compared there.
 //! - preallocation over several L2 tables: qcow2kit allocates each L2 table before its data
 //!   clusters, qemu-img all L2 tables first, so the host offsets differ; `map` is compared only
 //!   where one L2 table covers the image.
@@ -24,7 +23,6 @@
 //!   directory but records NAME, which QEMU resolves relative to the image; qcow2kit creates it
 //!   where it will be looked for. The cases here run in the image's directory.
 //! - `write -z` without `-u` may free clusters QEMU keeps allocated (same guest data).
-//! - `write -c` (compressed) is refused: the library has no compressed write yet.
 //! - Encryption options of `create` are refused.
 
 use serde_json::Value;

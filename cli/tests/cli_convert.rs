@@ -1,0 +1,425 @@
+//! `qcow2kit convert` to qcow2 judged by qemu-img 10.x: for every source (raw, a 3-deep chain
+//! of mixed cluster sizes, a compressed image, a snapshot) and every target option, the output
+//! must be `qemu-img check` clean, `qemu-img compare` identical to the source, carry the options
+//! asked for (`qemu-img info`), and, compressed, stay within 15 % of qemu-img's size.
+//!
+//! A missing qemu-img or qemu-io fails the tests; it never skips them.
+
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
+
+fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (qemu-utils)")
+        })
+}
+
+fn ok(prog: &str, args: &[&str], dir: &Path) -> String {
+    let o = run(prog, args, dir);
+    assert!(
+        o.status.success(),
+        "`{prog} {}` failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Inputs shared by the cases: `mixed.raw`, the chain `c0 <- c1 <- c2`, `comp.qcow2`,
+/// `snap.qcow2` with snapshot `s1`.
+fn inputs() -> TempDir {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    // 9 MiB of patterns, zeros, pseudo-random and text, with a short tail.
+    let mut data = Vec::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..36u32 {
+        let block: Vec<u8> = match i % 4 {
+            0 => vec![0; 256 << 10],
+            1 => (0..256 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect(),
+            2 => b"qcow2 cluster refcount "
+                .iter()
+                .copied()
+                .cycle()
+                .take(256 << 10)
+                .collect(),
+            _ => vec![i as u8; 256 << 10],
+        };
+        data.extend_from_slice(&block);
+    }
+    data.truncate(data.len() - 1536);
+    fs::write(d.join("mixed.raw"), &data).expect("write raw");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "c0",
+            "8M",
+        ],
+        d,
+    );
+    ok(
+        "qemu-io",
+        &["-c", "write -P 0x10 0 8M", "-c", "write -z 1M 512k", "c0"],
+        d,
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "c0", "-F", "qcow2", "c1", "10M",
+        ],
+        d,
+    );
+    ok(
+        "qemu-io",
+        &["-c", "write -P 0x21 2M 2M", "-c", "discard 5M 1M", "c1"],
+        d,
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "c1",
+            "-F",
+            "qcow2",
+            "c2",
+        ],
+        d,
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x32 3000 70000",
+            "-c",
+            "write -z 9M 4k",
+            "c2",
+        ],
+        d,
+    );
+    ok(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "mixed.raw", "comp.qcow2"],
+        d,
+    );
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "snap.qcow2", "4M"],
+        d,
+    );
+    ok("qemu-io", &["-c", "write -P 0x41 0 2M", "snap.qcow2"], d);
+    ok("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], d);
+    ok("qemu-io", &["-c", "write -P 0x42 1M 2M", "snap.qcow2"], d);
+    t
+}
+
+fn info(dir: &Path, file: &str) -> Value {
+    serde_json::from_str(&ok("qemu-img", &["info", "--output", "json", file], dir)).expect("json")
+}
+
+/// Converts `src` with `opts` into `out` and judges the result.
+fn case(dir: &Path, src: &str, src_fmt: &str, opts: &[&str], out: &str) {
+    let mut args = vec!["convert", "-f", src_fmt, "-O", "qcow2"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[src, out]);
+    ok(QCOW2KIT, &args, dir);
+    let what = format!("convert {}", args.join(" "));
+    let check = run("qemu-img", &["check", out], dir);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{what}: qemu-img check: {check:?}"
+    );
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", src_fmt, "-F", "qcow2", src, out],
+        dir,
+    );
+    assert_eq!(
+        cmp.status.code(),
+        Some(0),
+        "{what}: qemu-img compare: {cmp:?}"
+    );
+    let i = info(dir, out);
+    let data = &i["format-specific"]["data"];
+    for o in opts.windows(2).filter(|w| w[0] == "-o") {
+        for kv in o[1].split(',') {
+            let (k, v) = kv.split_once('=').expect("k=v");
+            let got = match k {
+                "cluster_size" => i["cluster-size"].clone(),
+                "compat" => data["compat"].clone(),
+                "refcount_bits" => data["refcount-bits"].clone(),
+                "compression_type" => data["compression-type"].clone(),
+                "extended_l2" => data["extended-l2"].clone(),
+                "lazy_refcounts" => data["lazy-refcounts"].clone(),
+                _ => continue,
+            };
+            let expect = match k {
+                "cluster_size" => Value::from(parse_size(v)),
+                "refcount_bits" => Value::from(v.parse::<u64>().expect("bits")),
+                "extended_l2" | "lazy_refcounts" => Value::from(v == "on"),
+                _ => Value::from(v),
+            };
+            assert_eq!(got, expect, "{what}: info field for {k}");
+        }
+    }
+    assert!(
+        i["backing-filename"].is_null() || opts.contains(&"-B"),
+        "{what}: flattened"
+    );
+}
+
+fn parse_size(v: &str) -> u64 {
+    match v.strip_suffix('k') {
+        Some(n) => n.parse::<u64>().expect("size") << 10,
+        None => match v.strip_suffix('M') {
+            Some(n) => n.parse::<u64>().expect("size") << 20,
+            None => v.parse().expect("size"),
+        },
+    }
+}
+
+#[test]
+fn convert_matrix_is_clean_and_identical() {
+    let t = inputs();
+    let d = t.path();
+    let option_sets: &[&[&str]] = &[
+        &[],
+        &["-o", "cluster_size=512"],
+        &["-o", "cluster_size=4k,refcount_bits=1"],
+        &["-o", "cluster_size=2M,refcount_bits=64"],
+        &["-o", "compat=0.10"],
+        &["-o", "extended_l2=on,cluster_size=64k"],
+        &["-o", "lazy_refcounts=on"],
+        &["-c"],
+        &["-c", "-o", "compression_type=zstd,cluster_size=4k"],
+        &["-S", "0"],
+        &["-m", "1"],
+        &["-m", "8", "-W"],
+    ];
+    for (src, fmt) in [
+        ("mixed.raw", "raw"),
+        ("c2", "qcow2"),
+        ("comp.qcow2", "qcow2"),
+    ] {
+        for (i, opts) in option_sets.iter().enumerate() {
+            case(d, src, fmt, opts, &format!("out-{src}-{i}.qcow2"));
+        }
+    }
+}
+
+#[test]
+fn compressed_output_is_close_to_qemu_img_size() {
+    let t = inputs();
+    let d = t.path();
+    for ty in ["zlib", "zstd"] {
+        let o = format!("compression_type={ty}");
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-o",
+                &o,
+                "-O",
+                "qcow2",
+                "mixed.raw",
+                "q.qcow2",
+            ],
+            d,
+        );
+        case(d, "mixed.raw", "raw", &["-c", "-o", &o], "k.qcow2");
+        let q = fs::metadata(d.join("q.qcow2")).expect("q").len() as f64;
+        let k = fs::metadata(d.join("k.qcow2")).expect("k").len() as f64;
+        assert!(
+            k <= q * 1.15,
+            "{ty}: our compressed output {k} vs qemu-img's {q}"
+        );
+        let chk = ok("qemu-img", &["check", "--output", "json", "k.qcow2"], d);
+        let v: Value = serde_json::from_str(&chk).expect("json");
+        assert!(
+            v["compressed-clusters"].as_u64().unwrap_or(0) > 0,
+            "{ty}: nothing compressed"
+        );
+    }
+}
+
+#[test]
+fn backing_target_copies_only_the_top_layer() {
+    let t = inputs();
+    let d = t.path();
+    ok(
+        QCOW2KIT,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "c1",
+            "-F",
+            "qcow2",
+            "c2",
+            "top.qcow2",
+        ],
+        d,
+    );
+    assert_eq!(
+        run("qemu-img", &["check", "top.qcow2"], d).status.code(),
+        Some(0)
+    );
+    let cmp = run("qemu-img", &["compare", "c2", "top.qcow2"], d);
+    assert_eq!(cmp.status.code(), Some(0), "{cmp:?}");
+    let i = info(d, "top.qcow2");
+    assert_eq!(i["backing-filename"], "c1");
+    assert_eq!(i["backing-filename-format"], "qcow2");
+    // Only c2's own clusters were copied: far less than the flattened image.
+    let flat = {
+        ok(QCOW2KIT, &["convert", "-O", "qcow2", "c2", "flat.qcow2"], d);
+        fs::metadata(d.join("flat.qcow2")).expect("flat").len()
+    };
+    let top = fs::metadata(d.join("top.qcow2")).expect("top").len();
+    assert!(
+        top * 4 < flat,
+        "top-layer convert is {top} bytes, flattened {flat}"
+    );
+}
+
+#[test]
+fn existing_target_and_snapshot_source() {
+    let t = inputs();
+    let d = t.path();
+    // -n: an existing target full of other data ends up equal to the source.
+    let size = fs::metadata(d.join("mixed.raw"))
+        .expect("raw")
+        .len()
+        .to_string();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "n.qcow2", &size],
+        d,
+    );
+    ok(
+        "qemu-io",
+        &["-c", &format!("write -P 0x77 0 {size}"), "n.qcow2"],
+        d,
+    );
+    ok(
+        QCOW2KIT,
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "mixed.raw",
+            "n.qcow2",
+        ],
+        d,
+    );
+    assert_eq!(
+        run("qemu-img", &["check", "n.qcow2"], d).status.code(),
+        Some(0)
+    );
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", "raw", "mixed.raw", "n.qcow2"],
+        d,
+    );
+    assert_eq!(cmp.status.code(), Some(0), "{cmp:?}");
+    // -l: a snapshot's content, as qemu-img exports it.
+    ok(
+        QCOW2KIT,
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "qcow2",
+            "snap.qcow2",
+            "s.qcow2",
+        ],
+        d,
+    );
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "raw",
+            "snap.qcow2",
+            "s.raw",
+        ],
+        d,
+    );
+    let cmp = run("qemu-img", &["compare", "-F", "raw", "s.qcow2", "s.raw"], d);
+    assert_eq!(cmp.status.code(), Some(0), "{cmp:?}");
+}
+
+#[test]
+fn failed_convert_leaves_the_target_alone() {
+    let t = inputs();
+    let d = t.path();
+    // A compressed cluster whose data is garbage: reading it fails mid-way.
+    fs::copy(d.join("comp.qcow2"), d.join("bad.qcow2")).expect("copy");
+    // Find the first compressed L2 entry (64 KiB clusters: offset in bits 0..54) and overwrite
+    // its data with 0xff, which no deflate stream starts with (block type 3 is reserved).
+    let mut bytes = fs::read(d.join("bad.qcow2")).expect("read");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = (0..8192)
+        .map(|i| be(&bytes, l2 + i * 8))
+        .find(|e| e & (1 << 62) != 0)
+        .expect("a compressed cluster");
+    let host = (entry & ((1 << 54) - 1)) as usize;
+    bytes[host..host + 64].fill(0xff);
+    fs::write(d.join("bad.qcow2"), &bytes).expect("write");
+    fs::write(d.join("target.qcow2"), b"precious").expect("target");
+    let o = run(
+        QCOW2KIT,
+        &["convert", "-O", "qcow2", "bad.qcow2", "target.qcow2"],
+        d,
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(
+        fs::read(d.join("target.qcow2")).expect("target"),
+        b"precious"
+    );
+    let leftovers: Vec<_> = fs::read_dir(d)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
