@@ -58,3 +58,94 @@ pub fn decompress(data: &[u8]) {
     let mut out = vec![0u8; cluster];
     let _ = decompress_cluster(kind, rest, &mut out);
 }
+
+/// Runs `inspect` and every policy preset over arbitrary bytes.
+pub fn inspect(data: &[u8]) {
+    use crate::ops::inspect::{inspect, Policy};
+    let storage = MemoryStorage::from_bytes(data.to_vec());
+    if let Ok(i) = inspect(&storage) {
+        for p in [
+            Policy::strict(),
+            Policy::openstack(),
+            Policy::trusted_local(),
+        ] {
+            let _ = i.check(&p);
+        }
+    }
+}
+
+/// Interprets `data` as a small image's creation options followed by a sequence of writes,
+/// zero writes, discards, flushes and resizes on an in-memory image, checked against a model;
+/// at the end the image is closed and must be clean for [`check`](crate::ops::check::check)
+/// (no leak, no corruption) and read back as the model.
+pub fn write_sequence(data: &[u8]) {
+    use crate::ops::check::check;
+    use crate::ops::create::{create_qcow2_on, Compat, CreateOptions};
+    let [a, b, rest @ ..] = data else { return };
+    let cluster_bits = 9 + u32::from(a & 7) % 8; // 512 B .. 64 KiB
+    let opts = CreateOptions {
+        cluster_size: 1 << cluster_bits,
+        refcount_bits: 1 << (u32::from(a >> 3) % 7),
+        compat: if b & 1 == 0 { Compat::V3 } else { Compat::V2 },
+        lazy_refcounts: b & 2 != 0 && b & 1 == 0,
+        extended_l2: b & 4 != 0 && b & 1 == 0 && cluster_bits >= 14,
+        ..CreateOptions::default()
+    };
+    let size = 1u64 << 20;
+    let mem = Arc::new(MemoryStorage::new());
+    let Ok(img) = create_qcow2_on(mem.clone(), None, size, &opts) else {
+        return;
+    };
+    let mut model = vec![0u8; size as usize];
+    for op in rest.chunks_exact(6).take(64) {
+        let off = u64::from(u16::from_be_bytes([op[1], op[2]])) * 16 % model.len() as u64;
+        let max = model.len() as u64 - off;
+        let len = (u64::from(u16::from_be_bytes([op[3], op[4]])) * 4 % 70_000).min(max);
+        let (o, l) = (off as usize, len as usize);
+        match op[0] % 6 {
+            0 | 1 => {
+                let buf = vec![op[5] | 1; l];
+                assert!(img.write_at(&buf, off).is_ok(), "write failed");
+                model[o..o + l].copy_from_slice(&buf);
+            }
+            2 => {
+                assert!(img.write_zeroes(off, len).is_ok(), "write_zeroes failed");
+                model[o..o + l].fill(0);
+            }
+            3 => {
+                // Each byte reads as before or as zero (whole clusters are dropped): the model
+                // takes what the image reads, after checking exactly that.
+                assert!(img.discard(off, len).is_ok(), "discard failed");
+                let mut back = vec![0u8; l];
+                assert!(
+                    img.read_at(&mut back, off).is_ok(),
+                    "read after discard failed"
+                );
+                for (m, b) in model[o..o + l].iter_mut().zip(&back) {
+                    if *b != *m {
+                        assert_eq!(*b, 0, "discard produced data that is neither old nor zero");
+                        *m = 0;
+                    }
+                }
+            }
+            4 => assert!(img.flush().is_ok(), "flush failed"),
+            _ => {
+                let grow = (u64::from(op[5]) * 4096).next_multiple_of(512);
+                let new = (size + grow).min(4 << 20);
+                if new > model.len() as u64 && img.resize(new, false).is_ok() {
+                    model.resize(new as usize, 0);
+                }
+            }
+        }
+    }
+    let mut back = vec![0u8; model.len()];
+    assert!(img.read_at(&mut back, 0).is_ok(), "final read failed");
+    assert!(back == model, "image content differs from the model");
+    assert!(img.close().is_ok(), "close failed");
+    drop(img);
+    let report = check(mem.as_ref());
+    assert!(
+        matches!(&report, Ok(r) if r.is_clean()),
+        "check not clean: {report:?}"
+    );
+}
