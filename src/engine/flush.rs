@@ -110,7 +110,9 @@ impl Qcow2Image {
             let mut zeroed = Vec::new();
             for host in frees {
                 if m.refs()?.add(s, host, -1)? == 0 {
+                    // A freed L2 table is no longer metadata: the cluster may now hold data.
                     m.l2.forget_range(host, host + cs);
+                    m.l2_tables.remove(&host);
                     zeroed.push(host);
                 }
             }

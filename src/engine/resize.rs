@@ -32,6 +32,15 @@ impl Qcow2Image {
             ));
         }
         let old_size = self.size();
+        if new_size != old_size && !self.snapshots().is_empty() {
+            let v2 = self.lock_meta().header.version < 3;
+            if v2 {
+                // A v2 snapshot records no disk size: QEMU could not restore it afterwards.
+                return Err(Error::Unsupported(
+                    "Can't resize a v2 image which has snapshots".into(),
+                ));
+            }
+        }
         if new_size < old_size {
             if !allow_shrink {
                 return Err(Error::InvalidArgument(
@@ -213,6 +222,17 @@ impl Qcow2Image {
             self.flush_locked(&mut m)?;
         }
         self.write_size(new_size)?;
+        let raw_data_file = self.geo.data_file
+            && self
+                .lock_meta()
+                .header
+                .autoclear
+                .contains(crate::format::features::AutoclearFeatures::DATA_FILE_RAW);
+        if let Some(d) = self.data_storage.as_ref().filter(|_| raw_data_file) {
+            // A raw data file is the guest's content: it ends where the guest does.
+            d.set_len(new_size)
+                .map_err(io_err("truncating data file"))?;
+        }
         self.flush_impl()
     }
 }

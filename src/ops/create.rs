@@ -282,12 +282,25 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
     if o.extended_l2 {
         incompatible |= IncompatibleFeatures::EXTENDED_L2;
     }
-    let ext = Extensions {
+    let mut ext = Extensions {
         backing_format: o.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
         feature_names: if v3 { feature_table() } else { Vec::new() },
         data_file: o.data_file.as_ref().map(|d| d.as_bytes().to_vec()),
         ..Extensions::default()
     };
+    // Like qemu-img, leave the (optional) feature-name table out when cluster 0 is too small
+    // for it beside the header, the other extensions and the backing file name.
+    let needed = |e: &Extensions| {
+        u64::from(if v3 {
+            V3_HEADER_LENGTH
+        } else {
+            V2_HEADER_LENGTH
+        }) + e.encode().len() as u64
+            + o.backing_file.as_ref().map_or(0, |b| b.len() as u64)
+    };
+    if needed(&ext) > cs {
+        ext.feature_names.clear();
+    }
     let mut header = Header {
         version: if v3 { 3 } else { 2 },
         backing_file_offset: 0,
