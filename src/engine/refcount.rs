@@ -258,21 +258,7 @@ impl Refcounts {
                 self.add(storage, h, -1)?;
                 return Ok(());
             }
-            let cs = self.cluster_size();
-            storage
-                .write_at(&vec![0u8; cs as usize], h)
-                .map_err(io_err("writing new refcount block"))?;
-            self.blocks.insert(
-                ri,
-                Block {
-                    data: vec![0u8; cs as usize].into_boxed_slice(),
-                    dirty: true,
-                },
-            );
-            self.table[ri] = h;
-            self.block_offsets.insert(h, ());
-            self.table_dirty.insert(ri);
-            return Ok(());
+            return self.install_block(storage, ri, h);
         }
     }
 
@@ -291,6 +277,21 @@ impl Refcounts {
         self.table.get(ri).copied().unwrap_or(0) != 0
     }
 
+    /// Makes the (already counted, or about to be) cluster at `host` refcount block `ri`: zeroed
+    /// on disk first, so no table entry can ever point to garbage, then entered in the table.
+    fn install_block(&mut self, storage: &dyn Storage, ri: usize, host: u64) -> Result<()> {
+        let cs = self.cluster_size() as usize;
+        storage
+            .write_at(&vec![0u8; cs], host)
+            .map_err(io_err("writing new refcount block"))?;
+        let data = vec![0u8; cs].into_boxed_slice();
+        self.blocks.insert(ri, Block { data, dirty: true });
+        self.table[ri] = host;
+        self.block_offsets.insert(host, ());
+        self.table_dirty.insert(ri);
+        Ok(())
+    }
+
     /// Creates refcount block `ri` in the free cluster `at` (which a block already covers, or
     /// which block `ri` itself covers) and counts it.
     fn create_block(
@@ -302,20 +303,7 @@ impl Refcounts {
     ) -> Result<()> {
         let cs = self.cluster_size();
         let host = at << self.cluster_bits;
-        // The cluster is initialised on disk before any table entry can point to it.
-        storage
-            .write_at(&vec![0u8; cs as usize], host)
-            .map_err(io_err("writing new refcount block"))?;
-        self.blocks.insert(
-            ri,
-            Block {
-                data: vec![0u8; cs as usize].into_boxed_slice(),
-                dirty: true,
-            },
-        );
-        self.table[ri] = host;
-        self.block_offsets.insert(host, ());
-        self.table_dirty.insert(ri);
+        self.install_block(storage, ri, host)?;
         self.set_existing(storage, at, 1)?;
         *file_end = (*file_end).max(host + cs);
         Ok(())
