@@ -320,7 +320,7 @@ impl Qcow2Image {
         if g.extended {
             return match kind {
                 ClusterKind::Normal { host } if owned(entry) => {
-                    self.check_aligned(c0, entry, host)?;
+                    self.check_aligned(m, c0, entry, host)?;
                     self.check_overlap(m, c0, host, cs)?;
                     Ok(Plan::Subclusters {
                         guest: c0,
@@ -358,7 +358,7 @@ impl Qcow2Image {
 
         if let ClusterKind::Normal { host } = kind {
             if owned(entry) {
-                self.check_aligned(c0, entry, host)?;
+                self.check_aligned(m, c0, entry, host)?;
                 // Extend over following owned clusters that are contiguous on the host.
                 let end = pos + len;
                 let mut run_end = (c0 + cs).min(end);
@@ -456,13 +456,16 @@ impl Qcow2Image {
         }
     }
 
-    fn check_aligned(&self, guest: u64, entry: u64, host: u64) -> Result<()> {
-        if host % self.geo.cluster_size != 0 {
+    /// Refuses to write through an L2 entry whose cluster offset is misaligned: the image is
+    /// marked corrupt on disk and no further writes are made.
+    fn check_aligned(&self, m: &mut Meta, guest: u64, entry: u64, host: u64) -> Result<()> {
+        if host & (self.geo.cluster_size - 1) != 0 {
+            self.mark_corrupt(m);
             return Err(Corruption::BadEntry {
                 table: "L2",
                 guest_offset: guest,
                 entry,
-                rule: "cluster offset is not cluster-aligned",
+                rule: "cluster offset is not cluster-aligned; image marked corrupt",
             }
             .into());
         }
@@ -867,6 +870,38 @@ mod tests {
             after[l1 as usize..l1 as usize + 512],
             before[l1 as usize..l1 as usize + 512]
         );
+        let img = Qcow2Image::open(mem, &Qcow2Options::default()).unwrap();
+        assert!(img
+            .header()
+            .incompatible
+            .contains(IncompatibleFeatures::CORRUPT));
+    }
+
+    /// A misaligned data cluster offset: the write is refused and the image marked corrupt.
+    #[test]
+    fn misaligned_cluster_offset_marks_corrupt() {
+        let mem = Arc::new(MemoryStorage::new());
+        let img = create_qcow2_on(mem.clone(), None, 1 << 20, &CreateOptions::default()).unwrap();
+        img.write_at(&[1u8; 4096], 0).unwrap();
+        let l1 = img.header().l1_table_offset;
+        drop(img);
+        let mut e = [0u8; 8];
+        mem.read_at(&mut e, l1).unwrap();
+        let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+        mem.read_at(&mut e, l2).unwrap();
+        let bad = u64::from_be_bytes(e) + 512;
+        mem.write_at(&bad.to_be_bytes(), l2).unwrap();
+        let opts = Qcow2Options {
+            writable: true,
+            ..Default::default()
+        };
+        let img = Qcow2Image::open(mem.clone(), &opts).unwrap();
+        let r = img.write_at(&[2u8; 512], 0);
+        assert!(
+            matches!(r, Err(Error::Corrupt(Corruption::BadEntry { .. }))),
+            "{r:?}"
+        );
+        drop(img);
         let img = Qcow2Image::open(mem, &Qcow2Options::default()).unwrap();
         assert!(img
             .header()
