@@ -189,26 +189,22 @@ impl BlockDevice for RawImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;
-        // The sector-rounding tail past the end of the storage holds no data: it reads as
-        // zeros, and qemu-img map reports it as zero, not data.
-        let stored = self
+        // Holes (and the sector-rounding tail past the end of the storage) read as zeros, and
+        // qemu-img map reports them as zero at their offset, as it does data.
+        let run = self
             .storage
-            .len()
-            .map_err(|e| Error::io("reading raw image size", e))?;
-        if offset >= stored && len > 0 {
-            return Ok(Extent {
-                offset,
-                len,
-                kind: ExtentKind::Zero,
-                depth: 0,
-                host_offset: None,
-                compressed: false,
-            });
-        }
+            .data_run(offset)
+            .map_err(|e| Error::io("reading raw image extents", e))?;
+        let (data, run_end) = run.unwrap_or((true, u64::MAX));
+        let len = len.min(run_end.saturating_sub(offset).max(1));
         Ok(Extent {
             offset,
-            len: len.min(stored.saturating_sub(offset)),
-            kind: ExtentKind::Data,
+            len,
+            kind: if data {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Zero
+            },
             depth: 0,
             host_offset: Some(offset),
             compressed: false,

@@ -787,3 +787,43 @@ fn errors_match_qemu_img_exit_codes() {
     // info does not open backing files: an orphan still shows.
     same_json(&["info", "--output", "json", "orphan.qcow2"], dir);
 }
+
+/// A raw file with holes: holes are zero extents at their offset (SEEK_DATA/SEEK_HOLE), as
+/// qemu-img maps them, and a short tail past the last sector reads as zeros.
+#[test]
+fn raw_file_with_holes_maps_like_qemu_img() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    let mut data = vec![0u8; (5 << 20) + 777];
+    data[..5000].fill(b'a');
+    data[1 << 20..(1 << 20) + 70_000].fill(b'b');
+    data[3 << 20..(3 << 20) + 100].fill(b'c');
+    // Written sparsely: only the three data ranges reach the file system.
+    let f = fs::File::create(d.join("holes.raw")).expect("create");
+    use std::os::unix::fs::FileExt;
+    for (s, e) in [
+        (0, 5000),
+        (1 << 20, (1 << 20) + 70_000),
+        (3 << 20, (3 << 20) + 100),
+    ] {
+        f.write_all_at(&data[s..e], s as u64).expect("write");
+    }
+    f.set_len(data.len() as u64).expect("len");
+    drop(f);
+    for output in ["json", "human"] {
+        same(&["map", "-f", "raw", "--output", output, "holes.raw"], d);
+    }
+    same(
+        &[
+            "compare",
+            "-s",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            "holes.raw",
+            "holes.raw",
+        ],
+        d,
+    );
+}

@@ -1,7 +1,7 @@
 //! A file on the host as [`Storage`].
 
 use super::Storage;
-use rustix::fs::FallocateFlags;
+use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -126,6 +126,26 @@ impl Storage for FileStorage {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    fn data_run(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        // lseek(SEEK_DATA/SEEK_HOLE) moves the shared file position, which nothing here uses
+        // (all I/O is positioned).
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(Some((false, u64::MAX)));
+        }
+        match rustix::fs::seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(d) if d == offset => {
+                let hole = rustix::fs::seek(&self.file, SeekFrom::Hole(offset))?;
+                Ok(Some((true, hole.min(len))))
+            }
+            Ok(d) => Ok(Some((false, d))),
+            // No data at or after `offset`: a hole up to the end.
+            Err(e) if e == Errno::NXIO => Ok(Some((false, len))),
+            Err(e) if e == Errno::INVAL || e == Errno::OPNOTSUPP => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn allocated_bytes(&self) -> Option<u64> {

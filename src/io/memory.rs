@@ -79,6 +79,16 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn data_run(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        // Everything stored is data; past the end is a hole.
+        let len = self.len()?;
+        Ok(Some(if offset >= len {
+            (false, u64::MAX)
+        } else {
+            (true, len)
+        }))
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
         let dlen = data.len() as u64;

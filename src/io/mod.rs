@@ -47,6 +47,14 @@ pub trait Storage: Send + Sync + Debug {
     /// Makes `len` bytes at `offset` read as zeros, releasing space where the backend can.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
 
+    /// Whether the bytes at `offset` hold data (`true`) or lie in a hole that reads as zeros
+    /// (`false`), and where that run ends; `None` when the backend cannot tell (then everything
+    /// counts as data). Past the end of the storage it is a hole.
+    fn data_run(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        let _ = offset;
+        Ok(None)
+    }
+
     /// Bytes actually allocated on the medium (for `info`'s "disk size"), if known.
     fn allocated_bytes(&self) -> Option<u64> {
         None
