@@ -12,11 +12,10 @@ use crate::format::bitmap::FLAG_AUTO;
 use crate::format::bitmap::{parse_directory, BitmapEntry};
 use crate::format::entry::OFFSET_MASK;
 use crate::format::extension::Extensions;
+use crate::format::features::AutoclearFeatures;
 use crate::format::features::IncompatibleFeatures;
-use crate::format::features::{known_incompatible_name, AutoclearFeatures, FeatureKind};
-use crate::format::header::{
-    check_table, CryptMethod, Header, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH,
-};
+use crate::format::header::{check_table, CryptMethod, Header, SNAPSHOT_HEADER_SIZE};
+use crate::format::parse_first_cluster;
 use crate::format::snapshot::{parse_table, Snapshot, ENTRY_PAST_END};
 use crate::format::{be_u64, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::io::{Storage, StorageExt};
@@ -165,43 +164,8 @@ impl Qcow2Image {
         let first = storage
             .read_vec(0, first_len)
             .map_err(io_err("reading header"))?;
-        let mut header = Header::parse(&first)?;
+        let (mut header, extensions) = parse_first_cluster(&first)?;
         let cs = header.cluster_size();
-
-        // Extensions end at the backing file name, and never past cluster 0 (QEMU refuses a
-        // backing_file_offset beyond it before reading extensions; `validate` reports that).
-        let ext_end = if header.backing_file_offset != 0 {
-            header.backing_file_offset.min(cs)
-        } else {
-            cs
-        };
-        let ext_start = u64::from(header.header_length.max(V2_HEADER_LENGTH));
-        let area = if ext_end > ext_start {
-            let end = (ext_end as usize).min(first.len());
-            first.get(ext_start as usize..end).unwrap_or(&[])
-        } else {
-            &[]
-        };
-        let extensions = Extensions::parse(area)?;
-
-        let unknown = header.unknown_incompatible();
-        if unknown != 0 {
-            let names = (0..64u32)
-                .filter(|b| unknown >> b & 1 != 0)
-                .map(|b| {
-                    extensions
-                        .feature_name(FeatureKind::Incompatible, b as u8)
-                        .map(str::to_string)
-                        .or_else(|| known_incompatible_name(b).map(str::to_string))
-                        .unwrap_or_else(|| format!("unknown incompatible feature bit {b}"))
-                })
-                .collect();
-            return Err(Corruption::UnknownIncompatibleFeatures {
-                bits: unknown,
-                names,
-            }
-            .into());
-        }
         header.validate(file_len)?;
         let file_end = file_len.next_multiple_of(cs);
 

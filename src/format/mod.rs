@@ -37,3 +37,47 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Number of subclusters in a cluster of an image with extended L2 entries.
 pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
+
+/// Parses the header and its extensions from the first bytes of an image (normally its first
+/// cluster) and refuses incompatible feature bits this implementation does not know, naming
+/// them from the image's feature-name table where it has them.
+///
+/// Extensions end at the backing file name and never past cluster 0 (QEMU refuses a
+/// `backing_file_offset` beyond it; [`Header::validate`](header::Header::validate) reports that).
+pub fn parse_first_cluster(
+    first: &[u8],
+) -> Result<(header::Header, extension::Extensions), crate::error::Corruption> {
+    let header = header::Header::parse(first)?;
+    let cs = header.cluster_size();
+    let ext_end = if header.backing_file_offset != 0 {
+        header.backing_file_offset.min(cs)
+    } else {
+        cs
+    };
+    let ext_start = u64::from(header.header_length.max(header::V2_HEADER_LENGTH));
+    let area = if ext_end > ext_start {
+        let end = (ext_end as usize).min(first.len());
+        first.get(ext_start as usize..end).unwrap_or(&[])
+    } else {
+        &[]
+    };
+    let extensions = extension::Extensions::parse(area)?;
+    let unknown = header.unknown_incompatible();
+    if unknown != 0 {
+        let names = (0..64u32)
+            .filter(|b| unknown >> b & 1 != 0)
+            .map(|b| {
+                extensions
+                    .feature_name(features::FeatureKind::Incompatible, b as u8)
+                    .map(str::to_string)
+                    .or_else(|| features::known_incompatible_name(b).map(str::to_string))
+                    .unwrap_or_else(|| format!("unknown incompatible feature bit {b}"))
+            })
+            .collect();
+        return Err(crate::error::Corruption::UnknownIncompatibleFeatures {
+            bits: unknown,
+            names,
+        });
+    }
+    Ok((header, extensions))
+}

@@ -38,10 +38,9 @@ use crate::format::entry::{
     ZERO,
 };
 use crate::format::extension::{Extensions, EXT_CRYPTO};
-use crate::format::features::{
-    known_incompatible_name, AutoclearFeatures, FeatureKind, IncompatibleFeatures,
-};
-use crate::format::header::{CryptMethod, Header, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH};
+use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
+use crate::format::header::{CryptMethod, Header, SNAPSHOT_HEADER_SIZE};
+use crate::format::parse_first_cluster;
 use crate::format::snapshot::parse_table;
 use crate::format::{
     be_u16, be_u32, be_u64, refcount, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES,
@@ -566,39 +565,8 @@ impl<'a> Checker<'a> {
         let first = storage
             .read_vec(0, file_len.min(1 << MAX_CLUSTER_BITS) as usize)
             .map_err(|e| Error::io("reading header", e))?;
-        let header = Header::parse(&first)?;
+        let (header, extensions) = parse_first_cluster(&first)?;
         let cs = header.cluster_size();
-        let ext_end = if header.backing_file_offset != 0 {
-            header.backing_file_offset.min(cs)
-        } else {
-            cs
-        };
-        let ext_start = u64::from(header.header_length.max(V2_HEADER_LENGTH));
-        let area = if ext_end > ext_start {
-            let end = (ext_end as usize).min(first.len());
-            first.get(ext_start as usize..end).unwrap_or(&[])
-        } else {
-            &[]
-        };
-        let extensions = Extensions::parse(area)?;
-        let unknown = header.unknown_incompatible();
-        if unknown != 0 {
-            let names = (0..64u32)
-                .filter(|b| unknown >> b & 1 != 0)
-                .map(|b| {
-                    extensions
-                        .feature_name(FeatureKind::Incompatible, b as u8)
-                        .map(str::to_string)
-                        .or_else(|| known_incompatible_name(b).map(str::to_string))
-                        .unwrap_or_else(|| format!("unknown incompatible feature bit {b}"))
-                })
-                .collect();
-            return Err(Corruption::UnknownIncompatibleFeatures {
-                bits: unknown,
-                names,
-            }
-            .into());
-        }
         validate_for_check(&header)?;
         if let Some(c) = &extensions.crypto {
             if header.crypt_method != CryptMethod::Luks {
