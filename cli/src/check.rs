@@ -233,12 +233,7 @@ pub fn run(args: &[String]) -> u8 {
         } else {
             human_report(&report)
         };
-        let mut stdout = std::io::stdout().lock();
-        if stdout
-            .write_all(out.as_bytes())
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
+        if !crate::common::print_stdout(&out) {
             return 1;
         }
     }

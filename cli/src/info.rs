@@ -13,7 +13,6 @@ use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::probe_file;
 use qcow2kit::ops::info::{backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info};
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -97,12 +96,7 @@ pub fn run(args: &[String]) -> u8 {
             dump_human(&mut out, info, &tz);
         }
     }
-    let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(out.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
+    if !crate::common::print_stdout(&out) {
         return 1;
     }
     0
