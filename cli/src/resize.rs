@@ -8,7 +8,7 @@
 //! size must be a multiple of 512 bytes); raw images by changing the file's length (any
 //! length; `--preallocation=falloc|full` writes zeros over the new range).
 //!
-//! An external data file is resized with the image, as QEMU does.
+//! An external data file is resized with the image, as QEMU does (by the library).
 //!
 //! Not covered: `--preallocation` other than `off` on qcow2 images, `--object`, `--image-opts`.
 //!
@@ -16,7 +16,7 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
-use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions};
 use qcow2kit::BlockDevice;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
@@ -152,15 +152,6 @@ fn resize(args: &[String]) -> Result<(), String> {
             }
             img.resize(total, shrink).map_err(|e| lib_error(&e))?;
             img.close().map_err(|e| lib_error(&e))?;
-            // QEMU resizes an external data file with the image; the library leaves it alone.
-            if let Some(name) = img.data_file_name() {
-                let dpath = resolve_relative(path, name).map_err(|e| lib_error(&e))?;
-                FileOptions::new()
-                    .write(true)
-                    .open(&dpath)
-                    .and_then(|d| d.set_len(total).and_then(|()| d.sync_all()))
-                    .map_err(|e| format!("Could not resize data file: {}", strerror(&e)))?;
-            }
         }
         ImageFormat::Raw => {
             let f = FileOptions::new()

@@ -222,14 +222,9 @@ impl Qcow2Image {
             self.flush_locked(&mut m)?;
         }
         self.write_size(new_size)?;
-        let raw_data_file = self.geo.data_file
-            && self
-                .lock_meta()
-                .header
-                .autoclear
-                .contains(crate::format::features::AutoclearFeatures::DATA_FILE_RAW);
-        if let Some(d) = self.data_storage.as_ref().filter(|_| raw_data_file) {
-            // A raw data file is the guest's content: it ends where the guest does.
+        if let Some(d) = self.data_storage.as_ref().filter(|_| self.geo.data_file) {
+            // As QEMU does, the data file ends where the guest does (data clusters map one to
+            // one onto it, so nothing past the new end is referenced).
             d.set_len(new_size)
                 .map_err(io_err("truncating data file"))?;
         }
