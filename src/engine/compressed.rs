@@ -38,7 +38,7 @@ impl Qcow2Image {
         if !compress_cluster(g.compression, &full, &mut z) {
             return self.write_at(data, offset);
         }
-        let _g = self.begin_write_pub(offset, len)?;
+        let _g = self.begin_write(offset, len)?;
         let host = {
             let mut m = self.lock_meta();
             self.alloc_compressed(&mut m, z.len() as u64)?
@@ -48,7 +48,7 @@ impl Qcow2Image {
             return Err(Error::io("writing compressed cluster", e));
         }
         let mut m = self.lock_meta();
-        self.note_file_growth_pub(&mut m, host + z.len() as u64);
+        self.note_file_growth(&mut m, host + z.len() as u64);
         let desc = CompressedDescriptor::for_bytes(host, z.len() as u64);
         let entry = desc.encode(g.cluster_bits).ok_or_else(|| {
             Error::Unsupported("compressed cluster lies beyond what an L2 entry can address".into())
@@ -56,8 +56,8 @@ impl Qcow2Image {
         let (old, _) = self.entry_at(&mut m, offset)?;
         let l1_index = (offset >> (g.cluster_bits + g.l2_bits)) as usize;
         self.ensure_l2_writable(&mut m, l1_index)?;
-        self.set_entry_pub(&mut m, offset, entry, 0)?;
-        self.queue_free_entry(&mut m, old);
+        self.set_entry(&mut m, offset, entry, 0)?;
+        self.queue_free(&mut m, old);
         Ok(())
     }
 

@@ -103,7 +103,7 @@ impl Qcow2Image {
                 }
                 s.write_at(&raw, new_off)
                     .map_err(io_err("writing new L1 table"))?;
-                self.note_growth(&mut m, new_off + clusters * cs);
+                self.note_file_growth(&mut m, new_off + clusters * cs);
                 // New table and its refcounts durable, then the header switch, then a flush.
                 self.flush_locked(&mut m)?;
                 if !Self::lazy_refcounts(&m) {
@@ -168,11 +168,6 @@ impl Qcow2Image {
         self.flush_impl()
     }
 
-    fn note_growth(&self, m: &mut super::meta::Meta, end: u64) {
-        m.file_len = m.file_len.max(end);
-        self.file_len.fetch_max(end, Ordering::Relaxed);
-    }
-
     fn shrink(&self, new_size: u64) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size;
@@ -198,7 +193,7 @@ impl Qcow2Image {
                         let mut p = table_start;
                         while p < table_start + per_table {
                             let (e, _) = self.entry_at(&mut m, p)?;
-                            self.queue_free_entry(&mut m, e);
+                            self.queue_free(&mut m, e);
                             p += cs;
                         }
                     }
@@ -212,8 +207,8 @@ impl Qcow2Image {
                     self.ensure_l2_writable(&mut m, l1_index)?;
                     let (e, _) = self.entry_at(&mut m, c)?;
                     if e != 0 {
-                        self.set_entry_pub(&mut m, c, 0, 0)?;
-                        self.queue_free_entry(&mut m, e);
+                        self.set_entry(&mut m, c, 0, 0)?;
+                        self.queue_free(&mut m, e);
                     }
                     c += cs;
                 }

@@ -42,7 +42,7 @@ const ALL_ZERO: u64 = 0xffff_ffff << 32;
 const MAX_RUN_CLUSTERS: u64 = 1024;
 
 /// Releases a guest range lock on drop.
-struct RangeGuard<'a> {
+pub(crate) struct RangeGuard<'a> {
     img: &'a Qcow2Image,
     range: (u64, u64),
 }
@@ -56,11 +56,6 @@ impl Drop for RangeGuard<'_> {
         self.img.inflight_done.notify_all();
     }
 }
-
-/// A lock on the whole guest range (resize, preallocation).
-pub(crate) struct RangeGuardAll<'a>(
-    #[allow(dead_code, reason = "held for its Drop")] RangeGuard<'a>,
-);
 
 /// What to do with the run at the current position.
 enum Plan {
@@ -101,7 +96,7 @@ impl Qcow2Image {
         }
     }
 
-    fn begin_write(&self, offset: u64, len: u64) -> Result<RangeGuard<'_>> {
+    pub(crate) fn begin_write(&self, offset: u64, len: u64) -> Result<RangeGuard<'_>> {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
@@ -155,7 +150,13 @@ impl Qcow2Image {
     }
 
     /// Sets the L2 entry of the cluster holding `guest`; its L2 table must be writable.
-    fn set_entry(&self, m: &mut Meta, guest: u64, entry: u64, bitmap: u64) -> Result<()> {
+    pub(crate) fn set_entry(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
         let g = self.geo;
         let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
         let l1e = m.l1.get(l1_index).copied().unwrap_or(0);
@@ -235,33 +236,13 @@ impl Qcow2Image {
         Ok(new)
     }
 
-    fn note_file_growth(&self, m: &mut Meta, end: u64) {
+    pub(crate) fn note_file_growth(&self, m: &mut Meta, end: u64) {
         m.file_len = m.file_len.max(end);
         self.file_len.fetch_max(end, Ordering::Relaxed);
     }
 
-    /// [`begin_write`](Self::begin_write) for sibling modules.
-    pub(crate) fn begin_write_pub(&self, offset: u64, len: u64) -> Result<impl Drop + '_> {
-        self.begin_write(offset, len)
-    }
-
-    /// [`note_file_growth`](Self::note_file_growth) for sibling modules.
-    pub(crate) fn note_file_growth_pub(&self, m: &mut Meta, end: u64) {
-        self.note_file_growth(m, end)
-    }
-
-    /// [`set_entry`](Self::set_entry) for sibling modules.
-    pub(crate) fn set_entry_pub(&self, m: &mut Meta, guest: u64, e: u64, b: u64) -> Result<()> {
-        self.set_entry(m, guest, e, b)
-    }
-
-    /// [`queue_free`](Self::queue_free) for sibling modules.
-    pub(crate) fn queue_free_entry(&self, m: &mut Meta, entry: u64) {
-        self.queue_free(m, entry)
-    }
-
     /// Queues the release of whatever host clusters `entry` holds.
-    fn queue_free(&self, m: &mut Meta, entry: u64) {
+    pub(crate) fn queue_free(&self, m: &mut Meta, entry: u64) {
         if self.geo.data_file {
             return; // Data clusters in an external data file are not refcounted.
         }
@@ -762,11 +743,11 @@ impl Qcow2Image {
     }
 
     /// Locks the whole guest range (no write, zeroing or discard runs concurrently).
-    pub(crate) fn lock_everything(&self) -> Result<RangeGuardAll<'_>> {
+    pub(crate) fn lock_everything(&self) -> Result<RangeGuard<'_>> {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
-        Ok(RangeGuardAll(self.lock_range(0, u64::MAX)))
+        Ok(self.lock_range(0, u64::MAX))
     }
 
     /// Allocates every cluster of the device (preallocation=metadata/falloc/full): L2 tables
