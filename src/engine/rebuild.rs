@@ -185,7 +185,7 @@ pub(crate) fn rebuild_refcounts(
             let start = ri as u64 * per_block;
             for cl in start..start + per_block {
                 let v = c.counts.get(cl as usize).copied().unwrap_or(0);
-                refs.set(storage, cl, v)?;
+                refs.set_existing(storage, cl, v)?;
             }
         }
     }
@@ -199,7 +199,7 @@ pub(crate) fn rebuild_refcounts(
         if used && !refs.has_block(ri) {
             refs.ensure_block(storage, ri, &mut file_end)?;
             for cl in start..end {
-                refs.set(storage, cl, c.counts[cl as usize])?;
+                refs.set_existing(storage, cl, c.counts[cl as usize])?;
             }
         }
     }

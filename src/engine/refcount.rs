@@ -136,7 +136,12 @@ impl Refcounts {
     }
 
     /// Sets the refcount of a cluster whose block exists.
-    fn set_existing(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+    pub(crate) fn set_existing(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        value: u64,
+    ) -> Result<()> {
         let ri = (cluster >> self.block_bits) as usize;
         if self.table.get(ri).copied().unwrap_or(0) == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -260,11 +265,6 @@ impl Refcounts {
             }
             return self.install_block(storage, ri, h);
         }
-    }
-
-    /// Sets the refcount of a cluster whose block exists (refcount rebuild).
-    pub(crate) fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
-        self.set_existing(storage, cluster, value)
     }
 
     /// Number of refcount table entries, and entries per block as a shift.
