@@ -10,7 +10,7 @@
 use crate::device::{BlockDevice, RawImage};
 use crate::engine::{Qcow2Image, Qcow2Options, SnapshotRef};
 use crate::error::{Error, Result};
-use crate::format::probe::{probe, Detected};
+use crate::format::probe::{detect, probe, Format, HEAD_BYTES, TAIL_BYTES};
 use crate::io::{FileStorage, Storage, StorageExt};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -131,16 +131,37 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
     open_layer(path, format, opts, 0, &mut seen, true)
 }
 
-/// Reads the first 64 KiB of `path` and returns the detected format (raw if none).
+/// Detects the format of the file at `path` as a qemu-style probe would (see
+/// [`crate::format::probe::probe`]): raw when no image signature is found, qcow2 or raw are
+/// returned, any other format is unsupported, and a polyglot (signatures of several formats) is
+/// refused rather than guessed at.
 pub fn probe_file(path: &Path) -> Result<ImageFormat> {
     let s = open_storage(path, false)?;
+    let len = s.len().map_err(|e| Error::io("probing format", e))?;
     let head = s
-        .read_vec(0, 64 << 10)
+        .read_vec(0, len.min(HEAD_BYTES) as usize)
         .map_err(|e| Error::io("probing format", e))?;
-    match probe(&head) {
-        None => Ok(ImageFormat::Raw),
-        Some(Detected::Qcow2) => Ok(ImageFormat::Qcow2),
-        Some(d) => Err(Error::Unsupported(format!("image format '{}'", d.name()))),
+    let tail = match len.checked_sub(TAIL_BYTES) {
+        Some(at) => Some(
+            s.read_vec(at, TAIL_BYTES as usize)
+                .map_err(|e| Error::io("probing format", e))?,
+        ),
+        None => None,
+    };
+    let detected = detect(&head, tail.as_deref());
+    match probe(&detected) {
+        Some(Format::Raw) => Ok(ImageFormat::Raw),
+        Some(Format::Qcow2) => Ok(ImageFormat::Qcow2),
+        Some(f) => Err(Error::Unsupported(format!("image format '{f}'"))),
+        None => Err(Error::Unsupported(format!(
+            "'{}' carries the signatures of several formats ({}); name its format explicitly",
+            path.display(),
+            detected
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 

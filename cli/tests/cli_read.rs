@@ -827,3 +827,43 @@ fn raw_file_with_holes_maps_like_qemu_img() {
         d,
     );
 }
+
+/// Format detection without `-f` goes through the same signature scan as `inspect`: an ISO file
+/// system or a partitioned disk is raw to qemu-img and to us; a foreign format is named; a
+/// polyglot (a qcow2 header that also carries a VDI signature) is refused instead of guessed at
+/// — qemu-img picks one of the two formats, which is what polyglot attacks rely on.
+#[test]
+fn probing_detects_like_inspect() {
+    let tmp = TempDir::new().expect("tempdir");
+    let dir = tmp.path();
+    let mut iso = vec![0u8; 1 << 20];
+    iso[32769..32774].copy_from_slice(b"CD001");
+    iso[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(dir.join("hybrid.iso"), &iso).expect("write iso");
+    same(&["info", "hybrid.iso"], dir);
+    same_json(&["info", "--output", "json", "hybrid.iso"], dir);
+
+    img(dir, &["create", "-q", "-f", "vmdk", "disk.vmdk", "1M"]);
+    let out = exec(QCOW2KIT, &["info", "disk.vmdk"], dir, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("image format 'vmdk'"), "{err}");
+
+    img(dir, &["create", "-q", "-f", "qcow2", "poly.qcow2", "1M"]);
+    let mut poly = std::fs::read(dir.join("poly.qcow2")).expect("read image");
+    // Bytes 64..68 of a v3 header are the high half of the snapshot table offset (0 here).
+    poly[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+    std::fs::write(dir.join("poly.qcow2"), &poly).expect("write polyglot");
+    for args in [&["info", "poly.qcow2"][..], &["map", "poly.qcow2"]] {
+        let out = exec(QCOW2KIT, args, dir, &[]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("several formats (qcow2, vdi)"),
+            "{args:?}: {err}"
+        );
+    }
+    // Named explicitly, the format is what the caller said (with no snapshots, the snapshot
+    // table offset is not looked at, by either tool).
+    same(&["info", "-f", "qcow2", "poly.qcow2"], dir);
+}

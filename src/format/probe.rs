@@ -1,94 +1,174 @@
-//! Format detection from the first bytes of a file (used by `inspect` and by policies that
-//! allow probing a backing file's format; opening an image never guesses on its own).
+//! Format detection from a file's first bytes and its last sector: every format whose signature
+//! a file carries (several means a *polyglot*). Used by `inspect` and by policies that allow
+//! probing a file's format; opening an image never guesses on its own.
 
-/// Formats recognised by their magic numbers.
+/// Bytes of a file's head examined for signatures (every signature lies within them).
+pub const HEAD_BYTES: u64 = 64 << 10;
+/// Bytes of a file's tail examined for signatures (a VHD footer).
+pub const TAIL_BYTES: u64 = 512;
+
+/// A disk image format, as qemu-img names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Detected {
-    /// qcow2 (`QFI\xfb`, version 2 or 3).
+#[non_exhaustive]
+pub enum Format {
+    /// No signature: a raw disk (never *detected*, only the fallback or a declared format).
+    Raw,
+    /// qcow2 (`QFI\xfb`, version 2 or 3 — or any version but 1).
     Qcow2,
-    /// qcow version 1 (`QFI\xfb`, version 1).
-    Qcow1,
-    /// VMDK sparse extent (`KDMV`) or descriptor file (`# Disk DescriptorFile`).
+    /// qcow version 1.
+    Qcow,
+    /// VMDK sparse extent or descriptor.
     Vmdk,
-    /// VHDX (`vhdxfile`).
+    /// VHDX.
     Vhdx,
     /// VirtualBox VDI.
     Vdi,
-    /// QED (`QED\0`).
+    /// QED.
     Qed,
-    /// LUKS (`LUKS\xba\xbe`).
+    /// LUKS.
     Luks,
-    /// VHD / VPC (`conectix`).
+    /// VHD (`conectix` at the head, or as a fixed-disk footer in the last 512 bytes).
     Vpc,
-    /// Parallels (`WithoutFreeSpace` / `WithouFreSpacExt`).
+    /// Parallels.
     Parallels,
-    /// ISO 9660 (`CD001` at 32769).
+    /// ISO 9660 or UDF (`CD001`, `NSR02`, `NSR03` at byte 32769).
     Iso,
+    /// A partition table: an MBR signature (`55 AA` at byte 510) that is not a FAT boot sector;
+    /// OpenStack calls it `gpt`.
+    Gpt,
 }
 
-impl Detected {
-    /// Format name as qemu-img spells it.
+impl Format {
+    /// The name qemu-img (or, for `gpt`, OpenStack) uses.
     pub fn name(self) -> &'static str {
         match self {
-            Detected::Qcow2 => "qcow2",
-            Detected::Qcow1 => "qcow",
-            Detected::Vmdk => "vmdk",
-            Detected::Vhdx => "vhdx",
-            Detected::Vdi => "vdi",
-            Detected::Qed => "qed",
-            Detected::Luks => "luks",
-            Detected::Vpc => "vpc",
-            Detected::Parallels => "parallels",
-            Detected::Iso => "iso",
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Qcow => "qcow",
+            Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+            Format::Qed => "qed",
+            Format::Luks => "luks",
+            Format::Vpc => "vpc",
+            Format::Parallels => "parallels",
+            Format::Iso => "iso",
+            Format::Gpt => "gpt",
         }
+    }
+
+    /// Parses a format name (`vhd` is accepted for `vpc`).
+    pub fn from_name(name: &str) -> Option<Format> {
+        Some(match name {
+            "raw" => Format::Raw,
+            "qcow2" => Format::Qcow2,
+            "qcow" => Format::Qcow,
+            "vmdk" => Format::Vmdk,
+            "vhdx" => Format::Vhdx,
+            "vdi" => Format::Vdi,
+            "qed" => Format::Qed,
+            "luks" => Format::Luks,
+            "vpc" | "vhd" => Format::Vpc,
+            "parallels" => Format::Parallels,
+            "iso" => Format::Iso,
+            "gpt" => Format::Gpt,
+            _ => return None,
+        })
     }
 }
 
-/// Every format whose signature appears in `head` (the file's first bytes; 64 KiB is enough
-/// for all of them). More than one entry means a polyglot.
-pub fn detect_all(head: &[u8]) -> Vec<Detected> {
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Every format whose signature appears in `head` (the file's first bytes; 64 KiB covers all of
+/// them) or in `tail` (its last 512 bytes, where a fixed VHD keeps its footer), head signatures
+/// first. Empty for raw data.
+pub fn detect(head: &[u8], tail: Option<&[u8]>) -> Vec<Format> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     let mut v = Vec::new();
+    let mut add = |f: Format| {
+        if !v.contains(&f) {
+            v.push(f);
+        }
+    };
     if at(0, b"QFI\xfb") {
         match head
             .get(4..8)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         {
-            Some(1) => v.push(Detected::Qcow1),
-            _ => v.push(Detected::Qcow2),
+            Some(1) => add(Format::Qcow),
+            _ => add(Format::Qcow2),
         }
     }
     if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
-        v.push(Detected::Vmdk);
+        add(Format::Vmdk);
     }
     if at(0, b"vhdxfile") {
-        v.push(Detected::Vhdx);
+        add(Format::Vhdx);
     }
     // VDI: signature 0xbeda107f (little-endian) at offset 64.
     if at(64, &[0x7f, 0x10, 0xda, 0xbe]) {
-        v.push(Detected::Vdi);
+        add(Format::Vdi);
     }
     if at(0, b"QED\0") {
-        v.push(Detected::Qed);
+        add(Format::Qed);
     }
     if at(0, b"LUKS\xba\xbe") {
-        v.push(Detected::Luks);
+        add(Format::Luks);
     }
     if at(0, b"conectix") {
-        v.push(Detected::Vpc);
+        add(Format::Vpc);
     }
     if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
-        v.push(Detected::Parallels);
+        add(Format::Parallels);
     }
-    if at(32769, b"CD001") {
-        v.push(Detected::Iso);
+    if at(32769, b"CD001") || at(32769, b"NSR02") || at(32769, b"NSR03") {
+        add(Format::Iso);
+    }
+    if has_partition_table(head) {
+        add(Format::Gpt);
+    }
+    if tail.is_some_and(|t| t.starts_with(b"conectix")) {
+        add(Format::Vpc);
     }
     v
 }
 
-/// The format a qemu-style probe picks: the first detected one, or raw (`None`).
-pub fn probe(head: &[u8]) -> Option<Detected> {
-    detect_all(head).into_iter().next()
+/// An MBR signature at 510 that is not the boot sector of a FAT file system (OpenStack's
+/// `GPTInspector.format_match`).
+fn has_partition_table(head: &[u8]) -> bool {
+    if head.len() < 512 || head[510..512] != [0x55, 0xaa] {
+        return false;
+    }
+    let is_fat = head[0x10] == 2 && head[0x15] == 0xf8;
+    !is_fat
+}
+
+/// Whether `detected` is a hybrid ISO: an ISO 9660 image that also carries a partition table so
+/// it boots from a USB stick. It is one image, not a polyglot.
+pub fn is_hybrid_iso(detected: &[Format]) -> bool {
+    detected.len() == 2 && detected.contains(&Format::Iso) && detected.contains(&Format::Gpt)
+}
+
+/// The block driver a qemu-style probe reads a file with, given what [`detect`] found: raw when
+/// nothing was detected or only signatures qemu has no driver for (ISO file systems and
+/// partition tables are raw disks to qemu); `None` for a polyglot, which a careful reader must
+/// not guess at (qemu picks one by its drivers' scores; which one differs between tools, and that
+/// difference is what a polyglot attack exploits).
+pub fn probe(detected: &[Format]) -> Option<Format> {
+    let drivers: Vec<Format> = detected
+        .iter()
+        .copied()
+        .filter(|f| !matches!(f, Format::Iso | Format::Gpt | Format::Raw))
+        .collect();
+    match drivers.as_slice() {
+        [] => Some(Format::Raw),
+        [one] => Some(*one),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -99,14 +179,33 @@ mod tests {
     fn detects_and_flags_polyglots() {
         let mut b = vec![0u8; 40000];
         b[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
-        assert_eq!(detect_all(&b), vec![Detected::Qcow2]);
+        assert_eq!(detect(&b, None), vec![Format::Qcow2]);
+        assert_eq!(probe(&detect(&b, None)), Some(Format::Qcow2));
         b[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
         b[32769..32774].copy_from_slice(b"CD001");
-        assert_eq!(
-            detect_all(&b),
-            vec![Detected::Qcow2, Detected::Vdi, Detected::Iso]
-        );
-        assert_eq!(probe(&[0u8; 10]), None);
-        assert_eq!(probe(b"LUKS\xba\xbe\0\x01"), Some(Detected::Luks));
+        let d = detect(&b, None);
+        assert_eq!(d, vec![Format::Qcow2, Format::Vdi, Format::Iso]);
+        assert_eq!(probe(&d), None);
+        assert_eq!(detect(&[0u8; 10], None), vec![]);
+        assert_eq!(probe(&[]), Some(Format::Raw));
+        assert_eq!(detect(b"LUKS\xba\xbe\0\x01", None), vec![Format::Luks]);
+    }
+
+    #[test]
+    fn iso_and_partition_tables_probe_as_raw() {
+        let mut b = vec![0u8; 40000];
+        b[32769..32774].copy_from_slice(b"NSR03");
+        b[510..512].copy_from_slice(&[0x55, 0xaa]);
+        let d = detect(&b, None);
+        assert_eq!(d, vec![Format::Iso, Format::Gpt]);
+        assert!(is_hybrid_iso(&d));
+        assert_eq!(probe(&d), Some(Format::Raw));
+    }
+
+    #[test]
+    fn vhd_footer_in_the_tail() {
+        let mut tail = vec![0u8; 512];
+        tail[..8].copy_from_slice(b"conectix");
+        assert_eq!(detect(&[0u8; 1024], Some(&tail)), vec![Format::Vpc]);
     }
 }

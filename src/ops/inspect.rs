@@ -31,7 +31,8 @@ use crate::format::features::{
     AutoclearFeatures, CompatibleFeatures, FeatureKind, IncompatibleFeatures,
 };
 use crate::format::header::{Header, V2_HEADER_LENGTH};
-use crate::format::probe::{detect_all, Detected};
+use crate::format::probe::{detect, is_hybrid_iso};
+pub use crate::format::probe::{Format, HEAD_BYTES, TAIL_BYTES};
 use crate::format::{
     be_u32, be_u64, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_MAGIC,
 };
@@ -39,104 +40,6 @@ use crate::io::{FileStorage, Storage, StorageExt};
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-
-/// Bytes of the file's head examined for signatures.
-pub const HEAD_BYTES: u64 = 64 << 10;
-/// Bytes of the file's tail examined for signatures (a VHD footer).
-pub const TAIL_BYTES: u64 = 512;
-
-/// A disk image format, as qemu-img names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Format {
-    /// No signature: a raw disk (never *detected*, only the fallback or a declared format).
-    Raw,
-    /// qcow2 (`QFI\xfb`, version 2 or 3 — or any version but 1).
-    Qcow2,
-    /// qcow version 1.
-    Qcow,
-    /// VMDK sparse extent or descriptor.
-    Vmdk,
-    /// VHDX.
-    Vhdx,
-    /// VirtualBox VDI.
-    Vdi,
-    /// QED.
-    Qed,
-    /// LUKS.
-    Luks,
-    /// VHD (`conectix` at the head, or as a fixed-disk footer in the last 512 bytes).
-    Vpc,
-    /// Parallels.
-    Parallels,
-    /// ISO 9660 or UDF (`CD001`, `NSR02`, `NSR03` at byte 32769).
-    Iso,
-    /// A partition table: an MBR signature (`55 AA` at byte 510) that is not a FAT boot sector;
-    /// OpenStack calls it `gpt`.
-    Gpt,
-}
-
-impl Format {
-    /// The name qemu-img (or, for `gpt`, OpenStack) uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-            Format::Qcow => "qcow",
-            Format::Vmdk => "vmdk",
-            Format::Vhdx => "vhdx",
-            Format::Vdi => "vdi",
-            Format::Qed => "qed",
-            Format::Luks => "luks",
-            Format::Vpc => "vpc",
-            Format::Parallels => "parallels",
-            Format::Iso => "iso",
-            Format::Gpt => "gpt",
-        }
-    }
-
-    /// Parses a format name (`vhd` is accepted for `vpc`).
-    pub fn from_name(name: &str) -> Option<Format> {
-        Some(match name {
-            "raw" => Format::Raw,
-            "qcow2" => Format::Qcow2,
-            "qcow" => Format::Qcow,
-            "vmdk" => Format::Vmdk,
-            "vhdx" => Format::Vhdx,
-            "vdi" => Format::Vdi,
-            "qed" => Format::Qed,
-            "luks" => Format::Luks,
-            "vpc" | "vhd" => Format::Vpc,
-            "parallels" => Format::Parallels,
-            "iso" => Format::Iso,
-            "gpt" => Format::Gpt,
-            _ => return None,
-        })
-    }
-}
-
-impl From<Detected> for Format {
-    fn from(d: Detected) -> Self {
-        match d {
-            Detected::Qcow2 => Format::Qcow2,
-            Detected::Qcow1 => Format::Qcow,
-            Detected::Vmdk => Format::Vmdk,
-            Detected::Vhdx => Format::Vhdx,
-            Detected::Vdi => Format::Vdi,
-            Detected::Qed => Format::Qed,
-            Detected::Luks => Format::Luks,
-            Detected::Vpc => Format::Vpc,
-            Detected::Parallels => Format::Parallels,
-            Detected::Iso => Format::Iso,
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// One feature field of a qcow2 header, split into the bits qcow2kit knows and the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -323,10 +226,6 @@ impl Inspection {
         }
         v
     }
-}
-
-fn is_hybrid_iso(d: &[Format]) -> bool {
-    d.len() == 2 && d.contains(&Format::Iso) && d.contains(&Format::Gpt)
 }
 
 /// Whether a file with signatures `detected` is a `declared` image. A partition table (`gpt`) is
@@ -556,32 +455,16 @@ pub fn inspect(storage: &dyn Storage) -> Result<Inspection> {
         .read_vec(0, head_len)
         .map_err(io("reading file head"))?;
     let probe_area = &head[..head.len().min(HEAD_BYTES as usize)];
-    let mut detected: Vec<Format> = detect_all(probe_area)
-        .into_iter()
-        .map(Format::from)
-        .collect();
-    let add = |f: Format, d: &mut Vec<Format>| {
-        if !d.contains(&f) {
-            d.push(f);
-        }
+    let tail = if file_size >= TAIL_BYTES {
+        Some(
+            storage
+                .read_vec(file_size - TAIL_BYTES, TAIL_BYTES as usize)
+                .map_err(io("reading file tail"))?,
+        )
+    } else {
+        None
     };
-    if matches!(
-        probe_area.get(32769..32774),
-        Some(b"NSR02") | Some(b"NSR03")
-    ) {
-        add(Format::Iso, &mut detected);
-    }
-    if has_partition_table(probe_area) {
-        add(Format::Gpt, &mut detected);
-    }
-    if file_size >= TAIL_BYTES {
-        let tail = storage
-            .read_vec(file_size - TAIL_BYTES, TAIL_BYTES as usize)
-            .map_err(io("reading file tail"))?;
-        if tail.starts_with(b"conectix") {
-            add(Format::Vpc, &mut detected);
-        }
-    }
+    let detected = detect(probe_area, tail.as_deref());
     let qcow2 = if head.len() >= 4 && be_u32(&head, 0) == QCOW2_MAGIC {
         Some(qcow2_facts(storage, &head, file_size)?)
     } else {
@@ -592,16 +475,6 @@ pub fn inspect(storage: &dyn Storage) -> Result<Inspection> {
         detected,
         qcow2,
     })
-}
-
-/// An MBR signature at 510 that is not the boot sector of a FAT file system (OpenStack's
-/// `GPTInspector.format_match`).
-fn has_partition_table(head: &[u8]) -> bool {
-    if head.len() < 512 || head[510..512] != [0x55, 0xaa] {
-        return false;
-    }
-    let is_fat = head[0x10] == 2 && head[0x15] == 0xf8;
-    !is_fat
 }
 
 fn qcow2_facts(storage: &dyn Storage, head: &[u8], file_size: u64) -> Result<Qcow2Facts> {
