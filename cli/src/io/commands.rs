@@ -1,0 +1,566 @@
+//! The command table and the session that runs commands against an open image.
+
+use super::getopt::{getopt, Opt};
+use super::numbers::{cvtnum, parse_pattern, print_cvtnum_err};
+use super::output::*;
+use qcow2kit::BlockDevice;
+use std::time::Instant;
+
+/// A command of the table: name, alias, argument counts, usage and whether it writes.
+pub(super) struct CmdInfo {
+    name: &'static str,
+    alt: Option<&'static str>,
+    argmin: usize,
+    argmax: Option<usize>,
+    args: &'static str,
+    oneline: &'static str,
+    writes: bool,
+}
+
+pub(super) const COMMANDS: &[CmdInfo] = &[
+    CmdInfo {
+        name: "read",
+        alt: Some("r"),
+        argmin: 2,
+        argmax: None,
+        args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
+        oneline: "reads a number of bytes at a specified offset",
+        writes: false,
+    },
+    CmdInfo {
+        name: "write",
+        alt: Some("w"),
+        argmin: 2,
+        argmax: None,
+        args: "[-bcCfnqruz] [-P pattern | -s source_file] off len",
+        oneline: "writes a number of bytes at a specified offset",
+        writes: true,
+    },
+    CmdInfo {
+        name: "discard",
+        alt: Some("d"),
+        argmin: 2,
+        argmax: None,
+        args: "[-Cq] off len",
+        oneline: "discards a number of bytes at a specified offset",
+        writes: true,
+    },
+    CmdInfo {
+        name: "flush",
+        alt: Some("f"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "flush all in-core file state to disk",
+        writes: false,
+    },
+    CmdInfo {
+        name: "length",
+        alt: Some("l"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "gets the length of the current file",
+        writes: false,
+    },
+    CmdInfo {
+        name: "quit",
+        alt: Some("q"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "exit the program",
+        writes: false,
+    },
+    CmdInfo {
+        name: "abort",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "simulate a program crash using abort(3)",
+        writes: false,
+    },
+];
+
+/// qemu-io commands qcow2kit does not implement (names and aliases).
+pub(super) const UNSUPPORTED: &[&str] = &[
+    "aio_flush",
+    "aio_read",
+    "aio_write",
+    "alloc",
+    "a",
+    "break",
+    "close",
+    "c",
+    "help",
+    "?",
+    "info",
+    "i",
+    "map",
+    "open",
+    "o",
+    "readv",
+    "remove_break",
+    "reopen",
+    "resume",
+    "sigraise",
+    "sleep",
+    "truncate",
+    "t",
+    "wait_break",
+    "writev",
+    "zone_append",
+    "zone_close",
+    "zone_finish",
+    "zone_open",
+    "zone_report",
+    "zone_reset",
+];
+
+/// The state commands run against.
+pub(super) struct Session {
+    pub(super) dev: std::sync::Arc<dyn BlockDevice>,
+    /// The same image when it is qcow2 (compressed writes).
+    pub(super) qcow2: Option<std::sync::Arc<qcow2kit::Qcow2Image>>,
+    pub(super) read_only: bool,
+    pub(super) writethrough: bool,
+    /// Discards reach the image (`-d unmap`, the default); `-d ignore` drops them.
+    pub(super) unmap: bool,
+    pub(super) quit: bool,
+    pub(super) out: Out,
+}
+
+impl Session {
+    fn usage(&mut self, ci: &CmdInfo) -> i32 {
+        out!(self.out, "{} {} -- {}\n", ci.name, ci.args, ci.oneline);
+        -EINVAL
+    }
+
+    /// `qemuio_command`: splits `line` on spaces and runs it; returns 0 or a negative errno.
+    pub(super) fn command(&mut self, line: &str) -> i32 {
+        let argv: Vec<&str> = line.split(' ').filter(|s| !s.is_empty()).collect();
+        let Some(&name) = argv.first() else {
+            return 0;
+        };
+        let Some(ci) = COMMANDS
+            .iter()
+            .find(|c| c.name == name || c.alt == Some(name))
+        else {
+            if UNSUPPORTED.contains(&name) {
+                eprintln!("qcow2kit: io: command \"{name}\" is not supported by qcow2kit");
+            } else {
+                eprintln!("command \"{name}\" not found");
+            }
+            return -EINVAL;
+        };
+        let n = argv.len() - 1;
+        if n < ci.argmin || ci.argmax.is_some_and(|m| n > m) {
+            match ci.argmax {
+                None => eprintln!(
+                    "bad argument count {n} to {name}, expected at least {} arguments",
+                    ci.argmin
+                ),
+                Some(m) if m == ci.argmin => {
+                    eprintln!("bad argument count {n} to {name}, expected {m} arguments")
+                }
+                Some(m) => eprintln!(
+                    "bad argument count {n} to {name}, expected between {} and {m} arguments",
+                    ci.argmin
+                ),
+            }
+            return -EINVAL;
+        }
+        if ci.writes && self.read_only {
+            eprintln!("qcow2kit: Block node is read-only");
+            return -EPERM;
+        }
+        match ci.name {
+            "read" => self.read(ci, name, &argv[1..]),
+            "write" => self.write(ci, name, &argv[1..]),
+            "discard" => self.discard(ci, name, &argv[1..]),
+            "flush" => match self.dev.flush() {
+                Ok(()) => 0,
+                Err(e) => -errno_of(&e),
+            },
+            "length" => {
+                let s = cvtstr(self.dev.size() as f64);
+                out!(self.out, "{s}\n");
+                0
+            }
+            "quit" => {
+                self.quit = true;
+                0
+            }
+            _ => {
+                // abort: no flush of the image nor of buffered output, as a crash.
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Parses `off len` operands; prints qemu-io's message on error.
+    fn range(&mut self, off: &str, len: &str, max_msg: &str) -> Result<(i64, i64), i32> {
+        let offset = cvtnum(off).map_err(|e| {
+            print_cvtnum_err(&mut self.out, e, off);
+            -e
+        })?;
+        let count = cvtnum(len).map_err(|e| {
+            print_cvtnum_err(&mut self.out, e, len);
+            -e
+        })?;
+        if count > REQUEST_MAX {
+            out!(
+                self.out,
+                "length cannot exceed {REQUEST_MAX}{max_msg}, given {len}\n"
+            );
+            return Err(-EINVAL);
+        }
+        Ok((offset, count))
+    }
+
+    /// The block layer's request check: inside the device.
+    fn in_range(&self, offset: i64, count: i64) -> bool {
+        let size = self.dev.size();
+        (offset as u64) <= size && size - offset as u64 >= count as u64
+    }
+
+    fn after_write(&mut self) -> Result<(), i32> {
+        if self.writethrough {
+            self.dev.flush().map_err(|e| errno_of(&e))?;
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, ci: &CmdInfo, name: &str, args: &[&str]) -> i32 {
+        let (opts, operands) = getopt(name, args, "bCl:pP:qrs:v");
+        let (mut cflag, mut qflag, mut vflag, mut bflag) = (false, false, false, false);
+        let mut pattern: Option<u8> = None;
+        let (mut pat_off, mut pat_len): (Option<i64>, Option<i64>) = (None, None);
+        for o in opts {
+            match o {
+                Opt::Bad(msg) => {
+                    eprintln!("{msg}");
+                    return self.usage(ci);
+                }
+                Opt::Flag('b', _) => bflag = true,
+                Opt::Flag('C', _) => cflag = true,
+                Opt::Flag('q', _) => qflag = true,
+                Opt::Flag('v', _) => vflag = true,
+                Opt::Flag('P', Some(v)) => match parse_pattern(&mut self.out, &v) {
+                    Ok(p) => pattern = Some(p),
+                    Err(e) => return -e,
+                },
+                Opt::Flag(c @ ('l' | 's'), Some(v)) => match cvtnum(&v) {
+                    Ok(n) if c == 'l' => pat_len = Some(n),
+                    Ok(n) => pat_off = Some(n),
+                    Err(e) => {
+                        print_cvtnum_err(&mut self.out, e, &v);
+                        return -e;
+                    }
+                },
+                Opt::Flag(_, _) => {} // -p, -r: no effect
+            }
+        }
+        let [off, len] = operands.as_slice() else {
+            return self.usage(ci);
+        };
+        let (offset, count) = match self.range(off, len, "") {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        if pattern.is_none() && (pat_len.is_some() || pat_off.is_some()) {
+            return self.usage(ci);
+        }
+        let pat_off = pat_off.unwrap_or(0);
+        let pat_len = pat_len.unwrap_or(count - pat_off);
+        if pat_len < 0 || pat_len + pat_off > count {
+            out!(
+                self.out,
+                "pattern verification range exceeds end of read data\n"
+            );
+            return -EINVAL;
+        }
+        if bflag {
+            if let Some(e) = self.sector_aligned(offset, count) {
+                return e;
+            }
+        }
+        let mut buf = vec![0xabu8; count as usize];
+        let t0 = Instant::now();
+        let r = if bflag {
+            eprintln!("qcow2kit: io: the VM state (-b) is not supported");
+            Err(ENOTSUP)
+        } else if !self.in_range(offset, count) {
+            Err(EIO)
+        } else {
+            self.dev
+                .read_at(&mut buf, offset as u64)
+                .map_err(|e| errno_of(&e))
+        };
+        let t = t0.elapsed();
+        if let Err(e) = r {
+            out!(self.out, "read failed: {}\n", strerror(e));
+            return -e;
+        }
+        let mut ret = 0;
+        if let Some(p) = pattern {
+            let range = &buf[pat_off as usize..(pat_off + pat_len) as usize];
+            if range.iter().any(|&b| b != p) {
+                out!(
+                    self.out,
+                    "Pattern verification failed at offset {}, {pat_len} bytes\n",
+                    offset + pat_off
+                );
+                ret = -EINVAL;
+            }
+        }
+        if qflag {
+            return ret;
+        }
+        if vflag {
+            dump_buffer(&mut self.out, &buf, offset);
+        }
+        print_report(&mut self.out, "read", t, offset, count, cflag);
+        ret
+    }
+
+    fn sector_aligned(&mut self, offset: i64, count: i64) -> Option<i32> {
+        if offset % 512 != 0 {
+            out!(
+                self.out,
+                "{offset} is not a sector-aligned value for 'offset'\n"
+            );
+            return Some(-EINVAL);
+        }
+        if count % 512 != 0 {
+            out!(
+                self.out,
+                "{count} is not a sector-aligned value for 'count'\n"
+            );
+            return Some(-EINVAL);
+        }
+        None
+    }
+
+    fn write(&mut self, ci: &CmdInfo, name: &str, args: &[&str]) -> i32 {
+        let (opts, operands) = getopt(name, args, "bcCfnpP:qrs:uz");
+        let (mut bflag, mut cflag, mut big_c, mut fua, mut nflag) =
+            (false, false, false, false, false);
+        let (mut qflag, mut rflag, mut uflag, mut zflag) = (false, false, false, false);
+        let mut pattern: Option<u8> = None;
+        let mut source: Option<String> = None;
+        for o in opts {
+            match o {
+                Opt::Bad(msg) => {
+                    eprintln!("{msg}");
+                    return self.usage(ci);
+                }
+                Opt::Flag('b', _) => bflag = true,
+                Opt::Flag('c', _) => cflag = true,
+                Opt::Flag('C', _) => big_c = true,
+                Opt::Flag('f', _) => fua = true,
+                Opt::Flag('n', _) => nflag = true,
+                Opt::Flag('P', Some(v)) => match parse_pattern(&mut self.out, &v) {
+                    Ok(p) => pattern = Some(p),
+                    Err(e) => return -e,
+                },
+                Opt::Flag('q', _) => qflag = true,
+                Opt::Flag('r', _) => rflag = true,
+                Opt::Flag('s', v) => source = v,
+                Opt::Flag('u', _) => uflag = true,
+                Opt::Flag('z', _) => zflag = true,
+                Opt::Flag(_, _) => {} // -p: no effect
+            }
+        }
+        let [off, len] = operands.as_slice() else {
+            return self.usage(ci);
+        };
+        if bflag && zflag {
+            out!(self.out, "-b and -z cannot be specified at the same time\n");
+            return -EINVAL;
+        }
+        if fua && (bflag || cflag) {
+            out!(
+                self.out,
+                "-f and -b or -c cannot be specified at the same time\n"
+            );
+            return -EINVAL;
+        }
+        if nflag && !zflag {
+            out!(self.out, "-n requires -z to be specified\n");
+            return -EINVAL;
+        }
+        if uflag && !zflag {
+            out!(self.out, "-u requires -z to be specified\n");
+            return -EINVAL;
+        }
+        let n_src = zflag as u8 + pattern.is_some() as u8 + source.is_some() as u8;
+        if n_src > 1 {
+            out!(
+                self.out,
+                "Only one of -z, -P, and -s can be specified at the same time\n"
+            );
+            return -EINVAL;
+        }
+        if zflag && rflag {
+            out!(
+                self.out,
+                "cannot combine zero write with registered I/O buffer\n"
+            );
+            return -EINVAL;
+        }
+        let offset = match cvtnum(off) {
+            Ok(v) => v,
+            Err(e) => {
+                print_cvtnum_err(&mut self.out, e, off);
+                return -e;
+            }
+        };
+        let count = match cvtnum(len) {
+            Ok(v) => v,
+            Err(e) => {
+                print_cvtnum_err(&mut self.out, e, len);
+                return -e;
+            }
+        };
+        if count > REQUEST_MAX && !nflag {
+            out!(
+                self.out,
+                "length cannot exceed {REQUEST_MAX} without -n, given {len}\n"
+            );
+            return -EINVAL;
+        }
+        if bflag || cflag {
+            if let Some(e) = self.sector_aligned(offset, count) {
+                return e;
+            }
+        }
+        let buf = if zflag {
+            Vec::new()
+        } else if let Some(file) = &source {
+            match pattern_from_file(file, count as usize) {
+                Some(b) => b,
+                None => return -EINVAL,
+            }
+        } else {
+            vec![pattern.unwrap_or(0xcd); count as usize]
+        };
+
+        let t0 = Instant::now();
+        let r = if bflag {
+            eprintln!("qcow2kit: io: the VM state (-b) is not supported");
+            Err(ENOTSUP)
+        } else if !self.in_range(offset, count) {
+            Err(EIO)
+        } else if zflag {
+            self.dev
+                .write_zeroes(offset as u64, count as u64)
+                .map_err(|e| errno_of(&e))
+        } else if cflag {
+            self.write_compressed(&buf, offset as u64)
+        } else {
+            self.dev
+                .write_at(&buf, offset as u64)
+                .map_err(|e| errno_of(&e))
+        };
+        let r = r.and_then(|()| {
+            if fua {
+                self.dev.flush().map_err(|e| errno_of(&e))?;
+            }
+            self.after_write()
+        });
+        let t = t0.elapsed();
+        if let Err(e) = r {
+            out!(self.out, "write failed: {}\n", strerror(e));
+            return -e;
+        }
+        if !qflag {
+            print_report(&mut self.out, "wrote", t, offset, count, big_c);
+        }
+        0
+    }
+
+    /// `write -c`: each cluster of the (cluster-aligned) request compressed on its own, as
+    /// qemu-io does; other formats refuse it.
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<(), i32> {
+        let Some(q) = &self.qcow2 else {
+            return Err(ENOTSUP);
+        };
+        let cs = q.cluster_size();
+        let end = offset + buf.len() as u64;
+        if offset % cs != 0 || (end % cs != 0 && end != self.dev.size()) {
+            return Err(EINVAL);
+        }
+        let mut p = offset;
+        while p < end {
+            let n = cs.min(end - p) as usize;
+            let at = (p - offset) as usize;
+            q.write_compressed(p, &buf[at..at + n])
+                .map_err(|e| errno_of(&e))?;
+            p += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, ci: &CmdInfo, name: &str, args: &[&str]) -> i32 {
+        let (opts, operands) = getopt(name, args, "Cq");
+        let (mut cflag, mut qflag) = (false, false);
+        for o in opts {
+            match o {
+                Opt::Bad(msg) => {
+                    eprintln!("{msg}");
+                    return self.usage(ci);
+                }
+                Opt::Flag('C', _) => cflag = true,
+                Opt::Flag(_, _) => qflag = true,
+            }
+        }
+        let [off, len] = operands.as_slice() else {
+            return self.usage(ci);
+        };
+        let (offset, count) = match self.range(off, len, "") {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let t0 = Instant::now();
+        let r = if !self.in_range(offset, count) {
+            Err(EIO)
+        } else if !self.unmap {
+            Ok(())
+        } else {
+            self.dev
+                .discard(offset as u64, count as u64)
+                .map_err(|e| errno_of(&e))
+        };
+        let r = r.and_then(|()| self.after_write());
+        let t = t0.elapsed();
+        if let Err(e) = r {
+            out!(self.out, "discard failed: {}\n", strerror(e));
+            return -e;
+        }
+        if !qflag {
+            print_report(&mut self.out, "discard", t, offset, count, cflag);
+        }
+        0
+    }
+}
+
+/// qemu-io's `qemu_io_alloc_from_file`: the file's first `len` bytes, repeated to fill `len`.
+pub(super) fn pattern_from_file(file: &str, len: usize) -> Option<Vec<u8>> {
+    let data = match std::fs::read(file) {
+        Ok(d) => d,
+        Err(e) => {
+            let s = e.to_string();
+            let s = s.rfind(" (os error ").map_or(s.as_str(), |i| &s[..i]);
+            eprintln!("{file}: {s}");
+            return None;
+        }
+    };
+    if data.is_empty() {
+        eprintln!("{file}: file is empty");
+        return None;
+    }
+    let n = data.len().min(len);
+    Some(data[..n].iter().copied().cycle().take(len).collect())
+}
