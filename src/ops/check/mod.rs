@@ -33,11 +33,13 @@
 //! - A broken bitmap directory or table is reported with a [`Finding`] (QEMU prints nothing).
 
 mod refcounts;
+mod repair;
 mod report;
 #[cfg(test)]
 mod tests;
 mod walk;
 
+pub use repair::{repair, RepairMode, RepairReport};
 pub use report::{CheckFailure, CheckReport, Finding};
 
 use crate::error::{Corruption, Error, Result};
@@ -45,12 +47,9 @@ use crate::format::extension::{Extensions, EXT_CRYPTO};
 use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::header::{CryptMethod, Header};
 use crate::format::parse_first_cluster;
-use crate::format::{
-    refcount, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-};
+use crate::format::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use crate::io::{Storage, StorageExt};
-use std::collections::HashMap;
-use walk::{Expected, Stop, Walk};
+use walk::{Fix, Stop, Walk};
 
 /// Bytes read at once from a large table.
 const CHUNK: u64 = 64 << 10;
@@ -177,33 +176,12 @@ impl<'a> Checker<'a> {
     /// [`MAX_EMITTED_FINDINGS`], then one [`Finding::Suppressed`]). Errors are I/O errors only.
     pub fn run(self, sink: &mut dyn FnMut(&Finding)) -> Result<CheckReport> {
         let h = &self.header;
-        let cs = h.cluster_size();
-        let nb_clusters = self.file_len.div_ceil(cs);
         let mut report = CheckReport {
             dirty: h.incompatible.contains(IncompatibleFeatures::DIRTY),
             marked_corrupt: h.incompatible.contains(IncompatibleFeatures::CORRUPT),
             ..CheckReport::default()
         };
-        let mut w = Walk {
-            storage: self.storage,
-            file_len: self.file_len,
-            cb: h.cluster_bits,
-            cs,
-            order: h.refcount_order,
-            extended: h.has_extended_l2(),
-            data_file: h.has_data_file(),
-            report: &mut report,
-            sink,
-            emitted: 0,
-            budget: work_limit(self.file_len),
-            limit: work_limit(self.file_len),
-            expected: Expected::new(0, refcount::max_value(h.refcount_order)),
-            nb_clusters,
-            l2_cache: HashMap::new(),
-            pending: Vec::new(),
-            pending_index: HashMap::new(),
-            copied_cache: HashMap::new(),
-        };
+        let mut w = Walk::new(&self, &mut report, sink, Fix::NONE);
         match w.run(&self) {
             Ok(()) => {}
             Err(Stop::Failed(f)) => w.report.failure = Some(f),

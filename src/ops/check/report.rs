@@ -13,6 +13,10 @@ pub struct CheckReport {
     pub corruptions: u64,
     /// Leaked clusters: refcounts higher than the references.
     pub leaks: u64,
+    /// Corruptions a repair fixed (always 0 for a read-only check).
+    pub corruptions_fixed: u64,
+    /// Leaked clusters a repair freed (always 0 for a read-only check).
+    pub leaks_fixed: u64,
     /// `(highest used cluster + 1) × cluster size`.
     pub image_end_offset: u64,
     /// Clusters of the virtual disk.
@@ -65,6 +69,9 @@ pub enum CheckFailure {
     Invalid(String),
     /// A table or the image is too large (QEMU: `EFBIG`).
     TooLarge(String),
+    /// A repair could not be done, e.g. the refcount structure needs a rebuild that the repair
+    /// mode does not allow (QEMU: `EIO`).
+    RepairFailed(String),
     /// Checking would read more than [`work_limit`] bytes of metadata.
     WorkLimit {
         /// The limit, in bytes.
@@ -79,6 +86,7 @@ impl CheckFailure {
         match self {
             CheckFailure::Invalid(_) => "Invalid argument".into(),
             CheckFailure::TooLarge(_) => "File too large".into(),
+            CheckFailure::RepairFailed(_) => "Input/output error".into(),
             CheckFailure::WorkLimit { .. } => self.to_string(),
         }
     }
@@ -87,7 +95,9 @@ impl CheckFailure {
 impl fmt::Display for CheckFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CheckFailure::Invalid(s) | CheckFailure::TooLarge(s) => f.write_str(s),
+            CheckFailure::Invalid(s)
+            | CheckFailure::TooLarge(s)
+            | CheckFailure::RepairFailed(s) => f.write_str(s),
             CheckFailure::WorkLimit { limit } => write!(
                 f,
                 "checking would read more than {limit} bytes of metadata (hostile image?)"
@@ -275,6 +285,24 @@ pub enum Finding {
     },
     /// Emission stopped after [`MAX_EMITTED_FINDINGS`]; counts stay exact.
     Suppressed,
+    /// A repair fixes the problem described (the line reads "Repairing …" instead of
+    /// "ERROR …" / "Leaked …"): refcounts, COPIED flags, a misaligned preallocated zero
+    /// cluster, a refcount block past the end of the file.
+    Repairing(Box<Finding>),
+    /// The refcount table and blocks are rebuilt from the references.
+    RebuildingRefcounts,
+    /// The refcount structure needs a rebuild, which `-r leaks` does not allow (the repair
+    /// stops).
+    NeedRebuild,
+    /// The rebuilt refcount structure still has zero refcounts for referenced clusters.
+    RebuildStillBroken,
+    /// The file could not be grown to hold a refcount block past its end (a rebuild follows).
+    ResizeFailed {
+        /// Why (`strerror` wording).
+        reason: String,
+    },
+    /// An L2 table to repair overlaps other metadata: it is not written (the repair stops).
+    L2WriteRefused,
 }
 
 impl Finding {
@@ -428,6 +456,26 @@ impl fmt::Display for Finding {
             Finding::CopiedData { l2_entry, refcount } => write!(
                 f,
                 "ERROR OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}"
+            ),
+            Finding::Repairing(inner) => {
+                let line = inner.to_string();
+                let rest = line
+                    .strip_prefix("ERROR ")
+                    .or_else(|| line.strip_prefix("Leaked "))
+                    .unwrap_or(&line);
+                write!(f, "Repairing {rest}")
+            }
+            Finding::RebuildingRefcounts => f.write_str("Rebuilding refcount structure"),
+            Finding::NeedRebuild => f.write_str("ERROR need to rebuild refcount structures"),
+            Finding::RebuildStillBroken => {
+                f.write_str("ERROR rebuilt refcount structure is still broken")
+            }
+            Finding::ResizeFailed { reason } => {
+                write!(f, "ERROR could not resize image: {reason}")
+            }
+            Finding::L2WriteRefused => f.write_str(
+                "ERROR: Could not write L2 table; metadata overlap check failed: Input/output \
+                 error",
             ),
             Finding::Suppressed => write!(
                 f,

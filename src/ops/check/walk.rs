@@ -3,9 +3,10 @@
 //! table, the refcount table, the encryption header and the bitmaps, with the findings of each
 //! table on the way.
 
+use super::refcounts::RefcountReader;
 use super::refcounts::{CopiedSummary, Lookup};
 use super::report::{CheckFailure, CheckReport, Finding};
-use super::{Checker, CHUNK, MAX_CACHED_FINDINGS, MAX_EMITTED_FINDINGS};
+use super::{work_limit, Checker, CHUNK, MAX_CACHED_FINDINGS, MAX_EMITTED_FINDINGS};
 use crate::error::Error;
 use crate::format::entry::{
     classify, ClusterKind, CompressedDescriptor, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK,
@@ -68,6 +69,22 @@ impl Expected {
         }
     }
 
+    /// Sets the count of cluster `k` (capped at the refcount width's maximum).
+    pub(super) fn set(&mut self, k: u64, v: u64) {
+        let i = k as usize;
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        let v = v.min(self.max);
+        if v >= u64::from(u16::MAX) {
+            self.counts[i] = u16::MAX;
+            self.big.insert(k, v);
+        } else {
+            self.counts[i] = v as u16;
+            self.big.remove(&k);
+        }
+    }
+
     /// Adds `n` references to cluster `k`; returns how many did not fit the refcount width.
     pub(super) fn add(&mut self, k: u64, n: u64) -> u64 {
         let i = k as usize;
@@ -98,8 +115,46 @@ pub(super) struct L2Summary {
     compressed: u64,
 }
 
+/// What a pass may repair (QEMU's `BdrvCheckMode`): nothing, leaks, and/or errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Fix {
+    /// Lower refcounts that are higher than the references (`BDRV_FIX_LEAKS`).
+    pub(super) leaks: bool,
+    /// Repair corruptions (`BDRV_FIX_ERRORS`).
+    pub(super) errors: bool,
+}
+
+impl Fix {
+    /// A read-only pass.
+    pub(super) const NONE: Fix = Fix {
+        leaks: false,
+        errors: false,
+    };
+}
+
+/// The snapshot table as read once per check (QEMU's `qcow2_check_read_snapshot_table`).
+pub(super) struct Snapshots {
+    list: Vec<SnapInfo>,
+    /// Bytes of the table.
+    size: u64,
+}
+
+/// What the comparison of stored and expected refcounts leaves for the COPIED check.
+pub(super) struct Compared {
+    /// The last cluster with a stored refcount or a reference.
+    pub(super) highest: u64,
+    /// One bit per cluster: its stored refcount is 1 (after any repair).
+    pub(super) is_one: Vec<u64>,
+}
+
 /// The state of one check.
 pub(super) struct Walk<'a, 'b> {
+    /// What this pass repairs.
+    pub(super) fix: Fix,
+    /// The refcount structure itself is broken: only a rebuild can repair it.
+    pub(super) rebuild: bool,
+    /// Clusters of the virtual disk.
+    virtual_clusters: u64,
     pub(super) storage: &'a dyn Storage,
     pub(super) file_len: u64,
     pub(super) cb: u32,
@@ -129,7 +184,7 @@ struct SnapInfo {
     name: String,
 }
 
-impl Walk<'_, '_> {
+impl<'a, 'b> Walk<'a, 'b> {
     pub(super) fn emit(&mut self, f: &Finding, times: u64) {
         for _ in 0..times {
             if self.emitted < MAX_EMITTED_FINDINGS {
@@ -161,6 +216,14 @@ impl Walk<'_, '_> {
             self.storage.read_at(&mut buf[..inside as usize], offset)?;
         }
         Ok(buf)
+    }
+
+    /// Writes `bytes` at `offset` and flushes them (a repair's single-entry update).
+    pub(super) fn write_sync(&mut self, offset: u64, bytes: &[u8]) -> Step {
+        self.storage
+            .write_at(bytes, offset)
+            .and_then(|()| self.storage.flush())
+            .map_err(|e| Stop::Io(Error::io("writing repaired metadata", e)))
     }
 
     /// Bytes of `[offset, offset + len)` that lie inside the file (the rest reads as zeros).
@@ -209,8 +272,61 @@ impl Walk<'_, '_> {
         None
     }
 
-    pub(super) fn run(&mut self, c: &Checker<'_>) -> Step {
+    /// Starts a walk over the image `c` validated, reporting into `report` and `sink`.
+    pub(super) fn new(
+        c: &Checker<'a>,
+        report: &'b mut CheckReport,
+        sink: &'b mut dyn FnMut(&Finding),
+        fix: Fix,
+    ) -> Self {
         let h = &c.header;
+        let cs = h.cluster_size();
+        Walk {
+            fix,
+            rebuild: false,
+            virtual_clusters: h.size.div_ceil(512).saturating_mul(512).div_ceil(cs),
+            storage: c.storage,
+            file_len: c.file_len,
+            cb: h.cluster_bits,
+            cs,
+            order: h.refcount_order,
+            extended: h.has_extended_l2(),
+            data_file: h.has_data_file(),
+            report,
+            sink,
+            emitted: 0,
+            budget: work_limit(c.file_len),
+            limit: work_limit(c.file_len),
+            expected: Expected::new(0, refcount::max_value(h.refcount_order)),
+            nb_clusters: c.file_len.div_ceil(cs),
+            l2_cache: HashMap::new(),
+            pending: Vec::new(),
+            pending_index: HashMap::new(),
+            copied_cache: HashMap::new(),
+        }
+    }
+
+    /// The whole read-only check (QEMU's `qcow2_co_check` without a repair mode).
+    pub(super) fn run(&mut self, c: &Checker<'_>) -> Step {
+        let snapshots = self.start(c)?;
+        let mut reader = self.calculate(c, &snapshots)?;
+        let compared = self.compare(&mut reader)?;
+        // The refcount array is no longer needed.
+        self.expected = Expected::new(0, 0);
+        self.check_copied(&c.header, &mut reader, &compared.is_one, false)?;
+        self.report.image_end_offset = (compared.highest + 1) << self.cb;
+        Ok(())
+    }
+
+    /// Sizes the expected-refcount array and reads the snapshot table.
+    pub(super) fn start(&mut self, c: &Checker<'_>) -> Step<Snapshots> {
+        self.prepare()?;
+        let (list, size) = self.read_snapshot_table(&c.header)?;
+        Ok(Snapshots { list, size })
+    }
+
+    /// Sizes the expected-refcount array (QEMU refuses more than `INT_MAX` clusters).
+    pub(super) fn prepare(&mut self) -> Step {
         // QEMU refuses more than INT_MAX clusters before allocating its table.
         if self.nb_clusters > i32::MAX as u64 {
             self.report.check_errors += 1;
@@ -222,11 +338,19 @@ impl Walk<'_, '_> {
             self.nb_clusters as usize + 1,
             refcount::max_value(self.order),
         );
-        let virtual_bytes = h.size.div_ceil(512).saturating_mul(512);
-        self.report.total_clusters = virtual_bytes.div_ceil(self.cs);
+        self.report.total_clusters = self.virtual_clusters;
+        Ok(())
+    }
 
-        let (snapshots, snapshots_size) = self.read_snapshot_table(h)?;
-
+    /// QEMU's `calculate_refcounts`: counts the references of the header, the active L1 table,
+    /// the snapshots, their table, the refcount table, the encryption header, the bitmaps and
+    /// the refcount blocks. Returns the stored refcounts' reader.
+    pub(super) fn calculate(
+        &mut self,
+        c: &Checker<'_>,
+        snapshots: &Snapshots,
+    ) -> Step<RefcountReader> {
+        let h = &c.header;
         // calculate_refcounts(): header, active L1, snapshots, their table, refcount table,
         // encryption header, bitmaps, refcount blocks.
         self.inc(0, self.cs, 1);
@@ -241,7 +365,7 @@ impl Walk<'_, '_> {
         }
         let mut groups: Vec<((u64, u32), u64)> = Vec::new();
         let mut group_index: HashMap<(u64, u32), usize> = HashMap::new();
-        for s in &snapshots {
+        for s in &snapshots.list {
             if s.l1_offset % self.cs != 0 {
                 self.corrupt(
                     Finding::SnapshotL1Unaligned {
@@ -279,7 +403,7 @@ impl Walk<'_, '_> {
         for (l2, extra) in std::mem::take(&mut self.pending) {
             self.count_l2_again(l2, extra)?;
         }
-        self.inc(h.snapshots_offset, snapshots_size, 1);
+        self.inc(h.snapshots_offset, snapshots.size, 1);
         let rt_bytes = u64::from(h.refcount_table_clusters) * self.cs;
         self.inc(h.refcount_table_offset, rt_bytes, 1);
         if let Some(cr) = &c.extensions.crypto {
@@ -290,15 +414,20 @@ impl Walk<'_, '_> {
                 self.check_bitmaps(h, b.directory_offset, b.directory_size, b.nb_bitmaps)?;
             }
         }
-        let mut reader = self.read_refcount_table(h.refcount_table_offset, rt_bytes)?;
-        self.check_refblocks(&reader);
+        let reader = self.read_refcount_table(h.refcount_table_offset, rt_bytes)?;
+        self.check_refblocks(&reader)?;
+        Ok(reader)
+    }
 
-        // compare_refcounts()
+    /// QEMU's `compare_refcounts`: compares every cluster's stored refcount with its
+    /// references, repairing what [`Walk::fix`] allows. A referenced cluster whose refcount is
+    /// zero sets [`Walk::rebuild`].
+    pub(super) fn compare(&mut self, reader: &mut RefcountReader) -> Step<Compared> {
         let mut is_one = vec![0u64; (self.nb_clusters as usize).div_ceil(64)];
         let mut highest = 0u64;
         let mut signaled = false;
         for i in 0..self.nb_clusters {
-            let stored = match self.stored(&mut reader, i)? {
+            let stored = match self.stored(reader, i)? {
                 Lookup::Value(v) => v,
                 Lookup::Unaligned { offset, index } => {
                     if !signaled {
@@ -314,36 +443,51 @@ impl Walk<'_, '_> {
             if stored > 0 || reference > 0 {
                 highest = i;
             }
-            if stored == 1 {
-                is_one[(i / 64) as usize] |= 1 << (i % 64);
-            }
-            if stored < reference {
-                self.corrupt(
+            let mut now = stored;
+            if stored != reference {
+                let finding = if stored < reference {
                     Finding::RefcountTooLow {
                         cluster: i,
                         refcount: stored,
                         reference,
-                    },
-                    1,
-                );
-            } else if stored > reference {
-                self.report.leaks += 1;
-                self.emit(
-                    &Finding::Leaked {
+                    }
+                } else {
+                    Finding::Leaked {
                         cluster: i,
                         refcount: stored,
                         reference,
-                    },
-                    1,
-                );
+                    }
+                };
+                let repair = if stored == 0 {
+                    self.rebuild = true;
+                    false
+                } else if stored > reference {
+                    self.fix.leaks
+                } else {
+                    self.fix.errors
+                };
+                if repair {
+                    self.emit(&Finding::Repairing(Box::new(finding)), 1);
+                    self.set_stored(reader, i, reference)?;
+                    if stored > reference {
+                        self.report.leaks_fixed += 1;
+                    } else {
+                        self.report.corruptions_fixed += 1;
+                    }
+                    now = reference;
+                } else if stored < reference {
+                    self.corrupt(finding, 1);
+                } else {
+                    self.report.leaks += 1;
+                    self.emit(&finding, 1);
+                }
+            }
+            if now == 1 {
+                is_one[(i / 64) as usize] |= 1 << (i % 64);
             }
         }
-        // The refcount array is no longer needed.
-        self.expected = Expected::new(0, 0);
-
-        self.check_copied(h, &mut reader, &is_one)?;
-        self.report.image_end_offset = (highest + 1) << self.cb;
-        Ok(())
+        self.write_back(reader)?;
+        Ok(Compared { highest, is_one })
     }
 
     /// QEMU's `qcow2_check_read_snapshot_table`: returns the snapshots and the table's length.
@@ -590,7 +734,18 @@ impl Walk<'_, '_> {
                         } else {
                             entry & ZERO == 0
                         };
-                        self.note(&mut s, Finding::UnalignedCluster { offset: host, data });
+                        let finding = Finding::UnalignedCluster { offset: host, data };
+                        if !data && self.fix.errors {
+                            // QEMU turns the entry into a plain zero cluster (the bitmap of an
+                            // extended entry stays) and no longer counts the cluster.
+                            let repaired = if self.extended { 0 } else { ZERO };
+                            let at = l2 + (i * esz) as u64;
+                            self.emit(&Finding::Repairing(Box::new(finding)), 1);
+                            self.write_sync(at, &repaired.to_be_bytes())?;
+                            self.report.corruptions_fixed += 1;
+                            continue;
+                        }
+                        self.note(&mut s, finding);
                     }
                     s.allocated += 1;
                     if next_contiguous != 0 && host != next_contiguous {
