@@ -155,6 +155,7 @@ fn repair_pass(
 ) -> Step<bool> {
     let fix = mode.fix();
     let mut w = Walk::new(c, report, sink, fix);
+    w.writable = true;
     let snapshots = w.start(c)?;
     // The snapshot table's findings are kept apart from the refcount check's, as in QEMU,
     // and added back at the end.
@@ -185,6 +186,7 @@ fn repair_pass(
         report.corruptions = 0;
         report.leaks = 0;
         let mut w = Walk::new(&c2, report, sink, Fix::NONE);
+        w.writable = true;
         w.prepare()?;
         let mut reader = w.calculate(&c2, &snapshots)?;
         // The old structure is leaked now: free it. What cannot be freed was leaked by the
@@ -234,13 +236,21 @@ fn repair_pass(
 /// Clears the dirty and corrupt bits of a repaired version 3 image (QEMU's
 /// `qcow2_mark_clean` and `qcow2_mark_consistent`); returns whether it changed the header.
 fn mark_clean(c: &Checker<'_>) -> Result<bool> {
-    let h = &c.header;
+    if c.header.version < 3 {
+        return Ok(false);
+    }
+    // The repair itself may have marked the image corrupt: read the bits as they are now.
+    let mut raw = [0u8; 8];
+    c.storage
+        .read_at(&mut raw, 72)
+        .map_err(|e| Error::io("reading the incompatible feature bits", e))?;
+    let now = IncompatibleFeatures::from_bits_retain(u64::from_be_bytes(raw));
     let stale = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
-    if h.version < 3 || !h.incompatible.intersects(stale) {
+    if !now.intersects(stale) {
         return Ok(false);
     }
     // Everything the repair wrote is flushed already; the bits go last.
-    let bits = h.incompatible.difference(stale).bits();
+    let bits = now.difference(stale).bits();
     c.storage
         .write_at(&bits.to_be_bytes(), 72)
         .and_then(|()| c.storage.flush())

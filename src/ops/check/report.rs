@@ -243,6 +243,9 @@ pub enum Finding {
         offset: u64,
         /// Its index in the refcount table.
         index: u64,
+        /// The image is open for a repair and was marked corrupt (QEMU marks it so when open
+        /// for writing; a repair that ends clean clears the mark again).
+        marked: bool,
     },
     /// A cluster whose refcount cannot be read (internal error).
     RefcountUnreadable {
@@ -417,10 +420,20 @@ impl fmt::Display for Finding {
             Finding::RefblockShared { index, refcount } => {
                 write!(f, "ERROR refcount block {index} refcount={refcount}")
             }
-            Finding::ImageCorrupt { offset, index } => write!(
+            Finding::ImageCorrupt {
+                offset,
+                index,
+                marked,
+            } => write!(
                 f,
-                "qcow2: Image is corrupt: Refblock offset {offset_h} unaligned (reftable index: \
-                 {index_h}); further non-fatal corruption events will be suppressed",
+                "qcow2: {}: Refblock offset {offset_h} unaligned (reftable index: {index_h}); \
+                 further {}corruption events will be suppressed",
+                if *marked {
+                    "Marking image as corrupt"
+                } else {
+                    "Image is corrupt"
+                },
+                if *marked { "" } else { "non-fatal " },
                 offset_h = CHex(*offset),
                 index_h = CHex(*index)
             ),

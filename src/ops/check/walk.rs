@@ -12,7 +12,7 @@ use crate::format::entry::{
     classify, ClusterKind, CompressedDescriptor, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK,
     ZERO,
 };
-use crate::format::features::AutoclearFeatures;
+use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::header::{Header, SNAPSHOT_HEADER_SIZE};
 use crate::format::snapshot::parse_table;
 use crate::format::{
@@ -153,6 +153,9 @@ pub(super) struct Walk<'a, 'b> {
     pub(super) fix: Fix,
     /// The refcount structure itself is broken: only a rebuild can repair it.
     pub(super) rebuild: bool,
+    /// The image is open for a repair (QEMU then marks it corrupt where a read-only check only
+    /// reports).
+    pub(super) writable: bool,
     /// Clusters of the virtual disk.
     virtual_clusters: u64,
     pub(super) storage: &'a dyn Storage,
@@ -226,6 +229,20 @@ impl<'a, 'b> Walk<'a, 'b> {
             .map_err(|e| Stop::Io(Error::io("writing repaired metadata", e)))
     }
 
+    /// Sets the corrupt bit of a version 3 image, as QEMU does when a refcount block it needs
+    /// is unusable in an image open for writing.
+    fn mark_corrupt(&mut self) -> Step {
+        let io = |e| Stop::Io(Error::io("marking the image corrupt", e));
+        let mut raw = [0u8; 8];
+        self.storage.read_at(&mut raw[..4], 4).map_err(io)?;
+        if u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) < 3 {
+            return Ok(());
+        }
+        self.storage.read_at(&mut raw, 72).map_err(io)?;
+        let bits = u64::from_be_bytes(raw) | IncompatibleFeatures::CORRUPT.bits();
+        self.write_sync(72, &bits.to_be_bytes())
+    }
+
     /// Bytes of `[offset, offset + len)` that lie inside the file (the rest reads as zeros).
     pub(super) fn in_file(&self, offset: u64, len: u64) -> u64 {
         self.file_len.saturating_sub(offset).min(len)
@@ -284,6 +301,7 @@ impl<'a, 'b> Walk<'a, 'b> {
         Walk {
             fix,
             rebuild: false,
+            writable: false,
             virtual_clusters: h.size.div_ceil(512).saturating_mul(512).div_ceil(cs),
             storage: c.storage,
             file_len: c.file_len,
@@ -432,7 +450,18 @@ impl<'a, 'b> Walk<'a, 'b> {
                 Lookup::Unaligned { offset, index } => {
                     if !signaled {
                         signaled = true;
-                        self.emit(&Finding::ImageCorrupt { offset, index }, 1);
+                        if self.writable {
+                            self.mark_corrupt()?;
+                        }
+                        let marked = self.writable;
+                        self.emit(
+                            &Finding::ImageCorrupt {
+                                offset,
+                                index,
+                                marked,
+                            },
+                            1,
+                        );
                     }
                     self.report.check_errors += 1;
                     self.emit(&Finding::RefcountUnreadable { cluster: i }, 1);
