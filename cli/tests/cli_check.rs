@@ -1120,11 +1120,9 @@ fn repair_matrix_of_damage() {
         });
         // Refcount structure broken: a block that is also the L2 table; an unaligned block.
         damaged_repair(&w, base, &format!("{stem}-rt-l2.qcow2"), |i| {
+            // The old first block is no longer referenced.
             let l2 = i.u64_at(i.l1_off) & OFFSET_MASK;
-            let e = i.u64_at(i.rt_off);
             i.put_u64(i.rt_off, l2);
-            // The old first block is now unreferenced.
-            let _ = e;
         });
         // An unaligned block: qemu-img marks the image corrupt on the first lookup, after
         // which it cannot write the rebuilt structure ("ERROR writing refblock", exit 1) and
@@ -1145,7 +1143,7 @@ fn repair_matrix_of_damage() {
         // A misaligned preallocated zero cluster is not touched by -r leaks; -r all zeroes it.
         damaged_repair(&w, base, &format!("{stem}-misaligned.qcow2"), |i| {
             let (a, e) = i.first_data();
-            i.put_u64(a + i.entry_size, (e & OFFSET_MASK) + 512 | 1);
+            i.put_u64(a + i.entry_size, ((e & OFFSET_MASK) + 512) | 1);
         });
     }
 }

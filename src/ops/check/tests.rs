@@ -1,11 +1,13 @@
 //! Unit tests of the check over hand-built images.
 
 use super::report::CHex;
+use super::walk::Expected;
 use super::*;
 use crate::format::entry::COPIED;
 use crate::format::features::CompatibleFeatures;
 use crate::format::header::CompressionType;
-use crate::io::MemoryStorage;
+use crate::format::refcount;
+use crate::io::{MemoryStorage, Storage};
 use std::time::{Duration, Instant};
 
 fn put(b: &mut [u8], off: u64, v: u64) {
@@ -233,4 +235,37 @@ fn c_hex_and_expected_counts() {
     let mut e = Expected::new(4, refcount::max_value(0));
     assert_eq!(e.add(2, 3), 2);
     assert_eq!(e.get(2), 1);
+}
+
+#[test]
+fn repair_frees_leaks_and_rebuilds_lost_refcounts() {
+    let cs = 1u64 << 16;
+    // A leak: fixed by either mode, nothing else touched.
+    let mut b = image();
+    refcount::set(&mut b[2 * cs as usize..], 4, 0, 2);
+    let s = MemoryStorage::from_bytes(b);
+    let r = repair(&s, RepairMode::Leaks).expect("repair runs");
+    assert_eq!((r.report.leaks_fixed, r.report.corruptions_fixed), (1, 0));
+    assert!(!r.rebuilt);
+    assert!(check(&s).expect("check").is_clean());
+
+    // A referenced cluster with refcount 0: -r leaks refuses, -r all rebuilds.
+    let mut b = image();
+    refcount::set(&mut b[2 * cs as usize..], 4, 5, 0);
+    let s = MemoryStorage::from_bytes(b.clone());
+    let r = repair(&s, RepairMode::Leaks).expect("repair runs");
+    assert!(matches!(
+        r.report.failure,
+        Some(CheckFailure::RepairFailed(_))
+    ));
+    let s = MemoryStorage::from_bytes(b);
+    let r = repair(&s, RepairMode::All).expect("repair runs");
+    assert!(r.rebuilt, "{:?}", r.report);
+    assert_eq!(r.report.corruptions_fixed, 1);
+    let after = check(&s).expect("check");
+    assert!(after.is_clean(), "{:?}", lines(&after));
+    // The new table and block went into the first free clusters, past the old ones.
+    let mut hdr = [0u8; 8];
+    s.read_at(&mut hdr, 48).expect("read");
+    assert_eq!(u64::from_be_bytes(hdr), 7 * cs);
 }
