@@ -6,9 +6,10 @@
 //! qemu-img's report (human, or JSON with QEMU's key order and layout); the lines describing
 //! each problem go to standard error, worded as qemu-img words them.
 //!
-//! The check is read-only. Repair (`-r`) needs a write engine qcow2kit does not have yet: with
-//! `-r`, an image with nothing to repair is reported as qemu-img reports it, and any other is
-//! refused with exit code 1 after its problems are listed. As qemu-img does, the check first
+//! With `-r leaks|all` the image is opened for writing and repaired as qemu-img repairs it
+//! (`ops::check::repair`); when something was fixed, qemu-img's "The following inconsistencies
+//! were found and repaired" block is printed and the image checked again, whose report (with
+//! the fixed counts) and exit code are the result. As qemu-img does, the check first
 //! opens what the image names — its backing chain and external data file — and fails if they
 //! are missing, and an encrypted image needs `--image-opts …,encrypt.key-secret=ID` with a
 //! matching `--object secret,id=ID,…` (the key is not needed for the metadata check, so it is
@@ -21,7 +22,7 @@ use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
 use qcow2kit::format::header::CryptMethod;
 use qcow2kit::io::FileStorage;
-use qcow2kit::ops::check::{CheckReport, Checker, Finding};
+use qcow2kit::ops::check::{CheckReport, Checker, Finding, RepairMode};
 use qcow2kit::ops::inspect::inspect_path;
 use serde_json::Value;
 use std::io::Write;
@@ -43,9 +44,10 @@ const SPECS: &[Spec] = &[
 const HELP: &str = "usage: qcow2kit check [-f FMT | --image-opts] [-T CACHE_MODE] [-r leaks|all]
         [--output human|json] [--object OBJDEF] [-q] [-U] FILENAME
 
-Checks the consistency of a qcow2 image's metadata, as qemu-img check does (read-only: -r is
-accepted only for images with nothing to repair). Exit status: 0 clean, 2 corruptions,
-3 leaked clusters only, 1 the check failed, 63 the format has no check.
+Checks the consistency of a qcow2 image's metadata, as qemu-img check does; -r leaks frees
+leaked clusters, -r all also repairs corruptions (refcounts, COPIED flags, a broken refcount
+structure is rebuilt). Exit status (after a repair: of the check that follows it): 0 clean,
+2 corruptions, 3 leaked clusters only, 1 the check failed, 63 the format has no check.
 ";
 
 /// qemu-img's exit code when the format has no check.
@@ -68,7 +70,8 @@ pub fn run(args: &[String]) -> u8 {
     };
     let repair = match p.last("r") {
         None => None,
-        Some(m @ ("leaks" | "all")) => Some(m.to_string()),
+        Some("leaks") => Some(RepairMode::Leaks),
+        Some("all") => Some(RepairMode::All),
         Some(other) => {
             return usage_error(format!(
                 "--repair (-r) expects 'leaks' or 'all' not '{other}'"
@@ -146,7 +149,7 @@ pub fn run(args: &[String]) -> u8 {
     if format == ImageFormat::Raw {
         return fail_with("This image format does not support checks", NO_CHECKS);
     }
-    let storage = match FileStorage::open(&path, false) {
+    let storage = match FileStorage::open(&path, repair.is_some()) {
         Ok(s) => s,
         Err(e) => {
             return could_not_open(&format!(
@@ -197,31 +200,50 @@ pub fn run(args: &[String]) -> u8 {
 
     let stderr = std::io::stderr();
     let mut err = std::io::BufWriter::new(stderr.lock());
-    let result = checker.run(&mut |f: &Finding| {
+    let mut print = |f: &Finding| {
         let prefix = if f.is_error_report() {
             "qcow2kit: "
         } else {
             ""
         };
         let _ = writeln!(err, "{prefix}{f}");
-    });
+    };
+    let mut preamble = String::new();
+    let result = match repair {
+        None => checker.run(&mut print),
+        Some(mode) => match checker.repair(mode, &mut print) {
+            Ok(r) if r.fixed_anything() && r.report.failure.is_none() => {
+                // qemu-img reports the repair, then checks the fixed image again.
+                if !json {
+                    preamble = format!(
+                        "The following inconsistencies were found and repaired:\n\n    {} \
+                         leaked clusters\n    {} corruptions\n\nDouble checking the fixed \
+                         image now...\n",
+                        r.report.leaks_fixed, r.report.corruptions_fixed
+                    );
+                }
+                let again = Checker::new(&storage).and_then(|c| c.run(&mut print));
+                again.map(|mut c| {
+                    c.leaks_fixed = r.report.leaks_fixed;
+                    c.corruptions_fixed = r.report.corruptions_fixed;
+                    c
+                })
+            }
+            Ok(r) => Ok(r.report),
+            Err(e) => Err(e),
+        },
+    };
     let _ = err.flush();
     drop(err);
+    if !preamble.is_empty() && !p.has("q") && !crate::common::print_stdout(&preamble) {
+        return 1;
+    }
     let report = match result {
         Ok(r) => r,
         Err(e) => return fail(format!("Check failed: {e}")),
     };
     if let Some(f) = &report.failure {
         return fail(format!("Check failed: {}", f.qemu_message()));
-    }
-    if let Some(mode) = &repair {
-        if !report.is_clean() || report.dirty || report.marked_corrupt {
-            return fail(format!(
-                "This image format does not support checks with -r {mode}: repairing needs a \
-                 write engine qcow2kit does not have yet (the image was not modified; use \
-                 qemu-img check -r {mode})"
-            ));
-        }
     }
 
     if !p.has("q") {
@@ -391,8 +413,8 @@ fn json_report(r: &CheckReport, filename: &str) -> Value {
         ("image-end-offset", r.image_end_offset),
         ("corruptions", r.corruptions),
         ("leaks", r.leaks),
-        ("corruptions-fixed", 0),
-        ("leaks-fixed", 0),
+        ("corruptions-fixed", r.corruptions_fixed),
+        ("leaks-fixed", r.leaks_fixed),
         ("total-clusters", r.total_clusters),
         ("allocated-clusters", r.allocated_clusters),
         ("fragmented-clusters", r.fragmented_clusters),

@@ -13,7 +13,7 @@ mod flush;
 mod mapping;
 mod meta;
 mod open;
-mod rebuild;
+pub(crate) mod rebuild;
 mod refcount;
 mod resize;
 mod write;

@@ -18,7 +18,7 @@ use crate::format::entry::{classify, ClusterKind, OFFSET_MASK};
 use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::header::Header;
 use crate::format::snapshot::Snapshot;
-use crate::format::{be_u64, extension::Extensions};
+use crate::format::{be_u64, extension::Extensions, refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::io::{Storage, StorageExt};
 
 struct Counter<'a> {
@@ -218,4 +218,204 @@ pub(crate) fn rebuild_refcounts(
         .and_then(|()| storage.flush())
         .map_err(|e| Error::io("clearing the dirty bit", e))?;
     Ok(refs)
+}
+
+/// An in-memory refcount array (QEMU's "IMRT"): the refcount every host cluster should have,
+/// computed from the metadata that references it. The rebuild below allocates in it.
+pub(crate) trait RefcountArray {
+    /// The count of `cluster` (0 past the end of the array).
+    fn get(&self, cluster: u64) -> u64;
+    /// Sets the count of `cluster`, growing the array if needed.
+    fn set(&mut self, cluster: u64, value: u64);
+}
+
+/// Where [`write_refcount_structure`] put the new refcount table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NewRefcountTable {
+    /// Host offset of the table.
+    pub(crate) offset: u64,
+    /// Its length in clusters.
+    pub(crate) clusters: u32,
+}
+
+/// Writes a new refcount structure describing `counts` and switches the header to it, the way
+/// QEMU's `rebuild_refcount_structure` does (qemu 7.1 and later), so that the result — and
+/// what `qemu-img check` reports about it — is the same:
+///
+/// - every refcount block range holding a non-zero count gets a block, allocated first-fit in
+///   `counts` (clusters that nothing references), never in the range of a block already
+///   written; the block's bytes are that range of `counts`, its own allocation included;
+/// - then the table is allocated first-fit, and the blocks covering its clusters are
+///   rewritten; if that needed a larger table, again.
+///
+/// Write ordering (DESIGN §3 rule 4): blocks and table are written only into clusters nothing
+/// references, then flushed, and only then is the header switched (and flushed). A crash
+/// before the switch leaves the old structure in place; after it, the old structure's
+/// clusters are leaked (a leak repair frees them). `nb_clusters` is the size of `counts` in
+/// clusters; allocations past it grow it (the file grows when the blocks are written).
+pub(crate) fn write_refcount_structure(
+    storage: &dyn Storage,
+    cluster_bits: u32,
+    refcount_order: u32,
+    counts: &mut dyn RefcountArray,
+    nb_clusters: &mut u64,
+) -> Result<NewRefcountTable> {
+    let mut w = StructureWriter {
+        storage,
+        cb: cluster_bits,
+        order: refcount_order,
+        block_bits: cluster_bits + 3 - refcount_order,
+        counts,
+        nb_clusters,
+        table: Vec::new(),
+    };
+    w.write_blocks(0, *w.nb_clusters)?;
+    // The table's own clusters need counts too; allocating them may need more blocks, and
+    // more blocks a larger table (QEMU loops the same way). A handful of rounds always
+    // suffices; more means something is wrong.
+    let mut placed = None;
+    for _ in 0..64 {
+        let bytes = (w.table.len() as u64) * 8;
+        let clusters = bytes.div_ceil(1 << w.cb).max(1);
+        let mut first_free = 0;
+        let offset = w.alloc(clusters, &mut first_free)?;
+        let start = offset >> w.cb;
+        if !w.write_blocks(start, start + clusters)? {
+            placed = Some((offset, clusters));
+            break;
+        }
+    }
+    let Some((offset, clusters)) = placed else {
+        return Err(Error::Unsupported(
+            "refcount rebuild did not converge on a table size".into(),
+        ));
+    };
+    let cs = 1u64 << w.cb;
+    let mut raw = vec![0u8; (clusters * cs) as usize];
+    for (i, e) in w.table.iter().enumerate() {
+        raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+    }
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    storage
+        .write_at(&raw, offset)
+        .map_err(io("writing the rebuilt refcount table"))?;
+    storage
+        .flush()
+        .map_err(io("flushing the rebuilt refcount structure"))?;
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&offset.to_be_bytes());
+    let clusters = u32::try_from(clusters)
+        .map_err(|_| Error::Unsupported("rebuilt refcount table too large".into()))?;
+    hdr[8..].copy_from_slice(&clusters.to_be_bytes());
+    storage
+        .write_at(&hdr, 48)
+        .and_then(|()| storage.flush())
+        .map_err(io("switching the header to the rebuilt refcount table"))?;
+    Ok(NewRefcountTable { offset, clusters })
+}
+
+/// The state of [`write_refcount_structure`].
+struct StructureWriter<'a> {
+    storage: &'a dyn Storage,
+    cb: u32,
+    order: u32,
+    /// log2 of refcounts per block.
+    block_bits: u32,
+    counts: &'a mut dyn RefcountArray,
+    nb_clusters: &'a mut u64,
+    /// The new refcount table (host offsets of blocks, 0 = none).
+    table: Vec<u64>,
+}
+
+impl StructureWriter<'_> {
+    /// QEMU's `alloc_clusters_imrt`: the first run of `n` clusters with count 0 at or after
+    /// `*first_free` (which moves to the first gap seen), or appended past the array's end;
+    /// their counts become 1.
+    fn alloc(&mut self, n: u64, first_free: &mut u64) -> Result<u64> {
+        let mut cluster = *first_free;
+        let mut run = 0u64;
+        let mut first_gap = true;
+        while cluster < *self.nb_clusters && run < n {
+            if self.counts.get(cluster) == 0 {
+                run += 1;
+                if first_gap {
+                    *first_free = cluster;
+                    first_gap = false;
+                }
+            } else {
+                run = 0;
+            }
+            cluster += 1;
+        }
+        if run < n {
+            *self.nb_clusters = cluster + n - run;
+        }
+        let start = cluster - run;
+        if (start + n)
+            .checked_mul(1 << self.cb)
+            .is_none_or(|e| e > MAX_HOST_OFFSET)
+        {
+            return Err(Error::Unsupported(
+                "rebuilt refcounts would exceed the largest host offset".into(),
+            ));
+        }
+        for c in start..start + n {
+            self.counts.set(c, 1);
+        }
+        Ok(start << self.cb)
+    }
+
+    /// QEMU's `rebuild_refcounts_write_refblocks` over clusters `[first, end)`: writes the block
+    /// of every range holding a non-zero count, allocating the blocks that do not exist yet.
+    /// Returns whether the table had to grow.
+    fn write_blocks(&mut self, first: u64, mut end: u64) -> Result<bool> {
+        let cs = 1u64 << self.cb;
+        let per_block = 1u64 << self.block_bits;
+        let mut first_free = 0u64;
+        let mut grown = false;
+        let mut cluster = first;
+        while cluster < end {
+            if self.counts.get(cluster) == 0 {
+                cluster += 1;
+                continue;
+            }
+            let ri = cluster >> self.block_bits;
+            let block_start = ri << self.block_bits;
+            let existing = self.table.get(ri as usize).copied().unwrap_or(0);
+            let offset = if existing != 0 {
+                existing
+            } else {
+                first_free = first_free.max(block_start);
+                let offset = self.alloc(1, &mut first_free)?;
+                end = end.max((offset >> self.cb) + 1);
+                if self.table.len() as u64 <= ri {
+                    let entries = ((ri + 1) * 8).next_multiple_of(cs) / 8;
+                    if entries * 8 > MAX_REFTABLE_BYTES {
+                        return Err(Error::Unsupported(
+                            "rebuilt refcount table would exceed 8 MiB".into(),
+                        ));
+                    }
+                    self.table.resize(entries as usize, 0);
+                    grown = true;
+                }
+                self.table[ri as usize] = offset;
+                offset
+            };
+            let mut block = vec![0u8; cs as usize];
+            let used = per_block.min((*self.nb_clusters).saturating_sub(block_start));
+            for k in 0..used {
+                let v = self.counts.get(block_start + k);
+                if v != 0 && !refcount::set(&mut block, self.order, k as usize, v) {
+                    return Err(Error::Unsupported(format!(
+                        "refcount {v} does not fit the refcount width"
+                    )));
+                }
+            }
+            self.storage
+                .write_at(&block, offset)
+                .map_err(|e| Error::io("writing a rebuilt refcount block", e))?;
+            cluster = block_start + per_block;
+        }
+        Ok(grown)
+    }
 }
