@@ -23,7 +23,6 @@ use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptio
 use qcow2kit::format::header::CryptMethod;
 use qcow2kit::io::FileStorage;
 use qcow2kit::ops::check::{CheckReport, Checker, Finding, RepairMode};
-use qcow2kit::ops::inspect::inspect_path;
 use serde_json::Value;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -125,21 +124,7 @@ pub fn run(args: &[String]) -> u8 {
         Some("raw") => ImageFormat::Raw,
         Some(other) => return fail(format!("Unknown file format '{other}'")),
         None => {
-            // A file carrying several formats' signatures is read differently by different
-            // probes (qemu-img takes a qcow2 image with a VDI signature for VDI): refuse to
-            // guess.
-            match inspect_path(&path) {
-                Ok(ins) if ins.is_polyglot() => {
-                    let names: Vec<&str> = ins.detected.iter().map(|f| f.name()).collect();
-                    return could_not_open(&format!(
-                        "the file carries the signatures of several formats ({}); name its \
-                         format with -f",
-                        names.join(",")
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) => return could_not_open(&e),
-            }
+            // Probing refuses a polyglot (signatures of several formats) rather than guess.
             match probe_file(&path) {
                 Ok(f) => f,
                 Err(e) => return could_not_open(&e),

@@ -854,7 +854,11 @@ fn probing_detects_like_inspect() {
     // Bytes 64..68 of a v3 header are the high half of the snapshot table offset (0 here).
     poly[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
     std::fs::write(dir.join("poly.qcow2"), &poly).expect("write polyglot");
-    for args in [&["info", "poly.qcow2"][..], &["map", "poly.qcow2"]] {
+    for args in [
+        &["info", "poly.qcow2"][..],
+        &["map", "poly.qcow2"],
+        &["check", "poly.qcow2"],
+    ] {
         let out = exec(QCOW2KIT, args, dir, &[]);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
