@@ -47,4 +47,25 @@ if command -v zstd >/dev/null; then
   python3 -c "import sys; sys.stdout.buffer.write(bytes(i*7%251 for i in range(4096)))" | zstd -q -c > "$tmp/z"
   { printf '\x01\x03'; cat "$tmp/z"; } > seeds/decompress/zstd-4k
 fi
-ls -la "$out" seeds/decompress
+# Check/repair seeds: the images above, a dirty lazy-refcounts image after a crash, and one
+# whose refcounts were damaged (a leak on the header cluster, a lost count on a data cluster).
+mkdir -p seeds/check_repair
+cp "$out"/* seeds/check_repair/
+qemu-img create -q -f qcow2 -o cluster_size=4k,lazy_refcounts=on "$tmp/dirty" 256k
+qemu-io -c 'write -P 12 0 8k' -c abort "$tmp/dirty" >/dev/null 2>&1 || true
+cp "$tmp/dirty" seeds/check_repair/dirty-lazy-4k
+qemu-img create -q -f qcow2 -o cluster_size=4k "$tmp/damaged" 256k
+qemu-io -c 'write -P 13 0 8k' "$tmp/damaged" >/dev/null
+python3 - "$tmp/damaged" seeds/check_repair/refcounts-damaged-4k <<'PY'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+u64 = lambda o: struct.unpack_from(">Q", b, o)[0]
+mask = (1 << 56) - 512
+block = u64(u64(48)) & mask               # first refcount block
+l2 = u64(u64(40)) & mask                  # L2 table of guest cluster 0
+data = u64(l2) & mask                     # host cluster of guest cluster 0
+struct.pack_into(">H", b, block, 2)       # header cluster: a leak
+struct.pack_into(">H", b, block + 2 * (data >> 12), 0)  # data cluster: refcount lost
+open(sys.argv[2], "wb").write(b)
+PY
+ls -la "$out" seeds/decompress seeds/check_repair

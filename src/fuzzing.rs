@@ -43,6 +43,78 @@ pub fn open_and_read(data: &[u8]) {
     }
 }
 
+/// What the guest sees of the image on `storage`, as far as a bounded walk reads it: up to 64
+/// extents from `block_status`, at most 64 KiB of each; `None` when the image does not open.
+fn guest_sample(storage: Arc<MemoryStorage>) -> Option<Vec<(u64, Vec<u8>)>> {
+    let opts = Qcow2Options {
+        l2_cache_bytes: 64 << 10,
+        ..Default::default()
+    };
+    let img = Qcow2Image::open(storage, &opts).ok()?;
+    let size = img.size();
+    let mut sample = Vec::new();
+    let mut pos = 0u64;
+    while pos < size && sample.len() < 64 {
+        let Ok(e) = img.block_status(pos, size - pos) else {
+            break;
+        };
+        let mut buf = vec![0u8; e.len.min(64 << 10) as usize];
+        if img.read_at(&mut buf, pos).is_ok() {
+            sample.push((pos, buf));
+        }
+        pos += e.len;
+    }
+    Some(sample)
+}
+
+/// Checks and then repairs (`check -r all`) `data` as an image held in memory. Neither may
+/// panic; the repair must not change what the guest reads: every range that read successfully
+/// before reads the same afterwards (when the image still opens). Exempt from that comparison,
+/// because repairing their metadata rewrites what the guest reads (as QEMU's repair does):
+/// images that map clusters past the end of the file (they read as zeros until a rebuilt
+/// refcount structure is placed there) and images where a cluster is referenced twice but
+/// counted less (a data cluster that is also an L2 table or a refcount block).
+pub fn check_repair(data: &[u8]) {
+    use crate::ops::check::{check, repair, Finding, RepairMode};
+    // A repair may grow the file (a refcount block past its end, a rebuilt structure): allow
+    // what a real repair needs, not the gigabyte a hostile image can ask for.
+    let capacity = (data.len() as u64).saturating_mul(4).max(8 << 20);
+    let storage = Arc::new(MemoryStorage::with_capacity_limit(data.to_vec(), capacity));
+    let Ok(report) = check(storage.as_ref()) else {
+        return;
+    };
+    let overlapping = report.findings_omitted > 0
+        || report.findings.iter().any(|f| {
+            matches!(
+                f,
+                Finding::RegionPastEof { .. }
+                    | Finding::RefblockShared { .. }
+                    | Finding::RefcountTooLow { reference: 2.., .. }
+            )
+        });
+    let before = if overlapping {
+        None
+    } else {
+        guest_sample(storage.clone())
+    };
+    if repair(storage.as_ref(), RepairMode::All).is_err() {
+        return;
+    }
+    let (Some(before), Some(_)) = (before, guest_sample(storage.clone())) else {
+        return;
+    };
+    let opts = Qcow2Options::default();
+    let Ok(img) = Qcow2Image::open(storage, &opts) else {
+        return;
+    };
+    for (pos, old) in before {
+        let mut now = vec![0u8; old.len()];
+        if img.read_at(&mut now, pos).is_ok() {
+            assert!(now == old, "repair changed guest data at {pos}");
+        }
+    }
+}
+
 /// Decompresses `data` (first byte picks zlib or zstd, second the cluster size) into one
 /// cluster; the output must never exceed the cluster.
 pub fn decompress(data: &[u8]) {

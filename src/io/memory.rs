@@ -4,10 +4,18 @@ use super::Storage;
 use std::io;
 use std::sync::RwLock;
 
-/// A growable byte vector behind a lock.
-#[derive(Debug, Default)]
+/// A growable byte vector behind a lock, optionally with a capacity (like a small disk).
+#[derive(Debug)]
 pub struct MemoryStorage {
     data: RwLock<Vec<u8>>,
+    /// Writes and resizes past this length fail with "no space left on device".
+    capacity: u64,
+}
+
+impl Default for MemoryStorage {
+    fn default() -> Self {
+        Self::from_bytes(Vec::new())
+    }
 }
 
 impl MemoryStorage {
@@ -20,7 +28,25 @@ impl MemoryStorage {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         MemoryStorage {
             data: RwLock::new(bytes),
+            capacity: u64::MAX,
         }
+    }
+
+    /// Storage holding `bytes` that cannot grow past `capacity` bytes: a write or resize beyond
+    /// it fails with [`io::ErrorKind::StorageFull`] (ENOSPC) and changes nothing. Bounds the
+    /// memory a hostile image can make a writer allocate.
+    pub fn with_capacity_limit(bytes: Vec<u8>, capacity: u64) -> Self {
+        MemoryStorage {
+            data: RwLock::new(bytes),
+            capacity,
+        }
+    }
+
+    fn check_capacity(&self, end: u64) -> io::Result<()> {
+        if end > self.capacity {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        Ok(())
     }
 
     /// A copy of the current contents.
@@ -55,6 +81,7 @@ impl Storage for MemoryStorage {
         let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
         let start = usize::try_from(offset).map_err(|_| too_large())?;
         let end = start.checked_add(buf.len()).ok_or_else(too_large)?;
+        self.check_capacity(end as u64)?;
         if end > data.len() {
             data.resize(end, 0);
         }
@@ -67,6 +94,7 @@ impl Storage for MemoryStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_capacity(len)?;
         let len = usize::try_from(len).map_err(|_| too_large())?;
         self.data
             .write()
@@ -111,6 +139,16 @@ mod tests {
         assert_eq!(b, [2, 3, 0, 0, 0]);
         s.read_at(&mut b, 100).unwrap();
         assert_eq!(b, [0; 5]);
+    }
+
+    #[test]
+    fn capacity_limit_refuses_growth() {
+        let m = MemoryStorage::with_capacity_limit(vec![1; 10], 16);
+        assert!(m.write_at(&[2; 6], 10).is_ok());
+        let e = m.write_at(&[3], 16).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(28));
+        assert!(m.set_len(17).is_err());
+        assert_eq!(m.len().unwrap(), 16);
     }
 
     #[test]
