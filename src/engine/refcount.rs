@@ -418,17 +418,52 @@ impl Refcounts {
         Ok(!keys.is_empty())
     }
 
-    /// Writes dirty refcount table entries (after their blocks are durable).
+    /// Writes dirty refcount table entries (after their blocks are durable); the caller
+    /// flushes afterwards when this returns `true`.
+    ///
+    /// A new block's own cluster is counted in the block that covers it, which may be new as
+    /// well: its table entry must be durable first, or a crash could leave the second entry
+    /// without the first, a reachable refcount block whose refcount is 0 (rule 2). Entries are
+    /// therefore written in rounds, each holding the entries whose covering block is already on
+    /// disk (or is the block itself), with a flush between rounds.
     pub(crate) fn write_table_entries(&mut self, storage: &dyn Storage) -> Result<bool> {
-        let dirty = std::mem::take(&mut self.table_dirty);
-        for ri in &dirty {
-            let mut b = [0u8; 8];
-            put_u64(&mut b, 0, self.table[*ri]);
-            storage
-                .write_at(&b, self.table_offset + *ri as u64 * 8)
-                .map_err(io_err("writing refcount table entry"))?;
+        let mut dirty = std::mem::take(&mut self.table_dirty);
+        let wrote = !dirty.is_empty();
+        while !dirty.is_empty() {
+            let covering = |ri: usize| self.table[ri] >> self.cluster_bits >> self.block_bits;
+            let mut round: BTreeSet<usize> = dirty
+                .iter()
+                .copied()
+                .filter(|&ri| {
+                    let c = covering(ri);
+                    c == ri as u64 || !dirty.contains(&(c as usize))
+                })
+                .collect();
+            if round.is_empty() {
+                // A cycle cannot arise (a block is placed where an older block counts it);
+                // should it anyway, write everything rather than loop.
+                round = std::mem::take(&mut dirty);
+            }
+            for ri in &round {
+                let mut b = [0u8; 8];
+                put_u64(&mut b, 0, self.table[*ri]);
+                let r = storage
+                    .write_at(&b, self.table_offset + *ri as u64 * 8)
+                    .map_err(io_err("writing refcount table entry"));
+                if let Err(e) = r {
+                    self.table_dirty.extend(dirty.iter().copied());
+                    return Err(e);
+                }
+                dirty.remove(ri);
+            }
+            if !dirty.is_empty() {
+                if let Err(e) = storage.flush() {
+                    self.table_dirty.extend(dirty.iter().copied());
+                    return Err(io_err("flushing refcount table entries")(e));
+                }
+            }
         }
-        Ok(!dirty.is_empty())
+        Ok(wrote)
     }
 
     /// Keeps the block cache bounded: past the limit, dirty blocks are written back and every
