@@ -1,8 +1,8 @@
 //! Deterministic reproductions of the crash-safety and I/O-error bugs that `crash_points.rs`
 //! found, one test per bug, each with what went wrong.
 
-use qcow2kit::io::testing::{CrashPoint, CrashStorage};
-use qcow2kit::io::MemoryStorage;
+use qcow2kit::io::testing::{CrashPoint, CrashStorage, FailingStorage, Fault, FaultError, OpKind};
+use qcow2kit::io::{MemoryStorage, Storage};
 use qcow2kit::ops::check::{check, CheckReport};
 use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
 use qcow2kit::{BlockDevice, Qcow2Image, Qcow2Options};
@@ -79,4 +79,47 @@ fn new_refcount_blocks_counted_by_another_new_block() {
         let r = check(&MemoryStorage::from_bytes(bytes)).expect("check");
         assert!(sound(&r), "{what}: {r:?}");
     });
+}
+
+/// A write failing while the refcount table grew (the new table, the flush or the header
+/// switch) left the in-memory table switched to the new one while the header still named the
+/// old; the image kept accepting writes and later flushes wrote the new blocks' table entries
+/// past the end of the old table, so the closed image had clusters referenced with refcount 0
+/// (2234 corruptions). Fixed: such a failure poisons the refcounts, and the image refuses
+/// further allocations and flushes until reopened.
+#[test]
+fn failed_refcount_table_growth_refuses_further_writes() {
+    let o = CreateOptions {
+        cluster_size: 512,
+        refcount_bits: 64,
+        ..CreateOptions::default()
+    };
+    let initial = new_image(4 << 20, &o);
+    // 2.5 MiB of data: more than the first refcount table (one cluster, 2 MiB) covers.
+    let work = |s: Arc<dyn Storage>| {
+        let img = Qcow2Image::open(s, &rw()).expect("open");
+        for i in 0..40u64 {
+            let _ = img.write_at(&[i as u8 + 1; 64 * 1024], i * 64 * K);
+        }
+        let _ = img.close();
+    };
+    let counter = Arc::new(FailingStorage::new(Arc::new(MemoryStorage::from_bytes(
+        initial.clone(),
+    ))));
+    work(counter.clone());
+    for index in 0..counter.counts().writes {
+        let mem = Arc::new(MemoryStorage::from_bytes(initial.clone()));
+        let fault = Fault {
+            kind: OpKind::Write,
+            index,
+            error: FaultError::Eio,
+            sticky: false,
+        };
+        work(Arc::new(FailingStorage::with_fault(
+            mem.clone(),
+            Some(fault),
+        )));
+        let r = check(mem.as_ref()).expect("check");
+        assert!(sound(&r), "write {index} failed: {r:?}");
+    }
 }
