@@ -81,6 +81,38 @@ fn new_refcount_blocks_counted_by_another_new_block() {
     });
 }
 
+/// A flush failed (the image is then broken: it refuses writes), yet `close` returned `Ok`
+/// without writing anything, telling the caller that the writes since the last successful
+/// flush were durable when they were not. Fixed: `close` of a broken image returns the error.
+#[test]
+fn close_after_a_failed_flush_reports_the_failure() {
+    let mem = Arc::new(MemoryStorage::from_bytes(new_image(
+        1 << 20,
+        &CreateOptions::default(),
+    )));
+    let fault = Fault {
+        kind: OpKind::Flush,
+        index: 0,
+        error: FaultError::Eio,
+        sticky: false,
+    };
+    let s = Arc::new(FailingStorage::with_fault(mem, Some(fault)));
+    let img = Qcow2Image::open(s, &rw()).expect("open");
+    img.write_at(&[1; 4096], 0).expect("write");
+    assert!(
+        img.flush().is_err(),
+        "the injected flush failure is reported"
+    );
+    assert!(
+        img.write_at(&[2; 4096], 0).is_err(),
+        "a broken image refuses writes"
+    );
+    assert!(
+        img.close().is_err(),
+        "close of a broken image claimed the unflushed write durable"
+    );
+}
+
 /// A write failing while the refcount table grew (the new table, the flush or the header
 /// switch) left the in-memory table switched to the new one while the header still named the
 /// old; the image kept accepting writes and later flushes wrote the new blocks' table entries
