@@ -81,6 +81,39 @@ fn new_refcount_blocks_counted_by_another_new_block() {
     });
 }
 
+/// Growing an image whose last cluster is partial (after a shrink to 302.5 KiB it still holds
+/// the old bytes past the end): the new size was written and flushed before the stale tail was
+/// zeroed, so a crash in between left the larger image showing the old bytes at 302.5 KiB..304
+/// KiB. Fixed by zeroing (and flushing) first, then writing the size.
+#[test]
+fn grow_never_shows_stale_tail_after_a_crash() {
+    let o = CreateOptions {
+        cluster_size: 4 * K,
+        ..CreateOptions::default()
+    };
+    let mem = Arc::new(MemoryStorage::from_bytes(new_image(512 * K, &o)));
+    {
+        let img = Qcow2Image::open(mem.clone(), &rw()).expect("open");
+        img.write_at(&vec![0xaa; 512 * 1024], 0).expect("write");
+        img.resize(302 * K + 512, true).expect("shrink");
+        img.close().expect("close");
+    }
+    let initial = mem.to_bytes();
+    let work = |img: &Qcow2Image| img.resize(400 * K, false);
+    every_crash(&initial, &work, &|what, bytes| {
+        let img = Qcow2Image::open(Arc::new(MemoryStorage::from_bytes(bytes)), &rw())
+            .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+        if img.size() == 400 * K {
+            let mut tail = vec![0u8; 1536];
+            img.read_at(&mut tail, 302 * K + 512).expect("read");
+            assert!(
+                tail.iter().all(|&b| b == 0),
+                "{what}: stale bytes past the old end"
+            );
+        }
+    });
+}
+
 /// A flush failed (the image is then broken: it refuses writes), yet `close` returned `Ok`
 /// without writing anything, telling the caller that the writes since the last successful
 /// flush were durable when they were not. Fixed: `close` of a broken image returns the error.
