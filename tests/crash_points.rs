@@ -943,6 +943,17 @@ fn mixed_steps(rng: &mut Rng, size: u64, n: usize, max_sectors: u64, mix: bool) 
                 len,
                 tag: base + i as u32,
             },
+            // Half the zero writes and discards cover whole 16 KiB-aligned blocks (whole
+            // clusters here), which free clusters; the rest cut clusters partially.
+            2 | 3 if rng.below(2) == 0 => {
+                let a = off & !(16 * K - 1);
+                let len = (len.next_multiple_of(16 * K)).min(size - a);
+                if kind == 2 {
+                    Step::Zero { off: a, len }
+                } else {
+                    Step::Discard { off: a, len }
+                }
+            }
             2 => Step::Zero { off, len },
             _ => Step::Discard { off, len },
         });
@@ -956,7 +967,18 @@ fn mixed_steps(rng: &mut Rng, size: u64, n: usize, max_sectors: u64, mix: bool) 
 fn workload_plain(name: &'static str, create: CreateOptions, mix: bool, seed: u64) -> Workload {
     let size = 256 * K;
     let mut rng = Rng(seed);
-    let setup = mixed_steps(&mut rng, size, 4, 16, false);
+    let mut setup = mixed_steps(&mut rng, size, 4, 16, false);
+    if mix {
+        // Everything allocated, so that zero writes and discards free clusters.
+        setup.insert(
+            0,
+            Step::Write {
+                off: 0,
+                len: size,
+                tag: 999,
+            },
+        );
+    }
     Workload {
         name,
         create,
