@@ -58,9 +58,9 @@ const SOURCE_TAGS: u32 = 1 << 28;
 /// Debug builds run shorter workloads.
 const DEBUG: bool = cfg!(debug_assertions);
 /// Random post-crash images per crash point (besides none / all / each single one).
-const RANDOM_IMAGES: usize = if DEBUG { 1 } else { 4 };
+const RANDOM_IMAGES: usize = if DEBUG { 1 } else { 8 };
 /// `qemu-img check` runs per workload (spread over the crash and failure points).
-const QEMU_CHECKS: usize = if DEBUG { 3 } else { 16 };
+const QEMU_CHECKS: usize = if DEBUG { 3 } else { 24 };
 
 // ---------------------------------------------------------------------------------------------
 // Content: every 512-byte sector written by the workloads is one 8-byte word repeated, derived
@@ -912,12 +912,12 @@ fn run(w: Workload) {
 // ---------------------------------------------------------------------------------------------
 // The workloads.
 
-/// `n` steps, scaled down in debug builds (never below 2).
+/// `n` steps in debug builds, twice as many in release builds.
 fn scaled(n: usize) -> usize {
     if DEBUG {
-        (n / 3).max(2)
-    } else {
         n
+    } else {
+        2 * n
     }
 }
 
@@ -987,7 +987,7 @@ fn workload_plain(name: &'static str, create: CreateOptions, mix: bool, seed: u6
         backing: None,
         setup,
         setup_dirty: false,
-        steps: mixed_steps(&mut rng, size, scaled(16), 20, mix),
+        steps: mixed_steps(&mut rng, size, scaled(8), 20, mix),
         source: None,
     }
 }
@@ -1041,7 +1041,7 @@ fn workload_backing(name: &'static str, compat: Compat, kind: BackingKind, seed:
         backing: Some((kind, 192 * K)),
         setup: Vec::new(),
         setup_dirty: false,
-        steps: mixed_steps(&mut rng, size, scaled(18), 12, true),
+        steps: mixed_steps(&mut rng, size, scaled(9), 12, true),
         source: None,
     }
 }
@@ -1237,9 +1237,9 @@ fn lazy_refcounts_dirty_reopen() {
     o.lazy_refcounts = true;
     let mut rng = Rng(7);
     let setup = mixed_steps(&mut rng, size, 6, 16, false);
-    let mut steps = mixed_steps(&mut rng, size, scaled(8), 16, true);
+    let mut steps = mixed_steps(&mut rng, size, scaled(4), 16, true);
     steps.push(Step::Reopen);
-    steps.extend(mixed_steps(&mut rng, size, scaled(6), 16, true));
+    steps.extend(mixed_steps(&mut rng, size, scaled(3), 16, true));
     run(Workload {
         name: "lazy_refcounts",
         create: o,
@@ -1260,7 +1260,7 @@ fn compressed_writes() {
     let cs = 4 * K;
     let o = opts(cs, Compat::V3);
     let mut steps = Vec::new();
-    let n = scaled(12) as u64;
+    let n = scaled(6) as u64;
     for i in 0..n {
         steps.push(Step::Compressed {
             off: (i * 5 % 64) * cs,
