@@ -152,14 +152,15 @@ impl Qcow2Image {
 
     /// Writes everything back and, for a lazy-refcounts image, the refcounts too, then clears
     /// the dirty bit. Called on drop; callers that want the error call it themselves.
+    ///
+    /// After a failed metadata write the image is broken: nothing more is written, and `close`
+    /// says so (an `Ok` would claim that writes acknowledged since the last successful flush
+    /// are durable).
     pub fn close(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
         let mut m = self.lock_meta();
-        if m.broken {
-            return Ok(());
-        }
         self.flush_locked(&mut m)?;
         if m.header.incompatible.contains(IncompatibleFeatures::DIRTY) {
             let s = self.storage.as_ref();

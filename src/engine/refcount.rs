@@ -49,6 +49,9 @@ pub(crate) struct Refcounts {
     block_bits: u32,
     /// Cluster index below which nothing is free.
     pub(crate) cursor: u64,
+    /// A table growth failed after the in-memory table was switched: memory and disk disagree
+    /// on where the table is, so nothing more may be allocated or written.
+    poisoned: bool,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -88,11 +91,21 @@ impl Refcounts {
             cluster_bits,
             block_bits: cluster_bits + 3 - order,
             cursor: 0,
+            poisoned: false,
         })
     }
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    fn refuse_if_poisoned(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Unsupported(
+                "an earlier refcount table growth failed; the image must be reopened".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn block<'a>(
@@ -197,6 +210,7 @@ impl Refcounts {
         if n == 0 {
             return Err(Error::InvalidArgument("allocation of zero clusters".into()));
         }
+        self.refuse_if_poisoned()?;
         'search: loop {
             // Find n consecutive clusters with refcount 0, from the cursor. Like QEMU's
             // free_cluster_index, the cursor then moves past the allocation whatever it skipped:
@@ -361,16 +375,42 @@ impl Refcounts {
         }
         let old = (self.table_offset, self.table_clusters);
         self.table = table;
-        let area_len = table_clusters + new_blocks.len() as u64;
-        for c in area..area + area_len {
+        // From here on the in-memory table is the new one while the header may still name the
+        // old: a failure poisons the refcounts (the image must be reopened), or later writes
+        // would put new entries past the end of the old table.
+        let r = self.persist_grown_table(storage, area, table_clusters, new_blocks.len() as u64);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r?;
+        *file_end =
+            (*file_end).max((area + table_clusters + new_blocks.len() as u64) << self.cluster_bits);
+        self.table_offset = table_at;
+        self.table_clusters = table_clusters;
+        self.table_dirty.clear();
+        // The old table's clusters drop their reference now that nothing points to them.
+        for c in 0..old.1 {
+            self.add(storage, old.0 + c * cs, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the grown table's area (`table_clusters` of table, then `new_blocks` blocks, from
+    /// cluster `area`) and persists it: blocks (including the new ones), the whole new table,
+    /// flush; then the header, flush.
+    fn persist_grown_table(
+        &mut self,
+        storage: &dyn Storage,
+        area: u64,
+        table_clusters: u64,
+        new_blocks: u64,
+    ) -> Result<()> {
+        for c in area..area + table_clusters + new_blocks {
             self.set_existing(storage, c, 1)?;
         }
-        *file_end = (*file_end).max((area + area_len) << self.cluster_bits);
-
-        // Persist: blocks (including the new ones), the whole new table, flush; then the
-        // header, flush. Only then is the old table released.
         self.write_blocks(storage)?;
-        let mut raw = vec![0u8; bytes as usize];
+        let table_at = area << self.cluster_bits;
+        let mut raw = vec![0u8; (table_clusters << self.cluster_bits) as usize];
         for (i, e) in self.table.iter().enumerate() {
             put_u64(&mut raw, i * 8, *e);
         }
@@ -386,19 +426,12 @@ impl Refcounts {
         storage
             .write_at(&hdr, 48)
             .map_err(io_err("switching refcount table"))?;
-        storage.flush().map_err(io_err("flushing header"))?;
-        self.table_offset = table_at;
-        self.table_clusters = table_clusters;
-        self.table_dirty.clear();
-        // The old table's clusters drop their reference now that nothing points to them.
-        for c in 0..old.1 {
-            self.add(storage, old.0 + c * cs, -1)?;
-        }
-        Ok(())
+        storage.flush().map_err(io_err("flushing header"))
     }
 
     /// Writes every dirty block back (safe at any time: blocks hold only increases).
     pub(crate) fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        self.refuse_if_poisoned()?;
         let mut keys: Vec<usize> = self
             .blocks
             .iter()
@@ -418,17 +451,53 @@ impl Refcounts {
         Ok(!keys.is_empty())
     }
 
-    /// Writes dirty refcount table entries (after their blocks are durable).
+    /// Writes dirty refcount table entries (after their blocks are durable); the caller
+    /// flushes afterwards when this returns `true`.
+    ///
+    /// A new block's own cluster is counted in the block that covers it, which may be new as
+    /// well: its table entry must be durable first, or a crash could leave the second entry
+    /// without the first, a reachable refcount block whose refcount is 0 (rule 2). Entries are
+    /// therefore written in rounds, each holding the entries whose covering block is already on
+    /// disk (or is the block itself), with a flush between rounds.
     pub(crate) fn write_table_entries(&mut self, storage: &dyn Storage) -> Result<bool> {
-        let dirty = std::mem::take(&mut self.table_dirty);
-        for ri in &dirty {
-            let mut b = [0u8; 8];
-            put_u64(&mut b, 0, self.table[*ri]);
-            storage
-                .write_at(&b, self.table_offset + *ri as u64 * 8)
-                .map_err(io_err("writing refcount table entry"))?;
+        self.refuse_if_poisoned()?;
+        let mut dirty = std::mem::take(&mut self.table_dirty);
+        let wrote = !dirty.is_empty();
+        while !dirty.is_empty() {
+            let covering = |ri: usize| self.table[ri] >> self.cluster_bits >> self.block_bits;
+            let mut round: BTreeSet<usize> = dirty
+                .iter()
+                .copied()
+                .filter(|&ri| {
+                    let c = covering(ri);
+                    c == ri as u64 || !dirty.contains(&(c as usize))
+                })
+                .collect();
+            if round.is_empty() {
+                // A cycle cannot arise (a block is placed where an older block counts it);
+                // should it anyway, write everything rather than loop.
+                round = std::mem::take(&mut dirty);
+            }
+            for ri in &round {
+                let mut b = [0u8; 8];
+                put_u64(&mut b, 0, self.table[*ri]);
+                let r = storage
+                    .write_at(&b, self.table_offset + *ri as u64 * 8)
+                    .map_err(io_err("writing refcount table entry"));
+                if let Err(e) = r {
+                    self.table_dirty.extend(dirty.iter().copied());
+                    return Err(e);
+                }
+                dirty.remove(ri);
+            }
+            if !dirty.is_empty() {
+                if let Err(e) = storage.flush() {
+                    self.table_dirty.extend(dirty.iter().copied());
+                    return Err(io_err("flushing refcount table entries")(e));
+                }
+            }
         }
-        Ok(!dirty.is_empty())
+        Ok(wrote)
     }
 
     /// Keeps the block cache bounded: past the limit, dirty blocks are written back and every

@@ -133,13 +133,33 @@ impl Qcow2Image {
                 self.flush_locked(&mut m)?;
             }
         }
-        self.write_size(new_size)?;
         let raw_data_file = g.data_file
             && self
                 .lock_meta()
                 .header
                 .autoclear
                 .contains(crate::format::features::AutoclearFeatures::DATA_FILE_RAW);
+        if !raw_data_file {
+            // Stale bytes past the old end inside its last cluster, and backing data the new
+            // range would expose, read as zeros — durably so before the new size is: a crash
+            // between the two must not leave the larger size showing the stale bytes.
+            let mut zero_end = old_size.next_multiple_of(cs).min(new_size);
+            if let Some(b) = &self.backing {
+                zero_end = zero_end.max(b.size().min(new_size));
+            }
+            if zero_end > old_size {
+                // The range lies past the device's end: zero it with the new size in memory
+                // only (writers are excluded by the range lock held; the header still says
+                // the old size until `write_size`).
+                self.size.store(new_size, Ordering::Release);
+                let r = self
+                    .zero_body(old_size, zero_end - old_size, ZeroMode::WriteZeroes)
+                    .and_then(|()| self.flush_impl());
+                self.size.store(old_size, Ordering::Release);
+                r?;
+            }
+        }
+        self.write_size(new_size)?;
         if let Some(d) = self.data_storage.as_ref().filter(|_| g.data_file) {
             let len = d.len().map_err(io_err("sizing data file"))?;
             if raw_data_file && len > old_size {
@@ -154,16 +174,6 @@ impl Qcow2Image {
         if raw_data_file {
             // A raw data file is the guest's content: the new range is mapped one to one.
             self.preallocate_range(old_size, new_size, false)?;
-        } else {
-            // Stale bytes past the old end inside its last cluster, and backing data the new
-            // range would expose, read as zeros.
-            let mut zero_end = old_size.next_multiple_of(cs).min(new_size);
-            if let Some(b) = &self.backing {
-                zero_end = zero_end.max(b.size().min(new_size));
-            }
-            if zero_end > old_size {
-                self.zero_body(old_size, zero_end - old_size, ZeroMode::WriteZeroes)?;
-            }
         }
         self.flush_impl()
     }

@@ -1,0 +1,378 @@
+//! A storage that simulates power loss.
+
+use super::{crashed, OpCounts, OpKind, SplitMix};
+use crate::io::Storage;
+use std::io;
+use std::sync::{Mutex, MutexGuard};
+
+/// Granularity of torn writes: a sector either reached the medium or did not.
+const SECTOR: u64 = 512;
+
+/// Unflushed sets at most this long also get one post-crash image per single operation.
+const SMALL_SET: usize = 8;
+
+/// When a [`CrashStorage`] loses power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CrashPoint {
+    /// During the write-type operation with this index (from 0; `write_at`, `set_len` and
+    /// `punch_hole` counted together, as [`OpCounts::mutations`] does). The operation is in
+    /// flight: it is recorded as the last unflushed operation (so a post-crash image may hold
+    /// it whole, torn or not at all) and fails.
+    Write(u64),
+    /// During the flush with this index (from 0): it fails, and what it would have made durable
+    /// is still only unflushed.
+    Flush(u64),
+}
+
+/// A mutating operation made since the last completed flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingOp {
+    /// `write_at(data, offset)`.
+    Write {
+        /// Where.
+        offset: u64,
+        /// What.
+        data: Vec<u8>,
+    },
+    /// `set_len(len)`.
+    SetLen(u64),
+    /// `punch_hole(offset, len)`.
+    PunchHole {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+}
+
+impl PendingOp {
+    /// Byte counts at which the operation can be torn: prefixes that end on a 512-byte
+    /// boundary of the storage, strictly inside the operation. Empty for `set_len`.
+    pub fn tear_points(&self) -> Vec<u64> {
+        let (offset, len) = match self {
+            PendingOp::Write { offset, data } => (*offset, data.len() as u64),
+            PendingOp::PunchHole { offset, len } => (*offset, *len),
+            PendingOp::SetLen(_) => return Vec::new(),
+        };
+        let mut v = Vec::new();
+        let mut b = (offset / SECTOR + 1) * SECTOR;
+        while b < offset + len {
+            v.push(b - offset);
+            b += SECTOR;
+        }
+        v
+    }
+}
+
+/// What a post-crash image keeps of one unflushed operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Choice {
+    /// Lost.
+    Drop,
+    /// Reached the medium whole.
+    Apply,
+    /// Only its first this-many bytes reached the medium (one of
+    /// [`PendingOp::tear_points`]).
+    Torn(u64),
+}
+
+#[derive(Debug)]
+struct State {
+    /// What the medium holds as of the last completed flush.
+    durable: Vec<u8>,
+    /// What reads see: `durable` with every pending operation applied.
+    live: Vec<u8>,
+    pending: Vec<PendingOp>,
+    counts: OpCounts,
+    crash_at: Option<CrashPoint>,
+    crashed: bool,
+}
+
+/// An in-memory storage with the semantics of a disk with a volatile write cache, that loses
+/// power at a chosen point.
+///
+/// Until the crash it behaves as [`MemoryStorage`](crate::io::MemoryStorage), recording every
+/// mutation since the last completed flush. From the crash on, every mutation and flush fails
+/// (reads still see the state just before the crash), and [`crash_image`](Self::crash_image)
+/// builds what the medium may hold after power returns.
+#[derive(Debug)]
+pub struct CrashStorage {
+    state: Mutex<State>,
+}
+
+fn apply(image: &mut Vec<u8>, op: &PendingOp, choice: Choice) {
+    let keep = |len: u64| match choice {
+        Choice::Drop => 0,
+        Choice::Apply => len,
+        Choice::Torn(n) => {
+            assert!(
+                op.tear_points().contains(&n),
+                "{n} is not a tear point of {op:?}"
+            );
+            n
+        }
+    };
+    match op {
+        PendingOp::Write { offset, data } => {
+            let n = keep(data.len() as u64) as usize;
+            if n == 0 {
+                return;
+            }
+            let start = *offset as usize;
+            if image.len() < start + n {
+                image.resize(start + n, 0);
+            }
+            image[start..start + n].copy_from_slice(&data[..n]);
+        }
+        PendingOp::SetLen(len) => {
+            if choice != Choice::Drop {
+                image.resize(*len as usize, 0);
+            }
+        }
+        PendingOp::PunchHole { offset, len } => {
+            let n = keep(*len);
+            let end = offset.saturating_add(n).min(image.len() as u64) as usize;
+            let start = (*offset).min(end as u64) as usize;
+            image[start..end].fill(0);
+        }
+    }
+}
+
+impl CrashStorage {
+    /// A storage whose durable content is `initial`, crashing at `crash_at` (never if `None`;
+    /// [`crash_now`](Self::crash_now) crashes it at any moment).
+    pub fn new(initial: Vec<u8>, crash_at: Option<CrashPoint>) -> Self {
+        CrashStorage {
+            state: Mutex::new(State {
+                live: initial.clone(),
+                durable: initial,
+                pending: Vec::new(),
+                counts: OpCounts::default(),
+                crash_at,
+                crashed: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Operations attempted so far, by kind (the one in flight at the crash included).
+    pub fn counts(&self) -> OpCounts {
+        self.lock().counts
+    }
+
+    /// Loses power now.
+    pub fn crash_now(&self) {
+        self.lock().crashed = true;
+    }
+
+    /// Whether power was lost.
+    pub fn is_crashed(&self) -> bool {
+        self.lock().crashed
+    }
+
+    /// The operations made since the last completed flush, oldest first.
+    pub fn pending(&self) -> Vec<PendingOp> {
+        self.lock().pending.clone()
+    }
+
+    /// The medium as of the last completed flush.
+    pub fn durable(&self) -> Vec<u8> {
+        self.lock().durable.clone()
+    }
+
+    /// What reads see now.
+    pub fn live(&self) -> Vec<u8> {
+        self.lock().live.clone()
+    }
+
+    /// A post-crash medium: the flushed state plus the unflushed operations as `choices` says,
+    /// applied in their original order (`choices[i]` for the `i`-th pending operation; missing
+    /// choices are [`Choice::Drop`]).
+    ///
+    /// # Panics
+    /// If a [`Choice::Torn`] is not one of its operation's tear points.
+    pub fn crash_image(&self, choices: &[Choice]) -> Vec<u8> {
+        let s = self.lock();
+        let mut image = s.durable.clone();
+        for (op, c) in s.pending.iter().zip(choices) {
+            apply(&mut image, op, *c);
+        }
+        image
+    }
+
+    /// Deterministic sets of choices worth trying: none of the unflushed operations, all of
+    /// them, all with the last one torn; for at most 8 unflushed operations each one alone
+    /// (and each tearable one alone and torn); then `random` sets drawn from `seed`, where each
+    /// operation is dropped, applied or torn at a random sector boundary. Duplicates removed.
+    pub fn choice_sets(&self, seed: u64, random: usize) -> Vec<Vec<Choice>> {
+        let pending = self.pending();
+        let n = pending.len();
+        let tears: Vec<Vec<u64>> = pending.iter().map(PendingOp::tear_points).collect();
+        let mut rng = SplitMix::new(seed ^ (n as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let pick = |t: &[u64], rng: &mut SplitMix| t[rng.below(t.len() as u64) as usize];
+        let mut sets = vec![vec![Choice::Drop; n], vec![Choice::Apply; n]];
+        if let Some(t) = tears.last().filter(|t| !t.is_empty()) {
+            let mut s = vec![Choice::Apply; n];
+            s[n - 1] = Choice::Torn(pick(t, &mut rng));
+            sets.push(s);
+        }
+        if n <= SMALL_SET {
+            for i in 0..n {
+                let mut s = vec![Choice::Drop; n];
+                s[i] = Choice::Apply;
+                sets.push(s.clone());
+                if !tears[i].is_empty() {
+                    s[i] = Choice::Torn(pick(&tears[i], &mut rng));
+                    sets.push(s);
+                }
+            }
+        }
+        for _ in 0..random {
+            let s = tears
+                .iter()
+                .map(|t| match rng.below(3) {
+                    0 => Choice::Drop,
+                    1 => Choice::Apply,
+                    _ if t.is_empty() => Choice::Apply,
+                    _ => Choice::Torn(pick(t, &mut rng)),
+                })
+                .collect();
+            sets.push(s);
+        }
+        let mut seen = std::collections::HashSet::new();
+        sets.retain(|s| seen.insert(s.clone()));
+        sets
+    }
+
+    /// Counts a mutation; records and applies it unless power is (or is now) lost.
+    fn mutate(&self, kind: OpKind, op: PendingOp) -> io::Result<()> {
+        let mut s = self.lock();
+        let index = s.counts.mutations();
+        s.counts.bump(kind);
+        if s.crashed {
+            return Err(crashed());
+        }
+        if s.crash_at == Some(CrashPoint::Write(index)) {
+            s.crashed = true;
+            s.pending.push(op);
+            return Err(crashed());
+        }
+        apply(&mut s.live, &op, Choice::Apply);
+        s.pending.push(op);
+        Ok(())
+    }
+}
+
+impl Storage for CrashStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let s = self.lock();
+        let len = s.live.len() as u64;
+        buf.fill(0);
+        if offset < len {
+            let start = offset as usize;
+            let n = (s.live.len() - start).min(buf.len());
+            buf[..n].copy_from_slice(&s.live[start..start + n]);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        usize::try_from(offset.saturating_add(buf.len() as u64))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        self.mutate(
+            OpKind::Write,
+            PendingOp::Write {
+                offset,
+                data: buf.to_vec(),
+            },
+        )
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().live.len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+        self.mutate(OpKind::SetLen, PendingOp::SetLen(len))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut s = self.lock();
+        let index = s.counts.bump(OpKind::Flush);
+        if s.crashed {
+            return Err(crashed());
+        }
+        if s.crash_at == Some(CrashPoint::Flush(index)) {
+            s.crashed = true;
+            return Err(crashed());
+        }
+        let pending = std::mem::take(&mut s.pending);
+        for op in &pending {
+            apply(&mut s.durable, op, Choice::Apply);
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.mutate(OpKind::PunchHole, PendingOp::PunchHole { offset, len })
+    }
+
+    fn data_run(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        let len = self.lock().live.len() as u64;
+        Ok(Some(if offset >= len {
+            (false, u64::MAX)
+        } else {
+            (true, len)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flushed_state_survives_and_unflushed_is_chosen() {
+        let s = CrashStorage::new(vec![0; 1024], Some(CrashPoint::Flush(1)));
+        s.write_at(&[1; 512], 0).unwrap();
+        s.flush().unwrap();
+        s.write_at(&[2; 1024], 0).unwrap();
+        s.set_len(2048).unwrap();
+        assert!(s.flush().is_err());
+        assert!(s.is_crashed());
+        assert!(s.write_at(&[3], 0).is_err());
+        let mut b = [0u8; 1];
+        s.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [2]);
+        let none = s.crash_image(&[]);
+        assert_eq!(&none[..512], &[1; 512][..]);
+        assert_eq!(none.len(), 1024);
+        let torn = s.crash_image(&[Choice::Torn(512), Choice::Apply]);
+        assert_eq!(&torn[..512], &[2; 512][..]);
+        assert_eq!(&torn[512..1024], &[0; 512][..]);
+        assert_eq!(torn.len(), 2048);
+        let sets = s.choice_sets(7, 4);
+        assert!(sets.contains(&vec![Choice::Drop, Choice::Drop]));
+        assert!(sets.contains(&vec![Choice::Apply, Choice::Apply]));
+        assert!(sets.contains(&vec![Choice::Drop, Choice::Apply]));
+        assert_eq!(sets, s.choice_sets(7, 4), "deterministic");
+    }
+
+    #[test]
+    fn the_write_in_flight_is_pending() {
+        let s = CrashStorage::new(Vec::new(), Some(CrashPoint::Write(1)));
+        s.write_at(&[1; 100], 0).unwrap();
+        assert!(s.write_at(&[2; 1000], 100).is_err());
+        assert_eq!(s.pending().len(), 2);
+        assert_eq!(s.pending()[1].tear_points(), vec![412, 924]);
+        assert_eq!(s.live().len(), 100);
+        let img = s.crash_image(&[Choice::Apply, Choice::Torn(412)]);
+        assert_eq!(img.len(), 512);
+        assert_eq!(s.counts().writes, 2);
+    }
+}

@@ -1,0 +1,119 @@
+//! Test doubles for crash-safety testing (feature `testing`): storages that inject I/O errors
+//! and that simulate power loss.
+//!
+//! - [`FailingStorage`] wraps any [`Storage`](super::Storage), counts its mutating operations by
+//!   kind and fails a chosen one (the Nth write, flush, `set_len` or `punch_hole`) with `EIO` or
+//!   `ENOSPC`, once or from then on. Run a workload once with no fault to learn the totals
+//!   ([`FailingStorage::counts`]), then once per index.
+//! - [`CrashStorage`] is an in-memory storage that keeps what a disk with a volatile write cache
+//!   would: the state as of the last completed flush, plus the writes, truncations and hole
+//!   punches made since. At a chosen [`CrashPoint`] it freezes (every later mutation and flush
+//!   fails) and produces post-crash images: the flushed state plus any subset of the unflushed
+//!   operations, each optionally torn at a 512-byte boundary
+//!   ([`CrashStorage::crash_image`], [`CrashStorage::choice_sets`]).
+//!
+//! They live in the library (not in `tests/`) so that the fuzz targets in `fuzz/`, which call
+//! into [`crate::fuzzing`], and users testing their own crash handling can use them too.
+
+mod crash;
+mod failing;
+
+pub use crash::{Choice, CrashPoint, CrashStorage, PendingOp};
+pub use failing::{FailingStorage, Fault, FaultError};
+
+use std::io;
+
+/// The kinds of operation a fault can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// [`Storage::write_at`](super::Storage::write_at).
+    Write,
+    /// [`Storage::flush`](super::Storage::flush).
+    Flush,
+    /// [`Storage::set_len`](super::Storage::set_len).
+    SetLen,
+    /// [`Storage::punch_hole`](super::Storage::punch_hole).
+    PunchHole,
+}
+
+impl OpKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [OpKind; 4] = [
+        OpKind::Write,
+        OpKind::Flush,
+        OpKind::SetLen,
+        OpKind::PunchHole,
+    ];
+}
+
+/// How many operations of each mutating kind a storage has seen (attempts, failed ones
+/// included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts {
+    /// `write_at` calls.
+    pub writes: u64,
+    /// `flush` calls.
+    pub flushes: u64,
+    /// `set_len` calls.
+    pub set_lens: u64,
+    /// `punch_hole` calls.
+    pub punch_holes: u64,
+}
+
+impl OpCounts {
+    /// The count of one kind.
+    pub fn get(&self, kind: OpKind) -> u64 {
+        match kind {
+            OpKind::Write => self.writes,
+            OpKind::Flush => self.flushes,
+            OpKind::SetLen => self.set_lens,
+            OpKind::PunchHole => self.punch_holes,
+        }
+    }
+
+    /// Write-type operations (writes, `set_len`s and hole punches), the ones a
+    /// [`CrashPoint::Write`] counts.
+    pub fn mutations(&self) -> u64 {
+        self.writes + self.set_lens + self.punch_holes
+    }
+
+    /// Counts one more operation of `kind` and returns its index (from 0) among its kind.
+    pub(crate) fn bump(&mut self, kind: OpKind) -> u64 {
+        let c = match kind {
+            OpKind::Write => &mut self.writes,
+            OpKind::Flush => &mut self.flushes,
+            OpKind::SetLen => &mut self.set_lens,
+            OpKind::PunchHole => &mut self.punch_holes,
+        };
+        *c += 1;
+        *c - 1
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for seeded choices.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitMix(u64);
+
+impl SplitMix {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `0..n` (`n > 0`).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// The error a crashed storage returns for everything it refuses.
+fn crashed() -> io::Error {
+    io::Error::other("storage crashed (simulated power loss)")
+}
