@@ -20,6 +20,7 @@ use super::meta::Meta;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
+use std::sync::atomic::Ordering::Relaxed;
 use crate::format::features::{CompatibleFeatures, IncompatibleFeatures};
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -83,7 +84,7 @@ impl Qcow2Image {
             for key in &keys {
                 if let Some(entries) = m.l2.peek(*key) {
                     for (i, e) in entries.iter().enumerate() {
-                        put_u64(&mut buf, i * 8, *e);
+                        put_u64(&mut buf, i * 8, e.load(Relaxed));
                     }
                     s.write_at(&buf, *key).map_err(io_err("writing L2 table"))?;
                 }
@@ -97,7 +98,7 @@ impl Qcow2Image {
             let dirty = std::mem::take(&mut m.l1_dirty);
             for i in dirty {
                 let mut b = [0u8; 8];
-                put_u64(&mut b, 0, m.l1[i]);
+                put_u64(&mut b, 0, m.l1.get_or_zero(i));
                 s.write_at(&b, l1_offset + i as u64 * 8)
                     .map_err(io_err("writing L1 table"))?;
             }

@@ -2,10 +2,13 @@
 //! read path and the copy-on-write write path.
 //!
 //! Locking: all metadata ([`meta::Meta`]: L1, L2 slice cache, refcounts, allocator) sits behind
-//! one mutex that is held while entries are looked up or changed (and, on a miss, while one
-//! slice is read from the image). It is never held during guest data I/O, so readers and writers
-//! of different clusters proceed in parallel. Writers additionally hold a range lock on the guest
-//! clusters they touch, so two requests never allocate or free the same guest cluster at once.
+//! one mutex that is held while entries are changed (and, on a miss, while one slice is read
+//! from the image). It is never held during guest data I/O, so readers and writers of different
+//! clusters proceed in parallel. A lookup whose L2 slices are cached takes no lock at all: the
+//! L1 table and the cached slices are published under a sequence counter (see [`shared`]) that
+//! every change bumps, and a lookup that overlapped a change retries under the mutex. Writers
+//! additionally hold a range lock on the guest clusters they touch, so two requests never
+//! allocate or free the same guest cluster at once.
 
 mod cache;
 mod compressed;
@@ -16,6 +19,7 @@ mod open;
 mod rebuild;
 mod refcount;
 mod resize;
+mod shared;
 mod write;
 
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
@@ -98,6 +102,11 @@ pub struct Qcow2Image {
     /// Length of the image file as far as this process knows (bounds compressed reads).
     file_len: AtomicU64,
     meta: Mutex<Meta>,
+    /// What readers see of `meta` without its lock (L1, cached L2 slices); changed only by
+    /// holders of the lock (see [`shared`]).
+    shared: Arc<shared::Shared>,
+    /// L2 cache hits of lock-free lookups.
+    fast_hits: shared::HitCounter,
     writable: bool,
     /// Guest byte ranges (cluster-aligned) that a write, zeroing or discard is working on.
     inflight: Mutex<Vec<(u64, u64)>>,
@@ -188,9 +197,12 @@ impl Qcow2Image {
         self.data_storage = Some(storage);
     }
 
-    /// L2 cache (hits, misses) since open.
+    /// L2 cache (hits, misses) since open. Hits made without the metadata lock are counted
+    /// per thread without atomic read-modify-writes, so under concurrency the hit count is a
+    /// lower bound.
     pub fn cache_stats(&self) -> (u64, u64) {
-        self.lock_meta().l2.stats()
+        let (hits, misses) = self.lock_meta().l2.stats();
+        (hits + self.fast_hits.total(), misses)
     }
 
     fn lock_meta(&self) -> MutexGuard<'_, Meta> {

@@ -4,6 +4,7 @@
 
 use super::cache::{OffsetSet, SliceCache};
 use super::meta::Meta;
+use super::shared::{L1Table, Shared};
 use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
 use super::{Geometry, Qcow2Image};
@@ -25,6 +26,9 @@ use std::sync::{Arc, Mutex};
 
 /// Default memory for the L2 cache: maps 256 GiB of guest data with 64 KiB clusters.
 pub const DEFAULT_L2_CACHE_BYTES: usize = 32 << 20;
+
+/// Most L2 slices cached (4 GiB of 4 KiB slices): bounds the index allocated at open.
+const MAX_SLICES: usize = 1 << 20;
 
 /// Which snapshot to read instead of the active image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +91,9 @@ impl SnapshotRef {
 /// [`crate::chain`]).
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
-    /// Bytes of memory the L2 cache may use (at least one slice is always kept).
+    /// Bytes of memory the L2 cache may use: between 4 and 2^20 slices of at most 4 KiB are
+    /// kept. Besides the slices, about 16 bytes per slice of this budget are allocated at open
+    /// for the index that lock-free lookups use.
     pub l2_cache_bytes: usize,
     /// Read this internal snapshot instead of the active image (read-only view).
     pub snapshot: Option<SnapshotRef>,
@@ -287,11 +293,13 @@ impl Qcow2Image {
         } else {
             (None, Default::default(), Vec::new())
         };
-        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).max(4);
+        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).clamp(4, MAX_SLICES);
+        let shared = Arc::new(Shared::new(&l1, slices, geo.slice_bytes as usize / 8));
         let meta = Meta {
-            l1: l1.into_vec(),
+            l1: L1Table::new(shared.clone()),
             l1_dirty: Default::default(),
-            l2: SliceCache::new(slices),
+            l2: SliceCache::new(shared.clone(), slices),
+            slice_buf: Vec::new(),
             refs,
             pending_free: Vec::new(),
             compressed_cursor: 0,
@@ -314,6 +322,8 @@ impl Qcow2Image {
             size: AtomicU64::new(size),
             file_len: AtomicU64::new(file_len),
             meta: Mutex::new(meta),
+            shared,
+            fast_hits: Default::default(),
             writable: opts.writable,
             inflight: Mutex::new(Vec::new()),
             inflight_done: Condvar::new(),

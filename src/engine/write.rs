@@ -24,7 +24,7 @@ use crate::format::entry::{
     classify, ClusterKind, SubclusterBitmap, SubclusterState, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::SUBCLUSTERS_PER_CLUSTER;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::{self, Relaxed};
 
 /// What `zero_impl` was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +126,7 @@ impl Qcow2Image {
     pub(crate) fn entry_at(&self, m: &mut Meta, guest: u64) -> Result<(u64, u64)> {
         let g = self.geo;
         let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-        let l2_offset = m.l1.get(l1_index).copied().unwrap_or(0) & OFFSET_MASK;
+        let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
         if l2_offset == 0 {
             return Ok((0, 0));
         }
@@ -134,7 +134,7 @@ impl Qcow2Image {
             return Err(Corruption::BadEntry {
                 table: "L1",
                 guest_offset: guest,
-                entry: m.l1[l1_index],
+                entry: m.l1.get_or_zero(l1_index),
                 rule: "L2 table offset is misaligned or past the end of the file",
             }
             .into());
@@ -146,7 +146,8 @@ impl Qcow2Image {
         }
         let slice = m.load_slice(self.storage.as_ref(), &g, key)?;
         let i = (l2_index & ((1 << g.slice_entry_bits) - 1)) as usize * g.words_per_entry;
-        Ok((slice[i], if g.extended { slice[i + 1] } else { 0 }))
+        let word = |j: usize| slice[j].load(Relaxed);
+        Ok((word(i), if g.extended { word(i + 1) } else { 0 }))
     }
 
     /// Sets the L2 entry of the cluster holding `guest`; its L2 table must be writable.
@@ -159,7 +160,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         let g = self.geo;
         let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-        let l1e = m.l1.get(l1_index).copied().unwrap_or(0);
+        let l1e = m.l1.get_or_zero(l1_index);
         if l1e & COPIED == 0 || l1e & OFFSET_MASK == 0 {
             return Err(Error::InvalidArgument("L2 table is not writable".into()));
         }
@@ -169,13 +170,10 @@ impl Qcow2Image {
             self.flush_locked(m)?;
         }
         m.load_slice(self.storage.as_ref(), &g, key)?;
-        let slice =
-            m.l2.get_mut(key)
-                .ok_or_else(|| Error::InvalidArgument("L2 slice vanished".into()))?;
         let i = (l2_index & ((1 << g.slice_entry_bits) - 1)) as usize * g.words_per_entry;
-        slice[i] = entry;
-        if g.extended {
-            slice[i + 1] = bitmap;
+        let words = [entry, bitmap];
+        if !m.l2.store(key, i, &words[..g.words_per_entry]) {
+            return Err(Error::InvalidArgument("L2 slice vanished".into()));
         }
         Ok(())
     }
@@ -184,7 +182,7 @@ impl Qcow2Image {
     /// empty one, or copies one shared with a snapshot (whose reference is then dropped).
     pub(crate) fn ensure_l2_writable(&self, m: &mut Meta, l1_index: usize) -> Result<u64> {
         let cs = self.geo.cluster_size;
-        let e = *m
+        let e = m
             .l1
             .get(l1_index)
             .ok_or_else(|| Error::InvalidArgument("guest offset beyond the L1 table".into()))?;
@@ -206,8 +204,8 @@ impl Qcow2Image {
             let sb = self.geo.slice_bytes;
             for j in 0..cs / sb {
                 let key = old + j * sb;
-                let words = match m.l2.peek(key) {
-                    Some(w) => w.to_vec(),
+                let words: Vec<u64> = match m.l2.peek(key) {
+                    Some(w) => w.iter().map(|a| a.load(Relaxed)).collect(),
                     None => {
                         let mut b = vec![0u8; sb as usize];
                         s.read_at(&mut b, key)
@@ -230,7 +228,7 @@ impl Qcow2Image {
             .map_err(|e| Error::io("writing new L2 table", e))?;
         self.note_file_growth(m, new + cs);
         m.l2.forget_range(new, new + cs);
-        m.l1[l1_index] = new | COPIED;
+        m.l1.set(l1_index, new | COPIED);
         m.l1_dirty.insert(l1_index);
         m.l2_tables.insert(new, ());
         Ok(new)
