@@ -20,7 +20,7 @@
 //! - Every change readers can see (a slot's key or words, the index) is made inside a write
 //!   section of the published sequence counter.
 
-use super::shared::{Shared, NO_KEY};
+use super::shared::{Shared, MAX_SLOTS, NO_KEY};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -91,7 +91,7 @@ impl SliceCache {
     /// A cache of at most `capacity` slices (at least one) whose words are published in
     /// `shared` (built for the same capacity).
     pub(crate) fn new(shared: Arc<Shared>, capacity: usize) -> Self {
-        let capacity = capacity.clamp(1, NIL as usize - 1);
+        let capacity = capacity.clamp(1, MAX_SLOTS);
         SliceCache {
             shared,
             map: IntMap::default(),
@@ -147,7 +147,7 @@ impl SliceCache {
         self.tail = i;
     }
 
-    fn to_front(&mut self, i: u32) {
+    fn move_to_front(&mut self, i: u32) {
         if self.head != i {
             self.unlink(i);
             self.push_front(i);
@@ -167,7 +167,7 @@ impl SliceCache {
     pub(crate) fn touch(&mut self, key: u64) -> Option<u32> {
         let i = *self.map.get(&key)?;
         self.hits += 1;
-        self.to_front(i);
+        self.move_to_front(i);
         let slots = &self.shared.slots;
         if !slots.indexed(key, i) && slots.has_room(key) {
             self.shared.seq.write(|| slots.index_insert(key, i, false));
@@ -216,7 +216,7 @@ impl SliceCache {
     fn insert_with(&mut self, key: u64, fill: impl FnOnce(&[AtomicU64])) -> u32 {
         self.misses += 1;
         let (i, old_key) = if let Some(&i) = self.map.get(&key) {
-            self.to_front(i);
+            self.move_to_front(i);
             (i, key)
         } else if self.links.len() < self.capacity {
             self.links.push(Link {
@@ -240,22 +240,20 @@ impl SliceCache {
                 self.map.remove(&old_key);
             }
             self.map.insert(key, victim);
-            self.to_front(victim);
+            self.move_to_front(victim);
             (victim, old_key)
         };
         let link = &mut self.links[i as usize];
         link.key = key;
         link.dirty = false;
         let slots = &self.shared.slots;
-        let slot = slots.slot_init(i);
         let words = slots.words_init(i);
-        slot.referenced.store(false, Relaxed);
+        if let Some(r) = slots.referenced(i) {
+            r.store(false, Relaxed);
+        }
         self.shared.seq.write(|| {
-            if old_key != key {
-                if old_key != NO_KEY {
-                    slots.index_remove(old_key, i);
-                }
-                slot.key.store(key, Relaxed);
+            if old_key != key && old_key != NO_KEY {
+                slots.index_remove(old_key, i);
             }
             fill(words);
             if !slots.indexed(key, i) {
@@ -295,14 +293,14 @@ impl SliceCache {
             if t == NIL || self.links[t as usize].key == NO_KEY {
                 break;
             }
-            let Some(slot) = self.shared.slots.slot(t) else {
+            let Some(r) = self.shared.slots.referenced(t) else {
                 break;
             };
-            if !slot.referenced.load(Relaxed) {
+            if !r.load(Relaxed) {
                 break;
             }
-            slot.referenced.store(false, Relaxed);
-            self.to_front(t);
+            r.store(false, Relaxed);
+            self.move_to_front(t);
         }
         self.tail != NIL && self.links[self.tail as usize].dirty
     }
@@ -313,7 +311,7 @@ impl SliceCache {
         let Some(&i) = self.map.get(&key) else {
             return false;
         };
-        self.to_front(i);
+        self.move_to_front(i);
         self.links[i as usize].dirty = true;
         let w = self.shared.slots.words_init(i);
         self.shared.seq.write(|| {
@@ -363,12 +361,7 @@ impl SliceCache {
                 s.dirty = false;
                 s.key = NO_KEY;
                 let slots = &self.shared.slots;
-                if let Some(slot) = slots.slot(i) {
-                    self.shared.seq.write(|| {
-                        slots.index_remove(k, i);
-                        slot.key.store(NO_KEY, Relaxed);
-                    });
-                }
+                self.shared.seq.write(|| slots.index_remove(k, i));
                 // Park the emptied slot at the tail so it is reused first.
                 self.push_back(i);
             }

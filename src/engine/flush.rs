@@ -20,8 +20,8 @@ use super::meta::Meta;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
-use std::sync::atomic::Ordering::Relaxed;
 use crate::format::features::{CompatibleFeatures, IncompatibleFeatures};
+use std::sync::atomic::Ordering::{self, Relaxed};
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
@@ -104,8 +104,11 @@ impl Qcow2Image {
             }
             s.flush().map_err(io_err("flushing L1 table"))?;
         }
-        // 5. Queued frees.
+        // 5. Queued frees. Counted first, so that a read whose data I/O overlaps the frees (a
+        // freed cluster may be reallocated and rewritten at once) sees the count change and
+        // reads again (see `read_at`).
         if !m.pending_free.is_empty() {
+            self.frees_applied.fetch_add(1, Ordering::SeqCst);
             let frees = std::mem::take(&mut m.pending_free);
             let cs = self.geo.cluster_size;
             let mut zeroed = Vec::new();

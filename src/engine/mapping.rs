@@ -67,21 +67,41 @@ fn bad_entry(table: &'static str, guest_offset: u64, entry: u64, rule: &'static 
 
 /// Where [`Qcow2Image::map_with`] finds the L1 and L2 tables.
 trait Tables {
-    /// L1 entry `index` (0 past the end of the table); `None`: give up.
-    fn l1_entry(&self, index: usize) -> Option<u64>;
+    /// Why a mapping failed: an [`Error`], or, without the lock, only that it gave up (a
+    /// zero-sized value keeps the lock-free path's results small).
+    type Fail: From<Error>;
+    /// L1 entry `index` (0 past the end of the table).
+    fn l1_entry(&self, index: usize) -> std::result::Result<u64, Self::Fail>;
     /// Where L2 tables must end.
     fn file_end(&self) -> u64;
-    /// The slice of an L2 table under `key`; `Ok(None)`: give up.
-    fn slice(&mut self, img: &Qcow2Image, key: u64) -> Result<Option<&[AtomicU64]>>;
+    /// The slice of an L2 table under `key`.
+    fn slice(
+        &mut self,
+        img: &Qcow2Image,
+        key: u64,
+    ) -> std::result::Result<&[AtomicU64], Self::Fail>;
+}
+
+/// The lock-free path gave up: the answer needs the lock (a slice is not cached, a write
+/// section overlapped, or the tables are corrupt and the error must be reported).
+struct GaveUp;
+
+impl From<Error> for GaveUp {
+    #[inline]
+    fn from(_: Error) -> Self {
+        GaveUp
+    }
 }
 
 /// The tables with the metadata lock held: a missing slice is read from the image.
 struct Locked<'a>(&'a mut Meta);
 
 impl Tables for Locked<'_> {
+    type Fail = Error;
+
     #[inline]
-    fn l1_entry(&self, index: usize) -> Option<u64> {
-        Some(self.0.l1.get_or_zero(index))
+    fn l1_entry(&self, index: usize) -> Result<u64> {
+        Ok(self.0.l1.get_or_zero(index))
     }
 
     #[inline]
@@ -90,7 +110,7 @@ impl Tables for Locked<'_> {
     }
 
     #[inline]
-    fn slice(&mut self, img: &Qcow2Image, key: u64) -> Result<Option<&[AtomicU64]>> {
+    fn slice(&mut self, img: &Qcow2Image, key: u64) -> Result<&[AtomicU64]> {
         let m = &mut *self.0;
         let g = img.geo;
         let slot = match m.l2.touch(key) {
@@ -102,7 +122,7 @@ impl Tables for Locked<'_> {
                 m.load_slot(img.storage.as_ref(), &g, key)?
             }
         };
-        Ok(Some(m.l2.entries(slot)))
+        Ok(m.l2.entries(slot))
     }
 }
 
@@ -111,9 +131,11 @@ impl Tables for Locked<'_> {
 struct LockFree<'a>(&'a Shared);
 
 impl Tables for LockFree<'_> {
-    #[inline]
-    fn l1_entry(&self, index: usize) -> Option<u64> {
-        self.0.l1_entry(index)
+    type Fail = GaveUp;
+
+    #[inline(always)]
+    fn l1_entry(&self, index: usize) -> std::result::Result<u64, GaveUp> {
+        self.0.l1_entry(index).ok_or(GaveUp)
     }
 
     /// No bound: a slice is cached only after its L2 table passed the locked path's check
@@ -124,9 +146,9 @@ impl Tables for LockFree<'_> {
         u64::MAX
     }
 
-    #[inline]
-    fn slice(&mut self, _img: &Qcow2Image, key: u64) -> Result<Option<&[AtomicU64]>> {
-        Ok(self.0.find_slice(key))
+    #[inline(always)]
+    fn slice(&mut self, _img: &Qcow2Image, key: u64) -> std::result::Result<&[AtomicU64], GaveUp> {
+        self.0.find_slice(key).ok_or(GaveUp)
     }
 }
 
@@ -138,35 +160,51 @@ impl Qcow2Image {
     /// without the metadata lock; the answer is then the one a reader holding the lock would
     /// have got at the moment the sequence counter was read (see [`super::shared`]). Otherwise,
     /// or if a write section overlapped, the lock is taken.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn map(&self, offset: u64, max_len: u64) -> Result<Run> {
-        let shared = &*self.shared;
-        if let Some(v) = shared.seq.read_begin() {
-            let r = self.map_with(&mut LockFree(shared), offset, max_len);
-            if shared.seq.read_validate(v) {
-                match r {
-                    Ok(Some(run)) => {
-                        self.fast_hits.bump();
-                        return Ok(run);
-                    }
-                    Err(e) => return Err(e),
-                    Ok(None) => {}
-                }
-            }
+        match self.map_lock_free(offset, max_len) {
+            Some(run) => Ok(run),
+            None => self.map_locked(offset, max_len),
         }
+    }
+
+    /// [`map`](Self::map) without the lock, if every slice needed is cached and no write section
+    /// overlapped. Inlined into the callers so that the run stays in registers (returned through
+    /// memory it costs a store-forwarding stall per lookup).
+    #[inline(always)]
+    fn map_lock_free(&self, offset: u64, max_len: u64) -> Option<Run> {
+        let shared = &*self.shared;
+        let v = shared.seq.read_begin()?;
+        let r = self.map_with(&mut LockFree(shared), offset, max_len);
+        match (r, shared.seq.read_validate(v)) {
+            (Ok(run), true) => {
+                self.fast_hits.bump();
+                Some(run)
+            }
+            _ => None,
+        }
+    }
+
+    /// [`map`](Self::map) under the lock.
+    #[inline(never)]
+    fn map_locked(&self, offset: u64, max_len: u64) -> Result<Run> {
         let mut m = self.lock_meta();
         self.map_in(&mut m, offset, max_len)
     }
 
     /// [`map`](Self::map) with the metadata lock held.
     pub(crate) fn map_in(&self, m: &mut Meta, offset: u64, max_len: u64) -> Result<Run> {
-        self.map_with(&mut Locked(m), offset, max_len)?
-            .ok_or_else(|| Error::InvalidArgument("map gave up under the lock".into()))
+        self.map_with(&mut Locked(m), offset, max_len)
     }
 
-    /// [`map`](Self::map) over `tables`; `Ok(None)` if `tables` gave up.
-    #[inline]
-    fn map_with<T: Tables>(&self, t: &mut T, offset: u64, max_len: u64) -> Result<Option<Run>> {
+    /// [`map`](Self::map) over `tables`.
+    #[inline(always)]
+    fn map_with<T: Tables>(
+        &self,
+        t: &mut T,
+        offset: u64,
+        max_len: u64,
+    ) -> std::result::Result<Run, T::Fail> {
         let g = self.geo;
         let end = offset + max_len;
         let cs = g.cluster_size;
@@ -179,9 +217,7 @@ impl Qcow2Image {
             let l1_index = (pos >> l1_shift) as usize;
             // Past the end of the L1 table (only possible for a snapshot view, whose table may
             // be shorter than the current size requires) nothing is allocated.
-            let Some(l1_entry) = t.l1_entry(l1_index) else {
-                return Ok(None);
-            };
+            let l1_entry = t.l1_entry(l1_index)?;
             let l2_offset = l1_entry & OFFSET_MASK;
             let l1_end = ((l1_index as u64 + 1) << l1_shift).min(end);
             if l2_offset == 0 {
@@ -190,7 +226,7 @@ impl Qcow2Image {
                     len: l1_end - pos,
                 };
                 match &mut run {
-                    None if l1_end == end => return Ok(Some(piece)),
+                    None if l1_end == end => return Ok(piece),
                     None => run = Some(piece),
                     Some(r) => {
                         if !r.absorb(piece) {
@@ -207,7 +243,8 @@ impl Qcow2Image {
                     pos,
                     l1_entry,
                     "L2 table offset is not cluster-aligned",
-                ));
+                )
+                .into());
             }
             if l2_offset.checked_add(cs).is_none_or(|e| e > t.file_end()) {
                 return Err(bad_entry(
@@ -215,16 +252,15 @@ impl Qcow2Image {
                     pos,
                     l1_entry,
                     "L2 table lies past the end of the file",
-                ));
+                )
+                .into());
             }
 
             // One slice of the L2 table at a time, entries walked without further lookups.
             let l2_index = (pos >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
             let slice_index = l2_index >> g.slice_entry_bits;
             let key = l2_offset + slice_index * g.slice_bytes;
-            let Some(slice) = t.slice(self, key)? else {
-                return Ok(None);
-            };
+            let slice = t.slice(self, key)?;
             let slice_mask = (1u64 << g.slice_entry_bits) - 1;
             let slice_end_guest = {
                 let first_in_slice = (pos >> g.cluster_bits) & !slice_mask;
@@ -263,7 +299,7 @@ impl Qcow2Image {
                 let compressed = matches!(piece.mapped, Mapped::Compressed { .. });
                 match &mut run {
                     // The common case of a request inside one cluster: no run to build.
-                    None if pos + piece.len == end || compressed => return Ok(Some(piece)),
+                    None if pos + piece.len == end || compressed => return Ok(piece),
                     None => run = Some(piece),
                     Some(r) => {
                         if !r.absorb(piece) {
@@ -282,12 +318,12 @@ impl Qcow2Image {
                 break;
             }
         }
-        run.map(Some)
-            .ok_or_else(|| Error::InvalidArgument("map of an empty range".into()))
+        run.ok_or_else(|| Error::InvalidArgument("map of an empty range".into()).into())
     }
 
-    /// The leading run of one cluster's entry from `pos` (at most to `cluster_end`).
-    #[inline]
+    /// The leading run of one cluster's entry from `pos` (at most to `cluster_end`). Always
+    /// inlined: a run returned through memory costs a store-forwarding stall per lookup.
+    #[inline(always)]
     fn classify_piece(
         &self,
         pos: u64,

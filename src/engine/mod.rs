@@ -107,6 +107,8 @@ pub struct Qcow2Image {
     shared: Arc<shared::Shared>,
     /// L2 cache hits of lock-free lookups.
     fast_hits: shared::HitCounter,
+    /// Times queued cluster frees were applied (see [`BlockDevice::read_at`] for why).
+    frees_applied: AtomicU64,
     writable: bool,
     /// Guest byte ranges (cluster-aligned) that a write, zeroing or discard is working on.
     inflight: Mutex<Vec<(u64, u64)>>,
@@ -276,13 +278,10 @@ impl Qcow2Image {
     }
 }
 
-impl BlockDevice for Qcow2Image {
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
+impl Qcow2Image {
+    /// [`BlockDevice::read_at`] without the range check and without the check against
+    /// concurrent frees.
+    pub(crate) fn read_unchecked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -303,6 +302,34 @@ impl BlockDevice for Qcow2Image {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Reads run without any lock during their data I/O, so a cluster mapped for a read may be
+    /// freed (its guest cluster rewritten, zeroed or discarded, then a flush) and reallocated to
+    /// another guest cluster while the read is in flight. Frees are counted before they are
+    /// applied (under the metadata lock, before any reallocation); a read that sees the count
+    /// change across its mapping and I/O may hold another cluster's bytes and is done again.
+    /// After a few such retries the read holds the range lock on its guest clusters: no write,
+    /// zeroing or discard of them can then queue the clusters it maps for freeing.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        for _ in 0..3 {
+            let frees = self.frees_applied.load(Ordering::SeqCst);
+            self.read_unchecked(buf, offset)?;
+            if self.frees_applied.load(Ordering::SeqCst) == frees {
+                return Ok(());
+            }
+        }
+        let cs = self.geo.cluster_size;
+        let end = (offset + buf.len() as u64).next_multiple_of(cs);
+        let _g = self.lock_range(offset & !(cs - 1), end);
+        self.read_unchecked(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

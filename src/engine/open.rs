@@ -4,9 +4,9 @@
 
 use super::cache::{OffsetSet, SliceCache};
 use super::meta::Meta;
-use super::shared::{L1Table, Shared};
 use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
+use super::shared::{L1Table, Shared, MAX_SLOTS};
 use super::{Geometry, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::FLAG_AUTO;
@@ -26,9 +26,6 @@ use std::sync::{Arc, Mutex};
 
 /// Default memory for the L2 cache: maps 256 GiB of guest data with 64 KiB clusters.
 pub const DEFAULT_L2_CACHE_BYTES: usize = 32 << 20;
-
-/// Most L2 slices cached (4 GiB of 4 KiB slices): bounds the index allocated at open.
-const MAX_SLICES: usize = 1 << 20;
 
 /// Which snapshot to read instead of the active image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,9 +88,10 @@ impl SnapshotRef {
 /// [`crate::chain`]).
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
-    /// Bytes of memory the L2 cache may use: between 4 and 2^20 slices of at most 4 KiB are
-    /// kept. Besides the slices, about 16 bytes per slice of this budget are allocated at open
-    /// for the index that lock-free lookups use.
+    /// Bytes of memory the L2 cache may use: between 4 and 131 071 slices of at most 4 KiB
+    /// (512 MiB; with 64 KiB clusters they map 4 PiB of guest data) are kept. Besides the
+    /// slices, about 33 bytes per slice of this budget are allocated at open for the index that
+    /// lock-free lookups use.
     pub l2_cache_bytes: usize,
     /// Read this internal snapshot instead of the active image (read-only view).
     pub snapshot: Option<SnapshotRef>,
@@ -293,7 +291,7 @@ impl Qcow2Image {
         } else {
             (None, Default::default(), Vec::new())
         };
-        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).clamp(4, MAX_SLICES);
+        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).clamp(4, MAX_SLOTS);
         let shared = Arc::new(Shared::new(&l1, slices, geo.slice_bytes as usize / 8));
         let meta = Meta {
             l1: L1Table::new(shared.clone()),
@@ -324,6 +322,7 @@ impl Qcow2Image {
             meta: Mutex::new(meta),
             shared,
             fast_hits: Default::default(),
+            frees_applied: AtomicU64::new(0),
             writable: opts.writable,
             inflight: Mutex::new(Vec::new()),
             inflight_done: Condvar::new(),

@@ -29,7 +29,8 @@
 //! A panic inside a write section leaves the counter odd: the lock-free path is then never taken
 //! again (every reader falls back to the mutex) and the next write section makes it even again.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use Ordering::{Acquire, Relaxed, Release};
@@ -125,30 +126,44 @@ fn zeroed(n: usize) -> Box<[AtomicU64]> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
 }
 
-/// Marks an empty cache slot.
+/// Marks an empty cache slot (writer side).
 pub(crate) const NO_KEY: u64 = u64::MAX;
 
-/// One cache slot as readers see it.
-#[derive(Debug)]
-pub(crate) struct SlotWords {
-    /// Host offset of the slice held, or [`NO_KEY`].
-    pub(crate) key: AtomicU64,
-    /// Set by lock-free hits (CLOCK reference bit); the cache gives such a slot a second chance
-    /// before evicting it. Advisory only: not covered by the sequence lock.
-    pub(crate) referenced: AtomicBool,
-    /// The slice's L2 words (allocated the first time the slot is used).
-    pub(crate) words: OnceLock<Box<[AtomicU64]>>,
+/// Bits of an index bucket that hold the slot number.
+const SLOT_BITS: u32 = 17;
+
+/// Most slots the index can name (one value is left out so that [`EMPTY`] is no bucket).
+pub(crate) const MAX_SLOTS: usize = (1 << SLOT_BITS) - 1;
+
+/// An empty index bucket.
+const EMPTY: u64 = u64::MAX;
+
+/// Slots whose words share one lazily allocated chunk.
+const CHUNK_BITS: u32 = 4;
+
+/// An index bucket naming `slot` for `key`: slice keys are host offsets below 2^56 and multiples
+/// of 512, so `key >> 9` fits the 47 bits above the slot number, and the bucket names the key
+/// exactly. `slot < MAX_SLOTS` keeps every bucket different from [`EMPTY`].
+#[inline]
+fn bucket(key: u64, slot: u32) -> u64 {
+    debug_assert!(key % 512 == 0 && key < 1 << 56 && (slot as usize) < MAX_SLOTS);
+    (key >> 9) << SLOT_BITS | u64::from(slot)
 }
 
-/// Slots per lazily allocated chunk.
-const CHUNK_BITS: u32 = 7;
-
-/// Cache slots and the key → slot index, readable without the lock.
+/// Cache slots' words and the key → slot index, readable without the lock.
+///
+/// Invariant (kept by writers inside write sections): a bucket `bucket(key, slot)` exists only
+/// while slot `slot` holds the slice under `key`. A reader that finds the bucket and validates
+/// the sequence counter has therefore read that slice's words.
 #[derive(Debug)]
 pub(crate) struct SlotTable {
-    chunks: Box<[OnceLock<Box<[SlotWords]>>]>,
-    /// Groups of 4 buckets, each `slot + 1` or 0. A hint: a reader checks the slot's key.
-    index: Box<[AtomicU32]>,
+    /// Words of `1 << CHUNK_BITS` slots each, allocated when one of them is first used.
+    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    /// CLOCK reference bits, set by lock-free hits; the cache gives such a slot a second chance
+    /// before evicting it. Advisory only: not covered by the sequence counter.
+    referenced: Box<[AtomicBool]>,
+    /// Groups of 4 buckets (`bucket(key, slot)` or [`EMPTY`]).
+    index: Box<[AtomicU64]>,
     /// `64 - log2(index.len())`.
     index_shift: u32,
     words_per_slice: usize,
@@ -156,67 +171,64 @@ pub(crate) struct SlotTable {
 
 impl SlotTable {
     fn new(capacity: usize, words_per_slice: usize) -> Self {
+        let capacity = capacity.min(MAX_SLOTS);
         let chunks = capacity.div_ceil(1 << CHUNK_BITS);
         // Four buckets per slot keep groups about one quarter full: almost every slice finds a
         // free bucket in its group.
         let buckets = (capacity * 4).next_power_of_two().max(8);
         SlotTable {
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-            index: (0..buckets).map(|_| AtomicU32::new(0)).collect(),
+            referenced: (0..capacity).map(|_| AtomicBool::new(false)).collect(),
+            index: (0..buckets).map(|_| AtomicU64::new(EMPTY)).collect(),
             index_shift: 64 - buckets.trailing_zeros(),
             words_per_slice,
         }
     }
 
-    /// Slot `i` (allocating its chunk on first use: writer side).
-    pub(crate) fn slot_init(&self, i: u32) -> &SlotWords {
-        let chunk = self.chunks[(i >> CHUNK_BITS) as usize].get_or_init(|| {
-            (0..1usize << CHUNK_BITS)
-                .map(|_| SlotWords {
-                    key: AtomicU64::new(NO_KEY),
-                    referenced: AtomicBool::new(false),
-                    words: OnceLock::new(),
-                })
-                .collect()
-        });
-        &chunk[(i & ((1 << CHUNK_BITS) - 1)) as usize]
-    }
-
-    /// The words of slot `i` (allocated on first use: writer side).
+    /// The words of slot `i` (allocating its chunk on first use: writer side).
     pub(crate) fn words_init(&self, i: u32) -> &[AtomicU64] {
-        self.slot_init(i)
-            .words
-            .get_or_init(|| zeroed(self.words_per_slice))
+        let n = self.words_per_slice;
+        let chunk = self.chunks[(i >> CHUNK_BITS) as usize].get_or_init(|| zeroed(n << CHUNK_BITS));
+        let at = (i as usize & ((1 << CHUNK_BITS) - 1)) * n;
+        &chunk[at..at + n]
     }
 
-    /// Slot `i` if its chunk exists.
+    /// The words of slot `i` if its chunk exists.
     #[inline]
-    pub(crate) fn slot(&self, i: u32) -> Option<&SlotWords> {
+    fn words(&self, i: u32) -> Option<&[AtomicU64]> {
+        let n = self.words_per_slice;
         let chunk = self.chunks.get((i >> CHUNK_BITS) as usize)?.get()?;
-        chunk.get((i & ((1 << CHUNK_BITS) - 1)) as usize)
+        let at = (i as usize & ((1 << CHUNK_BITS) - 1)) * n;
+        chunk.get(at..at + n)
     }
 
-    /// First bucket of the group of `key` (keys are multiples of 512).
+    /// The reference bit of slot `i`.
+    pub(crate) fn referenced(&self, i: u32) -> Option<&AtomicBool> {
+        self.referenced.get(i as usize)
+    }
+
+    /// First bucket of the group of `key`.
     #[inline]
-    fn group(&self, key: u64) -> usize {
-        (((key >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.index_shift) as usize) & !3
+    fn group(&self, key: u64) -> &[AtomicU64] {
+        let g =
+            (((key >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.index_shift) as usize) & !3;
+        &self.index[g..g + 4]
     }
 
     /// The words of the slice under `key` if the index finds it, marking it referenced.
-    #[inline]
+    #[inline(always)]
     fn find(&self, key: u64) -> Option<&[AtomicU64]> {
-        let g = self.group(key);
-        for b in &self.index[g..g + 4] {
-            let s = b.load(Relaxed);
-            if s == 0 {
-                continue;
-            }
-            let slot = self.slot(s - 1)?;
-            if slot.key.load(Relaxed) == key {
-                if !slot.referenced.load(Relaxed) {
-                    slot.referenced.store(true, Relaxed);
+        let want = key >> 9;
+        for b in self.group(key) {
+            let v = b.load(Relaxed);
+            if v != EMPTY && v >> SLOT_BITS == want {
+                let slot = (v & ((1 << SLOT_BITS) - 1)) as u32;
+                if let Some(r) = self.referenced(slot) {
+                    if !r.load(Relaxed) {
+                        r.store(true, Relaxed);
+                    }
                 }
-                return slot.words.get().map(|w| &**w);
+                return self.words(slot);
             }
         }
         None
@@ -224,40 +236,33 @@ impl SlotTable {
 
     /// Whether the index lists `slot` for `key` (writer side).
     pub(crate) fn indexed(&self, key: u64, slot: u32) -> bool {
-        let g = self.group(key);
-        self.index[g..g + 4]
-            .iter()
-            .any(|b| b.load(Relaxed) == slot + 1)
+        let v = bucket(key, slot);
+        self.group(key).iter().any(|b| b.load(Relaxed) == v)
     }
 
     /// Whether the group of `key` has a free bucket (writer side).
     pub(crate) fn has_room(&self, key: u64) -> bool {
-        let g = self.group(key);
-        self.index[g..g + 4].iter().any(|b| b.load(Relaxed) == 0)
+        self.group(key).iter().any(|b| b.load(Relaxed) == EMPTY)
     }
 
     /// Lists `slot` for `key`, in a free bucket of its group or, with `displace`, over one
     /// taken by another slot (which is then found under the lock only). Inside a write section.
-    /// Returns whether it was listed.
-    pub(crate) fn index_insert(&self, key: u64, slot: u32, displace: bool) -> bool {
-        let g = self.group(key);
-        let group = &self.index[g..g + 4];
-        if let Some(b) = group.iter().find(|b| b.load(Relaxed) == 0) {
-            b.store(slot + 1, Relaxed);
-            return true;
+    pub(crate) fn index_insert(&self, key: u64, slot: u32, displace: bool) {
+        let group = self.group(key);
+        let v = bucket(key, slot);
+        if let Some(b) = group.iter().find(|b| b.load(Relaxed) == EMPTY) {
+            b.store(v, Relaxed);
+        } else if displace {
+            group[((key >> 9) & 3) as usize].store(v, Relaxed);
         }
-        if displace {
-            group[((key >> 9) & 3) as usize].store(slot + 1, Relaxed);
-        }
-        displace
     }
 
     /// Unlists `slot` for `key`. Inside a write section.
     pub(crate) fn index_remove(&self, key: u64, slot: u32) {
-        let g = self.group(key);
-        for b in &self.index[g..g + 4] {
-            if b.load(Relaxed) == slot + 1 {
-                b.store(0, Relaxed);
+        let v = bucket(key, slot);
+        for b in self.group(key) {
+            if b.load(Relaxed) == v {
+                b.store(EMPTY, Relaxed);
             }
         }
     }
@@ -387,18 +392,27 @@ struct Stripe(AtomicU64);
 pub(crate) struct HitCounter([Stripe; STRIPES]);
 
 thread_local! {
-    static STRIPE: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Relaxed) % STRIPES
-    };
+    /// This thread's stripe (`usize::MAX` until it first counts): a const initialiser keeps the
+    /// access a plain thread-local load.
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
 }
+
+/// Hands out stripes round-robin.
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
 impl HitCounter {
     /// Adds one hit.
     #[inline]
     pub(crate) fn bump(&self) {
-        let i = STRIPE.with(|s| *s);
-        let c = &self.0[i].0;
+        let i = STRIPE.with(|s| {
+            let mut i = s.get();
+            if i == usize::MAX {
+                i = NEXT_STRIPE.fetch_add(1, Relaxed) % STRIPES;
+                s.set(i);
+            }
+            i
+        });
+        let c = &self.0[i % STRIPES].0;
         c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
     }
 

@@ -81,7 +81,7 @@ enum Plan {
 }
 
 impl Qcow2Image {
-    fn lock_range(&self, start: u64, end: u64) -> RangeGuard<'_> {
+    pub(crate) fn lock_range(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut v = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         while v.iter().any(|&(s, e)| s < end && start < e) {
             v = self
@@ -182,10 +182,9 @@ impl Qcow2Image {
     /// empty one, or copies one shared with a snapshot (whose reference is then dropped).
     pub(crate) fn ensure_l2_writable(&self, m: &mut Meta, l1_index: usize) -> Result<u64> {
         let cs = self.geo.cluster_size;
-        let e = m
-            .l1
-            .get(l1_index)
-            .ok_or_else(|| Error::InvalidArgument("guest offset beyond the L1 table".into()))?;
+        let e =
+            m.l1.get(l1_index)
+                .ok_or_else(|| Error::InvalidArgument("guest offset beyond the L1 table".into()))?;
         let old = e & OFFSET_MASK;
         if old != 0 && e & COPIED != 0 {
             return Ok(old);
@@ -452,11 +451,14 @@ impl Qcow2Image {
     }
 
     /// Fills `buf` (guest bytes at `guest`) with the image's current content, clipped to the
-    /// device (bytes past the end read as zeros).
+    /// device (bytes past the end read as zeros). The caller holds the range lock over `guest`,
+    /// so the clusters mapped cannot be freed during the read (see `read_at`), and taking the
+    /// range lock again would deadlock: the read goes straight to the mapping loop.
     fn read_current(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         let size = self.size();
         let n = size.saturating_sub(guest).min(buf.len() as u64) as usize;
-        self.read_at(&mut buf[..n], guest)?;
+        check_range(guest, n as u64, size)?;
+        self.read_unchecked(&mut buf[..n], guest)?;
         buf[n..].fill(0);
         Ok(())
     }
