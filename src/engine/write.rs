@@ -61,13 +61,16 @@ impl Drop for RangeGuard<'_> {
 enum Plan {
     /// Write `len` bytes at `host` (standard L2, refcount one).
     InPlace { host: u64, len: usize },
-    /// Write the clusters `guest..guest + n × cs` to new host clusters at `host`.
+    /// Write the clusters `guest..guest + n × cs` to new host clusters at `host`. With
+    /// `zeros`, the clusters read as zeros now and so does their current guest content: only
+    /// the written bytes need writing (see [`Qcow2Image::zeros_beyond_end`]).
     Allocate {
         guest: u64,
         host: u64,
         n: u64,
         olds: Vec<u64>,
         fresh: bool,
+        zeros: bool,
     },
     /// Extended L2: write the touched subclusters of the cluster at `guest` at `host`; `bitmap` is
     /// the entry's bitmap before the write; `old` an entry whose host cluster is freed.
@@ -329,6 +332,7 @@ impl Qcow2Image {
                         n: 1,
                         olds: vec![entry],
                         fresh: true,
+                        zeros: false,
                     })
                 }
             };
@@ -378,14 +382,38 @@ impl Qcow2Image {
         }
         self.ensure_l2_writable(m, l1_index)?;
         let n = olds.len() as u64;
+        let end_before = m.file_end;
         let host = self.reserve(m, c0, n)?;
+        let zeros = self.zeros_beyond_end(&olds, host, end_before);
         Ok(Plan::Allocate {
             guest: c0,
             host,
             n,
             olds,
             fresh: true,
+            zeros,
         })
+    }
+
+    /// Whether new clusters at `host` and the guest content they replace (`olds`) all read as
+    /// zeros, so an allocating write need not copy or write the untouched head and tail of the
+    /// clusters (as QEMU avoids it): true when the clusters lie at or past `end_before`, the
+    /// allocation high-water mark before they were reserved (every cluster ever allocated or in
+    /// the file lies below it, so nothing has written these: they read as zeros, past the end of
+    /// the file or in a hole), and every old entry reads as zeros (unallocated without a
+    /// backing device, or the zero flag). Not with an external data file, whose offsets are the
+    /// guest's.
+    fn zeros_beyond_end(&self, olds: &[u64], host: u64, end_before: u64) -> bool {
+        let g = self.geo;
+        !g.data_file
+            && host >= end_before
+            && olds
+                .iter()
+                .all(|&e| match classify(e, g.cluster_bits, g.extended, false) {
+                    ClusterKind::Zero { .. } => !g.extended,
+                    ClusterKind::Unallocated => self.backing.is_none(),
+                    _ => false,
+                })
     }
 
     /// Refuses a data write to host clusters that hold metadata (QEMU's overlap check): the
@@ -491,6 +519,7 @@ impl Qcow2Image {
                 n,
                 olds,
                 fresh,
+                zeros,
             } => {
                 let region_end = guest + n * cs;
                 let wend = (pos + data.len() as u64).min(region_end);
@@ -498,6 +527,20 @@ impl Qcow2Image {
                 let r = (|| -> Result<()> {
                     if pos == guest && wend == region_end {
                         target.write_at(&data[..used], host).map_err(wio)?;
+                    } else if zeros {
+                        // Head and tail already read as zeros: write the data only, then the
+                        // clusters' last bytes so the file covers them (a write never shrinks
+                        // the file, unlike a racing `set_len`).
+                        let head = pos - guest;
+                        target.write_at(&data[..used], host + head).map_err(wio)?;
+                        let host_end = host + n * cs;
+                        let data_end = host + head + used as u64;
+                        if data_end < host_end {
+                            let k = (host_end - data_end).min(512);
+                            target
+                                .write_at(&[0u8; 512][..k as usize], host_end - k)
+                                .map_err(wio)?;
+                        }
                     } else {
                         // Head and tail come from the current content (copy-on-write).
                         let mut buf = vec![0u8; (n * cs) as usize];
