@@ -1,14 +1,16 @@
 //! The qcow2 image at run time: open and validation, the L2 cache, guest → host mapping, the
 //! read path and the copy-on-write write path.
 //!
-//! Locking: all metadata ([`meta::Meta`]: L1, L2 slice cache, refcounts, allocator) sits behind
+//! Locking: all metadata (`meta::Meta`: L1, L2 slice cache, refcounts, allocator) sits behind
 //! one mutex that is held while entries are changed (and, on a miss, while one slice is read
 //! from the image). It is never held during guest data I/O, so readers and writers of different
 //! clusters proceed in parallel. A lookup whose L2 slices are cached takes no lock at all: the
-//! L1 table and the cached slices are published under a sequence counter (see [`shared`]) that
+//! L1 table and the cached slices are published under a sequence counter (see `shared.rs`) that
 //! every change bumps, and a lookup that overlapped a change retries under the mutex. Writers
 //! additionally hold a range lock on the guest clusters they touch, so two requests never
-//! allocate or free the same guest cluster at once.
+//! allocate or free the same guest cluster at once. Because a read holds no lock during its data
+//! I/O, a cluster it mapped can be freed and reused meanwhile; frees are counted, and a read that
+//! overlapped some is done again (see `read_at`).
 
 mod cache;
 mod compressed;
