@@ -21,6 +21,7 @@ use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
 use crate::format::features::{CompatibleFeatures, IncompatibleFeatures};
+use std::sync::atomic::Ordering::{self, Relaxed};
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
@@ -83,7 +84,7 @@ impl Qcow2Image {
             for key in &keys {
                 if let Some(entries) = m.l2.peek(*key) {
                     for (i, e) in entries.iter().enumerate() {
-                        put_u64(&mut buf, i * 8, *e);
+                        put_u64(&mut buf, i * 8, e.load(Relaxed));
                     }
                     s.write_at(&buf, *key).map_err(io_err("writing L2 table"))?;
                 }
@@ -97,14 +98,17 @@ impl Qcow2Image {
             let dirty = std::mem::take(&mut m.l1_dirty);
             for i in dirty {
                 let mut b = [0u8; 8];
-                put_u64(&mut b, 0, m.l1[i]);
+                put_u64(&mut b, 0, m.l1.get_or_zero(i));
                 s.write_at(&b, l1_offset + i as u64 * 8)
                     .map_err(io_err("writing L1 table"))?;
             }
             s.flush().map_err(io_err("flushing L1 table"))?;
         }
-        // 5. Queued frees.
+        // 5. Queued frees. Counted first, so that a read whose data I/O overlaps the frees (a
+        // freed cluster may be reallocated and rewritten at once) sees the count change and
+        // reads again (see `read_at`).
         if !m.pending_free.is_empty() {
+            self.frees_applied.fetch_add(1, Ordering::SeqCst);
             let frees = std::mem::take(&mut m.pending_free);
             let cs = self.geo.cluster_size;
             let mut zeroed = Vec::new();

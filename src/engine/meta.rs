@@ -4,21 +4,24 @@
 
 use super::cache::SliceCache;
 use super::refcount::Refcounts;
+use super::shared::L1Table;
 use super::Geometry;
 use crate::error::{Error, Result};
-use crate::format::be_u64;
 use crate::format::header::Header;
-use crate::io::{Storage, StorageExt};
+use crate::io::Storage;
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
 
 /// Everything the metadata lock protects.
 pub(crate) struct Meta {
-    /// Active L1 table (or the viewed snapshot's).
-    pub(crate) l1: Vec<u64>,
+    /// Active L1 table (or the viewed snapshot's), published for lock-free readers.
+    pub(crate) l1: L1Table,
     /// Indices of L1 entries changed in memory, not yet written.
     pub(crate) l1_dirty: BTreeSet<usize>,
-    /// L2 slices, keyed by host offset.
+    /// L2 slices, keyed by host offset, published for lock-free readers.
     pub(crate) l2: SliceCache,
+    /// One slice's bytes as read from the image (reused: no allocation per miss).
+    pub(crate) slice_buf: Vec<u8>,
     /// Refcounts and allocator (writable images only).
     pub(crate) refs: Option<Refcounts>,
     /// Host clusters whose refcount drops by one once the L1/L2 entries that stopped
@@ -56,13 +59,9 @@ impl Meta {
         storage: &dyn Storage,
         g: &Geometry,
         key: u64,
-    ) -> Result<&[u64]> {
-        self.l2.get_or_load(key, || {
-            let bytes = storage
-                .read_vec(key, g.slice_bytes as usize)
-                .map_err(|e| Error::io("reading L2 table", e))?;
-            Ok::<_, Error>(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
-        })
+    ) -> Result<&[AtomicU64]> {
+        let Meta { l2, slice_buf, .. } = self;
+        l2.get_or_load(key, || read_slice(storage, g, key, slice_buf))
     }
 
     /// Reads the slice under `key` into the cache (the caller knows it is absent and has made
@@ -73,16 +72,12 @@ impl Meta {
         g: &Geometry,
         key: u64,
     ) -> Result<u32> {
-        self.l2.load_slot(key, || {
-            let bytes = storage
-                .read_vec(key, g.slice_bytes as usize)
-                .map_err(|e| Error::io("reading L2 table", e))?;
-            Ok::<_, Error>(bytes.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
-        })
+        let Meta { l2, slice_buf, .. } = self;
+        l2.load_slot(key, || read_slice(storage, g, key, slice_buf))
     }
 
     /// Whether loading `key` would evict a dirty slice.
-    pub(crate) fn would_evict_dirty(&self, key: u64) -> bool {
+    pub(crate) fn would_evict_dirty(&mut self, key: u64) -> bool {
         self.l2.insert_would_evict_dirty(key)
     }
 
@@ -90,4 +85,18 @@ impl Meta {
     pub(crate) fn refs(&mut self) -> Result<&mut Refcounts> {
         self.refs.as_mut().ok_or(Error::ReadOnly)
     }
+}
+
+/// Reads the slice at `key` into `buf`.
+fn read_slice<'b>(
+    storage: &dyn Storage,
+    g: &Geometry,
+    key: u64,
+    buf: &'b mut Vec<u8>,
+) -> Result<&'b [u8]> {
+    buf.resize(g.slice_bytes as usize, 0);
+    storage
+        .read_at(buf, key)
+        .map_err(|e| Error::io("reading L2 table", e))?;
+    Ok(buf)
 }

@@ -1,11 +1,16 @@
 //! The qcow2 image at run time: open and validation, the L2 cache, guest → host mapping, the
 //! read path and the copy-on-write write path.
 //!
-//! Locking: all metadata ([`meta::Meta`]: L1, L2 slice cache, refcounts, allocator) sits behind
-//! one mutex that is held while entries are looked up or changed (and, on a miss, while one
-//! slice is read from the image). It is never held during guest data I/O, so readers and writers
-//! of different clusters proceed in parallel. Writers additionally hold a range lock on the guest
-//! clusters they touch, so two requests never allocate or free the same guest cluster at once.
+//! Locking: all metadata (`meta::Meta`: L1, L2 slice cache, refcounts, allocator) sits behind
+//! one mutex that is held while entries are changed (and, on a miss, while one slice is read
+//! from the image). It is never held during guest data I/O, so readers and writers of different
+//! clusters proceed in parallel. A lookup whose L2 slices are cached takes no lock at all: the
+//! L1 table and the cached slices are published under a sequence counter (see `shared.rs`) that
+//! every change bumps, and a lookup that overlapped a change retries under the mutex. Writers
+//! additionally hold a range lock on the guest clusters they touch, so two requests never
+//! allocate or free the same guest cluster at once. Because a read holds no lock during its data
+//! I/O, a cluster it mapped can be freed and reused meanwhile; frees are counted, and a read that
+//! overlapped some is done again (see `read_at`).
 
 mod cache;
 mod compressed;
@@ -16,6 +21,7 @@ mod open;
 pub(crate) mod rebuild;
 mod refcount;
 mod resize;
+mod shared;
 mod write;
 
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
@@ -98,6 +104,13 @@ pub struct Qcow2Image {
     /// Length of the image file as far as this process knows (bounds compressed reads).
     file_len: AtomicU64,
     meta: Mutex<Meta>,
+    /// What readers see of `meta` without its lock (L1, cached L2 slices); changed only by
+    /// holders of the lock (see [`shared`]).
+    shared: Arc<shared::Shared>,
+    /// L2 cache hits of lock-free lookups.
+    fast_hits: shared::HitCounter,
+    /// Times queued cluster frees were applied (see [`BlockDevice::read_at`] for why).
+    frees_applied: AtomicU64,
     writable: bool,
     /// Guest byte ranges (cluster-aligned) that a write, zeroing or discard is working on.
     inflight: Mutex<Vec<(u64, u64)>>,
@@ -188,9 +201,12 @@ impl Qcow2Image {
         self.data_storage = Some(storage);
     }
 
-    /// L2 cache (hits, misses) since open.
+    /// L2 cache (hits, misses) since open. Hits made without the metadata lock are counted
+    /// per thread without atomic read-modify-writes, so under concurrency the hit count is a
+    /// lower bound.
     pub fn cache_stats(&self) -> (u64, u64) {
-        self.lock_meta().l2.stats()
+        let (hits, misses) = self.lock_meta().l2.stats();
+        (hits + self.fast_hits.total(), misses)
     }
 
     fn lock_meta(&self) -> MutexGuard<'_, Meta> {
@@ -264,13 +280,10 @@ impl Qcow2Image {
     }
 }
 
-impl BlockDevice for Qcow2Image {
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
+impl Qcow2Image {
+    /// [`BlockDevice::read_at`] without the range check and without the check against
+    /// concurrent frees.
+    pub(crate) fn read_unchecked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -291,6 +304,34 @@ impl BlockDevice for Qcow2Image {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Reads run without any lock during their data I/O, so a cluster mapped for a read may be
+    /// freed (its guest cluster rewritten, zeroed or discarded, then a flush) and reallocated to
+    /// another guest cluster while the read is in flight. Frees are counted before they are
+    /// applied (under the metadata lock, before any reallocation); a read that sees the count
+    /// change across its mapping and I/O may hold another cluster's bytes and is done again.
+    /// After a few such retries the read holds the range lock on its guest clusters: no write,
+    /// zeroing or discard of them can then queue the clusters it maps for freeing.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        for _ in 0..3 {
+            let frees = self.frees_applied.load(Ordering::SeqCst);
+            self.read_unchecked(buf, offset)?;
+            if self.frees_applied.load(Ordering::SeqCst) == frees {
+                return Ok(());
+            }
+        }
+        let cs = self.geo.cluster_size;
+        let end = (offset + buf.len() as u64).next_multiple_of(cs);
+        let _g = self.lock_range(offset & !(cs - 1), end);
+        self.read_unchecked(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

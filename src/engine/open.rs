@@ -6,6 +6,7 @@ use super::cache::{OffsetSet, SliceCache};
 use super::meta::Meta;
 use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
+use super::shared::{L1Table, Shared, MAX_SLOTS};
 use super::{Geometry, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::FLAG_AUTO;
@@ -87,7 +88,10 @@ impl SnapshotRef {
 /// [`crate::chain`]).
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
-    /// Bytes of memory the L2 cache may use (at least one slice is always kept).
+    /// Bytes of memory the L2 cache may use: between 4 and 131 071 slices of at most 4 KiB
+    /// (512 MiB; with 64 KiB clusters they map 4 PiB of guest data) are kept. Besides the
+    /// slices, about 33 bytes per slice of this budget are allocated at open for the index that
+    /// lock-free lookups use.
     pub l2_cache_bytes: usize,
     /// Read this internal snapshot instead of the active image (read-only view).
     pub snapshot: Option<SnapshotRef>,
@@ -287,11 +291,13 @@ impl Qcow2Image {
         } else {
             (None, Default::default(), Vec::new())
         };
-        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).max(4);
+        let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).clamp(4, MAX_SLOTS);
+        let shared = Arc::new(Shared::new(&l1, slices, geo.slice_bytes as usize / 8));
         let meta = Meta {
-            l1: l1.into_vec(),
+            l1: L1Table::new(shared.clone()),
             l1_dirty: Default::default(),
-            l2: SliceCache::new(slices),
+            l2: SliceCache::new(shared.clone(), slices),
+            slice_buf: Vec::new(),
             refs,
             pending_free: Vec::new(),
             compressed_cursor: 0,
@@ -314,6 +320,9 @@ impl Qcow2Image {
             size: AtomicU64::new(size),
             file_len: AtomicU64::new(file_len),
             meta: Mutex::new(meta),
+            shared,
+            fast_hits: Default::default(),
+            frees_applied: AtomicU64::new(0),
             writable: opts.writable,
             inflight: Mutex::new(Vec::new()),
             inflight_done: Condvar::new(),

@@ -98,8 +98,8 @@ impl Qcow2Image {
                         .alloc(s, clusters, file_end)?
                 };
                 let mut raw = vec![0u8; new_len * 8];
-                for (i, e) in m.l1.iter().enumerate() {
-                    put_u64(&mut raw, i * 8, *e);
+                for (i, e) in m.l1.to_vec().into_iter().enumerate() {
+                    put_u64(&mut raw, i * 8, e);
                 }
                 s.write_at(&raw, new_off)
                     .map_err(io_err("writing new L1 table"))?;
@@ -124,7 +124,7 @@ impl Qcow2Image {
                 let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len());
                 m.header.l1_table_offset = new_off;
                 m.header.l1_size = new_len as u32;
-                m.l1.resize(new_len, 0);
+                m.l1.grow(new_len);
                 if old_off != 0 && old_len > 0 {
                     for c in 0..((old_len * 8) as u64).div_ceil(cs) {
                         m.pending_free.push(old_off + c * cs);
@@ -191,7 +191,7 @@ impl Qcow2Image {
             while c < old_size {
                 let l1_index = (c / per_table) as usize;
                 let table_start = l1_index as u64 * per_table;
-                let l1e = m.l1.get(l1_index).copied().unwrap_or(0);
+                let l1e = m.l1.get_or_zero(l1_index);
                 if l1e & OFFSET_MASK == 0 {
                     c = table_start + per_table;
                     continue;
@@ -210,7 +210,7 @@ impl Qcow2Image {
                     let l2 = l1e & OFFSET_MASK;
                     m.l2.forget_range(l2, l2 + cs);
                     m.pending_free.push(l2);
-                    m.l1[l1_index] = 0;
+                    m.l1.set(l1_index, 0);
                     m.l1_dirty.insert(l1_index);
                     c = table_start + per_table;
                 } else {

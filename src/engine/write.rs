@@ -24,7 +24,7 @@ use crate::format::entry::{
     classify, ClusterKind, SubclusterBitmap, SubclusterState, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::SUBCLUSTERS_PER_CLUSTER;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::{self, Relaxed};
 
 /// What `zero_impl` was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,13 +61,16 @@ impl Drop for RangeGuard<'_> {
 enum Plan {
     /// Write `len` bytes at `host` (standard L2, refcount one).
     InPlace { host: u64, len: usize },
-    /// Write the clusters `guest..guest + n × cs` to new host clusters at `host`.
+    /// Write the clusters `guest..guest + n × cs` to new host clusters at `host`. With
+    /// `zeros`, the clusters read as zeros now and so does their current guest content: only
+    /// the written bytes need writing (see [`Qcow2Image::zeros_beyond_end`]).
     Allocate {
         guest: u64,
         host: u64,
         n: u64,
         olds: Vec<u64>,
         fresh: bool,
+        zeros: bool,
     },
     /// Extended L2: write the touched subclusters of the cluster at `guest` at `host`; `bitmap` is
     /// the entry's bitmap before the write; `old` an entry whose host cluster is freed.
@@ -81,7 +84,7 @@ enum Plan {
 }
 
 impl Qcow2Image {
-    fn lock_range(&self, start: u64, end: u64) -> RangeGuard<'_> {
+    pub(crate) fn lock_range(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut v = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         while v.iter().any(|&(s, e)| s < end && start < e) {
             v = self
@@ -126,7 +129,7 @@ impl Qcow2Image {
     pub(crate) fn entry_at(&self, m: &mut Meta, guest: u64) -> Result<(u64, u64)> {
         let g = self.geo;
         let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-        let l2_offset = m.l1.get(l1_index).copied().unwrap_or(0) & OFFSET_MASK;
+        let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
         if l2_offset == 0 {
             return Ok((0, 0));
         }
@@ -134,7 +137,7 @@ impl Qcow2Image {
             return Err(Corruption::BadEntry {
                 table: "L1",
                 guest_offset: guest,
-                entry: m.l1[l1_index],
+                entry: m.l1.get_or_zero(l1_index),
                 rule: "L2 table offset is misaligned or past the end of the file",
             }
             .into());
@@ -146,7 +149,8 @@ impl Qcow2Image {
         }
         let slice = m.load_slice(self.storage.as_ref(), &g, key)?;
         let i = (l2_index & ((1 << g.slice_entry_bits) - 1)) as usize * g.words_per_entry;
-        Ok((slice[i], if g.extended { slice[i + 1] } else { 0 }))
+        let word = |j: usize| slice[j].load(Relaxed);
+        Ok((word(i), if g.extended { word(i + 1) } else { 0 }))
     }
 
     /// Sets the L2 entry of the cluster holding `guest`; its L2 table must be writable.
@@ -159,7 +163,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         let g = self.geo;
         let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-        let l1e = m.l1.get(l1_index).copied().unwrap_or(0);
+        let l1e = m.l1.get_or_zero(l1_index);
         if l1e & COPIED == 0 || l1e & OFFSET_MASK == 0 {
             return Err(Error::InvalidArgument("L2 table is not writable".into()));
         }
@@ -169,13 +173,10 @@ impl Qcow2Image {
             self.flush_locked(m)?;
         }
         m.load_slice(self.storage.as_ref(), &g, key)?;
-        let slice =
-            m.l2.get_mut(key)
-                .ok_or_else(|| Error::InvalidArgument("L2 slice vanished".into()))?;
         let i = (l2_index & ((1 << g.slice_entry_bits) - 1)) as usize * g.words_per_entry;
-        slice[i] = entry;
-        if g.extended {
-            slice[i + 1] = bitmap;
+        let words = [entry, bitmap];
+        if !m.l2.store(key, i, &words[..g.words_per_entry]) {
+            return Err(Error::InvalidArgument("L2 slice vanished".into()));
         }
         Ok(())
     }
@@ -184,10 +185,9 @@ impl Qcow2Image {
     /// empty one, or copies one shared with a snapshot (whose reference is then dropped).
     pub(crate) fn ensure_l2_writable(&self, m: &mut Meta, l1_index: usize) -> Result<u64> {
         let cs = self.geo.cluster_size;
-        let e = *m
-            .l1
-            .get(l1_index)
-            .ok_or_else(|| Error::InvalidArgument("guest offset beyond the L1 table".into()))?;
+        let e =
+            m.l1.get(l1_index)
+                .ok_or_else(|| Error::InvalidArgument("guest offset beyond the L1 table".into()))?;
         let old = e & OFFSET_MASK;
         if old != 0 && e & COPIED != 0 {
             return Ok(old);
@@ -206,8 +206,8 @@ impl Qcow2Image {
             let sb = self.geo.slice_bytes;
             for j in 0..cs / sb {
                 let key = old + j * sb;
-                let words = match m.l2.peek(key) {
-                    Some(w) => w.to_vec(),
+                let words: Vec<u64> = match m.l2.peek(key) {
+                    Some(w) => w.iter().map(|a| a.load(Relaxed)).collect(),
                     None => {
                         let mut b = vec![0u8; sb as usize];
                         s.read_at(&mut b, key)
@@ -230,7 +230,7 @@ impl Qcow2Image {
             .map_err(|e| Error::io("writing new L2 table", e))?;
         self.note_file_growth(m, new + cs);
         m.l2.forget_range(new, new + cs);
-        m.l1[l1_index] = new | COPIED;
+        m.l1.set(l1_index, new | COPIED);
         m.l1_dirty.insert(l1_index);
         m.l2_tables.insert(new, ());
         Ok(new)
@@ -332,6 +332,7 @@ impl Qcow2Image {
                         n: 1,
                         olds: vec![entry],
                         fresh: true,
+                        zeros: false,
                     })
                 }
             };
@@ -381,14 +382,38 @@ impl Qcow2Image {
         }
         self.ensure_l2_writable(m, l1_index)?;
         let n = olds.len() as u64;
+        let end_before = m.file_end;
         let host = self.reserve(m, c0, n)?;
+        let zeros = self.zeros_beyond_end(&olds, host, end_before);
         Ok(Plan::Allocate {
             guest: c0,
             host,
             n,
             olds,
             fresh: true,
+            zeros,
         })
+    }
+
+    /// Whether new clusters at `host` and the guest content they replace (`olds`) all read as
+    /// zeros, so an allocating write need not copy or write the untouched head and tail of the
+    /// clusters (as QEMU avoids it): true when the clusters lie at or past `end_before`, the
+    /// allocation high-water mark before they were reserved (every cluster ever allocated or in
+    /// the file lies below it, so nothing has written these: they read as zeros, past the end of
+    /// the file or in a hole), and every old entry reads as zeros (unallocated without a
+    /// backing device, or the zero flag). Not with an external data file, whose offsets are the
+    /// guest's.
+    fn zeros_beyond_end(&self, olds: &[u64], host: u64, end_before: u64) -> bool {
+        let g = self.geo;
+        !g.data_file
+            && host >= end_before
+            && olds
+                .iter()
+                .all(|&e| match classify(e, g.cluster_bits, g.extended, false) {
+                    ClusterKind::Zero { .. } => !g.extended,
+                    ClusterKind::Unallocated => self.backing.is_none(),
+                    _ => false,
+                })
     }
 
     /// Refuses a data write to host clusters that hold metadata (QEMU's overlap check): the
@@ -454,11 +479,14 @@ impl Qcow2Image {
     }
 
     /// Fills `buf` (guest bytes at `guest`) with the image's current content, clipped to the
-    /// device (bytes past the end read as zeros).
+    /// device (bytes past the end read as zeros). The caller holds the range lock over `guest`,
+    /// so the clusters mapped cannot be freed during the read (see `read_at`), and taking the
+    /// range lock again would deadlock: the read goes straight to the mapping loop.
     fn read_current(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         let size = self.size();
         let n = size.saturating_sub(guest).min(buf.len() as u64) as usize;
-        self.read_at(&mut buf[..n], guest)?;
+        check_range(guest, n as u64, size)?;
+        self.read_unchecked(&mut buf[..n], guest)?;
         buf[n..].fill(0);
         Ok(())
     }
@@ -491,6 +519,7 @@ impl Qcow2Image {
                 n,
                 olds,
                 fresh,
+                zeros,
             } => {
                 let region_end = guest + n * cs;
                 let wend = (pos + data.len() as u64).min(region_end);
@@ -498,6 +527,20 @@ impl Qcow2Image {
                 let r = (|| -> Result<()> {
                     if pos == guest && wend == region_end {
                         target.write_at(&data[..used], host).map_err(wio)?;
+                    } else if zeros {
+                        // Head and tail already read as zeros: write the data only, then the
+                        // clusters' last bytes so the file covers them (a write never shrinks
+                        // the file, unlike a racing `set_len`).
+                        let head = pos - guest;
+                        target.write_at(&data[..used], host + head).map_err(wio)?;
+                        let host_end = host + n * cs;
+                        let data_end = host + head + used as u64;
+                        if data_end < host_end {
+                            let k = (host_end - data_end).min(512);
+                            target
+                                .write_at(&[0u8; 512][..k as usize], host_end - k)
+                                .map_err(wio)?;
+                        }
                     } else {
                         // Head and tail come from the current content (copy-on-write).
                         let mut buf = vec![0u8; (n * cs) as usize];
