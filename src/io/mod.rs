@@ -2,7 +2,7 @@
 //!
 //! [`Storage`] is the small, synchronous contract every backend fulfils; it knows nothing of
 //! qcow2. Backends: [`FileStorage`] (positioned `pread`/`pwrite`, never seek + read) and
-//! [`MemoryStorage`] (tests, fuzzing). With the `testing` feature, [`testing`] holds storages that
+//! [`MemoryStorage`] (tests, fuzzing). With the `testing` feature, `testing` holds storages that
 //! inject I/O errors and simulate power loss.
 
 mod file;

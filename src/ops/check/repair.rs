@@ -107,7 +107,7 @@ pub fn repair(storage: &dyn Storage, mode: RepairMode) -> Result<RepairReport> {
 }
 
 impl Checker<'_> {
-    /// Repairs the image (see the [module docs](self)), passing each finding — those of the
+    /// Repairs the image (see [`repair`]), passing each finding — those of the
     /// check and the "Repairing …" lines — to `sink`. The storage must be writable. Errors are
     /// I/O errors (a failed write leaves an image that a later repair can finish: every
     /// step is ordered so).

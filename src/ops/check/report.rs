@@ -34,7 +34,8 @@ pub struct CheckReport {
     pub dirty: bool,
     /// The image is marked corrupt.
     pub marked_corrupt: bool,
-    /// The first [`MAX_REPORTED_FINDINGS`] findings (filled by [`check`] only).
+    /// The first [`MAX_REPORTED_FINDINGS`](super::MAX_REPORTED_FINDINGS) findings (filled by
+    /// [`check`](super::check) only).
     pub findings: Vec<Finding>,
     /// Findings not kept in `findings`.
     pub findings_omitted: u64,
@@ -72,7 +73,7 @@ pub enum CheckFailure {
     /// A repair could not be done, e.g. the refcount structure needs a rebuild that the repair
     /// mode does not allow (QEMU: `EIO`).
     RepairFailed(String),
-    /// Checking would read more than [`work_limit`] bytes of metadata.
+    /// Checking would read more than [`work_limit`](super::work_limit) bytes of metadata.
     WorkLimit {
         /// The limit, in bytes.
         limit: u64,
