@@ -444,17 +444,30 @@ fn qemu_judge(bytes: &[u8], p: &Prepared) -> Result<(), String> {
     Ok(())
 }
 
-/// Corruptions and check errors, but for wrong COPIED flags: a refcount raised to match the
-/// references makes the flags that were right for the old count wrong until the repair's next
-/// step corrects them. That order is the rule (a flag never relies on a count not yet on the
-/// disk), and such a flag is no more dangerous than the too-low count it replaced.
+/// Corruptions and check errors, but for COPIED flags still set on a cluster whose refcount
+/// is now above 1: raising a refcount to match the references (flushed first, as the rule
+/// is: a flag never relies on a count not yet on the disk) leaves the flags that were right
+/// for the old count wrong until the repair's next step clears them, and such a flag is no
+/// more dangerous than the too-low count it replaced. Any other wrong flag (one cleared
+/// before its count was raised, or set before its count was lowered) is added damage.
 fn damage(r: &CheckReport) -> u64 {
-    let copied = r
+    let raised = r
         .findings
         .iter()
-        .filter(|f| matches!(f, Finding::CopiedL2 { .. } | Finding::CopiedData { .. }))
+        .filter(|f| match f {
+            Finding::CopiedL2 {
+                l1_entry: e,
+                refcount,
+                ..
+            }
+            | Finding::CopiedData {
+                l2_entry: e,
+                refcount,
+            } => e & COPIED != 0 && *refcount > 1,
+            _ => false,
+        })
         .count() as u64;
-    (r.corruptions + r.check_errors).saturating_sub(copied)
+    (r.corruptions + r.check_errors).saturating_sub(raised)
 }
 
 /// Judges an image after a crash or failure of the repair.
