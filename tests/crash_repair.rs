@@ -43,9 +43,9 @@ use write_helpers::{qemu_img, scratch, tool, K, QEMU_IMG};
 /// Debug builds try fewer random post-crash images and fewer qemu-img samples.
 const DEBUG: bool = cfg!(debug_assertions);
 /// Random post-crash images per crash point (besides none / all / each single one).
-const RANDOM_IMAGES: usize = if DEBUG { 1 } else { 6 };
+const RANDOM_IMAGES: usize = if DEBUG { 1 } else { 12 };
 /// Points per case whose image qemu-img checks, repairs and compares.
-const QEMU_SAMPLES: usize = if DEBUG { 1 } else { 6 };
+const QEMU_SAMPLES: usize = if DEBUG { 1 } else { 10 };
 
 /// Offset bits of an L1/L2 entry.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -308,6 +308,8 @@ struct Prepared {
     content: Vec<u8>,
     /// Our check of the damaged image.
     damage: CheckReport,
+    /// log2 of the cluster size.
+    cluster_bits: u32,
     /// Leaks our check finds after an uninterrupted repair and a second one (at most those
     /// after the first).
     reference_leaks: u64,
@@ -358,10 +360,12 @@ fn prepare(case: Case) -> Prepared {
     );
     let reference = second_repair(mem.to_bytes(), &content, once.leaks)
         .unwrap_or_else(|e| panic!("{}: uninterrupted repair: {e}", case.name));
+    let cluster_bits = Raw::parse(case.damaged.clone()).cb;
     Prepared {
         case,
         content,
         damage: before,
+        cluster_bits,
         reference_leaks: reference,
     }
 }
@@ -444,30 +448,34 @@ fn qemu_judge(bytes: &[u8], p: &Prepared) -> Result<(), String> {
     Ok(())
 }
 
-/// Corruptions and check errors, but for COPIED flags still set on a cluster whose refcount
-/// is now above 1: raising a refcount to match the references (flushed first, as the rule
-/// is: a flag never relies on a count not yet on the disk) leaves the flags that were right
-/// for the old count wrong until the repair's next step clears them, and such a flag is no
-/// more dangerous than the too-low count it replaced. Any other wrong flag (one cleared
-/// before its count was raised, or set before its count was lowered) is added damage.
-fn damage(r: &CheckReport) -> u64 {
-    let raised = r
+/// Corruptions and check errors, but for wrong COPIED flags on clusters whose refcount is
+/// right. The repair fixes a count first (flushed: a flag never relies on a count not yet on
+/// the disk) and the flag in its next step, so in between a raised count leaves a flag set
+/// and a lowered one leaves it cleared; such a flag is no more dangerous than the count it
+/// replaced. A flag changed while its cluster's count is still wrong (set before the count
+/// was lowered, cleared before it was raised) is added damage.
+fn damage(r: &CheckReport, cluster_bits: u32) -> u64 {
+    let wrong_count: Vec<u64> = r
+        .findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::RefcountTooLow { cluster, .. } | Finding::Leaked { cluster, .. } => {
+                Some(*cluster)
+            }
+            _ => None,
+        })
+        .collect();
+    let lagging = r
         .findings
         .iter()
         .filter(|f| match f {
-            Finding::CopiedL2 {
-                l1_entry: e,
-                refcount,
-                ..
+            Finding::CopiedL2 { l1_entry: e, .. } | Finding::CopiedData { l2_entry: e, .. } => {
+                !wrong_count.contains(&((e & OFFSET_MASK) >> cluster_bits))
             }
-            | Finding::CopiedData {
-                l2_entry: e,
-                refcount,
-            } => e & COPIED != 0 && *refcount > 1,
             _ => false,
         })
         .count() as u64;
-    (r.corruptions + r.check_errors).saturating_sub(raised)
+    (r.corruptions + r.check_errors).saturating_sub(lagging)
 }
 
 /// Judges an image after a crash or failure of the repair.
@@ -482,7 +490,8 @@ fn judge(bytes: Vec<u8>, p: &Prepared, qemu: bool) -> Result<(), String> {
     let now = check(&MemoryStorage::from_bytes(bytes.clone())).map_err(|e| e.to_string())?;
     let d = &p.damage;
     let flagged = now.dirty || now.marked_corrupt;
-    if !flagged && damage(&now) > damage(d) {
+    let cb = p.cluster_bits;
+    if !flagged && damage(&now, cb) > damage(d, cb) {
         return Err(format!(
             "the interrupted repair added damage: {} (damaged image: {})",
             summary(&now),
@@ -694,8 +703,9 @@ fn refcount_too_low() {
     run_cases(cases);
 }
 
-/// (c) COPIED flags wrong: cleared in an L2 entry and in the L1 entry (the cluster mapped
-/// twice of [`refcount_too_low`] also has them set wrongly once its refcount is 2).
+/// (c) COPIED flags wrong: cleared in L2 entries and in the L1 entry; cleared over a leaked
+/// count (width > 1). The cluster mapped twice of [`refcount_too_low`] also has them set
+/// wrongly once its refcount is 2.
 #[test]
 fn copied_flags() {
     let mut cases = Vec::new();
@@ -710,6 +720,16 @@ fn copied_flags() {
             r.put_u64(r.l1_off, l1 & !COPIED);
         });
         cases.push(Case::new(shape, "copied-cleared", img, RepairMode::All));
+        if shape.refcount_bits > 1 {
+            // A leaked count under a cleared flag: the count is lowered (and flushed) before
+            // the flag is set.
+            let img = patched(&base, |r| {
+                let (a, e) = r.data_entries()[2];
+                r.put_u64(a, e & !COPIED);
+                r.set_refcount((e & OFFSET_MASK) >> r.cb, 2);
+            });
+            cases.push(Case::new(shape, "copied-leaked", img, RepairMode::All));
+        }
     }
     run_cases(cases);
 }
@@ -749,21 +769,23 @@ fn dirty_lazy_refcounts() {
     run_cases(cases);
 }
 
-/// (f) An internal snapshot (clusters with refcount 2) plus a leak; refcount width 1 cannot
-/// hold a snapshot.
+/// (f) An internal snapshot (clusters with refcount 2) plus a leak; the same with a shared
+/// cluster's refcount lowered to 1 as well. Refcount width 1 cannot hold a snapshot.
 #[test]
 fn snapshot_and_leak() {
-    let cases = SHAPES
-        .into_iter()
-        .filter(|s| s.refcount_bits > 1)
-        .map(|shape| {
-            Case::new(
-                shape,
-                "snapshot-leak",
-                snapshot_image(shape),
-                RepairMode::All,
-            )
-        })
-        .collect();
+    let mut cases = Vec::new();
+    for shape in SHAPES.into_iter().filter(|s| s.refcount_bits > 1) {
+        let img = snapshot_image(shape);
+        let low = patched(&img, |r| {
+            let (_, e) = r
+                .data_entries()
+                .into_iter()
+                .find(|(_, e)| e & COPIED == 0)
+                .expect("a cluster shared with the snapshot");
+            r.set_refcount((e & OFFSET_MASK) >> r.cb, 1);
+        });
+        cases.push(Case::new(shape, "snapshot-leak", img, RepairMode::All));
+        cases.push(Case::new(shape, "snapshot-low", low, RepairMode::All));
+    }
     run_cases(cases);
 }
