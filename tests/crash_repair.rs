@@ -139,6 +139,23 @@ fn base_image(shape: Shape, lazy: bool) -> Vec<u8> {
     mem.to_bytes()
 }
 
+/// A 512-byte-cluster image with 64-bit refcounts whose whole disk is written: three
+/// refcount blocks (64 clusters each), so rebuilds and leak repairs touch several.
+fn full_image() -> (Shape, Vec<u8>) {
+    let shape = Shape {
+        cluster_size: 512,
+        refcount_bits: 64,
+    };
+    let mem = Arc::new(MemoryStorage::new());
+    let img =
+        create_qcow2_on(mem.clone(), None, shape.size(), &shape.create(false)).expect("create");
+    img.write_at(&random_bytes(shape.size() as usize, 3), 0)
+        .expect("write");
+    img.close().expect("close");
+    drop(img);
+    (shape, mem.to_bytes())
+}
+
 /// An image's bytes with the header fields needed to patch its metadata.
 struct Raw {
     b: Vec<u8>,
@@ -539,7 +556,7 @@ fn run_case(case: Case) {
     let counts = count_ops(&p);
     let points = crash_points(&counts);
     let faults = failure_points(&counts);
-    let qemu_every = ((points.len() + faults.len()) / QEMU_SAMPLES).max(1);
+    let qemu_every = (points.len() + faults.len()).div_ceil(QEMU_SAMPLES).max(1);
     let mut tally = Tally::default();
     let mut n = 0usize;
     for &point in &points {
@@ -677,6 +694,20 @@ fn leaks() {
             }
         }
     }
+    // Leaks in every block of an image with several.
+    let (shape, base) = full_image();
+    for mode in [RepairMode::Leaks, RepairMode::All] {
+        let img = patched(&base, |r| {
+            let n = r.clusters();
+            for c in [0, n / 2, n - 1] {
+                r.set_refcount(c, 2);
+            }
+            for _ in 0..2 {
+                assert!(r.append_leak());
+            }
+        });
+        cases.push(Case::new(shape, "full-leaks", img, mode));
+    }
     run_cases(cases);
 }
 
@@ -756,6 +787,15 @@ fn broken_refcount_structure() {
         let img = patched(&base, |r| r.put_u64(r.rt_off, 0));
         cases.push(Case::new(shape, "rt-zero", img, RepairMode::All));
     }
+    // Several blocks: the second one lost; the last one pointing at an L2 table.
+    let (shape, base) = full_image();
+    let img = patched(&base, |r| r.put_u64(r.rt_off + 8, 0));
+    cases.push(Case::new(shape, "full-rt1-zero", img, RepairMode::All));
+    let img = patched(&base, |r| {
+        let l2 = r.u64_at(r.l1_off + 8) & OFFSET_MASK;
+        r.put_u64(r.rt_off + 16, l2);
+    });
+    cases.push(Case::new(shape, "full-rt2-at-l2", img, RepairMode::All));
     run_cases(cases);
 }
 
