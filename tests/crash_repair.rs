@@ -15,12 +15,22 @@
 //!   `EIO` and a sticky `ENOSPC`, on a [`FailingStorage`]. The repair must return an error
 //!   (or a report with a `failure`), never panic and never report success.
 //!
-//! Every resulting image must (i) open read-only and read exactly the original guest content,
-//! and (ii) be repaired by a second, uninterrupted `repair(All)` into an image that our check
-//! finds clean (no corruption, no more leaks than the reference repair left, not dirty, not
-//! marked corrupt) and that still reads the original content. On a sample of points the image
-//! is also handed to qemu-img: `check -r all`, then `check` must exit 0 and `compare` against
-//! the original raw content must find it identical.
+//! Every resulting image must (i) open read-only and read exactly the original guest content;
+//! (ii) carry no damage the damaged image did not (our check finds no more corruptions and
+//! check errors, counting a COPIED flag whose cluster's count is already right as the lag the
+//! repair's order implies), unless it is marked dirty or corrupt; (iii) keep the damaged
+//! image's dirty or corrupt bit until our check finds it sound; and (iv) be repaired by a
+//! second, uninterrupted `repair(All)` into an image that our check finds clean (no
+//! corruption, no more leaks than the reference repair left, not dirty, not marked corrupt)
+//! and that still reads the original content. One uninterrupted repair must itself leave a
+//! sound image. On a sample of points (at most 10 per case) the image is also handed to
+//! qemu-img: `check -r all`, then `check` must exit 0 and `compare` against the original raw
+//! content must find it identical.
+//!
+//! The suite caught these mutations of the repair (each tried and reverted): no flush between
+//! the rebuilt blocks and the header switch; the header switched before the table is written;
+//! the dirty and corrupt bits cleared before the pass; repaired refcount blocks not flushed
+//! before the COPIED flags that rely on them.
 //!
 //! Every case prints how many crash and failure points it tried and how many passed (run with
 //! `--nocapture`). Debug builds try fewer random post-crash images and fewer qemu-img samples.
