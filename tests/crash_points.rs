@@ -32,14 +32,15 @@
 //! Every workload prints how many crash and failure points it tried and how many passed (run
 //! with `--nocapture`). Debug builds run shorter workloads and fewer random crash images.
 
+#[path = "support/crash_helpers.rs"]
+mod crash_helpers;
 #[path = "support/write_helpers.rs"]
 mod write_helpers;
 
-use qcow2kit::io::testing::{
-    CrashPoint, CrashStorage, FailingStorage, Fault, FaultError, OpCounts, OpKind,
-};
+use crash_helpers::{crash_points, crash_seed, failure_points, no_corruption, summary, Tally};
+use qcow2kit::io::testing::{CrashPoint, CrashStorage, FailingStorage, Fault, OpCounts, OpKind};
 use qcow2kit::io::{MemoryStorage, Storage};
-use qcow2kit::ops::check::{check, CheckReport};
+use qcow2kit::ops::check::check;
 use qcow2kit::ops::convert::{convert_into, Qcow2ConvertOptions};
 use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateOptions};
 use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options, RawImage};
@@ -618,26 +619,6 @@ fn prepare(w: &Workload) -> Prepared {
 // ---------------------------------------------------------------------------------------------
 // Judging an image.
 
-/// A check report without the leaks (which are allowed and can be many).
-fn summary(r: &CheckReport) -> String {
-    let serious: Vec<String> = r
-        .findings
-        .iter()
-        .map(|f| format!("{f:?}"))
-        .filter(|f| !f.starts_with("Leaked"))
-        .take(6)
-        .collect();
-    format!(
-        "{} corruptions, {} check errors, {} leaks, failure {:?}, dirty {}, marked corrupt {}: \
-         {serious:?}",
-        r.corruptions, r.check_errors, r.leaks, r.failure, r.dirty, r.marked_corrupt
-    )
-}
-
-fn no_corruption(r: &CheckReport) -> bool {
-    r.corruptions == 0 && r.check_errors == 0 && r.failure.is_none() && !r.marked_corrupt
-}
-
 /// Runs `qemu-img check` on `bytes` (with the backing file beside it).
 fn qemu_check(bytes: &[u8], p: &Prepared, w: &Workload) -> Result<(), String> {
     let dir = scratch();
@@ -702,35 +683,6 @@ fn judge(
 // ---------------------------------------------------------------------------------------------
 // The drivers.
 
-#[derive(Default)]
-struct Tally {
-    crash_points: usize,
-    crash_images: usize,
-    crash_passed: usize,
-    failure_points: usize,
-    failure_passed: usize,
-    qemu_checks: usize,
-    failures: Vec<String>,
-}
-
-impl Tally {
-    fn record(&mut self, what: String, r: std::thread::Result<Result<(), String>>) -> bool {
-        let msg = match r {
-            Ok(Ok(())) => return true,
-            Ok(Err(m)) => m,
-            Err(p) => p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into()),
-        };
-        if self.failures.len() < 8 {
-            self.failures.push(format!("{what}: {msg}"));
-        }
-        false
-    }
-}
-
 /// Counts the storage operations of one clean run.
 fn count_ops(w: &Workload, p: &Prepared) -> OpCounts {
     let s = Arc::new(CrashStorage::new(p.initial.clone(), None));
@@ -781,10 +733,7 @@ fn crash_point(
     // No error: the crash came after the last close returned (the flush of `Drop`), when
     // everything was acknowledged already.
     drop(out);
-    let seed = match point {
-        CrashPoint::Write(i) => i,
-        CrashPoint::Flush(i) => i | 1 << 32,
-    };
+    let seed = crash_seed(point);
     let mut ok = true;
     let sets = s.choice_sets(seed, RANDOM_IMAGES);
     let last = sets.len() - 1;
@@ -850,22 +799,8 @@ fn run(w: Workload) {
     let p = prepare(&w);
     let counts = count_ops(&w, &p);
     let mut tally = Tally::default();
-    let points: Vec<CrashPoint> = (0..counts.mutations())
-        .map(CrashPoint::Write)
-        .chain((0..counts.flushes).map(CrashPoint::Flush))
-        .collect();
-    let faults: Vec<Fault> = OpKind::ALL
-        .iter()
-        .flat_map(|&kind| (0..counts.get(kind)).map(move |i| (kind, i)))
-        .flat_map(|(kind, index)| {
-            [(FaultError::Eio, false), (FaultError::Enospc, true)].map(|(error, sticky)| Fault {
-                kind,
-                index,
-                error,
-                sticky,
-            })
-        })
-        .collect();
+    let points = crash_points(&counts);
+    let faults = failure_points(&counts);
     let qemu_every = ((points.len() + faults.len()) / QEMU_CHECKS).max(1);
     let mut n = 0usize;
     for &point in &points {
@@ -897,16 +832,7 @@ fn run(w: Workload) {
         tally.failure_points,
         tally.qemu_checks,
     );
-    assert!(
-        tally.failures.is_empty(),
-        "{}: {} of {} crash points and {} of {} failure points failed; first failures:\n{}",
-        w.name,
-        tally.crash_points - tally.crash_passed,
-        tally.crash_points,
-        tally.failure_points - tally.failure_passed,
-        tally.failure_points,
-        tally.failures.join("\n")
-    );
+    tally.assert_passed(w.name);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -185,6 +185,10 @@ fn repair_pass(
         let report = &mut *report;
         report.corruptions = 0;
         report.leaks = 0;
+        // So are the errors of comparing against the old structure (refcounts it could not
+        // give, an unaligned block): they went with it. Kept, they would leave the corrupt
+        // bit that the comparison set on an image the rebuild made sound.
+        report.check_errors = pre_compare.check_errors;
         let mut w = Walk::new(&c2, report, sink, Fix::NONE);
         w.writable = true;
         w.prepare()?;

@@ -269,3 +269,26 @@ fn repair_frees_leaks_and_rebuilds_lost_refcounts() {
     s.read_at(&mut hdr, 48).expect("read");
     assert_eq!(u64::from_be_bytes(hdr), 7 * cs);
 }
+
+/// Found by `tests/crash_repair.rs`: an unaligned refcount block makes the repair mark the
+/// image corrupt and count every unreadable refcount as a check error (as QEMU does), then
+/// `-r all` rebuilds the structure — but those check errors, which were about the replaced
+/// structure, survived the rebuild, so the corrupt bit was never cleared: a repair that fixed
+/// everything left an image that cannot be opened for writing until a second repair.
+#[test]
+fn repair_clears_the_corrupt_bit_after_rebuilding_an_unaligned_block() {
+    let cs = 1u64 << 16;
+    let mut b = image();
+    put(&mut b, cs, 2 * cs + 512);
+    let s = MemoryStorage::from_bytes(b);
+    let r = repair(&s, RepairMode::All).expect("repair runs");
+    assert!(r.rebuilt, "{:?}", r.report);
+    assert_eq!(r.report.check_errors, 0, "{:?}", r.report);
+    assert!(r.marked_clean, "{:?}", r.report);
+    let after = check(&s).expect("check");
+    assert!(
+        after.is_clean() && !after.marked_corrupt,
+        "{:?}",
+        lines(&after)
+    );
+}
