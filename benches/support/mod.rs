@@ -55,34 +55,8 @@ pub(crate) fn run(prog: &str, args: &[&str], cwd: &Path) {
     }
 }
 
-/// Deterministic pseudo-random numbers (splitmix64).
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    /// The next 64 random bits.
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (n > 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// A random permutation of `0..n`.
-    pub(crate) fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-        v
-    }
-}
+/// Deterministic pseudo-random numbers.
+pub(crate) use qcow2kit::io::testing::SplitMix as Rng;
 
 /// `n` random offsets in `0..size`, multiples of `align`.
 pub(crate) fn random_offsets(n: usize, size: u64, align: u64, seed: u64) -> Vec<u64> {

@@ -44,34 +44,8 @@ pub(crate) fn run_tool(prog: &str, args: &[&str], cwd: &Path) -> String {
     stdout
 }
 
-/// Deterministic pseudo-random numbers (splitmix64).
-pub(crate) struct Rng(pub u64);
-
-impl Rng {
-    /// The next 64 random bits.
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (n > 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// `len` random bytes.
-    pub(crate) fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next_u64().to_be_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
+/// Deterministic pseudo-random numbers.
+pub(crate) use qcow2kit::io::testing::SplitMix as Rng;
 
 /// Compressible text-like bytes (for clusters that really get compressed).
 pub(crate) fn text_bytes(len: usize, seed: u64) -> Vec<u8> {

@@ -235,36 +235,8 @@ pub(crate) fn assert_same(got: &[u8], want: &[u8], base: u64, context: &str) {
     );
 }
 
-/// Deterministic pseudo-random numbers (splitmix64).
-#[derive(Clone)]
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (n > 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// A number in `lo..=hi`.
-    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_be_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
+/// Deterministic pseudo-random numbers.
+pub(crate) use qcow2kit::io::testing::SplitMix as Rng;
 
 // ---------------------------------------------------------------------------------------------
 // Operations and the model

@@ -90,16 +90,20 @@ impl OpCounts {
     }
 }
 
-/// A small deterministic generator (SplitMix64) for seeded choices.
+/// A small deterministic pseudo-random generator (SplitMix64): seeded choices here, and the
+/// workloads and data of the tests and benches. The seed is the public state, so
+/// `SplitMix(seed)` builds one.
 #[derive(Debug, Clone)]
-pub(crate) struct SplitMix(u64);
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    pub(crate) fn new(seed: u64) -> Self {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
         SplitMix(seed)
     }
 
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -108,8 +112,38 @@ impl SplitMix {
     }
 
     /// A value in `0..n` (`n > 0`).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+
+    /// A value in `lo..=hi` (`lo <= hi < u64::MAX`).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// Fills `buf` with random bytes (each 64-bit draw big-endian).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_be_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+
+    /// `len` random bytes, as [`fill`](Self::fill) makes them.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.fill(&mut v);
+        v
+    }
+
+    /// A random permutation of `0..n`.
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+        v
     }
 }
 
