@@ -146,23 +146,104 @@ pub fn inspect(data: &[u8]) {
     }
 }
 
-/// Interprets `data` as a small image's creation options followed by a sequence of writes,
-/// zero writes, discards, flushes and resizes on an in-memory image, checked against a model;
-/// at the end the image is closed and must be clean for [`check`](crate::ops::check::check)
-/// (no leak, no corruption) and read back as the model.
-pub fn write_sequence(data: &[u8]) {
-    use crate::ops::check::check;
-    use crate::ops::create::{create_qcow2_on, Compat, CreateOptions};
-    let [a, b, rest @ ..] = data else { return };
-    let cluster_bits = 9 + u32::from(a & 7) % 8; // 512 B .. 64 KiB
-    let opts = CreateOptions {
+/// Creation options of a small image, from two fuzz bytes: cluster size 512 B–64 KiB, every
+/// refcount width, v2 or v3, lazy refcounts, extended L2.
+fn fuzz_create_options(a: u8, b: u8) -> crate::ops::create::CreateOptions {
+    use crate::ops::create::{Compat, CreateOptions};
+    let cluster_bits = 9 + u32::from(a & 7) % 8;
+    CreateOptions {
         cluster_size: 1 << cluster_bits,
         refcount_bits: 1 << (u32::from(a >> 3) % 7),
         compat: if b & 1 == 0 { Compat::V3 } else { Compat::V2 },
         lazy_refcounts: b & 2 != 0 && b & 1 == 0,
         extended_l2: b & 4 != 0 && b & 1 == 0 && cluster_bits >= 14,
         ..CreateOptions::default()
-    };
+    }
+}
+
+/// One guest operation of the write fuzz targets.
+#[derive(Debug, Clone, Copy)]
+enum GuestOp {
+    /// Write `len` bytes of `byte` (never 0) at `off`.
+    Write { off: u64, len: u64, byte: u8 },
+    /// Write zeros.
+    Zero { off: u64, len: u64 },
+    /// Discard (whole clusters are dropped: bytes read as before or as zero).
+    Discard { off: u64, len: u64 },
+    /// Flush.
+    Flush,
+    /// Grow the disk by this many bytes.
+    Grow(u64),
+}
+
+impl GuestOp {
+    /// Decodes six fuzz bytes into an operation on a disk of `size` bytes.
+    fn decode(op: &[u8], size: u64) -> GuestOp {
+        let off = u64::from(u16::from_be_bytes([op[1], op[2]])) * 16 % size;
+        let len = (u64::from(u16::from_be_bytes([op[3], op[4]])) * 4 % 70_000).min(size - off);
+        match op[0] % 6 {
+            0 | 1 => GuestOp::Write {
+                off,
+                len,
+                byte: op[5] | 1,
+            },
+            2 => GuestOp::Zero { off, len },
+            3 => GuestOp::Discard { off, len },
+            4 => GuestOp::Flush,
+            _ => GuestOp::Grow((u64::from(op[5]) * 4096).next_multiple_of(512)),
+        }
+    }
+
+    /// Applies the operation to `img` and to `model` (what the image must read afterwards);
+    /// `Grow` is applied only while the disk stays within 4 MiB. A discard's effect is read
+    /// back and checked to be old-or-zero byte by byte.
+    fn apply(self, img: &Qcow2Image, model: &mut Vec<u8>) -> crate::Result<()> {
+        match self {
+            GuestOp::Write { off, len, byte } => {
+                let buf = vec![byte; len as usize];
+                img.write_at(&buf, off)?;
+                model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+            GuestOp::Zero { off, len } => {
+                img.write_zeroes(off, len)?;
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            GuestOp::Discard { off, len } => {
+                img.discard(off, len)?;
+                let mut back = vec![0u8; len as usize];
+                img.read_at(&mut back, off)?;
+                for (m, b) in model[off as usize..(off + len) as usize]
+                    .iter_mut()
+                    .zip(&back)
+                {
+                    if *b != *m {
+                        assert_eq!(*b, 0, "discard produced data that is neither old nor zero");
+                        *m = 0;
+                    }
+                }
+            }
+            GuestOp::Flush => img.flush()?,
+            GuestOp::Grow(by) => {
+                let new = (model.len() as u64 + by).min(4 << 20);
+                if new > model.len() as u64 {
+                    img.resize(new, false)?;
+                    model.resize(new as usize, 0);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Interprets `data` as a small image's creation options followed by a sequence of writes,
+/// zero writes, discards, flushes and resizes on an in-memory image, checked against a model;
+/// at the end the image is closed and must be clean for [`check`](crate::ops::check::check)
+/// (no leak, no corruption) and read back as the model.
+pub fn write_sequence(data: &[u8]) {
+    use crate::ops::check::check;
+    use crate::ops::create::create_qcow2_on;
+    let [a, b, rest @ ..] = data else { return };
+    let opts = fuzz_create_options(*a, *b);
     let size = 1u64 << 20;
     let mem = Arc::new(MemoryStorage::new());
     let Ok(img) = create_qcow2_on(mem.clone(), None, size, &opts) else {
@@ -170,45 +251,9 @@ pub fn write_sequence(data: &[u8]) {
     };
     let mut model = vec![0u8; size as usize];
     for op in rest.chunks_exact(6).take(64) {
-        let off = u64::from(u16::from_be_bytes([op[1], op[2]])) * 16 % model.len() as u64;
-        let max = model.len() as u64 - off;
-        let len = (u64::from(u16::from_be_bytes([op[3], op[4]])) * 4 % 70_000).min(max);
-        let (o, l) = (off as usize, len as usize);
-        match op[0] % 6 {
-            0 | 1 => {
-                let buf = vec![op[5] | 1; l];
-                assert!(img.write_at(&buf, off).is_ok(), "write failed");
-                model[o..o + l].copy_from_slice(&buf);
-            }
-            2 => {
-                assert!(img.write_zeroes(off, len).is_ok(), "write_zeroes failed");
-                model[o..o + l].fill(0);
-            }
-            3 => {
-                // Each byte reads as before or as zero (whole clusters are dropped): the model
-                // takes what the image reads, after checking exactly that.
-                assert!(img.discard(off, len).is_ok(), "discard failed");
-                let mut back = vec![0u8; l];
-                assert!(
-                    img.read_at(&mut back, off).is_ok(),
-                    "read after discard failed"
-                );
-                for (m, b) in model[o..o + l].iter_mut().zip(&back) {
-                    if *b != *m {
-                        assert_eq!(*b, 0, "discard produced data that is neither old nor zero");
-                        *m = 0;
-                    }
-                }
-            }
-            4 => assert!(img.flush().is_ok(), "flush failed"),
-            _ => {
-                let grow = (u64::from(op[5]) * 4096).next_multiple_of(512);
-                let new = (size + grow).min(4 << 20);
-                if new > model.len() as u64 && img.resize(new, false).is_ok() {
-                    model.resize(new as usize, 0);
-                }
-            }
-        }
+        let op = GuestOp::decode(op, model.len() as u64);
+        let r = op.apply(&img, &mut model);
+        assert!(r.is_ok(), "{op:?} failed: {r:?}");
     }
     let mut back = vec![0u8; model.len()];
     assert!(img.read_at(&mut back, 0).is_ok(), "final read failed");
@@ -220,4 +265,135 @@ pub fn write_sequence(data: &[u8]) {
         matches!(&report, Ok(r) if r.is_clean()),
         "check not clean: {report:?}"
     );
+}
+
+/// Interprets `data` as creation options, a crash point, a seed and a sequence of guest
+/// operations (as [`write_sequence`], without resizes), runs the sequence on a storage that
+/// loses power at that point (an index among all its writes and flushes), and judges up to four
+/// post-crash images (flushed state plus subsets of the unflushed writes, torn at sector
+/// boundaries): each opens writable (a dirty image is rebuilt), every byte reads as what the last
+/// completed flush made durable or as what a later operation (the one in flight included) wrote,
+/// and after close the image has no corruption (leaks are allowed). Needs the `testing` feature.
+#[cfg(feature = "testing")]
+pub fn crash_reopen(data: &[u8]) {
+    use crate::io::testing::{CrashPoint, CrashStorage};
+    use crate::io::Storage;
+    use crate::ops::check::check;
+    use crate::ops::create::create_qcow2_on;
+    let [a, b, p0, p1, seed, rest @ ..] = data else {
+        return;
+    };
+    let size = 1u64 << 20;
+    let initial = {
+        let mem = Arc::new(MemoryStorage::new());
+        let Ok(img) = create_qcow2_on(mem.clone(), None, size, &fuzz_create_options(*a, *b)) else {
+            return;
+        };
+        if img.close().is_err() {
+            return;
+        }
+        drop(img);
+        mem.to_bytes()
+    };
+    let ops: Vec<GuestOp> = rest
+        .chunks_exact(6)
+        .take(32)
+        .map(|op| GuestOp::decode(op, size))
+        .filter(|op| !matches!(op, GuestOp::Grow(_)))
+        .collect();
+    let rw = Qcow2Options {
+        writable: true,
+        ..Default::default()
+    };
+
+    // A first run without a crash counts the storage operations.
+    let counts = {
+        let s = Arc::new(CrashStorage::new(initial.clone(), None));
+        let Ok(img) = Qcow2Image::open(s.clone(), &rw) else {
+            return;
+        };
+        let mut model = vec![0u8; size as usize];
+        for op in &ops {
+            let r = op.apply(&img, &mut model);
+            assert!(r.is_ok(), "{op:?} failed without a crash: {r:?}");
+        }
+        assert!(img.close().is_ok(), "close failed without a crash");
+        s.counts()
+    };
+    let total = counts.mutations() + counts.flushes;
+    if total == 0 {
+        return;
+    }
+    let idx = u64::from(u16::from_be_bytes([*p0, *p1])) % total;
+    let point = if idx < counts.mutations() {
+        CrashPoint::Write(idx)
+    } else {
+        CrashPoint::Flush(idx - counts.mutations())
+    };
+
+    // The run that crashes: `durable` is the guest content as of the last completed flush,
+    // `later` what each operation since may have written over it.
+    let s = Arc::new(CrashStorage::new(initial, Some(point)));
+    let Ok(img) = Qcow2Image::open(s.clone(), &rw) else {
+        return;
+    };
+    let mut model = vec![0u8; size as usize];
+    let mut durable = model.clone();
+    let mut later: Vec<(u64, u64, u8)> = Vec::new();
+    let mut failed = false;
+    for op in &ops {
+        match *op {
+            GuestOp::Write { off, len, byte } => later.push((off, len, byte)),
+            GuestOp::Zero { off, len } | GuestOp::Discard { off, len } => later.push((off, len, 0)),
+            GuestOp::Flush | GuestOp::Grow(_) => {}
+        }
+        if op.apply(&img, &mut model).is_err() {
+            failed = true;
+            break;
+        }
+        if matches!(op, GuestOp::Flush) {
+            durable.clone_from(&model);
+            later.clear();
+        }
+    }
+    if !failed && img.close().is_ok() {
+        durable.clone_from(&model);
+        later.clear();
+    }
+    drop(img);
+    assert!(
+        s.is_crashed() || !failed,
+        "an operation failed before the crash point"
+    );
+
+    for choices in s.choice_sets(u64::from(*seed), 1).into_iter().take(4) {
+        let mem = Arc::new(MemoryStorage::from_bytes(s.crash_image(&choices)));
+        let img = Qcow2Image::open(mem.clone(), &rw);
+        assert!(
+            img.is_ok(),
+            "post-crash image does not open ({point:?} {choices:?}): {img:?}"
+        );
+        let Ok(img) = img else { return };
+        let mut back = vec![0u8; size as usize];
+        assert!(img.read_at(&mut back, 0).is_ok(), "post-crash read failed");
+        for (i, (&got, &old)) in back.iter().zip(&durable).enumerate() {
+            let i = i as u64;
+            let allowed = got == old
+                || later
+                    .iter()
+                    .any(|&(off, len, v)| v == got && off <= i && i < off + len);
+            assert!(
+                allowed,
+                "byte {i} reads {got:#x}: neither flushed ({old:#x}) nor written since \
+                 ({point:?} {choices:?})"
+            );
+        }
+        assert!(img.close().is_ok(), "close of the post-crash image failed");
+        drop(img);
+        let report = check(mem.as_ref() as &dyn Storage);
+        assert!(
+            matches!(&report, Ok(r) if r.corruptions == 0 && r.check_errors == 0),
+            "post-crash image corrupt ({point:?} {choices:?}): {report:?}"
+        );
+    }
 }
