@@ -2,8 +2,9 @@
 //!
 //! Each workload (allocating writes, copy-on-write over qcow2 and raw backing files, zero writes
 //! and discards on v3 and v2, refcount-table growth, L1 growth, resizes, lazy refcounts with the
-//! rebuild of a dirty image, compressed writes, extended L2, convert into a fresh image) is a
-//! fixed list of guest operations on an image whose storage is a test double
+//! rebuild of a dirty image, compressed writes, extended L2, convert into a fresh image,
+//! copy-on-write over clusters shared with internal snapshots, an external data file, raw or
+//! not) is a fixed list of guest operations on an image whose storage is a test double
 //! (`qcow2kit::io::testing`). It is run once to count the storage operations it makes, then:
 //!
 //! - **Crash points**: once per write-type operation index and once per flush index, on a
@@ -28,6 +29,13 @@
 //!   writes or keeps working;
 //! - on a sample of points, `qemu-img check` of the post-crash file finds no corruption (exit 0
 //!   or 3).
+//! - with internal snapshots: every snapshot, opened read-only on the post-crash image (and
+//!   again after the writable open), reads exactly its content when it was taken;
+//! - with an external data file: the image and the data file are two [`CrashStorage`]s on one
+//!   power supply ([`CrashStorage::sibling`]), so the crash points index the operations of both
+//!   and each file keeps its own unflushed writes (chosen independently in a post-crash state);
+//!   the failure points target each file in turn. The image is judged with its data file
+//!   attached (and beside it for `qemu-img check`).
 //!
 //! Every workload prints how many crash and failure points it tried and how many passed (run
 //! with `--nocapture`). Debug builds run shorter workloads and fewer random crash images.
@@ -38,12 +46,14 @@ mod crash_helpers;
 mod write_helpers;
 
 use crash_helpers::{crash_points, crash_seed, failure_points, no_corruption, summary, Tally};
-use qcow2kit::io::testing::{CrashPoint, CrashStorage, FailingStorage, Fault, OpCounts, OpKind};
+use qcow2kit::io::testing::{
+    Choice, CrashPoint, CrashStorage, FailingStorage, Fault, OpCounts, OpKind,
+};
 use qcow2kit::io::{MemoryStorage, Storage};
 use qcow2kit::ops::check::check;
 use qcow2kit::ops::convert::{convert_into, Qcow2ConvertOptions};
 use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateOptions};
-use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options, RawImage};
+use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options, RawImage, SnapshotRef};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use write_helpers::{scratch, tool, K, M, QEMU_IMG};
@@ -244,6 +254,41 @@ struct Workload {
     steps: Vec<Step>,
     /// The source of `Step::Convert`: its size and the steps that fill it.
     source: Option<(u64, Vec<Step>)>,
+    /// Internal snapshots taken (by `qemu-img snapshot -c`) after the setup, each followed by
+    /// steps that change the active image, so that the snapshots and the active image share
+    /// clusters that the workload's steps then copy on write.
+    snapshots: Vec<(&'static str, Vec<Step>)>,
+    /// An external data file (`Some(data_file_raw)`).
+    data_file: Option<bool>,
+}
+
+/// The name the image records for its external data file.
+const DATA_FILE: &str = "data.raw";
+
+/// The storages of an image: the image file and its external data file, if any.
+#[derive(Clone)]
+struct Media {
+    image: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+}
+
+impl Media {
+    fn new(image: Arc<dyn Storage>, data: Option<Arc<dyn Storage>>) -> Self {
+        Media { image, data }
+    }
+
+    /// In-memory storages holding `bytes`.
+    fn memory(
+        bytes: &(Vec<u8>, Option<Vec<u8>>),
+    ) -> (Arc<MemoryStorage>, Option<Arc<MemoryStorage>>) {
+        (
+            Arc::new(MemoryStorage::from_bytes(bytes.0.clone())),
+            bytes
+                .1
+                .clone()
+                .map(|d| Arc::new(MemoryStorage::from_bytes(d))),
+        )
+    }
 }
 
 /// Everything derived from a workload once: the starting image, the model after setup, the
@@ -257,6 +302,10 @@ struct Prepared {
     backing_bytes: Option<Vec<u8>>,
     source: Option<(Arc<dyn BlockDevice>, Vec<u32>)>,
     lazy: bool,
+    /// The starting content of the external data file.
+    data_initial: Option<Vec<u8>>,
+    /// Each snapshot's name and the content of its sectors (exact: a snapshot never changes).
+    snapshots: Vec<(String, Vec<u32>)>,
 }
 
 /// Deterministic randomness for building workloads.
@@ -336,12 +385,12 @@ struct RunOutcome {
     img: Option<Qcow2Image>,
 }
 
-fn open_image(
-    storage: Arc<dyn Storage>,
-    backing: &Option<Arc<dyn BlockDevice>>,
-) -> Result<Qcow2Image, Error> {
-    let mut img = Qcow2Image::open(storage, &rw())?;
+fn open_image(media: &Media, backing: &Option<Arc<dyn BlockDevice>>) -> Result<Qcow2Image, Error> {
+    let mut img = Qcow2Image::open(media.image.clone(), &rw())?;
     img.set_backing(backing.clone());
+    if let Some(d) = &media.data {
+        img.set_data_file(d.clone());
+    }
     Ok(img)
 }
 
@@ -349,7 +398,7 @@ fn open_image(
 /// recorded the step as failed.
 fn run_step(
     img: &mut Option<Qcow2Image>,
-    storage: &Arc<dyn Storage>,
+    storage: &Media,
     step: &Step,
     model: &mut Model,
     p: &Prepared,
@@ -363,7 +412,7 @@ fn run_step(
         dev.close()?;
         model.flushed();
         probe.drop_closed(dev);
-        *img = Some(open_image(storage.clone(), &p.backing)?);
+        *img = Some(open_image(storage, &p.backing)?);
         return Ok(());
     }
     let Some(dev) = img.as_ref() else {
@@ -455,7 +504,7 @@ fn run_step(
 /// Opens the image on `storage` and runs `steps`, then closes it unless `keep_open`. With
 /// `stop_on_error` the first error ends the run (a crash); otherwise later steps still run.
 fn run_steps(
-    storage: Arc<dyn Storage>,
+    storage: Media,
     steps: &[Step],
     model: &mut Model,
     p: &Prepared,
@@ -464,7 +513,7 @@ fn run_steps(
     probe: &mut DropProbe<'_>,
 ) -> RunOutcome {
     let mut out = RunOutcome::default();
-    let mut img = match open_image(storage.clone(), &p.backing) {
+    let mut img = match open_image(&storage, &p.backing) {
         Ok(i) => Some(i),
         Err(e) => {
             out.errors.push(format!("open: {e}"));
@@ -558,9 +607,11 @@ fn prepare(w: &Workload) -> Prepared {
             backing_bytes: None,
             source: None,
             lazy: false,
+            data_initial: None,
+            snapshots: Vec::new(),
         };
         let out = run_steps(
-            mem.clone(),
+            Media::new(mem.clone(), None),
             steps,
             &mut model,
             &p,
@@ -574,7 +625,13 @@ fn prepare(w: &Workload) -> Prepared {
         (Arc::new(dev) as Arc<dyn BlockDevice>, tags)
     });
     let mem = Arc::new(MemoryStorage::new());
-    drop(create_qcow2_on(mem.clone(), None, w.size, &create).expect("create"));
+    let data_mem = w.data_file.map(|raw| {
+        create.data_file = Some(DATA_FILE.into());
+        create.data_file_raw = raw;
+        Arc::new(MemoryStorage::new())
+    });
+    let data_dyn = data_mem.clone().map(|d| d as Arc<dyn Storage>);
+    drop(create_qcow2_on(mem.clone(), data_dyn.clone(), w.size, &create).expect("create"));
     let bsize = w.backing.map_or(0, |(_, s)| s);
     let model = Model::new(w.max_size, w.size, |s| {
         if s * SECTOR < bsize {
@@ -591,10 +648,12 @@ fn prepare(w: &Workload) -> Prepared {
         backing_bytes,
         source,
         lazy: w.create.lazy_refcounts,
+        data_initial: None,
+        snapshots: Vec::new(),
     };
     let mut model = p.model.clone();
     let out = run_steps(
-        mem.clone(),
+        Media::new(mem.clone(), data_dyn.clone()),
         &w.setup,
         &mut model,
         &p,
@@ -612,6 +671,36 @@ fn prepare(w: &Workload) -> Prepared {
     } else {
         p.initial = mem.to_bytes();
     }
+    for (name, steps) in &w.snapshots {
+        let dir = scratch();
+        let path = dir.path().join("img.qcow2");
+        std::fs::write(&path, &p.initial).expect("write image");
+        let o = tool(QEMU_IMG, &["snapshot", "-c", name, "img.qcow2"], dir.path());
+        assert_eq!(o.code, 0, "qemu-img snapshot -c {name}: {o}");
+        let bytes = std::fs::read(&path).expect("read image");
+        let tags = model.live[..(w.size / SECTOR) as usize]
+            .iter()
+            .map(|s| s[0])
+            .collect();
+        p.snapshots.push((name.to_string(), tags));
+        let mem = Arc::new(MemoryStorage::from_bytes(bytes));
+        let out = run_steps(
+            Media::new(mem.clone(), None),
+            steps,
+            &mut model,
+            &p,
+            true,
+            false,
+            &mut DropProbe::none(),
+        );
+        assert!(
+            out.errors.is_empty(),
+            "after snapshot {name}: {:?}",
+            out.errors
+        );
+        p.initial = mem.to_bytes();
+    }
+    p.data_initial = data_mem.map(|d| d.to_bytes());
     p.model = model;
     p
 }
@@ -620,10 +709,13 @@ fn prepare(w: &Workload) -> Prepared {
 // Judging an image.
 
 /// Runs `qemu-img check` on `bytes` (with the backing file beside it).
-fn qemu_check(bytes: &[u8], p: &Prepared, w: &Workload) -> Result<(), String> {
+fn qemu_check(bytes: &[u8], data: Option<&[u8]>, p: &Prepared, w: &Workload) -> Result<(), String> {
     let dir = scratch();
     let path = dir.path().join("img.qcow2");
     std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+    if let Some(d) = data {
+        std::fs::write(dir.path().join(DATA_FILE), d).map_err(|e| e.to_string())?;
+    }
     if let (Some((kind, _)), Some(b)) = (w.backing, &p.backing_bytes) {
         std::fs::write(dir.path().join(backing_file_name(kind)), b).map_err(|e| e.to_string())?;
     }
@@ -637,13 +729,15 @@ fn qemu_check(bytes: &[u8], p: &Prepared, w: &Workload) -> Result<(), String> {
 
 /// Judges a medium after a crash or failure against the model's durable state.
 fn judge(
-    bytes: Vec<u8>,
+    bytes: (Vec<u8>, Option<Vec<u8>>),
     model: &Model,
     p: &Prepared,
     w: &Workload,
     qemu: bool,
 ) -> Result<(), String> {
-    let mem = Arc::new(MemoryStorage::from_bytes(bytes));
+    let (mem, data) = Media::memory(&bytes);
+    let media = Media::new(mem.clone(), data.clone().map(|d| d as Arc<dyn Storage>));
+    let data_bytes = || data.as_ref().map(|d| d.to_bytes());
     let before = check(mem.as_ref()).map_err(|e| format!("check failed: {e}"))?;
     if before.dirty && !p.lazy {
         return Err("image is dirty without lazy refcounts".into());
@@ -653,10 +747,11 @@ fn judge(
             return Err(format!("check finds corruption: {}", summary(&before)));
         }
         if qemu {
-            qemu_check(&mem.to_bytes(), p, w)?;
+            qemu_check(&mem.to_bytes(), data_bytes().as_deref(), p, w)?;
         }
+        check_snapshots(&mem, p).map_err(|e| format!("post-crash image: {e}"))?;
     }
-    let img = open_image(mem.clone(), &p.backing).map_err(|e| format!("open fails: {e}"))?;
+    let img = open_image(&media, &p.backing).map_err(|e| format!("open fails: {e}"))?;
     let size = img.size();
     if !model.durable_sizes.contains(&size) {
         return Err(format!("size {size} is none of {:?}", model.durable_sizes));
@@ -674,8 +769,35 @@ fn judge(
             summary(&after)
         ));
     }
+    check_snapshots(&mem, p).map_err(|e| format!("after reopen: {e}"))?;
     if qemu && before.dirty {
-        qemu_check(&mem.to_bytes(), p, w)?;
+        qemu_check(&mem.to_bytes(), data_bytes().as_deref(), p, w)?;
+    }
+    Ok(())
+}
+
+/// Every snapshot reads exactly its content when it was taken.
+fn check_snapshots(mem: &Arc<MemoryStorage>, p: &Prepared) -> Result<(), String> {
+    for (name, tags) in &p.snapshots {
+        let o = Qcow2Options {
+            snapshot: Some(SnapshotRef::Name(name.clone())),
+            ..Qcow2Options::default()
+        };
+        let mut img = Qcow2Image::open(mem.clone(), &o)
+            .map_err(|e| format!("snapshot {name} does not open: {e}"))?;
+        img.set_backing(p.backing.clone());
+        let size = tags.len() as u64 * SECTOR;
+        if img.size() != size {
+            return Err(format!(
+                "snapshot {name} has size {}, not {size}",
+                img.size()
+            ));
+        }
+        let mut buf = vec![0u8; size as usize];
+        img.read_at(&mut buf, 0)
+            .map_err(|e| format!("reading snapshot {name} fails: {e}"))?;
+        let sets: Vec<Vec<u32>> = tags.iter().map(|&t| vec![t]).collect();
+        check_sectors(&buf, 0, &sets).map_err(|e| format!("snapshot {name}: {e}"))?;
     }
     Ok(())
 }
@@ -683,12 +805,36 @@ fn judge(
 // ---------------------------------------------------------------------------------------------
 // The drivers.
 
-/// Counts the storage operations of one clean run.
-fn count_ops(w: &Workload, p: &Prepared) -> OpCounts {
-    let s = Arc::new(CrashStorage::new(p.initial.clone(), None));
+/// Crash storages holding the starting image (and data file), on one power supply.
+fn crash_media(
+    p: &Prepared,
+    point: Option<CrashPoint>,
+) -> (Arc<CrashStorage>, Option<Arc<CrashStorage>>, Media) {
+    let s = Arc::new(CrashStorage::new(p.initial.clone(), point));
+    let d = p.data_initial.clone().map(|b| Arc::new(s.sibling(b)));
+    let media = Media::new(s.clone(), d.clone().map(|d| d as Arc<dyn Storage>));
+    (s, d, media)
+}
+
+/// The media as of the last completed flush of each storage.
+fn durable(s: &CrashStorage, d: &Option<Arc<CrashStorage>>) -> (Vec<u8>, Option<Vec<u8>>) {
+    (s.durable(), d.as_ref().map(|d| d.durable()))
+}
+
+/// Which storage a failure point targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Image,
+    DataFile,
+}
+
+/// Counts the storage operations of one clean run: of both storages together (the crash
+/// points), and of each one (the failure points).
+fn count_ops(w: &Workload, p: &Prepared) -> (OpCounts, OpCounts, OpCounts) {
+    let (s, d, media) = crash_media(p, None);
     let mut model = p.model.clone();
     let out = run_steps(
-        s.clone(),
+        media,
         &w.steps,
         &mut model,
         p,
@@ -703,8 +849,60 @@ fn count_ops(w: &Workload, p: &Prepared) -> OpCounts {
         out.errors
     );
     // The clean run's result is itself judged (everything flushed: exact).
-    judge(s.durable(), &model, p, w, true).unwrap_or_else(|e| panic!("{}: clean run: {e}", w.name));
-    s.counts()
+    judge(durable(&s, &d), &model, p, w, true)
+        .unwrap_or_else(|e| panic!("{}: clean run: {e}", w.name));
+    let total = s.counts();
+    // Per storage: the same run on failing storages that never fail.
+    let fs = Arc::new(FailingStorage::new(Arc::new(MemoryStorage::from_bytes(
+        p.initial.clone(),
+    ))));
+    let fd = p
+        .data_initial
+        .clone()
+        .map(|b| Arc::new(FailingStorage::new(Arc::new(MemoryStorage::from_bytes(b)))));
+    let mut model = p.model.clone();
+    let media = Media::new(fs.clone(), fd.clone().map(|d| d as Arc<dyn Storage>));
+    let out = run_steps(
+        media,
+        &w.steps,
+        &mut model,
+        p,
+        true,
+        false,
+        &mut DropProbe::none(),
+    );
+    assert!(
+        out.errors.is_empty(),
+        "{}: clean run: {:?}",
+        w.name,
+        out.errors
+    );
+    let data = fd.map_or_else(OpCounts::default, |d| d.counts());
+    (total, fs.counts(), data)
+}
+
+/// Post-crash states of the image and its data file: the data file's choices are drawn
+/// independently (a flush of one file says nothing of the other's writes) and paired with the
+/// image's, both none and both all included, and each all with the other none.
+fn paired_sets(
+    s: &CrashStorage,
+    d: &Option<Arc<CrashStorage>>,
+    seed: u64,
+) -> Vec<(Vec<Choice>, Vec<Choice>)> {
+    let a = s.choice_sets(seed, RANDOM_IMAGES);
+    let Some(d) = d else {
+        return a.into_iter().map(|c| (c, Vec::new())).collect();
+    };
+    let b = d.choice_sets(seed ^ 0x5eed, RANDOM_IMAGES);
+    let mut v: Vec<(Vec<Choice>, Vec<Choice>)> = (0..a.len().max(b.len()))
+        .map(|i| (a[i % a.len()].clone(), b[i % b.len()].clone()))
+        .collect();
+    // choice_sets starts with none, then all.
+    v.push((a[0].clone(), b[1 % b.len()].clone()));
+    v.push((a[1 % a.len()].clone(), b[0].clone()));
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|c| seen.insert(c.clone()));
+    v
 }
 
 fn crash_point(
@@ -714,10 +912,10 @@ fn crash_point(
     qemu: bool,
     tally: &mut Tally,
 ) -> bool {
-    let s = Arc::new(CrashStorage::new(p.initial.clone(), Some(point)));
+    let (s, d, media) = crash_media(p, Some(point));
     let mut model = p.model.clone();
     let out = run_steps(
-        s.clone(),
+        media,
         &w.steps,
         &mut model,
         p,
@@ -735,31 +933,53 @@ fn crash_point(
     drop(out);
     let seed = crash_seed(point);
     let mut ok = true;
-    let sets = s.choice_sets(seed, RANDOM_IMAGES);
+    let sets = paired_sets(&s, &d, seed);
     let last = sets.len() - 1;
-    for (i, choices) in sets.iter().enumerate() {
+    for (i, (choices, data_choices)) in sets.iter().enumerate() {
         tally.crash_images += 1;
         let q = qemu && i == last;
         tally.qemu_checks += usize::from(q);
         let r = catch_unwind(AssertUnwindSafe(|| {
-            judge(s.crash_image(choices), &model, p, w, q)
+            let bytes = (
+                s.crash_image(choices),
+                d.as_ref().map(|d| d.crash_image(data_choices)),
+            );
+            judge(bytes, &model, p, w, q)
         }));
         ok &= tally.record(format!("{point:?} images {choices:?}"), r);
     }
     ok
 }
 
-fn failure_point(w: &Workload, p: &Prepared, fault: Fault, qemu: bool, tally: &mut Tally) -> bool {
+fn failure_point(
+    w: &Workload,
+    p: &Prepared,
+    (target, fault): (Target, Fault),
+    qemu: bool,
+    tally: &mut Tally,
+) -> bool {
     let r = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
-        let mem = Arc::new(MemoryStorage::from_bytes(p.initial.clone()));
-        let s = Arc::new(FailingStorage::with_fault(mem.clone(), Some(fault)));
+        let (mem, data) = Media::memory(&(p.initial.clone(), p.data_initial.clone()));
+        let fault_on = |t: Target| Some(fault).filter(|_| t == target);
+        let s = Arc::new(FailingStorage::with_fault(
+            mem.clone(),
+            fault_on(Target::Image),
+        ));
+        let fd = data
+            .clone()
+            .map(|d| Arc::new(FailingStorage::with_fault(d, fault_on(Target::DataFile))));
+        let media = Media::new(s.clone(), fd.clone().map(|d| d as Arc<dyn Storage>));
+        let s: Arc<FailingStorage> = match (target, &fd) {
+            (Target::DataFile, Some(d)) => d.clone(),
+            _ => s,
+        };
         let mut model = p.model.clone();
         let injected = || s.injected();
         let mut probe = DropProbe {
             injected: Some(&injected),
             faults_in_drop: 0,
         };
-        let out = run_steps(s.clone(), &w.steps, &mut model, p, false, true, &mut probe);
+        let out = run_steps(media, &w.steps, &mut model, p, false, true, &mut probe);
         let mut errors = out.errors;
         if let Some(img) = out.img {
             // The open image reads what the model allows, then is closed.
@@ -789,18 +1009,27 @@ fn failure_point(w: &Workload, p: &Prepared, fault: Fault, qemu: bool, tally: &m
         if s.injected() == 0 {
             return Err("the fault was never reached".into());
         }
-        judge(mem.to_bytes(), &model, p, w, qemu).map_err(|e| format!("{e}; errors: {errors:?}"))
+        let bytes = (mem.to_bytes(), data.map(|d| d.to_bytes()));
+        judge(bytes, &model, p, w, qemu).map_err(|e| format!("{e}; errors: {errors:?}"))
     }));
     tally.qemu_checks += usize::from(qemu);
-    tally.record(format!("{fault:?}"), r)
+    tally.record(format!("{target:?} {fault:?}"), r)
 }
 
 fn run(w: Workload) {
     let p = prepare(&w);
-    let counts = count_ops(&w, &p);
+    let (counts, image_counts, data_counts) = count_ops(&w, &p);
     let mut tally = Tally::default();
     let points = crash_points(&counts);
-    let faults = failure_points(&counts);
+    let faults: Vec<(Target, Fault)> = failure_points(&image_counts)
+        .into_iter()
+        .map(|f| (Target::Image, f))
+        .chain(
+            failure_points(&data_counts)
+                .into_iter()
+                .map(|f| (Target::DataFile, f)),
+        )
+        .collect();
     let qemu_every = ((points.len() + faults.len()) / QEMU_CHECKS).max(1);
     let mut n = 0usize;
     for &point in &points {
@@ -915,6 +1144,8 @@ fn workload_plain(name: &'static str, create: CreateOptions, mix: bool, seed: u6
         setup_dirty: false,
         steps: mixed_steps(&mut rng, size, scaled(8), 20, mix),
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     }
 }
 
@@ -969,6 +1200,8 @@ fn workload_backing(name: &'static str, compat: Compat, kind: BackingKind, seed:
         setup_dirty: false,
         steps: mixed_steps(&mut rng, size, scaled(9), 12, true),
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     }
 }
 
@@ -995,10 +1228,10 @@ fn cow_over_raw_backing_v2() {
 /// The header field at `offset` (big-endian, `N` bytes) before and after a clean run.
 fn header_field_change<const N: usize>(w: &Workload, offset: usize) -> (u64, u64) {
     let p = prepare(w);
-    let s = Arc::new(CrashStorage::new(p.initial.clone(), None));
+    let (s, _, media) = crash_media(&p, None);
     let mut model = p.model.clone();
     let out = run_steps(
-        s.clone(),
+        media,
         &w.steps,
         &mut model,
         &p,
@@ -1047,6 +1280,8 @@ fn refcount_table_growth() {
         setup_dirty: false,
         steps,
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     };
     // refcount_table_clusters (header bytes 56..60) grows during the workload.
     let (before, after) = header_field_change::<4>(&w, 56);
@@ -1104,6 +1339,8 @@ fn l1_growth_while_writing() {
         setup_dirty: false,
         steps,
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     };
     // l1_size (header bytes 36..40) grows past what one L1 cluster holds.
     let (before, after) = header_field_change::<4>(&w, 36);
@@ -1153,6 +1390,8 @@ fn resize_grow_and_shrink() {
         setup_dirty: false,
         steps,
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     });
 }
 
@@ -1177,6 +1416,8 @@ fn lazy_refcounts_dirty_reopen() {
         setup_dirty: true,
         steps,
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     });
 }
 
@@ -1228,6 +1469,8 @@ fn compressed_writes() {
         setup_dirty: false,
         steps,
         source: None,
+        snapshots: Vec::new(),
+        data_file: None,
     });
 }
 
@@ -1258,6 +1501,8 @@ fn workload_convert(name: &'static str, compress: bool) -> Workload {
         setup_dirty: false,
         steps: vec![Step::Convert { compress }],
         source: Some((size, src)),
+        snapshots: Vec::new(),
+        data_file: None,
     }
 }
 
@@ -1276,10 +1521,10 @@ fn convert_compressed_into_fresh_image() {
 fn the_judge_rejects_lost_flushed_data() {
     let w = workload_plain("judge", opts(4 * K, Compat::V3), false, 9);
     let p = prepare(&w);
-    let s = Arc::new(CrashStorage::new(p.initial.clone(), None));
+    let (s, d, media) = crash_media(&p, None);
     let mut model = p.model.clone();
     let out = run_steps(
-        s.clone(),
+        media,
         &w.steps,
         &mut model,
         &p,
@@ -1288,8 +1533,184 @@ fn the_judge_rejects_lost_flushed_data() {
         &mut DropProbe::none(),
     );
     assert!(out.errors.is_empty());
-    judge(s.durable(), &model, &p, &w, false).expect("the finished image is sound");
+    judge(durable(&s, &d), &model, &p, &w, false).expect("the finished image is sound");
     // The starting image lacks every flushed write of the workload.
-    let r = judge(p.initial.clone(), &model, &p, &w, false);
+    let r = judge((p.initial.clone(), None), &model, &p, &w, false);
     assert!(r.is_err(), "a stale image passed the judge");
+}
+
+/// Writes, zero writes and discards, each either of whole clusters (one or two, aligned) or of
+/// a random sector range (partial clusters, crossing clusters); a flush every few steps.
+fn cluster_steps(rng: &mut Rng, size: u64, cs: u64, n: usize, base: u32) -> Vec<Step> {
+    let clusters = size / cs;
+    let mut v = Vec::new();
+    for i in 0..n {
+        let (off, len) = if rng.below(2) == 0 {
+            let c = rng.below(clusters);
+            (c * cs, (1 + rng.below(2.min(clusters - c))) * cs)
+        } else {
+            rng.range(size, (2 * cs / SECTOR).min(160))
+        };
+        v.push(match rng.below(5) {
+            0..=2 => Step::Write {
+                off,
+                len,
+                tag: base + i as u32,
+            },
+            3 => Step::Zero { off, len },
+            _ => Step::Discard { off, len },
+        });
+        if rng.below(3) == 0 {
+            v.push(Step::Flush);
+        }
+    }
+    v
+}
+
+/// An image whose clusters are all shared with one or two internal snapshots (taken by
+/// `qemu-img snapshot -c`), then writes, zero writes and discards over them: every cluster
+/// the workload touches has a refcount above 1 and must be copied on write, never written in
+/// place (rule 6); a freed cluster's refcount drops to the snapshots' count only. Judged also:
+/// every snapshot reads its original content on every post-crash image.
+fn workload_snapshots(
+    name: &'static str,
+    create: CreateOptions,
+    size: u64,
+    two: bool,
+    seed: u64,
+) -> Workload {
+    let cs = create.cluster_size;
+    let mut rng = Rng(seed);
+    let setup = vec![Step::Write {
+        off: 0,
+        len: size,
+        tag: 600,
+    }];
+    let mut snapshots = vec![("s1", cluster_steps(&mut rng, size, cs, 3, 610))];
+    if two {
+        snapshots.push(("s2", cluster_steps(&mut rng, size, cs, 3, 620)));
+    }
+    Workload {
+        name,
+        create,
+        size,
+        max_size: size,
+        backing: None,
+        setup,
+        setup_dirty: false,
+        steps: cluster_steps(&mut rng, size, cs, scaled(6), 700),
+        source: None,
+        snapshots,
+        data_file: None,
+    }
+}
+
+#[test]
+fn cow_over_snapshots_v3_64k() {
+    run(workload_snapshots(
+        "snapshots_64k",
+        opts(64 * K, Compat::V3),
+        512 * K,
+        true,
+        10,
+    ));
+}
+
+#[test]
+fn cow_over_snapshots_512b_refcount16() {
+    let mut o = opts(512, Compat::V3);
+    o.refcount_bits = 16;
+    run(workload_snapshots("snapshots_512b", o, 32 * K, true, 11));
+}
+
+#[test]
+fn cow_over_snapshots_extended_l2() {
+    let mut o = opts(32 * K, Compat::V3);
+    o.extended_l2 = true;
+    run(workload_snapshots(
+        "snapshots_ext_l2",
+        o,
+        256 * K,
+        false,
+        12,
+    ));
+}
+
+/// An image with an external data file: allocating writes, zero writes and discards (whole
+/// clusters and partial) over a fully written image, with flushes. One power supply for the
+/// two files ([`CrashStorage::sibling`]): every operation of either is a crash point, and a
+/// post-crash state picks the unflushed writes of each file independently.
+fn workload_data_file(name: &'static str, raw: bool, seed: u64) -> Workload {
+    let size = 256 * K;
+    let cs = 4 * K;
+    let mut rng = Rng(seed);
+    let mut setup = cluster_steps(&mut rng, size, cs, 3, 800);
+    // Half the image allocated, so that the workload both allocates and frees.
+    setup.insert(
+        0,
+        Step::Write {
+            off: 0,
+            len: size / 2,
+            tag: 799,
+        },
+    );
+    Workload {
+        name,
+        create: opts(cs, Compat::V3),
+        size,
+        max_size: size,
+        backing: None,
+        setup,
+        setup_dirty: false,
+        steps: cluster_steps(&mut rng, size, cs, scaled(7), 900),
+        source: None,
+        snapshots: Vec::new(),
+        data_file: Some(raw),
+    }
+}
+
+#[test]
+fn external_data_file_raw() {
+    run(workload_data_file("data_file_raw", true, 13));
+}
+
+#[test]
+fn external_data_file_not_raw() {
+    run(workload_data_file("data_file", false, 14));
+}
+
+/// The judge catches what it must on the new workloads: a snapshot that does not read its
+/// original content, and a data file missing flushed writes.
+#[test]
+fn the_judge_rejects_changed_snapshots_and_stale_data_files() {
+    let mut o = opts(512, Compat::V3);
+    o.refcount_bits = 16;
+    let w = workload_snapshots("judge_snapshots", o, 32 * K, true, 11);
+    let mut p = prepare(&w);
+    assert_eq!(p.snapshots.len(), 2);
+    let bytes = (p.initial.clone(), None);
+    judge(bytes.clone(), &p.model, &p, &w, false).expect("the starting image is sound");
+    // s1 and s2 differ (the steps between them wrote): s1's content is not s2's.
+    assert_ne!(p.snapshots[0].1, p.snapshots[1].1);
+    p.snapshots[0].1 = p.snapshots[1].1.clone();
+    assert!(judge(bytes, &p.model, &p, &w, false).is_err());
+
+    let w = workload_data_file("judge_data_file", false, 14);
+    let p = prepare(&w);
+    let (s, d, media) = crash_media(&p, None);
+    let mut model = p.model.clone();
+    let out = run_steps(
+        media,
+        &w.steps,
+        &mut model,
+        &p,
+        true,
+        false,
+        &mut DropProbe::none(),
+    );
+    assert!(out.errors.is_empty());
+    let (image, data) = durable(&s, &d);
+    assert_ne!(data, p.data_initial, "the workload writes to the data file");
+    judge((image.clone(), data), &model, &p, &w, false).expect("the finished image is sound");
+    assert!(judge((image, p.data_initial.clone()), &model, &p, &w, false).is_err());
 }

@@ -3,7 +3,7 @@
 use super::{crashed, OpCounts, OpKind, SplitMix};
 use crate::io::Storage;
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Granularity of torn writes: a sector either reached the medium or did not.
 const SECTOR: u64 = 512;
@@ -76,6 +76,7 @@ pub enum Choice {
     Torn(u64),
 }
 
+/// The medium of one storage.
 #[derive(Debug)]
 struct State {
     /// What the medium holds as of the last completed flush.
@@ -83,6 +84,12 @@ struct State {
     /// What reads see: `durable` with every pending operation applied.
     live: Vec<u8>,
     pending: Vec<PendingOp>,
+}
+
+/// The power supply: operation counts and the crash, shared by the storages made with
+/// [`CrashStorage::sibling`].
+#[derive(Debug)]
+struct Control {
     counts: OpCounts,
     crash_at: Option<CrashPoint>,
     crashed: bool,
@@ -95,8 +102,13 @@ struct State {
 /// mutation since the last completed flush. From the crash on, every mutation and flush fails
 /// (reads still see the state just before the crash), and [`crash_image`](Self::crash_image)
 /// builds what the medium may hold after power returns.
+///
+/// Several storages (an image and its external data file, say) can share one power supply:
+/// see [`sibling`](Self::sibling).
 #[derive(Debug)]
 pub struct CrashStorage {
+    /// Locked before `state` when both are needed.
+    control: Arc<Mutex<Control>>,
     state: Mutex<State>,
 }
 
@@ -142,14 +154,34 @@ impl CrashStorage {
     /// A storage whose durable content is `initial`, crashing at `crash_at` (never if `None`;
     /// [`crash_now`](Self::crash_now) crashes it at any moment).
     pub fn new(initial: Vec<u8>, crash_at: Option<CrashPoint>) -> Self {
+        let control = Control {
+            counts: OpCounts::default(),
+            crash_at,
+            crashed: false,
+        };
+        Self::with_control(Arc::new(Mutex::new(control)), initial)
+    }
+
+    /// A second storage (a second file on the same machine) whose durable content is
+    /// `initial`, on the same power supply as `self`.
+    ///
+    /// The two count their operations together: [`counts`](Self::counts) of either is the
+    /// total of both, and a [`CrashPoint`] indexes the operations of both in the order they
+    /// were made, so one run that crashes at each index in turn crashes once in every operation
+    /// of either file. At the crash both freeze. Each keeps its own medium: a flush makes only
+    /// its own storage's writes durable (as `fsync` of one file does), so a post-crash state is
+    /// a [`crash_image`](Self::crash_image) of each, with choices made independently.
+    pub fn sibling(&self, initial: Vec<u8>) -> Self {
+        Self::with_control(self.control.clone(), initial)
+    }
+
+    fn with_control(control: Arc<Mutex<Control>>, initial: Vec<u8>) -> Self {
         CrashStorage {
+            control,
             state: Mutex::new(State {
                 live: initial.clone(),
                 durable: initial,
                 pending: Vec::new(),
-                counts: OpCounts::default(),
-                crash_at,
-                crashed: false,
             }),
         }
     }
@@ -158,19 +190,24 @@ impl CrashStorage {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Operations attempted so far, by kind (the one in flight at the crash included).
-    pub fn counts(&self) -> OpCounts {
-        self.lock().counts
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Loses power now.
+    /// Operations attempted so far, by kind (the one in flight at the crash included), over
+    /// every storage on this power supply.
+    pub fn counts(&self) -> OpCounts {
+        self.control().counts
+    }
+
+    /// Loses power now (every storage on this power supply).
     pub fn crash_now(&self) {
-        self.lock().crashed = true;
+        self.control().crashed = true;
     }
 
     /// Whether power was lost.
     pub fn is_crashed(&self) -> bool {
-        self.lock().crashed
+        self.control().crashed
     }
 
     /// The operations made since the last completed flush, oldest first.
@@ -249,14 +286,15 @@ impl CrashStorage {
 
     /// Counts a mutation; records and applies it unless power is (or is now) lost.
     fn mutate(&self, kind: OpKind, op: PendingOp) -> io::Result<()> {
-        let mut s = self.lock();
-        let index = s.counts.mutations();
-        s.counts.bump(kind);
-        if s.crashed {
+        let mut c = self.control();
+        let index = c.counts.mutations();
+        c.counts.bump(kind);
+        if c.crashed {
             return Err(crashed());
         }
-        if s.crash_at == Some(CrashPoint::Write(index)) {
-            s.crashed = true;
+        let mut s = self.lock();
+        if c.crash_at == Some(CrashPoint::Write(index)) {
+            c.crashed = true;
             s.pending.push(op);
             return Err(crashed());
         }
@@ -302,15 +340,16 @@ impl Storage for CrashStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        let mut c = self.control();
+        let index = c.counts.bump(OpKind::Flush);
+        if c.crashed {
+            return Err(crashed());
+        }
+        if c.crash_at == Some(CrashPoint::Flush(index)) {
+            c.crashed = true;
+            return Err(crashed());
+        }
         let mut s = self.lock();
-        let index = s.counts.bump(OpKind::Flush);
-        if s.crashed {
-            return Err(crashed());
-        }
-        if s.crash_at == Some(CrashPoint::Flush(index)) {
-            s.crashed = true;
-            return Err(crashed());
-        }
         let pending = std::mem::take(&mut s.pending);
         for op in &pending {
             apply(&mut s.durable, op, Choice::Apply);
@@ -374,5 +413,37 @@ mod tests {
         let img = s.crash_image(&[Choice::Apply, Choice::Torn(412)]);
         assert_eq!(img.len(), 512);
         assert_eq!(s.counts().writes, 2);
+    }
+
+    #[test]
+    fn siblings_share_the_power_supply_but_not_their_flushes() {
+        // Crash at the third write-type operation over both: the data file's second write.
+        let image = CrashStorage::new(vec![0; 512], Some(CrashPoint::Write(2)));
+        let data = image.sibling(vec![0; 512]);
+        data.write_at(&[1; 512], 0).unwrap();
+        image.write_at(&[2; 512], 0).unwrap();
+        // A flush of the image leaves the data file's write unflushed.
+        image.flush().unwrap();
+        assert_eq!(image.pending().len(), 0);
+        assert_eq!(data.pending().len(), 1);
+        assert!(data.write_at(&[3; 512], 0).is_err());
+        assert!(image.is_crashed() && data.is_crashed());
+        assert!(image.write_at(&[4; 512], 0).is_err());
+        assert!(image.flush().is_err());
+        let c = image.counts();
+        assert_eq!((c.writes, c.flushes), (4, 2));
+        assert_eq!(data.counts(), c);
+        assert_eq!(image.crash_image(&[]), vec![2; 512]);
+        assert_eq!(data.crash_image(&[]), vec![0; 512]);
+        assert_eq!(
+            data.crash_image(&[Choice::Apply, Choice::Apply]),
+            vec![3; 512]
+        );
+        // Flush indices are global too.
+        let a = CrashStorage::new(Vec::new(), Some(CrashPoint::Flush(1)));
+        let b = a.sibling(Vec::new());
+        a.flush().unwrap();
+        assert!(b.flush().is_err());
+        assert!(a.is_crashed());
     }
 }

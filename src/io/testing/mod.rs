@@ -10,7 +10,9 @@
 //!   punches made since. At a chosen [`CrashPoint`] it freezes (every later mutation and flush
 //!   fails) and produces post-crash images: the flushed state plus any subset of the unflushed
 //!   operations, each optionally torn at a 512-byte boundary
-//!   ([`CrashStorage::crash_image`], [`CrashStorage::choice_sets`]).
+//!   ([`CrashStorage::crash_image`], [`CrashStorage::choice_sets`]). Storages made with
+//!   [`CrashStorage::sibling`] share one power supply (operation indices and the crash) but
+//!   flush separately, like two files on one machine: an image and its external data file.
 //!
 //! They live in the library (not in `tests/`) so that the fuzz targets in `fuzz/`, which call
 //! into [`crate::fuzzing`], and users testing their own crash handling can use them too.
