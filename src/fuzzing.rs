@@ -14,57 +14,49 @@ use std::sync::Arc;
 /// extents found by `block_status`, at most 256 KiB of each.
 pub fn open_and_read(data: &[u8]) {
     let storage = Arc::new(MemoryStorage::from_bytes(data.to_vec()));
+    if let Some(img) = open_small_cache(storage) {
+        walk_extents(&img, 256, 256 << 10, |_, _| {});
+    }
+}
+
+/// Opens `storage` read-only with a 64 KiB L2 cache.
+fn open_small_cache(storage: Arc<MemoryStorage>) -> Option<Qcow2Image> {
     let opts = Qcow2Options {
         l2_cache_bytes: 64 << 10,
         ..Default::default()
     };
-    let Ok(img) = Qcow2Image::open(storage, &opts) else {
-        return;
-    };
+    Qcow2Image::open(storage, &opts).ok()
+}
+
+/// Walks up to `max_extents` extents of `img` from `block_status` (each must lie inside the
+/// requested range) and reads at most `max_bytes` of each, handing `(offset, bytes)` of every
+/// successful read to `f`. Stops at the first `block_status` error.
+fn walk_extents(
+    img: &Qcow2Image,
+    max_extents: usize,
+    max_bytes: usize,
+    mut f: impl FnMut(u64, &[u8]),
+) {
     let size = img.size();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; max_bytes];
     let mut pos = 0u64;
-    for _ in 0..256 {
+    for _ in 0..max_extents {
         if pos >= size {
             break;
         }
         let Ok(e) = img.block_status(pos, size - pos) else {
-            return;
+            break;
         };
         assert!(
             e.len > 0 && e.len <= size - pos,
             "extent out of the requested range"
         );
-        let n = e.len.min(buf.len() as u64) as usize;
-        if img.read_at(&mut buf[..n], pos).is_err() {
-            return;
+        let n = e.len.min(max_bytes as u64) as usize;
+        if img.read_at(&mut buf[..n], pos).is_ok() {
+            f(pos, &buf[..n]);
         }
         pos += e.len;
     }
-}
-
-/// What the guest sees of the image on `storage`, as far as a bounded walk reads it: up to 64
-/// extents from `block_status`, at most 64 KiB of each; `None` when the image does not open.
-fn guest_sample(storage: Arc<MemoryStorage>) -> Option<Vec<(u64, Vec<u8>)>> {
-    let opts = Qcow2Options {
-        l2_cache_bytes: 64 << 10,
-        ..Default::default()
-    };
-    let img = Qcow2Image::open(storage, &opts).ok()?;
-    let size = img.size();
-    let mut sample = Vec::new();
-    let mut pos = 0u64;
-    while pos < size && sample.len() < 64 {
-        let Ok(e) = img.block_status(pos, size - pos) else {
-            break;
-        };
-        let mut buf = vec![0u8; e.len.min(64 << 10) as usize];
-        if img.read_at(&mut buf, pos).is_ok() {
-            sample.push((pos, buf));
-        }
-        pos += e.len;
-    }
-    Some(sample)
 }
 
 /// Checks and then repairs (`check -r all`) `data` as an image held in memory. Neither may
@@ -92,19 +84,20 @@ pub fn check_repair(data: &[u8]) {
                     | Finding::RefcountTooLow { reference: 2.., .. }
             )
         });
-    let before = if overlapping {
-        None
-    } else {
-        guest_sample(storage.clone())
-    };
-    if repair(storage.as_ref(), RepairMode::All).is_err() {
+    let mut before = Vec::new();
+    // Images that do not open are still repaired; there is just nothing to compare.
+    if !overlapping {
+        if let Some(img) = open_small_cache(storage.clone()) {
+            walk_extents(&img, 64, 64 << 10, |pos, bytes| {
+                before.push((pos, bytes.to_vec()))
+            });
+        }
+    }
+    // The repair runs whatever the image holds; the comparison only when something was read.
+    if repair(storage.as_ref(), RepairMode::All).is_err() || before.is_empty() {
         return;
     }
-    let (Some(before), Some(_)) = (before, guest_sample(storage.clone())) else {
-        return;
-    };
-    let opts = Qcow2Options::default();
-    let Ok(img) = Qcow2Image::open(storage, &opts) else {
+    let Some(img) = open_small_cache(storage) else {
         return;
     };
     for (pos, old) in before {
