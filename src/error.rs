@@ -252,3 +252,13 @@ impl fmt::Display for Corruption {
 }
 
 impl std::error::Error for Corruption {}
+
+/// The message of an I/O error as C's `strerror` words it (without Rust's ` (os error N)`
+/// suffix): how qemu-img prints the errors behind its messages.
+pub fn strerror(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}

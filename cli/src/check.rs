@@ -20,6 +20,7 @@ use crate::args::{opt, parse, Spec};
 use crate::common::fail;
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
+use qcow2kit::error::strerror;
 use qcow2kit::format::header::CryptMethod;
 use qcow2kit::io::FileStorage;
 use qcow2kit::ops::check::{CheckReport, Checker, Finding, RepairMode};
@@ -259,15 +260,6 @@ fn usage_error(msg: impl std::fmt::Display) -> u8 {
 fn fail_with(msg: &str, code: u8) -> u8 {
     eprintln!("qcow2kit: {msg}");
     code
-}
-
-/// An I/O error as C's `strerror` words it (no "(os error N)").
-fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 /// Refuses what qemu's file driver refuses, before opening (a FIFO would block `open`).

@@ -21,6 +21,7 @@
 use crate::args::{opt, parse, Parsed, Spec};
 use crate::common::{fail, parse_size};
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
+use qcow2kit::error::strerror;
 use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
 use std::io::Write;
 use std::path::Path;
@@ -203,15 +204,6 @@ fn split_options(s: &str) -> Vec<(String, String)> {
         }
     }
     out
-}
-
-/// The message of an I/O error without Rust's ` (os error N)` suffix, like C's `strerror`.
-fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 /// A library error as qemu-img would word it when opening `path`.

@@ -17,6 +17,7 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
 use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions};
+use qcow2kit::error::strerror;
 use qcow2kit::BlockDevice;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
@@ -49,15 +50,6 @@ pub fn run(args: &[String]) -> u8 {
         Ok(()) => 0,
         Err(msg) if msg.is_empty() => 1,
         Err(msg) => fail(msg),
-    }
-}
-
-/// The message of an I/O error without Rust's ` (os error N)` suffix, like C's `strerror`.
-fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
 

@@ -22,6 +22,7 @@ pub(crate) mod rebuild;
 mod refcount;
 mod resize;
 mod shared;
+pub(crate) mod snapshot_table;
 mod write;
 
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};

@@ -403,13 +403,7 @@ fn prepare_writable(
         // Refcounts may be stale: recompute them from all metadata before any write.
         return rebuild_refcounts(storage, header, extensions, snapshots, bitmaps);
     }
-    Refcounts::load(
-        storage,
-        header.refcount_table_offset,
-        header.refcount_table_clusters,
-        header.refcount_order,
-        header.cluster_bits,
-    )
+    Refcounts::load(storage, header)
 }
 
 #[cfg(test)]

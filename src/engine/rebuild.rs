@@ -170,13 +170,7 @@ pub(crate) fn rebuild_refcounts(
         }
     }
 
-    let mut refs = Refcounts::load(
-        storage,
-        header.refcount_table_offset,
-        header.refcount_table_clusters,
-        header.refcount_order,
-        cb,
-    )?;
+    let mut refs = Refcounts::load(storage, header)?;
     let (table_len, block_bits) = refs.shape();
     let per_block = 1u64 << block_bits;
     // Existing blocks take the new counts; clusters past the used ones are free.

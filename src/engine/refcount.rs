@@ -16,6 +16,7 @@
 use super::cache::IntMap;
 use crate::error::{Corruption, Error, Result};
 use crate::format::bytes::{put_u32, put_u64};
+use crate::format::header::Header;
 use crate::format::refcount;
 use crate::format::{be_u64, MAX_REFTABLE_BYTES};
 use crate::io::{Storage, StorageExt};
@@ -59,14 +60,11 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Refcounts {
-    /// Loads the refcount table of an image.
-    pub(crate) fn load(
-        storage: &dyn Storage,
-        table_offset: u64,
-        table_clusters: u32,
-        order: u32,
-        cluster_bits: u32,
-    ) -> Result<Self> {
+    /// Loads the refcount table that `header` names.
+    pub(crate) fn load(storage: &dyn Storage, header: &Header) -> Result<Self> {
+        let (table_offset, table_clusters) =
+            (header.refcount_table_offset, header.refcount_table_clusters);
+        let (order, cluster_bits) = (header.refcount_order, header.cluster_bits);
         let bytes = u64::from(table_clusters) << cluster_bits;
         let raw = storage
             .read_vec(table_offset, bytes as usize)

@@ -111,7 +111,8 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
 }
 
 /// Encodes snapshots into table bytes (QEMU's layout: 24 bytes of extra data plus any unknown).
-pub fn encode_table(snapshots: &[Snapshot]) -> Vec<u8> {
+/// A snapshot without a recorded disk size gets `image_size`, as QEMU records it.
+pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for s in snapshots {
         let start = out.len();
@@ -128,7 +129,7 @@ pub fn encode_table(snapshots: &[Snapshot]) -> Vec<u8> {
         put_u32(e, 32, u32::try_from(s.vm_state_size).unwrap_or(0));
         put_u32(e, 36, extra_len as u32);
         put_u64(e, 40, s.vm_state_size);
-        put_u64(e, 48, s.disk_size.unwrap_or(0));
+        put_u64(e, 48, s.disk_size.unwrap_or(image_size));
         put_u64(e, 56, s.icount.unwrap_or(u64::MAX));
         e[64..64 + s.extra_unknown.len()].copy_from_slice(&s.extra_unknown);
         out.extend_from_slice(s.id.as_bytes());
@@ -161,7 +162,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let s = vec![snap("1", "first"), snap("2", "second one")];
-        let b = encode_table(&s);
+        let b = encode_table(&s, 1 << 30);
         let (p, len) = parse_table(&b, 2).expect("valid test input");
         assert_eq!(p, s);
         assert_eq!(len, b.len() as u64);
@@ -169,7 +170,7 @@ mod tests {
 
     #[test]
     fn count_larger_than_table_is_refused() {
-        let b = encode_table(&[snap("1", "a")]);
+        let b = encode_table(&[snap("1", "a")], 1 << 30);
         assert!(matches!(
             parse_table(&b, 3),
             Err(Corruption::BadSnapshot { index: 1, .. })
@@ -178,7 +179,7 @@ mod tests {
 
     #[test]
     fn huge_extra_data_is_refused() {
-        let mut b = encode_table(&[snap("1", "a")]);
+        let mut b = encode_table(&[snap("1", "a")], 1 << 30);
         put_u32(&mut b, 36, 5000);
         assert!(parse_table(&b, 1).is_err());
     }
@@ -188,13 +189,13 @@ mod tests {
         // Validated when the snapshot is used, so that the active image still opens.
         let mut s = snap("1", "a");
         s.l1_size = u32::MAX;
-        let b = encode_table(&[s.clone()]);
+        let b = encode_table(&[s.clone()], 1 << 30);
         assert_eq!(parse_table(&b, 1).expect("valid test input").0, vec![s]);
     }
 
     #[test]
     fn short_buffer_reports_entry_past_end() {
-        let b = encode_table(&[snap("1", "a")]);
+        let b = encode_table(&[snap("1", "a")], 1 << 30);
         assert_eq!(
             parse_table(&b[..b.len() - 8], 1),
             Err(Corruption::BadSnapshot {

@@ -57,11 +57,7 @@ impl Out {
 
 /// C's `strerror` for the errno values the commands report.
 pub(super) fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    match s.rfind(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
+    qcow2kit::error::strerror(&std::io::Error::from_raw_os_error(errno))
 }
 
 /// The errno a library error stands for, printing details QEMU would have logged.

@@ -4,6 +4,9 @@
 //! One pass walks the metadata exactly as the read-only check does ([`Walk`]), which yields the
 //! reference count every cluster should have, then:
 //!
+//! 0. with [`RepairMode::All`], reading the snapshot table drops what QEMU cannot keep
+//!    (snapshots past the 65 536th or past 64 MiB of table: the header's count is lowered at
+//!    once and their clusters become leaks; extra data past 1 KiB is cut in memory);
 //! 1. compares the stored refcounts with it (read-only first, reporting as the check does);
 //! 2. if the refcount structure itself is broken — a refcount table entry with reserved bits,
 //!    unaligned, or naming a block that is also something else, or a referenced cluster whose
@@ -17,7 +20,10 @@
 //! 4. checks the COPIED flags of the active L1 and L2 tables against the (repaired) refcounts
 //!    and corrects them — with [`RepairMode::Leaks`] only if the refcounts are now consistent,
 //!    as QEMU does;
-//! 5. with nothing left wrong, clears the dirty and corrupt bits.
+//! 5. with [`RepairMode::All`], writes the snapshot table anew if entries were cut or lack the
+//!    16 bytes of extra data v3 requires (new clusters counted and flushed, table flushed,
+//!    header switched and flushed, old table freed);
+//! 6. with nothing left wrong, clears the dirty and corrupt bits.
 //!
 //! With [`RepairMode::All`], the walk also turns a misaligned preallocated zero cluster into a
 //! plain zero cluster, and grows the file to hold a refcount block that lies past its end.
@@ -29,11 +35,13 @@
 //! written and flushed before the header is switched (DESIGN §3).
 
 use super::report::{CheckFailure, CheckReport, Finding};
-use super::walk::{Expected, Fix, Step, Stop, Walk};
+use super::walk::{Expected, Fix, Snapshots, Step, Stop, Walk};
 use super::{Checker, MAX_REPORTED_FINDINGS};
 use crate::engine::rebuild::{write_refcount_structure, RefcountArray};
-use crate::error::{Error, Result};
+use crate::engine::snapshot_table::write_snapshot_table;
+use crate::error::{strerror, Error, Result};
 use crate::format::features::IncompatibleFeatures;
+use crate::format::header::Header;
 use crate::io::Storage;
 
 /// What `qemu-img check -r` repairs.
@@ -214,7 +222,7 @@ fn repair_pass(
         w.fix = fix;
         w.check_copied(&c2.header, &mut reader, &compared.is_one, true)?;
         w.report.image_end_offset = (compared.highest + 1) << w.cb;
-        w.report.corruptions += snapshot_corruptions;
+        fix_snapshot_table(&mut w, &c2.header, &snapshots, snapshot_corruptions)?;
         return Ok(true);
     }
     if w.rebuild {
@@ -233,8 +241,46 @@ fn repair_pass(
     let repair_copied = fix.errors || (r.check_errors == 0 && r.corruptions == 0 && r.leaks == 0);
     w.check_copied(&c.header, &mut reader, &compared.is_one, repair_copied)?;
     w.report.image_end_offset = (compared.highest + 1) << w.cb;
-    w.report.corruptions += snapshot_corruptions;
+    fix_snapshot_table(&mut w, &c.header, &snapshots, snapshot_corruptions)?;
     Ok(false)
+}
+
+/// QEMU's `qcow2_check_fix_snapshot_table`: the snapshot table's remaining corruptions (entries
+/// whose extra data was cut, v3 entries lacking theirs) are repaired with `-r all` by writing
+/// the table anew, once the refcounts it allocates from are repaired; otherwise they count as
+/// corruptions.
+fn fix_snapshot_table(
+    w: &mut Walk<'_, '_>,
+    header: &Header,
+    snapshots: &Snapshots,
+    corruptions: u64,
+) -> Step {
+    if corruptions == 0 || !w.fix.errors {
+        w.report.corruptions += corruptions;
+        return Ok(());
+    }
+    match write_snapshot_table(
+        w.storage,
+        header,
+        &snapshots.list,
+        header.snapshots_offset,
+        snapshots.size,
+    ) {
+        Ok(_) => {
+            w.report.corruptions_fixed += corruptions;
+            Ok(())
+        }
+        Err(e) => {
+            w.report.corruptions += corruptions;
+            w.report.check_errors += 1;
+            let reason = match &e {
+                Error::Io { source, .. } => strerror(source),
+                other => other.to_string(),
+            };
+            w.emit(&Finding::SnapshotTableUpdateFailed { reason }, 1);
+            Err(Stop::Io(e))
+        }
+    }
 }
 
 /// Clears the dirty and corrupt bits of a repaired version 3 image (QEMU's

@@ -2,6 +2,7 @@
 //! ([`CheckFailure`]) and each problem found ([`Finding`]), worded as qemu-img words it.
 
 use super::MAX_EMITTED_FINDINGS;
+use crate::format::MAX_SNAPSHOT_EXTRA_DATA;
 use std::fmt;
 
 /// The outcome of a check, in qemu-img's terms.
@@ -300,6 +301,31 @@ pub enum Finding {
     NeedRebuild,
     /// The rebuilt refcount structure still has zero refcounts for referenced clusters.
     RebuildStillBroken,
+    /// A repair drops the snapshots past QEMU's limits: past the 65 536th, or (with
+    /// `table_too_big`) from the first whose entry ends past 64 MiB of table.
+    SnapshotsDiscarded {
+        /// How many.
+        count: u32,
+        /// The limit is the table's size rather than the number of snapshots.
+        table_too_big: bool,
+    },
+    /// A repair cuts a snapshot's extra data to QEMU's 1 KiB limit.
+    SnapshotExtraDiscarded {
+        /// Index of the entry in the table.
+        index: u32,
+        /// Its extra data size before.
+        size: u32,
+    },
+    /// The header's snapshot count could not be lowered after snapshots were dropped.
+    SnapshotCountUpdateFailed {
+        /// Why (`strerror` wording).
+        reason: String,
+    },
+    /// The repaired snapshot table could not be written.
+    SnapshotTableUpdateFailed {
+        /// Why (`strerror` wording).
+        reason: String,
+    },
     /// The file could not be grown to hold a refcount block past its end (a rebuild follows).
     ResizeFailed {
         /// Why (`strerror` wording).
@@ -478,6 +504,28 @@ impl fmt::Display for Finding {
                     .or_else(|| line.strip_prefix("Leaked "))
                     .unwrap_or(&line);
                 write!(f, "Repairing {rest}")
+            }
+            Finding::SnapshotsDiscarded {
+                count,
+                table_too_big,
+            } => {
+                write!(f, "Discarding {count} overhanging snapshots")?;
+                if *table_too_big {
+                    f.write_str(" (snapshot table is too big)")?;
+                }
+                Ok(())
+            }
+            Finding::SnapshotExtraDiscarded { index, size } => write!(
+                f,
+                "Discarding too much extra metadata in snapshot table entry {index} ({size} > \
+                 {MAX_SNAPSHOT_EXTRA_DATA})"
+            ),
+            Finding::SnapshotCountUpdateFailed { reason } => write!(
+                f,
+                "ERROR failed to update the snapshot count in the image header: {reason}"
+            ),
+            Finding::SnapshotTableUpdateFailed { reason } => {
+                write!(f, "ERROR failed to update snapshot table: {reason}")
             }
             Finding::RebuildingRefcounts => f.write_str("Rebuilding refcount structure"),
             Finding::NeedRebuild => f.write_str("ERROR need to rebuild refcount structures"),

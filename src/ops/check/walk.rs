@@ -14,7 +14,7 @@ use crate::format::entry::{
 };
 use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::header::{Header, SNAPSHOT_HEADER_SIZE};
-use crate::format::snapshot::parse_table;
+use crate::format::snapshot::{parse_table, Snapshot};
 use crate::format::{
     be_u16, be_u32, be_u64, refcount, MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA_DATA,
     MAX_SNAPSHOT_TABLE_BYTES,
@@ -134,9 +134,12 @@ impl Fix {
 
 /// The snapshot table as read once per check (QEMU's `qcow2_check_read_snapshot_table`).
 pub(super) struct Snapshots {
-    list: Vec<SnapInfo>,
-    /// Bytes of the table.
-    size: u64,
+    /// The snapshots kept (with a repair, extra data past 1 KiB is already cut off).
+    pub(super) list: Vec<Snapshot>,
+    /// Entries the header names (fewer than its original count once a repair dropped some).
+    pub(super) count: u32,
+    /// Bytes of the table on disk, from its start to the end of the last entry kept.
+    pub(super) size: u64,
 }
 
 /// What the comparison of stored and expected refcounts leaves for the COPIED check.
@@ -177,14 +180,6 @@ pub(super) struct Walk<'a, 'b> {
     pub(super) pending: Vec<(u64, u64)>,
     pub(super) pending_index: HashMap<u64, usize>,
     pub(super) copied_cache: HashMap<u64, CopiedSummary>,
-}
-
-/// A snapshot as the check needs it.
-struct SnapInfo {
-    l1_offset: u64,
-    l1_size: u32,
-    id: String,
-    name: String,
 }
 
 impl<'a, 'b> Walk<'a, 'b> {
@@ -339,8 +334,7 @@ impl<'a, 'b> Walk<'a, 'b> {
     /// Sizes the expected-refcount array and reads the snapshot table.
     pub(super) fn start(&mut self, c: &Checker<'_>) -> Step<Snapshots> {
         self.prepare()?;
-        let (list, size) = self.read_snapshot_table(&c.header)?;
-        Ok(Snapshots { list, size })
+        self.read_snapshot_table(&c.header)
     }
 
     /// Sizes the expected-refcount array (QEMU refuses more than `INT_MAX` clusters).
@@ -373,10 +367,10 @@ impl<'a, 'b> Walk<'a, 'b> {
         // encryption header, bitmaps, refcount blocks.
         self.inc(0, self.cs, 1);
         self.walk_l1(h.l1_table_offset, h.l1_size, 1, true)?;
-        if self.data_file && h.nb_snapshots > 0 {
+        if self.data_file && snapshots.count > 0 {
             self.corrupt(
                 Finding::SnapshotsWithDataFile {
-                    count: h.nb_snapshots,
+                    count: snapshots.count,
                 },
                 1,
             );
@@ -384,12 +378,12 @@ impl<'a, 'b> Walk<'a, 'b> {
         let mut groups: Vec<((u64, u32), u64)> = Vec::new();
         let mut group_index: HashMap<(u64, u32), usize> = HashMap::new();
         for s in &snapshots.list {
-            if s.l1_offset % self.cs != 0 {
+            if s.l1_table_offset % self.cs != 0 {
                 self.corrupt(
                     Finding::SnapshotL1Unaligned {
                         id: s.id.clone(),
                         name: s.name.clone(),
-                        offset: s.l1_offset,
+                        offset: s.l1_table_offset,
                     },
                     1,
                 );
@@ -406,7 +400,7 @@ impl<'a, 'b> Walk<'a, 'b> {
                 );
                 continue;
             }
-            let key = (s.l1_offset, s.l1_size);
+            let key = (s.l1_table_offset, s.l1_size);
             match group_index.get(&key) {
                 Some(&g) => groups[g].1 += 1,
                 None => {
@@ -519,15 +513,37 @@ impl<'a, 'b> Walk<'a, 'b> {
         Ok(Compared { highest, is_one })
     }
 
-    /// QEMU's `qcow2_check_read_snapshot_table`: returns the snapshots and the table's length.
-    fn read_snapshot_table(&mut self, h: &Header) -> Step<(Vec<SnapInfo>, u64)> {
-        let nb = h.nb_snapshots;
+    /// QEMU's `qcow2_check_read_snapshot_table` (and `qcow2_do_read_snapshots` in its repair
+    /// mode): returns the snapshots, their count and the table's length.
+    ///
+    /// With [`Fix::errors`], what cannot be kept is dropped as QEMU drops it: snapshots past the
+    /// 65 536th or past the 64 MiB table limit (the header's count is lowered at once, which
+    /// leaks their clusters for the refcount repair to free), and extra data past 1 KiB
+    /// (truncated in memory; the table is rewritten by [`rewrite_snapshot_table`] after the
+    /// refcount repair, together with v3 entries lacking their 16 bytes of extra data).
+    ///
+    /// [`rewrite_snapshot_table`]: super::repair
+    fn read_snapshot_table(&mut self, h: &Header) -> Step<Snapshots> {
+        let mut nb = h.nb_snapshots;
         let start = h.snapshots_offset;
         let fail = |w: &mut Self, message: String, hint: Option<String>, f: CheckFailure| {
             w.report.check_errors += 1;
             w.emit(&Finding::SnapshotTable { message, hint }, 1);
             Err(Stop::Failed(f))
         };
+        let mut reduced = 0u64;
+        let mut dropped = 0u64;
+        if nb > MAX_SNAPSHOTS && self.fix.errors {
+            self.emit(
+                &Finding::SnapshotsDiscarded {
+                    count: nb - MAX_SNAPSHOTS,
+                    table_too_big: false,
+                },
+                1,
+            );
+            reduced += u64::from(nb - MAX_SNAPSHOTS);
+            nb = MAX_SNAPSHOTS;
+        }
         if nb > MAX_SNAPSHOTS {
             return fail(
                 self,
@@ -556,59 +572,114 @@ impl<'a, 'b> Walk<'a, 'b> {
                 CheckFailure::TooLarge(what),
             )
         };
-        let mut snaps = Vec::new();
-        let mut incomplete = Vec::new();
+        let mut list = Vec::new();
         let mut offset = start;
         let mut table_len = 0u64;
+        let mut kept = nb;
         for i in 0..nb {
+            let entry_start = offset;
             table_len = table_len.next_multiple_of(8);
             offset = offset.next_multiple_of(8);
             let fixed = self.read(offset, SNAPSHOT_HEADER_SIZE)?;
             let id_len = u64::from(be_u16(&fixed, 12));
             let name_len = u64::from(be_u16(&fixed, 14));
             let extra_len = be_u32(&fixed, 36);
-            if extra_len > MAX_SNAPSHOT_EXTRA_DATA {
-                return read_fail(
-                    self,
-                    format!("Too much extra metadata in snapshot table entry {i}"),
-                    "You can force-remove this extra metadata with qemu-img check -r all".into(),
+            // The extra data kept: all of it, or its first 1 KiB when a repair truncates it.
+            let kept_extra = if extra_len > MAX_SNAPSHOT_EXTRA_DATA {
+                if !self.fix.errors {
+                    return read_fail(
+                        self,
+                        format!("Too much extra metadata in snapshot table entry {i}"),
+                        "You can force-remove this extra metadata with qemu-img check -r all"
+                            .into(),
+                    );
+                }
+                self.emit(
+                    &Finding::SnapshotExtraDiscarded {
+                        index: i,
+                        size: extra_len,
+                    },
+                    1,
                 );
-            }
-            let extra_len = u64::from(extra_len);
-            let total = SNAPSHOT_HEADER_SIZE + extra_len + id_len + name_len;
-            let entry = self.read(offset, total)?;
+                dropped += 1;
+                MAX_SNAPSHOT_EXTRA_DATA
+            } else {
+                extra_len
+            };
+            let (extra_len, kept_extra) = (u64::from(extra_len), u64::from(kept_extra));
+            let strings_at = offset + SNAPSHOT_HEADER_SIZE + extra_len;
+            let mut entry = self.read(offset, SNAPSHOT_HEADER_SIZE + kept_extra)?;
+            entry.extend(self.read(strings_at, id_len + name_len)?);
+            entry[36..40].copy_from_slice(&(kept_extra as u32).to_be_bytes());
             let (parsed, _) = parse_table(&entry, 1)
                 .map_err(|c| Stop::Failed(CheckFailure::Invalid(format!("snapshot table: {c}"))))?;
-            if h.version >= 3 && extra_len < 16 {
-                incomplete.push(i);
-            }
-            offset += total;
-            table_len += total;
+            offset = strings_at + id_len + name_len;
+            table_len += SNAPSHOT_HEADER_SIZE + kept_extra + id_len + name_len;
             if table_len > MAX_SNAPSHOT_TABLE_BYTES || offset - start > i32::MAX as u64 {
-                return read_fail(
-                    self,
-                    "Snapshot table is too big".into(),
-                    format!(
-                        "You can force-remove all {} overhanging snapshots with qemu-img check \
-                         -r all",
-                        nb - i
-                    ),
+                if !self.fix.errors {
+                    return read_fail(
+                        self,
+                        "Snapshot table is too big".into(),
+                        format!(
+                            "You can force-remove all {} overhanging snapshots with qemu-img \
+                             check -r all",
+                            nb - i
+                        ),
+                    );
+                }
+                self.emit(
+                    &Finding::SnapshotsDiscarded {
+                        count: nb - i,
+                        table_too_big: true,
+                    },
+                    1,
                 );
+                reduced += u64::from(nb - i);
+                kept = i;
+                offset = entry_start;
+                break;
             }
-            if let Some(s) = parsed.into_iter().next() {
-                snaps.push(SnapInfo {
-                    l1_offset: s.l1_table_offset,
-                    l1_size: s.l1_size,
-                    id: s.id,
-                    name: s.name,
-                });
+            list.extend(parsed);
+        }
+        let nb = kept;
+        self.report.corruptions += reduced + dropped;
+        if reduced > 0 {
+            // The header must name only the snapshots kept before the refcounts are counted.
+            let write = self
+                .storage
+                .write_at(&nb.to_be_bytes(), 60)
+                .and_then(|()| self.storage.flush());
+            if let Err(e) = write {
+                self.report.check_errors += 1;
+                self.emit(
+                    &Finding::SnapshotCountUpdateFailed {
+                        reason: crate::error::strerror(&e),
+                    },
+                    1,
+                );
+                return Err(Stop::Io(Error::io("updating the snapshot count", e)));
             }
+            self.report.corruptions_fixed += reduced;
+            self.report.corruptions -= reduced;
         }
         // v3 entries without their 16 bytes of extra data, reported once the table is read.
-        for index in incomplete {
-            self.corrupt(Finding::SnapshotIncomplete { index }, 1);
+        if h.version >= 3 {
+            for (i, s) in list.iter().enumerate() {
+                if s.disk_size.is_none() {
+                    let f = Finding::SnapshotIncomplete { index: i as u32 };
+                    if self.fix.errors {
+                        self.corrupt(Finding::Repairing(Box::new(f)), 1);
+                    } else {
+                        self.corrupt(f, 1);
+                    }
+                }
+            }
         }
-        Ok((snaps, offset - start))
+        Ok(Snapshots {
+            count: nb,
+            list,
+            size: offset - start,
+        })
     }
 
     /// QEMU's `check_refcounts_l1` for a table seen `mult` times.

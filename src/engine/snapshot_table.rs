@@ -1,0 +1,98 @@
+//! Replacing the internal snapshot table (QEMU's `qcow2_write_snapshots`), as a repair does
+//! once it has dropped or completed entries.
+//!
+//! Write ordering (DESIGN §3): the new table's clusters are counted and the counts flushed
+//! before the table is written; the table is flushed before the header names it; the header
+//! (count and offset in one 12-byte write) is flushed before the old table's clusters are freed.
+//! A crash at any point leaves either the old table or the new one in use, and at worst leaks
+//! the other.
+
+use super::refcount::Refcounts;
+use crate::error::{Error, Result};
+use crate::format::header::Header;
+use crate::format::snapshot::{encode_table, Snapshot};
+use crate::format::MAX_SNAPSHOT_TABLE_BYTES;
+use crate::io::Storage;
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+/// Writes `snapshots` as the snapshot table of the image on `storage`, whose header is `header`
+/// (its refcount fields must be the ones on disk), and frees the clusters of the old table,
+/// `old_len` bytes at `old_offset` (as its walk measured them). Entries without a recorded
+/// disk size get the image's current size, as QEMU's do. Returns the new table's offset (0
+/// when there are no snapshots left).
+pub(crate) fn write_snapshot_table(
+    storage: &dyn Storage,
+    header: &Header,
+    snapshots: &[Snapshot],
+    old_offset: u64,
+    old_len: u64,
+) -> Result<u64> {
+    let table = encode_table(snapshots, header.size);
+    if table.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+        return Err(Error::Unsupported(
+            "the snapshot table would exceed 64 MiB".into(),
+        ));
+    }
+    let count = u32::try_from(snapshots.len())
+        .map_err(|_| Error::InvalidArgument("too many snapshots".into()))?;
+    let cb = header.cluster_bits;
+    let cs = header.cluster_size();
+    let mut refs = Refcounts::load(storage, header)?;
+    let mut file_end = storage
+        .len()
+        .map_err(io_err("reading image size"))?
+        .next_multiple_of(cs);
+
+    let offset = if table.is_empty() {
+        0
+    } else {
+        let clusters = (table.len() as u64).div_ceil(cs);
+        let at = refs.alloc(storage, clusters, &mut file_end)?;
+        refs.write_blocks(storage)?;
+        storage
+            .flush()
+            .map_err(io_err("flushing snapshot table refcounts"))?;
+        if refs.write_table_entries(storage)? {
+            storage.flush().map_err(io_err("flushing refcount table"))?;
+        }
+        storage
+            .write_at(&table, at)
+            .map_err(io_err("writing snapshot table"))?;
+        storage.flush().map_err(io_err("flushing snapshot table"))?;
+        at
+    };
+
+    let mut pointer = [0u8; 12];
+    pointer[..4].copy_from_slice(&count.to_be_bytes());
+    pointer[4..].copy_from_slice(&offset.to_be_bytes());
+    storage
+        .write_at(&pointer, 60)
+        .and_then(|()| storage.flush())
+        .map_err(io_err("switching snapshot table"))?;
+
+    // The old table is unreferenced now. A cluster whose count is already 0 (the repair found
+    // the table uncounted) is left alone, as QEMU's free reports and skips it.
+    if old_len > 0 {
+        let first = old_offset >> cb;
+        let last = (old_offset + old_len - 1) >> cb;
+        let mut freed = Vec::new();
+        for c in first..=last {
+            if refs.get(storage, c)? > 0 && refs.add(storage, c << cb, -1)? == 0 {
+                freed.push(c << cb);
+            }
+        }
+        refs.write_blocks(storage)?;
+        storage
+            .flush()
+            .map_err(io_err("flushing freed snapshot table"))?;
+        // Give the space back where the file system can, as QEMU discards it (best effort: the
+        // refcounts already say the clusters are free).
+        for host in freed {
+            let _ = storage.punch_hole(host, cs);
+        }
+    }
+    Ok(offset)
+}
