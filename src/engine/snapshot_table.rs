@@ -19,16 +19,20 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Writes `snapshots` as the snapshot table of the image on `storage`, whose header is `header`
-/// (its refcount fields must be the ones on disk), and frees the clusters of the old table,
-/// `old_len` bytes at `old_offset` (as its walk measured them). Entries without a recorded
-/// disk size get the image's current size, as QEMU's do. Returns the new table's offset (0
-/// when there are no snapshots left).
+/// (its refcount fields must be the ones on disk), then frees the clusters of `old`, the old
+/// table's offset and length, if its refcounts count it. Entries without a recorded disk size
+/// get the image's current size, as QEMU's do. Returns the new table's offset (0 when there are
+/// no snapshots left).
+///
+/// `avoid` is a byte range that metadata references without its refcounts saying so (regions
+/// past the end of the file, which may include the old table): the new table is never placed
+/// there, where QEMU's overlap check would refuse the write.
 pub(crate) fn write_snapshot_table(
     storage: &dyn Storage,
     header: &Header,
     snapshots: &[Snapshot],
-    old_offset: u64,
-    old_len: u64,
+    old: Option<(u64, u64)>,
+    avoid: Option<(u64, u64)>,
 ) -> Result<u64> {
     let table = encode_table(snapshots, header.size);
     if table.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
@@ -50,7 +54,25 @@ pub(crate) fn write_snapshot_table(
         0
     } else {
         let clusters = (table.len() as u64).div_ceil(cs);
-        let at = refs.alloc(storage, clusters, &mut file_end)?;
+        let mut at = refs.alloc(storage, clusters, &mut file_end)?;
+        if let Some((start, end)) = avoid.filter(|&(s, e)| at < e && s < at + clusters * cs) {
+            // Give the clusters back (only counted in memory so far) and allocate past the
+            // range, if that stays within reason.
+            for c in 0..clusters {
+                refs.add(storage, at + c * cs, -1)?;
+            }
+            let limit = file_end
+                .saturating_mul(2)
+                .max(file_end.saturating_add(1 << 30));
+            if end > limit {
+                return Err(Error::Unsupported(format!(
+                    "no room for the snapshot table: metadata references {start:#x}..{end:#x}, \
+                     past the end of the file"
+                )));
+            }
+            refs.cursor = end.div_ceil(cs);
+            at = refs.alloc(storage, clusters, &mut file_end)?;
+        }
         refs.write_blocks(storage)?;
         storage
             .flush()
@@ -73,9 +95,9 @@ pub(crate) fn write_snapshot_table(
         .and_then(|()| storage.flush())
         .map_err(io_err("switching snapshot table"))?;
 
-    // The old table is unreferenced now. A cluster whose count is already 0 (the repair found
-    // the table uncounted) is left alone, as QEMU's free reports and skips it.
-    if old_len > 0 {
+    // The old table is unreferenced now. A cluster whose count is already 0 is left alone, as
+    // QEMU's free reports and skips it.
+    if let Some((old_offset, old_len)) = old.filter(|&(_, len)| len > 0) {
         let first = old_offset >> cb;
         let last = (old_offset + old_len - 1) >> cb;
         let mut freed = Vec::new();

@@ -259,12 +259,15 @@ fn fix_snapshot_table(
         w.report.corruptions += corruptions;
         return Ok(());
     }
+    // The old table's clusters are freed only if this walk counted them.
+    let old = (header.snapshots_offset, snapshots.size);
+    let old_counted = w.is_countable(old.0, old.1);
     match write_snapshot_table(
         w.storage,
         header,
         &snapshots.list,
-        header.snapshots_offset,
-        snapshots.size,
+        old_counted.then_some(old),
+        w.uncounted,
     ) {
         Ok(_) => {
             w.report.corruptions_fixed += corruptions;

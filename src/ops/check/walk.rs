@@ -180,6 +180,10 @@ pub(super) struct Walk<'a, 'b> {
     pub(super) pending: Vec<(u64, u64)>,
     pub(super) pending_index: HashMap<u64, usize>,
     pub(super) copied_cache: HashMap<u64, CopiedSummary>,
+    /// The span (from the lowest start to the highest end) of the regions referenced but not
+    /// counted because they lie past the end of the file: free by their refcounts, yet not
+    /// free to allocate.
+    pub(super) uncounted: Option<(u64, u64)>,
 }
 
 impl<'a, 'b> Walk<'a, 'b> {
@@ -252,17 +256,27 @@ impl<'a, 'b> Walk<'a, 'b> {
         }
     }
 
+    /// Whether references to `size` bytes at `offset` are counted: not when the region ends a
+    /// cluster or more past the end of the file (QEMU reports it instead).
+    pub(super) fn is_countable(&self, offset: u64, size: u64) -> bool {
+        match offset.checked_add(size) {
+            Some(end) => offset <= i64::MAX as u64 && end < self.file_len.saturating_add(self.cs),
+            None => false,
+        }
+    }
+
     /// The counting part of [`inc`](Walk::inc); returns the past-the-end finding instead of
     /// reporting it.
     fn inc_region(&mut self, offset: u64, size: u64, mult: u64) -> Option<Finding> {
         if size == 0 || mult == 0 || size > i64::MAX as u64 {
             return None;
         }
-        let past = match offset.checked_add(size) {
-            Some(end) => offset > i64::MAX as u64 || end >= self.file_len.saturating_add(self.cs),
-            None => true,
-        };
-        if past {
+        if !self.is_countable(offset, size) {
+            let end = offset.saturating_add(size);
+            self.uncounted = Some(match self.uncounted {
+                Some((s, e)) => (s.min(offset), e.max(end)),
+                None => (offset, end),
+            });
             return Some(Finding::RegionPastEof { offset, size });
         }
         let first = offset >> self.cb;
@@ -316,6 +330,7 @@ impl<'a, 'b> Walk<'a, 'b> {
             pending: Vec::new(),
             pending_index: HashMap::new(),
             copied_cache: HashMap::new(),
+            uncounted: None,
         }
     }
 
