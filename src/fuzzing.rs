@@ -14,15 +14,17 @@ use std::sync::Arc;
 /// extents found by `block_status`, at most 256 KiB of each.
 pub fn open_and_read(data: &[u8]) {
     let storage = Arc::new(MemoryStorage::from_bytes(data.to_vec()));
-    if let Some(img) = open_small_cache(storage) {
+    if let Some(img) = open_small_cache(storage, None) {
         walk_extents(&img, 256, 256 << 10, |_, _| {});
     }
 }
 
-/// Opens `storage` read-only with a 64 KiB L2 cache.
-fn open_small_cache(storage: Arc<MemoryStorage>) -> Option<Qcow2Image> {
+/// Opens `storage` read-only with a 64 KiB L2 cache: the active image, or the internal snapshot
+/// with id `snapshot`.
+fn open_small_cache(storage: Arc<MemoryStorage>, snapshot: Option<&str>) -> Option<Qcow2Image> {
     let opts = Qcow2Options {
         l2_cache_bytes: 64 << 10,
+        snapshot: snapshot.map(|id| crate::engine::SnapshotRef::Id(id.into())),
         ..Default::default()
     };
     Qcow2Image::open(storage, &opts).ok()
@@ -61,7 +63,8 @@ fn walk_extents(
 
 /// Checks and then repairs (`check -r all`) `data` as an image held in memory. Neither may
 /// panic; the repair must not change what the guest reads: every range that read successfully
-/// before reads the same afterwards (when the image still opens). Exempt from that comparison,
+/// before, in the active image and in its first four internal snapshots, reads the same
+/// afterwards (when the image, or the snapshot, still opens). Exempt from that comparison,
 /// because repairing their metadata rewrites what the guest reads (as QEMU's repair does):
 /// images that map clusters past the end of the file (they read as zeros until a rebuilt
 /// refcount structure is placed there) and images where a cluster is referenced twice but
@@ -90,28 +93,48 @@ pub fn check_repair(data: &[u8]) {
                     | Finding::Leaked { reference: 2.., .. }
             )
         });
-    let mut before = Vec::new();
+    // What the active image and each snapshot read, by snapshot id (None: the active image).
+    let mut before: Vec<(Option<String>, Vec<(u64, Vec<u8>)>)> = Vec::new();
     // Images that do not open are still repaired; there is just nothing to compare.
     if !overlapping {
-        if let Some(img) = open_small_cache(storage.clone()) {
-            walk_extents(&img, 64, 64 << 10, |pos, bytes| {
-                before.push((pos, bytes.to_vec()))
-            });
+        if let Some(img) = open_small_cache(storage.clone(), None) {
+            let ids: Vec<String> = img.snapshots().iter().map(|s| s.id.clone()).collect();
+            before.push((None, read_view(&img)));
+            for id in ids.into_iter().take(4) {
+                if let Some(view) = open_small_cache(storage.clone(), Some(&id)) {
+                    before.push((Some(id), read_view(&view)));
+                }
+            }
         }
     }
     // The repair runs whatever the image holds; the comparison only when something was read.
     if repair(storage.as_ref(), RepairMode::All).is_err() || before.is_empty() {
         return;
     }
-    let Some(img) = open_small_cache(storage) else {
-        return;
-    };
-    for (pos, old) in before {
-        let mut now = vec![0u8; old.len()];
-        if img.read_at(&mut now, pos).is_ok() {
-            assert!(now == old, "repair changed guest data at {pos}");
+    for (id, ranges) in before {
+        // A snapshot the repair dropped (past QEMU's limits) has nothing left to compare.
+        let Some(img) = open_small_cache(storage.clone(), id.as_deref()) else {
+            continue;
+        };
+        for (pos, old) in ranges {
+            let mut now = vec![0u8; old.len()];
+            if img.read_at(&mut now, pos).is_ok() {
+                assert!(
+                    now == old,
+                    "repair changed guest data at {pos} (snapshot {id:?})"
+                );
+            }
         }
     }
+}
+
+/// The ranges a view of an image reads (see [`walk_extents`]).
+fn read_view(img: &Qcow2Image) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    walk_extents(img, 64, 64 << 10, |pos, bytes| {
+        out.push((pos, bytes.to_vec()))
+    });
+    out
 }
 
 /// Decompresses `data` (first byte picks zlib or zstd, second the cluster size) into one
