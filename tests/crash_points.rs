@@ -10,7 +10,8 @@
 //! - **Crash points**: once per write-type operation index and once per flush index, on a
 //!   [`CrashStorage`] that loses power there. From each crash, several post-crash media are
 //!   built (the flushed state plus none, all, each single one — for short unflushed sets — and
-//!   seeded random subsets of the unflushed writes, some torn at 512-byte boundaries).
+//!   seeded random subsets of the unflushed writes, some torn at 512-byte boundaries, some
+//!   reduced to a random subset of their 512-byte sectors).
 //! - **Failure points**: once per index of every kind of mutating operation (write, flush,
 //!   `set_len`, `punch_hole`), with a one-shot `EIO` and with a sticky `ENOSPC`, on a
 //!   [`FailingStorage`]. The workload goes on after the error.

@@ -12,7 +12,7 @@
 //! - **Crash points**: once per write-type operation index and once per flush index on a
 //!   [`CrashStorage`] that loses power there; several post-crash media are built from each
 //!   (none, all, each single one of the unflushed writes, seeded random subsets, some torn at
-//!   512-byte boundaries).
+//!   512-byte boundaries, some reduced to a random subset of their sectors).
 //! - **Failure points**: once per index of every kind of mutating operation, with a one-shot
 //!   `EIO` and a sticky `ENOSPC`, on a [`FailingStorage`]. The repair must return an error
 //!   (or a report with a `failure`), never panic and never report success.
