@@ -310,21 +310,52 @@ impl CrashStorage {
 
     /// A post-crash medium: the flushed state plus the unflushed operations as `choices` says,
     /// applied in their original order (`choices[i]` for the `i`-th pending operation; missing
-    /// choices are [`Choice::Drop`]).
+    /// choices are [`Choice::Drop`]), under the rule of one sector below.
+    ///
+    /// Writes that share a storage sector reach the medium in order. A sector reaches the disk
+    /// whole, from a page cache that holds every write made to it so far: after a crash it holds
+    /// what it held after some prefix of the unflushed operations that touch it, never a later
+    /// one without an earlier one. So where `choices` keep an operation's piece of a sector, the
+    /// earlier operations' pieces of that sector are applied too, whatever their choice. (For
+    /// writes of whole sectors this changes nothing: the kept later piece covers the earlier
+    /// ones. It matters for partial-sector writes: a dropped first write of bytes 0..8 and a
+    /// kept second write of bytes 8..16 of one sector leave both.) A `set_len` is applied or
+    /// not on its own.
     ///
     /// # Panics
     /// If a [`Choice::Torn`] is not one of its operation's tear points.
     pub fn crash_image(&self, choices: &[Choice]) -> Vec<u8> {
         let s = self.lock();
+        let choice = |i: usize| choices.get(i).copied().unwrap_or(Choice::Drop);
+        // Each operation's pieces, as storage sectors, and whether `choices` keep them.
+        let pieces: Vec<Vec<(u64, bool)>> = s
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let offset = op.span().map_or(0, |(o, _)| o);
+                op.pieces()
+                    .iter()
+                    .zip(op.kept_pieces(choice(i)))
+                    .map(|(p, k)| ((offset + p.start) / SECTOR, k))
+                    .collect()
+            })
+            .collect();
+        // The last operation whose piece of each sector is kept.
+        let mut last = std::collections::HashMap::new();
+        for (i, ps) in pieces.iter().enumerate() {
+            for &(sector, _) in ps.iter().filter(|p| p.1) {
+                last.insert(sector, i);
+            }
+        }
         let mut image = s.durable.clone();
-        for (op, &c) in s.pending.iter().zip(choices) {
+        for (i, op) in s.pending.iter().enumerate() {
             match op {
-                PendingOp::SetLen(_) if c != Choice::Drop => apply(&mut image, op),
+                PendingOp::SetLen(_) if choice(i) != Choice::Drop => apply(&mut image, op),
                 PendingOp::SetLen(_) => {}
-                _ => {
-                    let kept = op.kept_pieces(c);
-                    apply_pieces(&mut image, op, |i| kept[i]);
-                }
+                _ => apply_pieces(&mut image, op, |j| {
+                    last.get(&pieces[i][j].0).is_some_and(|&l| i <= l)
+                }),
             }
         }
         image
@@ -546,6 +577,24 @@ mod tests {
             .iter()
             .any(|c| c.iter().any(|c| matches!(c, Choice::Sectors(_)))));
         assert_eq!(sets, s.choice_sets(3, 16));
+    }
+
+    #[test]
+    fn writes_into_one_sector_reach_the_medium_in_order() {
+        let s = CrashStorage::new(vec![0; 1024], None);
+        s.write_at(&[1; 8], 0).unwrap();
+        s.write_at(&[2; 8], 8).unwrap();
+        s.write_at(&[3; 512], 512).unwrap();
+        s.write_at(&[4; 512], 512).unwrap();
+        // The second partial write cannot reach the medium without the first.
+        let img = s.crash_image(&[Choice::Drop, Choice::Apply]);
+        assert_eq!(&img[..16], &[[1; 8], [2; 8]].concat()[..]);
+        let img = s.crash_image(&[Choice::Apply, Choice::Drop]);
+        assert_eq!(&img[..16], &[[1; 8], [0; 8]].concat()[..]);
+        // A later whole-sector write covers an earlier one: that sector is unchanged by the rule.
+        let img = s.crash_image(&[Choice::Drop, Choice::Drop, Choice::Drop, Choice::Apply]);
+        assert_eq!(&img[..16], &[0; 16][..]);
+        assert_eq!(&img[512..], &[4; 512][..]);
     }
 
     #[test]
