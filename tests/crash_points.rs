@@ -2,7 +2,8 @@
 //!
 //! Each workload (allocating writes, copy-on-write over qcow2 and raw backing files, zero writes
 //! and discards on v3 and v2, refcount-table growth, L1 growth, resizes, lazy refcounts with the
-//! rebuild of a dirty image, compressed writes, extended L2, convert into a fresh image,
+//! rebuild of a dirty image, compressed writes, extended L2, sub-sector guest writes, convert
+//! into a fresh image,
 //! copy-on-write over clusters shared with internal snapshots, an external data file, raw or
 //! not) is a fixed list of guest operations on an image whose storage is a test double
 //! (`qcow2kit::io::testing`). It is run once to count the storage operations it makes, then:
@@ -10,7 +11,9 @@
 //! - **Crash points**: once per write-type operation index and once per flush index, on a
 //!   [`CrashStorage`] that loses power there. From each crash, several post-crash media are
 //!   built (the flushed state plus none, all, each single one — for short unflushed sets — and
-//!   seeded random subsets of the unflushed writes, some torn at 512-byte boundaries).
+//!   seeded random subsets of the unflushed writes, some torn at 512-byte boundaries, some
+//!   reduced to a random subset of their 512-byte sectors; writes into one sector reach the
+//!   medium in order, see [`CrashStorage::crash_image`]).
 //! - **Failure points**: once per index of every kind of mutating operation (write, flush,
 //!   `set_len`, `punch_hole`), with a one-shot `EIO` and with a sticky `ENOSPC`, on a
 //!   [`FailingStorage`]. The workload goes on after the error.
@@ -24,6 +27,10 @@
 //!   (or close, or resize, which flushes) makes `durable` equal `live`, so everything
 //!   acknowledged by a flush must read back exactly; between flushes each write adds its new
 //!   content to `durable`, so an unflushed write unit reads as its old or its new content;
+//!   a guest write that covers only part of a sector gives it a composite content (the old
+//!   content with those bytes replaced, one per content the sector may read before it), so
+//!   two unflushed partial writes into one sector leave it as before, with the first, or with
+//!   both — never with the second alone;
 //! - for failures: the error reaches the caller (no panic, no silently swallowed write or flush
 //!   error), the open image keeps reading what the model allows, and it either refuses later
 //!   writes or keeps working;
@@ -55,7 +62,7 @@ use qcow2kit::ops::convert::{convert_into, Qcow2ConvertOptions};
 use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateOptions};
 use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options, RawImage, SnapshotRef};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use write_helpers::{scratch, tool, K, M, QEMU_IMG};
 
 const SECTOR: u64 = 512;
@@ -65,6 +72,8 @@ const ZERO: u32 = 0;
 const BACKING: u32 = 1;
 /// Tags of the convert source's data start here.
 const SOURCE_TAGS: u32 = 1 << 28;
+/// Tags of composite contents (see [`composite`]) start here.
+const COMPOSITE_TAGS: u32 = 1 << 30;
 
 /// Debug builds run shorter workloads.
 const DEBUG: bool = cfg!(debug_assertions);
@@ -103,13 +112,73 @@ fn fill(buf: &mut [u8], first: u64, tag: impl Fn(u64) -> u32) {
     }
 }
 
+/// Fills `buf` (guest bytes from byte `off`, any alignment) with the content of `tag`: each
+/// byte as in the sector it falls in, so a partial write leaves the rest of a sector alone.
+fn fill_bytes(buf: &mut [u8], off: u64, tag: u32) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let x = off + i as u64;
+        *b = word(tag, x / SECTOR).to_be_bytes()[(x % 8) as usize];
+    }
+}
+
+/// A composite content: `under` with bytes `start..end` of the sector from `over`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Composite {
+    under: u32,
+    over: u32,
+    start: u16,
+    end: u16,
+}
+
+/// The composite contents made so far; tag `COMPOSITE_TAGS + i` is the `i`-th. Shared by the
+/// runs (interned, so a replayed workload finds its tags again).
+static COMPOSITES: Mutex<Vec<Composite>> = Mutex::new(Vec::new());
+
+/// The tag of `under` with bytes `start..end` of each sector replaced by `over`'s.
+fn composite(under: u32, over: u32, start: u64, end: u64) -> u32 {
+    if under == over {
+        return under;
+    }
+    let c = Composite {
+        under,
+        over,
+        start: start as u16,
+        end: end as u16,
+    };
+    let mut all = COMPOSITES.lock().unwrap_or_else(|e| e.into_inner());
+    let i = all.iter().position(|x| *x == c).unwrap_or_else(|| {
+        all.push(c);
+        all.len() - 1
+    });
+    COMPOSITE_TAGS + i as u32
+}
+
+/// The 512 bytes of sector `sector` with content `tag`.
+fn content(tag: u32, sector: u64) -> Vec<u8> {
+    if tag < COMPOSITE_TAGS {
+        return word(tag, sector)
+            .to_be_bytes()
+            .repeat((SECTOR / 8) as usize);
+    }
+    let c = COMPOSITES.lock().unwrap_or_else(|e| e.into_inner())[(tag - COMPOSITE_TAGS) as usize];
+    let (a, b) = (usize::from(c.start), usize::from(c.end));
+    let mut v = content(c.under, sector);
+    v[a..b].copy_from_slice(&content(c.over, sector)[a..b]);
+    v
+}
+
 /// Which of `candidates` the sector holds, if any.
 fn identify(buf: &[u8], sector: u64, candidates: &[u32]) -> Option<u32> {
     let w = u64::from_be_bytes(buf[..8].try_into().ok()?);
-    if !buf.chunks(8).all(|c| c == &w.to_be_bytes()[..c.len()]) {
-        return None;
-    }
-    candidates.iter().copied().find(|&t| word(t, sector) == w)
+    let uniform = buf.chunks(8).all(|c| c == &w.to_be_bytes()[..c.len()]);
+    let plain = candidates.iter().copied().filter(|&t| t < COMPOSITE_TAGS);
+    let mut composites = candidates.iter().copied().filter(|&t| t >= COMPOSITE_TAGS);
+    (if uniform {
+        plain.into_iter().find(|&t| word(t, sector) == w)
+    } else {
+        None
+    })
+    .or_else(|| composites.find(|&t| content(t, sector) == buf))
 }
 
 /// A word not made by any tag the model allows: report what it is, for the failure message.
@@ -163,10 +232,14 @@ impl Model {
         }
     }
 
-    /// The step completed: the open image reads its new content.
+    /// The step completed: the open image reads its new content (one of them, for a sector
+    /// listed more than once: a partial write over a sector that may read as several).
     fn commit(&mut self, effect: &[(u64, u32)]) {
+        for &(s, _) in effect {
+            self.live[s as usize].clear();
+        }
         for &(s, t) in effect {
-            self.live[s as usize] = vec![t];
+            add(&mut self.live[s as usize], t);
         }
     }
 
@@ -207,6 +280,13 @@ fn check_sectors(buf: &[u8], first: u64, sets: &[Vec<u32>]) -> Result<(), String
 #[derive(Debug, Clone)]
 enum Step {
     Write {
+        off: u64,
+        len: u64,
+        tag: u32,
+    },
+    /// A write at any byte offset and of any length: the sectors it covers only in part get
+    /// composite contents.
+    WriteBytes {
         off: u64,
         len: u64,
         tag: u32,
@@ -342,6 +422,23 @@ fn effect(step: &Step, model: &Model, source: Option<&[u32]>, cs: u64) -> Vec<(u
     };
     match *step {
         Step::Write { off, len, tag } => range(off, len, tag),
+        Step::WriteBytes { off, len, tag } => {
+            let end = off + len;
+            (off / SECTOR..end.div_ceil(SECTOR))
+                .flat_map(|s| {
+                    let a = off.max(s * SECTOR) - s * SECTOR;
+                    let b = end.min((s + 1) * SECTOR) - s * SECTOR;
+                    if b - a == SECTOR {
+                        return vec![(s, tag)];
+                    }
+                    let under = &model.live[s as usize];
+                    under
+                        .iter()
+                        .map(|&u| (s, composite(u, tag, a, b)))
+                        .collect()
+                })
+                .collect()
+        }
         Step::Zero { off, len } | Step::Discard { off, len } => range(off, len, ZERO),
         Step::Compressed { off, tag } => range(off, cs.min(model.size - off), tag),
         Step::Convert { .. } => source
@@ -424,6 +521,11 @@ fn run_step(
         Step::Write { off, len, tag } => {
             let mut buf = vec![0u8; len as usize];
             fill(&mut buf, off / SECTOR, |_| tag);
+            dev.write_at(&buf, off)
+        }
+        Step::WriteBytes { off, len, tag } => {
+            let mut buf = vec![0u8; len as usize];
+            fill_bytes(&mut buf, off, tag);
             dev.write_at(&buf, off)
         }
         Step::Zero { off, len } => dev.write_zeroes(off, len),
@@ -1223,6 +1325,84 @@ fn cow_over_raw_backing_v2() {
         BackingKind::Raw,
         6,
     ));
+}
+
+/// The header field at `offset` (big-endian, `N` bytes) before and after a clean run.
+/// Where the sub-sector workloads' setup allocates clusters (32 KiB of them).
+const SUB_SECTOR_ALLOCATED: u64 = 160 * K;
+
+/// Guest writes of odd lengths at odd offsets over an image of `size` (clusters of `cs`) whose
+/// first 128 KiB come from a backing file and whose [`SUB_SECTOR_ALLOCATED`] range is
+/// allocated: fixed ones, then `n` random ones, a flush every few.
+fn sub_sector_steps(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<Step> {
+    let w = |off: u64, len: u64, tag: u32| Step::WriteBytes { off, len, tag };
+    let at = SUB_SECTOR_ALLOCATED;
+    let mut v = vec![
+        // Over the backing file: copy-on-write of the head and tail.
+        w(7, 100, 2000),
+        // Across a cluster boundary, over the backing file.
+        w(2 * cs - 333, 777, 2001),
+        // In place over allocated clusters.
+        w(at + 1001, 4097, 2002),
+        // Two partial writes into one sector, no flush between: after a crash the sector holds
+        // neither, the first, or both (never the second alone).
+        w(at + 5000, 10, 2003),
+        w(at + 5020, 30, 2004),
+        Step::Flush,
+        // An unallocated cluster past the backing file's end (reads as zeros), one byte, then
+        // across a sector boundary of the cluster just allocated.
+        w(size - 40 * K + 3, 1, 2005),
+        w(size - 40 * K + 450, 100, 2006),
+        w(3 * cs - 2000, 4097, 2007),
+        Step::Flush,
+    ];
+    for i in 0..n {
+        let len = [1, 100, 777, 4097, 1 + rng.below(3000)][rng.below(5) as usize];
+        let off = rng.below(size - len) | 1;
+        v.push(w(off, len, 2100 + i as u32));
+        if rng.below(3) == 0 {
+            v.push(Step::Flush);
+        }
+    }
+    v
+}
+
+fn workload_sub_sector(name: &'static str, create: CreateOptions, seed: u64) -> Workload {
+    let size = 256 * K;
+    let cs = create.cluster_size;
+    Workload {
+        name,
+        create,
+        size,
+        max_size: size,
+        backing: Some((BackingKind::Qcow2, 128 * K)),
+        setup: vec![Step::Write {
+            off: SUB_SECTOR_ALLOCATED,
+            len: 32 * K,
+            tag: 999,
+        }],
+        setup_dirty: false,
+        steps: sub_sector_steps(&mut Rng(seed), size, cs, scaled(6)),
+        source: None,
+        snapshots: Vec::new(),
+        data_file: None,
+    }
+}
+
+#[test]
+fn sub_sector_writes() {
+    run(workload_sub_sector(
+        "sub_sector_writes",
+        opts(4 * K, Compat::V3),
+        8,
+    ));
+}
+
+#[test]
+fn sub_sector_writes_extended_l2() {
+    let mut o = opts(16 * K, Compat::V3);
+    o.extended_l2 = true;
+    run(workload_sub_sector("sub_sector_extended_l2", o, 9));
 }
 
 /// The header field at `offset` (big-endian, `N` bytes) before and after a clean run.

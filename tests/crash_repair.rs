@@ -6,13 +6,16 @@
 //! stale refcounts (with `-r all`, and with `-r leaks`, which must stop as qemu-img does), an
 //! internal snapshot plus a leak, compressed clusters (leaks, a host cluster's refcount 0 or
 //! one too low where two compressed clusters share it), extended L2 entries, version 2
-//! images; 512-byte to 64 KiB clusters, refcount widths 1, 16 and 64. Its guest content is read (read-only open, whole disk) before the
-//! repair, and an uninterrupted repair gives the reference outcome. Then the repair runs:
+//! images, persistent dirty bitmaps (made by qemu-img and qemu-io; leaks, a data cluster's or
+//! the bitmap table's refcount 0), a rebuild whose refcount table spans several clusters;
+//! 512-byte to 64 KiB clusters, refcount widths 1, 16 and 64. Its guest content is read
+//! (read-only open, whole disk) before the repair, and an uninterrupted repair gives the
+//! reference outcome. Then the repair runs:
 //!
 //! - **Crash points**: once per write-type operation index and once per flush index on a
 //!   [`CrashStorage`] that loses power there; several post-crash media are built from each
 //!   (none, all, each single one of the unflushed writes, seeded random subsets, some torn at
-//!   512-byte boundaries).
+//!   512-byte boundaries, some reduced to a random subset of their sectors).
 //! - **Failure points**: once per index of every kind of mutating operation, with a one-shot
 //!   `EIO` and a sticky `ENOSPC`, on a [`FailingStorage`]. The repair must return an error
 //!   (or a report with a `failure`), never panic and never report success.
@@ -27,7 +30,9 @@
 //! and that still reads the original content. One uninterrupted repair must itself leave a
 //! sound image. On a sample of points (at most 10 per case) the image is also handed to
 //! qemu-img: `check -r all`, then `check` must exit 0 and `compare` against the original raw
-//! content must find it identical.
+//! content must find it identical. An image with persistent bitmaps must keep them: every
+//! resulting image lists the same bitmap names in its bitmap directory, and on the sampled
+//! points `qemu-img info` lists them before qemu-img's repair.
 //!
 //! The suite caught these mutations of the repair (each tried and reverted): no flush between
 //! the rebuilt blocks and the header switch; the header switched before the table is written;
@@ -50,7 +55,7 @@ use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateOptions};
 use qcow2kit::{BlockDevice, Qcow2Image, Qcow2Options};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use write_helpers::{qemu_img, scratch, tool, K, QEMU_IMG};
+use write_helpers::{qemu_img, qemu_io, scratch, tool, K, M, QEMU_IMG};
 
 /// Debug builds try fewer random post-crash images and fewer qemu-img samples.
 const DEBUG: bool = cfg!(debug_assertions);
@@ -321,6 +326,45 @@ impl Raw {
         }
     }
 
+    /// The bitmap directory (offset, size) from the bitmaps header extension, if any.
+    fn bitmap_directory(&self) -> Option<(u64, u64)> {
+        let be32 = |o: u64| (self.u64_at(o) >> 32) as u32;
+        let mut at = u64::from(be32(100));
+        loop {
+            let (magic, len) = (be32(at), u64::from(be32(at + 4)));
+            match magic {
+                0 => return None,
+                0x2385_2875 => return Some((self.u64_at(at + 24), self.u64_at(at + 16))),
+                _ => at += 8 + len.next_multiple_of(8),
+            }
+        }
+    }
+
+    /// Each bitmap of the directory: its name and its bitmap table (offset, entries).
+    fn bitmaps(&self) -> Vec<(String, u64, u64)> {
+        let Some((dir, size)) = self.bitmap_directory() else {
+            return Vec::new();
+        };
+        let mut v = Vec::new();
+        let mut at = dir;
+        while at < dir + size {
+            let table = self.u64_at(at);
+            let entries = self.u64_at(at + 8) >> 32;
+            let name_len = (self.u64_at(at + 16) >> 32) as u16 as u64;
+            let extra = u64::from(self.u64_at(at + 16) as u32);
+            let name_at = (at + 24 + extra) as usize;
+            let name = String::from_utf8_lossy(&self.b[name_at..name_at + name_len as usize]);
+            v.push((name.into_owned(), table, entries));
+            at += (24 + extra + name_len).next_multiple_of(8);
+        }
+        v
+    }
+
+    /// The names of the bitmaps of the directory.
+    fn bitmap_names(&self) -> Vec<String> {
+        self.bitmaps().into_iter().map(|(n, ..)| n).collect()
+    }
+
     /// Appends a cluster of zeros with refcount 1 (a leak), if a refcount block covers it.
     fn append_leak(&mut self) -> bool {
         let n = self.clusters();
@@ -338,6 +382,35 @@ fn patched(image: &[u8], f: impl FnOnce(&mut Raw)) -> Vec<u8> {
     let mut r = Raw::parse(image.to_vec());
     f(&mut r);
     r.b
+}
+
+/// Sets the refcount of the `i`-th data cluster (in L2 order) to 0: a rebuild is needed.
+fn zero_data_refcount(r: &mut Raw, i: usize) {
+    let (_, e) = r.data_entries()[i];
+    r.set_refcount((e & OFFSET_MASK) >> r.cb, 0);
+}
+
+/// Cases `what` of `base` with `more` done and then `leaks` clusters appended with refcount 1,
+/// repaired with `RepairMode::Leaks` and with `RepairMode::All`.
+fn leak_cases(
+    shape: Shape,
+    what: &str,
+    base: &[u8],
+    leaks: usize,
+    more: impl Fn(&mut Raw),
+) -> Vec<Case> {
+    [RepairMode::Leaks, RepairMode::All]
+        .into_iter()
+        .map(|mode| {
+            let img = patched(base, |r| {
+                more(r);
+                for _ in 0..leaks {
+                    assert!(r.append_leak());
+                }
+            });
+            Case::new(shape, what, img, mode)
+        })
+        .collect()
 }
 
 /// A dirty lazy-refcounts image whose refcounts are stale: more data written and flushed
@@ -390,12 +463,15 @@ struct Case {
     /// `qemu-img check -r leaks` does on an image that needs a rebuild); prepare then checks
     /// that qemu-img fails the same way and leaves an image our check finds the same.
     expect_failure: bool,
+    /// The names of the image's persistent bitmaps, which every resulting image keeps.
+    bitmaps: Vec<String>,
 }
 
 impl Case {
     fn new(shape: Shape, what: &str, damaged: Vec<u8>, mode: RepairMode) -> Case {
         Case {
             name: format!("{}-{what}-{}", shape.name(), mode.name()),
+            bitmaps: Raw::parse(damaged.clone()).bitmap_names(),
             damaged,
             mode,
             qemu_repairs: true,
@@ -569,6 +645,15 @@ fn qemu_judge(bytes: &[u8], p: &Prepared) -> Result<(), String> {
     };
     std::fs::write(d.join("img.qcow2"), bytes).map_err(|e| e.to_string())?;
     std::fs::write(d.join("orig.raw"), &p.content).map_err(|e| e.to_string())?;
+    if !p.case.bitmaps.is_empty() {
+        let names = qemu_bitmap_names(d)?;
+        if names != p.case.bitmaps {
+            return Err(format!(
+                "qemu-img info lists bitmaps {names:?}, not {:?}",
+                p.case.bitmaps
+            ));
+        }
+    }
     let r = tool(
         QEMU_IMG,
         &["check", "-r", "all", "-f", "qcow2", "img.qcow2"],
@@ -598,6 +683,25 @@ fn qemu_judge(bytes: &[u8], p: &Prepared) -> Result<(), String> {
         return Err(format!("qemu-img compare with the original content: {m}"));
     }
     Ok(())
+}
+
+/// The bitmap names `qemu-img info` lists for `img.qcow2` in `d`.
+fn qemu_bitmap_names(d: &std::path::Path) -> Result<Vec<String>, String> {
+    let o = tool(
+        QEMU_IMG,
+        &["info", "--output", "json", "-f", "qcow2", "img.qcow2"],
+        d,
+    );
+    if o.code != 0 {
+        return Err(format!("qemu-img info: {o}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).map_err(|e| e.to_string())?;
+    let list = v["format-specific"]["data"]["bitmaps"].as_array().cloned();
+    Ok(list
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|b| b["name"].as_str().map(String::from))
+        .collect())
 }
 
 /// Corruptions and check errors, but for wrong COPIED flags on clusters whose refcount is
@@ -635,6 +739,10 @@ fn judge(bytes: Vec<u8>, p: &Prepared, qemu: bool) -> Result<(), String> {
     let got = guest_content(bytes.clone())?;
     if got != p.content {
         return Err(first_difference(&got, &p.content));
+    }
+    let names = Raw::parse(bytes.clone()).bitmap_names();
+    if names != p.case.bitmaps {
+        return Err(format!("bitmaps {names:?} instead of {:?}", p.case.bitmaps));
     }
     // The repair never adds damage: no more corruptions and check errors than the damaged
     // image had (unless it is marked corrupt or dirty, which warns whoever opens it), and the
@@ -796,6 +904,12 @@ const SHAPES: [Shape; 6] = [
         refcount_bits: 64,
     },
 ];
+
+/// 4 KiB clusters with 16-bit refcounts (besides [`SHAPES`]).
+const SHAPE_4K: Shape = Shape {
+    cluster_size: 4 * K,
+    refcount_bits: 16,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The cases.
@@ -990,10 +1104,7 @@ fn dirty_lazy_refcounts_leaks() {
 fn compressed_clusters() {
     let mut cases = Vec::new();
     for shape in [
-        Shape {
-            cluster_size: 4 * K,
-            refcount_bits: 16,
-        },
+        SHAPE_4K,
         Shape {
             cluster_size: 64 * K,
             refcount_bits: 64,
@@ -1051,19 +1162,8 @@ fn extended_l2() {
     };
     let base = image_with(shape, &opts, |_| ());
     assert_eq!(Raw::parse(base.clone()).l2_entry, 16);
-    let mut cases = Vec::new();
-    for mode in [RepairMode::Leaks, RepairMode::All] {
-        let img = patched(&base, |r| {
-            for _ in 0..3 {
-                assert!(r.append_leak());
-            }
-        });
-        cases.push(Case::new(shape, "xl2-leaks", img, mode));
-    }
-    let img = patched(&base, |r| {
-        let (_, e) = r.data_entries()[1];
-        r.set_refcount((e & OFFSET_MASK) >> r.cb, 0);
-    });
+    let mut cases = leak_cases(shape, "xl2-leaks", &base, 3, |_| ());
+    let img = patched(&base, |r| zero_data_refcount(r, 1));
     cases.push(Case::new(shape, "xl2-rc0", img, RepairMode::All));
     let img = patched(&base, |r| {
         let (a, e) = r.data_entries()[0];
@@ -1110,5 +1210,116 @@ fn version_2() {
         });
         cases.push(Case::new(shape, "v2-copied-cleared", img, RepairMode::All));
     }
+    run_cases(cases);
+}
+
+/// An image of `shape` with two persistent dirty bitmaps, made by qemu-img and qemu-io: data
+/// written, the bitmaps added, more data written (so that the bitmaps have data clusters),
+/// closed.
+fn bitmap_image(shape: Shape) -> Vec<u8> {
+    let dir = scratch();
+    let d = dir.path();
+    let size = shape.size().to_string();
+    let o = format!(
+        "cluster_size={},refcount_bits={}",
+        shape.cluster_size, shape.refcount_bits
+    );
+    qemu_img(&["create", "-f", "qcow2", "-o", &o, "b.qcow2", &size], d);
+    qemu_io(&["-c", "write -P 1 0 20k", "b.qcow2"], d);
+    for name in ["b0", "b1"] {
+        qemu_img(&["bitmap", "--add", "-g", "4096", "b.qcow2", name], d);
+    }
+    qemu_io(
+        &[
+            "-c",
+            "write -P 2 24k 16k",
+            "-c",
+            "write -P 3 60k 4k",
+            "b.qcow2",
+        ],
+        d,
+    );
+    std::fs::read(d.join("b.qcow2")).expect("read image")
+}
+
+/// (k) Persistent dirty bitmaps (two, with data; 4 KiB clusters with 16-bit refcounts, and
+/// 512-byte clusters with 64-bit refcounts, several refcount blocks): leaks; a data cluster's
+/// refcount 0 and the first bitmap table's refcount 0 (rebuilds, which must count the bitmap
+/// directory, tables and data). Every resulting image keeps both bitmaps.
+#[test]
+fn persistent_bitmaps() {
+    let mut cases = Vec::new();
+    for shape in [SHAPE_4K, SHAPES[2]] {
+        let base = bitmap_image(shape);
+        let raw = Raw::parse(base.clone());
+        let bitmaps = raw.bitmaps();
+        assert_eq!(raw.bitmap_names(), ["b0", "b1"]);
+        let table = bitmaps[0].1;
+        assert!(
+            bitmaps
+                .iter()
+                .any(|&(_, t, n)| n > 0 && raw.u64_at(t) & OFFSET_MASK != 0),
+            "no bitmap data cluster: {bitmaps:?}"
+        );
+        cases.extend(leak_cases(shape, "bitmap-leaks", &base, 2, |r| {
+            let n = r.clusters();
+            for c in [0, n - 1] {
+                r.set_refcount(c, 2);
+            }
+        }));
+        let img = patched(&base, |r| {
+            zero_data_refcount(r, 1);
+            assert!(r.append_leak());
+        });
+        cases.push(Case::new(shape, "bitmap-data-rc0", img, RepairMode::All));
+        let img = patched(&base, |r| r.set_refcount(table >> r.cb, 0));
+        cases.push(Case::new(shape, "bitmap-table-rc0", img, RepairMode::All));
+    }
+    run_cases(cases);
+}
+
+/// (l) A rebuild whose refcount table spans several clusters: 512-byte clusters with 64-bit
+/// refcounts (a block covers 64 clusters, a table cluster 64 blocks, i.e. 2 MiB of file), the
+/// whole 2.25 MiB disk written, so the file needs a table of two clusters or more; a data
+/// cluster's refcount 0 and a block pointer lost in the table's second cluster force the
+/// rebuild.
+#[test]
+fn rebuild_with_a_multi_cluster_refcount_table() {
+    let shape = Shape {
+        cluster_size: 512,
+        refcount_bits: 64,
+    };
+    let size = 2 * M + 256 * K;
+    let mem = Arc::new(MemoryStorage::new());
+    let img = create_qcow2_on(mem.clone(), None, size, &shape.create(false)).expect("create");
+    img.write_at(&random_bytes(size as usize, 11), 0)
+        .expect("write");
+    img.close().expect("close");
+    drop(img);
+    let base = mem.to_bytes();
+    let table_clusters = u32::from_be_bytes(base[56..60].try_into().unwrap());
+    assert!(
+        table_clusters >= 2,
+        "refcount table of {table_clusters} cluster(s)"
+    );
+    let mut cases = Vec::new();
+    let img = patched(&base, |r| zero_data_refcount(r, r.data_entries().len() / 2));
+    // The rebuild writes a new table, of more than one cluster too.
+    let mem = MemoryStorage::from_bytes(img.clone());
+    repair(&mem, RepairMode::All).expect("repair");
+    let rebuilt = Raw::parse(mem.to_bytes());
+    let rebuilt_clusters = u32::from_be_bytes(rebuilt.b[56..60].try_into().unwrap());
+    assert_ne!(rebuilt.rt_off, Raw::parse(img.clone()).rt_off, "no rebuild");
+    assert!(
+        rebuilt_clusters >= 2,
+        "rebuilt table of {rebuilt_clusters} cluster(s)"
+    );
+    cases.push(Case::new(shape, "rt2-rc0", img, RepairMode::All));
+    let img = patched(&base, |r| {
+        let at = r.rt_off + r.cs + 8;
+        assert_ne!(r.u64_at(at), 0, "no block in the table's second cluster");
+        r.put_u64(at, 0);
+    });
+    cases.push(Case::new(shape, "rt2-block-lost", img, RepairMode::All));
     run_cases(cases);
 }

@@ -3,6 +3,7 @@
 use super::{crashed, OpCounts, OpKind, SplitMix};
 use crate::io::Storage;
 use std::io;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Granularity of torn writes: a sector either reached the medium or did not.
@@ -46,13 +47,20 @@ pub enum PendingOp {
 }
 
 impl PendingOp {
+    /// Where the operation lands and how many bytes it covers; `None` for `set_len`.
+    fn span(&self) -> Option<(u64, u64)> {
+        match self {
+            PendingOp::Write { offset, data } => Some((*offset, data.len() as u64)),
+            PendingOp::PunchHole { offset, len } => Some((*offset, *len)),
+            PendingOp::SetLen(_) => None,
+        }
+    }
+
     /// Byte counts at which the operation can be torn: prefixes that end on a 512-byte
     /// boundary of the storage, strictly inside the operation. Empty for `set_len`.
     pub fn tear_points(&self) -> Vec<u64> {
-        let (offset, len) = match self {
-            PendingOp::Write { offset, data } => (*offset, data.len() as u64),
-            PendingOp::PunchHole { offset, len } => (*offset, *len),
-            PendingOp::SetLen(_) => return Vec::new(),
+        let Some((offset, len)) = self.span() else {
+            return Vec::new();
         };
         let mut v = Vec::new();
         let mut b = (offset / SECTOR + 1) * SECTOR;
@@ -62,9 +70,62 @@ impl PendingOp {
         }
         v
     }
+
+    /// The operation cut at the 512-byte boundaries of the storage: one byte range (relative
+    /// to the operation's start) per storage sector it touches, in order. Each is the unit a
+    /// disk persists or loses whole. Empty for `set_len` and for empty operations.
+    pub fn pieces(&self) -> Vec<Range<u64>> {
+        let Some((_, len)) = self.span() else {
+            return Vec::new();
+        };
+        let mut start = 0;
+        let mut v = Vec::new();
+        for end in self.tear_points().into_iter().chain([len]) {
+            if end > start {
+                v.push(start..end);
+            }
+            start = end;
+        }
+        v
+    }
+
+    /// Which of [`pieces`](Self::pieces) reach the medium under `choice`.
+    ///
+    /// # Panics
+    /// If `choice` is a [`Choice::Torn`] that is not one of [`tear_points`](Self::tear_points).
+    pub fn kept_pieces(&self, choice: Choice) -> Vec<bool> {
+        let pieces = self.pieces();
+        match choice {
+            Choice::Drop => vec![false; pieces.len()],
+            Choice::Apply => vec![true; pieces.len()],
+            Choice::Torn(n) => {
+                assert!(
+                    self.tear_points().contains(&n),
+                    "{n} is not a tear point of {self:?}"
+                );
+                pieces.iter().map(|p| p.end <= n).collect()
+            }
+            Choice::Sectors(seed) => {
+                let mut rng = SplitMix::new(seed);
+                let mut bits = 0;
+                (0..pieces.len())
+                    .map(|i| {
+                        if i % 64 == 0 {
+                            bits = rng.next_u64();
+                        }
+                        bits >> (i % 64) & 1 == 1
+                    })
+                    .collect()
+            }
+        }
+    }
 }
 
 /// What a post-crash image keeps of one unflushed operation.
+///
+/// A disk persists each 512-byte sector whole or not at all, but of a multi-sector write it may
+/// persist any subset of the sectors ([`Sectors`](Self::Sectors)), not only a prefix
+/// ([`Torn`](Self::Torn)). For `set_len`, every choice but [`Drop`](Self::Drop) applies it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Choice {
     /// Lost.
@@ -74,6 +135,12 @@ pub enum Choice {
     /// Only its first this-many bytes reached the medium (one of
     /// [`PendingOp::tear_points`]).
     Torn(u64),
+    /// The subset of its [`pieces`](PendingOp::pieces) (one per storage sector) drawn from this
+    /// seed reached the medium: piece `i` did if bit `i % 64` of the `i / 64`-th output of
+    /// [`SplitMix::new(seed)`](SplitMix::new) is set. A seed rather than a bitmask, so that
+    /// the choice stays `Copy` and small for operations of any length;
+    /// [`PendingOp::kept_pieces`] tells which pieces a seed keeps.
+    Sectors(u64),
 }
 
 /// The medium of one storage.
@@ -112,41 +179,57 @@ pub struct CrashStorage {
     state: Mutex<State>,
 }
 
-fn apply(image: &mut Vec<u8>, op: &PendingOp, choice: Choice) {
-    let keep = |len: u64| match choice {
-        Choice::Drop => 0,
-        Choice::Apply => len,
-        Choice::Torn(n) => {
-            assert!(
-                op.tear_points().contains(&n),
-                "{n} is not a tear point of {op:?}"
-            );
-            n
-        }
-    };
+/// Applies the bytes `r` (relative to the operation's start) of a write or a hole punch.
+fn apply_range(image: &mut Vec<u8>, op: &PendingOp, r: Range<u64>) {
     match op {
         PendingOp::Write { offset, data } => {
-            let n = keep(data.len() as u64) as usize;
-            if n == 0 {
+            if r.is_empty() {
                 return;
             }
-            let start = *offset as usize;
-            if image.len() < start + n {
-                image.resize(start + n, 0);
+            let start = (offset + r.start) as usize;
+            let end = (offset + r.end) as usize;
+            if image.len() < end {
+                image.resize(end, 0);
             }
-            image[start..start + n].copy_from_slice(&data[..n]);
+            image[start..end].copy_from_slice(&data[r.start as usize..r.end as usize]);
         }
-        PendingOp::SetLen(len) => {
-            if choice != Choice::Drop {
-                image.resize(*len as usize, 0);
+        PendingOp::PunchHole { offset, .. } => {
+            let end = offset.saturating_add(r.end).min(image.len() as u64);
+            let start = offset.saturating_add(r.start).min(end);
+            image[start as usize..end as usize].fill(0);
+        }
+        PendingOp::SetLen(_) => {}
+    }
+}
+
+/// Applies `op` whole.
+fn apply(image: &mut Vec<u8>, op: &PendingOp) {
+    match op {
+        PendingOp::SetLen(len) => image.resize(*len as usize, 0),
+        _ => {
+            if let Some((_, len)) = op.span() {
+                apply_range(image, op, 0..len);
             }
         }
-        PendingOp::PunchHole { offset, len } => {
-            let n = keep(*len);
-            let end = offset.saturating_add(n).min(image.len() as u64) as usize;
-            let start = (*offset).min(end as u64) as usize;
-            image[start..end].fill(0);
+    }
+}
+
+/// Applies the pieces of `op` for which `keep` holds, consecutive ones in one copy.
+fn apply_pieces(image: &mut Vec<u8>, op: &PendingOp, keep: impl Fn(usize) -> bool) {
+    let mut run: Option<Range<u64>> = None;
+    for (i, p) in op.pieces().into_iter().enumerate() {
+        if !keep(i) {
+            if let Some(r) = run.take() {
+                apply_range(image, op, r);
+            }
+        } else if let Some(r) = &mut run {
+            r.end = p.end;
+        } else {
+            run = Some(p);
         }
+    }
+    if let Some(r) = run {
+        apply_range(image, op, r);
     }
 }
 
@@ -227,23 +310,64 @@ impl CrashStorage {
 
     /// A post-crash medium: the flushed state plus the unflushed operations as `choices` says,
     /// applied in their original order (`choices[i]` for the `i`-th pending operation; missing
-    /// choices are [`Choice::Drop`]).
+    /// choices are [`Choice::Drop`]), under the rule of one sector below.
+    ///
+    /// Writes that share a storage sector reach the medium in order. A sector reaches the disk
+    /// whole, from a page cache that holds every write made to it so far: after a crash it holds
+    /// what it held after some prefix of the unflushed operations that touch it, never a later
+    /// one without an earlier one. So where `choices` keep an operation's piece of a sector, the
+    /// earlier operations' pieces of that sector are applied too, whatever their choice. (For
+    /// writes of whole sectors this changes nothing: the kept later piece covers the earlier
+    /// ones. It matters for partial-sector writes: a dropped first write of bytes 0..8 and a
+    /// kept second write of bytes 8..16 of one sector leave both.) A `set_len` is applied or
+    /// not on its own.
     ///
     /// # Panics
     /// If a [`Choice::Torn`] is not one of its operation's tear points.
     pub fn crash_image(&self, choices: &[Choice]) -> Vec<u8> {
         let s = self.lock();
+        let choice = |i: usize| choices.get(i).copied().unwrap_or(Choice::Drop);
+        // Each operation's pieces, as storage sectors, and whether `choices` keep them.
+        let pieces: Vec<Vec<(u64, bool)>> = s
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let offset = op.span().map_or(0, |(o, _)| o);
+                op.pieces()
+                    .iter()
+                    .zip(op.kept_pieces(choice(i)))
+                    .map(|(p, k)| ((offset + p.start) / SECTOR, k))
+                    .collect()
+            })
+            .collect();
+        // The last operation whose piece of each sector is kept.
+        let mut last = std::collections::HashMap::new();
+        for (i, ps) in pieces.iter().enumerate() {
+            for &(sector, _) in ps.iter().filter(|p| p.1) {
+                last.insert(sector, i);
+            }
+        }
         let mut image = s.durable.clone();
-        for (op, c) in s.pending.iter().zip(choices) {
-            apply(&mut image, op, *c);
+        for (i, op) in s.pending.iter().enumerate() {
+            match op {
+                PendingOp::SetLen(_) if choice(i) != Choice::Drop => apply(&mut image, op),
+                PendingOp::SetLen(_) => {}
+                _ => apply_pieces(&mut image, op, |j| {
+                    last.get(&pieces[i][j].0).is_some_and(|&l| i <= l)
+                }),
+            }
         }
         image
     }
 
     /// Deterministic sets of choices worth trying: none of the unflushed operations, all of
-    /// them, all with the last one torn; for at most 8 unflushed operations each one alone
-    /// (and each tearable one alone and torn); then `random` sets drawn from `seed`, where each
-    /// operation is dropped, applied or torn at a random sector boundary. Duplicates removed.
+    /// them, all with the last one torn, all with the last one reduced to a random subset of
+    /// its sectors; for at most 8 unflushed operations each one alone (and each tearable one
+    /// alone and torn); then `random` sets drawn from `seed`, where each operation is dropped,
+    /// applied, torn at a random sector boundary or reduced to a random subset of its sectors
+    /// ([`Choice::Sectors`]; the last two only for operations over more than one sector).
+    /// Duplicates removed.
     pub fn choice_sets(&self, seed: u64, random: usize) -> Vec<Vec<Choice>> {
         let pending = self.pending();
         let n = pending.len();
@@ -254,6 +378,8 @@ impl CrashStorage {
         if let Some(t) = tears.last().filter(|t| !t.is_empty()) {
             let mut s = vec![Choice::Apply; n];
             s[n - 1] = Choice::Torn(pick(t, &mut rng));
+            sets.push(s.clone());
+            s[n - 1] = Choice::Sectors(rng.next_u64());
             sets.push(s);
         }
         if n <= SMALL_SET {
@@ -270,11 +396,12 @@ impl CrashStorage {
         for _ in 0..random {
             let s = tears
                 .iter()
-                .map(|t| match rng.below(3) {
+                .map(|t| match rng.below(4) {
                     0 => Choice::Drop,
                     1 => Choice::Apply,
                     _ if t.is_empty() => Choice::Apply,
-                    _ => Choice::Torn(pick(t, &mut rng)),
+                    2 => Choice::Torn(pick(t, &mut rng)),
+                    _ => Choice::Sectors(rng.next_u64()),
                 })
                 .collect();
             sets.push(s);
@@ -298,7 +425,7 @@ impl CrashStorage {
             s.pending.push(op);
             return Err(crashed());
         }
-        apply(&mut s.live, &op, Choice::Apply);
+        apply(&mut s.live, &op);
         s.pending.push(op);
         Ok(())
     }
@@ -352,7 +479,7 @@ impl Storage for CrashStorage {
         let mut s = self.lock();
         let pending = std::mem::take(&mut s.pending);
         for op in &pending {
-            apply(&mut s.durable, op, Choice::Apply);
+            apply(&mut s.durable, op);
         }
         Ok(())
     }
@@ -413,6 +540,61 @@ mod tests {
         let img = s.crash_image(&[Choice::Apply, Choice::Torn(412)]);
         assert_eq!(img.len(), 512);
         assert_eq!(s.counts().writes, 2);
+    }
+
+    #[test]
+    fn a_write_can_persist_any_subset_of_its_sectors() {
+        let s = CrashStorage::new(vec![0; 2048], None);
+        // Four pieces: 412 bytes up to the first boundary, two whole sectors, 100 bytes.
+        s.write_at(&[7; 1536], 100).unwrap();
+        let op = &s.pending()[0];
+        assert_eq!(op.pieces(), vec![0..412, 412..924, 924..1436, 1436..1536]);
+        // A seed that keeps a subset no prefix tear can: the second and fourth pieces only.
+        let seed = (0..)
+            .find(|&seed| op.kept_pieces(Choice::Sectors(seed)) == [false, true, false, true])
+            .unwrap();
+        let img = s.crash_image(&[Choice::Sectors(seed)]);
+        let mut want = vec![0u8; 2048];
+        want[512..1024].fill(7);
+        want[1536..1636].fill(7);
+        assert_eq!(img, want);
+        assert_eq!(
+            op.kept_pieces(Choice::Torn(924)),
+            [true, true, false, false]
+        );
+        // Pieces past the 64th draw further bits of the same seed.
+        let long = PendingOp::PunchHole {
+            offset: 0,
+            len: 100 * SECTOR,
+        };
+        let kept = long.kept_pieces(Choice::Sectors(seed));
+        assert_eq!(kept.len(), 100);
+        assert_eq!(kept, long.kept_pieces(Choice::Sectors(seed)));
+        // Random choice sets scatter some operations over their sectors, deterministically.
+        s.write_at(&[8; 1024], 0).unwrap();
+        let sets = s.choice_sets(3, 16);
+        assert!(sets
+            .iter()
+            .any(|c| c.iter().any(|c| matches!(c, Choice::Sectors(_)))));
+        assert_eq!(sets, s.choice_sets(3, 16));
+    }
+
+    #[test]
+    fn writes_into_one_sector_reach_the_medium_in_order() {
+        let s = CrashStorage::new(vec![0; 1024], None);
+        s.write_at(&[1; 8], 0).unwrap();
+        s.write_at(&[2; 8], 8).unwrap();
+        s.write_at(&[3; 512], 512).unwrap();
+        s.write_at(&[4; 512], 512).unwrap();
+        // The second partial write cannot reach the medium without the first.
+        let img = s.crash_image(&[Choice::Drop, Choice::Apply]);
+        assert_eq!(&img[..16], &[[1; 8], [2; 8]].concat()[..]);
+        let img = s.crash_image(&[Choice::Apply, Choice::Drop]);
+        assert_eq!(&img[..16], &[[1; 8], [0; 8]].concat()[..]);
+        // A later whole-sector write covers an earlier one: that sector is unchanged by the rule.
+        let img = s.crash_image(&[Choice::Drop, Choice::Drop, Choice::Drop, Choice::Apply]);
+        assert_eq!(&img[..16], &[0; 16][..]);
+        assert_eq!(&img[512..], &[4; 512][..]);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!   would: the state as of the last completed flush, plus the writes, truncations and hole
 //!   punches made since. At a chosen [`CrashPoint`] it freezes (every later mutation and flush
 //!   fails) and produces post-crash images: the flushed state plus any subset of the unflushed
-//!   operations, each optionally torn at a 512-byte boundary
-//!   ([`CrashStorage::crash_image`], [`CrashStorage::choice_sets`]). Storages made with
+//!   operations, each whole, torn at a 512-byte boundary, or reduced to any subset of its
+//!   512-byte sectors ([`CrashStorage::crash_image`], [`CrashStorage::choice_sets`]). Storages made with
 //!   [`CrashStorage::sibling`] share one power supply (operation indices and the crash) but
 //!   flush separately, like two files on one machine: an image and its external data file.
 //!
