@@ -94,7 +94,7 @@ pub fn check_repair(data: &[u8]) {
             )
         });
     // What the active image and each snapshot read, by snapshot id (None: the active image).
-    let mut before: Vec<(Option<String>, Vec<(u64, Vec<u8>)>)> = Vec::new();
+    let mut before: Vec<(Option<String>, Reads)> = Vec::new();
     // Images that do not open are still repaired; there is just nothing to compare.
     if !overlapping {
         if let Some(img) = open_small_cache(storage.clone(), None) {
@@ -128,8 +128,11 @@ pub fn check_repair(data: &[u8]) {
     }
 }
 
+/// Guest offsets and the bytes read there.
+type Reads = Vec<(u64, Vec<u8>)>;
+
 /// The ranges a view of an image reads (see [`walk_extents`]).
-fn read_view(img: &Qcow2Image) -> Vec<(u64, Vec<u8>)> {
+fn read_view(img: &Qcow2Image) -> Reads {
     let mut out = Vec::new();
     walk_extents(img, 64, 64 << 10, |pos, bytes| {
         out.push((pos, bytes.to_vec()))

@@ -1,9 +1,10 @@
 //! Replacing the internal snapshot table (QEMU's `qcow2_write_snapshots`), as a repair does
 //! once it has dropped or completed entries.
 //!
-//! Write ordering (DESIGN §3): the new table's clusters are counted and the counts flushed
-//! before the table is written; the table is flushed before the header names it; the header
-//! (count and offset in one 12-byte write) is flushed before the old table's clusters are freed.
+//! Write ordering (DESIGN §3): the new table is written into free clusters and flushed, then
+//! counted and the counts flushed, before the header names it; the header (count and offset in
+//! one 12-byte write) is flushed before the old table's clusters are freed (not punched: a
+//! repair leaves freed space in place, as elsewhere).
 //! A crash at any point leaves either the old table or the new one in use, and at worst leaks
 //! the other.
 
@@ -73,6 +74,13 @@ pub(crate) fn write_snapshot_table(
             refs.cursor = end.div_ceil(cs);
             at = refs.alloc(storage, clusters, &mut file_end)?;
         }
+        // The table goes to disk before its clusters are counted: nothing references them
+        // yet, and a count must never reach the disk for a cluster past the end of the file
+        // (a check cannot see it there, so a crash would leave a leak no repair frees).
+        storage
+            .write_at(&table, at)
+            .map_err(io_err("writing snapshot table"))?;
+        storage.flush().map_err(io_err("flushing snapshot table"))?;
         refs.write_blocks(storage)?;
         storage
             .flush()
@@ -80,10 +88,6 @@ pub(crate) fn write_snapshot_table(
         if refs.write_table_entries(storage)? {
             storage.flush().map_err(io_err("flushing refcount table"))?;
         }
-        storage
-            .write_at(&table, at)
-            .map_err(io_err("writing snapshot table"))?;
-        storage.flush().map_err(io_err("flushing snapshot table"))?;
         at
     };
 
@@ -100,21 +104,15 @@ pub(crate) fn write_snapshot_table(
     if let Some((old_offset, old_len)) = old.filter(|&(_, len)| len > 0) {
         let first = old_offset >> cb;
         let last = (old_offset + old_len - 1) >> cb;
-        let mut freed = Vec::new();
         for c in first..=last {
-            if refs.get(storage, c)? > 0 && refs.add(storage, c << cb, -1)? == 0 {
-                freed.push(c << cb);
+            if refs.get(storage, c)? > 0 {
+                refs.add(storage, c << cb, -1)?;
             }
         }
         refs.write_blocks(storage)?;
         storage
             .flush()
             .map_err(io_err("flushing freed snapshot table"))?;
-        // Give the space back where the file system can, as QEMU discards it (best effort: the
-        // refcounts already say the clusters are free).
-        for host in freed {
-            let _ = storage.punch_hole(host, cs);
-        }
     }
     Ok(offset)
 }
