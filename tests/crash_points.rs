@@ -933,23 +933,28 @@ enum Target {
 /// Counts the storage operations of one clean run: of both storages together (the crash
 /// points), and of each one (the failure points).
 fn count_ops(w: &Workload, p: &Prepared) -> (OpCounts, OpCounts, OpCounts) {
+    // One run of the workload on `media` that must see no error; returns its model.
+    let clean_run = |media: Media| {
+        let mut model = p.model.clone();
+        let out = run_steps(
+            media,
+            &w.steps,
+            &mut model,
+            p,
+            true,
+            false,
+            &mut DropProbe::none(),
+        );
+        assert!(
+            out.errors.is_empty(),
+            "{}: clean run: {:?}",
+            w.name,
+            out.errors
+        );
+        model
+    };
     let (s, d, media) = crash_media(p, None);
-    let mut model = p.model.clone();
-    let out = run_steps(
-        media,
-        &w.steps,
-        &mut model,
-        p,
-        true,
-        false,
-        &mut DropProbe::none(),
-    );
-    assert!(
-        out.errors.is_empty(),
-        "{}: clean run: {:?}",
-        w.name,
-        out.errors
-    );
+    let model = clean_run(media);
     // The clean run's result is itself judged (everything flushed: exact).
     judge(durable(&s, &d), &model, p, w, true)
         .unwrap_or_else(|e| panic!("{}: clean run: {e}", w.name));
@@ -962,23 +967,10 @@ fn count_ops(w: &Workload, p: &Prepared) -> (OpCounts, OpCounts, OpCounts) {
         .data_initial
         .clone()
         .map(|b| Arc::new(FailingStorage::new(Arc::new(MemoryStorage::from_bytes(b)))));
-    let mut model = p.model.clone();
-    let media = Media::new(fs.clone(), fd.clone().map(|d| d as Arc<dyn Storage>));
-    let out = run_steps(
-        media,
-        &w.steps,
-        &mut model,
-        p,
-        true,
-        false,
-        &mut DropProbe::none(),
-    );
-    assert!(
-        out.errors.is_empty(),
-        "{}: clean run: {:?}",
-        w.name,
-        out.errors
-    );
+    clean_run(Media::new(
+        fs.clone(),
+        fd.clone().map(|d| d as Arc<dyn Storage>),
+    ));
     let data = fd.map_or_else(OpCounts::default, |d| d.counts());
     (total, fs.counts(), data)
 }
