@@ -534,10 +534,8 @@ impl<'a, 'b> Walk<'a, 'b> {
     /// With [`Fix::errors`], what cannot be kept is dropped as QEMU drops it: snapshots past the
     /// 65 536th or past the 64 MiB table limit (the header's count is lowered at once, which
     /// leaks their clusters for the refcount repair to free), and extra data past 1 KiB
-    /// (truncated in memory; the table is rewritten by [`rewrite_snapshot_table`] after the
-    /// refcount repair, together with v3 entries lacking their 16 bytes of extra data).
-    ///
-    /// [`rewrite_snapshot_table`]: super::repair
+    /// (truncated in memory; the repair writes the table anew after the refcount repair,
+    /// together with v3 entries lacking their 16 bytes of extra data).
     fn read_snapshot_table(&mut self, h: &Header) -> Step<Snapshots> {
         let mut nb = h.nb_snapshots;
         let start = h.snapshots_offset;
@@ -623,7 +621,9 @@ impl<'a, 'b> Walk<'a, 'b> {
             };
             let (extra_len, kept_extra) = (u64::from(extra_len), u64::from(kept_extra));
             let strings_at = offset + SNAPSHOT_HEADER_SIZE + extra_len;
-            let mut entry = self.read(offset, SNAPSHOT_HEADER_SIZE + kept_extra)?;
+            // The fixed part as read, then the extra data kept, then the id and name.
+            let mut entry = fixed;
+            entry.extend(self.read(offset + SNAPSHOT_HEADER_SIZE, kept_extra)?);
             entry.extend(self.read(strings_at, id_len + name_len)?);
             entry[36..40].copy_from_slice(&(kept_extra as u32).to_be_bytes());
             let (parsed, _) = parse_table(&entry, 1)
