@@ -186,6 +186,11 @@ pub enum Corruption {
     },
     /// The image is marked corrupt (incompatible bit 1) and cannot be opened writable.
     MarkedCorrupt,
+    /// Metadata found inconsistent while the image was in use for writing (a write would have
+    /// landed on metadata, an entry points into metadata, a refcount block is misaligned, …):
+    /// the request was refused and the image marked corrupt, as QEMU's corruption events do.
+    /// The message is QEMU's wording where QEMU has one.
+    Inconsistent(String),
 }
 
 impl fmt::Display for Corruption {
@@ -247,6 +252,7 @@ impl fmt::Display for Corruption {
                     "image is marked corrupt and cannot be opened for writing"
                 )
             }
+            Corruption::Inconsistent(message) => f.write_str(message),
         }
     }
 }

@@ -62,9 +62,6 @@ impl Hasher for IntHasher {
 /// A hash map keyed by integers, with [`IntHasher`].
 pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
-/// A set of host offsets.
-pub(crate) type OffsetSet = IntMap<u64, ()>;
-
 /// Writer-side bookkeeping of one slot.
 struct Link {
     /// Host offset of the slice held, or [`NO_KEY`] for an emptied slot.

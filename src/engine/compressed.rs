@@ -18,6 +18,10 @@ impl Qcow2Image {
     /// content: a whole cluster, or, for the device's last cluster, up to the end of the device.
     /// Data that does not compress by at least one 512-byte sector is written uncompressed.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.guard(self.write_compressed_impl(offset, data))
+    }
+
+    fn write_compressed_impl(&self, offset: u64, data: &[u8]) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size;
         let size = self.size();
@@ -36,11 +40,16 @@ impl Qcow2Image {
         full.resize(cs as usize, 0);
         let mut z = Vec::new();
         if !compress_cluster(g.compression, &full, &mut z) {
-            return self.write_at(data, offset);
+            return self.write_impl(data, offset);
         }
         let _g = self.begin_write(offset, len)?;
         let host = {
             let mut m = self.lock_meta();
+            let (old, bitmap) = self.entry_at(&mut m, offset)?;
+            if g.extended {
+                self.check_bitmap(&mut m, offset, old, bitmap)?;
+            }
+            self.check_replace(&mut m, offset, old)?;
             self.alloc_compressed(&mut m, z.len() as u64)?
         };
         // Rule 1: the data is in place before the entry that points to it.

@@ -17,6 +17,8 @@
 //! and 2 write no refcounts (they are written, and the dirty bit cleared, on close).
 
 use super::meta::Meta;
+use super::overlap::Structure;
+use super::refcount::overlap_error;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
@@ -81,7 +83,11 @@ impl Qcow2Image {
         let keys = m.l2.dirty_keys();
         if !keys.is_empty() {
             let mut buf = vec![0u8; self.geo.slice_bytes as usize];
+            let sb = self.geo.slice_bytes;
             for key in &keys {
+                if let Some(st) = m.refs()?.map.find(*key, sb, &[Structure::ActiveL2]) {
+                    return Err(overlap_error(st));
+                }
                 if let Some(entries) = m.l2.peek(*key) {
                     for (i, e) in entries.iter().enumerate() {
                         put_u64(&mut buf, i * 8, e.load(Relaxed));
@@ -113,11 +119,22 @@ impl Qcow2Image {
             let cs = self.geo.cluster_size;
             let mut zeroed = Vec::new();
             for host in frees {
-                if m.refs()?.add(s, host, -1)? == 0 {
+                let refs = m.refs()?;
+                if refs.get(s, host >> self.geo.cluster_bits)? == 0 {
+                    // Counted as free already (the refcounts are damaged): leaked instead, as
+                    // QEMU's free does.
+                    let message =
+                        format!("Cannot free cluster {host:#x}: its refcount is already 0");
+                    self.signal_corruption(m, message, false);
+                    continue;
+                }
+                if refs.add(s, host, -1)? == 0 {
                     // A freed L2 table is no longer metadata: the cluster may now hold data.
                     m.l2.forget_range(host, host + cs);
-                    m.l2_tables.remove(&host);
-                    zeroed.push(host);
+                    // Never punch what a structure still uses.
+                    if m.refs()?.map.find(host, cs, &[]).is_none() {
+                        zeroed.push(host);
+                    }
                 }
             }
             if !lazy {
@@ -161,6 +178,10 @@ impl Qcow2Image {
     /// says so (an `Ok` would claim that writes acknowledged since the last successful flush
     /// are durable).
     pub fn close(&self) -> Result<()> {
+        self.guard(self.close_impl())
+    }
+
+    fn close_impl(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }

@@ -34,10 +34,6 @@ pub(crate) struct Meta {
     /// Where the next compressed cluster may be packed (0: start a new host cluster). Reset at
     /// every flush.
     pub(crate) compressed_cursor: u64,
-    /// Host offsets of every L2 table (active and snapshots'): metadata no data write may hit.
-    pub(crate) l2_tables: super::cache::OffsetSet,
-    /// Byte ranges of the snapshots' L1 tables.
-    pub(crate) snapshot_l1s: Vec<(u64, u64)>,
     /// The header as on disk.
     pub(crate) header: Header,
     /// A metadata write failed: further writes are refused, the in-memory state may be ahead

@@ -14,10 +14,12 @@
 
 mod cache;
 mod compressed;
+mod corrupt;
 mod flush;
 mod mapping;
 mod meta;
 mod open;
+mod overlap;
 pub(crate) mod rebuild;
 mod refcount;
 mod resize;
@@ -25,6 +27,7 @@ mod shared;
 pub(crate) mod snapshot_table;
 mod write;
 
+pub use corrupt::{CorruptionEvent, CorruptionReporter};
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 
 use crate::codec::decompress_cluster;
@@ -117,6 +120,10 @@ pub struct Qcow2Image {
     inflight: Mutex<Vec<(u64, u64)>>,
     inflight_done: Condvar,
     snapshot_view: Option<usize>,
+    /// Where corruption events go.
+    reporter: Option<CorruptionReporter>,
+    /// A corruption event has been reported (later ones are suppressed, see [`corrupt`]).
+    corruption_signaled: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -282,6 +289,21 @@ impl Qcow2Image {
 }
 
 impl Qcow2Image {
+    /// [`BlockDevice::read_at`] after the range check: see there for the retries.
+    fn read_checked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        for _ in 0..3 {
+            let frees = self.frees_applied.load(Ordering::SeqCst);
+            self.read_unchecked(buf, offset)?;
+            if self.frees_applied.load(Ordering::SeqCst) == frees {
+                return Ok(());
+            }
+        }
+        let cs = self.geo.cluster_size;
+        let end = (offset + buf.len() as u64).next_multiple_of(cs);
+        let _g = self.lock_range(offset & !(cs - 1), end);
+        self.read_unchecked(buf, offset)
+    }
+
     /// [`BlockDevice::read_at`] without the range check and without the check against
     /// concurrent frees.
     pub(crate) fn read_unchecked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -322,33 +344,27 @@ impl BlockDevice for Qcow2Image {
     /// zeroing or discard of them can then queue the clusters it maps for freeing.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size())?;
-        for _ in 0..3 {
-            let frees = self.frees_applied.load(Ordering::SeqCst);
-            self.read_unchecked(buf, offset)?;
-            if self.frees_applied.load(Ordering::SeqCst) == frees {
-                return Ok(());
-            }
+        let r = self.read_checked(buf, offset);
+        if r.is_err() {
+            return self.guard(r);
         }
-        let cs = self.geo.cluster_size;
-        let end = (offset + buf.len() as u64).next_multiple_of(cs);
-        let _g = self.lock_range(offset & !(cs - 1), end);
-        self.read_unchecked(buf, offset)
+        r
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_impl(buf, offset)
+        self.guard(self.write_impl(buf, offset))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_impl(offset, len, write::ZeroMode::WriteZeroes)
+        self.guard(self.zero_impl(offset, len, write::ZeroMode::WriteZeroes))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_impl(offset, len, write::ZeroMode::Discard)
+        self.guard(self.zero_impl(offset, len, write::ZeroMode::Discard))
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_impl()
+        self.guard(self.flush_impl())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -2,8 +2,10 @@
 //! allocated (mirroring QEMU's `qcow2_do_open`), then the L1 table, snapshot table and bitmap
 //! directory loaded with sizes bounded by the file.
 
-use super::cache::{OffsetSet, SliceCache};
+use super::cache::SliceCache;
+use super::corrupt::CorruptionReporter;
 use super::meta::Meta;
+use super::overlap::{MetadataMap, RangeSet, INACTIVE_L1_READ_BUDGET};
 use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
 use super::shared::{L1Table, Shared, MAX_SLOTS};
@@ -97,6 +99,10 @@ pub struct Qcow2Options {
     pub snapshot: Option<SnapshotRef>,
     /// Open for writing (the storage must be writable).
     pub writable: bool,
+    /// Where corruption found while the image is in use is reported (see
+    /// [`CorruptionEvent`](super::CorruptionEvent)); `None` reports nothing (the failing
+    /// request's error still says what was found).
+    pub on_corruption: Option<CorruptionReporter>,
 }
 
 impl Default for Qcow2Options {
@@ -105,6 +111,7 @@ impl Default for Qcow2Options {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             snapshot: None,
             writable: false,
+            on_corruption: None,
         }
     }
 }
@@ -131,7 +138,7 @@ fn read_snapshot_table(
     storage: &dyn Storage,
     header: &Header,
     file_end: u64,
-) -> Result<Vec<Snapshot>> {
+) -> Result<(Vec<Snapshot>, u64)> {
     let cap = file_end
         .saturating_sub(header.snapshots_offset)
         .min(MAX_SNAPSHOT_TABLE_BYTES);
@@ -144,7 +151,7 @@ fn read_snapshot_table(
             .read_vec(header.snapshots_offset, len as usize)
             .map_err(io_err("reading snapshot table"))?;
         match parse_table(&buf, header.nb_snapshots) {
-            Ok((snapshots, _)) => return Ok(snapshots),
+            Ok(parsed) => return Ok(parsed),
             Err(Corruption::BadSnapshot { rule, .. }) if rule == ENTRY_PAST_END && len < cap => {
                 len = (len * 2).min(cap);
             }
@@ -211,10 +218,10 @@ impl Qcow2Image {
             .into());
         }
 
-        let snapshots = if header.nb_snapshots > 0 {
+        let (snapshots, snapshot_table_len) = if header.nb_snapshots > 0 {
             read_snapshot_table(storage.as_ref(), &header, file_end)?
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
 
         let bitmaps = match extensions.bitmaps {
@@ -276,8 +283,8 @@ impl Qcow2Image {
             }
         };
 
-        let (refs, l2_tables, snapshot_l1s) = if opts.writable {
-            let refs = prepare_writable(
+        let refs = if opts.writable {
+            let mut refs = prepare_writable(
                 storage.as_ref(),
                 &mut header,
                 &extensions,
@@ -285,11 +292,20 @@ impl Qcow2Image {
                 &bitmaps,
                 view.is_some(),
             )?;
-            let (l2_tables, snapshot_l1s) =
-                metadata_map(storage.as_ref(), &l1, &snapshots, cs, file_end)?;
-            (Some(refs), l2_tables, snapshot_l1s)
+            let tables = Tables {
+                l1: &l1,
+                snapshots: &snapshots,
+                snapshot_table: (header.snapshots_offset, snapshot_table_len),
+                bitmaps: &bitmaps,
+                bitmap_directory: extensions
+                    .bitmaps
+                    .filter(|_| !bitmaps.is_empty())
+                    .map(|b| (b.directory_offset, b.directory_size)),
+            };
+            fill_metadata_map(&mut refs.map, storage.as_ref(), &tables, cs, file_end)?;
+            Some(refs)
         } else {
-            (None, Default::default(), Vec::new())
+            None
         };
         let slices = (opts.l2_cache_bytes / geo.slice_bytes as usize).clamp(4, MAX_SLOTS);
         let shared = Arc::new(Shared::new(&l1, slices, geo.slice_bytes as usize / 8));
@@ -301,8 +317,6 @@ impl Qcow2Image {
             refs,
             pending_free: Vec::new(),
             compressed_cursor: 0,
-            l2_tables,
-            snapshot_l1s,
             file_end,
             file_len,
             header: header.clone(),
@@ -327,44 +341,70 @@ impl Qcow2Image {
             inflight: Mutex::new(Vec::new()),
             inflight_done: Condvar::new(),
             snapshot_view: view,
+            reporter: opts.on_corruption.clone(),
+            corruption_signaled: Default::default(),
         })
     }
 }
 
-/// Every L2 table (active and snapshots') and the snapshots' L1 tables: the metadata that the
-/// overlap check keeps data writes away from.
-fn metadata_map(
+/// The tables of an image that the metadata map records, as found at open.
+struct Tables<'a> {
+    l1: &'a [u64],
+    snapshots: &'a [Snapshot],
+    /// Snapshot table offset and bytes.
+    snapshot_table: (u64, u64),
+    bitmaps: &'a [BitmapEntry],
+    /// Bitmap directory offset and bytes, when bitmaps are in use.
+    bitmap_directory: Option<(u64, u64)>,
+}
+
+/// Records in `map` (which holds the refcount structures and the active L1 table already) the
+/// active L2 tables, the snapshot table, the snapshots' L1 tables and, within
+/// [`INACTIVE_L1_READ_BUDGET`], their L2 tables, the bitmap directory and the bitmap tables.
+///
+/// Snapshot L1 tables are read as the union of their byte ranges, each byte once, so that many
+/// snapshots sharing (or overlapping) tables cost what their distinct tables cost.
+fn fill_metadata_map(
+    map: &mut MetadataMap,
     storage: &dyn Storage,
-    l1: &[u64],
-    snapshots: &[Snapshot],
+    t: &Tables<'_>,
     cs: u64,
     file_end: u64,
-) -> Result<(OffsetSet, Vec<(u64, u64)>)> {
-    let mut l2_tables = OffsetSet::default();
-    let mut add = |t: &[u64]| {
-        for e in t {
-            let o = e & OFFSET_MASK;
-            if o != 0 {
-                l2_tables.insert(o, ());
-            }
-        }
-    };
-    add(l1);
-    let mut snapshot_l1s = Vec::new();
-    for s in snapshots {
+) -> Result<()> {
+    for e in t.l1 {
+        map.add_active_l2(e & OFFSET_MASK);
+    }
+    map.set_snapshot_table(t.snapshot_table.0, t.snapshot_table.1);
+    let mut inactive_l1 = RangeSet::default();
+    for s in t.snapshots {
         let bytes = u64::from(s.l1_size) * 8;
         if bytes <= MAX_L1_BYTES
             && check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_end).is_ok()
         {
-            snapshot_l1s.push((s.l1_table_offset, bytes));
-            add(&read_table_words(
-                storage,
-                s.l1_table_offset,
-                s.l1_size as usize,
-            )?);
+            map.add_inactive_l1(s.l1_table_offset, bytes);
+            inactive_l1.insert(s.l1_table_offset, s.l1_table_offset + bytes);
         }
     }
-    Ok((l2_tables, snapshot_l1s))
+    if inactive_l1.bytes() <= INACTIVE_L1_READ_BUDGET {
+        let mut l2s = Vec::new();
+        for (start, end) in inactive_l1.iter() {
+            let words = read_table_words(storage, start, ((end - start) / 8) as usize)?;
+            l2s.extend(
+                words
+                    .iter()
+                    .map(|e| e & OFFSET_MASK)
+                    .filter(|&o| o != 0 && o % cs == 0 && o < file_end),
+            );
+        }
+        map.set_inactive_l2(l2s);
+    }
+    if let Some((offset, bytes)) = t.bitmap_directory {
+        map.set_bitmap_directory(offset, bytes);
+    }
+    for b in t.bitmaps {
+        map.add_bitmap_table(b.table_offset, u64::from(b.table_size) * 8);
+    }
+    Ok(())
 }
 
 /// Checks that an image may be written and loads its refcounts. Unknown autoclear bits are

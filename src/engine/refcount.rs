@@ -14,6 +14,7 @@
 //!   flushed; the old table's clusters are freed afterwards through `pending_free`.
 
 use super::cache::IntMap;
+use super::overlap::{MetadataMap, Structure};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bytes::{put_u32, put_u64};
 use crate::format::header::Header;
@@ -42,8 +43,10 @@ pub(crate) struct Refcounts {
     table_clusters: u64,
     table_dirty: BTreeSet<usize>,
     blocks: IntMap<usize, Block>,
-    /// Host offsets of every refcount block (for the metadata overlap check).
-    block_offsets: IntMap<u64, ()>,
+    /// Where all metadata lies, the refcount table and blocks included (kept current here):
+    /// the allocator never hands out a cluster it names, and no refcount block is written over
+    /// another structure.
+    pub(crate) map: MetadataMap,
     order: u32,
     cluster_bits: u32,
     /// log2 of refcount entries per block.
@@ -57,6 +60,14 @@ pub(crate) struct Refcounts {
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
+}
+
+/// The corruption QEMU reports when a write would land on `structure`.
+pub(crate) fn overlap_error(structure: Structure) -> Error {
+    Error::Corrupt(Corruption::Inconsistent(format!(
+        "Preventing invalid write on metadata (overlaps with {})",
+        structure.name()
+    )))
 }
 
 impl Refcounts {
@@ -73,18 +84,20 @@ impl Refcounts {
             .chunks_exact(8)
             .map(|c| be_u64(c, 0) & REFTABLE_OFFSET_MASK)
             .collect();
-        let block_offsets = table
-            .iter()
-            .filter(|&&o| o != 0)
-            .map(|&o| (o, ()))
-            .collect();
+        let cs = header.cluster_size();
+        let mut map = MetadataMap::new(cs);
+        map.set_active_l1(header.l1_table_offset, u64::from(header.l1_size) * 8);
+        map.set_refcount_table(table_offset, bytes);
+        for &o in table.iter().filter(|&&o| o != 0 && o % cs == 0) {
+            map.add_refcount_block(o);
+        }
         Ok(Refcounts {
             table,
             table_offset,
             table_clusters: table_clusters.into(),
             table_dirty: BTreeSet::new(),
             blocks: IntMap::default(),
-            block_offsets,
+            map,
             order,
             cluster_bits,
             block_bits: cluster_bits + 3 - order,
@@ -116,6 +129,12 @@ impl Refcounts {
         match blocks.entry(index) {
             Entry::Occupied(o) => Ok(o.into_mut()),
             Entry::Vacant(v) => {
+                if table[index] % cluster_size != 0 {
+                    return Err(Error::Corrupt(Corruption::Inconsistent(format!(
+                        "Refblock offset {:#x} unaligned (reftable index: {index:#x})",
+                        table[index]
+                    ))));
+                }
                 let data = storage
                     .read_vec(table[index], cluster_size as usize)
                     .map_err(io_err("reading refcount block"))?
@@ -125,11 +144,16 @@ impl Refcounts {
         }
     }
 
-    /// Whether the cluster at `host` holds the refcount table or a refcount block.
-    pub(crate) fn is_metadata(&self, host: u64) -> bool {
-        let cs = 1u64 << self.cluster_bits;
-        (host >= self.table_offset && host < self.table_offset + self.table_clusters * cs)
-            || self.block_offsets.contains_key(&(host & !(cs - 1)))
+    /// Refuses clusters `first..first + n` (by index) when any holds metadata: the refcounts
+    /// call them free, so the refcounts or the structure's location are wrong.
+    fn refuse_metadata(&self, first: u64, n: u64) -> Result<()> {
+        match self
+            .map
+            .find(first << self.cluster_bits, n << self.cluster_bits, &[])
+        {
+            Some(s) => Err(overlap_error(s)),
+            None => Ok(()),
+        }
     }
 
     /// The refcount of cluster `cluster` (by index).
@@ -227,6 +251,7 @@ impl Refcounts {
                     "image would exceed the largest offset".into(),
                 ));
             }
+            self.refuse_metadata(start, n)?;
             // Make sure blocks cover the run; creating one takes a cluster, so search again.
             let first = (start >> self.block_bits) as usize;
             let last = ((end - 1) >> self.block_bits) as usize;
@@ -299,7 +324,7 @@ impl Refcounts {
         let data = vec![0u8; cs].into_boxed_slice();
         self.blocks.insert(ri, Block { data, dirty: true });
         self.table[ri] = host;
-        self.block_offsets.insert(host, ());
+        self.map.add_refcount_block(host);
         self.table_dirty.insert(ri);
         Ok(())
     }
@@ -356,13 +381,14 @@ impl Refcounts {
                 "refcount table would exceed 8 MiB (image too large for this cluster size)".into(),
             ));
         }
+        self.refuse_metadata(area, table_clusters + new_blocks.len() as u64)?;
         let table_at = area << self.cluster_bits;
         let mut table = self.table.clone();
         table.resize((bytes / 8) as usize, 0);
         for (k, &ri) in new_blocks.iter().enumerate() {
             let host = (area + table_clusters + k as u64) << self.cluster_bits;
             table[ri] = host;
-            self.block_offsets.insert(host, ());
+            self.map.add_refcount_block(host);
             self.blocks.insert(
                 ri,
                 Block {
@@ -385,6 +411,7 @@ impl Refcounts {
             (*file_end).max((area + table_clusters + new_blocks.len() as u64) << self.cluster_bits);
         self.table_offset = table_at;
         self.table_clusters = table_clusters;
+        self.map.set_refcount_table(table_at, bytes);
         self.table_dirty.clear();
         // The old table's clusters drop their reference now that nothing points to them.
         for c in 0..old.1 {
@@ -439,6 +466,12 @@ impl Refcounts {
         keys.sort_unstable();
         for ri in &keys {
             let off = self.table[*ri];
+            if let Some(s) = self
+                .map
+                .find(off, self.cluster_size(), &[Structure::RefcountBlock])
+            {
+                return Err(overlap_error(s));
+            }
             if let Some(b) = self.blocks.get_mut(ri) {
                 storage
                     .write_at(&b.data, off)

@@ -25,6 +25,10 @@ impl Qcow2Image {
     /// Resizes the image to `new_size` bytes (a multiple of 512). A smaller size is refused
     /// unless `allow_shrink` (qemu-img `--shrink`).
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.guard(self.resize_impl(new_size, allow_shrink))
+    }
+
+    fn resize_impl(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let _g = self.lock_everything()?;
         if new_size % 512 != 0 {
             return Err(Error::InvalidArgument(
@@ -124,6 +128,7 @@ impl Qcow2Image {
                 let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len());
                 m.header.l1_table_offset = new_off;
                 m.header.l1_size = new_len as u32;
+                m.refs()?.map.set_active_l1(new_off, (new_len * 8) as u64);
                 m.l1.grow(new_len);
                 if old_off != 0 && old_len > 0 {
                     for c in 0..((old_len * 8) as u64).div_ceil(cs) {
@@ -203,6 +208,7 @@ impl Qcow2Image {
                         let mut p = table_start;
                         while p < table_start + per_table {
                             let (e, _) = self.entry_at(&mut m, p)?;
+                            self.check_release(&mut m, e)?;
                             self.queue_free(&mut m, e);
                             p += cs;
                         }
@@ -210,6 +216,7 @@ impl Qcow2Image {
                     let l2 = l1e & OFFSET_MASK;
                     m.l2.forget_range(l2, l2 + cs);
                     m.pending_free.push(l2);
+                    m.refs()?.map.remove_active_l2(l2);
                     m.l1.set(l1_index, 0);
                     m.l1_dirty.insert(l1_index);
                     c = table_start + per_table;
@@ -217,6 +224,7 @@ impl Qcow2Image {
                     self.ensure_l2_writable(&mut m, l1_index)?;
                     let (e, _) = self.entry_at(&mut m, c)?;
                     if e != 0 {
+                        self.check_release(&mut m, e)?;
                         self.set_entry(&mut m, c, 0, 0)?;
                         self.queue_free(&mut m, e);
                     }

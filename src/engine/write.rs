@@ -16,7 +16,10 @@
 //! at subcluster granularity: only the touched subclusters are written (a partial subcluster's
 //! head and tail from the current content) and their allocation bits set.
 
+use super::corrupt::inconsistent;
 use super::meta::Meta;
+use super::overlap::Structure;
+use super::refcount::overlap_error;
 use super::Qcow2Image;
 use crate::device::{check_range, BlockDevice};
 use crate::error::{Corruption, Error, Result};
@@ -168,7 +171,16 @@ impl Qcow2Image {
             return Err(Error::InvalidArgument("L2 table is not writable".into()));
         }
         let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
-        let key = Meta::slice_key(&g, l1e & OFFSET_MASK, l2_index);
+        let l2_offset = l1e & OFFSET_MASK;
+        // The entry is written back into the table's cluster: it must hold nothing else.
+        if let Some(s) = m
+            .refs()?
+            .map
+            .find(l2_offset, g.cluster_size, &[Structure::ActiveL2])
+        {
+            return Err(overlap_error(s));
+        }
+        let key = Meta::slice_key(&g, l2_offset, l2_index);
         if m.would_evict_dirty(key) {
             self.flush_locked(m)?;
         }
@@ -232,7 +244,9 @@ impl Qcow2Image {
         m.l2.forget_range(new, new + cs);
         m.l1.set(l1_index, new | COPIED);
         m.l1_dirty.insert(l1_index);
-        m.l2_tables.insert(new, ());
+        let map = &mut m.refs()?.map;
+        map.remove_active_l2(old);
+        map.add_active_l2(new);
         Ok(new)
     }
 
@@ -248,7 +262,10 @@ impl Qcow2Image {
         }
         let cs = self.geo.cluster_size;
         match classify(entry, self.geo.cluster_bits, self.geo.extended, false) {
-            ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => {
+            // An unaligned offset is leaked (see `check_release`).
+            ClusterKind::Normal { host } | ClusterKind::Zero { host }
+                if host != 0 && host % cs == 0 =>
+            {
                 m.pending_free.push(host)
             }
             ClusterKind::Compressed(d) => {
@@ -299,10 +316,11 @@ impl Qcow2Image {
         let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
 
         if g.extended {
+            self.check_bitmap(m, c0, entry, bitmap)?;
             return match kind {
                 ClusterKind::Normal { host } if owned(entry) => {
-                    self.check_aligned(m, c0, entry, host)?;
-                    self.check_overlap(m, c0, host, cs)?;
+                    self.check_aligned(m, c0, host)?;
+                    self.check_overlap(m, host, cs)?;
                     Ok(Plan::Subclusters {
                         guest: c0,
                         host,
@@ -324,6 +342,7 @@ impl Qcow2Image {
                 }
                 _ => {
                     // Shared or compressed: the whole cluster is copied.
+                    self.check_replace(m, c0, entry)?;
                     self.ensure_l2_writable(m, l1_index)?;
                     let host = self.reserve(m, c0, 1)?;
                     Ok(Plan::Allocate {
@@ -340,7 +359,7 @@ impl Qcow2Image {
 
         if let ClusterKind::Normal { host } = kind {
             if owned(entry) {
-                self.check_aligned(m, c0, entry, host)?;
+                self.check_aligned(m, c0, host)?;
                 // Extend over following owned clusters that are contiguous on the host.
                 let end = pos + len;
                 let mut run_end = (c0 + cs).min(end);
@@ -355,7 +374,7 @@ impl Qcow2Image {
                         _ => break,
                     }
                 }
-                self.check_overlap(m, pos, host, run_end - c0)?;
+                self.check_overlap(m, host, run_end - c0)?;
                 return Ok(Plan::InPlace {
                     host: host + (pos - c0),
                     len: (run_end - pos) as usize,
@@ -379,6 +398,9 @@ impl Qcow2Image {
             }
             olds.push(e);
             c += cs;
+        }
+        for (i, &e) in olds.iter().enumerate() {
+            self.check_replace(m, c0 + i as u64 * cs, e)?;
         }
         self.ensure_l2_writable(m, l1_index)?;
         let n = olds.len() as u64;
@@ -416,64 +438,127 @@ impl Qcow2Image {
                 })
     }
 
-    /// Refuses a data write to host clusters that hold metadata (QEMU's overlap check): the
-    /// image is marked corrupt on disk and no further writes are made.
-    fn check_overlap(&self, m: &mut Meta, guest: u64, host: u64, len: u64) -> Result<()> {
+    /// Refuses a data write to host bytes `host..host + len` where they hold metadata (QEMU's
+    /// overlap check); the caller's [`guard`](Qcow2Image::guard) marks the image corrupt.
+    fn check_overlap(&self, m: &mut Meta, host: u64, len: u64) -> Result<()> {
         if self.geo.data_file {
             return Ok(()); // Host offsets refer to the data file, which holds no metadata.
         }
-        let cs = self.geo.cluster_size;
-        let h = &m.header;
-        let in_range =
-            |c: u64, start: u64, bytes: u64| start != 0 && c >= start && c < start + bytes;
-        let snap_table = if h.nb_snapshots > 0 { cs } else { 0 };
-        let mut c = host & !(cs - 1);
-        while c < host + len {
-            let hit = c == 0
-                || in_range(c, h.l1_table_offset, u64::from(h.l1_size) * 8)
-                || in_range(c, h.snapshots_offset, snap_table)
-                || m.l2_tables.contains_key(&c)
-                || m.snapshot_l1s.iter().any(|&(o, b)| in_range(c, o, b))
-                || m.refs.as_ref().is_some_and(|r| r.is_metadata(c));
-            if hit {
-                self.mark_corrupt(m);
-                return Err(Corruption::BadEntry {
-                    table: "L2",
-                    guest_offset: guest,
-                    entry: c,
-                    rule: "data cluster overlaps metadata; image marked corrupt",
-                }
-                .into());
-            }
-            c += cs;
+        match m.refs()?.map.find(host, len, &[]) {
+            Some(s) => Err(overlap_error(s)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses to write through an L2 entry whose cluster offset is misaligned (QEMU's
+    /// wording; the image is then marked corrupt).
+    fn check_aligned(&self, m: &mut Meta, guest: u64, host: u64) -> Result<()> {
+        let g = self.geo;
+        if host & (g.cluster_size - 1) != 0 {
+            let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
+            let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
+            let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+            return Err(inconsistent(format!(
+                "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_offset:#x}, \
+                 L2 index: {l2_index:#x})"
+            )));
         }
         Ok(())
     }
 
-    /// Sets the corrupt bit on disk (best effort) and refuses further writes.
-    fn mark_corrupt(&self, m: &mut Meta) {
-        m.broken = true;
-        if m.header.version >= 3 {
-            m.header.incompatible |= crate::format::features::IncompatibleFeatures::CORRUPT;
-            let s = self.storage.as_ref();
-            let _ = s
-                .write_at(&m.header.incompatible.bits().to_be_bytes(), 72)
-                .and_then(|()| s.flush());
+    /// Checks that a write may replace `entry`, the L2 entry of the guest cluster at `guest`,
+    /// with a newly allocated cluster: a misaligned offset is a corruption (QEMU's wording),
+    /// and the clusters it holds must be releasable ([`check_release`](Self::check_release)).
+    pub(crate) fn check_replace(&self, m: &mut Meta, guest: u64, entry: u64) -> Result<()> {
+        let g = self.geo;
+        if !g.data_file {
+            match classify(entry, g.cluster_bits, g.extended, false) {
+                ClusterKind::Zero { host } if host % g.cluster_size != 0 => {
+                    return Err(inconsistent(format!(
+                        "Preallocated zero cluster offset {host:#x} unaligned (guest offset: {guest:#x})"
+                    )));
+                }
+                ClusterKind::Normal { host } => self.check_aligned(m, guest, host)?,
+                _ => {}
+            }
         }
+        self.check_release(m, entry)
     }
 
-    /// Refuses to write through an L2 entry whose cluster offset is misaligned: the image is
-    /// marked corrupt on disk and no further writes are made.
-    fn check_aligned(&self, m: &mut Meta, guest: u64, entry: u64, host: u64) -> Result<()> {
-        if host & (self.geo.cluster_size - 1) != 0 {
-            self.mark_corrupt(m);
-            return Err(Corruption::BadEntry {
-                table: "L2",
-                guest_offset: guest,
-                entry,
-                rule: "cluster offset is not cluster-aligned; image marked corrupt",
+    /// Extended L2: refuses an entry whose bitmap is invalid (a subcluster both allocated and
+    /// zero, or allocated subclusters in an unallocated cluster), as QEMU does.
+    pub(crate) fn check_bitmap(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        let g = self.geo;
+        let alloc = bitmap & 0xffff_ffff;
+        let invalid = match classify(entry, g.cluster_bits, true, g.data_file) {
+            ClusterKind::Normal { .. } => alloc & (bitmap >> 32) != 0,
+            ClusterKind::Unallocated => alloc != 0,
+            _ => false,
+        };
+        if invalid {
+            let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
+            let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
+            let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+            return Err(inconsistent(format!(
+                "Invalid cluster entry found (L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks, before anything changes, that the clusters `entry` (the L2 entry of a guest
+    /// cluster, about to be replaced) holds can be released: each must be counted
+    /// (a referenced cluster whose refcount is 0 may have been handed out again, and dropping
+    /// its reference would free someone else's data) and none may hold metadata (its refcount
+    /// belongs to the structure). Either is a corruption. A misaligned offset cannot be freed:
+    /// as in QEMU it is reported and the cluster leaked ([`queue_free`](Self::queue_free)
+    /// skips it).
+    pub(crate) fn check_release(&self, m: &mut Meta, entry: u64) -> Result<()> {
+        let g = self.geo;
+        if g.data_file {
+            return Ok(());
+        }
+        let cs = g.cluster_size;
+        let (first, last) = match classify(entry, g.cluster_bits, g.extended, false) {
+            ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => {
+                if host % cs != 0 {
+                    self.signal_corruption(
+                        m,
+                        format!("Cannot free unaligned cluster {host:#x}"),
+                        false,
+                    );
+                    return Ok(());
+                }
+                (host, host)
             }
-            .into());
+            ClusterKind::Compressed(d) => (
+                d.host_offset & !(cs - 1),
+                (d.host_offset + d.stored_len() - 1) & !(cs - 1),
+            ),
+            _ => return Ok(()),
+        };
+        let refs = m.refs()?;
+        let s = self.storage.as_ref();
+        let mut c = first;
+        while c <= last {
+            if let Some(st) = refs.map.find(c, cs, &[]) {
+                return Err(inconsistent(format!(
+                    "Preventing invalid free of cluster {c:#x} (overlaps with {}; L2 entry {entry:#x})",
+                    st.name()
+                )));
+            }
+            if refs.get(s, c >> g.cluster_bits)? == 0 {
+                return Err(inconsistent(format!(
+                    "Preventing invalid free of cluster {c:#x} (refcount 0, still referenced by L2 entry {entry:#x})"
+                )));
+            }
+            c += cs;
         }
         Ok(())
     }
@@ -665,6 +750,7 @@ impl Qcow2Image {
                 };
                 if !untouched {
                     let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
+                    self.check_release(&mut m, entry)?;
                     self.ensure_l2_writable(&mut m, l1_index)?;
                     self.set_entry(&mut m, c0, new, 0)?;
                     self.queue_free(&mut m, entry);
@@ -727,6 +813,7 @@ impl Qcow2Image {
             if entry == 0 && bitmap == ALL_ZERO {
                 return Ok(());
             }
+            self.check_release(&mut m, entry)?;
             self.ensure_l2_writable(&mut m, l1_index)?;
             self.set_entry(&mut m, c0, 0, ALL_ZERO)?;
             self.queue_free(&mut m, entry);
@@ -754,6 +841,8 @@ impl Qcow2Image {
                     bm.set(sc, SubclusterState::Zero);
                 }
                 if bm.0 != bitmap {
+                    self.check_bitmap(&mut m, c0, entry, bitmap)?;
+                    self.check_release(&mut m, entry)?;
                     self.ensure_l2_writable(&mut m, l1_index)?;
                     let all_zero =
                         (0..SUBCLUSTERS_PER_CLUSTER).all(|i| bm.state(i) == SubclusterState::Zero);
@@ -797,8 +886,10 @@ impl Qcow2Image {
     /// and data clusters, contiguous per L2 table; with `write_zeros` the data is written.
     pub(crate) fn preallocate(&self, write_zeros: bool) -> Result<()> {
         let _g = self.lock_everything()?;
-        self.preallocate_range(0, self.size(), write_zeros)?;
-        self.flush_impl()
+        let r = self
+            .preallocate_range(0, self.size(), write_zeros)
+            .and_then(|()| self.flush_impl());
+        self.guard(r)
     }
 
     /// [`preallocate`](Self::preallocate) of the clusters covering `start..end`, with the range
@@ -820,6 +911,7 @@ impl Qcow2Image {
             for i in 0..n {
                 let gi = guest + i * cs;
                 let (old, _) = self.entry_at(&mut m, gi)?;
+                self.check_replace(&mut m, gi, old)?;
                 self.set_entry(&mut m, gi, (host + i * cs) | COPIED, 0)?;
                 self.queue_free(&mut m, old);
             }
@@ -879,7 +971,7 @@ mod tests {
         let img = Qcow2Image::open(mem.clone(), &opts).unwrap();
         let r = img.write_at(&[2u8; 512], 0);
         assert!(
-            matches!(r, Err(Error::Corrupt(Corruption::BadEntry { .. }))),
+            matches!(r, Err(Error::Corrupt(Corruption::Inconsistent(_)))),
             "{r:?}"
         );
         assert!(

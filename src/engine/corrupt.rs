@@ -1,0 +1,130 @@
+//! Corruption found while an image is in use (QEMU's `qcow2_signal_corruption`).
+//!
+//! A *fatal* event — a write that would land on metadata, an entry that points into metadata
+//! or is misaligned, a misaligned refcount block — refuses the request, sets the corrupt bit
+//! (incompatible bit 1) with one header write and a flush, and makes the open image refuse every
+//! later write; writable opens are refused until `check -r` clears the bit. A *non-fatal* event
+//! (a cluster that cannot be freed and is leaked instead) is only reported. On an image opened
+//! read-only every event is non-fatal: nothing is written.
+//!
+//! As in QEMU, only the first event is reported, except that a fatal event is still reported
+//! (and acted on) after non-fatal ones.
+
+use super::meta::Meta;
+use super::Qcow2Image;
+use crate::error::{Corruption, Error, Result};
+use crate::format::features::IncompatibleFeatures;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A corruption found while the image was in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CorruptionEvent {
+    /// What was found, in QEMU's words where QEMU has them (e.g. "Preventing invalid write on
+    /// metadata (overlaps with qcow2_header)").
+    pub message: String,
+    /// Whether the image was marked corrupt (and the request refused).
+    pub fatal: bool,
+}
+
+impl CorruptionEvent {
+    /// The line QEMU prints for the event, e.g. `qcow2: Marking image as corrupt: …; further
+    /// corruption events will be suppressed`.
+    pub fn qemu_line(&self) -> String {
+        if self.fatal {
+            format!(
+                "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed",
+                self.message
+            )
+        } else {
+            format!(
+                "qcow2: Image is corrupt: {}; further non-fatal corruption events will be suppressed",
+                self.message
+            )
+        }
+    }
+}
+
+/// Receives the corruption events of an open image (set in
+/// [`Qcow2Options::on_corruption`](super::Qcow2Options::on_corruption)); called with the
+/// image's metadata lock held, so it must not use the image.
+#[derive(Clone)]
+pub struct CorruptionReporter(Arc<dyn Fn(&CorruptionEvent) + Send + Sync>);
+
+impl CorruptionReporter {
+    /// A reporter calling `f` for each event.
+    pub fn new(f: impl Fn(&CorruptionEvent) + Send + Sync + 'static) -> Self {
+        CorruptionReporter(Arc::new(f))
+    }
+
+    /// A reporter that prints QEMU's line for each event on standard error, as qemu-img and
+    /// qemu-io do.
+    pub fn stderr() -> Self {
+        CorruptionReporter::new(|e| eprintln!("{}", e.qemu_line()))
+    }
+}
+
+impl std::fmt::Debug for CorruptionReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CorruptionReporter")
+    }
+}
+
+/// The error of a fatal corruption event with `message`.
+pub(crate) fn inconsistent(message: String) -> Error {
+    Error::Corrupt(Corruption::Inconsistent(message))
+}
+
+/// Whether `e` reports metadata that is inconsistent in a way that makes further writes unsafe
+/// (the errors that QEMU turns into fatal corruption events).
+fn is_fatal(e: &Error) -> Option<String> {
+    match e {
+        Error::Corrupt(c @ (Corruption::Inconsistent(_) | Corruption::BadEntry { .. })) => {
+            Some(c.to_string())
+        }
+        _ => None,
+    }
+}
+
+impl Qcow2Image {
+    /// Reports a corruption event and, when `fatal` and the image is writable, marks the image
+    /// corrupt (see the module docs).
+    pub(crate) fn signal_corruption(&self, m: &mut Meta, message: String, fatal: bool) {
+        let fatal = fatal && self.writable;
+        let marked = m
+            .header
+            .incompatible
+            .contains(IncompatibleFeatures::CORRUPT);
+        if self.corruption_signaled.swap(true, Ordering::SeqCst) && (!fatal || marked) {
+            return;
+        }
+        if fatal {
+            m.broken = true;
+            m.header.incompatible |= IncompatibleFeatures::CORRUPT;
+            // A v2 header has no feature bits: the mark lives in memory only, as in QEMU.
+            if m.header.version >= 3 {
+                let s = self.storage.as_ref();
+                // Best effort: the image is refused for writing from now on whatever happens.
+                let _ = s
+                    .write_at(&m.header.incompatible.bits().to_be_bytes(), 72)
+                    .and_then(|()| s.flush());
+            }
+        }
+        if let Some(r) = &self.reporter {
+            (r.0)(&CorruptionEvent { message, fatal });
+        }
+    }
+
+    /// Passes `r` through; a fatal corruption in it is signalled first (the image marked
+    /// corrupt). Every entry point that writes, and reads of writable images, end in this.
+    pub(crate) fn guard<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if let Some(message) = is_fatal(e) {
+                let mut m = self.lock_meta();
+                self.signal_corruption(&mut m, message, true);
+            }
+        }
+        r
+    }
+}
