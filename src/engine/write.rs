@@ -513,12 +513,11 @@ impl Qcow2Image {
     }
 
     /// Checks, before anything changes, that the clusters `entry` (the L2 entry of a guest
-    /// cluster, about to be replaced) holds can be released: each must be counted
-    /// (a referenced cluster whose refcount is 0 may have been handed out again, and dropping
-    /// its reference would free someone else's data) and none may hold metadata (its refcount
-    /// belongs to the structure). Either is a corruption. A misaligned offset cannot be freed:
-    /// as in QEMU it is reported and the cluster leaked ([`queue_free`](Self::queue_free)
-    /// skips it).
+    /// cluster, about to be replaced) holds can be released. None may hold metadata (its
+    /// refcount belongs to the structure): that is a corruption. One counted 0 is counted now
+    /// (reported as a non-fatal event), so that it cannot be handed out before its free is
+    /// applied. A misaligned offset cannot be freed: as in QEMU it is reported and the cluster
+    /// leaked ([`queue_free`](Self::queue_free) skips it).
     pub(crate) fn check_release(&self, m: &mut Meta, entry: u64) -> Result<()> {
         let g = self.geo;
         if g.data_file {
@@ -543,7 +542,7 @@ impl Qcow2Image {
             ),
             _ => return Ok(()),
         };
-        let refs = m.refs()?;
+        let mut refs = m.refs()?;
         let s = self.storage.as_ref();
         let mut c = first;
         while c <= last {
@@ -554,9 +553,23 @@ impl Qcow2Image {
                 )));
             }
             if refs.get(s, c >> g.cluster_bits)? == 0 {
-                return Err(inconsistent(format!(
-                    "Preventing invalid free of cluster {c:#x} (refcount 0, still referenced by L2 entry {entry:#x})"
-                )));
+                // Referenced but counted free: nothing else can have been given it (an
+                // allocation would have counted it), so count it for this reference, which the
+                // queued free then drops. Counted as free, it could be handed to the very write
+                // that replaces `entry` and then freed under it.
+                if !refs.has_block(((c >> g.cluster_bits) >> refs.shape().1) as usize) {
+                    return Err(inconsistent(format!(
+                        "Preventing invalid free of cluster {c:#x} (no refcount block covers it, \
+                         still referenced by L2 entry {entry:#x})"
+                    )));
+                }
+                refs.set_existing(s, c >> g.cluster_bits, 1)?;
+                self.signal_corruption(
+                    m,
+                    format!("Cluster {c:#x} is referenced but its refcount is 0; counting it"),
+                    false,
+                );
+                refs = m.refs()?;
             }
             c += cs;
         }
