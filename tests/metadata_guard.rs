@@ -309,7 +309,7 @@ fn damaged_refcount_table_entries() {
             "reftable entry 0 misaligned",
             REFTABLE,
             0x22a00u64.to_be_bytes().to_vec(),
-            "Refblock offset 0x22a00 unaligned (reftable index: 0x0)",
+            "Refblock offset 0x22a00 unaligned (reftable index: 0)",
         ),
         (
             "reftable entry 0 points at the refcount table",
@@ -519,7 +519,7 @@ fn preallocated_zero_cluster_misaligned() {
     assert_refused(
         d.path(),
         "misaligned preallocated zero cluster",
-        "Preallocated zero cluster offset 0x2a00 unaligned (guest offset: 0x0)",
+        "Preallocated zero cluster offset 0x2a00 unaligned (guest offset: 0)",
         write_at(0, 65536, 0x55),
     );
 }
@@ -580,7 +580,7 @@ fn invalid_extended_l2_bitmaps() {
         assert_refused(
             d.path(),
             what,
-            &format!("Invalid cluster entry found (L2 offset: {L2:#x}, L2 index: 0x0)"),
+            &format!("Invalid cluster entry found (L2 offset: {L2:#x}, L2 index: 0)"),
             write_at(4096, 512, 0x55),
         );
     }

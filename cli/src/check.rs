@@ -19,7 +19,7 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::fail;
 use crate::qjson::{qdict, write_json};
-use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
 use qcow2kit::error::strerror;
 use qcow2kit::format::header::CryptMethod;
 use qcow2kit::io::FileStorage;
@@ -282,7 +282,7 @@ fn open_backing(image: &Path, name: &[u8], format: Option<&[u8]>) -> Result<(), 
         Some(f) => ImageFormat::from_name(f).map_err(|e| e.to_string())?,
         None => probe_file(&path).map_err(|e| e.to_string())?,
     };
-    open(&path, fmt, &OpenOptions::qemu_compatible()).map_err(|e| e.to_string())?;
+    open(&path, fmt, &crate::common::qemu_options()).map_err(|e| e.to_string())?;
     Ok(())
 }
 

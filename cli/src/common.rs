@@ -3,6 +3,24 @@
 use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions, Opened};
 use std::path::Path;
 
+/// qemu-img's open policy ([`OpenOptions::qemu_compatible`]), with corruption found while an
+/// image is in use printed as QEMU prints it (`qcow2: Marking image as corrupt: …`).
+pub fn qemu_options() -> OpenOptions {
+    let mut o = OpenOptions::qemu_compatible();
+    o.qcow2.on_corruption = Some(qcow2kit::engine::CorruptionReporter::stderr());
+    o
+}
+
+/// A library error met while opening an image, in QEMU's words where they differ.
+pub fn open_error_text(e: &qcow2kit::Error) -> String {
+    match e {
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::MarkedCorrupt) => {
+            "qcow2: Image is corrupt; cannot be opened read/write".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Prints `qcow2kit: MSG` to stderr and returns exit code 1.
 pub fn fail(msg: impl std::fmt::Display) -> u8 {
     eprintln!("qcow2kit: {msg}");
@@ -67,9 +85,9 @@ pub fn open_image(
         Some(f) => parse_format(f)?,
         None => probe_file(p).map_err(|e| format!("Could not open '{path}': {e}"))?,
     };
-    let mut opts = OpenOptions::qemu_compatible();
+    let mut opts = qemu_options();
     customize(&mut opts);
-    open(p, fmt, &opts).map_err(|e| format!("Could not open '{path}': {e}"))
+    open(p, fmt, &opts).map_err(|e| format!("Could not open '{path}': {}", open_error_text(&e)))
 }
 
 #[cfg(test)]

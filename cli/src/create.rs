@@ -20,7 +20,7 @@
 
 use crate::args::{opt, parse, Parsed, Spec};
 use crate::common::{fail, parse_size};
-use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
 use qcow2kit::error::strerror;
 use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
 use std::io::Write;
@@ -451,7 +451,7 @@ fn open_backing(image: &Path, name: &str, fmt: Option<&str>) -> Result<(ImageFor
         None => probe_file(&path).map_err(|e| open_error(&path, &e))?,
     };
     let opened =
-        open(&path, format, &OpenOptions::qemu_compatible()).map_err(|e| open_error(&path, &e))?;
+        open(&path, format, &crate::common::qemu_options()).map_err(|e| open_error(&path, &e))?;
     Ok((format, opened.device.size()))
 }
 

@@ -126,7 +126,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         ImageFormat::Qcow2 => {
             let opts = OpenOptions {
                 writable: true,
-                ..OpenOptions::qemu_compatible()
+                ..crate::common::qemu_options()
             };
             let opened = open(path, format, &opts).map_err(|e| could_not_open(&e))?;
             let img = opened

@@ -71,6 +71,20 @@ impl std::fmt::Debug for CorruptionReporter {
     }
 }
 
+/// A number as C's `%#x` prints it (`0` for zero, `0x…` otherwise), for messages in QEMU's
+/// words.
+pub(crate) struct CHex(pub(crate) u64);
+
+impl std::fmt::Display for CHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == 0 {
+            f.write_str("0")
+        } else {
+            write!(f, "{:#x}", self.0)
+        }
+    }
+}
+
 /// The error of a fatal corruption event with `message`.
 pub(crate) fn inconsistent(message: String) -> Error {
     Error::Corrupt(Corruption::Inconsistent(message))

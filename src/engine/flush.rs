@@ -16,6 +16,7 @@
 //! With `lazy_refcounts` the image carries the dirty bit while refcounts are stale, so steps 1
 //! and 2 write no refcounts (they are written, and the dirty bit cleared, on close).
 
+use super::corrupt::CHex;
 use super::meta::Meta;
 use super::overlap::Structure;
 use super::refcount::overlap_error;
@@ -123,8 +124,10 @@ impl Qcow2Image {
                 if refs.get(s, host >> self.geo.cluster_bits)? == 0 {
                     // Counted as free already (the refcounts are damaged): leaked instead, as
                     // QEMU's free does.
-                    let message =
-                        format!("Cannot free cluster {host:#x}: its refcount is already 0");
+                    let message = format!(
+                        "Cannot free cluster {}: its refcount is already 0",
+                        CHex(host)
+                    );
                     self.signal_corruption(m, message, false);
                     continue;
                 }

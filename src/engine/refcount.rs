@@ -14,6 +14,7 @@
 //!   flushed; the old table's clusters are freed afterwards through `pending_free`.
 
 use super::cache::IntMap;
+use super::corrupt::CHex;
 use super::overlap::{MetadataMap, Structure};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bytes::{put_u32, put_u64};
@@ -131,8 +132,9 @@ impl Refcounts {
             Entry::Vacant(v) => {
                 if table[index] % cluster_size != 0 {
                     return Err(Error::Corrupt(Corruption::Inconsistent(format!(
-                        "Refblock offset {:#x} unaligned (reftable index: {index:#x})",
-                        table[index]
+                        "Refblock offset {} unaligned (reftable index: {})",
+                        CHex(table[index]),
+                        CHex(index as u64)
                     ))));
                 }
                 let data = storage

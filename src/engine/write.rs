@@ -16,7 +16,7 @@
 //! at subcluster granularity: only the touched subclusters are written (a partial subcluster's
 //! head and tail from the current content) and their allocation bits set.
 
-use super::corrupt::inconsistent;
+use super::corrupt::{inconsistent, CHex};
 use super::meta::Meta;
 use super::overlap::Structure;
 use super::refcount::overlap_error;
@@ -458,9 +458,10 @@ impl Qcow2Image {
             let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
             let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
             let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+            let (host_h, l2_offset_h, l2_index_h) = (CHex(host), CHex(l2_offset), CHex(l2_index));
             return Err(inconsistent(format!(
-                "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_offset:#x}, \
-                 L2 index: {l2_index:#x})"
+                "Cluster allocation offset {host_h} unaligned (L2 offset: {l2_offset_h}, \
+                 L2 index: {l2_index_h})"
             )));
         }
         Ok(())
@@ -474,8 +475,9 @@ impl Qcow2Image {
         if !g.data_file {
             match classify(entry, g.cluster_bits, g.extended, false) {
                 ClusterKind::Zero { host } if host % g.cluster_size != 0 => {
+                    let (host_h, guest_h) = (CHex(host), CHex(guest));
                     return Err(inconsistent(format!(
-                        "Preallocated zero cluster offset {host:#x} unaligned (guest offset: {guest:#x})"
+                        "Preallocated zero cluster offset {host_h} unaligned (guest offset: {guest_h})"
                     )));
                 }
                 ClusterKind::Normal { host } => self.check_aligned(m, guest, host)?,
@@ -505,8 +507,9 @@ impl Qcow2Image {
             let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
             let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
             let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+            let (l2_offset_h, l2_index_h) = (CHex(l2_offset), CHex(l2_index));
             return Err(inconsistent(format!(
-                "Invalid cluster entry found (L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
+                "Invalid cluster entry found (L2 offset: {l2_offset_h}, L2 index: {l2_index_h})"
             )));
         }
         Ok(())
@@ -529,7 +532,7 @@ impl Qcow2Image {
                 if host % cs != 0 {
                     self.signal_corruption(
                         m,
-                        format!("Cannot free unaligned cluster {host:#x}"),
+                        format!("Cannot free unaligned cluster {}", CHex(host)),
                         false,
                     );
                     return Ok(());
@@ -545,10 +548,12 @@ impl Qcow2Image {
         let mut refs = m.refs()?;
         let s = self.storage.as_ref();
         let mut c = first;
+        let entry_h = CHex(entry);
         while c <= last {
+            let c_h = CHex(c);
             if let Some(st) = refs.map.find(c, cs, &[]) {
                 return Err(inconsistent(format!(
-                    "Preventing invalid free of cluster {c:#x} (overlaps with {}; L2 entry {entry:#x})",
+                    "Preventing invalid free of cluster {c_h} (overlaps with {}; L2 entry {entry_h})",
                     st.name()
                 )));
             }
@@ -559,14 +564,14 @@ impl Qcow2Image {
                 // that replaces `entry` and then freed under it.
                 if !refs.has_block(((c >> g.cluster_bits) >> refs.shape().1) as usize) {
                     return Err(inconsistent(format!(
-                        "Preventing invalid free of cluster {c:#x} (no refcount block covers it, \
-                         still referenced by L2 entry {entry:#x})"
+                        "Preventing invalid free of cluster {c_h} (no refcount block covers it, \
+                         still referenced by L2 entry {entry_h})"
                     )));
                 }
                 refs.set_existing(s, c >> g.cluster_bits, 1)?;
                 self.signal_corruption(
                     m,
-                    format!("Cluster {c:#x} is referenced but its refcount is 0; counting it"),
+                    format!("Cluster {c_h} is referenced but its refcount is 0; counting it"),
                     false,
                 );
                 refs = m.refs()?;

@@ -146,7 +146,14 @@ pub fn run(args: &[String]) -> u8 {
         Some(q) => q.close(),
         None => opened.device.flush(),
     };
-    if let Err(e) = closed {
+    // An image marked corrupt while open is closed silently, as by qemu-io: the corruption
+    // was reported when it was found, and nothing more is written.
+    let marked = opened.qcow2.as_ref().is_some_and(|q| {
+        q.header()
+            .incompatible
+            .contains(qcow2kit::format::features::IncompatibleFeatures::CORRUPT)
+    });
+    if let (Err(e), false) = (closed, marked) {
         return fail(format!("io: closing {file}: {e}"));
     }
     u8::from(failed)
@@ -164,7 +171,7 @@ fn open_image(file: &str, format: Option<&str>, read_only: bool) -> Result<Opene
                 .to_string();
             format!("Could not open '{file}': {s}")
         }
-        other => other.to_string(),
+        other => crate::common::open_error_text(&other),
     };
     let fmt = match format {
         Some(f) => parse_format(f).map_err(|_| format!("Unknown driver '{f}'"))?,
@@ -182,7 +189,7 @@ fn open_image(file: &str, format: Option<&str>, read_only: bool) -> Result<Opene
     };
     let opts = OpenOptions {
         writable: !read_only,
-        ..OpenOptions::qemu_compatible()
+        ..crate::common::qemu_options()
     };
     open(path, fmt, &opts).map_err(lib)
 }

@@ -74,6 +74,8 @@ pub(super) fn errno_of(e: &qcow2kit::Error) -> i32 {
             eprintln!("qcow2kit: {e}");
             ENOTSUP
         }
+        // Reported by the image's corruption reporter, as QEMU does.
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(_)) => EIO,
         _ => {
             eprintln!("qcow2kit: {e}");
             EIO

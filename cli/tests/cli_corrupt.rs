@@ -1,0 +1,155 @@
+//! Corruption found while writing, side by side with qemu-io (iotest 060's cases): the same
+//! `qcow2: Marking image as corrupt: …` line, the same failed request and exit status, the
+//! same refusal of the next writable open, and the same `qemu-img check` findings afterwards.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
+const CS: u64 = 65536;
+
+/// Exit status, standard output and standard error of a command.
+#[derive(Debug, PartialEq, Eq)]
+struct Res {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(prog: &str, args: &[&str], dir: &Path) -> Res {
+    let o = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {prog}: {e} (qemu-utils 10 must be installed)"));
+    Res {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// qemu-io's output as qcow2kit prints it: program name replaced, timings dropped.
+fn normalised(r: &Res) -> Res {
+    let untimed = |s: &str| {
+        s.lines()
+            .map(|l| match l.find(" ops; ") {
+                Some(i) if l.ends_with("ops/sec)") => l[..i + 4].to_string(),
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    Res {
+        code: r.code,
+        stdout: untimed(&r.stdout),
+        stderr: r.stderr.replace("qemu-io", "qcow2kit"),
+    }
+}
+
+/// One damaged image per tool: `qemu-img create -f qcow2 64M` (plus `opts`), one written
+/// cluster, then `bytes` at `offset`.
+fn damaged_pair(dir: &Path, opts: &str, offset: u64, bytes: &[u8]) {
+    for name in ["q.qcow2", "k.qcow2"] {
+        let mut c = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            c.extend(["-o", opts]);
+        }
+        c.extend([name, "64M"]);
+        assert_eq!(run("qemu-img", &c, dir).code, Some(0));
+        let w = run("qemu-io", &["-c", "write -P 0x11 0 64k", name], dir);
+        assert_eq!(w.code, Some(0), "{w:?}");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(name))
+            .and_then(|f| f.write_all_at(bytes, offset))
+            .expect("damaging the image");
+    }
+}
+
+/// Runs the same qemu-io commands on both images, then a second write, then `qemu-img check`:
+/// every output must match.
+fn same_as_qemu_io_in(dir: &Path, case: &str, cmds: &[&str]) {
+    let run_both = |cmds: &[&str]| {
+        let mut args: Vec<&str> = cmds.iter().flat_map(|c| ["-c", *c]).collect();
+        args.push("q.qcow2");
+        let q = normalised(&run("qemu-io", &args, dir));
+        *args.last_mut().expect("file argument") = "k.qcow2";
+        let mut io = vec!["io"];
+        io.extend(args);
+        let k = run(QCOW2KIT, &io, dir);
+        let k = Res {
+            stderr: k.stderr.replace("k.qcow2", "q.qcow2"),
+            ..normalised(&k)
+        };
+        assert_eq!(q, k, "[{case}] {cmds:?}");
+    };
+    run_both(cmds);
+    run_both(&["write -P 0x33 128k 4k"]);
+    let check = |name: &str| {
+        let r = run("qemu-img", &["check", name], dir);
+        (r.code, r.stdout, r.stderr)
+    };
+    assert_eq!(
+        check("q.qcow2"),
+        check("k.qcow2"),
+        "[{case}] qemu-img check"
+    );
+}
+
+#[test]
+fn corruption_events_match_qemu_io() {
+    let cases: [(&str, &str, u64, Vec<u8>, &[&str]); 6] = [
+        (
+            "header refcount 0",
+            "",
+            2 * CS,
+            vec![0, 0],
+            &["write 64k 64k"],
+        ),
+        (
+            "refblock misaligned",
+            "",
+            CS,
+            0x22a00u64.to_be_bytes().to_vec(),
+            &["write 64k 64k"],
+        ),
+        (
+            "preallocated zero cluster misaligned",
+            "",
+            4 * CS,
+            0x8000_0000_0000_2a01u64.to_be_bytes().to_vec(),
+            &["write -P 0x55 0 64k"],
+        ),
+        (
+            "discard of a misaligned cluster",
+            "",
+            4 * CS,
+            (0x8000_0000_0000_0000u64 | (5 * CS + 0x2a00))
+                .to_be_bytes()
+                .to_vec(),
+            &["discard 0 64k", "write -P 0x44 64k 4k"],
+        ),
+        (
+            "L2 entry into the L1 table",
+            "",
+            4 * CS,
+            (0x8000_0000_0000_0000u64 | (3 * CS)).to_be_bytes().to_vec(),
+            &["write -P 0x55 0 512"],
+        ),
+        (
+            "invalid subcluster bitmap",
+            "extended_l2=on",
+            4 * CS + 8,
+            0x0000_0001_0000_0001u64.to_be_bytes().to_vec(),
+            &["write -P 0x55 4k 512"],
+        ),
+    ];
+    for (case, opts, offset, bytes, cmds) in cases {
+        let d = tempfile::tempdir().expect("scratch directory");
+        damaged_pair(d.path(), opts, offset, &bytes);
+        same_as_qemu_io_in(d.path(), case, cmds);
+    }
+}
