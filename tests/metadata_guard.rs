@@ -594,7 +594,10 @@ fn writable_open_with_many_snapshots_sharing_one_l1() {
     let d = scratch();
     let path = base_image(d.path(), "");
     let l1_entries: u64 = 4 << 20; // 32 MiB
-    let l1 = fs::metadata(&path).expect("stat").len().next_multiple_of(CS);
+    let l1 = fs::metadata(&path)
+        .expect("stat")
+        .len()
+        .next_multiple_of(CS);
     let table = l1 + l1_entries * 8;
     let count = 65536u32;
     let mut t = Vec::new();
@@ -613,9 +616,13 @@ fn writable_open_with_many_snapshots_sharing_one_l1() {
         t.extend(name.as_bytes());
         t.resize(t.len().next_multiple_of(8), 0);
     }
-    let f = fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
     f.set_len(table).expect("sparse L1");
-    f.write_all_at(&L2.to_be_bytes(), l1).expect("shared L1 entry");
+    f.write_all_at(&L2.to_be_bytes(), l1)
+        .expect("shared L1 entry");
     f.write_all_at(&t, table).expect("snapshot table");
     let mut hdr = count.to_be_bytes().to_vec();
     hdr.extend(table.to_be_bytes());
@@ -624,12 +631,14 @@ fn writable_open_with_many_snapshots_sharing_one_l1() {
     let end = (table + t.len() as u64).next_multiple_of(CS);
     for c in (l1 / CS)..(end / CS) {
         let n: u16 = if c < table / CS { 0xffff } else { 1 };
-        f.write_all_at(&n.to_be_bytes(), REFBLOCK + c * 2).expect("refcount");
+        f.write_all_at(&n.to_be_bytes(), REFBLOCK + c * 2)
+            .expect("refcount");
     }
     f.write_all_at(&0xffffu16.to_be_bytes(), REFBLOCK + (L2 / CS) * 2)
         .expect("refcount");
     // The active image shares its L2 table with the snapshots: not COPIED.
-    f.write_all_at(&L2.to_be_bytes(), L1).expect("active L1 entry");
+    f.write_all_at(&L2.to_be_bytes(), L1)
+        .expect("active L1 entry");
     drop(f);
 
     let start = std::time::Instant::now();
@@ -638,11 +647,21 @@ fn writable_open_with_many_snapshots_sharing_one_l1() {
     img.device.flush().expect("flush");
     drop(img);
     let took = start.elapsed();
-    assert!(events.lock().expect("events").is_empty(), "corruption reported");
+    assert!(
+        events.lock().expect("events").is_empty(),
+        "corruption reported"
+    );
     // Generous: the open reads 32 MiB of sparse table once (tens of milliseconds); reading it
     // once per snapshot took longer than 300 s.
-    assert!(took.as_secs() < 20, "writable open and one write took {took:?}");
-    let o = tool("/usr/bin/qemu-io", &["-r", "-c", "read -P 0x5a 8M 4k", "t.qcow2"], d.path());
+    assert!(
+        took.as_secs() < 20,
+        "writable open and one write took {took:?}"
+    );
+    let o = tool(
+        "/usr/bin/qemu-io",
+        &["-r", "-c", "read -P 0x5a 8M 4k", "t.qcow2"],
+        d.path(),
+    );
     assert!(o.stdout.contains("read 4096/4096"), "{o}");
     assert!(!o.stdout.contains("Pattern verification failed"), "{o}");
 }

@@ -17,6 +17,7 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::MarkedCorrupt) => {
             "qcow2: Image is corrupt; cannot be opened read/write".to_string()
         }
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(m)) => m.clone(),
         other => other.to_string(),
     }
 }

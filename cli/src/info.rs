@@ -58,7 +58,12 @@ pub fn run(args: &[String]) -> u8 {
         },
         None => None,
     };
-    let could_not_open = |e: qcow2kit::Error| fail(format!("Could not open '{path}': {e}"));
+    let could_not_open = |e: qcow2kit::Error| {
+        fail(format!(
+            "Could not open '{path}': {}",
+            crate::common::open_error_text(&e)
+        ))
+    };
     let infos = if p.has("backing-chain") {
         match backing_chain_info(Path::new(path), fmt) {
             Ok(v) => v,

@@ -90,7 +90,8 @@ fn same_as_qemu_io_in(dir: &Path, case: &str, cmds: &[&str]) {
     run_both(&["write -P 0x33 128k 4k"]);
     let check = |name: &str| {
         let r = run("qemu-img", &["check", name], dir);
-        (r.code, r.stdout, r.stderr)
+        let named = |s: String| s.replace(name, "IMG");
+        (r.code, named(r.stdout), named(r.stderr))
     };
     assert_eq!(
         check("q.qcow2"),
@@ -152,4 +153,78 @@ fn corruption_events_match_qemu_io() {
         damaged_pair(d.path(), opts, offset, &bytes);
         same_as_qemu_io_in(d.path(), case, cmds);
     }
+}
+
+/// Sets a field of the first bitmap directory entry of `path` (QEMU's constraints on it are
+/// checked at every open).
+fn damage_bitmap(path: &Path, field_offset: u64, bytes: &[u8]) {
+    let data = fs::read(path).expect("reading image");
+    let be32 = |o: usize| u32::from_be_bytes(data[o..o + 4].try_into().expect("4 bytes"));
+    let be64 = |o: usize| u64::from_be_bytes(data[o..o + 8].try_into().expect("8 bytes"));
+    let mut o = be32(100) as usize;
+    let directory = loop {
+        let (kind, len) = (be32(o), be32(o + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            break be64(o + 24);
+        }
+        o += 8 + len.next_multiple_of(8);
+    };
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.write_all_at(bytes, directory + field_offset))
+        .expect("damaging the bitmap directory");
+}
+
+/// Open-time refusals of QEMU's: a bitmap breaking its constraints (for reading too), and the
+/// data-file-raw bit without a data file (for writing).
+#[test]
+fn open_refusals_match_qemu() {
+    let cases: [(&str, u64, Vec<u8>); 3] = [
+        ("granularity 2^70", 17, vec![70]),
+        ("granularity 256 bytes", 17, vec![8]),
+        (
+            "misaligned bitmap table",
+            0,
+            0x70001u64.to_be_bytes().to_vec(),
+        ),
+    ];
+    for (case, field, bytes) in cases {
+        let d = tempfile::tempdir().expect("scratch directory");
+        let dir = d.path();
+        damaged_pair(dir, "", 0, &[0x51]);
+        for name in ["q.qcow2", "k.qcow2"] {
+            let r = run(
+                "qemu-img",
+                &["bitmap", "--add", "--disable", name, "b0"],
+                dir,
+            );
+            assert_eq!(r.code, Some(0), "{r:?}");
+            damage_bitmap(&dir.join(name), field, &bytes);
+        }
+        let q = normalised(&run("qemu-img", &["info", "q.qcow2"], dir));
+        let k = normalised(&run(QCOW2KIT, &["info", "k.qcow2"], dir));
+        let k = Res {
+            stderr: k.stderr.replace("k.qcow2", "q.qcow2"),
+            ..k
+        };
+        assert_eq!(
+            Res {
+                stderr: q.stderr.replace("qemu-img", "qcow2kit"),
+                ..q
+            },
+            k,
+            "[{case}] info"
+        );
+        same_as_qemu_io_in(dir, case, &["write 0 4k"]);
+    }
+    let d = tempfile::tempdir().expect("scratch directory");
+    // Autoclear bit 1 (data-file-raw) without a data file: readable, not writable.
+    damaged_pair(d.path(), "", 95, &[0x02]);
+    same_as_qemu_io_in(
+        d.path(),
+        "data-file-raw without a data file",
+        &["write 0 4k"],
+    );
 }

@@ -236,7 +236,11 @@ impl Qcow2Image {
                 let buf = storage
                     .read_vec(b.directory_offset, b.directory_size as usize)
                     .map_err(io_err("reading bitmap directory"))?;
-                parse_directory(&buf, b.nb_bitmaps)?
+                let bitmaps = parse_directory(&buf, b.nb_bitmaps)?;
+                for bm in &bitmaps {
+                    check_bitmap_constraints(bm, header.size, cs, file_end)?;
+                }
+                bitmaps
             }
             _ => Vec::<BitmapEntry>::new(),
         };
@@ -407,6 +411,40 @@ fn fill_metadata_map(
     Ok(())
 }
 
+/// QEMU's constraints on a bitmap directory entry (`check_constraints` in
+/// `qcow2-bitmap.c`): granularity of 512 B to 2 GiB, a cluster-aligned table no larger than
+/// 2^27 entries that covers the whole disk with at most 512 MiB of bitmap data, no unknown flag;
+/// and, stricter than QEMU, a table that lies inside the file.
+fn check_bitmap_constraints(b: &BitmapEntry, size: u64, cs: u64, file_end: u64) -> Result<()> {
+    const KNOWN_FLAGS: u32 = 0b111;
+    let table_bytes = u64::from(b.table_size) * 8;
+    let phys_bytes = u64::from(b.table_size) * cs;
+    let covered = if b.granularity_bits <= 31 {
+        phys_bytes
+            .checked_mul(8)
+            .and_then(|bits| bits.checked_mul(1 << b.granularity_bits))
+    } else {
+        None
+    };
+    let ok = (9..=31).contains(&b.granularity_bits)
+        && b.table_offset != 0
+        && b.table_offset % cs == 0
+        && b.table_size <= 0x800_0000
+        && phys_bytes <= 0x2000_0000
+        && covered.is_none_or(|c| c >= size)
+        && b.flags & !KNOWN_FLAGS == 0
+        && check_table("bitmap table", b.table_offset, table_bytes, cs, file_end).is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(Corruption::Inconsistent(format!(
+            "Bitmap '{}' doesn't satisfy the constraints",
+            b.name
+        ))
+        .into())
+    }
+}
+
 /// Checks that an image may be written and loads its refcounts. Unknown autoclear bits are
 /// cleared on disk (they describe structures this writer would not keep consistent).
 fn prepare_writable(
@@ -424,6 +462,9 @@ fn prepare_writable(
     }
     if header.incompatible.contains(IncompatibleFeatures::CORRUPT) {
         return Err(Corruption::MarkedCorrupt.into());
+    }
+    if header.autoclear.contains(AutoclearFeatures::DATA_FILE_RAW) && !header.has_data_file() {
+        return Err(Corruption::Inconsistent("data-file-raw requires a data file".into()).into());
     }
     if bitmaps.iter().any(|b| b.flags & FLAG_AUTO != 0) {
         return Err(Error::Unsupported(
