@@ -51,6 +51,18 @@ pub enum Error {
     /// A backing chain is deeper than the configured limit.
     #[error("backing chain is deeper than the limit of {0} images")]
     BackingTooDeep(usize),
+    /// Another open of an image file (in this process or another, QEMU's included) holds a
+    /// lock that conflicts with this open ([`crate::io::lock`]). Shown as QEMU shows it, with
+    /// `Could not open backing file: ` once for each backing layer above the file.
+    #[error("{}{source}", "Could not open backing file: ".repeat(*.backing_depth))]
+    Locked {
+        /// How many backing layers below the opened image the file is (0: the image itself or
+        /// its data file).
+        backing_depth: usize,
+        /// The lock that could not be taken.
+        #[source]
+        source: crate::io::lock::LockError,
+    },
     /// A write was attempted on a read-only image.
     #[error("image is opened read-only")]
     ReadOnly,
