@@ -1,6 +1,6 @@
 //! A file on the host as [`Storage`].
 
-use super::lock::{acquire, LockRequest};
+use super::lock::{acquire, release, LockRequest};
 use super::Storage;
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
@@ -18,6 +18,16 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    locked: bool,
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        if self.locked {
+            // Nothing to report to: at worst the locks go when the descriptor closes.
+            let _ = release(&self.file);
+        }
+    }
 }
 
 impl FileStorage {
@@ -46,6 +56,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            locked: lock.is_some(),
         })
     }
 
@@ -66,6 +77,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            locked: true,
         })
     }
 
@@ -75,6 +87,7 @@ impl FileStorage {
             file,
             path,
             writable,
+            locked: false,
         }
     }
 

@@ -263,6 +263,20 @@ pub fn acquire(file: &File, path: &Path, request: LockRequest) -> Result<(), Loc
     Ok(())
 }
 
+/// Drops every lock byte of the protocol held through `file`'s open file description.
+///
+/// Closing the last descriptor does that too, but a process that spawns a child in another
+/// thread shares the description with the child until it calls `exec`: releasing the locks
+/// explicitly keeps a closed image from looking busy meanwhile.
+pub fn release(file: &File) -> io::Result<()> {
+    let fl = libc::flock {
+        l_len: (2 * SHARED_BASE - PERM_BASE) as libc::off_t,
+        ..flock(libc::F_UNLCK, PERM_BASE)
+    };
+    fcntl(file, FcntlArg::F_OFD_SETLK(&fl))?;
+    Ok(())
+}
+
 /// Takes the [`LockError`] out of an I/O error from [`FileStorage`](super::FileStorage); any
 /// other error comes back unchanged.
 pub fn into_lock_error(e: io::Error) -> Result<LockError, io::Error> {

@@ -1,0 +1,229 @@
+//! Image locking between processes, judged by qemu-img and qemu-io 10.x.
+//!
+//! A holder process keeps an image open: `qemu-io FILE` or `qcow2kit io FILE` reading commands
+//! from a pipe (answering `length` shows that the open, and its locks, happened). Meanwhile each
+//! command of a list runs once as qemu-img/qemu-io and once as qcow2kit. For every pair of
+//! holder and tool, exit code, standard output and standard error (`qemu-img`/`qemu-io` read as
+//! `qcow2kit`) must be what qemu-img/qemu-io answer with a qemu-io holder. So qcow2kit refuses
+//! where QEMU refuses, with QEMU's message, whether QEMU or qcow2kit holds the image; and QEMU
+//! refuses an image qcow2kit holds.
+//!
+//! A missing qemu-img or qemu-io fails the tests; it never skips them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
+
+fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (10.x)")
+        })
+}
+
+fn setup(dir: &Path, args: &[&str]) {
+    let out = run("qemu-img", args, dir);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `top.qcow2` over `base.qcow2`; `dimg.qcow2` with the data file `data.raw`.
+fn images() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    setup(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    setup(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    setup(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=data.raw",
+            "dimg.qcow2",
+            "1M",
+        ],
+    );
+    tmp
+}
+
+/// Who holds the image.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    Qemu,
+    Qcow2kit,
+}
+
+/// A process holding an image open until dropped.
+struct Held(Child);
+
+impl Held {
+    fn new(who: Holder, args: &[&str], dir: &Path) -> Held {
+        let mut cmd = match who {
+            Holder::Qemu => Command::new("qemu-io"),
+            Holder::Qcow2kit => {
+                let mut c = Command::new(QCOW2KIT);
+                c.arg("io");
+                c
+            }
+        };
+        let mut child = cmd
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start the holder (qemu-io must be installed)");
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"length\n").expect("send");
+        stdin.flush().expect("flush");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("holder output");
+        assert!(
+            line.contains("MiB"),
+            "{who:?} {args:?} did not open the image: {line:?}"
+        );
+        Held(child)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// Exit code, stdout and stderr with the program names read as `qcow2kit`.
+fn result(o: &Output) -> (Option<i32>, String, String) {
+    let norm = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .replace("qemu-img", "qcow2kit")
+            .replace("qemu-io", "qcow2kit")
+    };
+    (o.status.code(), norm(&o.stdout), norm(&o.stderr))
+}
+
+/// Runs `cmd` (`img …` for qemu-img, `io …` for qemu-io) as QEMU or as qcow2kit.
+fn tool(qemu: bool, cmd: &[&str], dir: &Path) -> (Option<i32>, String, String) {
+    let o = if qemu {
+        let prog = if cmd[0] == "img" {
+            "qemu-img"
+        } else {
+            "qemu-io"
+        };
+        run(prog, &cmd[1..], dir)
+    } else {
+        let mut args = cmd.to_vec();
+        if args[0] == "img" {
+            args.remove(0);
+        }
+        run(QCOW2KIT, &args, dir)
+    };
+    result(&o)
+}
+
+/// For each command: QEMU's answer while qemu-io holds the image; then the same answer from
+/// both tools while either holder holds it. Returns how many commands QEMU refused.
+fn matrix(hold: &[&str], cmds: &[&[&str]]) -> usize {
+    let tmp = images();
+    let dir = tmp.path();
+    let expected: Vec<_> = {
+        let _h = Held::new(Holder::Qemu, hold, dir);
+        cmds.iter().map(|c| tool(true, c, dir)).collect()
+    };
+    for holder in [Holder::Qemu, Holder::Qcow2kit] {
+        let _h = Held::new(holder, hold, dir);
+        for (cmd, want) in cmds.iter().zip(&expected) {
+            for qemu in [true, false] {
+                let got = tool(qemu, cmd, dir);
+                assert_eq!(
+                    &got,
+                    want,
+                    "holder {holder:?} {hold:?}, {} {cmd:?}",
+                    if qemu { "QEMU" } else { "qcow2kit" }
+                );
+            }
+        }
+    }
+    expected.iter().filter(|e| e.0 != Some(0)).count()
+}
+
+/// What qemu-img and qemu-io do to an image that one of them holds.
+const ON_TOP: &[&[&str]] = &[
+    &["io", "-c", "length", "top.qcow2"],
+    &["io", "-r", "-c", "length", "top.qcow2"],
+    &["io", "-r", "-U", "-c", "length", "top.qcow2"],
+    &["io", "-U", "-c", "length", "top.qcow2"],
+    &["io", "-c", "length", "base.qcow2"],
+    &["io", "-r", "-c", "length", "base.qcow2"],
+    &["img", "info", "top.qcow2"],
+    &["img", "info", "-U", "--output", "json", "top.qcow2"],
+    &["img", "info", "--backing-chain", "top.qcow2"],
+    &["img", "check", "top.qcow2"],
+    &["img", "check", "-U", "top.qcow2"],
+    &["img", "check", "-r", "all", "top.qcow2"],
+    &["img", "check", "-U", "-r", "all", "top.qcow2"],
+    &["img", "check", "-r", "all", "base.qcow2"],
+    &["img", "map", "--output", "json", "top.qcow2"],
+    &["img", "map", "-U", "--output", "json", "top.qcow2"],
+    &["img", "compare", "top.qcow2", "base.qcow2"],
+    &["img", "compare", "-U", "top.qcow2", "base.qcow2"],
+    &["img", "convert", "-O", "raw", "top.qcow2", "out.raw"],
+    &["img", "convert", "-U", "-O", "raw", "top.qcow2", "out.raw"],
+    &["img", "resize", "top.qcow2", "2M"],
+    &["img", "resize", "base.qcow2", "2M"],
+];
+
+#[test]
+fn a_writer_excludes_writers_and_readers_but_not_force_share() {
+    let refused = matrix(&["top.qcow2"], ON_TOP);
+    // Everything but the -U readers and the reader of the backing file.
+    assert_eq!(refused, ON_TOP.len() - 6);
+}
+
+#[test]
+fn a_reader_excludes_writers_only() {
+    let refused = matrix(&["-r", "top.qcow2"], ON_TOP);
+    // io and check -r on the top and the base, resize of both, and io -U (refused anyway).
+    assert_eq!(refused, 8);
+}
+
+#[test]
+fn a_writer_holds_its_data_file_against_resizes() {
+    let cmds: &[&[&str]] = &[
+        &["io", "-c", "length", "dimg.qcow2"],
+        &["io", "-r", "-c", "length", "dimg.qcow2"],
+        &["img", "resize", "-f", "raw", "data.raw", "2M"],
+        &["io", "-f", "raw", "-c", "length", "data.raw"],
+        &["img", "info", "-f", "raw", "--output", "json", "data.raw"],
+    ];
+    let refused = matrix(&["dimg.qcow2"], cmds);
+    assert_eq!(refused, 3);
+}
