@@ -15,7 +15,7 @@ use crate::device::{BlockDevice, RawImage};
 use crate::engine::{Qcow2Image, Qcow2Options, SnapshotRef};
 use crate::error::{Error, Result};
 use crate::format::probe::{detect, probe, Format, HEAD_BYTES, TAIL_BYTES};
-use crate::io::lock::{into_lock_error, LockRequest, Permissions};
+use crate::io::lock::{LockRequest, Permissions};
 use crate::io::{FileStorage, Storage, StorageExt};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -287,12 +287,14 @@ pub(crate) fn open_storage(
             path.display()
         )));
     }
-    FileStorage::open_with(path, writable, lock).map_err(|e| match into_lock_error(e) {
-        Ok(source) => Error::Locked {
-            backing_depth,
-            source,
-        },
-        Err(e) => open_error(path, e),
+    FileStorage::open_with(path, writable, lock).map_err(|e| {
+        match Error::storage(format!("opening '{}'", path.display()), e) {
+            Error::Locked { source, .. } => Error::Locked {
+                backing_depth,
+                source,
+            },
+            other => other,
+        }
     })
 }
 

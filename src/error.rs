@@ -112,6 +112,18 @@ impl Error {
         }
     }
 
+    /// An error from opening or creating a file as [`Error::Locked`] when it is a lock conflict
+    /// ([`crate::io::lock::LockError`]), else as [`Error::io`] with `context`.
+    pub fn storage(context: impl Into<String>, source: io::Error) -> Self {
+        match crate::io::lock::into_lock_error(source) {
+            Ok(source) => Error::Locked {
+                backing_depth: 0,
+                source,
+            },
+            Err(source) => Error::io(context, source),
+        }
+    }
+
     /// Returns the corruption, if this error is one.
     pub fn corruption(&self) -> Option<&Corruption> {
         match self {

@@ -6,7 +6,7 @@
 use qcow2kit::chain::{self, ImageFormat, Locking, OpenOptions, Opened};
 use qcow2kit::io::lock::{LockTarget, Permissions};
 use qcow2kit::io::FileStorage;
-use qcow2kit::{BlockDevice, Error};
+use qcow2kit::Error;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -315,4 +315,17 @@ fn locks_are_the_bytes_qemu_uses() {
     assert_eq!(bytes(&top), Vec::<u64>::new());
     let _r = open(&top, false, Locking::ForceShare).expect("-U");
     assert_eq!(bytes(&top), [100]);
+}
+
+#[test]
+fn a_dropped_storage_releases_its_locks_while_its_descriptor_lives_on() {
+    // A child spawned by another thread holds a copy of every descriptor until it calls exec
+    // (here: a duplicate); the image must not look busy once its storage is dropped.
+    let (_t, d) = images();
+    let top = d.join("top.qcow2");
+    let storage = FileStorage::open(&top, true).expect("writer");
+    let inherited = storage.file().try_clone().expect("dup");
+    drop(storage);
+    FileStorage::open(&top, true).expect("the dropped writer's locks are gone");
+    drop(inherited);
 }

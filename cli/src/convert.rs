@@ -12,6 +12,7 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
 use qcow2kit::chain::{FileRole, ImageFormat, Locking};
+use qcow2kit::io::lock::{lock_error, LockRequest};
 use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::convert::{
     convert_into, convert_to_qcow2, convert_to_raw, Qcow2ConvertOptions, RawConvertOptions,
@@ -162,6 +163,10 @@ fn convert(args: &[String]) -> Result<(), String> {
                 .and_then(|()| q.close())
                 .map_err(|e| format!("error while writing '{dst}': {e}"))?;
         } else {
+            // The new image replaces the file: no one may be using it (qemu-img's create lock),
+            // and no one may start to until the new one is in place.
+            let _replaced = lock_replaced(dst)
+                .map_err(|e| format!("{dst}: error while converting qcow2: {e}"))?;
             convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts)
                 .map_err(|e| format!("error while converting qcow2: {e}"))?;
         }
@@ -172,7 +177,10 @@ fn convert(args: &[String]) -> Result<(), String> {
         } else {
             FileStorage::create(dst)
         }
-        .map_err(|e| format!("Could not open '{dst}': {e}"))?;
+        .map_err(|e| match lock_error(&e) {
+            Some(_) if !exists => format!("{dst}: error while converting raw: {e}"),
+            _ => format!("Could not open '{dst}': {e}"),
+        })?;
         let opts = RawConvertOptions {
             workers,
             zero_granularity,
@@ -190,4 +198,14 @@ fn convert(args: &[String]) -> Result<(), String> {
         println!();
     }
     Ok(())
+}
+
+/// Holds qemu-img create's lock on `dst` if it is an existing regular file (`None` otherwise:
+/// opening anything else, a FIFO say, could block).
+fn lock_replaced(dst: &str) -> std::io::Result<Option<FileStorage>> {
+    match std::fs::metadata(dst) {
+        Ok(m) if m.is_file() => {}
+        _ => return Ok(None),
+    }
+    FileStorage::open_with(dst, false, Some(LockRequest::create())).map(Some)
 }

@@ -204,8 +204,9 @@ const ON_TOP: &[&[&str]] = &[
 #[test]
 fn a_writer_excludes_writers_and_readers_but_not_force_share() {
     let refused = matrix(&["top.qcow2"], ON_TOP);
-    // Everything but the -U readers and the reader of the backing file.
-    assert_eq!(refused, ON_TOP.len() - 6);
+    // Everything but the six -U readers (io, info, check, map, compare, convert) and the
+    // reader of the backing file.
+    assert_eq!(refused, ON_TOP.len() - 7);
 }
 
 #[test]
@@ -226,4 +227,33 @@ fn a_writer_holds_its_data_file_against_resizes() {
     ];
     let refused = matrix(&["dimg.qcow2"], cmds);
     assert_eq!(refused, 3);
+}
+
+#[test]
+fn an_image_in_use_is_not_created_or_converted_over() {
+    let cmds: &[&[&str]] = &[
+        &["img", "create", "-f", "qcow2", "top.qcow2", "1M"],
+        &["img", "create", "-f", "raw", "top.qcow2", "1M"],
+        &["img", "convert", "-O", "qcow2", "base.qcow2", "top.qcow2"],
+        &["img", "convert", "-O", "raw", "base.qcow2", "top.qcow2"],
+        &[
+            "img",
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "base.qcow2",
+            "top.qcow2",
+        ],
+        &[
+            "img",
+            "convert",
+            "-n",
+            "-O",
+            "raw",
+            "base.qcow2",
+            "top.qcow2",
+        ],
+    ];
+    assert_eq!(matrix(&["top.qcow2"], cmds), cmds.len());
 }
