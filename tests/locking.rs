@@ -7,52 +7,19 @@ use qcow2kit::chain::{self, ImageFormat, Locking, OpenOptions, Opened};
 use qcow2kit::io::lock::{LockTarget, Permissions};
 use qcow2kit::io::FileStorage;
 use qcow2kit::Error;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use tempfile::TempDir;
 
-fn qemu_img(dir: &Path, args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("qemu-img (Debian package qemu-utils) must be installed");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+#[path = "support/lock_helpers.rs"]
+mod lock_helpers;
+use lock_helpers::{make_images, Held};
 
-/// `top.qcow2` over `base.qcow2`, and `dimg.qcow2` with the data file `data.raw`.
+/// The images of [`make_images`] in a new directory.
 fn images() -> (TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path().to_path_buf();
-    qemu_img(&d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
-    let backing = ["-b", "base.qcow2", "-F", "qcow2"];
-    qemu_img(
-        &d,
-        &[
-            &["create", "-q", "-f", "qcow2"],
-            &backing[..],
-            &["top.qcow2"],
-        ]
-        .concat(),
-    );
-    qemu_img(
-        &d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=data.raw",
-            "dimg.qcow2",
-            "1M",
-        ],
-    );
+    make_images(&d);
     (tmp, d)
 }
 
@@ -221,47 +188,14 @@ fn create_refuses_an_image_in_use_and_leaves_it_intact() {
     );
 }
 
-/// A qemu-io process holding `file` open (read-write unless `-r` is in `args`) until dropped.
-struct QemuIo(Child);
-
-impl QemuIo {
-    fn hold(dir: &Path, args: &[&str]) -> QemuIo {
-        let mut child = Command::new("qemu-io")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-io (Debian package qemu-utils) must be installed");
-        let stdin = child.stdin.as_mut().expect("stdin");
-        stdin.write_all(b"length\n").expect("send");
-        stdin.flush().expect("flush");
-        // The answer to `length` means the image is open (and locked).
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("qemu-io output");
-        assert!(
-            line.contains("MiB"),
-            "qemu-io did not open the image: {line:?}"
-        );
-        QemuIo(child)
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_qemu_io_writer_excludes_the_library_and_the_library_excludes_qemu_io() {
     let (_t, d) = images();
     let top = d.join("top.qcow2");
     {
-        let _q = QemuIo::hold(&d, &["top.qcow2"]);
+        let mut qemu_io = Command::new("qemu-io");
+        qemu_io.arg("top.qcow2").current_dir(&d);
+        let _q = Held::spawn(qemu_io);
         let (_, perm, shared, _, _) = conflict(open(&top, true, Locking::Qemu));
         assert_eq!((perm, shared), (Permissions::WRITE, false));
         let (_, perm, shared, _, _) = conflict(open(&top, false, Locking::Qemu));

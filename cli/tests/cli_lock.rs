@@ -10,9 +10,12 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+
+#[path = "../../tests/support/lock_helpers.rs"]
+mod lock_helpers;
+use lock_helpers::{make_images, Held};
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
 
@@ -27,47 +30,10 @@ fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
         })
 }
 
-fn setup(dir: &Path, args: &[&str]) {
-    let out = run("qemu-img", args, dir);
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `top.qcow2` over `base.qcow2`; `dimg.qcow2` with the data file `data.raw`.
+/// The images of [`make_images`] in a new directory.
 fn images() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = tmp.path();
-    setup(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
-    setup(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    setup(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=data.raw",
-            "dimg.qcow2",
-            "1M",
-        ],
-    );
+    make_images(tmp.path());
     tmp
 }
 
@@ -78,46 +44,18 @@ enum Holder {
     Qcow2kit,
 }
 
-/// A process holding an image open until dropped.
-struct Held(Child);
-
-impl Held {
-    fn new(who: Holder, args: &[&str], dir: &Path) -> Held {
-        let mut cmd = match who {
-            Holder::Qemu => Command::new("qemu-io"),
-            Holder::Qcow2kit => {
-                let mut c = Command::new(QCOW2KIT);
-                c.arg("io");
-                c
-            }
-        };
-        let mut child = cmd
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start the holder (qemu-io must be installed)");
-        let stdin = child.stdin.as_mut().expect("stdin");
-        stdin.write_all(b"length\n").expect("send");
-        stdin.flush().expect("flush");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("holder output");
-        assert!(
-            line.contains("MiB"),
-            "{who:?} {args:?} did not open the image: {line:?}"
-        );
-        Held(child)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.wait();
-    }
+/// Starts `who` holding the image of `args` open.
+fn hold(who: Holder, args: &[&str], dir: &Path) -> Held {
+    let mut cmd = match who {
+        Holder::Qemu => Command::new("qemu-io"),
+        Holder::Qcow2kit => {
+            let mut c = Command::new(QCOW2KIT);
+            c.arg("io");
+            c
+        }
+    };
+    cmd.args(args).current_dir(dir);
+    Held::spawn(cmd)
 }
 
 /// Exit code, stdout and stderr with the program names read as `qcow2kit`.
@@ -151,22 +89,22 @@ fn tool(qemu: bool, cmd: &[&str], dir: &Path) -> (Option<i32>, String, String) {
 
 /// For each command: QEMU's answer while qemu-io holds the image; then the same answer from
 /// both tools while either holder holds it. Returns how many commands QEMU refused.
-fn matrix(hold: &[&str], cmds: &[&[&str]]) -> usize {
+fn matrix(held: &[&str], cmds: &[&[&str]]) -> usize {
     let tmp = images();
     let dir = tmp.path();
     let expected: Vec<_> = {
-        let _h = Held::new(Holder::Qemu, hold, dir);
+        let _h = hold(Holder::Qemu, held, dir);
         cmds.iter().map(|c| tool(true, c, dir)).collect()
     };
     for holder in [Holder::Qemu, Holder::Qcow2kit] {
-        let _h = Held::new(holder, hold, dir);
+        let _h = hold(holder, held, dir);
         for (cmd, want) in cmds.iter().zip(&expected) {
             for qemu in [true, false] {
                 let got = tool(qemu, cmd, dir);
                 assert_eq!(
                     &got,
                     want,
-                    "holder {holder:?} {hold:?}, {} {cmd:?}",
+                    "holder {holder:?} {held:?}, {} {cmd:?}",
                     if qemu { "QEMU" } else { "qcow2kit" }
                 );
             }

@@ -62,7 +62,7 @@ const SPECS: &[Spec] = &[
     opt(Some('h'), Some("help"), false, "help"),
 ];
 
-const HELP: &str = "usage: qcow2kit io [-f FMT] [-r] [-n] [-t CACHE] [-c CMD]... FILE
+const HELP: &str = "usage: qcow2kit io [-f FMT] [-r] [-U] [-n] [-t CACHE] [-c CMD]... FILE
 
 Runs qemu-io commands on an image:
   read [-Cqv] [-P pattern [-s off] [-l len]] off len
