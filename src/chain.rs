@@ -6,17 +6,25 @@
 //! directory of the image that names them, in the format the backing-format extension records
 //! (probing only when it is absent), at most [`DEFAULT_MAX_DEPTH`] backing layers deep. A chain
 //! that comes back to an image already in it (same device and inode) is an error, not a hang.
+//!
+//! Every file an open uses (the image, its data file, its backing files) is locked as QEMU locks
+//! it ([`Locking`], [`crate::io::lock`]), so that a QEMU process and a qcow2kit one (or two opens
+//! in one process) cannot write the same image at once: a conflict is [`Error::Locked`].
 
 use crate::device::{BlockDevice, RawImage};
 use crate::engine::{Qcow2Image, Qcow2Options, SnapshotRef};
 use crate::error::{Error, Result};
 use crate::format::probe::{detect, probe, Format, HEAD_BYTES, TAIL_BYTES};
+use crate::io::lock::{LockRequest, Permissions};
 use crate::io::{FileStorage, Storage, StorageExt};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// qemu-img's message for a writable open that asks to share everything.
+pub const FORCE_SHARE_WRITABLE: &str = "force-share=on can only be used with read-only images";
 
 /// Default limit on the number of backing layers under an image.
 pub const DEFAULT_MAX_DEPTH: usize = 16;
@@ -66,6 +74,86 @@ pub enum BackingPolicy {
     },
 }
 
+/// How an open takes QEMU's image locks ([`crate::io::lock`]) on the files it uses.
+///
+/// The root of an open asks for reading (and writing when writable); each format then asks of
+/// its files what QEMU's driver does: qcow2 refuses to share writes and resizes of its image
+/// file with anyone, an external data file is not resized by others, a raw image passes the
+/// root's sharing through, and backing files are only read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locking {
+    /// As qemu-img and qemu-io lock (the default): other opens may do whatever the formats
+    /// allow (a raw image may be written by others while it is read).
+    #[default]
+    Qemu,
+    /// As [`Locking::Qemu`], and no other open may write or resize any file of the image while
+    /// it is open, raw ones included (qemu-img convert's source).
+    Exclusive,
+    /// Read-only, sharing everything: only the read lock is taken, so the open succeeds while
+    /// another process writes the image (`-U`/`--force-share`; what is read may then be
+    /// inconsistent). A writable open with it is refused.
+    ForceShare,
+    /// No locks at all, for callers that lock by themselves.
+    Off,
+}
+
+/// What a file is to the image that uses it, for [`Locking::request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    /// The file of a qcow2 image (top or backing layer).
+    Qcow2,
+    /// The file of a raw image (top or backing layer).
+    Raw,
+    /// The external data file of a qcow2 image.
+    DataFile,
+}
+
+impl FileRole {
+    /// The role of the file of an image in `format`.
+    pub fn of(format: ImageFormat) -> Self {
+        match format {
+            ImageFormat::Qcow2 => FileRole::Qcow2,
+            ImageFormat::Raw => FileRole::Raw,
+        }
+    }
+}
+
+impl Locking {
+    /// The locks to take on one file in `role`, written or not; `None` for [`Locking::Off`].
+    pub fn request(self, role: FileRole, writable: bool) -> Option<LockRequest> {
+        let read = Permissions::CONSISTENT_READ;
+        let all = Permissions::all();
+        let root_shares = match self {
+            Locking::Off => return None,
+            Locking::ForceShare => return Some(LockRequest::force_share()),
+            Locking::Qemu => all,
+            Locking::Exclusive => read | Permissions::WRITE_UNCHANGED,
+        };
+        let mut uses = read;
+        if writable {
+            uses |= Permissions::WRITE;
+        }
+        let (uses, shares) = match role {
+            FileRole::Raw => (uses, root_shares),
+            FileRole::Qcow2 => (
+                uses | grows(writable),
+                root_shares & (read | Permissions::WRITE_UNCHANGED),
+            ),
+            FileRole::DataFile => (uses | grows(writable), root_shares - Permissions::RESIZE),
+        };
+        Some(LockRequest { uses, shares })
+    }
+}
+
+/// qcow2 grows its files as it writes.
+fn grows(writable: bool) -> Permissions {
+    if writable {
+        Permissions::RESIZE
+    } else {
+        Permissions::empty()
+    }
+}
+
 /// How to open an image and what it refers to.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -81,6 +169,8 @@ pub struct OpenOptions {
     pub snapshot: Option<SnapshotRef>,
     /// qcow2 tuning (L2 cache size) for every layer.
     pub qcow2: Qcow2Options,
+    /// How the files are locked against other opens ([`Locking::Qemu`] by default, as QEMU).
+    pub locking: Locking,
 }
 
 impl Default for OpenOptions {
@@ -93,6 +183,7 @@ impl Default for OpenOptions {
             allow_data_file: false,
             snapshot: None,
             qcow2: Qcow2Options::default(),
+            locking: Locking::Qemu,
         }
     }
 }
@@ -126,7 +217,14 @@ pub struct Opened {
 }
 
 /// Opens `path` as `format` with `opts`.
+///
+/// A file another open uses in a way this one may not share (or that refuses to share what this
+/// one does) is refused with [`Error::Locked`]; [`Locking::ForceShare`] with `writable` is
+/// refused with [`Error::InvalidArgument`].
 pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Opened> {
+    if opts.writable && opts.locking == Locking::ForceShare {
+        return Err(Error::InvalidArgument(FORCE_SHARE_WRITABLE.into()));
+    }
     let mut seen = Vec::new();
     open_layer(path, format, opts, 0, &mut seen, true)
 }
@@ -136,7 +234,8 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
 /// returned, any other format is unsupported, and a polyglot (signatures of several formats) is
 /// refused rather than guessed at.
 pub fn probe_file(path: &Path) -> Result<ImageFormat> {
-    let s = open_storage(path, false)?;
+    // Probing takes no lock (neither does QEMU's): the open that follows does.
+    let s = open_storage(path, false, None, 0)?;
     let len = s.len().map_err(|e| Error::io("probing format", e))?;
     let head = s
         .read_vec(0, len.min(HEAD_BYTES) as usize)
@@ -172,8 +271,14 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
 /// Opens a file an image (or the caller) names, refusing anything but a regular file or a
 /// block device *before* opening it: opening a FIFO blocks until a writer appears, so a hostile
 /// backing or data file name must not reach `open(2)` (QEMU's `file` driver likewise requires a
-/// regular file; block devices go through `host_device`).
-fn open_storage(path: &Path, writable: bool) -> Result<FileStorage> {
+/// regular file; block devices go through `host_device`). The file is locked with `lock`; a
+/// conflict is [`Error::Locked`] for a file `backing_depth` layers below the opened image.
+pub(crate) fn open_storage(
+    path: &Path,
+    writable: bool,
+    lock: Option<LockRequest>,
+    backing_depth: usize,
+) -> Result<FileStorage> {
     let meta = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
     let ft = meta.file_type();
     if !ft.is_file() && !ft.is_block_device() {
@@ -182,7 +287,15 @@ fn open_storage(path: &Path, writable: bool) -> Result<FileStorage> {
             path.display()
         )));
     }
-    FileStorage::open(path, writable).map_err(|e| open_error(path, e))
+    FileStorage::open_with(path, writable, lock).map_err(|e| {
+        match Error::storage(format!("opening '{}'", path.display()), e) {
+            Error::Locked { source, .. } => Error::Locked {
+                backing_depth,
+                source,
+            },
+            other => other,
+        }
+    })
 }
 
 /// Resolves a name stored in an image relative to the directory of the image's path.
@@ -218,7 +331,8 @@ fn open_layer(
     top: bool,
 ) -> Result<Opened> {
     let writable = top && opts.writable;
-    let storage = open_storage(path, writable)?;
+    let lock = opts.locking.request(FileRole::of(format), writable);
+    let storage = open_storage(path, writable, lock, depth)?;
     let meta = storage.file().metadata().map_err(|e| open_error(path, e))?;
     let id = (meta.dev(), meta.ino());
     if seen.contains(&id) {
@@ -259,7 +373,8 @@ fn open_layer(
                     });
                 }
                 let dpath = resolve_relative(path, &name)?;
-                let ds = open_storage(&dpath, writable)?;
+                let lock = opts.locking.request(FileRole::DataFile, writable);
+                let ds = open_storage(&dpath, writable, lock, depth)?;
                 img.set_data_file(Arc::new(ds));
             }
 

@@ -51,6 +51,18 @@ pub enum Error {
     /// A backing chain is deeper than the configured limit.
     #[error("backing chain is deeper than the limit of {0} images")]
     BackingTooDeep(usize),
+    /// Another open of an image file (in this process or another, QEMU's included) holds a
+    /// lock that conflicts with this open ([`crate::io::lock`]). Shown as QEMU shows it, with
+    /// `Could not open backing file: ` once for each backing layer above the file.
+    #[error("{}{source}", "Could not open backing file: ".repeat(*.backing_depth))]
+    Locked {
+        /// How many backing layers below the opened image the file is (0: the image itself or
+        /// its data file).
+        backing_depth: usize,
+        /// The lock that could not be taken.
+        #[source]
+        source: crate::io::lock::LockError,
+    },
     /// A write was attempted on a read-only image.
     #[error("image is opened read-only")]
     ReadOnly,
@@ -97,6 +109,18 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// An error from opening or creating a file as [`Error::Locked`] when it is a lock conflict
+    /// ([`crate::io::lock::LockError`]), else as [`Error::io`] with `context`.
+    pub fn storage(context: impl Into<String>, source: io::Error) -> Self {
+        match crate::io::lock::into_lock_error(source) {
+            Ok(source) => Error::Locked {
+                backing_depth: 0,
+                source,
+            },
+            Err(source) => Error::io(context, source),
         }
     }
 

@@ -61,7 +61,7 @@ pub mod fuzzing;
 pub mod io;
 pub mod ops;
 
-pub use chain::{open, BackingPolicy, ImageFormat, OpenOptions, Opened};
+pub use chain::{open, BackingPolicy, ImageFormat, Locking, OpenOptions, Opened};
 pub use device::{BlockDevice, Extent, ExtentKind, RawImage};
 pub use engine::{Qcow2Image, Qcow2Options, SnapshotRef};
 pub use error::{Corruption, Error, Result};

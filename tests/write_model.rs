@@ -1328,7 +1328,7 @@ fn crash_after(
     };
     let first: Vec<RawOp> = (0..before).map(|_| raw(&mut rng)).collect();
     let ops = shape.realize_all(&first, cfg.size);
-    let opened = open_rw_cache(&d.join("img.qcow2"), cfg.l2_cache_bytes);
+    let opened = open_rw_crashing(&d.join("img.qcow2"), cfg.l2_cache_bytes);
     let dev = opened.device.clone();
     for op in &ops {
         if let Op::Flush = op {

@@ -544,7 +544,7 @@ fn crash_scenario(cfg: SnapCfg, seed: u64) {
         data: export_raw(d, IMG, None, "active.raw"),
         sem: cfg.semantics(),
     };
-    let opened = open_rw(&d.join(IMG));
+    let opened = open_rw_crashing(&d.join(IMG), None);
     let dev = opened.device.clone();
     let run = |dev: &dyn BlockDevice, op: &Op| match *op {
         Op::Write { off, len, fill } => dev.write_at(&fill.bytes(len), off),
@@ -794,7 +794,7 @@ fn crash_lazy_over_snapshots_then_qcow2kit_rebuilds() {
         };
         let mut size = cfg.size;
         {
-            let opened = open_rw(&d.join(IMG));
+            let opened = open_rw_crashing(&d.join(IMG), None);
             let dev = opened.device.clone();
             for op in snap_ops(&cfg, &mut rng, &hot, 250, false, false, &mut size) {
                 let r = match op {

@@ -19,9 +19,12 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::fail;
 use crate::qjson::{qdict, write_json};
-use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
+use qcow2kit::chain::{
+    open, probe_file, resolve_relative, FileRole, ImageFormat, Locking, OpenOptions, Opened,
+};
 use qcow2kit::error::strerror;
 use qcow2kit::format::header::CryptMethod;
+use qcow2kit::io::lock::lock_error;
 use qcow2kit::io::FileStorage;
 use qcow2kit::ops::check::{CheckReport, Checker, Finding, RepairMode};
 use serde_json::Value;
@@ -135,16 +138,20 @@ pub fn run(args: &[String]) -> u8 {
     if format == ImageFormat::Raw {
         return fail_with("This image format does not support checks", NO_CHECKS);
     }
-    let storage = match FileStorage::open(&path, repair.is_some()) {
-        Ok(s) => s,
-        Err(e) => {
-            return could_not_open(&format!(
-                "Could not open '{}': {}",
-                path.display(),
-                strerror(&e)
-            ))
-        }
-    };
+    let writable = repair.is_some();
+    let locking = crate::common::locking(p.has("U"));
+    let storage =
+        match FileStorage::open_with(&path, writable, locking.request(FileRole::Qcow2, writable)) {
+            Ok(s) => s,
+            Err(e) if lock_error(&e).is_some() => return could_not_open(&strerror(&e)),
+            Err(e) => {
+                return could_not_open(&format!(
+                    "Could not open '{}': {}",
+                    path.display(),
+                    strerror(&e)
+                ))
+            }
+        };
     let checker = match Checker::new(&storage) {
         Ok(c) => c,
         Err(e) => return could_not_open(&e),
@@ -162,6 +169,9 @@ pub fn run(args: &[String]) -> u8 {
             Some(_) => {}
         }
     }
+    // The data file and backing chain stay open (locked) until the check ends, as in qemu-img.
+    let mut _data_file = None;
+    let mut _backing = None;
     if checker.header().has_data_file() {
         let Some(data) = checker.extensions().data_file.clone() else {
             return could_not_open(&"'data-file' is required for this image");
@@ -169,18 +179,29 @@ pub fn run(args: &[String]) -> u8 {
         let shown = String::from_utf8_lossy(&data).into_owned();
         let opened = resolve_relative(&path, &data)
             .map_err(|e| e.to_string())
-            .and_then(|d| usable_file(&d));
-        if let Err(e) = opened {
-            return could_not_open(&format!("Could not open '{shown}': {e}"));
+            .and_then(|d| usable_file(&d).map(|()| d));
+        let dpath = match opened {
+            Ok(d) => d,
+            Err(e) => return could_not_open(&format!("Could not open '{shown}': {e}")),
+        };
+        let lock = locking.request(FileRole::DataFile, writable);
+        match FileStorage::open_with(&dpath, writable, lock) {
+            Ok(s) => _data_file = Some(s),
+            Err(e) if lock_error(&e).is_some() => return could_not_open(&strerror(&e)),
+            Err(e) => {
+                return could_not_open(&format!("Could not open '{shown}': {}", strerror(&e)))
+            }
         }
     }
     if let Some(backing) = checker.backing_file_name().map(<[u8]>::to_vec) {
-        if let Err(e) = open_backing(
+        match open_backing(
             &path,
             &backing,
             checker.extensions().backing_format.as_deref(),
+            locking,
         ) {
-            return could_not_open(&format!("Could not open backing file: {e}"));
+            Ok(chain) => _backing = Some(chain),
+            Err(e) => return could_not_open(&format!("Could not open backing file: {e}")),
         }
     }
 
@@ -273,8 +294,14 @@ fn usable_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens the backing chain as qemu-img would (recorded format, else a probe).
-fn open_backing(image: &Path, name: &[u8], format: Option<&[u8]>) -> Result<(), String> {
+/// Opens the backing chain as qemu-img would (recorded format, else a probe), locked under
+/// `locking`.
+fn open_backing(
+    image: &Path,
+    name: &[u8],
+    format: Option<&[u8]>,
+    locking: Locking,
+) -> Result<Opened, String> {
     let path = resolve_relative(image, name).map_err(|e| e.to_string())?;
     let shown = || String::from_utf8_lossy(name).into_owned();
     usable_file(&path).map_err(|e| format!("Could not open '{}': {e}", shown()))?;
@@ -282,8 +309,11 @@ fn open_backing(image: &Path, name: &[u8], format: Option<&[u8]>) -> Result<(), 
         Some(f) => ImageFormat::from_name(f).map_err(|e| e.to_string())?,
         None => probe_file(&path).map_err(|e| e.to_string())?,
     };
-    open(&path, fmt, &crate::common::qemu_options()).map_err(|e| e.to_string())?;
-    Ok(())
+    let opts = OpenOptions {
+        locking,
+        ..crate::common::qemu_options()
+    };
+    open(&path, fmt, &opts).map_err(|e| e.to_string())
 }
 
 /// The id of a `--object secret,id=ID,data=…|file=…` (other object types are ignored).

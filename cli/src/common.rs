@@ -1,6 +1,6 @@
 //! Helpers shared by the subcommands: error printing, size parsing, opening images as qemu-img.
 
-use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions, Opened};
+use qcow2kit::chain::{open, probe_file, ImageFormat, Locking, OpenOptions, Opened};
 use std::path::Path;
 
 /// qemu-img's open policy ([`OpenOptions::qemu_compatible`]), with corruption found while an
@@ -72,6 +72,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Parses a `-f`/`-O` format name.
 pub fn parse_format(name: &str) -> Result<ImageFormat, String> {
     ImageFormat::from_name(name.as_bytes()).map_err(|_| format!("Unknown file format '{name}'"))
+}
+
+/// The locking of a read-only open: `-U`/`--force-share` shares everything.
+pub fn locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::ForceShare
+    } else {
+        Locking::Qemu
+    }
 }
 
 /// Opens `path` the way qemu-img does: the given format or a probe, backing chains followed

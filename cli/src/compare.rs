@@ -4,7 +4,8 @@
 //! failed.
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_image};
+use crate::common::{fail, locking, open_image};
+use qcow2kit::chain::Locking;
 use qcow2kit::ops::compare::{compare_with_progress, CompareResult, CompareStage};
 use std::io::Write;
 
@@ -87,10 +88,11 @@ pub fn run(args: &[String]) -> u8 {
         last_print: 0.0,
     };
     let code = compare_files(
-        &p.operands[0],
-        &p.operands[1],
-        p.last("f"),
-        p.last("F"),
+        [
+            (p.operands[0].as_str(), p.last("f")),
+            (p.operands[1].as_str(), p.last("F")),
+        ],
+        locking(p.has("U")),
         strict,
         quiet,
         &mut progress,
@@ -100,22 +102,20 @@ pub fn run(args: &[String]) -> u8 {
 }
 
 fn compare_files(
-    name1: &str,
-    name2: &str,
-    fmt1: Option<&str>,
-    fmt2: Option<&str>,
+    [(name1, fmt1), (name2, fmt2)]: [(&str, Option<&str>); 2],
+    locking: Locking,
     strict: bool,
     quiet: bool,
     progress: &mut Progress,
 ) -> u8 {
-    let a = match open_image(name1, fmt1, |_| {}) {
+    let a = match open_image(name1, fmt1, |o| o.locking = locking) {
         Ok(o) => o,
         Err(e) => {
             fail(e);
             return 2;
         }
     };
-    let b = match open_image(name2, fmt2, |_| {}) {
+    let b = match open_image(name2, fmt2, |o| o.locking = locking) {
         Ok(o) => o,
         Err(e) => {
             fail(e);

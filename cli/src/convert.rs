@@ -5,11 +5,14 @@
 //! backing file: only the source's top layer is copied), `-p`, `-q`, `-S SIZE` (zero detection
 //! granularity, 0 = off), `-m N` (parallel workers), `-W` (accepted: writes are always allowed
 //! out of order), `-l SNAPSHOT` (`snapshot.name=`, `snapshot.id=` or a plain name), `-n` (target
-//! exists; nothing is created), `-U` and `-t`/`-T` (accepted, no effect).
+//! exists; nothing is created), `-U` (the source is read while others may write it; without it,
+//! no one else may write the source meanwhile, as with qemu-img) and `-t`/`-T` (accepted, no
+//! effect).
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
-use qcow2kit::chain::ImageFormat;
+use qcow2kit::chain::{FileRole, ImageFormat, Locking};
+use qcow2kit::io::lock::{lock_error, LockRequest};
 use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::convert::{
     convert_into, convert_to_qcow2, convert_to_raw, Qcow2ConvertOptions, RawConvertOptions,
@@ -116,7 +119,16 @@ fn convert(args: &[String]) -> Result<(), String> {
         Some(s) => Some(SnapshotRef::parse(s).map_err(|e| e.to_string())?),
         None => None,
     };
-    let image = open_image(src, p.last("f"), |o| o.snapshot = snapshot.clone())?;
+    // qemu-img convert refuses other writers of its source while it copies.
+    let source_locking = if p.has("U") {
+        Locking::ForceShare
+    } else {
+        Locking::Exclusive
+    };
+    let image = open_image(src, p.last("f"), |o| {
+        o.snapshot = snapshot.clone();
+        o.locking = source_locking;
+    })?;
     let dev = image.device;
 
     let quiet = p.has("q");
@@ -151,16 +163,24 @@ fn convert(args: &[String]) -> Result<(), String> {
                 .and_then(|()| q.close())
                 .map_err(|e| format!("error while writing '{dst}': {e}"))?;
         } else {
+            // The new image replaces the file: no one may be using it (qemu-img's create lock),
+            // and no one may start to until the new one is in place.
+            let _replaced = lock_replaced(dst)
+                .map_err(|e| format!("{dst}: error while converting qcow2: {e}"))?;
             convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts)
                 .map_err(|e| format!("error while converting qcow2: {e}"))?;
         }
     } else {
         let target = if exists {
-            FileStorage::open(dst, true)
+            // A raw target shares everything, as in qemu-img.
+            FileStorage::open_with(dst, true, Locking::Qemu.request(FileRole::Raw, true))
         } else {
             FileStorage::create(dst)
         }
-        .map_err(|e| format!("Could not open '{dst}': {e}"))?;
+        .map_err(|e| match lock_error(&e) {
+            Some(_) if !exists => format!("{dst}: error while converting raw: {e}"),
+            _ => format!("Could not open '{dst}': {e}"),
+        })?;
         let opts = RawConvertOptions {
             workers,
             zero_granularity,
@@ -178,4 +198,14 @@ fn convert(args: &[String]) -> Result<(), String> {
         println!();
     }
     Ok(())
+}
+
+/// Holds qemu-img create's lock on `dst` if it is an existing regular file (`None` otherwise:
+/// opening anything else, a FIFO say, could block).
+fn lock_replaced(dst: &str) -> std::io::Result<Option<FileStorage>> {
+    match std::fs::metadata(dst) {
+        Ok(m) if m.is_file() => {}
+        _ => return Ok(None),
+    }
+    FileStorage::open_with(dst, false, Some(LockRequest::create())).map(Some)
 }

@@ -64,9 +64,17 @@ pub fn run(args: &[String]) -> u8 {
             crate::common::open_error_text(&e)
         ))
     };
+    let locking = crate::common::locking(p.has("U"));
     let infos = if p.has("backing-chain") {
-        match backing_chain_info(Path::new(path), fmt) {
+        match backing_chain_info(Path::new(path), fmt, locking) {
             Ok(v) => v,
+            // qemu-img opens each image of the chain by itself and names the one refused.
+            Err(qcow2kit::Error::Locked { source, .. }) => {
+                return fail(format!(
+                    "Could not open '{}': {source}",
+                    source.path.display()
+                ))
+            }
             Err(e) => return fail(e),
         }
     } else {
@@ -77,7 +85,7 @@ pub fn run(args: &[String]) -> u8 {
                 Err(e) => return could_not_open(e),
             },
         };
-        match open_for_info(Path::new(path), fmt).and_then(|o| image_info(&o)) {
+        match open_for_info(Path::new(path), fmt, locking).and_then(|o| image_info(&o)) {
             Ok(i) => vec![i],
             Err(e) => return could_not_open(e),
         }

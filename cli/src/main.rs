@@ -21,16 +21,16 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: qcow2kit COMMAND [OPTIONS]
 
 Commands (qemu-img compatible):
-  check [-f FMT] [--output human|json] [-r leaks|all] FILE
+  check [-f FMT] [--output human|json] [-r leaks|all] [-U] FILE
   info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
-  convert [-f FMT] [-O raw] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
+  convert [-f FMT] [-O raw] [-U] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
   map [-f FMT] [--output human|json] [-U] FILE
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
 
 qemu-io compatible:
-  io [-f FMT] [-r] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
+  io [-f FMT] [-r] [-U] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
 ";
 
 fn main() -> ExitCode {

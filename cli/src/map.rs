@@ -7,7 +7,7 @@
 //! (compressed clusters), as qemu-img does.
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_image, parse_size};
+use crate::common::{fail, locking, open_image, parse_size};
 use qcow2kit::ops::info::backing_chain_info;
 use qcow2kit::ops::map::{for_each_extent, MapEntry};
 use std::io::Write;
@@ -96,7 +96,7 @@ pub fn run(args: &[String]) -> u8 {
     let [path] = p.operands.as_slice() else {
         return fail("Expecting one image file name");
     };
-    let opened = match open_image(path, p.last("f"), |_| {}) {
+    let opened = match open_image(path, p.last("f"), |o| o.locking = locking(p.has("U"))) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -131,7 +131,11 @@ pub fn run(args: &[String]) -> u8 {
             }
             let names = match &files {
                 Some(f) => f,
-                None => files.insert(layer_files(&opened.path, opened.format)?),
+                None => files.insert(layer_files(
+                    &opened.path,
+                    opened.format,
+                    locking(p.has("U")),
+                )?),
             };
             let name = names
                 .get(e.depth as usize)
@@ -212,8 +216,9 @@ fn json_entry(e: &MapEntry, first: bool) -> String {
 fn layer_files(
     path: &Path,
     format: qcow2kit::chain::ImageFormat,
+    locking: qcow2kit::chain::Locking,
 ) -> Result<Vec<String>, qcow2kit::Error> {
-    Ok(backing_chain_info(path, Some(format))?
+    Ok(backing_chain_info(path, Some(format), locking)?
         .into_iter()
         .map(|i| {
             match i

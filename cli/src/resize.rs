@@ -16,8 +16,9 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
-use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, probe_file, FileRole, ImageFormat, Locking, OpenOptions};
 use qcow2kit::error::strerror;
+use qcow2kit::io::lock::{acquire, Permissions};
 use qcow2kit::BlockDevice;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
@@ -99,11 +100,12 @@ fn resize(args: &[String]) -> Result<(), String> {
     })?;
 
     let path = Path::new(file);
-    let could_not_open = |e: &qcow2kit::Error| {
-        format!(
+    let could_not_open = |e: &qcow2kit::Error| match e {
+        qcow2kit::Error::Locked { .. } => format!("Could not open '{file}': {e}"),
+        _ => format!(
             "Could not open '{file}': Could not open '{file}': {}",
             lib_error(e)
-        )
+        ),
     };
     let format = match p.last("f") {
         Some(f) => parse_format(f)?,
@@ -156,6 +158,12 @@ fn resize(args: &[String]) -> Result<(), String> {
                         strerror(&e)
                     )
                 })?;
+            // A raw image shares everything with its other users, but not with a qcow2 image
+            // whose data file it is (that one refuses resizes).
+            if let Some(mut lock) = Locking::Qemu.request(FileRole::Raw, true) {
+                lock.uses |= Permissions::RESIZE;
+                acquire(&f, path, lock).map_err(|e| format!("Could not open '{file}': {e}"))?;
+            }
             let len = f
                 .metadata()
                 .map_err(|e| format!("Failed to inquire current image length: {}", strerror(&e)))?

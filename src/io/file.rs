@@ -1,5 +1,6 @@
 //! A file on the host as [`Storage`].
 
+use super::lock::{acquire, release, LockRequest};
 use super::Storage;
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
@@ -9,47 +10,84 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// A host file accessed with positioned I/O (`pread`/`pwrite`), shareable between threads.
+///
+/// Opened by [`open`](Self::open), [`open_with`](Self::open_with) or [`create`](Self::create),
+/// it holds QEMU's image locks ([`super::lock`]) for as long as it lives.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    locked: bool,
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        if self.locked {
+            // Nothing to report to: at worst the locks go when the descriptor closes.
+            let _ = release(&self.file);
+        }
+    }
 }
 
 impl FileStorage {
-    /// Opens an existing file, read-only or read-write.
+    /// Opens an existing file, read-only or read-write, with the locks QEMU's qcow2 driver
+    /// takes on its image file ([`LockRequest::image`]): it refuses (with a
+    /// [`LockError`](super::lock::LockError) inside the I/O error) when another open of the file,
+    /// in this process or another, writes it, or when this open writes and another one
+    /// refuses to share that.
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
+        Self::open_with(path, writable, Some(LockRequest::image(writable)))
+    }
+
+    /// Opens an existing file, read-only or read-write, taking the locks of `lock` (none when
+    /// `None`, for callers that lock by themselves).
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        writable: bool,
+        lock: Option<LockRequest>,
+    ) -> io::Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        if let Some(request) = lock {
+            acquire(&file, path, request)?;
+        }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            locked: lock.is_some(),
         })
     }
 
-    /// Creates (or truncates) a file for writing.
+    /// Creates a file for writing, or empties an existing one, as qemu-img create does: the
+    /// file is locked ([`LockRequest::create`]) before it is truncated, so an image another
+    /// open is using is refused, not destroyed.
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
+        acquire(&file, path, LockRequest::create())?;
+        file.set_len(0)?;
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            locked: true,
         })
     }
 
-    /// Wraps an already open file.
+    /// Wraps an already open file; no lock is taken.
     pub fn from_file(file: File, path: PathBuf, writable: bool) -> Self {
         FileStorage {
             file,
             path,
             writable,
+            locked: false,
         }
     }
 

@@ -3,9 +3,10 @@
 //! [`Storage`] is the small, synchronous contract every backend fulfils; it knows nothing of
 //! qcow2. Backends: [`FileStorage`] (positioned `pread`/`pwrite`, never seek + read) and
 //! [`MemoryStorage`] (tests, fuzzing). With the `testing` feature, `testing` holds storages that
-//! inject I/O errors and simulate power loss.
+//! inject I/O errors and simulate power loss. [`lock`] takes QEMU's image locks on files.
 
 mod file;
+pub mod lock;
 mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

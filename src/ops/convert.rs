@@ -359,13 +359,14 @@ pub fn convert_to_qcow2(
         keep: false,
     };
     let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::create(&tmp.path).map_err(|e| Error::io("creating temporary target", e))?,
+        FileStorage::create(&tmp.path)
+            .map_err(|e| Error::storage("creating temporary target", e))?,
     );
     let data: Option<Arc<dyn Storage>> = match &opts.create.data_file {
         Some(d) => {
             let p = crate::chain::resolve_relative(target, d.as_bytes())?;
             Some(Arc::new(
-                FileStorage::create(&p).map_err(|e| Error::io("creating data file", e))?,
+                FileStorage::create(&p).map_err(|e| Error::storage("creating data file", e))?,
             ))
         }
         None => None,

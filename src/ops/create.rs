@@ -421,12 +421,12 @@ pub fn create_qcow2(path: &Path, o: &CreateOptions) -> Result<()> {
         (None, None) => return Err(bad("Image creation needs a size parameter")),
     };
     let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::create(path).map_err(|e| Error::io("creating image file", e))?);
+        Arc::new(FileStorage::create(path).map_err(|e| Error::storage("creating image file", e))?);
     let data: Option<Arc<dyn Storage>> = match &o.data_file {
         Some(d) => {
             let dpath = resolve_relative(path, d.as_bytes())?;
             Some(Arc::new(
-                FileStorage::create(&dpath).map_err(|e| Error::io("creating data file", e))?,
+                FileStorage::create(&dpath).map_err(|e| Error::storage("creating data file", e))?,
             ))
         }
         None => None,
@@ -436,7 +436,7 @@ pub fn create_qcow2(path: &Path, o: &CreateOptions) -> Result<()> {
 
 /// Creates a raw image file of `size` bytes (sparse unless `preallocation` is `Full`).
 pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
-    let s = FileStorage::create(path).map_err(|e| Error::io("creating image file", e))?;
+    let s = FileStorage::create(path).map_err(|e| Error::storage("creating image file", e))?;
     if preallocation == Preallocation::Full {
         let zeros = vec![0u8; 1 << 20];
         let mut p = 0;

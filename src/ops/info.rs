@@ -5,13 +5,16 @@
 //! still be inspected. [`image_info`] gathers the facts; [`backing_chain_info`] walks the chain
 //! by the names the images record (`--backing-chain`), top first.
 
-use crate::chain::{probe_file, ImageFormat, Opened, DEFAULT_MAX_DEPTH};
+use crate::chain::{
+    open_storage, probe_file, FileRole, ImageFormat, Locking, Opened, DEFAULT_MAX_DEPTH,
+};
 use crate::device::RawImage;
 use crate::engine::{Qcow2Image, Qcow2Options};
 use crate::error::{Error, Result};
 use crate::format::features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
 use crate::format::header::CompressionType;
-use crate::io::{FileStorage, Storage};
+use crate::io::lock::{LockRequest, Permissions};
+use crate::io::Storage;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,9 +125,18 @@ pub struct BitmapInfo {
 /// Opens `path` as `format` for inspection: read-only, metadata only. No backing file and no
 /// external data file is opened (reads of the returned device fall back to zeros for backing
 /// data and fail for data-file clusters).
-pub fn open_for_info(path: &Path, format: ImageFormat) -> Result<Opened> {
-    let storage = FileStorage::open(path, false)
-        .map_err(|e| Error::io(format!("opening '{}'", path.display()), e))?;
+///
+/// The file is locked as qemu-img info locks it under `locking`: no read permission is taken
+/// (nothing is read as guest data), but a qcow2 image is refused while another open writes it
+/// ([`Error::Locked`]) unless `locking` is [`Locking::ForceShare`] or [`Locking::Off`].
+pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Result<Opened> {
+    let lock = locking
+        .request(FileRole::of(format), false)
+        .map(|r| LockRequest {
+            uses: Permissions::empty(),
+            ..r
+        });
+    let storage = open_storage(path, false, lock, 0)?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     match format {
         ImageFormat::Raw => Ok(Opened {
@@ -263,7 +275,11 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
 /// `None`); each backing file by the name resolved with [`combine_path`], in the format the
 /// image records (probed when it records none). A name that comes back is a loop
 /// ([`Error::BackingLoop`]), as in qemu-img.
-pub fn backing_chain_info(path: &Path, format: Option<ImageFormat>) -> Result<Vec<ImageInfo>> {
+pub fn backing_chain_info(
+    path: &Path,
+    format: Option<ImageFormat>,
+    locking: Locking,
+) -> Result<Vec<ImageInfo>> {
     let mut out: Vec<ImageInfo> = Vec::new();
     let mut next = Some((path.to_path_buf(), format));
     while let Some((p, fmt)) = next.take() {
@@ -277,7 +293,7 @@ pub fn backing_chain_info(path: &Path, format: Option<ImageFormat>) -> Result<Ve
             Some(f) => f,
             None => probe_file(&p)?,
         };
-        let info = image_info(&open_for_info(&p, fmt)?)?;
+        let info = image_info(&open_for_info(&p, fmt, locking)?)?;
         if let Some(full) = &info.full_backing_filename {
             let bfmt = match &info.backing_format {
                 Some(f) => Some(ImageFormat::from_name(f.as_bytes())?),

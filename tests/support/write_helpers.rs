@@ -184,6 +184,21 @@ pub(crate) fn open_rw_cache(path: &Path, l2_cache_bytes: Option<usize>) -> Opene
         .unwrap_or_else(|e| panic!("opening {} writable: {e}", path.display()))
 }
 
+/// Opens `path` writable with the qemu-compatible policy but without locks, for a handle the test
+/// leaks (`mem::forget`) to stand for a crashed process: a crashed process's locks die with it.
+pub(crate) fn open_rw_crashing(path: &Path, l2_cache_bytes: Option<usize>) -> Opened {
+    let mut o = OpenOptions {
+        writable: true,
+        locking: qcow2kit::chain::Locking::Off,
+        ..OpenOptions::qemu_compatible()
+    };
+    if let Some(b) = l2_cache_bytes {
+        o.qcow2.l2_cache_bytes = b;
+    }
+    open(path, ImageFormat::Qcow2, &o)
+        .unwrap_or_else(|e| panic!("opening {} writable: {e}", path.display()))
+}
+
 /// Opens `path` read-only with the qemu-compatible policy.
 pub(crate) fn open_ro(path: &Path) -> Opened {
     open(path, ImageFormat::Qcow2, &OpenOptions::qemu_compatible())

@@ -10,7 +10,8 @@
 //! Offsets and lengths take qemu's size syntax (`4k`, `1.5M`, `0x1000`). Each `-c` runs in
 //! order; without `-c`, commands are read from standard input after a `qemu-io> ` prompt. A
 //! failing command does not stop the others; the exit code is 1 if any failed. The image is
-//! opened writable (`-r`: read-only) with its backing chain, and every write, zero write and
+//! opened writable (`-r`: read-only) with its backing chain, locked as QEMU locks it (`-U` with
+//! `-r`: sharing everything; `-U` alone is refused as by qemu-io), and every write, zero write and
 //! discard is followed by a flush (qemu-io's default writethrough cache mode; `-n` or a `-t`
 //! mode other than `writethrough`/`directsync` turn that off). The image is flushed and closed
 //! at the end. `-d ignore` (or `off`) makes discards succeed without effect, as in QEMU.
@@ -34,8 +35,8 @@ mod numbers;
 mod output;
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, parse_format};
-use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions, Opened};
+use crate::common::{fail, locking, parse_format};
+use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions, Opened, FORCE_SHARE_WRITABLE};
 use std::io::BufRead;
 use std::path::Path;
 
@@ -61,7 +62,7 @@ const SPECS: &[Spec] = &[
     opt(Some('h'), Some("help"), false, "help"),
 ];
 
-const HELP: &str = "usage: qcow2kit io [-f FMT] [-r] [-n] [-t CACHE] [-c CMD]... FILE
+const HELP: &str = "usage: qcow2kit io [-f FMT] [-r] [-U] [-n] [-t CACHE] [-c CMD]... FILE
 
 Runs qemu-io commands on an image:
   read [-Cqv] [-P pattern [-s off] [-l len]] off len
@@ -108,7 +109,7 @@ pub fn run(args: &[String]) -> u8 {
         Some(other) => return fail(format!("Invalid discard option: {other}")),
     };
     let read_only = p.has("r");
-    let opened = match open_image(file, p.last("f"), read_only) {
+    let opened = match open_image(file, p.last("f"), read_only, p.has("U")) {
         Ok(o) => o,
         Err(e) => return fail(format!("can't open device {file}: {e}")),
     };
@@ -159,8 +160,17 @@ pub fn run(args: &[String]) -> u8 {
     u8::from(failed)
 }
 
-/// Opens the image as qemu-io does: writable unless `read_only`, the chain followed.
-fn open_image(file: &str, format: Option<&str>, read_only: bool) -> Result<Opened, String> {
+/// Opens the image as qemu-io does: writable unless `read_only`, the chain followed, locked
+/// as QEMU locks (`force_share`: read-only, sharing everything).
+fn open_image(
+    file: &str,
+    format: Option<&str>,
+    read_only: bool,
+    force_share: bool,
+) -> Result<Opened, String> {
+    if force_share && !read_only {
+        return Err(FORCE_SHARE_WRITABLE.into());
+    }
     let path = Path::new(file);
     let lib = |e: qcow2kit::Error| match e {
         qcow2kit::Error::Io { source, .. } => {
@@ -189,6 +199,7 @@ fn open_image(file: &str, format: Option<&str>, read_only: bool) -> Result<Opene
     };
     let opts = OpenOptions {
         writable: !read_only,
+        locking: locking(force_share),
         ..crate::common::qemu_options()
     };
     open(path, fmt, &opts).map_err(lib)
