@@ -62,7 +62,7 @@ fn lib_error(e: &qcow2kit::Error) -> String {
 
 fn resize(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return Ok(());
     }
     // The size is the last argument, taken before option parsing (negative sizes).
@@ -73,7 +73,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         Ok(p) => p,
         Err(e) => {
             // getopt's wording, as qemu-img prints it.
-            eprintln!("qcow2kit resize: {e}\n{TRY}");
+            errln!("qcow2kit resize: {e}\n{TRY}");
             return Err(String::new());
         }
     };
@@ -110,7 +110,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         None => {
             let f = probe_file(path).map_err(|e| could_not_open(&e))?;
             if f == ImageFormat::Raw {
-                eprintln!(
+                errln!(
                     "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
                      Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
                      Specify the 'raw' format explicitly to remove the restrictions."
@@ -183,7 +183,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         }
     }
     if !quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(())
 }
