@@ -182,3 +182,99 @@ fn output_that_cannot_be_written_is_dropped_as_qemu_does() {
         }
     }
 }
+
+/// Runs `prog args` in `dir` with `write -s` reading from a FIFO that yields `data` and then
+/// stays open without ending (as an endless source would); the command must finish within
+/// 30 s, having read only what it needs.
+fn with_endless_source(prog: &str, args: &[&str], dir: &Path, fifo: &Path, data: &[u8]) -> Output {
+    use std::io::Write;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let path = fifo.to_path_buf();
+    let data = data.to_vec();
+    let feeder = std::thread::spawn(move || {
+        // Opening blocks until the command opens the FIFO for reading.
+        let mut w = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open fifo");
+        let _ = w.write_all(&data);
+        // Held open until the command is done: a reader that waits for the end never sees it.
+        let _ = done_rx.recv();
+    });
+    let mut child = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = done_tx.send(());
+            // Unblock a feeder still waiting for a reader.
+            let _ = fs::File::open(fifo);
+            panic!("`{prog} {args:?}` still reads its endless source after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("wait");
+    let _ = done_tx.send(());
+    feeder.join().expect("feeder");
+    out
+}
+
+#[test]
+fn write_from_an_endless_source_reads_only_the_request() {
+    let p = Pair::new();
+    p.img(&["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
+    // 3 MiB of a non-repeating pattern, then the source stays open: the write needs 2 MiB.
+    let data: Vec<u8> = (0u32..3 << 18).flat_map(|i| i.to_le_bytes()).collect();
+    for (prog, prefix, dir) in [("qemu-io", &[][..], &p.q), (QCOW2KIT, &["io"][..], &p.k)] {
+        let fifo = dir.join("src.fifo");
+        tool("mkfifo", &[fifo.to_str().expect("utf-8")], dir);
+        let mut args: Vec<&str> = prefix.to_vec();
+        args.extend(["-c", "write -s src.fifo 4096 2M", "a.qcow2"]);
+        let out = with_endless_source(prog, &args, dir, &fifo, &data);
+        assert!(
+            out.status.success(),
+            "{prog}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    p.same(&["compare", "a.qcow2", "../k/a.qcow2"]);
+    // A short source is repeated to fill the request, as qemu-io does.
+    for d in [&p.q, &p.k] {
+        fs::write(d.join("short.bin"), b"0123456789").expect("write");
+        fs::write(d.join("empty.bin"), b"").expect("write");
+    }
+    let (q, k) = p.both(
+        "qemu-io",
+        &["io"],
+        &["-c", "write -s short.bin 1000 5000", "a.qcow2"],
+        Sink::Pipe,
+    );
+    assert_eq!(q.status.code(), k.status.code());
+    for bad in ["empty.bin", "missing.bin", "."] {
+        let cmd = format!("write -s {bad} 0 512");
+        let (q, k) = p.both("qemu-io", &["io"], &["-c", &cmd, "a.qcow2"], Sink::Pipe);
+        assert_eq!(outcome(&q), outcome(&k), "{cmd}");
+        assert_eq!(q.stdout, k.stdout, "{cmd}");
+    }
+    let (q, k) = p.both(
+        "qemu-img",
+        &[],
+        &["compare", "a.qcow2", "../k/a.qcow2"],
+        Sink::Pipe,
+    );
+    assert_eq!(
+        q.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&q.stdout)
+    );
+    assert_eq!(outcome(&q), outcome(&k));
+}

@@ -546,21 +546,45 @@ impl Session {
     }
 }
 
-/// qemu-io's `qemu_io_alloc_from_file`: the file's first `len` bytes, repeated to fill `len`.
+/// Most bytes read from a `-s` source in one call.
+const SOURCE_CHUNK: usize = 1 << 20;
+
+/// qemu-io's `qemu_io_alloc_from_file`: up to `len` bytes of the file (read in bounded chunks,
+/// never past `len`: the source may be endless, as `/dev/urandom` is), repeated to fill `len`.
 pub(super) fn pattern_from_file(file: &str, len: usize) -> Option<Vec<u8>> {
-    let data = match std::fs::read(file) {
-        Ok(d) => d,
+    use std::io::Read;
+    let report = |e: &std::io::Error| errln!("{file}: {}", qcow2kit::error::strerror(e));
+    let mut f = match std::fs::File::open(file) {
+        Ok(f) => f,
         Err(e) => {
-            let s = e.to_string();
-            let s = s.rfind(" (os error ").map_or(s.as_str(), |i| &s[..i]);
-            errln!("{file}: {s}");
+            report(&e);
             return None;
         }
     };
-    if data.is_empty() {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let end = len.min(got + SOURCE_CHUNK);
+        match f.read(&mut buf[got..end]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                report(&e);
+                return None;
+            }
+        }
+    }
+    if got == 0 {
         errln!("{file}: file is empty");
         return None;
     }
-    let n = data.len().min(len);
-    Some(data[..n].iter().copied().cycle().take(len).collect())
+    // Doubling copies keep `filled` a multiple of `got`, so the pattern repeats seamlessly.
+    let mut filled = got;
+    while filled < len {
+        let n = filled.min(len - filled);
+        buf.copy_within(0..n, filled);
+        filled += n;
+    }
+    Some(buf)
 }
