@@ -397,8 +397,8 @@ fn create(p: &Parsed) -> Result<(), String> {
         ImageFormat::Raw => {
             let prealloc = match set.text("preallocation").unwrap_or("off") {
                 "off" => Preallocation::Off,
-                // No fallocate binding: the blocks are allocated by writing zeros.
-                "falloc" | "full" => Preallocation::Full,
+                "falloc" => Preallocation::Falloc,
+                "full" => Preallocation::Full,
                 "metadata" => {
                     // QEMU's file driver has created (truncated) the file by then.
                     std::fs::File::create(file)

@@ -278,3 +278,49 @@ fn write_from_an_endless_source_reads_only_the_request() {
     );
     assert_eq!(outcome(&q), outcome(&k));
 }
+
+/// Asserts that qcow2kit's file holds as many blocks as qemu-img's, within `slack` 512-byte
+/// blocks (qcow2kit lays metadata out in whole clusters).
+fn same_allocation(p: &Pair, file: &str, slack: u64) {
+    let (q, k) = (blocks(&p.q.join(file)), blocks(&p.k.join(file)));
+    assert!(
+        k + slack >= q && k <= q + slack,
+        "{file}: qemu-img allocated {q} blocks, qcow2kit {k}"
+    );
+}
+
+#[test]
+fn falloc_preallocation_reserves_the_blocks() {
+    // iotest 243: the data blocks of a falloc image are allocated, in the image file or in its
+    // external data file.
+    let p = Pair::new();
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("a.qcow2", "preallocation=falloc", &["a.qcow2"]),
+        (
+            "b.qcow2",
+            "preallocation=falloc,cluster_size=4096",
+            &["b.qcow2"],
+        ),
+        (
+            "c.qcow2",
+            "preallocation=falloc,data_file=c.data",
+            &["c.qcow2", "c.data"],
+        ),
+        ("d.raw", "preallocation=falloc", &["d.raw"]),
+    ];
+    for (file, opts, judged) in cases {
+        let fmt = if file.ends_with(".raw") {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        p.same(&["create", "-q", "-f", fmt, "-o", opts, file, "24M"]);
+        for j in *judged {
+            // 24 MiB is 49152 blocks; the slack covers metadata laid out in whole clusters.
+            same_allocation(&p, j, 512);
+        }
+        if fmt == "qcow2" {
+            p.same(&["check", file]);
+        }
+    }
+}
