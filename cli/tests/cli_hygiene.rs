@@ -324,3 +324,32 @@ fn falloc_preallocation_reserves_the_blocks() {
         }
     }
 }
+
+#[test]
+fn convert_with_s_0_makes_a_thick_copy() {
+    let p = Pair::new();
+    p.img(&["create", "-q", "-f", "qcow2", "s.qcow2", "16M"]);
+    p.setup(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 1 1M 1M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 0 8M 1M",
+            "s.qcow2",
+        ],
+    );
+    for (fmt, out) in [("raw", "t.raw"), ("qcow2", "t.qcow2")] {
+        p.same(&["convert", "-S", "0", "-O", fmt, "s.qcow2", out]);
+        // Fully allocated: 16 MiB is 32768 blocks, plus the qcow2 metadata.
+        same_allocation(&p, out, 512);
+        assert!(blocks(&p.k.join(out)) >= 32768, "{out} is sparse");
+        let (q, _) = p.same(&["compare", "-f", "qcow2", "-F", fmt, "s.qcow2", out]);
+        assert_eq!(q.status.code(), Some(0));
+    }
+    // Without -S 0 both stay sparse.
+    p.same(&["convert", "-O", "raw", "s.qcow2", "u.raw"]);
+    same_allocation(&p, "u.raw", 64);
+}

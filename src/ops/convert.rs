@@ -30,7 +30,8 @@ pub struct RawConvertOptions<'a> {
     /// Worker threads; 0 means one per available core.
     pub workers: usize,
     /// Zero detection granularity in bytes (qemu-img `-S`): aligned blocks of this size that
-    /// read as zeros are not written. 0 writes every allocated byte.
+    /// read as zeros are not written. 0 makes a thick copy: every byte is written, zeros and
+    /// unallocated ranges included, so the target ends up fully allocated.
     pub zero_granularity: u64,
     /// The target already reads as zeros everywhere (freshly created): ranges of zeros need no
     /// writes at all. Otherwise they are zeroed explicitly (qemu-img `-n`).
@@ -268,16 +269,22 @@ pub fn convert_to_raw(
             "target is smaller than the source".into(),
         ));
     }
+    let thick = opts.zero_granularity == 0;
     let jobs = plan(
         src,
         Scope::Flatten {
-            zero_jobs: !opts.target_is_zero,
+            zero_jobs: !opts.target_is_zero || thick,
         },
         1,
         CHUNK_BYTES,
     )?;
     run_jobs(&jobs, opts.workers, opts.progress, |buf, job| {
-        if job.data {
+        if thick && !job.data {
+            buf.clear();
+            buf.resize(job.len as usize, 0);
+            dst.write_at(buf, job.offset)
+                .map_err(|e| Error::io("writing target", e))
+        } else if job.data {
             buf.resize(job.len as usize, 0);
             src.read_at(buf, job.offset)?;
             write_sparse(
@@ -304,7 +311,8 @@ pub struct Qcow2ConvertOptions<'a> {
     /// Worker threads; 0 means one per available core.
     pub workers: usize,
     /// Zero detection granularity (qemu-img `-S`); blocks of zeros are not allocated. The
-    /// effective granularity is at least the target's cluster size.
+    /// effective granularity is at least the target's cluster size. 0 makes a thick copy
+    /// (unless a backing file is kept): every cluster is allocated, zeros written as data.
     pub zero_granularity: u64,
     /// Write compressed clusters (qemu-img `-c`).
     pub compress: bool,
@@ -403,11 +411,15 @@ pub fn convert_into(
     }
     let cs = dst.cluster_size();
     let keeps_backing = opts.create.backing_file.is_some() || dst.backing_file_name().is_some();
-    let scope = if keeps_backing && opts.create.backing_file.is_some() {
+    let top_layer = keeps_backing && opts.create.backing_file.is_some();
+    // A thick copy writes zeros as data; with a backing file kept, what the top layer does not
+    // allocate must stay unallocated.
+    let thick = opts.zero_granularity == 0 && !top_layer;
+    let scope = if top_layer {
         Scope::TopLayer
     } else {
         Scope::Flatten {
-            zero_jobs: !dst_is_zero,
+            zero_jobs: !dst_is_zero || thick,
         }
     };
     // Zeros inside data may stay unallocated only when nothing shows through.
@@ -417,11 +429,14 @@ pub fn convert_into(
     let jobs = plan(src, scope, cs, chunk)?;
     let size = src.size();
     run_jobs(&jobs, opts.workers, opts.progress, |buf, job| {
-        if !job.data {
+        if !job.data && !thick {
             return dst.write_zeroes(job.offset, job.len);
         }
+        buf.clear();
         buf.resize(job.len as usize, 0);
-        src.read_at(buf, job.offset)?;
+        if job.data {
+            src.read_at(buf, job.offset)?;
+        }
         let end = job.offset + job.len;
         let mut p = job.offset;
         let mut run: Option<u64> = None;
@@ -444,6 +459,9 @@ pub fn convert_into(
                 dst.write_at(b, s)
             }
         };
+        if thick {
+            return write_run(job.offset, end);
+        }
         while p < end {
             let block_end = ((p / gran) + 1).saturating_mul(gran).min(end);
             let zero = is_zero(&buf[(p - job.offset) as usize..(block_end - job.offset) as usize]);
