@@ -353,3 +353,50 @@ fn convert_with_s_0_makes_a_thick_copy() {
     p.same(&["convert", "-O", "raw", "s.qcow2", "u.raw"]);
     same_allocation(&p, "u.raw", 64);
 }
+
+#[test]
+fn growing_over_a_raw_data_file_keeps_its_data() {
+    // iotest 244 ("Truncation (growing)"): data appended to the raw data file before the resize
+    // becomes visible through the image, as in the data file itself.
+    for data_len in ["2M", "3M"] {
+        let p = Pair::new();
+        p.img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=t.data,data_file_raw=on",
+            "t.qcow2",
+            "1M",
+        ]);
+        p.setup(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 42 0 1M", "t.data"],
+        );
+        p.setup("truncate", &["-s", data_len, "t.data"]);
+        p.setup(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 84 1M 1M", "t.data"],
+        );
+        let (q, k) = p.same(&["resize", "t.qcow2", "2M"]);
+        assert_eq!(q.stdout, k.stdout);
+        for d in [&p.q, &p.k] {
+            let out = tool(
+                "qemu-io",
+                &["-c", "read -P 42 0 1M", "-c", "read -P 84 1M 1M", "t.qcow2"],
+                d,
+            );
+            assert!(
+                !out.contains("verification failed"),
+                "{}: {out}",
+                d.display()
+            );
+            assert_eq!(
+                fs::metadata(d.join("t.data")).expect("stat").len(),
+                fs::metadata(p.q.join("t.data")).expect("stat").len()
+            );
+        }
+        p.same(&["check", "t.qcow2"]);
+    }
+}

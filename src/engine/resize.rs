@@ -6,7 +6,8 @@
 //! through read as zeros, as in QEMU. Shrinking drops the active image's clusters past the new
 //! end (entries cleared and flushed before their refcounts drop); tables and clusters shared
 //! with snapshots only lose the active image's reference. An external data file grows with the
-//! image, and a raw one has its new range mapped one to one.
+//! image, and a raw one has its new range mapped one to one, keeping what the file already
+//! holds there.
 
 use super::write::ZeroMode;
 use super::Qcow2Image;
@@ -162,11 +163,8 @@ impl Qcow2Image {
         self.write_size(new_size)?;
         if let Some(d) = self.data_storage.as_ref().filter(|_| g.data_file) {
             let len = d.len().map_err(io_err("sizing data file"))?;
-            if raw_data_file && len > old_size {
-                // Whatever the data file held past the old end becomes guest data: zero it.
-                d.punch_hole(old_size, len.min(new_size) - old_size)
-                    .map_err(io_err("zeroing data file"))?;
-            }
+            // A raw data file is the guest's content: what it holds past the old end becomes
+            // guest data as it is (as in QEMU, iotest 244); only a shorter file is extended.
             if len < new_size {
                 d.set_len(new_size).map_err(io_err("growing data file"))?;
             }
