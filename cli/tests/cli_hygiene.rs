@@ -400,3 +400,51 @@ fn growing_over_a_raw_data_file_keeps_its_data() {
         p.same(&["check", "t.qcow2"]);
     }
 }
+
+#[test]
+fn check_repair_clears_unknown_autoclear_bits() {
+    // iotest 036: qemu-img check -r opens the image writable, which clears the autoclear bits
+    // QEMU does not know even when nothing needs repairing; the known ones stay.
+    let p = Pair::new();
+    p.img(&["create", "-q", "-f", "qcow2", "plain.qcow2", "64M"]);
+    p.img(&["create", "-q", "-f", "qcow2", "bitmap.qcow2", "64M"]);
+    p.img(&["bitmap", "--add", "bitmap.qcow2", "b0"]);
+    p.img(&["create", "-q", "-f", "qcow2", "leaky.qcow2", "64M"]);
+    p.setup("qemu-io", &["-c", "write -P 7 0 1M", "leaky.qcow2"]);
+    // A leaked cluster: the refcount of the cluster after the file's end (block 0 covers it).
+    p.poke("leaky.qcow2", 0x20000 + 2 * 40, &1u16.to_be_bytes());
+    for (file, bits) in [
+        ("plain.qcow2", 0x8000_0000_0000_0020u64),
+        ("bitmap.qcow2", 0x8000_0000_0000_0001),
+        ("leaky.qcow2", 0x0000_0001_0000_0000),
+    ] {
+        p.poke(file, 88, &bits.to_be_bytes());
+        for mode in ["all", "leaks"] {
+            for d in [&p.q, &p.k] {
+                fs::copy(d.join(file), d.join("t.qcow2")).expect("copy");
+            }
+            let (q, k) = p.same(&["check", "-r", mode, "t.qcow2"]);
+            assert_eq!(q.stdout, k.stdout, "{file} -r {mode}");
+            let (qb, kb) = (
+                fs::read(p.q.join("t.qcow2")).expect("read"),
+                fs::read(p.k.join("t.qcow2")).expect("read"),
+            );
+            assert_eq!(
+                qb[88..96],
+                kb[88..96],
+                "autoclear bits of {file} after -r {mode}"
+            );
+            if file != "bitmap.qcow2" {
+                // (QEMU also rewrites the bitmap directory of an image it opens writable.)
+                let diff: Vec<usize> = (0..qb.len().max(kb.len()))
+                    .filter(|&i| qb.get(i) != kb.get(i))
+                    .take(8)
+                    .collect();
+                assert!(
+                    diff.is_empty(),
+                    "{file} after -r {mode} differs at {diff:?}"
+                );
+            }
+        }
+    }
+}
