@@ -186,6 +186,18 @@ pub enum Corruption {
     },
     /// The image is marked corrupt (incompatible bit 1) and cannot be opened writable.
     MarkedCorrupt,
+    /// A shrink found a refcount table entry it cannot drop (QEMU: "Failed to discard unused
+    /// refblocks"): unaligned, past every possible offset, or naming a block whose own
+    /// refcount is wrong or not covered at all.
+    RefblockDiscard {
+        /// The refcount block's offset, as the table entry gives it.
+        offset: u64,
+        /// QEMU's corruption message, when the finding marked the image corrupt.
+        corrupt: Option<String>,
+        /// The block's refcount is wrong (QEMU fails with EINVAL), rather than the block
+        /// unreadable (EIO).
+        bad_count: bool,
+    },
 }
 
 impl fmt::Display for Corruption {
@@ -240,6 +252,15 @@ impl fmt::Display for Corruption {
             }
             Corruption::BadSnapshot { index, rule } => {
                 write!(f, "snapshot table entry {index}: {rule}")
+            }
+            Corruption::RefblockDiscard {
+                offset, corrupt, ..
+            } => {
+                write!(f, "refcount block at {offset:#x} cannot be discarded")?;
+                match corrupt {
+                    Some(m) => write!(f, ": {m}; image marked corrupt"),
+                    None => write!(f, ": offset out of range"),
+                }
             }
             Corruption::MarkedCorrupt => {
                 write!(

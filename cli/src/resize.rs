@@ -17,11 +17,14 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
 use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions};
-use qcow2kit::error::strerror;
+use qcow2kit::error::{strerror, Corruption};
 use qcow2kit::BlockDevice;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+const EIO: i32 = 5;
+const EINVAL: i32 = 22;
 
 const SPECS: &[Spec] = &[
     opt(Some('f'), None, true, "f"),
@@ -56,6 +59,22 @@ pub fn run(args: &[String]) -> u8 {
 fn lib_error(e: &qcow2kit::Error) -> String {
     match e {
         qcow2kit::Error::Io { source, .. } => strerror(source),
+        qcow2kit::Error::Corrupt(Corruption::RefblockDiscard {
+            corrupt, bad_count, ..
+        }) => {
+            // QEMU's block layer logs the corruption, then qemu-img the failure.
+            if let Some(m) = corrupt {
+                errln!(
+                    "qcow2: Marking image as corrupt: {m}; further corruption events will be \
+                     suppressed"
+                );
+            }
+            let errno = if *bad_count { EINVAL } else { EIO };
+            format!(
+                "Failed to discard unused refblocks: {}",
+                strerror(&std::io::Error::from_raw_os_error(errno))
+            )
+        }
         other => other.to_string(),
     }
 }

@@ -448,3 +448,132 @@ fn check_repair_clears_unknown_autoclear_bits() {
         }
     }
 }
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The refcount table of the image at `path`, raw, and whether any entry names a block that
+/// counts nothing (iotest 163's check).
+fn reftable(path: &Path) -> (Vec<u64>, bool) {
+    let b = fs::read(path).expect("read image");
+    let cluster_bits = u32::from_be_bytes(b[20..24].try_into().expect("4 bytes"));
+    let cs = 1usize << cluster_bits;
+    let offset = be64(&b, 48) as usize;
+    let clusters = u32::from_be_bytes(b[56..60].try_into().expect("4 bytes")) as usize;
+    let table: Vec<u64> = (0..clusters * cs / 8)
+        .map(|i| be64(&b, offset + i * 8))
+        .collect();
+    let empty = table.iter().any(|&e| {
+        let o = (e & !0x1ff) as usize;
+        o != 0 && b.get(o..o + cs).is_none_or(|c| c.iter().all(|&x| x == 0))
+    });
+    (table, empty)
+}
+
+#[test]
+fn shrink_drops_refcount_blocks_that_count_nothing() {
+    // iotest 163: after a shrink no refcount table entry names a block that counts nothing,
+    // the file ends after its last used cluster, and the image checks clean.
+    let cases = [
+        ("512", "64", 3u64 << 20, "1M", 256u64 << 10),
+        ("64K", "16", 128 << 20, "10M", 16 << 20),
+        ("1M", "1", 128 << 20, "10M", 16 << 20),
+    ];
+    for (cluster, bits, len, shrunk, chunk) in cases {
+        let p = Pair::new();
+        let opts = format!("cluster_size={cluster},refcount_bits={bits}");
+        p.img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "t.qcow2",
+            &len.to_string(),
+        ]);
+        let mut writes = Vec::new();
+        for off in (0..len).step_by(chunk as usize) {
+            writes.push("-c".to_string());
+            writes.push(format!("write -P 0xff {off} {chunk}"));
+        }
+        writes.push("t.qcow2".into());
+        let args: Vec<&str> = writes.iter().map(String::as_str).collect();
+        p.setup("qemu-io", &args);
+        let (q, k) = p.same(&["resize", "--shrink", "t.qcow2", shrunk]);
+        assert_eq!(q.stdout, k.stdout);
+        let (qt, qe) = reftable(&p.q.join("t.qcow2"));
+        let (kt, ke) = reftable(&p.k.join("t.qcow2"));
+        assert!(
+            !qe,
+            "{cluster}: qemu-img left a refcount block that counts nothing"
+        );
+        assert!(
+            !ke,
+            "{cluster}: qcow2kit left a refcount block that counts nothing"
+        );
+        assert_eq!(qt, kt, "{cluster}/{bits}: refcount tables differ");
+        assert_eq!(
+            fs::metadata(p.q.join("t.qcow2")).expect("stat").len(),
+            fs::metadata(p.k.join("t.qcow2")).expect("stat").len(),
+            "{cluster}/{bits}: file lengths differ"
+        );
+        let (q, k) = p.same(&["check", "t.qcow2"]);
+        assert_eq!(q.stdout, k.stdout);
+        assert_eq!(k.status.code(), Some(0));
+        let (q, _) = p.same(&["compare", "t.qcow2", "../k/t.qcow2"]);
+        assert_eq!(q.status.code(), Some(0));
+    }
+}
+
+#[test]
+fn shrink_refuses_hostile_refcount_table_entries() {
+    // The second refcount table entry (the first names the real block at 0x20000) is made
+    // unaligned, past 64 GiB (covered by no block), past the file's end (counted by no block),
+    // out of any file's range, or the offset of a data cluster past the new end with junk in
+    // its low bits: qemu-img refuses each with the same message, and marks the image corrupt
+    // where QEMU does. qcow2kit refuses the first four before dropping anything (QEMU only after
+    // dropping the data past the new end); a data cluster posing as a block is only found once
+    // the shrink has freed it, as in QEMU.
+    let entries: [(u64, bool); 5] = [
+        (0x5_0200, true),
+        (0x00ff_ffff_0000_0000, true),
+        (0x20_0000, true),
+        (0xff00_0000_0005_0000, true),
+        (0x5_0010, false),
+    ];
+    for (e, data_kept) in entries {
+        let p = Pair::new();
+        p.img(&["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]);
+        p.setup("qemu-io", &["-c", "write -P 7 40M 1M", "t.qcow2"]);
+        p.poke("t.qcow2", 0x10000 + 8, &e.to_be_bytes());
+        let (q, k) = p.same(&["resize", "--shrink", "t.qcow2", "32M"]);
+        assert_eq!(
+            q.status.code(),
+            Some(1),
+            "{e:#x}: {}",
+            String::from_utf8_lossy(&q.stderr)
+        );
+        assert_eq!(q.stdout, k.stdout, "{e:#x}");
+        let (qb, kb) = (
+            fs::read(p.q.join("t.qcow2")).expect("read"),
+            fs::read(p.k.join("t.qcow2")).expect("read"),
+        );
+        assert_eq!(be64(&qb, 24), be64(&kb, 24), "{e:#x}: virtual size");
+        assert_eq!(be64(&qb, 72), be64(&kb, 72), "{e:#x}: incompatible bits");
+        let read = |dir: &Path| {
+            let o = run(
+                "qemu-io",
+                &["-r", "-U", "-c", "read -P 7 40M 1M", "t.qcow2"],
+                dir,
+            );
+            String::from_utf8_lossy(&o.stdout).contains("verification failed")
+        };
+        assert!(
+            read(&p.q),
+            "{e:#x}: qemu-img kept the data past the new end"
+        );
+        assert_eq!(!read(&p.k), data_kept, "{e:#x}: data past the new end");
+    }
+}
