@@ -577,3 +577,131 @@ fn shrink_refuses_hostile_refcount_table_entries() {
         assert_eq!(!read(&p.k), data_kept, "{e:#x}: data past the new end");
     }
 }
+
+/// A process id that no longer exists: that of a child that has exited.
+fn dead_pid() -> u32 {
+    let mut c = Command::new("true").spawn().expect("spawn true");
+    let pid = c.id();
+    c.wait().expect("wait");
+    pid
+}
+
+fn temp_name(target: &str, pid: u32) -> String {
+    format!(".{target}.qcow2kit-{pid}.tmp")
+}
+
+#[test]
+fn stale_temporary_files_of_killed_converts_are_removed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "256M"],
+        d,
+    );
+    tool("qemu-io", &["-c", "write -P 9 0 160M", "s.qcow2"], d);
+
+    // A convert killed with SIGKILL while it writes leaves its temporary file behind.
+    let mut child = Command::new(QCOW2KIT)
+        .args(["convert", "-O", "qcow2", "s.qcow2", "t.qcow2"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn convert");
+    let killed_tmp = d.join(temp_name("t.qcow2", child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !killed_tmp.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temporary file appeared"
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "convert ended too soon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    assert!(
+        killed_tmp.exists(),
+        "the killed convert's temporary file is gone already"
+    );
+    assert!(!d.join("t.qcow2").exists());
+
+    // Other leftovers: one whose process is dead, one of a live process, one whose process id
+    // is not visible but whose writer holds its lock, one of another target, one not ours.
+    let dead = d.join(temp_name("t.qcow2", dead_pid()));
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let live = d.join(temp_name("t.qcow2", sleeper.id()));
+    let locked = d.join(temp_name("t.qcow2", dead_pid()));
+    let other = d.join(temp_name("u.qcow2", dead_pid()));
+    let foreign = d.join(".t.qcow2.qcow2kit-12x.tmp");
+    for f in [&dead, &live, &locked, &other, &foreign] {
+        fs::write(f, b"partial image").expect("write leftover");
+    }
+    let mut holder = Command::new("flock")
+        .args(["-x", locked.to_str().expect("utf-8"), "sleep", "60"])
+        .spawn()
+        .expect("spawn flock");
+    // flock(1) takes the lock before running sleep: wait until it is held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let probe = run(
+            "flock",
+            &["-n", "-x", locked.to_str().expect("utf-8"), "true"],
+            d,
+        );
+        if !probe.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flock never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    let out = run(
+        QCOW2KIT,
+        &["convert", "-O", "qcow2", "s.qcow2", "t.qcow2"],
+        d,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        run("qemu-img", &["compare", "s.qcow2", "t.qcow2"], d)
+            .status
+            .code(),
+        Some(0)
+    );
+    assert!(
+        !killed_tmp.exists(),
+        "the killed convert's temporary file is still there"
+    );
+    assert!(
+        !dead.exists(),
+        "a dead convert's temporary file is still there"
+    );
+    assert!(live.exists(), "a live convert's temporary file was removed");
+    assert!(locked.exists(), "a locked temporary file was removed");
+    assert!(
+        other.exists(),
+        "another target's temporary file was removed"
+    );
+    assert!(
+        foreign.exists(),
+        "a file not named by the scheme was removed"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
