@@ -425,8 +425,9 @@ fn remove_if_unlocked(path: &Path, uid: u32) -> std::io::Result<()> {
 
 /// Converts `src` into a new qcow2 image at `target` (replacing any file there only when the
 /// whole image has been written and flushed). The new image is written to a hidden temporary
-/// file beside the target, locked while it is written; temporary files that killed converts
-/// to the same target left behind are removed on the way (see [`remove_stale_temps`]).
+/// file beside the target (`.NAME.qcow2kit-PID.tmp`), under an exclusive `flock` while it is
+/// written. Temporary files that killed converts to the same target left behind are removed
+/// on the way: those of the same user whose process is gone and that no one holds locked.
 pub fn convert_to_qcow2(
     src: &dyn BlockDevice,
     target: &Path,
