@@ -215,6 +215,18 @@ pub enum Corruption {
     /// the request was refused and the image marked corrupt, as QEMU's corruption events do.
     /// The message is QEMU's wording where QEMU has one.
     Inconsistent(String),
+    /// A shrink found a refcount table entry it cannot drop (QEMU: "Failed to discard unused
+    /// refblocks"): unaligned, past every possible offset, or naming a block whose own
+    /// refcount is wrong or not covered at all.
+    RefblockDiscard {
+        /// The refcount block's offset, as the table entry gives it.
+        offset: u64,
+        /// QEMU's corruption message, when the finding marked the image corrupt.
+        corrupt: Option<String>,
+        /// The block's refcount is wrong (QEMU fails with EINVAL), rather than the block
+        /// unreadable (EIO).
+        bad_count: bool,
+    },
 }
 
 impl fmt::Display for Corruption {
@@ -269,6 +281,15 @@ impl fmt::Display for Corruption {
             }
             Corruption::BadSnapshot { index, rule } => {
                 write!(f, "snapshot table entry {index}: {rule}")
+            }
+            Corruption::RefblockDiscard {
+                offset, corrupt, ..
+            } => {
+                write!(f, "refcount block at {offset:#x} cannot be discarded")?;
+                match corrupt {
+                    Some(m) => write!(f, ": {m}; image marked corrupt"),
+                    None => write!(f, ": offset out of range"),
+                }
             }
             Corruption::MarkedCorrupt => {
                 write!(

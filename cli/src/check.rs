@@ -63,7 +63,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return usage_error(e),
     };
     if p.has("help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return 0;
     }
     let json = match p.last("output").unwrap_or("human") {
@@ -242,8 +242,8 @@ pub fn run(args: &[String]) -> u8 {
     };
     let _ = err.flush();
     drop(err);
-    if !preamble.is_empty() && !p.has("q") && !crate::common::print_stdout(&preamble) {
-        return 1;
+    if !preamble.is_empty() && !p.has("q") {
+        crate::stdio::print_out(&preamble);
     }
     let report = match result {
         Ok(r) => r,
@@ -262,9 +262,7 @@ pub fn run(args: &[String]) -> u8 {
         } else {
             human_report(&report)
         };
-        if !crate::common::print_stdout(&out) {
-            return 1;
-        }
+        crate::stdio::print_out(&out);
     }
     if report.check_errors > 0 {
         return fail("Check failed");
@@ -274,12 +272,12 @@ pub fn run(args: &[String]) -> u8 {
 
 /// An argument error, followed by qemu-img's pointer to the help.
 fn usage_error(msg: impl std::fmt::Display) -> u8 {
-    eprintln!("qcow2kit: {msg}\nTry 'qcow2kit check --help' for more info");
+    errln!("qcow2kit: {msg}\nTry 'qcow2kit check --help' for more info");
     1
 }
 
 fn fail_with(msg: &str, code: u8) -> u8 {
-    eprintln!("qcow2kit: {msg}");
+    errln!("qcow2kit: {msg}");
     code
 }
 

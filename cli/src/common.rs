@@ -24,18 +24,8 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
 
 /// Prints `qcow2kit: MSG` to stderr and returns exit code 1.
 pub fn fail(msg: impl std::fmt::Display) -> u8 {
-    eprintln!("qcow2kit: {msg}");
+    errln!("qcow2kit: {msg}");
     1
-}
-
-/// Writes `out` to standard output and flushes it; `false` if that failed (e.g. a closed pipe).
-pub fn print_stdout(out: &str) -> bool {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(out.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_ok()
 }
 
 /// Parses a size with an optional k/M/G/T/P/E suffix (binary units; `b` or none: bytes).

@@ -7,7 +7,6 @@ use crate::args::{opt, parse, Spec};
 use crate::common::{fail, locking, open_image};
 use qcow2kit::chain::Locking;
 use qcow2kit::ops::compare::{compare_with_progress, CompareResult, CompareStage};
-use std::io::Write;
 
 const SPECS: &[Spec] = &[
     opt(Some('f'), Some("a-format"), true, "f"),
@@ -50,16 +49,14 @@ impl Progress {
         {
             self.last_print = current;
             if self.enabled {
-                let mut out = std::io::stdout().lock();
-                let _ = write!(out, "    ({:.2}/100%)\r", f64::from(current));
-                let _ = out.flush();
+                out!("    ({:.2}/100%)\r", f64::from(current));
             }
         }
     }
 
     fn end(&self) {
         if self.enabled {
-            println!();
+            outln!();
         }
     }
 }
@@ -71,7 +68,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(format!("compare: {e}")),
     };
     if p.has("help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return 0;
     }
     if p.has("image-opts") || p.has("object") {
@@ -143,13 +140,13 @@ fn compare_files(
             if d == common && size1 != size2 && !strict && !warned {
                 warned = true;
                 if !quiet {
-                    println!("Warning: Image size mismatch!");
+                    outln!("Warning: Image size mismatch!");
                 }
             }
         });
     let say = |msg: &str| {
         if !quiet {
-            println!("{msg}");
+            outln!("{msg}");
         }
     };
     match result {

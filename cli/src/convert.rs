@@ -19,7 +19,6 @@ use qcow2kit::ops::convert::{
 };
 use qcow2kit::ops::create::CreateOptions;
 use qcow2kit::SnapshotRef;
-use std::io::Write;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -139,9 +138,7 @@ fn convert(args: &[String]) -> Result<(), String> {
         } else {
             d as f64 * 100.0 / t as f64
         };
-        let mut out = std::io::stdout().lock();
-        let _ = write!(out, "    ({pct:.2}/100%)\r");
-        let _ = out.flush();
+        out!("    ({pct:.2}/100%)\r");
     };
     if show {
         print(0, 1);
@@ -195,7 +192,7 @@ fn convert(args: &[String]) -> Result<(), String> {
     }
     if show {
         print(1, 1);
-        println!();
+        outln!();
     }
     Ok(())
 }

@@ -23,7 +23,6 @@ use crate::common::{fail, parse_size};
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
 use qcow2kit::error::strerror;
 use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
-use std::io::Write;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -222,7 +221,7 @@ pub fn run(args: &[String]) -> u8 {
         Ok(p) => p,
         Err(e) => {
             // getopt's wording, as qemu-img prints it.
-            eprintln!("qcow2kit create: {e}\n{TRY}");
+            errln!("qcow2kit create: {e}\n{TRY}");
             return 1;
         }
     };
@@ -239,7 +238,7 @@ and exabytes, respectively.";
 
 fn create(p: &Parsed) -> Result<(), String> {
     if p.has("help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return Ok(());
     }
     if p.has("object") {
@@ -390,9 +389,7 @@ fn create(p: &Parsed) -> Result<(), String> {
             };
             line.push_str(&format!(" {}={shown}", desc.name));
         }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        outln!("{line}");
     }
 
     let size = size.next_multiple_of(512);
@@ -400,8 +397,8 @@ fn create(p: &Parsed) -> Result<(), String> {
         ImageFormat::Raw => {
             let prealloc = match set.text("preallocation").unwrap_or("off") {
                 "off" => Preallocation::Off,
-                // No fallocate binding: the blocks are allocated by writing zeros.
-                "falloc" | "full" => Preallocation::Full,
+                "falloc" => Preallocation::Falloc,
+                "full" => Preallocation::Full,
                 "metadata" => {
                     // QEMU's file driver has created (truncated) the file by then.
                     std::fs::File::create(file)

@@ -37,7 +37,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(format!("info: {e}")),
     };
     if p.has("help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return 0;
     }
     if p.has("image-opts") || p.has("object") {
@@ -109,9 +109,7 @@ pub fn run(args: &[String]) -> u8 {
             dump_human(&mut out, info, &tz);
         }
     }
-    if !crate::common::print_stdout(&out) {
-        return 1;
-    }
+    crate::stdio::print_out(&out);
     0
 }
 

@@ -3,6 +3,9 @@
 //! Subcommands, options, output and exit codes follow qemu-img for what they cover, so scripts
 //! can swap the binary.
 
+#[macro_use]
+mod stdio;
+
 mod args;
 mod check;
 mod common;
@@ -36,7 +39,7 @@ qemu-io compatible:
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first() else {
-        eprint!("{USAGE}");
+        err!("{USAGE}");
         return ExitCode::from(1);
     };
     let rest = &argv[1..];
@@ -50,15 +53,15 @@ fn main() -> ExitCode {
         "resize" => resize::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
-            print!("{USAGE}");
+            out!("{USAGE}");
             0
         }
         "-V" | "--version" => {
-            println!("qcow2kit version {}", env!("CARGO_PKG_VERSION"));
+            outln!("qcow2kit version {}", env!("CARGO_PKG_VERSION"));
             0
         }
         other => {
-            eprintln!("qcow2kit: Command not found: {other}");
+            errln!("qcow2kit: Command not found: {other}");
             1
         }
     };

@@ -10,7 +10,6 @@ use crate::args::{opt, parse, Spec};
 use crate::common::{fail, locking, open_image, parse_size};
 use qcow2kit::ops::info::backing_chain_info;
 use qcow2kit::ops::map::{for_each_extent, MapEntry};
-use std::io::Write;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -36,8 +35,6 @@ enum Stop {
     Lib(qcow2kit::Error),
     /// Human output met data it cannot show.
     Unmappable,
-    /// Writing the output failed.
-    Output,
 }
 
 impl From<qcow2kit::Error> for Stop {
@@ -74,7 +71,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(format!("map: {e}")),
     };
     if p.has("help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return 0;
     }
     if p.has("image-opts") || p.has("object") {
@@ -101,8 +98,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(e),
     };
 
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = crate::stdio::BufferedOut::new();
     // Names of the files data lives in, by depth (computed on first use).
     let mut files: Option<Vec<String>> = None;
     let mut count = 0usize;
@@ -111,9 +107,7 @@ pub fn run(args: &[String]) -> u8 {
     } else {
         format!("{:<16}{:<16}{:<16}File\n", "Offset", "Length", "Mapped to")
     };
-    if out.write_all(head.as_bytes()).is_err() {
-        return 1;
-    }
+    out.write(&head);
     let dev = opened.device.as_ref();
     let result = for_each_extent(dev, start, max_length, |e: &MapEntry| -> Result<(), Stop> {
         let first = count == 0;
@@ -149,7 +143,8 @@ pub fn run(args: &[String]) -> u8 {
                 name
             )
         };
-        out.write_all(line.as_bytes()).map_err(|_| Stop::Output)
+        out.write(&line);
+        Ok(())
     });
     let code = match result {
         Ok(()) => {
@@ -171,25 +166,19 @@ pub fn run(args: &[String]) -> u8 {
             } else {
                 "]\n".to_string()
             };
-            if out.write_all(tail.as_bytes()).is_err() {
-                1
-            } else {
-                0
-            }
+            out.write(&tail);
+            0
         }
-        Err(Stop::Output) => 1,
         Err(Stop::Unmappable) => {
-            let _ = out.flush();
+            out.flush();
             fail("File contains external, encrypted or compressed clusters.")
         }
         Err(Stop::Lib(e)) => {
-            let _ = out.flush();
+            out.flush();
             fail(format!("Could not read file metadata: {e}"))
         }
     };
-    if out.flush().is_err() {
-        return 1;
-    }
+    out.flush();
     code
 }
 

@@ -17,12 +17,15 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
 use qcow2kit::chain::{open, probe_file, FileRole, ImageFormat, Locking, OpenOptions};
-use qcow2kit::error::strerror;
+use qcow2kit::error::{strerror, Corruption};
 use qcow2kit::io::lock::{acquire, Permissions};
 use qcow2kit::BlockDevice;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+const EIO: i32 = 5;
+const EINVAL: i32 = 22;
 
 const SPECS: &[Spec] = &[
     opt(Some('f'), None, true, "f"),
@@ -57,13 +60,29 @@ pub fn run(args: &[String]) -> u8 {
 fn lib_error(e: &qcow2kit::Error) -> String {
     match e {
         qcow2kit::Error::Io { source, .. } => strerror(source),
+        qcow2kit::Error::Corrupt(Corruption::RefblockDiscard {
+            corrupt, bad_count, ..
+        }) => {
+            // QEMU's block layer logs the corruption, then qemu-img the failure.
+            if let Some(m) = corrupt {
+                errln!(
+                    "qcow2: Marking image as corrupt: {m}; further corruption events will be \
+                     suppressed"
+                );
+            }
+            let errno = if *bad_count { EINVAL } else { EIO };
+            format!(
+                "Failed to discard unused refblocks: {}",
+                strerror(&std::io::Error::from_raw_os_error(errno))
+            )
+        }
         other => other.to_string(),
     }
 }
 
 fn resize(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{HELP}");
+        out!("{HELP}");
         return Ok(());
     }
     // The size is the last argument, taken before option parsing (negative sizes).
@@ -74,7 +93,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         Ok(p) => p,
         Err(e) => {
             // getopt's wording, as qemu-img prints it.
-            eprintln!("qcow2kit resize: {e}\n{TRY}");
+            errln!("qcow2kit resize: {e}\n{TRY}");
             return Err(String::new());
         }
     };
@@ -112,7 +131,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         None => {
             let f = probe_file(path).map_err(|e| could_not_open(&e))?;
             if f == ImageFormat::Raw {
-                eprintln!(
+                errln!(
                     "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
                      Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
                      Specify the 'raw' format explicitly to remove the restrictions."
@@ -191,7 +210,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         }
     }
     if !quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(())
 }

@@ -18,7 +18,6 @@
 //! - preallocation over several L2 tables: qcow2kit allocates each L2 table before its data
 //!   clusters, qemu-img all L2 tables first, so the host offsets differ; `map` is compared only
 //!   where one L2 table covers the image.
-//! - raw `preallocation=falloc` writes zeros (no fallocate binding): allocated as with QEMU.
 //! - `create -o data_file=NAME`: qemu-img creates the data file relative to the working
 //!   directory but records NAME, which QEMU resolves relative to the image; qcow2kit creates it
 //!   where it will be looked for. The cases here run in the image's directory.

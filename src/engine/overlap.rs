@@ -171,6 +171,11 @@ impl MetadataMap {
         self.refcount_blocks.insert(offset, ());
     }
 
+    /// Removes a refcount block no table entry names any more.
+    pub(crate) fn remove_refcount_block(&mut self, offset: u64) {
+        self.refcount_blocks.remove(&offset);
+    }
+
     /// Records where the snapshot table lies.
     pub(crate) fn set_snapshot_table(&mut self, offset: u64, bytes: u64) {
         self.snapshot_table = (offset, bytes);

@@ -6,16 +6,34 @@
 //! through read as zeros, as in QEMU. Shrinking drops the active image's clusters past the new
 //! end (entries cleared and flushed before their refcounts drop); tables and clusters shared
 //! with snapshots only lose the active image's reference. An external data file grows with the
-//! image, and a raw one has its new range mapped one to one.
+//! image, and a raw one has its new range mapped one to one, keeping what the file already
+//! holds there.
+//!
+//! Shrinking then does what QEMU's `qcow2_shrink_reftable` does: refcount blocks left counting
+//! nothing (but possibly themselves) leave the refcount table — entries cleared and flushed
+//! before their own refcounts drop — and the file loses its tail of free clusters. Every
+//! refcount table entry is validated before the shrink changes anything (QEMU finds a bad one
+//! only once it is about to drop it, after dropping the data): an unaligned entry, or one
+//! naming a block that no block counts exactly once, marks the image corrupt with QEMU's
+//! message.
 
+use super::meta::Meta;
+use super::refcount::Refcounts;
 use super::write::ZeroMode;
 use super::Qcow2Image;
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Result};
+use crate::format::be_u64;
 use crate::format::bytes::{put_u32, put_u64};
 use crate::format::entry::{COPIED, OFFSET_MASK};
+use crate::format::features::IncompatibleFeatures;
+use crate::format::refcount;
 use crate::format::MAX_L1_BYTES;
+use crate::io::StorageExt;
 use std::sync::atomic::Ordering;
+
+/// Offset bits of a refcount table entry (bits 9..63, as QEMU reads them).
+const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
@@ -167,11 +185,8 @@ impl Qcow2Image {
         self.write_size(new_size)?;
         if let Some(d) = self.data_storage.as_ref().filter(|_| g.data_file) {
             let len = d.len().map_err(io_err("sizing data file"))?;
-            if raw_data_file && len > old_size {
-                // Whatever the data file held past the old end becomes guest data: zero it.
-                d.punch_hole(old_size, len.min(new_size) - old_size)
-                    .map_err(io_err("zeroing data file"))?;
-            }
+            // A raw data file is the guest's content: what it holds past the old end becomes
+            // guest data as it is (as in QEMU, iotest 244); only a shorter file is extended.
             if len < new_size {
                 d.set_len(new_size).map_err(io_err("growing data file"))?;
             }
@@ -190,6 +205,7 @@ impl Qcow2Image {
         let first_gone = new_size.next_multiple_of(cs);
         {
             let mut m = self.lock_meta();
+            self.validate_reftable(&mut m)?;
             self.mark_dirty_if_lazy(&mut m)?;
             let old_size = self.size();
             let mut c = first_gone;
@@ -233,6 +249,8 @@ impl Qcow2Image {
             }
             // Entries past the new end are cleared and durable before their clusters are freed.
             self.flush_locked(&mut m)?;
+            self.drop_unused_refblocks(&mut m)?;
+            self.trim_free_tail(&mut m)?;
         }
         self.write_size(new_size)?;
         if let Some(d) = self.data_storage.as_ref().filter(|_| self.geo.data_file) {
@@ -242,5 +260,204 @@ impl Qcow2Image {
                 .map_err(io_err("truncating data file"))?;
         }
         self.flush_impl()
+    }
+
+    /// Makes every refcount block and table entry durable and returns the table's raw entries
+    /// as on disk.
+    fn durable_reftable(&self, m: &mut Meta) -> Result<Vec<u64>> {
+        let s = self.storage.as_ref();
+        m.refs()?.write_blocks(s)?;
+        s.flush().map_err(io_err("flushing refcount blocks"))?;
+        if m.refs()?.write_table_entries(s)? {
+            s.flush().map_err(io_err("flushing refcount table"))?;
+        }
+        let h = &m.header;
+        let bytes = u64::from(h.refcount_table_clusters) << self.geo.cluster_bits;
+        let raw = s
+            .read_vec(h.refcount_table_offset, bytes as usize)
+            .map_err(io_err("reading refcount table"))?;
+        Ok(raw.chunks_exact(8).map(|c| be_u64(c, 0)).collect())
+    }
+
+    /// Refuses a refcount table whose entries the shrink could not use or drop (see the module
+    /// docs), before anything changes.
+    fn validate_reftable(&self, m: &mut Meta) -> Result<()> {
+        let table = self.durable_reftable(m)?;
+        let cs = self.geo.cluster_size;
+        for &e in &table {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off & (cs - 1) != 0 {
+                let msg = format!(
+                    "Cannot get entry from refcount block cache: Offset {off:#x} is unaligned"
+                );
+                return Err(self.refblock_corrupt(m, off, msg, false));
+            }
+            if off.checked_add(cs).is_none_or(|end| end > i64::MAX as u64) {
+                // Past any offset a file can have: unreadable (QEMU: EIO, image left alone).
+                return Err(Corruption::RefblockDiscard {
+                    offset: off,
+                    corrupt: None,
+                    bad_count: false,
+                }
+                .into());
+            }
+        }
+        // Every block is counted exactly once, by a block in the table: the shrink may drop
+        // any of them (QEMU checks a block only once it is about to drop it, after the data is
+        // gone; a block that is not counted so is a corruption either way).
+        for &e in &table {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off != 0 {
+                self.check_counted_once(m, &table, off)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A refcount block must be covered by a block that counts it exactly once (its own
+    /// reference), or the image is corrupt.
+    fn check_counted_once(&self, m: &mut Meta, table: &[u64], off: u64) -> Result<()> {
+        let cb = self.geo.cluster_bits;
+        let (_, block_bits) = m.refs()?.shape();
+        let ri = off >> cb >> block_bits;
+        let covering = usize::try_from(ri)
+            .ok()
+            .and_then(|i| table.get(i))
+            .map_or(0, |e| e & REFTABLE_OFFSET_MASK);
+        if covering == 0 {
+            let msg = format!("Refblock at {off:#x} is not covered by the refcount structures");
+            return Err(self.refblock_corrupt(m, off, msg, false));
+        }
+        let count = m.refs()?.get(self.storage.as_ref(), off >> cb)?;
+        if count != 1 {
+            // C's "%#" PRIx64 prints zero as "0".
+            let shown = if count == 0 {
+                "0".to_string()
+            } else {
+                format!("{count:#x}")
+            };
+            let msg = format!(
+                "Invalid refcount: refblock offset {covering:#x}, reftable index {ri}, \
+                 block offset {off:#x}, refcount {shown}"
+            );
+            return Err(self.refblock_corrupt(m, off, msg, true));
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt (one flushed header write, best effort; version 3 only, as the
+    /// bit does not exist before) and refuses further writes; returns the error to report.
+    fn refblock_corrupt(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        message: String,
+        bad_count: bool,
+    ) -> Error {
+        m.broken = true;
+        if m.header.version >= 3 {
+            m.header.incompatible |= IncompatibleFeatures::CORRUPT;
+            let s = self.storage.as_ref();
+            let _ = s
+                .write_at(&m.header.incompatible.bits().to_be_bytes(), 72)
+                .and_then(|()| s.flush());
+        }
+        Corruption::RefblockDiscard {
+            offset,
+            corrupt: Some(message),
+            bad_count,
+        }
+        .into()
+    }
+
+    /// Drops refcount blocks that count nothing but themselves from the refcount table: the
+    /// entries are cleared and flushed first, then the blocks' own refcounts drop (a crash in
+    /// between leaks them, nothing worse), then the in-memory refcounts are reloaded.
+    fn drop_unused_refblocks(&self, m: &mut Meta) -> Result<()> {
+        let table = self.durable_reftable(m)?;
+        let s = self.storage.as_ref();
+        let (cb, cs) = (self.geo.cluster_bits, self.geo.cluster_size);
+        let (_, block_bits) = m.refs()?.shape();
+        let order = m.header.refcount_order;
+        let self_counting = |ri: usize, off: u64| off >> cb >> block_bits == ri as u64;
+        let mut unused = Vec::new();
+        for (ri, &e) in table.iter().enumerate() {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let mut block = s
+                .read_vec(off, cs as usize)
+                .map_err(io_err("reading refcount block"))?;
+            if self_counting(ri, off) {
+                let own = ((off >> cb) & ((1 << block_bits) - 1)) as usize;
+                refcount::set(&mut block, order, own, 0);
+            }
+            if block.iter().all(|&b| b == 0) {
+                unused.push((ri, off));
+            }
+        }
+        if unused.is_empty() {
+            return Ok(());
+        }
+        for &(_, off) in &unused {
+            self.check_counted_once(m, &table, off)?;
+        }
+        let table_offset = m.header.refcount_table_offset;
+        for &(ri, _) in &unused {
+            let r = s.write_at(&[0u8; 8], table_offset + ri as u64 * 8);
+            if r.is_err() {
+                m.broken = true;
+            }
+            r.map_err(io_err("clearing refcount table entry"))?;
+        }
+        s.flush().map_err(io_err("flushing refcount table"))?;
+        let cursor = m.refs()?.cursor;
+        for &(ri, off) in &unused {
+            if !self_counting(ri, off) {
+                m.refs()?.add(s, off, -1)?;
+            }
+        }
+        m.refs()?.write_blocks(s)?;
+        s.flush().map_err(io_err("flushing refcounts"))?;
+        let mut fresh = Refcounts::load(s, &m.header)?;
+        // The metadata map carries over, less the blocks dropped.
+        fresh.map = std::mem::take(&mut m.refs()?.map);
+        for &(_, off) in &unused {
+            fresh.map.remove_refcount_block(off);
+        }
+        let lowest = unused
+            .iter()
+            .map(|&(_, off)| off >> cb)
+            .min()
+            .unwrap_or(cursor);
+        fresh.cursor = cursor.min(lowest);
+        m.refs = Some(fresh);
+        Ok(())
+    }
+
+    /// Cuts the file after its last cluster in use, as QEMU does after a shrink. A failure is
+    /// reported (QEMU only warns): it leaves free clusters at the end, nothing worse, and the
+    /// old virtual size.
+    fn trim_free_tail(&self, m: &mut Meta) -> Result<()> {
+        let s = self.storage.as_ref();
+        let cs = self.geo.cluster_size;
+        let len = s.len().map_err(io_err("sizing image file"))?;
+        let mut clusters = len.div_ceil(cs);
+        while clusters > 0 && m.refs()?.get(s, clusters - 1)? == 0 {
+            clusters -= 1;
+        }
+        let end = clusters * cs;
+        if end < len {
+            s.set_len(end)
+                .map_err(io_err("truncating the free tail of the image"))?;
+            m.file_len = end;
+            m.file_end = end;
+            self.file_len.store(end, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }

@@ -13,6 +13,9 @@ use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
 use crate::ops::create::{create_qcow2_on, CreateOptions};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,7 +33,8 @@ pub struct RawConvertOptions<'a> {
     /// Worker threads; 0 means one per available core.
     pub workers: usize,
     /// Zero detection granularity in bytes (qemu-img `-S`): aligned blocks of this size that
-    /// read as zeros are not written. 0 writes every allocated byte.
+    /// read as zeros are not written. 0 makes a thick copy: every byte is written, zeros and
+    /// unallocated ranges included, so the target ends up fully allocated.
     pub zero_granularity: u64,
     /// The target already reads as zeros everywhere (freshly created): ranges of zeros need no
     /// writes at all. Otherwise they are zeroed explicitly (qemu-img `-n`).
@@ -268,16 +272,22 @@ pub fn convert_to_raw(
             "target is smaller than the source".into(),
         ));
     }
+    let thick = opts.zero_granularity == 0;
     let jobs = plan(
         src,
         Scope::Flatten {
-            zero_jobs: !opts.target_is_zero,
+            zero_jobs: !opts.target_is_zero || thick,
         },
         1,
         CHUNK_BYTES,
     )?;
     run_jobs(&jobs, opts.workers, opts.progress, |buf, job| {
-        if job.data {
+        if thick && !job.data {
+            buf.clear();
+            buf.resize(job.len as usize, 0);
+            dst.write_at(buf, job.offset)
+                .map_err(|e| Error::io("writing target", e))
+        } else if job.data {
             buf.resize(job.len as usize, 0);
             src.read_at(buf, job.offset)?;
             write_sparse(
@@ -304,7 +314,8 @@ pub struct Qcow2ConvertOptions<'a> {
     /// Worker threads; 0 means one per available core.
     pub workers: usize,
     /// Zero detection granularity (qemu-img `-S`); blocks of zeros are not allocated. The
-    /// effective granularity is at least the target's cluster size.
+    /// effective granularity is at least the target's cluster size. 0 makes a thick copy
+    /// (unless a backing file is kept): every cluster is allocated, zeros written as data.
     pub zero_granularity: u64,
     /// Write compressed clusters (qemu-img `-c`).
     pub compress: bool,
@@ -337,8 +348,86 @@ impl Drop for TempTarget {
     }
 }
 
+/// The temporary file a convert by process `pid` writes beside a target named `name`:
+/// `.NAME.qcow2kit-PID.tmp`.
+fn temp_name(name: &OsStr, pid: u32) -> OsString {
+    let mut t = OsString::from(".");
+    t.push(name);
+    t.push(format!(".qcow2kit-{pid}.tmp"));
+    t
+}
+
+/// The process id in `file` if it is a temporary file of a convert to `name` (see
+/// [`temp_name`]).
+fn temp_owner(file: &OsStr, name: &OsStr) -> Option<u32> {
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".qcow2kit-");
+    let rest = file.as_bytes().strip_prefix(prefix.as_bytes())?;
+    let digits = rest.strip_suffix(b".tmp")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Removes the temporary files that earlier converts to `name` in `dir` left when they were
+/// killed, best effort. A file goes only if all of these hold: it is named by our scheme for
+/// this target, it is a regular file of user `uid`, the process its name gives is gone (no
+/// `/proc/PID`; without `/proc` nothing is removed), and no one holds a lock on it — every
+/// convert holds an exclusive `flock` on its temporary file while writing it, so a live writer
+/// whose process id is not visible here (another PID namespace) keeps its file too. The lock
+/// is taken on the file itself and the name checked to still point to it before the removal.
+fn remove_stale_temps(dir: &Path, name: &OsStr, uid: u32) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let own = std::process::id();
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = temp_owner(&file, name) else {
+            continue;
+        };
+        if pid == own || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = remove_if_unlocked(&path, uid);
+    }
+}
+
+/// Removes the regular file of user `uid` at `path` if no one holds a lock on it (see
+/// [`remove_stale_temps`]).
+fn remove_if_unlocked(path: &Path, uid: u32) -> std::io::Result<()> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let before = std::fs::symlink_metadata(path)?;
+    if !before.file_type().is_file() || before.uid() != uid {
+        return Ok(());
+    }
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    if rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Ok(());
+    }
+    let locked = rustix::fs::fstat(&fd)?;
+    let now = std::fs::symlink_metadata(path)?;
+    if now.dev() == locked.st_dev && now.ino() == locked.st_ino {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
 /// Converts `src` into a new qcow2 image at `target` (replacing any file there only when the
-/// whole image has been written and flushed).
+/// whole image has been written and flushed). The new image is written to a hidden temporary
+/// file beside the target (`.NAME.qcow2kit-PID.tmp`), under an exclusive `flock` while it is
+/// written. Temporary files that killed converts to the same target left behind are removed
+/// on the way: those of the same user whose process is gone and that no one holds locked.
 pub fn convert_to_qcow2(
     src: &dyn BlockDevice,
     target: &Path,
@@ -351,17 +440,19 @@ pub fn convert_to_qcow2(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".qcow2kit-{}.tmp", std::process::id()));
     let tmp = TempTarget {
-        path: dir.join(tmp_name),
+        path: dir.join(temp_name(name, std::process::id())),
         keep: false,
     };
-    let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::create(&tmp.path)
-            .map_err(|e| Error::storage("creating temporary target", e))?,
-    );
+    let file = FileStorage::create(&tmp.path)
+        .map_err(|e| Error::storage("creating temporary target", e))?;
+    // Held until the file is renamed or removed: tells later converts this one is alive.
+    rustix::fs::flock(file.file(), rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io("locking temporary target", e.into()))?;
+    if let Ok(ours) = file.file().metadata() {
+        remove_stale_temps(&dir, name, ours.uid());
+    }
+    let storage: Arc<dyn Storage> = Arc::new(file);
     let data: Option<Arc<dyn Storage>> = match &opts.create.data_file {
         Some(d) => {
             let p = crate::chain::resolve_relative(target, d.as_bytes())?;
@@ -404,11 +495,15 @@ pub fn convert_into(
     }
     let cs = dst.cluster_size();
     let keeps_backing = opts.create.backing_file.is_some() || dst.backing_file_name().is_some();
-    let scope = if keeps_backing && opts.create.backing_file.is_some() {
+    let top_layer = keeps_backing && opts.create.backing_file.is_some();
+    // A thick copy writes zeros as data; with a backing file kept, what the top layer does not
+    // allocate must stay unallocated.
+    let thick = opts.zero_granularity == 0 && !top_layer;
+    let scope = if top_layer {
         Scope::TopLayer
     } else {
         Scope::Flatten {
-            zero_jobs: !dst_is_zero,
+            zero_jobs: !dst_is_zero || thick,
         }
     };
     // Zeros inside data may stay unallocated only when nothing shows through.
@@ -418,11 +513,14 @@ pub fn convert_into(
     let jobs = plan(src, scope, cs, chunk)?;
     let size = src.size();
     run_jobs(&jobs, opts.workers, opts.progress, |buf, job| {
-        if !job.data {
+        if !job.data && !thick {
             return dst.write_zeroes(job.offset, job.len);
         }
+        buf.clear();
         buf.resize(job.len as usize, 0);
-        src.read_at(buf, job.offset)?;
+        if job.data {
+            src.read_at(buf, job.offset)?;
+        }
         let end = job.offset + job.len;
         let mut p = job.offset;
         let mut run: Option<u64> = None;
@@ -445,6 +543,9 @@ pub fn convert_into(
                 dst.write_at(b, s)
             }
         };
+        if thick {
+            return write_run(job.offset, end);
+        }
         while p < end {
             let block_end = ((p / gran) + 1).saturating_mul(gran).min(end);
             let zero = is_zero(&buf[(p - job.offset) as usize..(block_end - job.offset) as usize]);
@@ -502,6 +603,22 @@ mod tests {
         };
         convert_to_raw(&src, &dst, &opts).unwrap();
         assert_eq!(dst.to_bytes(), data);
+    }
+
+    #[test]
+    fn temporary_names_round_trip_and_nothing_else_matches() {
+        let name = OsStr::new("disk.qcow2");
+        assert_eq!(temp_owner(&temp_name(name, 4242), name), Some(4242));
+        for other in [
+            ".disk.qcow2.qcow2kit-.tmp",
+            ".disk.qcow2.qcow2kit-12a.tmp",
+            ".disk.qcow2.qcow2kit-12.tmp.x",
+            "disk.qcow2.qcow2kit-12.tmp",
+            ".disk.qcow2x.qcow2kit-12.tmp",
+            ".disk.qcow2.qcow2kit-99999999999.tmp",
+        ] {
+            assert_eq!(temp_owner(OsStr::new(other), name), None, "{other}");
+        }
     }
 
     #[test]

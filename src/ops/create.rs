@@ -37,7 +37,8 @@ pub enum Preallocation {
     Off,
     /// L2 tables and data clusters allocated; the file stays sparse.
     Metadata,
-    /// As `Metadata`, with the file extended over the data (no fallocate binding: sparse).
+    /// As `Metadata`, with the file's blocks reserved by `fallocate` (the data file's, when
+    /// there is one).
     Falloc,
     /// As `Metadata`, with zeros written over the data.
     Full,
@@ -431,10 +432,55 @@ pub fn create_qcow2(path: &Path, o: &CreateOptions) -> Result<()> {
         }
         None => None,
     };
-    create_qcow2_on(storage, data, size, o).map(drop)
+    create_qcow2_on(storage, data, size, o)?;
+    if o.preallocation == Preallocation::Falloc {
+        // As QEMU: the blocks under the guest's data are reserved in the file that holds it.
+        let target = match &o.data_file {
+            Some(d) => resolve_relative(path, d.as_bytes())?,
+            None => path.to_path_buf(),
+        };
+        reserve_whole_file(&target)?;
+    }
+    Ok(())
 }
 
-/// Creates a raw image file of `size` bytes (sparse unless `preallocation` is `Full`).
+/// Reserves the blocks of the whole file at `path` (`fallocate` without a mode: nothing is
+/// written, nothing changes size). Where the file system has no `fallocate`, one zero byte is
+/// written into each 4 KiB block that reads as zero (`posix_fallocate`'s emulation), so no
+/// byte that holds data changes.
+fn reserve_whole_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let io = |e: std::io::Error| Error::io("reserving image blocks", e);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            const BLOCK: u64 = 4096;
+            let mut b = [0u8; 1];
+            let mut p = 0;
+            while p < len {
+                f.read_exact_at(&mut b, p).map_err(io)?;
+                if b[0] == 0 {
+                    f.write_all_at(&b, p).map_err(io)?;
+                }
+                p += BLOCK;
+            }
+        }
+        Err(e) => return Err(io(e.into())),
+    }
+    f.sync_all().map_err(io)
+}
+
+/// Creates a raw image file of `size` bytes: sparse, its blocks reserved (`Falloc`) or zeros
+/// written (`Full`).
 pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
     let s = FileStorage::create(path).map_err(|e| Error::storage("creating image file", e))?;
     if preallocation == Preallocation::Full {
@@ -449,7 +495,11 @@ pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Resul
     }
     s.set_len(size)
         .map_err(|e| Error::io("sizing image file", e))?;
-    s.flush().map_err(|e| Error::io("flushing image file", e))
+    s.flush().map_err(|e| Error::io("flushing image file", e))?;
+    if preallocation == Preallocation::Falloc {
+        reserve_whole_file(path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

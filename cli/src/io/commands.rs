@@ -148,23 +148,23 @@ impl Session {
             .find(|c| c.name == name || c.alt == Some(name))
         else {
             if UNSUPPORTED.contains(&name) {
-                eprintln!("qcow2kit: io: command \"{name}\" is not supported by qcow2kit");
+                errln!("qcow2kit: io: command \"{name}\" is not supported by qcow2kit");
             } else {
-                eprintln!("command \"{name}\" not found");
+                errln!("command \"{name}\" not found");
             }
             return -EINVAL;
         };
         let n = argv.len() - 1;
         if n < ci.argmin || ci.argmax.is_some_and(|m| n > m) {
             match ci.argmax {
-                None => eprintln!(
+                None => errln!(
                     "bad argument count {n} to {name}, expected at least {} arguments",
                     ci.argmin
                 ),
                 Some(m) if m == ci.argmin => {
-                    eprintln!("bad argument count {n} to {name}, expected {m} arguments")
+                    errln!("bad argument count {n} to {name}, expected {m} arguments")
                 }
-                Some(m) => eprintln!(
+                Some(m) => errln!(
                     "bad argument count {n} to {name}, expected between {} and {m} arguments",
                     ci.argmin
                 ),
@@ -172,7 +172,7 @@ impl Session {
             return -EINVAL;
         }
         if ci.writes && self.read_only {
-            eprintln!("qcow2kit: Block node is read-only");
+            errln!("qcow2kit: Block node is read-only");
             return -EPERM;
         }
         match ci.name {
@@ -240,7 +240,7 @@ impl Session {
         for o in opts {
             match o {
                 Opt::Bad(msg) => {
-                    eprintln!("{msg}");
+                    errln!("{msg}");
                     return self.usage(ci);
                 }
                 Opt::Flag('b', _) => bflag = true,
@@ -289,7 +289,7 @@ impl Session {
         let mut buf = vec![0xabu8; count as usize];
         let t0 = Instant::now();
         let r = if bflag {
-            eprintln!("qcow2kit: io: the VM state (-b) is not supported");
+            errln!("qcow2kit: io: the VM state (-b) is not supported");
             Err(ENOTSUP)
         } else if !self.in_range(offset, count) {
             Err(EIO)
@@ -353,7 +353,7 @@ impl Session {
         for o in opts {
             match o {
                 Opt::Bad(msg) => {
-                    eprintln!("{msg}");
+                    errln!("{msg}");
                     return self.usage(ci);
                 }
                 Opt::Flag('b', _) => bflag = true,
@@ -449,7 +449,7 @@ impl Session {
 
         let t0 = Instant::now();
         let r = if bflag {
-            eprintln!("qcow2kit: io: the VM state (-b) is not supported");
+            errln!("qcow2kit: io: the VM state (-b) is not supported");
             Err(ENOTSUP)
         } else if !self.in_range(offset, count) {
             Err(EIO)
@@ -509,7 +509,7 @@ impl Session {
         for o in opts {
             match o {
                 Opt::Bad(msg) => {
-                    eprintln!("{msg}");
+                    errln!("{msg}");
                     return self.usage(ci);
                 }
                 Opt::Flag('C', _) => cflag = true,
@@ -546,21 +546,45 @@ impl Session {
     }
 }
 
-/// qemu-io's `qemu_io_alloc_from_file`: the file's first `len` bytes, repeated to fill `len`.
+/// Most bytes read from a `-s` source in one call.
+const SOURCE_CHUNK: usize = 1 << 20;
+
+/// qemu-io's `qemu_io_alloc_from_file`: up to `len` bytes of the file (read in bounded chunks,
+/// never past `len`: the source may be endless, as `/dev/urandom` is), repeated to fill `len`.
 pub(super) fn pattern_from_file(file: &str, len: usize) -> Option<Vec<u8>> {
-    let data = match std::fs::read(file) {
-        Ok(d) => d,
+    use std::io::Read;
+    let report = |e: &std::io::Error| errln!("{file}: {}", qcow2kit::error::strerror(e));
+    let mut f = match std::fs::File::open(file) {
+        Ok(f) => f,
         Err(e) => {
-            let s = e.to_string();
-            let s = s.rfind(" (os error ").map_or(s.as_str(), |i| &s[..i]);
-            eprintln!("{file}: {s}");
+            report(&e);
             return None;
         }
     };
-    if data.is_empty() {
-        eprintln!("{file}: file is empty");
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let end = len.min(got + SOURCE_CHUNK);
+        match f.read(&mut buf[got..end]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                report(&e);
+                return None;
+            }
+        }
+    }
+    if got == 0 {
+        errln!("{file}: file is empty");
         return None;
     }
-    let n = data.len().min(len);
-    Some(data[..n].iter().copied().cycle().take(len).collect())
+    // Doubling copies keep `filled` a multiple of `got`, so the pattern repeats seamlessly.
+    let mut filled = got;
+    while filled < len {
+        let n = filled.min(len - filled);
+        buf.copy_within(0..n, filled);
+        filled += n;
+    }
+    Some(buf)
 }

@@ -78,7 +78,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(format!("io: {e}")),
     };
     if p.has("help") {
-        print!("{HELP}");
+        crate::stdio::print_out(HELP);
         return 0;
     }
     if p.has("object") || p.has("image-opts") {
@@ -89,7 +89,7 @@ pub fn run(args: &[String]) -> u8 {
     }
     let [file] = p.operands.as_slice() else {
         // qemu-io prints its usage on standard output.
-        print!("{HELP}");
+        crate::stdio::print_out(HELP);
         return 1;
     };
     let mut writethrough = true;
@@ -188,7 +188,7 @@ fn open_image(
         None => {
             let f = probe_file(path).map_err(lib)?;
             if f == ImageFormat::Raw {
-                eprintln!(
+                errln!(
                     "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
                      Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
                      Specify the 'raw' format explicitly to remove the restrictions."

@@ -1,6 +1,6 @@
 //! qemu-io's output: C stdio buffering, `strerror`, the timing report and buffer dumps.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 /// Largest request qemu's block layer accepts (`BDRV_REQUEST_MAX_BYTES`).
@@ -44,9 +44,7 @@ impl Out {
     }
 
     pub(super) fn write_out(&mut self) {
-        let mut o = std::io::stdout().lock();
-        let _ = o.write_all(&self.buf);
-        let _ = o.flush();
+        crate::stdio::print_out(&self.buf);
         self.buf.clear();
     }
 
@@ -67,17 +65,17 @@ pub(super) fn errno_of(e: &qcow2kit::Error) -> i32 {
         qcow2kit::Error::ReadOnly => EPERM,
         qcow2kit::Error::InvalidArgument(_) => EINVAL,
         qcow2kit::Error::Io { source, .. } => {
-            eprintln!("qcow2kit: {e}");
+            errln!("qcow2kit: {e}");
             source.raw_os_error().unwrap_or(EIO)
         }
         qcow2kit::Error::Unsupported(_) => {
-            eprintln!("qcow2kit: {e}");
+            errln!("qcow2kit: {e}");
             ENOTSUP
         }
         // Reported by the image's corruption reporter, as QEMU does.
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(_)) => EIO,
         _ => {
-            eprintln!("qcow2kit: {e}");
+            errln!("qcow2kit: {e}");
             EIO
         }
     }

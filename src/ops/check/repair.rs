@@ -25,6 +25,9 @@
 //!    header switched and flushed, old table freed);
 //! 6. with nothing left wrong, clears the dirty and corrupt bits.
 //!
+//! Before all that, unknown autoclear bits are cleared (QEMU does so when it opens the image
+//! writable), even when nothing needs repairing.
+//!
 //! With [`RepairMode::All`], the walk also turns a misaligned preallocated zero cluster into a
 //! plain zero cluster, and grows the file to hold a refcount block that lies past its end.
 //!
@@ -40,7 +43,7 @@ use super::{Checker, MAX_REPORTED_FINDINGS};
 use crate::engine::rebuild::{write_refcount_structure, RefcountArray};
 use crate::engine::snapshot_table::write_snapshot_table;
 use crate::error::{strerror, Error, Result};
-use crate::format::features::IncompatibleFeatures;
+use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::header::Header;
 use crate::io::Storage;
 
@@ -120,6 +123,7 @@ impl Checker<'_> {
     /// I/O errors (a failed write leaves an image that a later repair can finish: every
     /// step is ordered so).
     pub fn repair(self, mode: RepairMode, sink: &mut dyn FnMut(&Finding)) -> Result<RepairReport> {
+        clear_unknown_autoclear(&self)?;
         let h = &self.header;
         let mut out = RepairReport {
             report: CheckReport {
@@ -284,6 +288,21 @@ fn fix_snapshot_table(
             Err(Stop::Io(e))
         }
     }
+}
+
+/// Clears the autoclear bits this writer does not know, as QEMU's writable open does before
+/// the repair starts (whether or not anything needs repairing): they name structures that
+/// whoever set them can no longer trust once another writer has touched the image.
+fn clear_unknown_autoclear(c: &Checker<'_>) -> Result<()> {
+    let known = AutoclearFeatures::all().bits();
+    let bits = c.header.autoclear.bits();
+    if c.header.version < 3 || bits & !known == 0 {
+        return Ok(());
+    }
+    c.storage
+        .write_at(&(bits & known).to_be_bytes(), 88)
+        .and_then(|()| c.storage.flush())
+        .map_err(|e| Error::io("clearing unknown autoclear bits", e))
 }
 
 /// Clears the dirty and corrupt bits of a repaired version 3 image (QEMU's
