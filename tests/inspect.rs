@@ -6,15 +6,15 @@
 //! AES, unknown feature bits, and polyglots made by writing another format's signature into the
 //! unused parts of a qcow2 header cluster — which qemu-img still reads as qcow2.
 
+use qcow2kit::chain::probe_file;
 use qcow2kit::format::features::FeatureKind;
 use qcow2kit::io::MemoryStorage;
-use qcow2kit::chain::probe_file;
 use qcow2kit::ops::inspect::stream::MAX_KEPT_BYTES;
 use qcow2kit::ops::inspect::{
     inspect, inspect_path, Encryption, Format, InspectReader, Inspection, Policy, Violation,
 };
-use std::io::Read;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,6 +64,23 @@ impl Work {
 
     fn img(&self, args: &[&str]) -> String {
         tool("qemu-img", args, self.dir.path())
+    }
+
+    /// `qemu-img create -f fmt [-o opts] name size`, with a secret `s0` for LUKS options.
+    fn create(&self, name: &str, fmt: &str, opts: &str, size: &str) {
+        let mut args = vec![
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-f",
+            fmt,
+        ];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name, size]);
+        self.img(&args);
     }
 
     fn io(&self, name: &str, cmd: &str) {
@@ -579,7 +596,8 @@ fn assert_streaming_agrees(w: &Work, name: &str, ins: &Inspection) {
             chunk,
         });
         let mut copy = Vec::new();
-        r.read_to_end(&mut copy).expect("reading through the inspector");
+        r.read_to_end(&mut copy)
+            .expect("reading through the inspector");
         assert!(copy == bytes, "{name}: the reader changed the bytes");
         assert!(r.kept_bytes() <= MAX_KEPT_BYTES);
         assert_eq!(r.inspection(), Some(ins), "{name}, chunks of {chunk}");
@@ -614,7 +632,8 @@ fn hand_made(w: &Work) {
     }
     b[88..96].copy_from_slice(&[0, 0, 0x10, 0, 0, 0, 0, 0]); // 1 MiB
     fs::write(w.path("x.bochs"), &b).expect("writing");
-    let magic = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+    let magic =
+        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
     let mut c = vec![0u8; 65536];
     c[..magic.len()].copy_from_slice(magic);
     c[128..132].copy_from_slice(&65536u32.to_be_bytes());
@@ -641,12 +660,7 @@ fn every_format_qemu_probes_is_named_never_raw() {
         ("luks", "key-secret=s0,iter-time=10"),
     ] {
         let name = format!("p.{fmt}");
-        let mut args = vec!["create", "-q", "--object", "secret,id=s0,data=pw", "-f", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([name.as_str(), "4M"]);
-        w.img(&args);
+        w.create(name.as_str(), fmt, opts, "4M");
     }
     hand_made(&w);
     for (name, want) in [
@@ -691,18 +705,18 @@ fn benign_images_report_qemus_virtual_size_and_pass() {
         ("a.vdi", "vdi", "", "7M"),
         ("dyn.vhd", "vpc", "subformat=dynamic", "16M"),
         ("fixed.vhd", "vpc", "subformat=fixed", "16M"),
-        ("forced.vhd", "vpc", "subformat=dynamic,force_size=on", "16M"),
+        (
+            "forced.vhd",
+            "vpc",
+            "subformat=dynamic,force_size=on",
+            "16M",
+        ),
         ("a.luks", "luks", "key-secret=s0,iter-time=10", "9M"),
         ("a.qed", "qed", "", "11M"),
         ("a.parallels", "parallels", "", "13M"),
     ];
     for (name, fmt, opts, size) in made {
-        let mut args = vec!["create", "-q", "--object", "secret,id=s0,data=pw", "-f", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([name, size]);
-        w.img(&args);
+        w.create(name, fmt, opts, size);
         let ins = w.inspect(name);
         let want = Format::from_name(fmt).expect("format");
         assert_eq!(ins.detected, vec![want], "{name}");
@@ -716,9 +730,21 @@ fn benign_images_report_qemus_virtual_size_and_pass() {
             Format::Qed | Format::Parallels => vec!["unsupported_format"],
             _ => vec![],
         };
-        assert_eq!(rules(&ins, Policy::strict().declared(want)), expect, "{name}");
-        assert_eq!(rules(&ins, Policy::openstack().declared(want)), expect, "{name}");
-        assert_eq!(rules(&ins, Policy::trusted_local().declared(want)), NONE, "{name}");
+        assert_eq!(
+            rules(&ins, Policy::strict().declared(want)),
+            expect,
+            "{name}"
+        );
+        assert_eq!(
+            rules(&ins, Policy::openstack().declared(want)),
+            expect,
+            "{name}"
+        );
+        assert_eq!(
+            rules(&ins, Policy::trusted_local().declared(want)),
+            NONE,
+            "{name}"
+        );
         assert_streaming_agrees(&w, name, &ins);
     }
 }
@@ -733,14 +759,7 @@ fn put_descriptor(w: &Work, name: &str, text: &str) {
 #[test]
 fn hostile_corpus_is_refused_with_the_named_rule() {
     let w = Work::new();
-    let mk = |name: &str, fmt: &str, opts: &str, size: &str| {
-        let mut args = vec!["create", "-q", "--object", "secret,id=s0,data=pw", "-f", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([name, size]);
-        w.img(&args);
-    };
+    let mk = |name: &str, fmt: &str, opts: &str, size: &str| w.create(name, fmt, opts, size);
     // VMDK: a monolithicFlat descriptor whose extent is /etc/shadow.
     mk("flat.vmdk", "vmdk", "subformat=monolithicFlat", "1M");
     let desc = fs::read_to_string(w.path("flat.vmdk")).expect("descriptor text");
@@ -790,7 +809,9 @@ fn hostile_corpus_is_refused_with_the_named_rule() {
     w.patch("regi.vhdx", 192 << 10, b"XXXX");
     // QED with a backing file.
     mk("base.raw", "raw", "", "1M");
-    w.img(&["create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "b.qed"]);
+    w.img(&[
+        "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "b.qed",
+    ]);
     // LUKS version 2 header.
     mk("a.luks", "luks", "key-secret=s0,iter-time=10", "4M");
     w.copy("a.luks", "v2.luks");
@@ -814,14 +835,26 @@ fn hostile_corpus_is_refused_with_the_named_rule() {
     hand_made(&w);
 
     for (name, fmt, want) in [
-        ("shadow.vmdk", Format::Vmdk, vec!["vmdk_subformat", "vmdk_extent"]),
+        (
+            "shadow.vmdk",
+            Format::Vmdk,
+            vec!["vmdk_subformat", "vmdk_extent"],
+        ),
         ("extent.vmdk", Format::Vmdk, vec!["vmdk_extent"]),
         ("parent.vmdk", Format::Vmdk, vec!["backing_file"]),
-        ("junk.vmdk", Format::Vmdk, vec!["vmdk_descriptor", "vmdk_subformat", "vmdk_descriptor"]),
+        (
+            "junk.vmdk",
+            Format::Vmdk,
+            vec!["vmdk_descriptor", "vmdk_subformat", "vmdk_descriptor"],
+        ),
         ("footer.vmdk", Format::Vmdk, vec!["vmdk_footer"]),
         ("goodfooter.vmdk", Format::Vmdk, vec![]),
         ("regi.vhdx", Format::Vhdx, vec!["malformed"]),
-        ("b.qed", Format::Qed, vec!["unsupported_format", "backing_file"]),
+        (
+            "b.qed",
+            Format::Qed,
+            vec!["unsupported_format", "backing_file"],
+        ),
         ("v2.luks", Format::Luks, vec!["luks_version"]),
         ("mbr.raw", Format::Raw, vec!["partition_table"]),
         ("diff.vdi", Format::Vdi, vec!["backing_file"]),
@@ -831,7 +864,11 @@ fn hostile_corpus_is_refused_with_the_named_rule() {
         ("x.dmg", Format::Dmg, vec!["unsupported_format"]),
     ] {
         let ins = w.inspect(name);
-        assert_eq!(rules(&ins, Policy::openstack().declared(fmt)), want, "{name}");
+        assert_eq!(
+            rules(&ins, Policy::openstack().declared(fmt)),
+            want,
+            "{name}"
+        );
         assert_eq!(rules(&ins, Policy::strict().declared(fmt)), want, "{name}");
         assert_streaming_agrees(&w, name, &ins);
     }
@@ -842,5 +879,8 @@ fn hostile_corpus_is_refused_with_the_named_rule() {
         ins.facts().and_then(|f| f.subformat.as_deref()),
         Some("monolithicflat")
     );
-    assert_eq!(rules(&ins, Policy::trusted_local().declared(Format::Vmdk)), NONE);
+    assert_eq!(
+        rules(&ins, Policy::trusted_local().declared(Format::Vmdk)),
+        NONE
+    );
 }

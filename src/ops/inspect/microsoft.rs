@@ -26,14 +26,18 @@ pub(super) fn vhd_facts(src: &mut dyn Source, head: &[u8]) -> Result<FormatFacts
     let Some(ft) = footer.filter(|t| t.len() == 512 && t.starts_with(b"conectix")) else {
         return Ok(f);
     };
-    let (Some(current), Some(cyls), Some(disk_type)) = (be(&ft, 48, 8), be(&ft, 56, 2), be(&ft, 60, 4))
+    let (Some(current), Some(cyls), Some(disk_type)) =
+        (be(&ft, 48, 8), be(&ft, 56, 2), be(&ft, 60, 4))
     else {
         return Ok(f);
     };
     let chs = cyls * u64::from(ft[58]) * u64::from(ft[59]);
     // qemu's vpc_open: the CHS geometry, except for creators known to use the current size
     // and for the maximal geometry.
-    let by_size = matches!(&ft[28..32], b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
+    let by_size = matches!(
+        &ft[28..32],
+        b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0"
+    );
     let sectors = if by_size || chs == VHD_MAX_GEOMETRY {
         current / 512
     } else {

@@ -28,7 +28,10 @@ pub(super) fn vdi(head: &[u8]) -> FormatFacts {
         Some(2) => Some("static".into()),
         _ => None,
     };
-    let uuid_set = |off: usize| head.get(off..off + 16).is_some_and(|u| u.iter().any(|&b| b != 0));
+    let uuid_set = |off: usize| {
+        head.get(off..off + 16)
+            .is_some_and(|u| u.iter().any(|&b| b != 0))
+    };
     if uuid_set(0x1a8) || uuid_set(0x1b8) {
         f.findings.push(Violation::BackingFile { name: None });
     }

@@ -371,7 +371,9 @@ impl fmt::Display for Violation {
             ),
             Violation::Polyglot(d) => write!(f, "multiple formats detected: {}", names(d)),
             Violation::UnsupportedFormat(fmt) => write!(f, "format {fmt} is not allowed"),
-            Violation::Malformed { format, reason } => write!(f, "invalid {format} image: {reason}"),
+            Violation::Malformed { format, reason } => {
+                write!(f, "invalid {format} image: {reason}")
+            }
             Violation::VmdkSubformat(t) => write!(f, "unsupported VMDK subformat '{t}'"),
             Violation::VmdkDescriptor(why) => write!(f, "invalid VMDK descriptor: {why}"),
             Violation::VmdkExtent(e) => write!(f, "unsafe VMDK extent: {e}"),
@@ -384,4 +386,3 @@ impl fmt::Display for Violation {
         }
     }
 }
-

@@ -89,7 +89,7 @@ pub struct Qcow2Facts {
     /// Refcount width in bits, when `refcount_order` ≤ 6.
     pub refcount_bits: Option<u32>,
     /// Why the header (or its extensions) does not validate; empty when it does. Unknown
-    /// incompatible features are not listed here (see [`Violation::UnknownFeatures`]).
+    /// incompatible features are not listed here (see [`Violation::UnknownFeatures`](super::Violation::UnknownFeatures)).
     pub problems: Vec<Corruption>,
 }
 
@@ -233,4 +233,3 @@ pub(super) fn qcow2_facts(src: &mut dyn Source, head: &[u8]) -> Result<Qcow2Fact
         problems,
     })
 }
-

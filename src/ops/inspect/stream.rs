@@ -150,7 +150,11 @@ impl StreamInspector {
         let wanted = src.wanted;
         let mut again = false;
         for (offset, len) in wanted {
-            if self.regions.iter().any(|r| r.offset == offset && r.len >= len) {
+            if self
+                .regions
+                .iter()
+                .any(|r| r.offset == offset && r.len >= len)
+            {
                 continue;
             }
             if len > REGION_BYTES || self.regions.len() >= MAX_REGIONS {
@@ -238,9 +242,7 @@ impl Source for Kept<'_> {
     }
 
     fn read(&mut self, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
-        let end = offset
-            .saturating_add(len as u64)
-            .min(self.file_size());
+        let end = offset.saturating_add(len as u64).min(self.file_size());
         if end <= offset {
             return Ok(Some(Vec::new()));
         }
@@ -271,7 +273,8 @@ impl Source for Kept<'_> {
         }
         let n = len.min(self.s.tail.len());
         if n < len && (self.s.tail.len() as u64) < self.s.pos {
-            self.wanted.push((self.s.pos.saturating_sub(len as u64), len));
+            self.wanted
+                .push((self.s.pos.saturating_sub(len as u64), len));
             return Ok(None);
         }
         let from = self.s.tail.len() - n;

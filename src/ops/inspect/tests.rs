@@ -3,11 +3,11 @@
 use super::*;
 use crate::error::Corruption;
 use crate::format::extension::Extensions;
+use crate::format::extension::EXT_DATA_FILE;
 use crate::format::features::{
     AutoclearFeatures, CompatibleFeatures, FeatureKind, IncompatibleFeatures,
 };
 use crate::format::header::Header;
-use crate::format::extension::EXT_DATA_FILE;
 use crate::io::MemoryStorage;
 
 /// A minimal valid v3 image: header, refcount table, refcount block, L1 (64 KiB clusters).
@@ -344,7 +344,11 @@ fn streaming_agrees_and_follows_pointers_past_the_head() {
     v[meta + 0x10000] = 0x40; // 64 bytes of virtual disk
     let whole = run(v.clone());
     assert_eq!(whole.virtual_size(), Some(64));
-    assert!(whole.check(&Policy::strict()).is_empty(), "{:?}", whole.check(&Policy::strict()));
+    assert!(
+        whole.check(&Policy::strict()).is_empty(),
+        "{:?}",
+        whole.check(&Policy::strict())
+    );
     for chunk in [1000, 65536, 4 << 20] {
         assert_eq!(streamed(&v, chunk), whole, "chunk {chunk}");
     }

@@ -88,8 +88,7 @@ pub(super) fn facts(src: &mut dyn Source, head: &[u8]) -> Result<FormatFacts> {
         .map_or(&[][..], |d| &d[..d.len().min(size)]);
     let text = &text[..text.iter().position(|&b| b == 0).unwrap_or(text.len())];
     let desc = parse(text, &mut f.findings);
-    let own = desc.extents.len() == 1
-        && desc.extents[0].split(' ').nth(2) == Some("sparse");
+    let own = desc.extents.len() == 1 && desc.extents[0].split(' ').nth(2) == Some("sparse");
     if !desc.extents.is_empty() && !own {
         f.findings.push(Violation::VmdkExtent(
             "a sparse extent's descriptor names extents other than itself".into(),
@@ -163,10 +162,7 @@ fn parse(text: &[u8], findings: &mut Vec<Violation>) -> Descriptor {
                 }
                 _ => {}
             }
-        } else if matches!(
-            line.split(' ').next(),
-            Some("rw" | "rdonly" | "noaccess")
-        ) {
+        } else if matches!(line.split(' ').next(), Some("rw" | "rdonly" | "noaccess")) {
             d.extents.push(line.to_string());
         } else {
             let shown: String = line.chars().take(64).collect();
