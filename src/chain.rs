@@ -14,7 +14,7 @@
 use crate::device::{BlockDevice, RawImage};
 use crate::engine::{Qcow2Image, Qcow2Options, SnapshotRef};
 use crate::error::{Error, Result};
-use crate::format::probe::{detect, probe, Format, HEAD_BYTES, TAIL_BYTES};
+use crate::format::probe::{detect, dmg_by_name, probe, Format, HEAD_BYTES, TAIL_BYTES};
 use crate::io::lock::{LockRequest, Permissions};
 use crate::io::{FileStorage, Storage, StorageExt};
 use std::ffi::OsStr;
@@ -231,8 +231,10 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
 
 /// Detects the format of the file at `path` as a qemu-style probe would (see
 /// [`crate::format::probe::probe`]): raw when no image signature is found, qcow2 or raw are
-/// returned, any other format is unsupported, and a polyglot (signatures of several formats) is
-/// refused rather than guessed at.
+/// returned, any other format qemu can name (bochs, cloop, DMG — by a `koly` trailer or, as qemu
+/// does, a `.dmg` name — parallels, qcow, qed, vdi, vhdx, vmdk, vpc, luks) is named and refused
+/// as unsupported, never read as raw, and a polyglot (signatures of several formats) is refused
+/// rather than guessed at.
 pub fn probe_file(path: &Path) -> Result<ImageFormat> {
     // Probing takes no lock (neither does QEMU's): the open that follows does.
     let s = open_storage(path, false, None, 0)?;
@@ -247,11 +249,16 @@ pub fn probe_file(path: &Path) -> Result<ImageFormat> {
         ),
         None => None,
     };
-    let detected = detect(&head, tail.as_deref());
+    let mut detected = detect(&head, tail.as_deref());
+    if dmg_by_name(path.as_os_str().as_bytes()) && !detected.contains(&Format::Dmg) {
+        detected.push(Format::Dmg);
+    }
     match probe(&detected) {
         Some(Format::Raw) => Ok(ImageFormat::Raw),
         Some(Format::Qcow2) => Ok(ImageFormat::Qcow2),
-        Some(f) => Err(Error::Unsupported(format!("image format '{f}'"))),
+        Some(f) => Err(Error::Unsupported(format!(
+            "image format '{f}' (probed); only qcow2 and raw images can be opened"
+        ))),
         None => Err(Error::Unsupported(format!(
             "'{}' carries the signatures of several formats ({}); name its format explicitly",
             path.display(),

@@ -171,6 +171,43 @@ pub fn inspect(data: &[u8]) {
     }
 }
 
+/// Streams arbitrary bytes through the streaming inspector in arbitrary chunks (the first two
+/// bytes seed the chunk sizes) and checks that it never keeps more than its cap and, where it
+/// vouches for its inspection, agrees with the random-access inspector.
+pub fn inspect_stream(data: &[u8]) {
+    use crate::ops::inspect::stream::{StreamInspector, MAX_KEPT_BYTES};
+    use crate::ops::inspect::{inspect, Policy};
+    let (seed, body) = match data {
+        [a, b, rest @ ..] => (u64::from(*a) << 8 | u64::from(*b), rest),
+        _ => (0, data),
+    };
+    // xorshift64 from the seed: chunk sizes 1..=4096.
+    let mut x = seed | 1;
+    let mut s = StreamInspector::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = (1 + x % 4096).min(rest.len() as u64) as usize;
+        s.feed(&rest[..n]);
+        rest = &rest[n..];
+        assert!(s.kept_bytes() <= MAX_KEPT_BYTES);
+    }
+    let streamed = s.finish();
+    let whole = inspect(&MemoryStorage::from_bytes(body.to_vec())).expect("in-memory inspection");
+    if streamed.complete {
+        assert_eq!(streamed, whole);
+    }
+    for p in [
+        Policy::strict(),
+        Policy::openstack(),
+        Policy::trusted_local(),
+    ] {
+        let _ = streamed.check(&p);
+    }
+}
+
 /// Creation options of a small image, from two fuzz bytes: cluster size 512 B–64 KiB, every
 /// refcount width, v2 or v3, lazy refcounts, extended L2.
 fn fuzz_create_options(a: u8, b: u8) -> crate::ops::create::CreateOptions {

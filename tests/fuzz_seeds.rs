@@ -45,6 +45,11 @@ fn inspect_seeds() {
 }
 
 #[test]
+fn inspect_stream_seeds() {
+    replay("inspect_stream", qcow2kit::fuzzing::inspect_stream);
+}
+
+#[test]
 fn write_sequence_seeds() {
     replay("write_sequence", qcow2kit::fuzzing::write_sequence);
 }
@@ -76,6 +81,7 @@ fn every_target_is_replayed() {
             "crash_reopen",
             "decompress",
             "inspect",
+            "inspect_stream",
             "open_read",
             "write_sequence"
         ],

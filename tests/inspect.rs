@@ -6,12 +6,15 @@
 //! AES, unknown feature bits, and polyglots made by writing another format's signature into the
 //! unused parts of a qcow2 header cluster — which qemu-img still reads as qcow2.
 
+use qcow2kit::chain::probe_file;
 use qcow2kit::format::features::FeatureKind;
 use qcow2kit::io::MemoryStorage;
+use qcow2kit::ops::inspect::stream::MAX_KEPT_BYTES;
 use qcow2kit::ops::inspect::{
-    inspect, inspect_path, Encryption, Format, Inspection, Policy, Violation,
+    inspect, inspect_path, Encryption, Format, InspectReader, Inspection, Policy, Violation,
 };
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,6 +64,23 @@ impl Work {
 
     fn img(&self, args: &[&str]) -> String {
         tool("qemu-img", args, self.dir.path())
+    }
+
+    /// `qemu-img create -f fmt [-o opts] name size`, with a secret `s0` for LUKS options.
+    fn create(&self, name: &str, fmt: &str, opts: &str, size: &str) {
+        let mut args = vec![
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-f",
+            fmt,
+        ];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name, size]);
+        self.img(&args);
     }
 
     fn io(&self, name: &str, cmd: &str) {
@@ -377,15 +397,25 @@ fn raw_files_and_other_formats() {
         let ins = w.inspect(&name);
         assert_eq!(ins.detected, vec![want], "{name}");
         assert!(ins.qcow2.is_none(), "{name}");
-        assert_eq!(per_preset(&ins, want), [NONE, NONE, NONE], "{name}");
+        // OpenStack bans QED and does not know parallels.
+        let banned = if matches!(want, Format::Qed | Format::Parallels) {
+            vec!["unsupported_format"]
+        } else {
+            NONE
+        };
         assert_eq!(
-            rules(&ins, Policy::openstack().declared(Format::Qcow2)),
-            ["format_mismatch"],
+            per_preset(&ins, want),
+            [banned.clone(), banned, NONE],
             "{name}"
         );
         assert_eq!(
-            rules(&ins, Policy::strict().declared(Format::Raw)),
-            ["format_mismatch"],
+            rules(&ins, Policy::openstack().declared(Format::Qcow2))[0],
+            "format_mismatch",
+            "{name}"
+        );
+        assert_eq!(
+            rules(&ins, Policy::strict().declared(Format::Raw))[0],
+            "format_mismatch",
             "{name}"
         );
     }
@@ -548,4 +578,309 @@ fn fifos_are_refused_without_blocking() {
     assert!(inspect_path(&fifo).is_err());
     assert!(t.elapsed() < Duration::from_secs(1));
     assert!(inspect_path(&w.path("missing")).is_err());
+}
+
+/// `virtual-size` from `qemu-img info --output=json` (with `-f fmt`).
+fn qemu_virtual_size(w: &Work, name: &str, fmt: &str) -> u64 {
+    let out = w.img(&["info", "--output=json", "-f", fmt, name]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info JSON");
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
+/// The streaming inspector, fed `name` in chunks of several sizes, agrees with `inspect`.
+fn assert_streaming_agrees(w: &Work, name: &str, ins: &Inspection) {
+    let bytes = fs::read(w.path(name)).expect("reading an image");
+    for chunk in [512usize, 65536, 1 << 20] {
+        let mut r = InspectReader::new(ChunkedReader {
+            data: &bytes,
+            chunk,
+        });
+        let mut copy = Vec::new();
+        r.read_to_end(&mut copy)
+            .expect("reading through the inspector");
+        assert!(copy == bytes, "{name}: the reader changed the bytes");
+        assert!(r.kept_bytes() <= MAX_KEPT_BYTES);
+        assert_eq!(r.inspection(), Some(ins), "{name}, chunks of {chunk}");
+    }
+}
+
+/// Hands out at most `chunk` bytes per read.
+struct ChunkedReader<'a> {
+    data: &'a [u8],
+    chunk: usize,
+}
+
+impl Read for ChunkedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.chunk).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// Bochs, cloop and DMG files qemu-img cannot create, with the bytes QEMU's probes look at.
+fn hand_made(w: &Work) {
+    let mut b = vec![0u8; 1 << 20];
+    b[..23].copy_from_slice(b"Bochs Virtual HD Image\0");
+    b[32..40].copy_from_slice(b"Redolog\0");
+    b[48..56].copy_from_slice(b"Growing\0");
+    b[64..68].copy_from_slice(&[0, 0, 2, 0]); // version 2.0, little-endian
+    for (off, v) in [(68, 512u32), (72, 512), (76, 512), (80, 4096)] {
+        let le: Vec<u8> = v.to_be_bytes().into_iter().rev().collect();
+        b[off..off + 4].copy_from_slice(&le);
+    }
+    b[88..96].copy_from_slice(&[0, 0, 0x10, 0, 0, 0, 0, 0]); // 1 MiB
+    fs::write(w.path("x.bochs"), &b).expect("writing");
+    let magic =
+        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+    let mut c = vec![0u8; 65536];
+    c[..magic.len()].copy_from_slice(magic);
+    c[128..132].copy_from_slice(&65536u32.to_be_bytes());
+    c[132..136].copy_from_slice(&4u32.to_be_bytes());
+    fs::write(w.path("x.cloop"), &c).expect("writing");
+    let mut d = vec![0u8; 65536];
+    d[65536 - 512..65536 - 508].copy_from_slice(b"koly");
+    d[65536 - 512 + 0x1ec..65536 - 512 + 0x1f4].copy_from_slice(&2048u64.to_be_bytes());
+    fs::write(w.path("koly.img"), &d).expect("writing");
+    fs::write(w.path("x.dmg"), &d).expect("writing");
+}
+
+#[test]
+fn every_format_qemu_probes_is_named_never_raw() {
+    let w = Work::new();
+    for (fmt, opts) in [
+        ("qcow", ""),
+        ("qed", ""),
+        ("vdi", ""),
+        ("vhdx", ""),
+        ("vmdk", ""),
+        ("vpc", ""),
+        ("parallels", ""),
+        ("luks", "key-secret=s0,iter-time=10"),
+    ] {
+        let name = format!("p.{fmt}");
+        w.create(name.as_str(), fmt, opts, "4M");
+    }
+    hand_made(&w);
+    for (name, want) in [
+        ("p.qcow", Format::Qcow),
+        ("p.qed", Format::Qed),
+        ("p.vdi", Format::Vdi),
+        ("p.vhdx", Format::Vhdx),
+        ("p.vmdk", Format::Vmdk),
+        ("p.vpc", Format::Vpc),
+        ("p.parallels", Format::Parallels),
+        ("p.luks", Format::Luks),
+        ("x.bochs", Format::Bochs),
+        ("x.cloop", Format::Cloop),
+        ("x.dmg", Format::Dmg),
+        ("koly.img", Format::Dmg),
+    ] {
+        // qemu-img names each (the koly trailer alone it does not look at: qcow2kit is stricter).
+        let qemu = w.qemu_reads_as(name, None);
+        if name != "koly.img" {
+            assert!(
+                qemu.as_deref() == Ok(want.name()) || name == "x.dmg",
+                "{name}: qemu-img says {qemu:?}"
+            );
+        }
+        let err = probe_file(&w.path(name)).expect_err(name).to_string();
+        assert!(
+            err.contains(&format!("image format '{}'", want.name())),
+            "{name}: {err}"
+        );
+        assert_eq!(w.inspect(name).detected, vec![want], "{name}");
+    }
+}
+
+#[test]
+fn benign_images_report_qemus_virtual_size_and_pass() {
+    let w = Work::new();
+    let made = [
+        ("a.qcow2", "qcow2", "", "5G"),
+        ("a.vmdk", "vmdk", "", "3M"),
+        ("so.vmdk", "vmdk", "subformat=streamOptimized", "3M"),
+        ("a.vhdx", "vhdx", "", "1G"),
+        ("a.vdi", "vdi", "", "7M"),
+        ("dyn.vhd", "vpc", "subformat=dynamic", "16M"),
+        ("fixed.vhd", "vpc", "subformat=fixed", "16M"),
+        (
+            "forced.vhd",
+            "vpc",
+            "subformat=dynamic,force_size=on",
+            "16M",
+        ),
+        ("a.luks", "luks", "key-secret=s0,iter-time=10", "9M"),
+        ("a.qed", "qed", "", "11M"),
+        ("a.parallels", "parallels", "", "13M"),
+    ];
+    for (name, fmt, opts, size) in made {
+        w.create(name, fmt, opts, size);
+        let ins = w.inspect(name);
+        let want = Format::from_name(fmt).expect("format");
+        assert_eq!(ins.detected, vec![want], "{name}");
+        assert_eq!(
+            ins.virtual_size(),
+            Some(qemu_virtual_size(&w, name, fmt)),
+            "{name}"
+        );
+        assert!(ins.complete);
+        let expect: Vec<&str> = match want {
+            Format::Qed | Format::Parallels => vec!["unsupported_format"],
+            _ => vec![],
+        };
+        assert_eq!(
+            rules(&ins, Policy::strict().declared(want)),
+            expect,
+            "{name}"
+        );
+        assert_eq!(
+            rules(&ins, Policy::openstack().declared(want)),
+            expect,
+            "{name}"
+        );
+        assert_eq!(
+            rules(&ins, Policy::trusted_local().declared(want)),
+            NONE,
+            "{name}"
+        );
+        assert_streaming_agrees(&w, name, &ins);
+    }
+}
+
+/// Writes `text` as the descriptor of a sparse VMDK (at byte 512, NUL-padded to its end).
+fn put_descriptor(w: &Work, name: &str, text: &str) {
+    let mut area = text.as_bytes().to_vec();
+    area.resize(1024, 0);
+    w.patch(name, 512, &area);
+}
+
+#[test]
+fn hostile_corpus_is_refused_with_the_named_rule() {
+    let w = Work::new();
+    let mk = |name: &str, fmt: &str, opts: &str, size: &str| w.create(name, fmt, opts, size);
+    // VMDK: a monolithicFlat descriptor whose extent is /etc/shadow.
+    mk("flat.vmdk", "vmdk", "subformat=monolithicFlat", "1M");
+    let desc = fs::read_to_string(w.path("flat.vmdk")).expect("descriptor text");
+    let hostile = desc.replace("\"flat-flat.vmdk\"", "\"/etc/shadow\"");
+    assert_ne!(hostile, desc);
+    fs::write(w.path("shadow.vmdk"), hostile).expect("writing");
+    // A sparse VMDK whose embedded descriptor names another file.
+    mk("s.vmdk", "vmdk", "", "1M");
+    w.copy("s.vmdk", "extent.vmdk");
+    put_descriptor(
+        &w,
+        "extent.vmdk",
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\nRW 2048 SPARSE \"extent.vmdk\"\nRW 2048 FLAT \"secret\" 0\n",
+    );
+    // A sparse VMDK with a parent.
+    w.copy("s.vmdk", "parent.vmdk");
+    put_descriptor(
+        &w,
+        "parent.vmdk",
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=2\ncreateType=\"monolithicSparse\"\nparentFileNameHint=\"/var/lib/images/base.vmdk\"\n\nRW 2048 SPARSE \"parent.vmdk\"\n",
+    );
+    // A descriptor line OpenStack does not understand.
+    w.copy("s.vmdk", "junk.vmdk");
+    put_descriptor(
+        &w,
+        "junk.vmdk",
+        "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicSparse\"\nRW 2048 SPARSE \"junk.vmdk\"\nsomething odd\n",
+    );
+    // A stream-optimized VMDK whose header defers to a footer (grain directory offset all
+    // ones), and whose footer names another descriptor; the same with a sound footer passes.
+    mk("so.vmdk", "vmdk", "subformat=streamOptimized", "1M");
+    let mut so = fs::read(w.path("so.vmdk")).expect("read");
+    so[56..64].copy_from_slice(&[0xff; 8]);
+    let mut footer = vec![0u8; 1536];
+    footer[12] = 3; // footer marker
+    footer[512..1024].copy_from_slice(&so[..512]);
+    footer[512 + 56..512 + 64].copy_from_slice(&[0x1a, 0, 0, 0, 0, 0, 0, 0]);
+    let mut good = so.clone();
+    good.extend_from_slice(&footer);
+    fs::write(w.path("goodfooter.vmdk"), &good).expect("writing");
+    footer[512 + 36] ^= 9; // descriptor size
+    so.extend_from_slice(&footer);
+    fs::write(w.path("footer.vmdk"), &so).expect("writing");
+    // VHDX without its region table.
+    mk("a.vhdx", "vhdx", "", "64M");
+    w.copy("a.vhdx", "regi.vhdx");
+    w.patch("regi.vhdx", 192 << 10, b"XXXX");
+    // QED with a backing file.
+    mk("base.raw", "raw", "", "1M");
+    w.img(&[
+        "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "b.qed",
+    ]);
+    // LUKS version 2 header.
+    mk("a.luks", "luks", "key-secret=s0,iter-time=10", "4M");
+    w.copy("a.luks", "v2.luks");
+    w.patch("v2.luks", 6, &[0, 2]);
+    // A protective MBR with a second partition.
+    let mut mbr = vec![0u8; 1 << 20];
+    mbr[446 + 1..446 + 4].copy_from_slice(&[0, 2, 0]);
+    mbr[446 + 4] = 0xee;
+    mbr[446 + 8] = 1;
+    mbr[462 + 4] = 0x83;
+    mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+    mbr[512..520].copy_from_slice(b"EFI PART");
+    fs::write(w.path("mbr.raw"), &mbr).expect("writing");
+    // A differencing VDI (parent UUID set) and a differencing VHD (disk type 4).
+    mk("a.vdi", "vdi", "", "4M");
+    w.copy("a.vdi", "diff.vdi");
+    w.patch("diff.vdi", 0x1b8, &[0x42; 16]);
+    mk("a.vhd", "vpc", "", "4M");
+    w.copy("a.vhd", "diff.vhd");
+    w.patch("diff.vhd", 60, &4u32.to_be_bytes());
+    hand_made(&w);
+
+    for (name, fmt, want) in [
+        (
+            "shadow.vmdk",
+            Format::Vmdk,
+            vec!["vmdk_subformat", "vmdk_extent"],
+        ),
+        ("extent.vmdk", Format::Vmdk, vec!["vmdk_extent"]),
+        ("parent.vmdk", Format::Vmdk, vec!["backing_file"]),
+        (
+            "junk.vmdk",
+            Format::Vmdk,
+            vec!["vmdk_descriptor", "vmdk_subformat", "vmdk_descriptor"],
+        ),
+        ("footer.vmdk", Format::Vmdk, vec!["vmdk_footer"]),
+        ("goodfooter.vmdk", Format::Vmdk, vec![]),
+        ("regi.vhdx", Format::Vhdx, vec!["malformed"]),
+        (
+            "b.qed",
+            Format::Qed,
+            vec!["unsupported_format", "backing_file"],
+        ),
+        ("v2.luks", Format::Luks, vec!["luks_version"]),
+        ("mbr.raw", Format::Raw, vec!["partition_table"]),
+        ("diff.vdi", Format::Vdi, vec!["backing_file"]),
+        ("diff.vhd", Format::Vpc, vec!["backing_file"]),
+        ("x.bochs", Format::Bochs, vec!["unsupported_format"]),
+        ("x.cloop", Format::Cloop, vec!["unsupported_format"]),
+        ("x.dmg", Format::Dmg, vec!["unsupported_format"]),
+    ] {
+        let ins = w.inspect(name);
+        assert_eq!(
+            rules(&ins, Policy::openstack().declared(fmt)),
+            want,
+            "{name}"
+        );
+        assert_eq!(rules(&ins, Policy::strict().declared(fmt)), want, "{name}");
+        assert_streaming_agrees(&w, name, &ins);
+    }
+    // The /etc/shadow descriptor breaks no rule a trusted local user cares about but its
+    // create type is reported.
+    let ins = w.inspect("shadow.vmdk");
+    assert_eq!(
+        ins.facts().and_then(|f| f.subformat.as_deref()),
+        Some("monolithicflat")
+    );
+    assert_eq!(
+        rules(&ins, Policy::trusted_local().declared(Format::Vmdk)),
+        NONE
+    );
 }

@@ -588,7 +588,10 @@ fn shrink_refuses_hostile_refcount_table_entries() {
             read(&p.q),
             "{e:#x}: qemu-img kept the data past the new end"
         );
-        assert!(!read(&p.k), "{e:#x}: qcow2kit dropped the data past the new end");
+        assert!(
+            !read(&p.k),
+            "{e:#x}: qcow2kit dropped the data past the new end"
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 
 /// Bytes of a file's head examined for signatures (every signature lies within them).
 pub const HEAD_BYTES: u64 = 64 << 10;
-/// Bytes of a file's tail examined for signatures (a VHD footer).
+/// Bytes of a file's tail examined for signatures (a VHD footer, a DMG `koly` trailer).
 pub const TAIL_BYTES: u64 = 512;
 
 /// A disk image format, as qemu-img names it.
@@ -36,6 +36,13 @@ pub enum Format {
     /// A partition table: an MBR signature (`55 AA` at byte 510) that is not a FAT boot sector;
     /// OpenStack calls it `gpt`.
     Gpt,
+    /// Bochs growing redolog (`Bochs Virtual HD Image`, `Redolog`, `Growing`, version 1 or 2).
+    Bochs,
+    /// Linux compressed loop (`cloop`): the V2.0 shell-script preamble.
+    Cloop,
+    /// Apple disk image (UDIF): a `koly` trailer in the last 512 bytes, or (as qemu probes it) a
+    /// file name ending in `.dmg`.
+    Dmg,
 }
 
 impl Format {
@@ -54,8 +61,30 @@ impl Format {
             Format::Parallels => "parallels",
             Format::Iso => "iso",
             Format::Gpt => "gpt",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
+            Format::Dmg => "dmg",
         }
     }
+
+    /// Every format, in detection order.
+    pub const ALL: [Format; 15] = [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Qcow,
+        Format::Vmdk,
+        Format::Vhdx,
+        Format::Vdi,
+        Format::Qed,
+        Format::Luks,
+        Format::Vpc,
+        Format::Parallels,
+        Format::Iso,
+        Format::Gpt,
+        Format::Bochs,
+        Format::Cloop,
+        Format::Dmg,
+    ];
 
     /// Parses a format name (`vhd` is accepted for `vpc`).
     pub fn from_name(name: &str) -> Option<Format> {
@@ -72,6 +101,9 @@ impl Format {
             "parallels" => Format::Parallels,
             "iso" => Format::Iso,
             "gpt" => Format::Gpt,
+            "bochs" => Format::Bochs,
+            "cloop" => Format::Cloop,
+            "dmg" => Format::Dmg,
             _ => return None,
         })
     }
@@ -84,8 +116,13 @@ impl std::fmt::Display for Format {
 }
 
 /// Every format whose signature appears in `head` (the file's first bytes; 64 KiB covers all of
-/// them) or in `tail` (its last 512 bytes, where a fixed VHD keeps its footer), head signatures
-/// first. Empty for raw data.
+/// them) or in `tail` (its last 512 bytes, where a fixed VHD keeps its footer and a DMG its
+/// `koly` trailer), head signatures first. Empty for raw data.
+///
+/// Every signature one of qemu's `block/*.c` probe functions accepts is detected (bochs, cloop,
+/// parallels, qcow, qcow2, qed, vdi, vhdx, vmdk including text descriptors, vpc, luks), some more
+/// broadly than qemu (a LUKS header of any version, a VHD footer at the tail, a `koly` trailer),
+/// so that nothing qemu would read as an image is ever taken for raw data.
 pub fn detect(head: &[u8], tail: Option<&[u8]>) -> Vec<Format> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     let mut v = Vec::new();
@@ -103,7 +140,7 @@ pub fn detect(head: &[u8], tail: Option<&[u8]>) -> Vec<Format> {
             _ => add(Format::Qcow2),
         }
     }
-    if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
+    if at(0, b"KDMV") || at(0, b"COWD") || at(0, b"# Disk DescriptorFile") || is_vmdk_text(head) {
         add(Format::Vmdk);
     }
     if at(0, b"vhdxfile") {
@@ -125,16 +162,93 @@ pub fn detect(head: &[u8], tail: Option<&[u8]>) -> Vec<Format> {
     if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
         add(Format::Parallels);
     }
+    if is_bochs(head) {
+        add(Format::Bochs);
+    }
+    if is_cloop(head) {
+        add(Format::Cloop);
+    }
     if at(32769, b"CD001") || at(32769, b"NSR02") || at(32769, b"NSR03") {
         add(Format::Iso);
     }
     if has_partition_table(head) {
         add(Format::Gpt);
     }
-    if tail.is_some_and(|t| t.starts_with(b"conectix")) {
-        add(Format::Vpc);
+    if let Some(t) = tail {
+        if t.starts_with(b"conectix") {
+            add(Format::Vpc);
+        }
+        if t.starts_with(b"koly") {
+            add(Format::Dmg);
+        }
     }
     v
+}
+
+/// The first bytes of a cloop V2.0 image: a shell script that mounts it.
+pub const CLOOP_MAGIC: &[u8] =
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+
+/// qemu's `cloop_probe`: the file starts with [`CLOOP_MAGIC`], or with a prefix of it when the
+/// file is shorter (qemu compares only the bytes it has).
+fn is_cloop(head: &[u8]) -> bool {
+    let n = CLOOP_MAGIC.len().min(head.len());
+    n > 0 && head[..n] == CLOOP_MAGIC[..n]
+}
+
+/// qemu's `bochs_probe`: a 512-byte header whose NUL-terminated magic, type and subtype are
+/// `Bochs Virtual HD Image`, `Redolog` and `Growing`, version 1.0 or 2.0 (little-endian 32 bits
+/// at byte 64).
+fn is_bochs(head: &[u8]) -> bool {
+    let cstr = |off: usize, len: usize, want: &[u8]| {
+        head.get(off..off + len).is_some_and(|f| {
+            let end = f.iter().position(|&b| b == 0);
+            end.is_some_and(|e| &f[..e] == want)
+        })
+    };
+    head.len() >= 512
+        && cstr(0, 32, b"Bochs Virtual HD Image")
+        && cstr(32, 16, b"Redolog")
+        && cstr(48, 16, b"Growing")
+        && matches!(head[64..68], [0, 0, 1 | 2, 0])
+}
+
+/// qemu's `vmdk_probe` for text descriptors: after comment lines (`#`) and blank lines made of
+/// spaces, the first line is `version=1`, `version=2` or `version=3` (LF or CRLF).
+fn is_vmdk_text(head: &[u8]) -> bool {
+    let probe = &head[..head.len().min(2048)];
+    let mut p = 0;
+    while p < probe.len() {
+        match probe[p] {
+            b'#' => {
+                while p < probe.len() && probe[p] != b'\n' {
+                    p += 1;
+                }
+                p += 1;
+            }
+            b' ' => {
+                while p < probe.len() && probe[p] == b' ' {
+                    p += 1;
+                }
+                if p < probe.len() && probe[p] == b'\r' {
+                    p += 1;
+                }
+                if p == probe.len() || probe[p] != b'\n' {
+                    return false;
+                }
+                p += 1;
+            }
+            _ => {
+                let rest = &probe[p..];
+                return [b'1', b'2', b'3'].iter().any(|&d| {
+                    let line = [b'v', b'e', b'r', b's', b'i', b'o', b'n', b'=', d];
+                    rest.starts_with(&line)
+                        && (rest[9..].starts_with(b"\n") || rest[9..].starts_with(b"\r\n"))
+                });
+            }
+        }
+    }
+    false
 }
 
 /// An MBR signature at 510 that is not the boot sector of a FAT file system (OpenStack's
@@ -151,6 +265,12 @@ fn has_partition_table(head: &[u8]) -> bool {
 /// it boots from a USB stick. It is one image, not a polyglot.
 pub fn is_hybrid_iso(detected: &[Format]) -> bool {
     detected.len() == 2 && detected.contains(&Format::Iso) && detected.contains(&Format::Gpt)
+}
+
+/// Whether a file name makes qemu probe the file as DMG (`dmg_probe` goes by the `.dmg` suffix
+/// alone, whatever the content).
+pub fn dmg_by_name(name: &[u8]) -> bool {
+    name.len() > 4 && name.ends_with(b".dmg")
 }
 
 /// The block driver a qemu-style probe reads a file with, given what [`detect`] found: raw when
