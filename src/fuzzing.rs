@@ -3,6 +3,10 @@
 //! Each function takes arbitrary bytes and must never panic, hang or allocate beyond a bound
 //! proportional to its input; errors are the expected outcome for most inputs.
 
+mod damaged;
+
+pub use damaged::write_damaged;
+
 use crate::codec::decompress_cluster;
 use crate::device::BlockDevice;
 use crate::engine::{Qcow2Image, Qcow2Options};

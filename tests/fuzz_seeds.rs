@@ -55,6 +55,11 @@ fn write_sequence_seeds() {
 }
 
 #[test]
+fn write_damaged_seeds() {
+    replay("write_damaged", qcow2kit::fuzzing::write_damaged);
+}
+
+#[test]
 fn crash_reopen_seeds() {
     replay("crash_reopen", qcow2kit::fuzzing::crash_reopen);
 }
@@ -83,6 +88,7 @@ fn every_target_is_replayed() {
             "inspect",
             "inspect_stream",
             "open_read",
+            "write_damaged",
             "write_sequence"
         ],
         "a fuzz target was added or renamed: replay its seeds in tests/fuzz_seeds.rs"

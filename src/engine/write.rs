@@ -269,8 +269,7 @@ impl Qcow2Image {
                 m.pending_free.push(host)
             }
             ClusterKind::Compressed(d) => {
-                let first = d.host_offset & !(cs - 1);
-                let last = (d.host_offset + d.stored_len() - 1) & !(cs - 1);
+                let (first, last) = self.compressed_release_span(d);
                 let mut c = first;
                 while c <= last {
                     m.pending_free.push(c);
@@ -279,6 +278,20 @@ impl Qcow2Image {
             }
             _ => {}
         }
+    }
+
+    /// The first and last host clusters whose references a compressed cluster releases. A
+    /// compressed cluster is always smaller than a cluster, so its descriptor covers at most a
+    /// cluster plus the sector rounding; one claiming more is damaged, and the clusters past its
+    /// first one may belong to anything (past the end of the file, counted free, then handed to
+    /// new data): only its first cluster is released, the rest leaked.
+    fn compressed_release_span(&self, d: crate::format::entry::CompressedDescriptor) -> (u64, u64) {
+        let cs = self.geo.cluster_size;
+        let first = d.host_offset & !(cs - 1);
+        if d.stored_len() > cs + 511 {
+            return (first, first);
+        }
+        (first, (d.host_offset + d.stored_len() - 1) & !(cs - 1))
     }
 
     /// Reserves `n` host clusters for guest clusters starting at `guest`: contiguous new clusters
@@ -539,10 +552,19 @@ impl Qcow2Image {
                 }
                 (host, host)
             }
-            ClusterKind::Compressed(d) => (
-                d.host_offset & !(cs - 1),
-                (d.host_offset + d.stored_len() - 1) & !(cs - 1),
-            ),
+            ClusterKind::Compressed(d) => {
+                let span = self.compressed_release_span(d);
+                if d.stored_len() > cs + 511 {
+                    let message = format!(
+                        "Compressed cluster at {} claims {} bytes, more than any compressed \
+                         cluster needs; only its first cluster is freed",
+                        CHex(d.host_offset),
+                        d.stored_len()
+                    );
+                    self.signal_corruption(m, message, false);
+                }
+                span
+            }
             _ => return Ok(()),
         };
         let mut refs = m.refs()?;
@@ -854,6 +876,10 @@ impl Qcow2Image {
                 }
             }
             _ => {
+                if let ClusterKind::Normal { host } = kind {
+                    // The entry stays: it must be sound to be kept.
+                    self.check_aligned(&mut m, c0, host)?;
+                }
                 let mut bm = SubclusterBitmap(bitmap);
                 for sc in (a >> g.subcluster_bits) as u32..(b >> g.subcluster_bits) as u32 {
                     bm.set(sc, SubclusterState::Zero);
