@@ -209,9 +209,9 @@ pub fn run(args: &[String]) -> u8 {
     let mut err = std::io::BufWriter::new(stderr.lock());
     let mut print = |f: &Finding| {
         let prefix = if f.is_error_report() {
-            "qcow2kit: "
+            format!("{}: ", crate::common::prog())
         } else {
-            ""
+            String::new()
         };
         let _ = writeln!(err, "{prefix}{f}");
     };
@@ -272,12 +272,15 @@ pub fn run(args: &[String]) -> u8 {
 
 /// An argument error, followed by qemu-img's pointer to the help.
 fn usage_error(msg: impl std::fmt::Display) -> u8 {
-    errln!("qcow2kit: {msg}\nTry 'qcow2kit check --help' for more info");
+    errln!(
+        "{p}: {msg}\nTry '{p} check --help' for more info",
+        p = crate::common::prog()
+    );
     1
 }
 
 fn fail_with(msg: &str, code: u8) -> u8 {
-    errln!("qcow2kit: {msg}");
+    errln!("{}: {msg}", crate::common::prog());
     code
 }
 

@@ -18,13 +18,50 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
             "qcow2: Image is corrupt; cannot be opened read/write".to_string()
         }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(m)) => m.clone(),
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::UnknownIncompatibleFeatures {
+            bits,
+            names,
+        }) => {
+            // QEMU: the names the image's feature table gives, then the bits left unnamed.
+            let set = (0..64).filter(|b| bits >> b & 1 != 0);
+            let mut parts = Vec::new();
+            let mut unnamed = 0u64;
+            for (bit, name) in set.zip(names) {
+                if name.starts_with("unknown incompatible feature bit") {
+                    unnamed |= 1 << bit;
+                } else {
+                    parts.push(name.clone());
+                }
+            }
+            if unnamed != 0 {
+                parts.push(format!("Unknown incompatible feature: {unnamed:x}"));
+            }
+            format!("Unsupported qcow2 feature(s): {}", parts.join(", "))
+        }
         other => other.to_string(),
     }
 }
 
-/// Prints `qcow2kit: MSG` to stderr and returns exit code 1.
+/// The program's name as invoked (the last part of `argv[0]`), which starts every error
+/// message as in QEMU's tools: `qemu-img` when qcow2kit stands in under that name.
+pub fn prog() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|a| {
+                std::path::Path::new(&a)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "qcow2kit".to_string())
+    })
+}
+
+/// Prints `PROG: MSG` to stderr (PROG as [`prog`] gives it) and returns exit code 1.
 pub fn fail(msg: impl std::fmt::Display) -> u8 {
-    errln!("qcow2kit: {msg}");
+    errln!("{}: {msg}", crate::common::prog());
     1
 }
 

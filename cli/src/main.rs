@@ -61,7 +61,7 @@ fn main() -> ExitCode {
             0
         }
         other => {
-            errln!("qcow2kit: Command not found: {other}");
+            errln!("{}: Command not found: {other}", crate::common::prog());
             1
         }
     };

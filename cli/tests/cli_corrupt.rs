@@ -102,7 +102,13 @@ fn same_as_qemu_io_in(dir: &Path, case: &str, cmds: &[&str]) {
 
 /// A case: its name, `-o` options, where to damage the image and with what, then the qemu-io
 /// commands.
-type Case = (&'static str, &'static str, u64, Vec<u8>, &'static [&'static str]);
+type Case = (
+    &'static str,
+    &'static str,
+    u64,
+    Vec<u8>,
+    &'static [&'static str],
+);
 
 #[test]
 fn corruption_events_match_qemu_io() {

@@ -263,10 +263,21 @@ impl Refcounts {
                     continue 'search;
                 }
                 if self.table[ri] == 0 {
-                    // The run's first cluster is free and covered by block `first` (which exists:
-                    // blocks are created in this loop's order) or by block `ri` itself when
-                    // `ri == first`: the new block goes there, and the search starts again.
-                    self.create_block(storage, ri, start, file_end)?;
+                    // As QEMU does, the new block goes to the first free cluster after the run
+                    // when block `ri` or an existing block covers it (so that, as in QEMU, a
+                    // block usually describes itself and the run stays where it was found).
+                    // Otherwise the run's first cluster takes it: it is free and covered by
+                    // block `first` (which exists: blocks are created in this loop's order) or
+                    // by block `ri` itself when `ri == first`. The search then starts again.
+                    let after = self.first_free_from(storage, end)?;
+                    let covered = |b: usize| b == ri || self.table.get(b).is_some_and(|&o| o != 0);
+                    let at = if covered((after >> self.block_bits) as usize) {
+                        after
+                    } else {
+                        start
+                    };
+                    self.refuse_metadata(at, 1)?;
+                    self.create_block(storage, ri, at, file_end)?;
                     continue 'search;
                 }
             }
@@ -278,6 +289,17 @@ impl Refcounts {
             self.trim(storage)?;
             return Ok(start << self.cluster_bits);
         }
+    }
+
+    /// The first cluster at or after `from` (by index) whose refcount is 0 (clusters no block
+    /// covers count as 0). Bounded by the refcount table's reach plus one block.
+    fn first_free_from(&mut self, storage: &dyn Storage, from: u64) -> Result<u64> {
+        let limit = ((self.table.len() as u64 + 1) << self.block_bits).max(from + 1);
+        let mut c = from;
+        while c < limit && self.get(storage, c)? != 0 {
+            c += 1;
+        }
+        Ok(c)
     }
 
     /// Makes sure refcount block `ri` exists, placing a new one in a free cluster from the

@@ -109,9 +109,10 @@ impl Qcow2Image {
                 // Everything clean first, so the in-memory L1 equals the one on disk plus
                 // entries whose L2 tables are durable.
                 self.flush_locked(&mut m)?;
-                let per_cluster = (cs / 8) as usize;
-                let new_len = needed.next_multiple_of(per_cluster);
-                let clusters = (new_len * 8) as u64 / cs;
+                // Exactly the entries the size needs, as QEMU's truncate grows it: the
+                // table's last cluster is only written as far as the table goes.
+                let new_len = needed;
+                let clusters = ((new_len * 8) as u64).div_ceil(cs);
                 let s = self.storage.as_ref();
                 let new_off = {
                     let super::meta::Meta { refs, file_end, .. } = &mut *m;
@@ -125,7 +126,7 @@ impl Qcow2Image {
                 }
                 s.write_at(&raw, new_off)
                     .map_err(io_err("writing new L1 table"))?;
-                self.note_file_growth(&mut m, new_off + clusters * cs);
+                self.note_file_growth(&mut m, new_off + raw.len() as u64);
                 // New table and its refcounts durable, then the header switch, then a flush.
                 self.flush_locked(&mut m)?;
                 if !Self::lazy_refcounts(&m) {

@@ -107,12 +107,16 @@ impl Extensions {
                     ext.backing_format = Some(data.to_vec());
                 }
                 EXT_FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
+                    // A short last entry reads as if padded with zeros, as in QEMU.
+                    for e in data.chunks(48).filter(|e| e.len() >= 2) {
                         let Some(kind) = FeatureKind::from_byte(e[0]) else {
                             continue;
                         };
-                        let name_bytes = &e[2..48];
-                        let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
+                        let name_bytes = &e[2..];
+                        let end = name_bytes
+                            .iter()
+                            .position(|&b| b == 0)
+                            .unwrap_or(name_bytes.len());
                         ext.feature_names.push(FeatureName {
                             kind,
                             bit: e[1],

@@ -172,7 +172,7 @@ impl Session {
             return -EINVAL;
         }
         if ci.writes && self.read_only {
-            errln!("qcow2kit: Block node is read-only");
+            errln!("{}: Block node is read-only", crate::common::prog());
             return -EPERM;
         }
         match ci.name {
@@ -289,7 +289,10 @@ impl Session {
         let mut buf = vec![0xabu8; count as usize];
         let t0 = Instant::now();
         let r = if bflag {
-            errln!("qcow2kit: io: the VM state (-b) is not supported");
+            errln!(
+                "{}: io: the VM state (-b) is not supported",
+                crate::common::prog()
+            );
             Err(ENOTSUP)
         } else if !self.in_range(offset, count) {
             Err(EIO)
@@ -449,7 +452,10 @@ impl Session {
 
         let t0 = Instant::now();
         let r = if bflag {
-            errln!("qcow2kit: io: the VM state (-b) is not supported");
+            errln!(
+                "{}: io: the VM state (-b) is not supported",
+                crate::common::prog()
+            );
             Err(ENOTSUP)
         } else if !self.in_range(offset, count) {
             Err(EIO)

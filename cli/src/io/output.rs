@@ -65,17 +65,17 @@ pub(super) fn errno_of(e: &qcow2kit::Error) -> i32 {
         qcow2kit::Error::ReadOnly => EPERM,
         qcow2kit::Error::InvalidArgument(_) => EINVAL,
         qcow2kit::Error::Io { source, .. } => {
-            errln!("qcow2kit: {e}");
+            errln!("{}: {e}", crate::common::prog());
             source.raw_os_error().unwrap_or(EIO)
         }
         qcow2kit::Error::Unsupported(_) => {
-            errln!("qcow2kit: {e}");
+            errln!("{}: {e}", crate::common::prog());
             ENOTSUP
         }
         // Reported by the image's corruption reporter, as QEMU does.
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(_)) => EIO,
         _ => {
-            errln!("qcow2kit: {e}");
+            errln!("{}: {e}", crate::common::prog());
             EIO
         }
     }
