@@ -463,14 +463,21 @@ impl Qcow2Image {
         }
     }
 
+    /// The L2 table holding the entry of guest offset `guest`, and the entry's index in it (for
+    /// QEMU's messages).
+    fn l2_position(&self, m: &Meta, guest: u64) -> (u64, u64) {
+        let g = self.geo;
+        let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
+        let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
+        (l2_offset, (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1))
+    }
+
     /// Refuses to write through an L2 entry whose cluster offset is misaligned (QEMU's
     /// wording; the image is then marked corrupt).
     fn check_aligned(&self, m: &mut Meta, guest: u64, host: u64) -> Result<()> {
         let g = self.geo;
         if host & (g.cluster_size - 1) != 0 {
-            let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-            let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
-            let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+            let (l2_offset, l2_index) = self.l2_position(m, guest);
             let (host_h, l2_offset_h, l2_index_h) = (CHex(host), CHex(l2_offset), CHex(l2_index));
             return Err(inconsistent(format!(
                 "Cluster allocation offset {host_h} unaligned (L2 offset: {l2_offset_h}, \
@@ -517,9 +524,7 @@ impl Qcow2Image {
             _ => false,
         };
         if invalid {
-            let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-            let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
-            let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+            let (l2_offset, l2_index) = self.l2_position(m, guest);
             let (l2_offset_h, l2_index_h) = (CHex(l2_offset), CHex(l2_index));
             return Err(inconsistent(format!(
                 "Invalid cluster entry found (L2 offset: {l2_offset_h}, L2 index: {l2_index_h})"
