@@ -469,7 +469,10 @@ impl Qcow2Image {
         let g = self.geo;
         let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
         let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
-        (l2_offset, (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1))
+        (
+            l2_offset,
+            (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1),
+        )
     }
 
     /// Refuses to write through an L2 entry whose cluster offset is misaligned (QEMU's
