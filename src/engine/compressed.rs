@@ -43,14 +43,15 @@ impl Qcow2Image {
             return self.write_impl(data, offset);
         }
         let _g = self.begin_write(offset, len)?;
-        let host = {
+        // The range lock keeps the entry as it is read here until it is replaced below.
+        let (host, old) = {
             let mut m = self.lock_meta();
             let (old, bitmap) = self.entry_at(&mut m, offset)?;
             if g.extended {
                 self.check_bitmap(&mut m, offset, old, bitmap)?;
             }
             self.check_replace(&mut m, offset, old)?;
-            self.alloc_compressed(&mut m, z.len() as u64)?
+            (self.alloc_compressed(&mut m, z.len() as u64)?, old)
         };
         // Rule 1: the data is in place before the entry that points to it.
         if let Err(e) = self.storage.write_at(&z, host) {
@@ -62,7 +63,6 @@ impl Qcow2Image {
         let entry = desc.encode(g.cluster_bits).ok_or_else(|| {
             Error::Unsupported("compressed cluster lies beyond what an L2 entry can address".into())
         })?;
-        let (old, _) = self.entry_at(&mut m, offset)?;
         let l1_index = (offset >> (g.cluster_bits + g.l2_bits)) as usize;
         self.ensure_l2_writable(&mut m, l1_index)?;
         self.set_entry(&mut m, offset, entry, 0)?;

@@ -19,7 +19,6 @@
 use super::corrupt::CHex;
 use super::meta::Meta;
 use super::overlap::Structure;
-use super::refcount::overlap_error;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
@@ -86,9 +85,7 @@ impl Qcow2Image {
             let mut buf = vec![0u8; self.geo.slice_bytes as usize];
             let sb = self.geo.slice_bytes;
             for key in &keys {
-                if let Some(st) = m.refs()?.map.find(*key, sb, &[Structure::ActiveL2]) {
-                    return Err(overlap_error(st));
-                }
+                m.refs()?.map.refuse(*key, sb, &[Structure::ActiveL2])?;
                 if let Some(entries) = m.l2.peek(*key) {
                     for (i, e) in entries.iter().enumerate() {
                         put_u64(&mut buf, i * 8, e.load(Relaxed));

@@ -26,6 +26,7 @@ mod resize;
 mod shared;
 pub(crate) mod snapshot_table;
 mod write;
+mod write_checks;
 
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
@@ -344,11 +345,7 @@ impl BlockDevice for Qcow2Image {
     /// zeroing or discard of them can then queue the clusters it maps for freeing.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size())?;
-        let r = self.read_checked(buf, offset);
-        if r.is_err() {
-            return self.guard(r);
-        }
-        r
+        self.guard(self.read_checked(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -5,7 +5,7 @@
 use super::cache::SliceCache;
 use super::corrupt::CorruptionReporter;
 use super::meta::Meta;
-use super::overlap::{MetadataMap, RangeSet, INACTIVE_L1_READ_BUDGET};
+use super::overlap::{MetadataMap, INACTIVE_L1_READ_BUDGET};
 use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
 use super::shared::{L1Table, Shared, MAX_SLOTS};
@@ -379,19 +379,17 @@ fn fill_metadata_map(
         map.add_active_l2(e & OFFSET_MASK);
     }
     map.set_snapshot_table(t.snapshot_table.0, t.snapshot_table.1);
-    let mut inactive_l1 = RangeSet::default();
     for s in t.snapshots {
         let bytes = u64::from(s.l1_size) * 8;
         if bytes <= MAX_L1_BYTES
             && check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_end).is_ok()
         {
             map.add_inactive_l1(s.l1_table_offset, bytes);
-            inactive_l1.insert(s.l1_table_offset, s.l1_table_offset + bytes);
         }
     }
-    if inactive_l1.bytes() <= INACTIVE_L1_READ_BUDGET {
+    if map.inactive_l1().bytes() <= INACTIVE_L1_READ_BUDGET {
         let mut l2s = Vec::new();
-        for (start, end) in inactive_l1.iter() {
+        for (start, end) in map.inactive_l1().iter() {
             let words = read_table_words(storage, start, ((end - start) / 8) as usize)?;
             l2s.extend(
                 words

@@ -20,6 +20,7 @@
 //! single clusters (L2 tables) in hash maps or a sorted vector.
 
 use super::cache::IntMap;
+use crate::error::{Corruption, Error, Result};
 use std::collections::BTreeMap;
 
 /// A kind of metadata structure, named as QEMU's overlap check names it.
@@ -181,6 +182,11 @@ impl MetadataMap {
         self.snapshot_table = (offset, bytes);
     }
 
+    /// The snapshots' L1 tables, merged where they overlap or are shared.
+    pub(crate) fn inactive_l1(&self) -> &RangeSet {
+        &self.inactive_l1
+    }
+
     /// Adds a snapshot's L1 table.
     pub(crate) fn add_inactive_l1(&mut self, offset: u64, bytes: u64) {
         self.inactive_l1
@@ -273,6 +279,19 @@ impl MetadataMap {
             (checks(Structure::BitmapTable) && self.bitmap_tables.overlaps(start, end))
                 .then_some(Structure::BitmapTable)
         })
+    }
+
+    /// Refuses a write to `offset..offset + len` that meets a structure other than those in
+    /// `ignore`, with the corruption QEMU reports ("Preventing invalid write on metadata
+    /// (overlaps with …)").
+    pub(crate) fn refuse(&self, offset: u64, len: u64, ignore: &[Structure]) -> Result<()> {
+        match self.find(offset, len, ignore) {
+            Some(s) => Err(Error::Corrupt(Corruption::Inconsistent(format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                s.name()
+            )))),
+            None => Ok(()),
+        }
     }
 
     /// Whether the cluster at `offset` is an active L2 table.

@@ -63,14 +63,6 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
 }
 
-/// The corruption QEMU reports when a write would land on `structure`.
-pub(crate) fn overlap_error(structure: Structure) -> Error {
-    Error::Corrupt(Corruption::Inconsistent(format!(
-        "Preventing invalid write on metadata (overlaps with {})",
-        structure.name()
-    )))
-}
-
 impl Refcounts {
     /// Loads the refcount table that `header` names.
     pub(crate) fn load(storage: &dyn Storage, header: &Header) -> Result<Self> {
@@ -149,13 +141,8 @@ impl Refcounts {
     /// Refuses clusters `first..first + n` (by index) when any holds metadata: the refcounts
     /// call them free, so the refcounts or the structure's location are wrong.
     fn refuse_metadata(&self, first: u64, n: u64) -> Result<()> {
-        match self
-            .map
-            .find(first << self.cluster_bits, n << self.cluster_bits, &[])
-        {
-            Some(s) => Err(overlap_error(s)),
-            None => Ok(()),
-        }
+        self.map
+            .refuse(first << self.cluster_bits, n << self.cluster_bits, &[])
     }
 
     /// The refcount of cluster `cluster` (by index).
@@ -490,12 +477,8 @@ impl Refcounts {
         keys.sort_unstable();
         for ri in &keys {
             let off = self.table[*ri];
-            if let Some(s) = self
-                .map
-                .find(off, self.cluster_size(), &[Structure::RefcountBlock])
-            {
-                return Err(overlap_error(s));
-            }
+            self.map
+                .refuse(off, self.cluster_size(), &[Structure::RefcountBlock])?;
             if let Some(b) = self.blocks.get_mut(ri) {
                 storage
                     .write_at(&b.data, off)

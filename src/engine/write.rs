@@ -16,10 +16,8 @@
 //! at subcluster granularity: only the touched subclusters are written (a partial subcluster's
 //! head and tail from the current content) and their allocation bits set.
 
-use super::corrupt::{inconsistent, CHex};
 use super::meta::Meta;
 use super::overlap::Structure;
-use super::refcount::overlap_error;
 use super::Qcow2Image;
 use crate::device::{check_range, BlockDevice};
 use crate::error::{Corruption, Error, Result};
@@ -173,13 +171,9 @@ impl Qcow2Image {
         let l2_index = (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
         let l2_offset = l1e & OFFSET_MASK;
         // The entry is written back into the table's cluster: it must hold nothing else.
-        if let Some(s) = m
-            .refs()?
+        m.refs()?
             .map
-            .find(l2_offset, g.cluster_size, &[Structure::ActiveL2])
-        {
-            return Err(overlap_error(s));
-        }
+            .refuse(l2_offset, g.cluster_size, &[Structure::ActiveL2])?;
         let key = Meta::slice_key(&g, l2_offset, l2_index);
         if m.would_evict_dirty(key) {
             self.flush_locked(m)?;
@@ -278,20 +272,6 @@ impl Qcow2Image {
             }
             _ => {}
         }
-    }
-
-    /// The first and last host clusters whose references a compressed cluster releases. A
-    /// compressed cluster is always smaller than a cluster, so its descriptor covers at most a
-    /// cluster plus the sector rounding; one claiming more is damaged, and the clusters past its
-    /// first one may belong to anything (past the end of the file, counted free, then handed to
-    /// new data): only its first cluster is released, the rest leaked.
-    fn compressed_release_span(&self, d: crate::format::entry::CompressedDescriptor) -> (u64, u64) {
-        let cs = self.geo.cluster_size;
-        let first = d.host_offset & !(cs - 1);
-        if d.stored_len() > cs + 511 {
-            return (first, first);
-        }
-        (first, (d.host_offset + d.stored_len() - 1) & !(cs - 1))
     }
 
     /// Reserves `n` host clusters for guest clusters starting at `guest`: contiguous new clusters
@@ -449,166 +429,6 @@ impl Qcow2Image {
                     ClusterKind::Unallocated => self.backing.is_none(),
                     _ => false,
                 })
-    }
-
-    /// Refuses a data write to host bytes `host..host + len` where they hold metadata (QEMU's
-    /// overlap check); the caller's [`guard`](Qcow2Image::guard) marks the image corrupt.
-    fn check_overlap(&self, m: &mut Meta, host: u64, len: u64) -> Result<()> {
-        if self.geo.data_file {
-            return Ok(()); // Host offsets refer to the data file, which holds no metadata.
-        }
-        match m.refs()?.map.find(host, len, &[]) {
-            Some(s) => Err(overlap_error(s)),
-            None => Ok(()),
-        }
-    }
-
-    /// The L2 table holding the entry of guest offset `guest`, and the entry's index in it (for
-    /// QEMU's messages).
-    fn l2_position(&self, m: &Meta, guest: u64) -> (u64, u64) {
-        let g = self.geo;
-        let l1_index = (guest >> (g.cluster_bits + g.l2_bits)) as usize;
-        let l2_offset = m.l1.get_or_zero(l1_index) & OFFSET_MASK;
-        (
-            l2_offset,
-            (guest >> g.cluster_bits) & ((1 << g.l2_bits) - 1),
-        )
-    }
-
-    /// Refuses to write through an L2 entry whose cluster offset is misaligned (QEMU's
-    /// wording; the image is then marked corrupt).
-    fn check_aligned(&self, m: &mut Meta, guest: u64, host: u64) -> Result<()> {
-        let g = self.geo;
-        if host & (g.cluster_size - 1) != 0 {
-            let (l2_offset, l2_index) = self.l2_position(m, guest);
-            let (host_h, l2_offset_h, l2_index_h) = (CHex(host), CHex(l2_offset), CHex(l2_index));
-            return Err(inconsistent(format!(
-                "Cluster allocation offset {host_h} unaligned (L2 offset: {l2_offset_h}, \
-                 L2 index: {l2_index_h})"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Checks that a write may replace `entry`, the L2 entry of the guest cluster at `guest`,
-    /// with a newly allocated cluster: a misaligned offset is a corruption (QEMU's wording),
-    /// and the clusters it holds must be releasable ([`check_release`](Self::check_release)).
-    pub(crate) fn check_replace(&self, m: &mut Meta, guest: u64, entry: u64) -> Result<()> {
-        let g = self.geo;
-        if !g.data_file {
-            match classify(entry, g.cluster_bits, g.extended, false) {
-                ClusterKind::Zero { host } if host % g.cluster_size != 0 => {
-                    let (host_h, guest_h) = (CHex(host), CHex(guest));
-                    return Err(inconsistent(format!(
-                        "Preallocated zero cluster offset {host_h} unaligned (guest offset: {guest_h})"
-                    )));
-                }
-                ClusterKind::Normal { host } => self.check_aligned(m, guest, host)?,
-                _ => {}
-            }
-        }
-        self.check_release(m, entry)
-    }
-
-    /// Extended L2: refuses an entry whose bitmap is invalid (a subcluster both allocated and
-    /// zero, or allocated subclusters in an unallocated cluster), as QEMU does.
-    pub(crate) fn check_bitmap(
-        &self,
-        m: &mut Meta,
-        guest: u64,
-        entry: u64,
-        bitmap: u64,
-    ) -> Result<()> {
-        let g = self.geo;
-        let alloc = bitmap & 0xffff_ffff;
-        let invalid = match classify(entry, g.cluster_bits, true, g.data_file) {
-            ClusterKind::Normal { .. } => alloc & (bitmap >> 32) != 0,
-            ClusterKind::Unallocated => alloc != 0,
-            _ => false,
-        };
-        if invalid {
-            let (l2_offset, l2_index) = self.l2_position(m, guest);
-            let (l2_offset_h, l2_index_h) = (CHex(l2_offset), CHex(l2_index));
-            return Err(inconsistent(format!(
-                "Invalid cluster entry found (L2 offset: {l2_offset_h}, L2 index: {l2_index_h})"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Checks, before anything changes, that the clusters `entry` (the L2 entry of a guest
-    /// cluster, about to be replaced) holds can be released. None may hold metadata (its
-    /// refcount belongs to the structure): that is a corruption. One counted 0 is counted now
-    /// (reported as a non-fatal event), so that it cannot be handed out before its free is
-    /// applied. A misaligned offset cannot be freed: as in QEMU it is reported and the cluster
-    /// leaked ([`queue_free`](Self::queue_free) skips it).
-    pub(crate) fn check_release(&self, m: &mut Meta, entry: u64) -> Result<()> {
-        let g = self.geo;
-        if g.data_file {
-            return Ok(());
-        }
-        let cs = g.cluster_size;
-        let (first, last) = match classify(entry, g.cluster_bits, g.extended, false) {
-            ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => {
-                if host % cs != 0 {
-                    self.signal_corruption(
-                        m,
-                        format!("Cannot free unaligned cluster {}", CHex(host)),
-                        false,
-                    );
-                    return Ok(());
-                }
-                (host, host)
-            }
-            ClusterKind::Compressed(d) => {
-                let span = self.compressed_release_span(d);
-                if d.stored_len() > cs + 511 {
-                    let message = format!(
-                        "Compressed cluster at {} claims {} bytes, more than any compressed \
-                         cluster needs; only its first cluster is freed",
-                        CHex(d.host_offset),
-                        d.stored_len()
-                    );
-                    self.signal_corruption(m, message, false);
-                }
-                span
-            }
-            _ => return Ok(()),
-        };
-        let mut refs = m.refs()?;
-        let s = self.storage.as_ref();
-        let mut c = first;
-        let entry_h = CHex(entry);
-        while c <= last {
-            let c_h = CHex(c);
-            if let Some(st) = refs.map.find(c, cs, &[]) {
-                return Err(inconsistent(format!(
-                    "Preventing invalid free of cluster {c_h} (overlaps with {}; L2 entry {entry_h})",
-                    st.name()
-                )));
-            }
-            if refs.get(s, c >> g.cluster_bits)? == 0 {
-                // Referenced but counted free: nothing else can have been given it (an
-                // allocation would have counted it), so count it for this reference, which the
-                // queued free then drops. Counted as free, it could be handed to the very write
-                // that replaces `entry` and then freed under it.
-                if !refs.has_block(((c >> g.cluster_bits) >> refs.shape().1) as usize) {
-                    return Err(inconsistent(format!(
-                        "Preventing invalid free of cluster {c_h} (no refcount block covers it, \
-                         still referenced by L2 entry {entry_h})"
-                    )));
-                }
-                refs.set_existing(s, c >> g.cluster_bits, 1)?;
-                self.signal_corruption(
-                    m,
-                    format!("Cluster {c_h} is referenced but its refcount is 0; counting it"),
-                    false,
-                );
-                refs = m.refs()?;
-            }
-            c += cs;
-        }
-        Ok(())
     }
 
     /// Fills `buf` (guest bytes at `guest`) with the image's current content, clipped to the
