@@ -52,13 +52,18 @@ fn peek_u64(path: &Path, offset: u64) -> u64 {
 
 /// `qemu-img create … 64M` and one cluster written at guest 0 (extra `-o` options appended).
 fn base_image(dir: &Path, opts: &str) -> std::path::PathBuf {
+    written_image(dir, opts, "64M", "write -P 0x11 0 64k")
+}
+
+/// `qemu-img create -f qcow2 [-o opts] t.qcow2 size`, then `write` through qemu-io.
+fn written_image(dir: &Path, opts: &str, size: &str, write: &str) -> std::path::PathBuf {
     let mut args = vec!["create", "-q", "-f", "qcow2"];
     if !opts.is_empty() {
         args.extend(["-o", opts]);
     }
-    args.extend(["t.qcow2", "64M"]);
+    args.extend(["t.qcow2", size]);
     qemu_img(&args, dir);
-    qemu_io(&["-c", "write -P 0x11 0 64k", "t.qcow2"], dir);
+    qemu_io(&["-c", write, "t.qcow2"], dir);
     dir.join("t.qcow2")
 }
 
@@ -370,21 +375,12 @@ fn compressed_descriptor_at_header() {
 #[test]
 fn refcount_block_inside_refcount_table() {
     let d = scratch();
-    qemu_img(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=1k,refcount_bits=64",
-            "t.qcow2",
-            "64M",
-        ],
+    let path = written_image(
         d.path(),
+        "cluster_size=1k,refcount_bits=64",
+        "64M",
+        "write 0 64k",
     );
-    qemu_io(&["-c", "write 0 64k", "t.qcow2"], d.path());
-    let path = d.path().join("t.qcow2");
     let reftable = peek_u64(&path, 48);
     poke(&path, reftable, &reftable.to_be_bytes());
     assert_refused(
@@ -421,20 +417,7 @@ fn l1_entry_pointing_at_refcount_table() {
 #[test]
 fn l2_entry_into_second_snapshot_table_cluster() {
     let d = scratch();
-    qemu_img(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "t.qcow2",
-            "1M",
-        ],
-        d.path(),
-    );
-    qemu_io(&["-c", "write -P 0x11 0 512", "t.qcow2"], d.path());
+    let path = written_image(d.path(), "cluster_size=512", "1M", "write -P 0x11 0 512");
     for i in 0..24 {
         qemu_img(
             &[
@@ -446,7 +429,6 @@ fn l2_entry_into_second_snapshot_table_cluster() {
             d.path(),
         );
     }
-    let path = d.path().join("t.qcow2");
     let snapshots = peek_u64(&path, 64);
     let l1 = peek_u64(&path, 40);
     let l2 = peek_u64(&path, l1) & 0x00ff_ffff_ffff_fe00;
