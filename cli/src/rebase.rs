@@ -138,6 +138,9 @@ fn rebase_cmd(args: &[String]) -> Result<(), String> {
     };
     if unsafe_mode {
         return rebase_unsafe(&top, link.as_ref()).map_err(|e| match e {
+            qcow2kit::Error::InvalidArgument(m) if m == qcow2kit::engine::HEADER_FULL => {
+                cannot_change(&m)
+            }
             qcow2kit::Error::InvalidArgument(_) => cannot_change("Invalid argument"),
             other => cannot_change(&other.to_string()),
         });

@@ -30,6 +30,7 @@ mod write;
 mod write_checks;
 
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
+pub use header_update::HEADER_FULL;
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 
 use crate::codec::decompress_cluster;

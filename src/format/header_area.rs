@@ -24,6 +24,17 @@ pub fn qemu_feature_table() -> Vec<FeatureName> {
     ]
 }
 
+/// The feature name table QEMU writes into an image of `version` with `cluster_size` bytes
+/// per cluster: its table for version 3 with clusters over 4 KiB (smaller clusters keep the
+/// room for the backing file name), none otherwise.
+pub fn qemu_feature_table_for(version: u32, cluster_size: u64) -> Vec<FeatureName> {
+    if version >= 3 && cluster_size > 4096 {
+        qemu_feature_table()
+    } else {
+        Vec::new()
+    }
+}
+
 /// Encodes cluster 0 from `header`, `ext` and the backing file name, and returns it with the
 /// header's `backing_file_offset`/`backing_file_size` set to where the name lands (both 0
 /// without a name). The feature name table, being optional, is left out when everything does
@@ -68,6 +79,44 @@ pub fn encode_header_area(
         };
         build(&without)
     })
+}
+
+/// Where the header area of `cluster0` (the first bytes of an image, parsed as `header`) ends:
+/// past the end of its extension list (the end marker included) or of its backing file name,
+/// whichever is later. Bytes after it are not read by anything. Clamped to `cluster0.len()`.
+pub fn area_end(cluster0: &[u8], header: &Header) -> usize {
+    let len = cluster0.len();
+    let mut off = (header.header_length as usize).min(len);
+    let stop = if header.backing_file_offset != 0 {
+        (header.backing_file_offset as usize).min(len)
+    } else {
+        len
+    };
+    while off + 8 <= stop {
+        let kind = u32::from_be_bytes([
+            cluster0[off],
+            cluster0[off + 1],
+            cluster0[off + 2],
+            cluster0[off + 3],
+        ]);
+        let n = u32::from_be_bytes([
+            cluster0[off + 4],
+            cluster0[off + 5],
+            cluster0[off + 6],
+            cluster0[off + 7],
+        ]) as usize;
+        off += 8;
+        if kind == 0 {
+            break;
+        }
+        off = off.saturating_add(n.next_multiple_of(8)).min(stop);
+    }
+    let name_end = if header.backing_file_offset != 0 {
+        (header.backing_file_offset as usize).saturating_add(header.backing_file_size as usize)
+    } else {
+        0
+    };
+    off.max(name_end).min(len)
 }
 
 /// The header as QEMU rewrites it: a version 3 header grows to the current length (the
@@ -156,6 +205,19 @@ mod tests {
         assert!(area.len() <= 512);
         let long = vec![b'x'; 400];
         assert!(encode_header_area(&h, &ext, Some(&long), 512).is_none());
+    }
+
+    #[test]
+    fn area_end_covers_extensions_and_name() {
+        let (h, ext) = sample();
+        let (h2, area) = encode_header_area(&h, &ext, Some(b"base.qcow2"), 65536).expect("fits");
+        let mut cluster = area.clone();
+        cluster.resize(4096, 0xee);
+        assert_eq!(area_end(&cluster, &h2), area.len());
+        let (h3, area) = encode_header_area(&h, &ext, None, 65536).expect("fits");
+        let mut cluster = area.clone();
+        cluster.resize(4096, 0);
+        assert_eq!(area_end(&cluster, &h3), area.len());
     }
 
     #[test]

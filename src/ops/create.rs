@@ -13,7 +13,7 @@ use crate::format::features::{AutoclearFeatures, CompatibleFeatures, Incompatibl
 use crate::format::header::{
     CompressionType, CryptMethod, Header, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
 };
-use crate::format::header_area::{encode_header_area, qemu_feature_table};
+use crate::format::header_area::{encode_header_area, qemu_feature_table_for};
 use crate::format::refcount;
 use crate::format::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::io::{FileStorage, Storage};
@@ -266,7 +266,7 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
     }
     let ext = Extensions {
         backing_format: o.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
-        feature_names: if v3 { qemu_feature_table() } else { Vec::new() },
+        feature_names: qemu_feature_table_for(if v3 { 3 } else { 2 }, cs),
         data_file: o.data_file.as_ref().map(|d| d.as_bytes().to_vec()),
         ..Extensions::default()
     };
@@ -299,8 +299,9 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
         compression_type: o.compression_type,
         extra_bytes: if v3 { vec![0; 7] } else { Vec::new() },
     };
-    // Like qemu-img, the (optional) feature-name table is left out when cluster 0 is too
-    // small for it beside the header, the other extensions and the backing file name.
+    // The (optional) feature-name table is left out, as qemu-img does, for clusters of 4 KiB
+    // and below, and whenever cluster 0 is too small for it beside the header, the other
+    // extensions and the backing file name.
     let (_, mut cluster0) = encode_header_area(
         &header,
         &ext,
