@@ -159,7 +159,10 @@ impl Op {
             name: name.as_bytes().to_vec(),
             format: ImageFormat::Qcow2,
         };
-        let opts = RebaseOptions::default();
+        let opts = RebaseOptions {
+            workers: 1,
+            ..RebaseOptions::default()
+        };
         let e = |e: qcow2kit::Error| e.to_string();
         match self {
             Op::Flatten | Op::Pull | Op::RebaseOther => {
@@ -207,7 +210,7 @@ impl Op {
                     Op::CommitEmptying => (1, false),
                     _ => (2, true),
                 };
-                commit_chain(&top, depth, keep, None).map_err(e)?;
+                commit_chain(&top, depth, keep, 1, None).map_err(e)?;
                 top.close().map_err(e)?;
                 chain.flush().map_err(e)
             }

@@ -90,6 +90,7 @@ fn commit_cmd(args: &[String]) -> Result<(), String> {
         base,
         keep: p.has("d"),
         progress: Some(&report),
+        workers: 0,
     };
     let result = commit(&image, &opts);
     if result.is_ok() {

@@ -17,6 +17,7 @@ use crate::device::{BlockDevice, ExtentKind};
 use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::ops::convert::Progress;
+use crate::ops::pool::for_each_region;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub struct CommitOptions<'a> {
     pub keep: bool,
     /// Called after each step with (bytes visited, image size).
     pub progress: Option<Progress<'a>>,
+    /// Worker threads; 0 means one per available core.
+    pub workers: usize,
 }
 
 impl std::fmt::Debug for CommitOptions<'_> {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for CommitOptions<'_> {
             .field("base", &self.base)
             .field("keep", &self.keep)
             .field("progress", &self.progress.is_some())
+            .field("workers", &self.workers)
             .finish()
     }
 }
@@ -124,17 +128,25 @@ pub fn commit(image: &Opened, opts: &CommitOptions<'_>) -> Result<CommitStats> {
         .qcow2
         .as_ref()
         .ok_or_else(|| Error::InvalidArgument("Image does not have a backing file".into()))?;
-    commit_chain(top, depth, opts.keep || opts.base.is_some(), opts.progress)
+    commit_chain(
+        top,
+        depth,
+        opts.keep || opts.base.is_some(),
+        opts.workers,
+        opts.progress,
+    )
 }
 
 /// Commit at the device level: what the layers of `top`'s chain above the one `depth` layers
 /// down (1 = its backing file, which must be writable) hold is written into that layer, which
-/// is grown to `top`'s size if smaller; then `top` is emptied unless `keep`. Usable on images
+/// is grown to `top`'s size if smaller; then `top` is emptied unless `keep`. `workers` threads
+/// (0: one per core) copy regions of the image in parallel. Usable on images
 /// over any [`Storage`](crate::io::Storage).
 pub fn commit_chain(
     top: &Qcow2Image,
     depth: usize,
     keep: bool,
+    workers: usize,
     progress: Option<Progress<'_>>,
 ) -> Result<CommitStats> {
     let mut layers: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -163,28 +175,41 @@ pub fn commit_chain(
         base.resize(size, false)?;
         stats.grown = true;
     }
-    let mut buf = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let (len, kind) = status_above(&above, pos, (size - pos).min(CHUNK_BYTES))?;
-        match kind {
-            ExtentKind::Unallocated => {}
-            ExtentKind::Zero => {
-                base.write_zeroes(pos, len)?;
-                stats.zeroed += len;
+    let copied = std::sync::atomic::AtomicU64::new(0);
+    let zeroed = std::sync::atomic::AtomicU64::new(0);
+    let add = |c: &std::sync::atomic::AtomicU64, n: u64| {
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    };
+    // Regions are independent: workers take them in ascending order.
+    for_each_region(
+        size,
+        CHUNK_BYTES,
+        workers,
+        progress,
+        |buf: &mut Vec<u8>, start, end| {
+            let mut pos = start;
+            while pos < end {
+                let (len, kind) = status_above(&above, pos, end - pos)?;
+                match kind {
+                    ExtentKind::Unallocated => {}
+                    ExtentKind::Zero => {
+                        base.write_zeroes(pos, len)?;
+                        add(&zeroed, len);
+                    }
+                    ExtentKind::Data => {
+                        buf.resize(len as usize, 0);
+                        top.read_at(buf, pos)?;
+                        base.write_at(buf, pos)?;
+                        add(&copied, len);
+                    }
+                }
+                pos += len;
             }
-            ExtentKind::Data => {
-                buf.resize(len as usize, 0);
-                top.read_at(&mut buf, pos)?;
-                base.write_at(&buf, pos)?;
-                stats.copied += len;
-            }
-        }
-        pos += len;
-        if let Some(p) = progress {
-            p(pos, size);
-        }
-    }
+            Ok(())
+        },
+    )?;
+    stats.copied = copied.into_inner();
+    stats.zeroed = zeroed.into_inner();
     base.flush()?;
     if !keep {
         top.make_empty()?;

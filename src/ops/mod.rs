@@ -8,4 +8,5 @@ pub mod create;
 pub mod info;
 pub mod inspect;
 pub mod map;
+mod pool;
 pub mod rebase;

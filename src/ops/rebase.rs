@@ -23,7 +23,8 @@ use crate::chain::{open, resolve_relative, ImageFormat, OpenOptions, Opened};
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
-use crate::ops::convert::Progress;
+use crate::ops::convert::{is_zero, Progress};
+use crate::ops::pool::for_each_region;
 use std::sync::Arc;
 
 /// Most bytes compared per step (per side).
@@ -50,6 +51,8 @@ pub struct RebaseOptions<'a> {
     pub backing_open: Option<OpenOptions>,
     /// Called after each step with (bytes of the image visited, image size).
     pub progress: Option<Progress<'a>>,
+    /// Worker threads; 0 means one per available core.
+    pub workers: usize,
 }
 
 impl std::fmt::Debug for RebaseOptions<'_> {
@@ -58,6 +61,7 @@ impl std::fmt::Debug for RebaseOptions<'_> {
             .field("compress", &self.compress)
             .field("backing_open", &self.backing_open)
             .field("progress", &self.progress.is_some())
+            .field("workers", &self.workers)
             .finish()
     }
 }
@@ -296,78 +300,91 @@ fn copy_differences(
     let align = if h.has_extended_l2() { cs / 32 } else { cs };
     let size = top.size();
     let old = old.as_ref();
-    let mut stats = RebaseStats::default();
-    let mut old_buf = Vec::new();
-    let mut new_buf = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let e = top.block_status(pos, (size - pos).min(CHUNK_BYTES))?;
-        if e.kind != ExtentKind::Unallocated {
-            pos += e.len;
-            report(opts, pos, size);
-            continue;
-        }
-        let run_end = pos + e.len;
-        let o = side_status(old, pos, e.len)?;
-        let n = side_status(new_dev, pos, o.len)?;
-        let mut len = n.len.min(o.len);
-        // Steps end on granule boundaries (or the end of the run), so that every write covers
-        // whole granules; a step stretched to one covers bytes whose status is not known.
-        let known = (pos + len) % align == 0 || pos + len == run_end;
-        if !known {
-            len = (pos + len).next_multiple_of(align).min(run_end) - pos;
-        }
-        // Served by the new base or below it (pull): the same data either way. Or zeros on
-        // both sides by their metadata.
-        if known && (base_depth.is_some_and(|d| o.depth >= d) || (o.zero && n.zero)) {
-            pos += len;
-            report(opts, pos, size);
-            continue;
-        }
-        old_buf.resize(len as usize, 0);
-        new_buf.resize(len as usize, 0);
-        read_side(old, &mut old_buf, pos)?;
-        read_side(new_dev, &mut new_buf, pos)?;
-        stats.compared += len;
-        write_differences(
-            top,
-            pos,
-            &old_buf,
-            &new_buf,
-            known && o.zero,
-            align,
-            opts,
-            &mut stats,
-        )?;
-        pos += len;
-        report(opts, pos, size);
-    }
+    let total = std::sync::Mutex::new(RebaseStats::default());
+    // Regions of the image are independent: workers take them in ascending order.
+    for_each_region(
+        size,
+        CHUNK_BYTES,
+        opts.workers,
+        opts.progress,
+        |(old_buf, new_buf): &mut (Vec<u8>, Vec<u8>), start, end| {
+            let mut stats = RebaseStats::default();
+            let mut pos = start;
+            while pos < end {
+                let e = top.block_status(pos, end - pos)?;
+                if e.kind != ExtentKind::Unallocated {
+                    pos += e.len;
+                    continue;
+                }
+                let run_end = pos + e.len;
+                let o = side_status(old, pos, e.len)?;
+                let n = side_status(new_dev, pos, o.len)?;
+                let mut len = n.len.min(o.len);
+                // Steps end on granule boundaries (or the end of the run), so that every write
+                // covers whole granules; a step stretched to one covers bytes whose status is
+                // not known.
+                let known = (pos + len) % align == 0 || pos + len == run_end;
+                if !known {
+                    len = (pos + len).next_multiple_of(align).min(run_end) - pos;
+                }
+                // Served by the new base or below it (pull): the same data either way. Or
+                // zeros on both sides by their metadata.
+                if known && (base_depth.is_some_and(|d| o.depth >= d) || (o.zero && n.zero)) {
+                    pos += len;
+                    continue;
+                }
+                old_buf.resize(len as usize, 0);
+                read_side(old, old_buf, pos)?;
+                // A new side of zeros by its metadata is not read.
+                let new_is_zero = known && n.zero;
+                if !new_is_zero {
+                    new_buf.resize(len as usize, 0);
+                    read_side(new_dev, new_buf, pos)?;
+                }
+                stats.compared += len;
+                let sides = Sides {
+                    old: old_buf,
+                    new: (!new_is_zero).then_some(new_buf.as_slice()),
+                    old_is_zero: known && o.zero,
+                };
+                write_differences(top, pos, &sides, align, opts.compress, &mut stats)?;
+                pos += len;
+            }
+            let mut t = total.lock().unwrap_or_else(|e| e.into_inner());
+            t.compared += stats.compared;
+            t.copied += stats.copied;
+            t.zeroed += stats.zeroed;
+            Ok(())
+        },
+    )?;
     top.flush()?;
-    Ok(stats)
+    Ok(total.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Reports progress at each whole step of the image (as qemu-img does) and at its end.
-fn report(opts: &RebaseOptions<'_>, done: u64, total: u64) {
-    if let Some(p) = opts.progress {
-        if done % CHUNK_BYTES == 0 || done >= total {
-            p(done.min(total), total);
-        }
-    }
+/// What the two sides read over one step.
+struct Sides<'a> {
+    old: &'a [u8],
+    /// `None`: the new side reads zeros.
+    new: Option<&'a [u8]>,
+    /// The old side reads zeros by its metadata.
+    old_is_zero: bool,
 }
 
 /// Compares `old` and `new` (the two sides at `offset`) granule by granule and writes the old
 /// side's data over each run of differing granules.
-#[allow(clippy::too_many_arguments)]
 fn write_differences(
     top: &Qcow2Image,
     offset: u64,
-    old: &[u8],
-    new: &[u8],
-    old_is_zero: bool,
+    sides: &Sides<'_>,
     align: u64,
-    opts: &RebaseOptions<'_>,
+    compress: bool,
     stats: &mut RebaseStats,
 ) -> Result<()> {
+    let old = sides.old;
+    let differs = |s: usize, e: usize| match sides.new {
+        Some(new) => old[s..e] != new[s..e],
+        None => !is_zero(&old[s..e]),
+    };
     let align = align as usize;
     // The run starts on a granule boundary of the image (unallocated ranges are granules).
     let first = (align - (offset as usize % align)) % align;
@@ -381,23 +398,22 @@ fn write_differences(
     let mut i = 0;
     while i + 1 < bounds.len() {
         let (s, e) = (bounds[i], bounds[i + 1]);
-        if old[s..e] == new[s..e] {
+        if !differs(s, e) {
             i += 1;
             continue;
         }
         // Extend over following differing granules.
         let mut j = i + 1;
-        while j + 1 < bounds.len() && old[bounds[j]..bounds[j + 1]] != new[bounds[j]..bounds[j + 1]]
-        {
+        while j + 1 < bounds.len() && differs(bounds[j], bounds[j + 1]) {
             j += 1;
         }
         let (s, e) = (bounds[i], bounds[j]);
         let at = offset + s as u64;
         let data = &old[s..e];
-        if old_is_zero || data.iter().all(|&b| b == 0) {
+        if sides.old_is_zero || is_zero(data) {
             top.write_zeroes(at, data.len() as u64)?;
             stats.zeroed += data.len() as u64;
-        } else if opts.compress {
+        } else if compress {
             let cs = top.cluster_size() as usize;
             for (k, piece) in data.chunks(cs).enumerate() {
                 top.write_compressed(at + (k * cs) as u64, piece)?;
