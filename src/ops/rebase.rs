@@ -292,11 +292,6 @@ fn copy_differences(
 ) -> Result<RebaseStats> {
     let h = top.header();
     let cs = top.cluster_size();
-    if opts.compress && h.has_extended_l2() {
-        return Err(Error::Unsupported(
-            "compressed writes to images with extended L2 entries".into(),
-        ));
-    }
     let align = if h.has_extended_l2() { cs / 32 } else { cs };
     let size = top.size();
     let old = old.as_ref();
@@ -361,6 +356,28 @@ fn copy_differences(
     Ok(total.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Writes `data` at `at` (a range the image does not allocate) with every whole cluster in it
+/// compressed; the parts of clusters at its edges (only with extended L2 entries, whose
+/// granule is a subcluster) are written plainly.
+fn write_compressed_run(top: &Qcow2Image, at: u64, data: &[u8]) -> Result<()> {
+    let cs = top.cluster_size();
+    let size = top.size();
+    let end = at + data.len() as u64;
+    let mut pos = at;
+    while pos < end {
+        let piece_end = (pos / cs + 1).saturating_mul(cs).min(end);
+        let piece = &data[(pos - at) as usize..(piece_end - at) as usize];
+        let whole = pos % cs == 0 && (piece_end - pos == cs || piece_end == size);
+        if whole {
+            top.write_compressed(pos, piece)?;
+        } else {
+            top.write_at(piece, pos)?;
+        }
+        pos = piece_end;
+    }
+    Ok(())
+}
+
 /// What the two sides read over one step.
 struct Sides<'a> {
     old: &'a [u8],
@@ -414,10 +431,7 @@ fn write_differences(
             top.write_zeroes(at, data.len() as u64)?;
             stats.zeroed += data.len() as u64;
         } else if compress {
-            let cs = top.cluster_size() as usize;
-            for (k, piece) in data.chunks(cs).enumerate() {
-                top.write_compressed(at + (k * cs) as u64, piece)?;
-            }
+            write_compressed_run(top, at, data)?;
             stats.copied += data.len() as u64;
         } else {
             top.write_at(data, at)?;
