@@ -11,6 +11,17 @@
 //! base is written leaves the image reading as before (its own clusters shadow the base); a
 //! crash while it is emptied leaves every deallocated range reading the committed data from the
 //! base. The base itself holds a mix of old and new data until the commit completes.
+//!
+//! ```no_run
+//! use qcow2kit::chain::{ImageFormat, OpenOptions};
+//! use qcow2kit::ops::commit::{commit, open_for_commit, CommitOptions};
+//!
+//! let path = "top.qcow2".as_ref();
+//! let img = open_for_commit(path, ImageFormat::Qcow2, None, &OpenOptions::qemu_compatible())?;
+//! let stats = commit(&img, &CommitOptions::default())?;
+//! assert!(stats.emptied);
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
 
 use crate::chain::{open, ImageFormat, OpenOptions, Opened};
 use crate::device::{BlockDevice, ExtentKind};

@@ -18,6 +18,22 @@
 //! chain (the copied clusters hold what the old chain held), so a crash or an I/O error at any
 //! point leaves it with either its old link and old content, or its new link and the same
 //! content; clusters copied before a failure are kept (they are correct under both links).
+//!
+//! ```no_run
+//! use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+//! use qcow2kit::ops::rebase::{pull, rebase, BackingLink, RebaseOptions};
+//!
+//! let mut o = OpenOptions::qemu_compatible();
+//! o.writable = true;
+//! let top = open("top.qcow2".as_ref(), ImageFormat::Qcow2, &o)?;
+//! // libvirt's blockRebase with a base: copy what the layers above base.qcow2 hold.
+//! let base = BackingLink { name: b"base.qcow2".to_vec(), format: ImageFormat::Qcow2 };
+//! pull(&top, Some(&base), &RebaseOptions::default())?;
+//! // Flatten: the whole chain into the image, no backing file left.
+//! let stats = rebase(&top, None, &RebaseOptions::default())?;
+//! println!("{} bytes copied", stats.copied);
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
 
 use crate::chain::{open, resolve_relative, ImageFormat, OpenOptions, Opened};
 use crate::device::{chain_status, BlockDevice, ExtentKind};
