@@ -244,7 +244,12 @@ impl Opened {
     /// The depth in [`Opened::layers`] of the file at `path` (compared by device and inode, so
     /// any name of it matches), or `None` when it is not in the chain.
     pub fn depth_of(&self, path: &Path) -> Result<Option<usize>> {
-        let meta = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            // A file that does not exist is in no chain.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(open_error(path, e)),
+        };
         let id = (meta.dev(), meta.ino());
         Ok(self.layers.iter().position(|l| l.file_id == id))
     }
@@ -457,7 +462,16 @@ fn open_layer(
                                 )))
                             }
                         };
-                        let b = open_layer(&bpath, bformat, opts, depth + 1, seen, false)?;
+                        let b = open_layer(&bpath, bformat, opts, depth + 1, seen, false).map_err(
+                            |e| match e {
+                                // Already named for their layer, or about the chain as a whole.
+                                Error::Locked { .. }
+                                | Error::Backing(_)
+                                | Error::BackingLoop(_)
+                                | Error::BackingTooDeep(_) => e,
+                                other => Error::Backing(Box::new(other)),
+                            },
+                        )?;
                         img.set_backing(Some(b.device));
                         below = b.layers;
                     }

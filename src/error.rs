@@ -63,6 +63,9 @@ pub enum Error {
         #[source]
         source: crate::io::lock::LockError,
     },
+    /// A backing file of the image could not be opened (QEMU's "Could not open backing file").
+    #[error("Could not open backing file: {0}")]
+    Backing(Box<Error>),
     /// A write was attempted on a read-only image.
     #[error("image is opened read-only")]
     ReadOnly,
@@ -104,6 +107,15 @@ impl From<io::Error> for Error {
 }
 
 impl Error {
+    /// The error itself when it is not [`Error::Backing`]; for a backing file that could not be
+    /// opened, the error of the deepest one.
+    pub fn into_innermost(self) -> Error {
+        match self {
+            Error::Backing(inner) => inner.into_innermost(),
+            other => other,
+        }
+    }
+
     /// Wraps an I/O error with a description of what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {

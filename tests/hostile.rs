@@ -1637,6 +1637,7 @@ fn chain_open_no_hang(case: &str, p: &Path) -> Error {
         r.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())
     );
     r.err()
+        .map(Error::into_innermost)
         .unwrap_or_else(|| panic!("{case}: chain opened but must be refused"))
 }
 

@@ -18,6 +18,17 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
             "qcow2: Image is corrupt; cannot be opened read/write".to_string()
         }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(m)) => m.clone(),
+        qcow2kit::Error::Backing(inner) => {
+            format!("Could not open backing file: {}", open_error_text(inner))
+        }
+        // QEMU's file driver: "Could not open 'NAME': REASON".
+        qcow2kit::Error::Io { context, source } if context.starts_with("opening '") => {
+            format!(
+                "Could not open {}: {}",
+                &context["opening ".len()..],
+                qcow2kit::error::strerror(source)
+            )
+        }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::UnknownIncompatibleFeatures {
             bits,
             names,
@@ -113,7 +124,10 @@ pub fn locking(force_share: bool) -> Locking {
 /// The format of the image at `path`: `format` when given, else probed as qemu-img does.
 pub fn image_format(path: &str, format: Option<&str>) -> Result<ImageFormat, String> {
     match format {
-        Some(f) => parse_format(f),
+        // qemu-img's block layer: an input format is a driver name.
+        Some(f) => {
+            parse_format(f).map_err(|_| format!("Could not open '{path}': Unknown driver '{f}'"))
+        }
         None => probe_file(Path::new(path)).map_err(|e| format!("Could not open '{path}': {e}")),
     }
 }

@@ -136,18 +136,23 @@ fn rebase_cmd(args: &[String]) -> Result<(), String> {
     let Some(top) = image.qcow2.clone() else {
         return Err(cannot_change("Operation not supported"));
     };
+    let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !quiet));
+    let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
+    lock().advance(0.0);
     if unsafe_mode {
-        return rebase_unsafe(&top, link.as_ref()).map_err(|e| match e {
+        let r = rebase_unsafe(&top, link.as_ref()).map_err(|e| match e {
             qcow2kit::Error::InvalidArgument(m) if m == qcow2kit::engine::HEADER_FULL => {
                 cannot_change(&m)
             }
             qcow2kit::Error::InvalidArgument(_) => cannot_change("Invalid argument"),
             other => cannot_change(&other.to_string()),
         });
+        if r.is_ok() {
+            lock().advance(100.0);
+        }
+        lock().end();
+        return r;
     }
-    let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !quiet));
-    let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
-    lock().advance(0.0);
     let report = |done: u64, total: u64| lock().bytes(done, total);
     let opts = RebaseOptions {
         compress: p.has("c"),

@@ -161,6 +161,13 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Makes `len` bytes at `offset` read as zeros with the zero flag (or real zeros on a
+    /// version 2 image) even where the image has no backing file and leaves them unallocated,
+    /// so that they still read as zeros once it has one.
+    pub(crate) fn write_zeroes_explicit(&self, offset: u64, len: u64) -> Result<()> {
+        self.guard(self.zero_impl(offset, len, ZeroMode::Explicit))
+    }
+
     /// Deallocates every cluster of the image, so that all of it reads from the backing file
     /// again (what `qemu-img commit` does to the committed image), flushes, and cuts the file
     /// after its last cluster in use. Internal snapshots keep their clusters; L2 tables stay

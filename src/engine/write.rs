@@ -38,6 +38,9 @@ pub(crate) enum ZeroMode {
     /// Whole clusters in the range become unallocated (they read from the backing file again)
     /// and free their space; partial clusters at the edges are left as they are.
     Deallocate,
+    /// As [`ZeroMode::WriteZeroes`], and an unallocated cluster is never left unallocated, even
+    /// without a backing file (the image is about to get one: rebase).
+    Explicit,
 }
 
 /// Bitmap with every subcluster reading as zeros.
@@ -594,7 +597,9 @@ impl Qcow2Image {
             let m = self.lock_meta();
             (
                 m.header.version >= 3,
-                self.backing.is_some() || self.area().backing_name.is_some(),
+                self.backing.is_some()
+                    || self.area().backing_name.is_some()
+                    || mode == ZeroMode::Explicit,
             )
         };
         let zeros = vec![0u8; cs as usize];
@@ -606,7 +611,7 @@ impl Qcow2Image {
             let whole = pos == c0 && (piece_end == c0 + cs || piece_end == size);
             if g.extended {
                 // As in QEMU, a discard drops whole clusters only, even with subclusters.
-                if mode == ZeroMode::WriteZeroes || whole {
+                if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) || whole {
                     self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
                 }
             } else if whole && (v3 || !has_backing || mode == ZeroMode::Deallocate) {
@@ -629,7 +634,7 @@ impl Qcow2Image {
                     drop(m);
                     self.zero_raw_data_file(c0, piece_end - c0)?;
                 }
-            } else if mode == ZeroMode::WriteZeroes {
+            } else if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) {
                 let n = (piece_end - pos) as usize;
                 let mut done = 0;
                 while done < n {
@@ -662,7 +667,7 @@ impl Qcow2Image {
         } else {
             (end - c0) & !(ss - 1)
         };
-        if mode == ZeroMode::WriteZeroes {
+        if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) {
             // Partial subclusters at the edges get real zeros.
             for (s, e) in [
                 (pos - c0, a.min(end - c0)),

@@ -260,9 +260,10 @@ fn side_status(dev: Option<&Arc<dyn BlockDevice>>, offset: u64, len: u64) -> Res
     };
     let size = dev.size();
     if offset >= size {
+        // Past the end of the side's top layer (the image's backing file): zeros decided there.
         return Ok(SideStatus {
             zero: true,
-            depth: usize::MAX,
+            depth: 1,
             len,
         });
     }
@@ -444,7 +445,8 @@ fn write_differences(
         let at = offset + s as u64;
         let data = &old[s..e];
         if sides.old_is_zero || is_zero(data) {
-            top.write_zeroes(at, data.len() as u64)?;
+            // Explicit zeros: a range the image leaves unallocated reads the new backing file.
+            top.write_zeroes_explicit(at, data.len() as u64)?;
             stats.zeroed += data.len() as u64;
         } else if compress {
             write_compressed_run(top, at, data)?;
