@@ -98,6 +98,7 @@ fn into_a_v2_base_from_an_extended_l2_top() {
     w.record("top");
     w.split();
     committed(&w, &["commit", "top"], "base");
+    assert_eq!(allocated(&w, "top"), (0, 0), "the top is not empty");
 }
 
 /// `l0 (2 MiB clusters) <- l1 (v2) <- l2 <- top (512-byte clusters)`, the top's and l1's
