@@ -101,6 +101,22 @@ fn into_a_v2_base_from_an_extended_l2_top() {
     assert_eq!(allocated(&w, "top"), (0, 0), "the top is not empty");
 }
 
+#[test]
+fn from_a_shorter_top() {
+    // The base keeps its size and its data past the top's end, so it is compared between the
+    // two sides only.
+    let w = Work::new("commit of a top shorter than its base");
+    w.chain(&[
+        qcow2("base", "4M", "", &["write -P 0x11 0 4M"]),
+        qcow2("top", "2M", "cluster_size=4k", TOP_STEPS[..2].as_ref()),
+    ]);
+    w.record("top");
+    w.split();
+    w.judge(&["commit", "top"], true, &[("top", "top")]);
+    w.assert_same_content("base", false);
+    assert_eq!(allocated(&w, "top"), (0, 0), "the top is not empty");
+}
+
 /// `l0 (2 MiB clusters) <- l1 (v2) <- l2 <- top (512-byte clusters)`, the top's and l1's
 /// content recorded.
 fn four_deep(case: &str) -> Work {
