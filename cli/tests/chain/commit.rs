@@ -199,6 +199,18 @@ fn options_progress_quiet_and_format() {
 }
 
 #[test]
+fn from_a_subdirectory() {
+    // The backing name `../base` is resolved from the top's directory.
+    let w = super::rebase::in_a_subdirectory("commit d/top");
+    w.judge(
+        &["commit", "d/top"],
+        true,
+        &[("base", "d/top"), ("d/top", "d/top")],
+    );
+    assert_eq!(allocated(&w, "d/top"), (0, 0), "the top is not empty");
+}
+
+#[test]
 fn refusals() {
     for (args, reads) in [
         (&["commit", "base"][..], &[("base", "base")][..]),

@@ -135,6 +135,11 @@ impl Work {
         tool("qemu-img", args, &self.src);
     }
 
+    /// `qemu-io -f FMT -c CMD name` in `src/`, the format told by the name; must succeed.
+    pub fn io(&self, name: &str, cmd: &str) {
+        tool("qemu-io", &["-f", fmt_of(name), "-c", cmd, name], &self.src);
+    }
+
     /// Builds `layers` in `src/`, each backed by the one before (relative name, `-F` given).
     pub fn chain(&self, layers: &[Layer]) {
         let mut below: Option<&str> = None;
@@ -157,7 +162,7 @@ impl Work {
                     a.push(l.name);
                     self.img(&a);
                 } else {
-                    tool("qemu-io", &["-f", fmt, "-c", step, l.name], &self.src);
+                    self.io(l.name, step);
                 }
             }
             below = Some(l.name);
@@ -172,32 +177,26 @@ impl Work {
     }
 
     fn pre_of(&self, name: &str) -> PathBuf {
-        self.pre.join(format!("{name}.raw"))
+        self.pre.join(format!("{}.raw", name.replace('/', "_")))
     }
 
-    /// Copies every file of `src/` into `q/` and `k/` (relative backing names keep working).
+    /// Copies every file of `src/` into `q/` and `k/`, subdirectories included (relative backing
+    /// names keep working).
     pub fn split(&self) {
-        for e in fs::read_dir(&self.src).expect("read src") {
-            let e = e.expect("dir entry");
+        for name in files_under(&self.src) {
             for d in [&self.q, &self.k] {
-                fs::copy(e.path(), d.join(e.file_name())).expect("copy");
+                let to = d.join(&name);
+                if let Some(parent) = to.parent() {
+                    fs::create_dir_all(parent).expect("mkdir");
+                }
+                fs::copy(self.src.join(&name), to).expect("copy");
             }
         }
     }
 
-    /// The file names of the set, sorted.
+    /// The files of the set, paths relative to its directory, sorted.
     pub fn files(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(&self.q)
-            .expect("read q")
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        v.sort();
-        v
+        files_under(&self.q)
     }
 
     /// `qemu-img args…` in `q/` and qcow2kit with the same arguments in `k/`.
@@ -399,6 +398,25 @@ impl Work {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("[{}] unexpected qemu-io alloc output: {out}", self.case))
     }
+}
+
+/// The files under `root` (one level of subdirectories), relative paths, sorted.
+fn files_under(root: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(root).expect("read dir") {
+        let e = e.expect("dir entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().expect("file type").is_dir() {
+            for f in fs::read_dir(e.path()).expect("read subdir") {
+                let f = f.expect("dir entry").file_name();
+                v.push(format!("{name}/{}", f.to_string_lossy()));
+            }
+        } else {
+            v.push(name);
+        }
+    }
+    v.sort();
+    v
 }
 
 /// The program name qcow2kit prints at the start of its messages.

@@ -2,6 +2,7 @@
 //! (`-b ""`), pull (a base further down), compressed (`-c`), and the refusals.
 
 use super::harness::{qcow2, standalone, Layer, Work};
+use std::fs;
 
 /// A 4 KiB-cluster base with data, a zeroed and a discarded range.
 const BASE: Layer = qcow2(
@@ -341,6 +342,41 @@ fn options_progress_quiet_and_format() {
             &[]
         } else {
             &[("top", "top")]
+        };
+        w.judge(args, true, reads);
+    }
+}
+
+/// `base <- d/top` (backing name `../base`, relative to the top's directory) and `other` beside
+/// `base`; the top's content recorded.
+pub fn in_a_subdirectory(case: &str) -> Work {
+    let w = Work::new(case);
+    w.chain(&[BASE, qcow2("other", "4M", "", &["write -P 0x33 0 3M"])]);
+    fs::create_dir(w.src.join("d")).expect("mkdir");
+    w.img(&[
+        "create", "-q", "-f", "qcow2", "-b", "../base", "-F", "qcow2", "d/top",
+    ]);
+    w.img(&["create", "-q", "-f", "qcow2", "d/other", "1M"]);
+    w.io("d/top", "write -P 0x22 1M 64k");
+    w.record("d/top");
+    w.split();
+    w
+}
+
+#[test]
+fn names_relative_to_the_image_directory() {
+    // `-b ../other` names the file beside `base`, from the top's directory, not from the
+    // working directory (where `../other` does not exist); `-b other` names `d/other`.
+    for args in [
+        &["rebase", "-b", "../other", "-F", "qcow2", "d/top"][..],
+        &["rebase", "-b", "other", "-F", "qcow2", "d/top"],
+        &["rebase", "-u", "-b", "../other", "-F", "qcow2", "d/top"],
+    ] {
+        let w = in_a_subdirectory(&format!("{} in a subdirectory", args.join(" ")));
+        let reads: &[(&str, &str)] = if args.contains(&"-u") {
+            &[]
+        } else {
+            &[("d/top", "d/top")]
         };
         w.judge(args, true, reads);
     }
