@@ -218,6 +218,10 @@ fn refusals() {
         (&["commit", "-b", "top", "top"], &[("top", "top")]),
         (&["commit", "-f", "raw", "lone.raw"], &[]),
         (&["commit", "-f", "raw", "top"], &[]),
+        (&["commit"], &[]),
+        (&["commit", "top", "base"], &[("top", "top")]),
+        (&["commit", "-x", "top"], &[("top", "top")]),
+        (&["commit", "-f", "nosuch", "top"], &[("top", "top")]),
     ] {
         let w = two_deep(&format!("commit {}", args.join(" ")), "4M", "");
         w.record("base");

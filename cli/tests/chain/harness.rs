@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tempfile::TempDir;
@@ -11,9 +12,18 @@ use tempfile::TempDir;
 /// The program run in `k/`: the qcow2kit binary, called with qemu-img's arguments.
 pub const KIT: &str = "qemu-img";
 
+/// The name qcow2kit is run under (`argv[0]`), bare as qemu-img's is: it starts the messages.
+const KIT_NAME: &str = "qcow2kit";
+
 /// Runs `prog args…` in `dir`; panics clearly if the program cannot be started.
 pub fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
+    exec_as(prog, prog, args, dir)
+}
+
+/// Runs `prog` with `argv[0]` set to `name`.
+fn exec_as(prog: &str, name: &str, args: &[&str], dir: &Path) -> Output {
     Command::new(prog)
+        .arg0(name)
         .args(args)
         .current_dir(dir)
         .output()
@@ -203,7 +213,7 @@ impl Work {
     pub fn run(&self, args: &[&str]) -> (Res, Res) {
         (
             Res::of(&exec("qemu-img", args, &self.q)),
-            Res::of(&exec(KIT, args, &self.k)),
+            Res::of(&exec_as(KIT, KIT_NAME, args, &self.k)),
         )
     }
 
@@ -230,7 +240,7 @@ impl Work {
             show()
         );
         assert_eq!(
-            q.stderr.replace("qemu-img", kit_name()),
+            q.stderr.replace("qemu-img", KIT_NAME),
             k.stderr,
             "stderr: {}",
             show()
@@ -417,14 +427,6 @@ fn files_under(root: &Path) -> Vec<String> {
     }
     v.sort();
     v
-}
-
-/// The program name qcow2kit prints at the start of its messages.
-fn kit_name() -> &'static str {
-    Path::new(KIT)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("binary name")
 }
 
 /// A `json:` filename opening the qcow2 file at `p` without its backing file.

@@ -334,6 +334,9 @@ fn options_progress_quiet_and_format() {
             "rebase", "-q", "-f", "qcow2", "-b", "other", "-F", "qcow2", "top",
         ],
         &["rebase", "-p", "-u", "-b", "other", "-F", "qcow2", "top"],
+        // -u without -b drops the backing file, as -u -b "" does.
+        &["rebase", "-u", "top"],
+        &["rebase", "-c", "-u", "-b", "other", "-F", "qcow2", "top"],
     ] {
         let w = two_deep(&format!("rebase {}", args.join(" ")));
         w.chain(&[qcow2("other", "4M", "", &["write -P 0x33 0 2M"])]);
