@@ -171,6 +171,9 @@ pub struct OpenOptions {
     pub qcow2: Qcow2Options,
     /// How the files are locked against other opens ([`Locking::Qemu`] by default, as QEMU).
     pub locking: Locking,
+    /// Also open the backing layer this many layers down (1 = the immediate backing file) for
+    /// writing: the base of a commit. `None` (the default) opens every backing file read-only.
+    pub writable_layer: Option<usize>,
 }
 
 impl Default for OpenOptions {
@@ -184,6 +187,7 @@ impl Default for OpenOptions {
             snapshot: None,
             qcow2: Qcow2Options::default(),
             locking: Locking::Qemu,
+            writable_layer: None,
         }
     }
 }
@@ -214,6 +218,36 @@ pub struct Opened {
     pub format: ImageFormat,
     /// The path it was opened from.
     pub path: PathBuf,
+    /// Every image of the chain, the top first (`layers[0]` is this image, `layers[1]` its
+    /// backing file, …). Empty for images not opened through [`open`].
+    pub layers: Vec<Layer>,
+}
+
+/// One image of an opened backing chain.
+#[derive(Clone)]
+pub struct Layer {
+    /// The image as a block device, with the rest of the chain below it attached.
+    pub device: Arc<dyn BlockDevice>,
+    /// The concrete image, when it is qcow2.
+    pub qcow2: Option<Arc<Qcow2Image>>,
+    /// Its format.
+    pub format: ImageFormat,
+    /// Its path (a backing file's name resolved against the directory of the image naming it).
+    pub path: PathBuf,
+    /// Whether it was opened for writing.
+    pub writable: bool,
+    /// Device and inode numbers of its file: identifies it however it is named.
+    pub file_id: (u64, u64),
+}
+
+impl Opened {
+    /// The depth in [`Opened::layers`] of the file at `path` (compared by device and inode, so
+    /// any name of it matches), or `None` when it is not in the chain.
+    pub fn depth_of(&self, path: &Path) -> Result<Option<usize>> {
+        let meta = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
+        let id = (meta.dev(), meta.ino());
+        Ok(self.layers.iter().position(|l| l.file_id == id))
+    }
 }
 
 /// Opens `path` as `format` with `opts`.
@@ -337,7 +371,11 @@ fn open_layer(
     seen: &mut Vec<(u64, u64)>,
     top: bool,
 ) -> Result<Opened> {
-    let writable = top && opts.writable;
+    let writable = if top {
+        opts.writable
+    } else {
+        opts.writable_layer == Some(depth)
+    };
     let lock = opts.locking.request(FileRole::of(format), writable);
     let storage = open_storage(path, writable, lock, depth)?;
     let meta = storage.file().metadata().map_err(|e| open_error(path, e))?;
@@ -357,10 +395,18 @@ fn open_layer(
             }
             let dev: Arc<dyn BlockDevice> = Arc::new(RawImage::open(storage, writable)?);
             Ok(Opened {
-                device: dev,
+                device: dev.clone(),
                 qcow2: None,
                 format,
                 path: path.to_path_buf(),
+                layers: vec![Layer {
+                    device: dev,
+                    qcow2: None,
+                    format,
+                    path: path.to_path_buf(),
+                    writable,
+                    file_id: id,
+                }],
             })
         }
         ImageFormat::Qcow2 => {
@@ -370,7 +416,7 @@ fn open_layer(
             let mut img = Qcow2Image::open(storage, &q_opts)?;
 
             if img.has_data_file() {
-                let name = img.data_file_name().map(<[u8]>::to_vec).ok_or_else(|| {
+                let name = img.data_file_name().ok_or_else(|| {
                     Error::Unsupported("image uses an external data file but names none".into())
                 })?;
                 if !opts.allow_data_file {
@@ -385,7 +431,8 @@ fn open_layer(
                 img.set_data_file(Arc::new(ds));
             }
 
-            if let Some(name) = img.backing_file_name().map(<[u8]>::to_vec) {
+            let mut below = Vec::new();
+            if let Some(name) = img.backing_file_name() {
                 let shown = || String::from_utf8_lossy(&name).into_owned();
                 match opts.backing {
                     BackingPolicy::Deny => {
@@ -401,7 +448,7 @@ fn open_layer(
                         }
                         let bpath = resolve_relative(path, &name)?;
                         let bformat = match img.backing_format() {
-                            Some(f) => ImageFormat::from_name(f)?,
+                            Some(f) => ImageFormat::from_name(&f)?,
                             None if opts.probe_backing_format => probe_file(&bpath)?,
                             None => {
                                 return Err(Error::Unsupported(format!(
@@ -412,15 +459,26 @@ fn open_layer(
                         };
                         let b = open_layer(&bpath, bformat, opts, depth + 1, seen, false)?;
                         img.set_backing(Some(b.device));
+                        below = b.layers;
                     }
                 }
             }
             let img = Arc::new(img);
+            let mut layers = vec![Layer {
+                device: img.clone(),
+                qcow2: Some(img.clone()),
+                format,
+                path: path.to_path_buf(),
+                writable,
+                file_id: id,
+            }];
+            layers.append(&mut below);
             Ok(Opened {
                 device: img.clone(),
                 qcow2: Some(img),
                 format,
                 path: path.to_path_buf(),
+                layers,
             })
         }
     }

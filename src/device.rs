@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::Storage;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// What a range of a device holds, as seen by one layer.
@@ -66,6 +67,17 @@ pub trait BlockDevice: Send + Sync {
 
     /// Short name of the format (`"qcow2"`, `"raw"`).
     fn format_name(&self) -> &'static str;
+
+    /// Changes the virtual size to `new_size` bytes (a multiple of 512). Growing makes the new
+    /// range read as zeros; shrinking is refused unless `allow_shrink`. Devices that cannot
+    /// change size return [`Error::Unsupported`].
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let _ = (new_size, allow_shrink);
+        Err(Error::Unsupported(format!(
+            "resizing {} devices",
+            self.format_name()
+        )))
+    }
 }
 
 /// Checks that `offset..offset+len` lies inside a device of `size` bytes.
@@ -109,7 +121,7 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Exte
 #[derive(Debug)]
 pub struct RawImage {
     storage: Arc<dyn Storage>,
-    size: u64,
+    size: AtomicU64,
     writable: bool,
 }
 
@@ -130,7 +142,7 @@ impl RawImage {
         })?;
         Ok(RawImage {
             storage,
-            size,
+            size: AtomicU64::new(size),
             writable,
         })
     }
@@ -151,11 +163,11 @@ impl RawImage {
 
 impl BlockDevice for RawImage {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         self.storage
             .read_at(buf, offset)
             .map_err(|e| Error::io("reading raw image", e))
@@ -163,7 +175,7 @@ impl BlockDevice for RawImage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         self.storage
             .write_at(buf, offset)
             .map_err(|e| Error::io("writing raw image", e))
@@ -171,7 +183,7 @@ impl BlockDevice for RawImage {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         self.storage
             .punch_hole(offset, len)
             .map_err(|e| Error::io("zeroing raw image", e))
@@ -188,7 +200,7 @@ impl BlockDevice for RawImage {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         // Holes (and the sector-rounding tail past the end of the storage) read as zeros, and
         // qemu-img map reports them as zero at their offset, as it does data.
         let run = self
@@ -213,6 +225,26 @@ impl BlockDevice for RawImage {
 
     fn format_name(&self) -> &'static str {
         "raw"
+    }
+
+    /// The file's length becomes `new_size` (a grown range is a hole and reads as zeros).
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.writable()?;
+        if new_size % 512 != 0 {
+            return Err(Error::InvalidArgument(
+                "image size must be a multiple of 512 bytes".into(),
+            ));
+        }
+        if new_size < self.size() && !allow_shrink {
+            return Err(Error::InvalidArgument(
+                "shrinking needs allow_shrink (qemu-img --shrink)".into(),
+            ));
+        }
+        self.storage
+            .set_len(new_size)
+            .map_err(|e| Error::io("resizing raw image", e))?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 }
 

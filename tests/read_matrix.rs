@@ -484,7 +484,7 @@ fn backing_chains_mixed_formats_relative_names() {
         let q = opened.qcow2.as_ref().expect("qcow2");
         assert_eq!(
             q.backing_file_name(),
-            Some(backing.as_bytes()),
+            Some(backing.as_bytes().to_vec()),
             "{image}: backing name"
         );
         let mut n = 0;
@@ -526,7 +526,7 @@ fn external_data_file() {
         assert!(q.has_data_file(), "{name}: data file flag");
         assert_eq!(
             q.data_file_name(),
-            Some(data.as_bytes()),
+            Some(data.as_bytes().to_vec()),
             "{name}: data file name"
         );
         if !extra.is_empty() {

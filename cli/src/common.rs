@@ -110,6 +110,14 @@ pub fn locking(force_share: bool) -> Locking {
     }
 }
 
+/// The format of the image at `path`: `format` when given, else probed as qemu-img does.
+pub fn image_format(path: &str, format: Option<&str>) -> Result<ImageFormat, String> {
+    match format {
+        Some(f) => parse_format(f),
+        None => probe_file(Path::new(path)).map_err(|e| format!("Could not open '{path}': {e}")),
+    }
+}
+
 /// Opens `path` the way qemu-img does: the given format or a probe, backing chains followed
 /// relative to the image, data files allowed.
 pub fn open_image(
@@ -118,10 +126,7 @@ pub fn open_image(
     customize: impl FnOnce(&mut OpenOptions),
 ) -> Result<Opened, String> {
     let p = Path::new(path);
-    let fmt = match format {
-        Some(f) => parse_format(f)?,
-        None => probe_file(p).map_err(|e| format!("Could not open '{path}': {e}"))?,
-    };
+    let fmt = image_format(path, format)?;
     let mut opts = qemu_options();
     customize(&mut opts);
     open(p, fmt, &opts).map_err(|e| format!("Could not open '{path}': {}", open_error_text(&e)))

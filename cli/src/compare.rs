@@ -5,6 +5,7 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, locking, open_image};
+use crate::progress::Meter;
 use qcow2kit::chain::Locking;
 use qcow2kit::ops::compare::{compare_with_progress, CompareResult, CompareStage};
 
@@ -27,40 +28,6 @@ Compares the guest contents of two images. Exit codes: 0 identical, 1 different,
 2 an image could not be opened, 3 an allocation query failed, 4 a read failed.
 ";
 
-/// qemu-img's progress meter: percentages accumulated in `f32`, printed when they move by more
-/// than 2 points (and at 0 and 100).
-struct Progress {
-    enabled: bool,
-    current: f32,
-    last_print: f32,
-}
-
-impl Progress {
-    fn advance(&mut self, delta: f32) {
-        let mut current = self.current + delta / 100.0 * 100.0;
-        if current > 100.0 {
-            current = 100.0;
-        }
-        self.current = current;
-        if current > self.last_print + 2.0
-            || current < self.last_print - 2.0
-            || current == 100.0
-            || current == 0.0
-        {
-            self.last_print = current;
-            if self.enabled {
-                out!("    ({:.2}/100%)\r", f64::from(current));
-            }
-        }
-    }
-
-    fn end(&self) {
-        if self.enabled {
-            outln!();
-        }
-    }
-}
-
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
     let p = match parse(args, SPECS) {
@@ -79,11 +46,7 @@ pub fn run(args: &[String]) -> u8 {
     }
     let quiet = p.has("q");
     let strict = p.has("s");
-    let mut progress = Progress {
-        enabled: p.has("p") && !quiet,
-        current: 0.0,
-        last_print: 0.0,
-    };
+    let mut progress = Meter::new(p.has("p") && !quiet);
     let code = compare_files(
         [
             (p.operands[0].as_str(), p.last("f")),
@@ -103,7 +66,7 @@ fn compare_files(
     locking: Locking,
     strict: bool,
     quiet: bool,
-    progress: &mut Progress,
+    progress: &mut Meter,
 ) -> u8 {
     let a = match open_image(name1, fmt1, |o| o.locking = locking) {
         Ok(o) => o,

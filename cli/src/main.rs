@@ -8,6 +8,7 @@ mod stdio;
 
 mod args;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -16,7 +17,9 @@ mod info;
 mod io;
 mod localtime;
 mod map;
+mod progress;
 mod qjson;
+mod rebase;
 mod resize;
 
 use std::process::ExitCode;
@@ -51,6 +54,8 @@ fn main() -> ExitCode {
         "compare" => compare::run(rest),
         "create" => create::run(rest),
         "resize" => resize::run(rest),
+        "rebase" => rebase::run(rest),
+        "commit" => commit::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

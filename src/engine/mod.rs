@@ -16,6 +16,7 @@ mod cache;
 mod compressed;
 mod corrupt;
 mod flush;
+mod header_update;
 mod mapping;
 mod meta;
 mod open;
@@ -29,6 +30,7 @@ mod write;
 mod write_checks;
 
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
+pub use header_update::HEADER_FULL;
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 
 use crate::codec::decompress_cluster;
@@ -92,6 +94,13 @@ impl Geometry {
     }
 }
 
+/// The header extensions and the backing file name, as on disk.
+#[derive(Debug, Clone)]
+pub(crate) struct HeaderArea {
+    pub(crate) extensions: Extensions,
+    pub(crate) backing_name: Option<Vec<u8>>,
+}
+
 /// An open qcow2 image (read path).
 ///
 /// Created by [`Qcow2Image::open`] or, with backing and data files resolved under a policy, by
@@ -99,8 +108,8 @@ impl Geometry {
 pub struct Qcow2Image {
     storage: Arc<dyn Storage>,
     data_storage: Option<Arc<dyn Storage>>,
-    extensions: Extensions,
-    backing_name: Option<Vec<u8>>,
+    /// The parts of cluster 0 a rebase rewrites while the image is open.
+    header_area: std::sync::RwLock<HeaderArea>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
     backing: Option<Arc<dyn BlockDevice>>,
@@ -150,24 +159,30 @@ impl Qcow2Image {
         self.writable
     }
 
-    /// The header extensions.
-    pub fn extensions(&self) -> &Extensions {
-        &self.extensions
+    /// The header extensions, as on disk now.
+    pub fn extensions(&self) -> Extensions {
+        self.area().extensions.clone()
     }
 
     /// The backing file name as stored (bytes), if the image names one.
-    pub fn backing_file_name(&self) -> Option<&[u8]> {
-        self.backing_name.as_deref()
+    pub fn backing_file_name(&self) -> Option<Vec<u8>> {
+        self.area().backing_name.clone()
     }
 
     /// The backing file format from the header extension, if recorded.
-    pub fn backing_format(&self) -> Option<&[u8]> {
-        self.extensions.backing_format.as_deref()
+    pub fn backing_format(&self) -> Option<Vec<u8>> {
+        self.area().extensions.backing_format.clone()
     }
 
     /// The external data file name from the header extension, if recorded.
-    pub fn data_file_name(&self) -> Option<&[u8]> {
-        self.extensions.data_file.as_deref()
+    pub fn data_file_name(&self) -> Option<Vec<u8>> {
+        self.area().extensions.data_file.clone()
+    }
+
+    fn area(&self) -> std::sync::RwLockReadGuard<'_, HeaderArea> {
+        // Writers replace the whole value in one assignment: a poisoned lock still holds a
+        // consistent one.
+        self.header_area.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the image keeps its data in an external data file.
@@ -362,6 +377,10 @@ impl BlockDevice for Qcow2Image {
 
     fn flush(&self) -> Result<()> {
         self.guard(self.flush_impl())
+    }
+
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        Qcow2Image::resize(self, new_size, allow_shrink)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -9,7 +9,7 @@ use super::overlap::{MetadataMap, INACTIVE_L1_READ_BUDGET};
 use super::rebuild::rebuild_refcounts;
 use super::refcount::Refcounts;
 use super::shared::{L1Table, Shared, MAX_SLOTS};
-use super::{Geometry, Qcow2Image};
+use super::{Geometry, HeaderArea, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::FLAG_AUTO;
 use crate::format::bitmap::{parse_directory, BitmapEntry};
@@ -329,8 +329,10 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             storage,
             data_storage: None,
-            extensions,
-            backing_name,
+            header_area: std::sync::RwLock::new(HeaderArea {
+                extensions,
+                backing_name,
+            }),
             snapshots,
             bitmaps,
             backing: None,

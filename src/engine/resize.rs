@@ -443,7 +443,7 @@ impl Qcow2Image {
     /// Cuts the file after its last cluster in use, as QEMU does after a shrink. A failure is
     /// reported (QEMU only warns): it leaves free clusters at the end, nothing worse, and the
     /// old virtual size.
-    fn trim_free_tail(&self, m: &mut Meta) -> Result<()> {
+    pub(crate) fn trim_free_tail(&self, m: &mut Meta) -> Result<()> {
         let s = self.storage.as_ref();
         let cs = self.geo.cluster_size;
         let len = s.len().map_err(io_err("sizing image file"))?;

@@ -35,6 +35,9 @@ pub(crate) enum ZeroMode {
     /// Whole clusters (subclusters) in the range read as zeros afterwards and free their space;
     /// partial clusters at the edges are left as they are.
     Discard,
+    /// Whole clusters in the range become unallocated (they read from the backing file again)
+    /// and free their space; partial clusters at the edges are left as they are.
+    Deallocate,
 }
 
 /// Bitmap with every subcluster reading as zeros.
@@ -591,7 +594,7 @@ impl Qcow2Image {
             let m = self.lock_meta();
             (
                 m.header.version >= 3,
-                self.backing.is_some() || self.backing_name.is_some(),
+                self.backing.is_some() || self.area().backing_name.is_some(),
             )
         };
         let zeros = vec![0u8; cs as usize];
@@ -606,14 +609,15 @@ impl Qcow2Image {
                 if mode == ZeroMode::WriteZeroes || whole {
                     self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
                 }
-            } else if whole && (v3 || !has_backing) {
+            } else if whole && (v3 || !has_backing || mode == ZeroMode::Deallocate) {
                 let mut m = self.lock_meta();
                 let (entry, _) = self.entry_at(&mut m, c0)?;
                 let kind = classify(entry, g.cluster_bits, false, g.data_file);
-                let new = if v3 { ZERO } else { 0 };
+                let deallocate = mode == ZeroMode::Deallocate;
+                let new = if v3 && !deallocate { ZERO } else { 0 };
                 let untouched = match kind {
-                    ClusterKind::Zero { host: 0 } => true,
-                    ClusterKind::Unallocated => !has_backing,
+                    ClusterKind::Zero { host: 0 } => !deallocate,
+                    ClusterKind::Unallocated => !has_backing || deallocate,
                     _ => false,
                 };
                 if !untouched {
@@ -678,12 +682,17 @@ impl Qcow2Image {
         let kind = classify(entry, g.cluster_bits, true, g.data_file);
         let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
         if whole || (a == 0 && b >= cs) {
-            if entry == 0 && bitmap == ALL_ZERO {
+            let bits = if mode == ZeroMode::Deallocate {
+                0
+            } else {
+                ALL_ZERO
+            };
+            if entry == 0 && bitmap == bits {
                 return Ok(());
             }
             self.check_release(&mut m, entry)?;
             self.ensure_l2_writable(&mut m, l1_index)?;
-            self.set_entry(&mut m, c0, 0, ALL_ZERO)?;
+            self.set_entry(&mut m, c0, 0, bits)?;
             self.queue_free(&mut m, entry);
             return Ok(());
         }

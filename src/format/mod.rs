@@ -9,6 +9,7 @@ pub mod entry;
 pub mod extension;
 pub mod features;
 pub mod header;
+pub mod header_area;
 pub mod probe;
 pub mod refcount;
 pub mod snapshot;

@@ -13,13 +13,12 @@ use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
 use crate::ops::create::{create_qcow2_on, CreateOptions};
+use crate::ops::pool::run_pool;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
 
 /// Largest range one worker reads and writes at a time.
 pub const CHUNK_BYTES: u64 = 256 << 10;
@@ -155,47 +154,14 @@ fn run_jobs(
     handle: impl Fn(&mut Vec<u8>, &Job) -> Result<()> + Sync,
 ) -> Result<()> {
     let total: u64 = jobs.iter().map(|j| j.len).sum();
-    let workers = match workers {
-        0 => default_workers(),
-        n => n,
-    }
-    .clamp(1, jobs.len().max(1));
-    let next = AtomicUsize::new(0);
-    let done = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let work = || {
-        let mut buf = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(job) = jobs.get(i) else { break };
-            if let Err(e) = handle(&mut buf, job) {
-                stop.store(true, Ordering::Relaxed);
-                first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(e);
-                break;
-            }
-            let d = done.fetch_add(job.len, Ordering::Relaxed) + job.len;
-            if let Some(p) = progress {
-                p(d, total);
-            }
-        }
-    };
-    if workers == 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(work);
-            }
-        });
-    }
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    run_pool(
+        jobs.len(),
+        workers,
+        total,
+        |i| jobs[i].len,
+        progress,
+        |buf, i| handle(buf, &jobs[i]),
+    )
 }
 
 /// Whether every byte of `b` is zero.

@@ -8,13 +8,12 @@
 use crate::chain::{open, resolve_relative, ImageFormat, OpenOptions};
 use crate::engine::{Qcow2Image, Qcow2Options};
 use crate::error::{Error, Result};
-use crate::format::extension::{Extensions, FeatureName};
-use crate::format::features::{
-    AutoclearFeatures, CompatibleFeatures, FeatureKind, IncompatibleFeatures,
-};
+use crate::format::extension::Extensions;
+use crate::format::features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
 use crate::format::header::{
     CompressionType, CryptMethod, Header, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
 };
+use crate::format::header_area::{encode_header_area, qemu_feature_table_for};
 use crate::format::refcount;
 use crate::format::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::io::{FileStorage, Storage};
@@ -246,24 +245,6 @@ impl CreateOptions {
 }
 
 /// The feature names QEMU records in new images.
-fn feature_table() -> Vec<FeatureName> {
-    let f = |kind, bit, name: &str| FeatureName {
-        kind,
-        bit,
-        name: name.into(),
-    };
-    vec![
-        f(FeatureKind::Incompatible, 0, "dirty bit"),
-        f(FeatureKind::Incompatible, 1, "corrupt bit"),
-        f(FeatureKind::Incompatible, 2, "external data file"),
-        f(FeatureKind::Incompatible, 3, "compression type"),
-        f(FeatureKind::Incompatible, 4, "extended L2 entries"),
-        f(FeatureKind::Compatible, 0, "lazy refcounts"),
-        f(FeatureKind::Autoclear, 0, "bitmaps"),
-        f(FeatureKind::Autoclear, 1, "raw external data"),
-    ]
-}
-
 /// Writes a new qcow2 image of size 0 on `storage` (its three first clusters).
 fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result<()> {
     let cs = 1u64 << bits;
@@ -283,26 +264,13 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
     if o.extended_l2 {
         incompatible |= IncompatibleFeatures::EXTENDED_L2;
     }
-    let mut ext = Extensions {
+    let ext = Extensions {
         backing_format: o.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
-        feature_names: if v3 { feature_table() } else { Vec::new() },
+        feature_names: qemu_feature_table_for(if v3 { 3 } else { 2 }, cs),
         data_file: o.data_file.as_ref().map(|d| d.as_bytes().to_vec()),
         ..Extensions::default()
     };
-    // Like qemu-img, leave the (optional) feature-name table out when cluster 0 is too small
-    // for it beside the header, the other extensions and the backing file name.
-    let needed = |e: &Extensions| {
-        u64::from(if v3 {
-            V3_HEADER_LENGTH
-        } else {
-            V2_HEADER_LENGTH
-        }) + e.encode().len() as u64
-            + o.backing_file.as_ref().map_or(0, |b| b.len() as u64)
-    };
-    if needed(&ext) > cs {
-        ext.feature_names.clear();
-    }
-    let mut header = Header {
+    let header = Header {
         version: if v3 { 3 } else { 2 },
         backing_file_offset: 0,
         backing_file_size: 0,
@@ -331,21 +299,16 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
         compression_type: o.compression_type,
         extra_bytes: if v3 { vec![0; 7] } else { Vec::new() },
     };
-    let ext_bytes = ext.encode();
-    let mut cluster0 = header.encode();
-    cluster0.extend_from_slice(&ext_bytes);
-    if let Some(b) = &o.backing_file {
-        header.backing_file_offset = cluster0.len() as u64;
-        header.backing_file_size = b.len() as u32;
-        cluster0.extend_from_slice(b.as_bytes());
-        let h = header.encode();
-        cluster0[..h.len()].copy_from_slice(&h);
-    }
-    if cluster0.len() as u64 > cs {
-        return Err(bad(
-            "header, extensions and backing name do not fit in one cluster",
-        ));
-    }
+    // The (optional) feature-name table is left out, as qemu-img does, for clusters of 4 KiB
+    // and below, and whenever cluster 0 is too small for it beside the header, the other
+    // extensions and the backing file name.
+    let (_, mut cluster0) = encode_header_area(
+        &header,
+        &ext,
+        o.backing_file.as_deref().map(str::as_bytes),
+        cs,
+    )
+    .ok_or_else(|| bad("header, extensions and backing name do not fit in one cluster"))?;
     cluster0.resize(cs as usize, 0);
     let mut reftable = vec![0u8; cs as usize];
     reftable[..8].copy_from_slice(&(2 * cs).to_be_bytes());

@@ -144,6 +144,7 @@ pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Resu
             qcow2: None,
             format,
             path: path.to_path_buf(),
+            layers: Vec::new(),
         }),
         ImageFormat::Qcow2 => {
             let img = Arc::new(Qcow2Image::open(storage, &Qcow2Options::default())?);
@@ -152,6 +153,7 @@ pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Resu
                 qcow2: Some(img),
                 format,
                 path: path.to_path_buf(),
+                layers: Vec::new(),
             })
         }
     }
@@ -199,7 +201,7 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
         });
     };
     let h = img.header();
-    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let lossy = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     let backing_filename = img.backing_file_name().map(lossy);
     let full_backing_filename = backing_filename
         .as_deref()

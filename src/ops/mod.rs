@@ -1,9 +1,12 @@
 //! Whole-image operations over [`BlockDevice`](crate::BlockDevice)s and paths.
 
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod inspect;
 pub mod map;
+mod pool;
+pub mod rebase;

@@ -1,0 +1,121 @@
+//! `qcow2kit commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE`: what qemu-img commit
+//! does ([`qcow2kit::ops::commit`]), with its messages and exit statuses: the data FILE's chain
+//! holds above BASE (default: FILE's backing file) is written into BASE, which grows when FILE
+//! is larger; FILE is emptied afterwards unless `-d` (or `-b`) is given. Prints
+//! `Image committed.`.
+//!
+//! Not covered: `-r RATE` is accepted and not applied (qemu-img applies it); `--object`,
+//! `--image-opts`.
+
+use crate::args::{opt, parse, Spec};
+use crate::common::{fail, image_format, open_error_text, qemu_options};
+use crate::progress::Meter;
+use crate::rebase::check_cache_mode;
+use qcow2kit::ops::commit::{commit, open_for_commit, CommitOptions};
+use std::path::{Path, PathBuf};
+
+const SPECS: &[Spec] = &[
+    opt(Some('h'), Some("help"), false, "help"),
+    opt(Some('f'), Some("format"), true, "f"),
+    opt(Some('t'), Some("cache"), true, "t"),
+    opt(Some('b'), Some("base"), true, "b"),
+    opt(Some('d'), Some("drop"), false, "d"),
+    opt(Some('r'), Some("rate"), true, "r"),
+    opt(Some('p'), Some("progress"), false, "p"),
+    opt(Some('q'), Some("quiet"), false, "q"),
+    opt(None, Some("object"), true, "object"),
+    opt(None, Some("image-opts"), false, "image-opts"),
+];
+
+const HELP: &str = "Usage:
+Commit image to its backing file.  Usage:
+
+  qcow2kit commit [-f FMT] [-t CACHE_MODE] [-b BASE_IMG] [-d]
+        [-r RATE] FILENAME
+";
+
+fn try_help() -> String {
+    format!(
+        "Try '{} commit --help' for more info",
+        crate::common::prog()
+    )
+}
+
+/// Runs the subcommand; returns the exit code.
+pub fn run(args: &[String]) -> u8 {
+    match commit_cmd(args) {
+        Ok(()) => 0,
+        Err(msg) if msg.is_empty() => 1,
+        Err(msg) => fail(msg),
+    }
+}
+
+fn commit_cmd(args: &[String]) -> Result<(), String> {
+    let p = match parse(args, SPECS) {
+        Ok(p) => p,
+        Err(e) => {
+            // getopt's wording, as qemu-img prints it.
+            errln!("{} commit: {e}\n{}", crate::common::prog(), try_help());
+            return Err(String::new());
+        }
+    };
+    if p.has("help") {
+        out!("{HELP}");
+        return Ok(());
+    }
+    let file = match p.operands.as_slice() {
+        [f] => f.as_str(),
+        _ => return Err(format!("Expecting one image file name\n{}", try_help())),
+    };
+    if let Some(mode) = p.last("t") {
+        check_cache_mode(mode)?;
+    }
+    if p.has("object") || p.has("image-opts") {
+        return Err("commit: --object and --image-opts are not supported".into());
+    }
+    let quiet = p.has("q");
+    let format = image_format(file, p.last("f"))?;
+    let path = Path::new(file);
+    let base = p.last("b").map(|b| base_path(path, b));
+    let image =
+        open_for_commit(path, format, base.as_deref(), &qemu_options()).map_err(|e| match e {
+            qcow2kit::Error::InvalidArgument(m) => m,
+            other => format!("Could not open '{file}': {}", open_error_text(&other)),
+        })?;
+    let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !quiet));
+    let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
+    lock().advance(0.0);
+    let report = |done: u64, total: u64| lock().bytes(done, total);
+    let opts = CommitOptions {
+        base,
+        keep: p.has("d"),
+        progress: Some(&report),
+        workers: 0,
+    };
+    let result = commit(&image, &opts);
+    if result.is_ok() {
+        lock().advance(100.0);
+    }
+    lock().end();
+    result.map_err(|e| format!("Error while committing image: {}", open_error_text(&e)))?;
+    for layer in &image.layers {
+        if let (Some(q), true) = (&layer.qcow2, layer.writable) {
+            q.close()
+                .map_err(|e| format!("Could not close '{}': {e}", layer.path.display()))?;
+        }
+    }
+    if !quiet {
+        outln!("Image committed.");
+    }
+    Ok(())
+}
+
+/// The base named by `-b`: as given when it names a file, else relative to the image's
+/// directory (how backing names are read).
+fn base_path(image: &Path, base: &str) -> PathBuf {
+    let given = PathBuf::from(base);
+    if given.exists() {
+        return given;
+    }
+    qcow2kit::chain::resolve_relative(image, base.as_bytes()).unwrap_or(given)
+}
