@@ -1,7 +1,7 @@
 //! `commit`: the top's data written into its backing (or a deeper base with `-b`), the top
 //! emptied unless `-d` (or `-b`) is given, a smaller base grown, a raw base, and the refusals.
 
-use super::harness::{qcow2, Layer, Work};
+use super::harness::{every, qcow2, Layer, Work};
 
 /// A top with data, zero flags over data below, a compressed cluster and a discard.
 const TOP_STEPS: &[&str] = &[
@@ -150,9 +150,9 @@ fn to_a_deeper_base_with_b() {
     w.split();
     let before = w.allocated(&w.src, "top");
     committed(&w, &["commit", "-b", "l0", "top"], "l0");
-    for mid in ["l1", "l2"] {
+    every(["l1", "l2"], |mid| {
         w.assert_same_content(mid, false);
-    }
+    });
     assert_eq!(allocated(&w, "top"), (before, before), "the top changed");
 }
 
@@ -187,15 +187,18 @@ fn from_a_top_with_an_internal_snapshot() {
 
 #[test]
 fn options_progress_quiet_and_format() {
-    for args in [
-        &["commit", "-p", "top"][..],
-        &["commit", "-q", "-f", "qcow2", "top"],
-        &["commit", "-p", "-d", "-b", "base", "top"],
-    ] {
-        let w = two_deep(&format!("commit {}", args.join(" ")), "4M", "");
-        w.split();
-        committed(&w, args, "base");
-    }
+    every(
+        [
+            &["commit", "-p", "top"][..],
+            &["commit", "-q", "-f", "qcow2", "top"],
+            &["commit", "-p", "-d", "-b", "base", "top"],
+        ],
+        |args| {
+            let w = two_deep(&format!("commit {}", args.join(" ")), "4M", "");
+            w.split();
+            committed(&w, args, "base");
+        },
+    );
 }
 
 #[test]
@@ -212,21 +215,24 @@ fn from_a_subdirectory() {
 
 #[test]
 fn refusals() {
-    for (args, reads) in [
-        (&["commit", "base"][..], &[("base", "base")][..]),
-        (&["commit", "-b", "nowhere", "top"], &[("top", "top")]),
-        (&["commit", "-b", "top", "top"], &[("top", "top")]),
-        (&["commit", "-f", "raw", "lone.raw"], &[]),
-        (&["commit", "-f", "raw", "top"], &[]),
-        (&["commit"], &[]),
-        (&["commit", "top", "base"], &[("top", "top")]),
-        (&["commit", "-x", "top"], &[("top", "top")]),
-        (&["commit", "-f", "nosuch", "top"], &[("top", "top")]),
-    ] {
-        let w = two_deep(&format!("commit {}", args.join(" ")), "4M", "");
-        w.record("base");
-        w.img(&["create", "-q", "-f", "raw", "lone.raw", "1M"]);
-        w.split();
-        w.judge(args, false, reads);
-    }
+    every(
+        [
+            (&["commit", "base"][..], &[("base", "base")][..]),
+            (&["commit", "-b", "nowhere", "top"], &[("top", "top")]),
+            (&["commit", "-b", "top", "top"], &[("top", "top")]),
+            (&["commit", "-f", "raw", "lone.raw"], &[]),
+            (&["commit", "-f", "raw", "top"], &[]),
+            (&["commit"], &[]),
+            (&["commit", "top", "base"], &[("top", "top")]),
+            (&["commit", "-x", "top"], &[("top", "top")]),
+            (&["commit", "-f", "nosuch", "top"], &[("top", "top")]),
+        ],
+        |(args, reads)| {
+            let w = two_deep(&format!("commit {}", args.join(" ")), "4M", "");
+            w.record("base");
+            w.img(&["create", "-q", "-f", "raw", "lone.raw", "1M"]);
+            w.split();
+            w.judge(args, false, reads);
+        },
+    );
 }

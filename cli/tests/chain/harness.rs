@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use tempfile::TempDir;
 
 /// The program run in `k/`: the qcow2kit binary, called with qemu-img's arguments.
-pub const KIT: &str = "qemu-img";
+pub const KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
 
 /// The name qcow2kit is run under (`argv[0]`), bare as qemu-img's is: it starts the messages.
 const KIT_NAME: &str = "qcow2kit";
@@ -427,6 +427,29 @@ fn files_under(root: &Path) -> Vec<String> {
     }
     v.sort();
     v
+}
+
+/// Runs `case` on every item, then fails naming each item that failed, not only the first.
+pub fn every<T: std::fmt::Debug>(items: impl IntoIterator<Item = T>, case: impl Fn(&T)) {
+    let mut failed = Vec::new();
+    let mut total = 0;
+    for item in items {
+        total += 1;
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&item))) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failed.push(format!("{item:?}: {msg}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failed.len(),
+        failed.join("\n\n")
+    );
 }
 
 /// A `json:` filename opening the qcow2 file at `p` without its backing file.

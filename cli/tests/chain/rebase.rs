@@ -1,7 +1,7 @@
 //! `rebase`: safe (data copied so the top reads the same), unsafe (`-u`, header only), flatten
 //! (`-b ""`), pull (a base further down), compressed (`-c`), and the refusals.
 
-use super::harness::{qcow2, standalone, Layer, Work};
+use super::harness::{every, qcow2, standalone, Layer, Work};
 use std::fs;
 
 /// A 4 KiB-cluster base with data, a zeroed and a discarded range.
@@ -101,7 +101,7 @@ fn onto_a_raw_backing() {
 fn onto_identical_data_copies_nothing() {
     // A copy of the old backing in another cluster size, and the old backing itself: nothing
     // differs, so nothing is written.
-    for other in ["other", "base"] {
+    every(["other", "base"], |other| {
         let w = two_deep(&format!("rebase onto identical data ({other})"));
         w.img(&[
             "convert",
@@ -120,7 +120,7 @@ fn onto_identical_data_copies_nothing() {
             before,
             "the top grew (qemu-img's, qcow2kit's)"
         );
-    }
+    });
 }
 
 #[test]
@@ -174,7 +174,7 @@ fn unsafe_changes_the_header_only() {
 /// The top's own clusters (backing not opened) read in `q/` and `k/` as in `src/`.
 fn assert_own_data_kept(w: &Work) {
     let src = standalone(&w.src.join("top"));
-    for d in [&w.q, &w.k] {
+    every([&w.q, &w.k], |d| {
         let now = standalone(&d.join("top"));
         let out = super::harness::exec("qemu-img", &["compare", &src, &now], d);
         assert_eq!(
@@ -184,7 +184,7 @@ fn assert_own_data_kept(w: &Work) {
             d.display(),
             String::from_utf8_lossy(&out.stdout)
         );
-    }
+    });
 }
 
 #[test]
@@ -328,26 +328,29 @@ fn standalone_image_gets_a_backing() {
 
 #[test]
 fn options_progress_quiet_and_format() {
-    for args in [
-        &["rebase", "-p", "-b", "other", "-F", "qcow2", "top"][..],
-        &[
-            "rebase", "-q", "-f", "qcow2", "-b", "other", "-F", "qcow2", "top",
+    every(
+        [
+            &["rebase", "-p", "-b", "other", "-F", "qcow2", "top"][..],
+            &[
+                "rebase", "-q", "-f", "qcow2", "-b", "other", "-F", "qcow2", "top",
+            ],
+            &["rebase", "-p", "-u", "-b", "other", "-F", "qcow2", "top"],
+            // -u without -b drops the backing file, as -u -b "" does.
+            &["rebase", "-u", "top"],
+            &["rebase", "-c", "-u", "-b", "other", "-F", "qcow2", "top"],
         ],
-        &["rebase", "-p", "-u", "-b", "other", "-F", "qcow2", "top"],
-        // -u without -b drops the backing file, as -u -b "" does.
-        &["rebase", "-u", "top"],
-        &["rebase", "-c", "-u", "-b", "other", "-F", "qcow2", "top"],
-    ] {
-        let w = two_deep(&format!("rebase {}", args.join(" ")));
-        w.chain(&[qcow2("other", "4M", "", &["write -P 0x33 0 2M"])]);
-        w.split();
-        let reads: &[(&str, &str)] = if args.contains(&"-u") {
-            &[]
-        } else {
-            &[("top", "top")]
-        };
-        w.judge(args, true, reads);
-    }
+        |args| {
+            let w = two_deep(&format!("rebase {}", args.join(" ")));
+            w.chain(&[qcow2("other", "4M", "", &["write -P 0x33 0 2M"])]);
+            w.split();
+            let reads: &[(&str, &str)] = if args.contains(&"-u") {
+                &[]
+            } else {
+                &[("top", "top")]
+            };
+            w.judge(args, true, reads);
+        },
+    );
 }
 
 /// `base <- d/top` (backing name `../base`, relative to the top's directory) and `other` beside
@@ -370,19 +373,22 @@ pub fn in_a_subdirectory(case: &str) -> Work {
 fn names_relative_to_the_image_directory() {
     // `-b ../other` names the file beside `base`, from the top's directory, not from the
     // working directory (where `../other` does not exist); `-b other` names `d/other`.
-    for args in [
-        &["rebase", "-b", "../other", "-F", "qcow2", "d/top"][..],
-        &["rebase", "-b", "other", "-F", "qcow2", "d/top"],
-        &["rebase", "-u", "-b", "../other", "-F", "qcow2", "d/top"],
-    ] {
-        let w = in_a_subdirectory(&format!("{} in a subdirectory", args.join(" ")));
-        let reads: &[(&str, &str)] = if args.contains(&"-u") {
-            &[]
-        } else {
-            &[("d/top", "d/top")]
-        };
-        w.judge(args, true, reads);
-    }
+    every(
+        [
+            &["rebase", "-b", "../other", "-F", "qcow2", "d/top"][..],
+            &["rebase", "-b", "other", "-F", "qcow2", "d/top"],
+            &["rebase", "-u", "-b", "../other", "-F", "qcow2", "d/top"],
+        ],
+        |args| {
+            let w = in_a_subdirectory(&format!("{} in a subdirectory", args.join(" ")));
+            let reads: &[(&str, &str)] = if args.contains(&"-u") {
+                &[]
+            } else {
+                &[("d/top", "d/top")]
+            };
+            w.judge(args, true, reads);
+        },
+    );
 }
 
 #[test]
@@ -391,27 +397,38 @@ fn refusals() {
     // may refuse before copying (safer), so the top's length is not compared — its content,
     // backing fields and cleanliness are.
     let long = "a".repeat(1100);
-    for args in [
-        &["rebase", "-b", "other", "top"][..],
-        &["rebase", "-u", "-b", "other", "top"],
-        &["rebase", "-b", "nowhere", "-F", "qcow2", "top"],
-        &["rebase", "-u", "-b", &long, "-F", "qcow2", "top"],
-        &[
-            "rebase",
-            "-f",
-            "raw",
-            "-b",
-            "other",
-            "-F",
-            "qcow2",
-            "other.raw",
+    every(
+        [
+            &["rebase", "-b", "other", "top"][..],
+            &["rebase", "-u", "-b", "other", "top"],
+            &["rebase", "-b", "nowhere", "-F", "qcow2", "top"],
+            &["rebase", "-u", "-b", &long, "-F", "qcow2", "top"],
+            &[
+                "rebase",
+                "-f",
+                "raw",
+                "-b",
+                "other",
+                "-F",
+                "qcow2",
+                "other.raw",
+            ],
+            &["rebase", "top"],
+            &["rebase", "-b", "other", "-F", "qcow2"],
+            &["rebase", "-b", "other", "-F", "qcow2", "top", "top"],
+            &["rebase", "-x", "-b", "other", "-F", "qcow2", "top"],
+            &["rebase", "-b", "other", "-F", "nosuch", "top"],
+            &[
+                "rebase", "-f", "nosuch", "-b", "other", "-F", "qcow2", "top",
+            ],
         ],
-    ] {
-        let case = format!("rebase {}", args.join(" ")).replace(&long, "a×1100");
-        let w = two_deep(&case);
-        w.chain(&[qcow2("other", "4M", "", &["write -P 0x33 0 2M"])]);
-        w.img(&["create", "-q", "-f", "raw", "other.raw", "1M"]);
-        w.split();
-        w.judge(args, false, &[("top", "top")]);
-    }
+        |args| {
+            let case = format!("rebase {}", args.join(" ")).replace(&long, "a×1100");
+            let w = two_deep(&case);
+            w.chain(&[qcow2("other", "4M", "", &["write -P 0x33 0 2M"])]);
+            w.img(&["create", "-q", "-f", "raw", "other.raw", "1M"]);
+            w.split();
+            w.judge(args, false, &[("top", "top")]);
+        },
+    );
 }
