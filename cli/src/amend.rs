@@ -11,11 +11,11 @@
 //! Not covered: `--object`, `--image-opts`.
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, image_format, open_error_text, parse_size, qemu_options};
+use crate::common::{fail, open_error_text, parse_format, parse_size, qemu_options};
 use crate::create::{parse_bool, parse_number, split_options, valid_option_list, SIZE_HINT};
 use crate::progress::Meter;
 use crate::rebase::check_cache_mode;
-use qcow2kit::chain::{open, ImageFormat};
+use qcow2kit::chain::{open, probe_file, ImageFormat};
 use qcow2kit::error::strerror;
 use qcow2kit::ops::amend::{amend, AmendOptions, Compat, BACKING_CHANGE};
 use std::path::Path;
@@ -130,12 +130,24 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
     if lists.is_empty() {
         return Err(format!("Must specify options (-o)\n{}", try_help()));
     }
-    let pairs = split_options(&lists.join(","));
+    // From here on, qemu-img ends the progress line whatever happens.
+    let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !p.has("q")));
+    let r = amend_image(&p, &lists.join(","), &meter);
+    meter.lock().unwrap_or_else(|e| e.into_inner()).end();
+    r
+}
+
+fn amend_image(
+    p: &crate::args::Parsed,
+    list: &str,
+    meter: &std::sync::Mutex<Meter>,
+) -> Result<(), String> {
+    let pairs = split_options(list);
     let wants_help = pairs.iter().any(|(k, _)| k == "help" || k == "?");
     let file = match p.operands.as_slice() {
         [f] => f.as_str(),
         [] if wants_help && p.last("f").is_some() => {
-            return options_help(crate::common::parse_format(p.last("f").unwrap_or("")));
+            return options_help(parse_format(p.last("f").unwrap_or("")));
         }
         _ => return Err("Expecting one image file name".into()),
     };
@@ -145,7 +157,10 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
     if p.has("object") || p.has("image-opts") {
         return Err("amend: --object and --image-opts are not supported".into());
     }
-    let format = image_format(file, p.last("f"))?;
+    let format = match p.last("f") {
+        Some(f) => parse_format(f)?,
+        None => probe_file(Path::new(file)).map_err(|e| open_failure(file, e))?,
+    };
     let mut o = qemu_options();
     o.writable = true;
     let image = open(Path::new(file), format, &o).map_err(|e| match e {
@@ -164,16 +179,11 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
         return Err(no_amend(format));
     };
     let opts = parse_amend_options(&pairs, &qcow2)?;
-    let quiet = p.has("q");
-    let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !quiet));
     let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
     lock().advance(0.0);
-    let report = |done: u64, total: u64| lock().bytes(done, total);
+    let report = |done: u64, total: u64| lock().set(100.0 * done as f32 / total.max(1) as f32);
     let result = amend(&qcow2, &opts, Some(&report));
-    if result.is_ok() {
-        lock().advance(100.0);
-    }
-    lock().end();
+    lock().advance(100.0);
     result.map_err(|e| match e {
         qcow2kit::Error::InvalidArgument(m) if m == BACKING_CHANGE => {
             format!("{m}\nYou can use 'qemu-img rebase' instead.")
@@ -184,6 +194,19 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
     qcow2
         .close()
         .map_err(|e| format!("Could not close '{file}': {e}"))
+}
+
+/// qemu-img's words for an image that cannot be opened.
+fn open_failure(file: &str, e: qcow2kit::Error) -> String {
+    match e {
+        qcow2kit::Error::Io { source, .. } => {
+            format!(
+                "Could not open '{file}': Could not open '{file}': {}",
+                strerror(&source)
+            )
+        }
+        other => format!("Could not open '{file}': {}", open_error_text(&other)),
+    }
 }
 
 fn no_amend(format: ImageFormat) -> String {

@@ -116,6 +116,7 @@ impl Qcow2Image {
         let zeros = vec![0u8; cs as usize];
         let per_table = cs << self.geo.l2_bits;
         let tables = size.div_ceil(per_table);
+        let mut reported = 0;
         let mut pos = 0;
         while pos < size {
             let run = self.map(pos, size - pos)?;
@@ -134,7 +135,12 @@ impl Qcow2Image {
                 }
             }
             pos = run_end;
-            progress(if pos == size { tables } else { pos / per_table }, tables);
+            // Reported once per L2 table's range done, as QEMU reports each L1 entry.
+            let done = if pos == size { tables } else { pos / per_table };
+            if done != reported {
+                reported = done;
+                progress(done, tables);
+            }
         }
         self.flush()
     }

@@ -93,7 +93,8 @@ fn unsupported(msg: &str) -> Error {
 pub const BACKING_CHANGE: &str = "Cannot amend the backing file";
 
 /// Amends `image` (open writable) as `opts` say; see the module documentation. `progress`
-/// gets (work done, work total) while zero clusters are expanded for a downgrade. Errors
+/// gets (work done, work total) of the current step, as QEMU reports them: the two steps of an
+/// upgrade, the L2 tables' worth of guest range visited by a downgrade. Errors
 /// carry qemu-img's messages ([`Error::InvalidArgument`] where QEMU answers `EINVAL`,
 /// [`Error::Unsupported`] where it answers `ENOTSUP`).
 ///
@@ -113,7 +114,11 @@ pub fn amend(
             p(done, total)
         }
     };
-    report(0, 1);
+    if plan.upgrade {
+        // QEMU's two steps: the snapshot table (nothing to do here), the header.
+        report(0, 2);
+        report(1, 2);
+    }
     if plan.upgrade && image.snapshots().iter().any(|s| s.disk_size.is_none()) {
         return Err(unsupported(
             "Cannot upgrade an image whose internal snapshots lack version 3 data",
@@ -142,6 +147,9 @@ pub fn amend(
         }
         Ok(())
     })?;
+    if plan.upgrade {
+        report(2, 2);
+    }
     if let Some(size) = opts.size.filter(|&s| s != 0) {
         image.resize(size, true)?;
     }
@@ -159,7 +167,6 @@ pub fn amend(
             Ok(())
         })?;
     }
-    report(1, 1);
     Ok(())
 }
 
