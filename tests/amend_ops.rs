@@ -76,7 +76,7 @@ fn pair(create: &str, qemu: &str, ours: AmendOptions) {
     std::fs::copy(d.join("q.qcow2"), d.join("k.qcow2")).expect("copy");
     run("qemu-img", &["amend", "-o", qemu, "q.qcow2"], d);
 
-    let storage = FileStorage::open(&d.join("k.qcow2"), true).expect("open our copy");
+    let storage = FileStorage::open(d.join("k.qcow2"), true).expect("open our copy");
     let opts = Qcow2Options {
         writable: true,
         ..Qcow2Options::default()
