@@ -134,7 +134,7 @@ impl Settings {
 }
 
 /// QEMU's boolean spellings.
-fn parse_bool(v: &str) -> Option<bool> {
+pub(crate) fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "on" | "yes" | "true" | "y" => Some(true),
         "off" | "no" | "false" | "n" => Some(false),
@@ -143,7 +143,7 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 /// `strtoull(v, NULL, 0)` as QEMU's number options parse: hex, octal or decimal.
-fn parse_number(v: &str) -> Option<u64> {
+pub(crate) fn parse_number(v: &str) -> Option<u64> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
         u64::from_str_radix(h, 16).ok()
     } else if v.len() > 1 && v.starts_with('0') {
@@ -154,7 +154,7 @@ fn parse_number(v: &str) -> Option<u64> {
 }
 
 /// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
-fn valid_option_list(s: &str) -> bool {
+pub(crate) fn valid_option_list(s: &str) -> bool {
     if s.is_empty() || s.starts_with(',') {
         return false;
     }
@@ -164,7 +164,7 @@ fn valid_option_list(s: &str) -> bool {
 
 /// Splits a QemuOpts string into `(name, value)` pairs: `,,` escapes a comma in a value, a bare
 /// `name` is `name=on` and `noname` is `name=off`.
-fn split_options(s: &str) -> Vec<(String, String)> {
+pub(crate) fn split_options(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let b = s.as_bytes();
     let mut i = 0;
@@ -233,7 +233,8 @@ pub fn run(args: &[String]) -> u8 {
 
 const TRY: &str = "Try 'qcow2kit create --help' for more info";
 
-const SIZE_HINT: &str = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
+pub(crate) const SIZE_HINT: &str =
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
 and exabytes, respectively.";
 
 fn create(p: &Parsed) -> Result<(), String> {

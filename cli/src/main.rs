@@ -6,6 +6,7 @@
 #[macro_use]
 mod stdio;
 
+mod amend;
 mod args;
 mod check;
 mod commit;
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
         "resize" => resize::run(rest),
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
+        "amend" => amend::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

@@ -23,7 +23,12 @@ impl Meter {
 
     /// Adds `delta` percentage points.
     pub fn advance(&mut self, delta: f32) {
-        let mut current = self.current + delta / 100.0 * 100.0;
+        self.set(self.current + delta / 100.0 * 100.0);
+    }
+
+    /// Moves the meter to `percent` (qemu-img's `qemu_progress_print(percent, 0)`).
+    pub fn set(&mut self, percent: f32) {
+        let mut current = percent;
         if current > 100.0 {
             current = 100.0;
         }

@@ -107,7 +107,7 @@ impl Qcow2Image {
     ///
     /// An old area that cannot be made to fit in one sector (a backing name over ~370 bytes)
     /// is replaced by one write of the whole area, as QEMU always does.
-    fn switch_area(&self, m: &super::meta::Meta, new: &[u8]) -> Result<()> {
+    pub(super) fn switch_area(&self, m: &super::meta::Meta, new: &[u8]) -> Result<()> {
         let s = self.storage.as_ref();
         let io = |what: &'static str| move |e| Error::io(what, e);
         let write_flushed = |buf: &[u8], at: u64| {

@@ -12,6 +12,7 @@
 //! I/O, a cluster it mapped can be freed and reused meanwhile; frees are counted, and a read that
 //! overlapped some is done again (see `read_at`).
 
+mod amend_support;
 mod cache;
 mod compressed;
 mod corrupt;

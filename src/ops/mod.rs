@@ -1,5 +1,6 @@
 //! Whole-image operations over [`BlockDevice`](crate::BlockDevice)s and paths.
 
+pub mod amend;
 pub mod check;
 pub mod commit;
 pub mod compare;

@@ -1,0 +1,286 @@
+//! `qcow2kit amend [-f FMT] [-t CACHE] [--force] [-p] [-q] -o OPTIONS FILE`: what qemu-img
+//! amend does ([`qcow2kit::ops::amend`]), with its messages and exit statuses; `-o help` lists
+//! the options.
+//!
+//! Where qcow2kit differs: refusals are decided before anything is written (qemu-img may
+//! upgrade or rewrite the header before it refuses the backing file or a downgrade); a
+//! downgrade of an image with persistent bitmaps is refused (qemu-img drops them, leaving them
+//! inconsistent and their clusters leaked); a change of refcount width, a downgrade of an
+//! image with internal snapshots and `encrypt.*` options are not supported.
+//!
+//! Not covered: `--object`, `--image-opts`.
+
+use crate::args::{opt, parse, Spec};
+use crate::common::{fail, open_error_text, parse_format, parse_size, qemu_options};
+use crate::create::{parse_bool, parse_number, split_options, valid_option_list, SIZE_HINT};
+use crate::progress::Meter;
+use crate::rebase::check_cache_mode;
+use qcow2kit::chain::{open, probe_file, ImageFormat};
+use qcow2kit::error::strerror;
+use qcow2kit::ops::amend::{amend, AmendOptions, Compat, BACKING_CHANGE};
+use std::path::Path;
+
+const SPECS: &[Spec] = &[
+    opt(Some('h'), Some("help"), false, "help"),
+    opt(Some('f'), Some("format"), true, "f"),
+    opt(Some('o'), Some("options"), true, "o"),
+    opt(Some('p'), Some("progress"), false, "p"),
+    opt(Some('q'), Some("quiet"), false, "q"),
+    opt(Some('t'), Some("cache"), true, "t"),
+    opt(None, Some("force"), false, "force"),
+    opt(None, Some("object"), true, "object"),
+    opt(None, Some("image-opts"), false, "image-opts"),
+];
+
+const HELP: &str = "Usage:
+Update format-specific options of the image.  Usage:
+
+  qcow2kit amend [-f FMT] [-t CACHE] [--force] [-p] [-q] -o OPTIONS FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operation
+  -p, --progress
+     show progress
+  -f, --format FMT
+     specify FILENAME format explicitly
+  -t, --cache CACHE
+     cache mode for FILENAME (writeback)
+  --force
+     allow certain unsafe operations
+
+";
+
+/// qemu-img's `-o help` for qcow2, word for word.
+const OPTIONS_HELP: &str = "Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+";
+
+/// Options of qcow2 creation that amend does not take (QEMU adds a hint for them).
+const CREATE_ONLY: &[&str] = &[
+    "encryption",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "cluster_size",
+    "extended_l2",
+    "preallocation",
+    "compression_type",
+];
+
+const ENCRYPT_AMEND: &[&str] = &[
+    "encrypt.iter-time",
+    "encrypt.keyslot",
+    "encrypt.new-secret",
+    "encrypt.old-secret",
+    "encrypt.state",
+];
+
+fn try_help() -> String {
+    format!("Try '{} amend --help' for more info", crate::common::prog())
+}
+
+/// Runs the subcommand; returns the exit code.
+pub fn run(args: &[String]) -> u8 {
+    match amend_cmd(args) {
+        Ok(()) => 0,
+        Err(msg) if msg.is_empty() => 1,
+        Err(msg) => fail(msg),
+    }
+}
+
+fn amend_cmd(args: &[String]) -> Result<(), String> {
+    let p = match parse(args, SPECS) {
+        Ok(p) => p,
+        Err(e) => {
+            // getopt's wording, as qemu-img prints it.
+            errln!("{} amend: {e}\n{}", crate::common::prog(), try_help());
+            return Err(String::new());
+        }
+    };
+    if p.has("help") {
+        out!("{HELP}");
+        return Ok(());
+    }
+    let mut lists = Vec::new();
+    for o in p.all("o") {
+        if !valid_option_list(o) {
+            return Err(format!("Invalid option list: {o}"));
+        }
+        lists.push(o.as_str());
+    }
+    if lists.is_empty() {
+        return Err(format!("Must specify options (-o)\n{}", try_help()));
+    }
+    // From here on, qemu-img ends the progress line whatever happens.
+    let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !p.has("q")));
+    let r = amend_image(&p, &lists.join(","), &meter);
+    meter.lock().unwrap_or_else(|e| e.into_inner()).end();
+    r
+}
+
+fn amend_image(
+    p: &crate::args::Parsed,
+    list: &str,
+    meter: &std::sync::Mutex<Meter>,
+) -> Result<(), String> {
+    let pairs = split_options(list);
+    let wants_help = pairs.iter().any(|(k, _)| k == "help" || k == "?");
+    let file = match p.operands.as_slice() {
+        [f] => f.as_str(),
+        [] if wants_help && p.last("f").is_some() => {
+            return options_help(parse_format(p.last("f").unwrap_or("")));
+        }
+        _ => return Err("Expecting one image file name".into()),
+    };
+    if let Some(mode) = p.last("t") {
+        check_cache_mode(mode)?;
+    }
+    if p.has("object") || p.has("image-opts") {
+        return Err("amend: --object and --image-opts are not supported".into());
+    }
+    let format = match p.last("f") {
+        Some(f) => parse_format(f)?,
+        None => probe_file(Path::new(file)).map_err(|e| open_failure(file, e))?,
+    };
+    let mut o = qemu_options();
+    o.writable = true;
+    let image = open(Path::new(file), format, &o).map_err(|e| match e {
+        qcow2kit::Error::Io { source, .. } => {
+            format!(
+                "Could not open '{file}': Could not open '{file}': {}",
+                strerror(&source)
+            )
+        }
+        other => format!("Could not open '{file}': {}", open_error_text(&other)),
+    })?;
+    if wants_help {
+        return options_help(Ok(format));
+    }
+    let Some(qcow2) = image.qcow2.clone() else {
+        return Err(no_amend(format));
+    };
+    let opts = parse_amend_options(&pairs, &qcow2)?;
+    let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
+    lock().advance(0.0);
+    let report = |done: u64, total: u64| lock().set(100.0 * done as f32 / total.max(1) as f32);
+    let result = amend(&qcow2, &opts, Some(&report));
+    lock().advance(100.0);
+    result.map_err(|e| match e {
+        qcow2kit::Error::InvalidArgument(m) if m == BACKING_CHANGE => {
+            format!("{m}\nYou can use 'qemu-img rebase' instead.")
+        }
+        qcow2kit::Error::InvalidArgument(m) | qcow2kit::Error::Unsupported(m) => m,
+        other => open_error_text(&other),
+    })?;
+    qcow2
+        .close()
+        .map_err(|e| format!("Could not close '{file}': {e}"))
+}
+
+/// qemu-img's words for an image that cannot be opened.
+fn open_failure(file: &str, e: qcow2kit::Error) -> String {
+    match e {
+        qcow2kit::Error::Io { source, .. } => {
+            format!(
+                "Could not open '{file}': Could not open '{file}': {}",
+                strerror(&source)
+            )
+        }
+        other => format!("Could not open '{file}': {}", open_error_text(&other)),
+    }
+}
+
+fn no_amend(format: ImageFormat) -> String {
+    format!(
+        "Format driver '{}' does not support option amendment",
+        format.name()
+    )
+}
+
+fn options_help(format: Result<ImageFormat, String>) -> Result<(), String> {
+    match format? {
+        ImageFormat::Qcow2 => {
+            out!("{OPTIONS_HELP}");
+            Ok(())
+        }
+        other => Err(no_amend(other)),
+    }
+}
+
+/// QemuOpts parsing of qcow2's amend options (the last value of a repeated name wins), then
+/// what qcow2's amend checks while reading them.
+fn parse_amend_options(
+    pairs: &[(String, String)],
+    image: &qcow2kit::engine::Qcow2Image,
+) -> Result<AmendOptions, String> {
+    let mut o = AmendOptions::default();
+    let mut encrypt = false;
+    let mut compat = None;
+    for (k, v) in pairs {
+        let bool_of = || parse_bool(v).ok_or(format!("Parameter '{k}' expects 'on' or 'off'"));
+        match k.as_str() {
+            "compat" => compat = Some(v.as_str()),
+            "lazy_refcounts" => o.lazy_refcounts = Some(bool_of()?),
+            "data_file_raw" => o.data_file_raw = Some(bool_of()?),
+            "refcount_bits" => {
+                o.refcount_bits =
+                    Some(parse_number(v).ok_or(format!("Parameter '{k}' expects a number"))?)
+            }
+            "size" => {
+                if v.starts_with('-') {
+                    return Err(format!("Value '{v}' is out of range for parameter 'size'"));
+                }
+                o.size = Some(parse_size(v).map_err(|_| {
+                    format!("Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}")
+                })?)
+            }
+            "backing_file" => o.backing_file = Some(v.as_bytes().to_vec()),
+            "backing_fmt" => o.backing_fmt = Some(v.as_bytes().to_vec()),
+            "data_file" => o.data_file = Some(v.as_bytes().to_vec()),
+            name if ENCRYPT_AMEND.contains(&name) => encrypt = true,
+            name if CREATE_ONLY.contains(&name) => {
+                return Err(format!(
+                    "Invalid parameter '{name}'\nThis option is only supported for image creation"
+                ))
+            }
+            name => return Err(format!("Invalid parameter '{name}'")),
+        }
+    }
+    if encrypt {
+        return Err(
+            if image.header().crypt_method == qcow2kit::format::header::CryptMethod::None {
+                "Can't amend encryption options - encryption not present".into()
+            } else {
+                "amend: encryption options are not supported by qcow2kit".into()
+            },
+        );
+    }
+    o.compat = compat.map(compat_of).transpose()?;
+    Ok(o)
+}
+
+fn compat_of(v: &str) -> Result<Compat, String> {
+    Compat::parse(v).map_err(|e| match e {
+        qcow2kit::Error::InvalidArgument(m) => m,
+        other => other.to_string(),
+    })
+}
