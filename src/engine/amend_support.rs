@@ -1,99 +1,14 @@
-//! What `amend` needs of an open image beyond the write path: rewriting cluster 0 with edited
-//! header fields and extensions (version, feature bits, data file name), and turning zero
-//! clusters into what a version 2 image can express.
-//!
-//! Ordering of a header rewrite: everything written before is flushed first; when the new
-//! header drops the dirty bit, the refcounts a lazy-refcounts image kept in memory are written
-//! and flushed before it (rule 5: the dirty bit goes only once the counts on disk are right);
-//! then cluster 0 is replaced so that a crash or a torn write leaves the old area or the new
-//! one (see `switch_area`).
+//! What `amend` needs of an open image beyond the write path and the header rewrite
+//! (`header_update.rs`): turning zero clusters into what a version 2 image can express.
 
 use super::mapping::Mapped;
 use super::write::ZeroMode;
-use super::{HeaderArea, Qcow2Image};
+use super::Qcow2Image;
 use crate::device::BlockDevice;
-use crate::engine::HEADER_FULL;
 use crate::error::{Error, Result};
 use crate::format::entry::{classify, ClusterKind, COPIED};
-use crate::format::extension::Extensions;
-use crate::format::features::IncompatibleFeatures;
-use crate::format::header::Header;
-use crate::format::header_area::{
-    encode_header_area, normalized_for_rewrite, qemu_feature_table_for,
-};
 
 impl Qcow2Image {
-    /// Rewrites cluster 0 with the header and extensions `edit` makes of the current ones
-    /// (the header as QEMU rewrites it: a version 3 header at its current length). The
-    /// backing file name is kept; the feature name table becomes QEMU's for the resulting
-    /// version and cluster size.
-    pub(crate) fn rewrite_header(
-        &self,
-        edit: impl FnOnce(&mut Header, &mut Extensions) -> Result<()>,
-    ) -> Result<()> {
-        self.guard(self.rewrite_header_impl(edit))
-    }
-
-    fn rewrite_header_impl(
-        &self,
-        edit: impl FnOnce(&mut Header, &mut Extensions) -> Result<()>,
-    ) -> Result<()> {
-        let _all = self.lock_everything()?;
-        let mut m = self.lock_meta();
-        self.flush_locked(&mut m)?;
-        let mut header = normalized_for_rewrite(&m.header);
-        let (mut ext, name) = {
-            let area = self.area();
-            (area.extensions.clone(), area.backing_name.clone())
-        };
-        edit(&mut header, &mut ext)?;
-        let cs = self.geo.cluster_size;
-        ext.feature_names = qemu_feature_table_for(header.version, cs);
-        let (header, area) = encode_header_area(&header, &ext, name.as_deref(), cs)
-            .ok_or_else(|| Error::InvalidArgument(HEADER_FULL.into()))?;
-        let cleans = m.header.incompatible.contains(IncompatibleFeatures::DIRTY)
-            && !header.incompatible.contains(IncompatibleFeatures::DIRTY);
-        if cleans {
-            let s = self.storage.as_ref();
-            let r = (|| {
-                m.refs()?.write_blocks(s)?;
-                s.flush().map_err(|e| Error::io("flushing refcounts", e))?;
-                if m.refs()?.write_table_entries(s)? {
-                    s.flush()
-                        .map_err(|e| Error::io("flushing refcount table", e))?;
-                }
-                Ok::<_, Error>(())
-            })();
-            if let Err(e) = r {
-                m.broken = true;
-                return Err(e);
-            }
-        }
-        if let Err(e) = self.switch_area(&m, &area) {
-            // The header may be torn: nothing more may be written through this handle.
-            m.broken = true;
-            return Err(e);
-        }
-        let ext_end = if header.backing_file_offset != 0 {
-            header.backing_file_offset as usize
-        } else {
-            area.len()
-        };
-        let written = Extensions::parse(&area[header.header_length as usize..ext_end])
-            .map_err(Error::from)?;
-        // The compression type is part of the geometry fixed at open: a handle whose images
-        // now name another one must not write compressed clusters; it takes no more writes.
-        if header.compression_type != self.geo.compression {
-            m.broken = true;
-        }
-        m.header = header;
-        *self.header_area.write().unwrap_or_else(|e| e.into_inner()) = HeaderArea {
-            extensions: written,
-            backing_name: name,
-        };
-        Ok(())
-    }
-
     /// Makes every zero cluster of the active image readable by a version 2 reader, as QEMU's
     /// `qcow2_expand_zero_clusters` does: without a backing file a zero cluster with no host
     /// cluster becomes unallocated (it reads as zeros either way); every other zero cluster

@@ -11,6 +11,8 @@ use super::{HeaderArea, Qcow2Image};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::extension::Extensions;
+use crate::format::features::IncompatibleFeatures;
+use crate::format::header::Header;
 use crate::format::header_area::{
     area_end, encode_header_area, normalized_for_rewrite, qemu_feature_table_for,
 };
@@ -64,34 +66,86 @@ impl Qcow2Image {
                 )));
             }
         }
+        self.rewrite_header_impl(|_, ext, link| {
+            ext.backing_format = format.map(<[u8]>::to_vec);
+            *link = name.map(<[u8]>::to_vec);
+            Ok(())
+        })
+    }
+
+    /// Rewrites cluster 0 with the header, extensions and backing file name `edit` makes of
+    /// the current ones (the header as QEMU rewrites it: a version 3 header at its current
+    /// length); the feature name table becomes QEMU's for the resulting version and cluster
+    /// size.
+    ///
+    /// Ordering: everything written before is flushed first; when the new header drops the
+    /// dirty bit, the refcounts a lazy-refcounts image kept in memory are written and flushed
+    /// before it (the dirty bit goes only once the counts on disk are right); then cluster 0
+    /// is replaced so that a crash or a torn write leaves the old area or the new one (see
+    /// [`switch_area`](Self::switch_area)).
+    pub(crate) fn rewrite_header(
+        &self,
+        edit: impl FnOnce(&mut Header, &mut Extensions, &mut Option<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
+        self.guard(self.rewrite_header_impl(edit))
+    }
+
+    fn rewrite_header_impl(
+        &self,
+        edit: impl FnOnce(&mut Header, &mut Extensions, &mut Option<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
         let _all = self.lock_everything()?;
-        self.flush_impl()?;
         let mut m = self.lock_meta();
-        let header = normalized_for_rewrite(&m.header);
-        let mut ext = self.area().extensions.clone();
-        ext.backing_format = format.map(<[u8]>::to_vec);
+        self.flush_locked(&mut m)?;
+        let mut header = normalized_for_rewrite(&m.header);
+        let (mut ext, mut name) = {
+            let area = self.area();
+            (area.extensions.clone(), area.backing_name.clone())
+        };
+        edit(&mut header, &mut ext, &mut name)?;
         let cs = self.geo.cluster_size;
         ext.feature_names = qemu_feature_table_for(header.version, cs);
-        let (header, area) = encode_header_area(&header, &ext, name, cs)
+        let (header, area) = encode_header_area(&header, &ext, name.as_deref(), cs)
             .ok_or_else(|| Error::InvalidArgument(HEADER_FULL.into()))?;
+        let cleans = m.header.incompatible.contains(IncompatibleFeatures::DIRTY)
+            && !header.incompatible.contains(IncompatibleFeatures::DIRTY);
+        if cleans {
+            let s = self.storage.as_ref();
+            let r = (|| {
+                m.refs()?.write_blocks(s)?;
+                s.flush().map_err(|e| Error::io("flushing refcounts", e))?;
+                if m.refs()?.write_table_entries(s)? {
+                    s.flush()
+                        .map_err(|e| Error::io("flushing refcount table", e))?;
+                }
+                Ok::<_, Error>(())
+            })();
+            if let Err(e) = r {
+                m.broken = true;
+                return Err(e);
+            }
+        }
         if let Err(e) = self.switch_area(&m, &area) {
             // The header may be torn: nothing more may be written through this handle.
             m.broken = true;
             return Err(e);
         }
-        // What was written, as the next open parses it.
-        let written_ext = Extensions::parse(
-            &area[header.header_length as usize..(if header.backing_file_offset != 0 {
-                header.backing_file_offset as usize
-            } else {
-                area.len()
-            })],
-        )
-        .map_err(Error::from)?;
+        let ext_end = if header.backing_file_offset != 0 {
+            header.backing_file_offset as usize
+        } else {
+            area.len()
+        };
+        let written = Extensions::parse(&area[header.header_length as usize..ext_end])
+            .map_err(Error::from)?;
+        // The compression type is part of the geometry fixed at open: a handle whose images
+        // now name another one must not write compressed clusters; it takes no more writes.
+        if header.compression_type != self.geo.compression {
+            m.broken = true;
+        }
         m.header = header;
         *self.header_area.write().unwrap_or_else(|e| e.into_inner()) = HeaderArea {
-            extensions: written_ext,
-            backing_name: name.map(<[u8]>::to_vec),
+            extensions: written,
+            backing_name: name,
         };
         Ok(())
     }

@@ -124,7 +124,7 @@ pub fn amend(
             "Cannot upgrade an image whose internal snapshots lack version 3 data",
         ));
     }
-    image.rewrite_header(|h, ext| {
+    image.rewrite_header(|h, ext, _| {
         if plan.upgrade {
             h.version = 3;
             h.header_length = V3_HEADER_LENGTH;
@@ -155,7 +155,7 @@ pub fn amend(
     }
     if plan.downgrade {
         image.expand_zero_clusters(&report)?;
-        image.rewrite_header(|h, _| {
+        image.rewrite_header(|h, _, _| {
             h.version = 2;
             h.header_length = V2_HEADER_LENGTH;
             h.extra_bytes.clear();
