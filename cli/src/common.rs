@@ -18,6 +18,12 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
             "qcow2: Image is corrupt; cannot be opened read/write".to_string()
         }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(m)) => m.clone(),
+        qcow2kit::Error::BackingLoop(path) => {
+            format!(
+                "Backing file '{}' creates an infinite loop.",
+                path.display()
+            )
+        }
         qcow2kit::Error::Backing(inner) => {
             format!("Could not open backing file: {}", open_error_text(inner))
         }

@@ -75,6 +75,9 @@ pub fn run(args: &[String]) -> u8 {
                     source.path.display()
                 ))
             }
+            Err(e @ qcow2kit::Error::BackingLoop(_)) => {
+                return fail(crate::common::open_error_text(&e))
+            }
             Err(e) => return fail(e),
         }
     } else {
