@@ -114,6 +114,9 @@ fn rebase_cmd(args: &[String]) -> Result<(), String> {
     }
     let image = open(path, format, &o)
         .map_err(|e| format!("Could not open '{file}': {}", open_error_text(&e)))?;
+    if p.has("c") && image.qcow2.is_none() {
+        return Err("Compression not supported for this file format".into());
+    }
     // The new backing link: none for `-b ""` (and for `-u` without `-b`).
     let name = backing.filter(|b| !b.is_empty());
     if let (Some(name), false) = (name, unsafe_mode) {
