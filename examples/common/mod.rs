@@ -98,7 +98,7 @@ pub(crate) fn make_guest_image(path: &Path) -> Res<Vec<u8>> {
     q.write_at(&tail, size - cs as u64)?;
     put(size as usize - cs, &tail);
     q.close()?;
-    drop((q, img.device));
+    drop((q, img.device, img.layers));
     // The cluster went in compressed (the engine writes data that does not compress as is).
     let report = check(&FileStorage::open(path, false)?)?;
     if !report.is_clean() || report.compressed_clusters != 1 {
