@@ -11,7 +11,9 @@ use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format};
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::probe_file;
-use qcow2kit::ops::info::{backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info};
+use qcow2kit::ops::info::{
+    backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info, SnapshotInfo,
+};
 use serde_json::Value;
 use std::path::Path;
 
@@ -334,13 +336,32 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
             out.push_str(&format!("backing file format: {f}\n"));
         }
     }
-    if !info.snapshots.is_empty() {
+    dump_snapshots(out, &info.snapshots, tz);
+    if let Some(q) = &info.qcow2 {
+        out.push_str("Format specific information:\n");
+        dump_value(out, 1, &qcow2_data(q));
+    }
+    out.push_str(&format!(
+        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} \
+         bytes)\n    disk size: {}\n",
+        info.file.filename,
+        size_to_str(info.file.length),
+        info.file.length,
+        info.file
+            .actual_size
+            .map_or("unavailable".to_string(), size_to_str)
+    ));
+}
+
+/// qemu-img's `dump_snapshots`: the snapshot table, nothing when there are no snapshots.
+pub fn dump_snapshots(out: &mut String, snaps: &[SnapshotInfo], tz: &crate::localtime::Zone) {
+    if !snaps.is_empty() {
         out.push_str("Snapshot list:\n");
         out.push_str(&format!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
             "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
         ));
-        for s in &info.snapshots {
+        for s in snaps {
             let date = tz.format(i64::from(s.date_sec));
             let ns = s.vm_clock_nsec;
             let secs = ns / 1_000_000_000;
@@ -363,20 +384,6 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
             ));
         }
     }
-    if let Some(q) = &info.qcow2 {
-        out.push_str("Format specific information:\n");
-        dump_value(out, 1, &qcow2_data(q));
-    }
-    out.push_str(&format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} \
-         bytes)\n    disk size: {}\n",
-        info.file.filename,
-        size_to_str(info.file.length),
-        info.file.length,
-        info.file
-            .actual_size
-            .map_or("unavailable".to_string(), size_to_str)
-    ));
 }
 
 /// QEMU's `dump_qobject`: dicts as `key: value` (dashes in keys become spaces), lists as

@@ -21,6 +21,7 @@ mod progress;
 mod qjson;
 mod rebase;
 mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,7 @@ Commands (qemu-img compatible):
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
+  snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
 
 qemu-io compatible:
   io [-f FMT] [-r] [-U] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         "resize" => resize::run(rest),
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
+        "snapshot" => snapshot::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

@@ -18,7 +18,8 @@
 //!    structure is written into clusters both states leave free, and flushed;
 //! 4. one 48-byte write inside the first sector (virtual size, active L1, refcount table,
 //!    snapshot count and table) switches from the old state to the new, and is flushed;
-//! 5. the clusters only the old state used are freed (a crash before leaks them) and punched.
+//! 5. the clusters only the old state used are freed (a crash before leaks them) and punched,
+//!    and the file loses its tail of free clusters.
 //!
 //! A crash or an I/O error at any point therefore leaves the old state or the new one, clean
 //! but for leaked clusters. The price is a walk of all metadata and a new refcount structure
@@ -454,7 +455,8 @@ impl Qcow2Image {
                 let _ = s.punch_hole(host, cs);
             }
         }
-        Ok(())
+        // The new structures may have left free clusters at the end of the file.
+        self.trim_free_tail(m)
     }
 
     /// `words` (one L2 table) with the COPIED flag of every allocated entry set exactly when
