@@ -372,7 +372,10 @@ pub fn dump_snapshots(out: &mut String, snaps: &[SnapshotInfo], tz: &crate::loca
                 secs % 60,
                 (ns / 1_000_000) % 1000
             );
-            let icount = s.icount.map(|i| (i as i64).to_string()).unwrap_or_default();
+            // QEMU prints "--" for a snapshot that records no instruction count.
+            let icount = s
+                .icount
+                .map_or_else(|| "--".to_string(), |i| (i as i64).to_string());
             out.push_str(&format!(
                 "{} {} {} {} {} {}\n",
                 pad(truncate(&s.id, 128), 7, true),

@@ -348,3 +348,42 @@ fn our_snapshots_listed_alike_by_both_tools() {
         "{text}"
     );
 }
+
+/// A snapshot that records no instruction count (icount -1, as `savevm` leaves it) shows
+/// `--` in the table.
+#[test]
+fn unrecorded_icount_listed_as_qemu_img_does() {
+    let p = Pair::new();
+    build(&p, "cluster_size=65536");
+    let out = exec(
+        Path::new("qemu-img"),
+        &["snapshot", "-c", "vm", "a.qcow2"],
+        &p.q,
+    );
+    assert!(out.status.success());
+    let path = p.q.join("a.qcow2");
+    let mut bytes = fs::read(&path).expect("read image");
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&bytes[64..72]);
+    // The third field of the extra data (after vm_state_size_large and disk_size).
+    let icount = u64::from_be_bytes(off) as usize + 40 + 16;
+    bytes[icount..icount + 8].fill(0xff);
+    fs::write(&path, &bytes).expect("write image");
+    fs::copy(&path, p.k.join("a.qcow2")).expect("copy");
+    let r = p.same(&["-l", "a.qcow2"], false);
+    assert!(r.stdout.trim_end().ends_with("--"), "{}", r.stdout);
+}
+
+/// With 1-bit refcounts no cluster can be shared: qemu-img's error, and (unlike qemu-img,
+/// which leaks a cluster) a clean image.
+#[test]
+fn refcount_overflow_refused_like_qemu_img() {
+    let p = Pair::new();
+    build(&p, "cluster_size=65536,refcount_bits=1");
+    let r = p.same(&["-c", "foo", "a.qcow2"], false);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.ends_with("Invalid argument\n"), "{}", r.stderr);
+    let out = exec(Path::new("qemu-img"), &["check", "a.qcow2"], &p.k);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(p.same(&["-l", "a.qcow2"], false).stdout, "");
+}

@@ -39,7 +39,7 @@ use crate::format::bytes::{put_u32, put_u64};
 use crate::format::entry::{classify, ClusterKind, COPIED, OFFSET_MASK};
 use crate::format::header::check_table;
 use crate::format::snapshot::{encode_table, Snapshot};
-use crate::format::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::{refcount, MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::io::StorageExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -49,6 +49,8 @@ const MAX_SNAPSHOT_STRING: usize = u16::MAX as usize;
 
 /// `EFBIG`, QEMU's answer to too many snapshots or too large a table.
 const EFBIG: i32 = 27;
+/// `EINVAL`, QEMU's answer to a refcount that would overflow its width.
+const EINVAL: i32 = 22;
 /// `ENOTSUP`, QEMU's answer to snapshots of an image with an external data file.
 const ENOTSUP: i32 = 95;
 
@@ -420,6 +422,10 @@ impl Qcow2Image {
                 counts.set(cl, 1);
                 reserved.push(cl << cb);
             }
+        }
+        let max = refcount::max_value(header.refcount_order);
+        if counts.0.iter().any(|&n| n > max) {
+            return Err(errno("refcount overflow", EINVAL));
         }
         s.flush().map_err(io_err("flushing the new tables"))?;
         let mut nb = counts.0.len() as u64;
