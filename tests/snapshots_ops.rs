@@ -71,7 +71,7 @@ fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
 }
 
 /// A few writes, zeroings and discards through qemu-io (tag `tag`), applied to `model` too.
-fn qemu_scribble(path: &Path, tag: u8, model: &mut Vec<u8>) {
+fn qemu_scribble(path: &Path, tag: u8, model: &mut [u8]) {
     let mut cmds = Vec::new();
     for i in 0..6u64 {
         let off = (i * 613 * 1024 + u64::from(tag) * 4096) % (SIZE - 200 * 1024);
@@ -97,7 +97,7 @@ fn qemu_scribble(path: &Path, tag: u8, model: &mut Vec<u8>) {
 }
 
 /// The same kind of changes through the library (tag `tag`).
-fn our_scribble(img: &Qcow2Image, tag: u8, model: &mut Vec<u8>) {
+fn our_scribble(img: &Qcow2Image, tag: u8, model: &mut [u8]) {
     for i in 0..6u64 {
         let off = (i * 701 * 1024 + u64::from(tag) * 8192 + 512) % (SIZE - 200 * 1024);
         let len = 5 * 1024 + i * 29 * 1024;
