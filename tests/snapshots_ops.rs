@@ -602,3 +602,41 @@ fn random_streams_against_a_model() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A snapshot whose L1 table names an L2 table past the end of the file cannot be applied:
+/// an error, never a panic, and the header still names the old state.
+#[test]
+fn hostile_snapshot_table_refused() {
+    let dir = scratch();
+    let path = dir.path().join("img.qcow2");
+    create(&path, "cluster_size=4096");
+    let mut model = vec![0u8; SIZE as usize];
+    qemu_scribble(&path, 1, &mut model);
+    run(QEMU_IMG, &["snapshot", "-c", "bad", p(&path)]);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let be = |b: &[u8], at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        u64::from_be_bytes(w)
+    };
+    let table = be(&bytes, 64) as usize;
+    let l1 = be(&bytes, table) as usize;
+    bytes[l1..l1 + 8].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    let header = bytes[..72].to_vec();
+    {
+        let o = open_rw(&path);
+        let img = qcow2(&o);
+        let e = img
+            .apply_snapshot(&SnapshotRef::Name("bad".into()))
+            .expect_err("an L2 table past the end of the file");
+        assert!(e.to_string().contains("past the end"), "{e}");
+        assert!(
+            read_all(o.device.as_ref()) == model,
+            "reads after the failure"
+        );
+    }
+    let after = std::fs::read(&path).expect("read");
+    assert!(after[..72] == header[..], "the header changed");
+    assert!(qemu_read(&path, None) == model);
+}

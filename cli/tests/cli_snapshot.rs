@@ -387,3 +387,41 @@ fn refcount_overflow_refused_like_qemu_img() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(p.same(&["-l", "a.qcow2"], false).stdout, "");
 }
+
+/// Appends a snapshot table of `count` entries (ids `1..=count`, no L1 table) to the image at
+/// `path` and points the header at it.
+fn add_table(path: &Path, count: u32) {
+    let mut bytes = fs::read(path).expect("read image");
+    let at = bytes.len().next_multiple_of(65536);
+    bytes.resize(at, 0);
+    for i in 1..=count {
+        let id = i.to_string();
+        let start = bytes.len();
+        let mut e = vec![0u8; 40 + 24];
+        e[12..14].copy_from_slice(&(id.len() as u16).to_be_bytes());
+        e[36..40].copy_from_slice(&24u32.to_be_bytes());
+        e[40 + 8..40 + 16].copy_from_slice(&(4u64 << 20).to_be_bytes());
+        bytes.extend_from_slice(&e);
+        bytes.extend_from_slice(id.as_bytes());
+        let end = (bytes.len() - start).next_multiple_of(8) + start;
+        bytes.resize(end, 0);
+    }
+    bytes[60..64].copy_from_slice(&count.to_be_bytes());
+    bytes[64..72].copy_from_slice(&(at as u64).to_be_bytes());
+    fs::write(path, &bytes).expect("write image");
+}
+
+/// 65 536 snapshots is QEMU's limit: one more is refused with qemu-img's error, and the image
+/// is left as it was.
+#[test]
+fn snapshot_count_limit_like_qemu_img() {
+    let p = Pair::new();
+    build(&p, "cluster_size=65536");
+    add_table(&p.q.join("a.qcow2"), 65536);
+    fs::copy(p.q.join("a.qcow2"), p.k.join("a.qcow2")).expect("copy");
+    let before = fs::read(p.k.join("a.qcow2")).expect("read");
+    let r = p.same(&["-c", "one-too-many", "a.qcow2"], false);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.ends_with("File too large\n"), "{}", r.stderr);
+    assert!(fs::read(p.k.join("a.qcow2")).expect("read") == before);
+}

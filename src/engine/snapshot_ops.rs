@@ -450,7 +450,9 @@ impl Qcow2Image {
 
         self.reload(m, header, &t, table.len() as u64)?;
 
-        // Free what only the old state used.
+        // Free what only the old state used. Counted first, so that a read whose data I/O
+        // overlaps the frees and punches reads again (see `read_at`).
+        self.frees_applied.fetch_add(1, Ordering::SeqCst);
         for &host in &reserved {
             m.refs()?.add(s, host, -1)?;
         }
