@@ -63,5 +63,5 @@ pub mod ops;
 
 pub use chain::{open, BackingPolicy, ImageFormat, Locking, OpenOptions, Opened};
 pub use device::{BlockDevice, Extent, ExtentKind, RawImage};
-pub use engine::{Qcow2Image, Qcow2Options, SnapshotRef};
+pub use engine::{NewSnapshot, Qcow2Image, Qcow2Options, SnapshotRef};
 pub use error::{Corruption, Error, Result};

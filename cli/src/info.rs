@@ -11,7 +11,9 @@ use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format};
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::probe_file;
-use qcow2kit::ops::info::{backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info};
+use qcow2kit::ops::info::{
+    backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info, SnapshotInfo,
+};
 use serde_json::Value;
 use std::path::Path;
 
@@ -337,35 +339,7 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
             out.push_str(&format!("backing file format: {f}\n"));
         }
     }
-    if !info.snapshots.is_empty() {
-        out.push_str("Snapshot list:\n");
-        out.push_str(&format!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        ));
-        for s in &info.snapshots {
-            let date = tz.format(i64::from(s.date_sec));
-            let ns = s.vm_clock_nsec;
-            let secs = ns / 1_000_000_000;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                (secs / 60) % 60,
-                secs % 60,
-                (ns / 1_000_000) % 1000
-            );
-            let icount = s.icount.map(|i| (i as i64).to_string()).unwrap_or_default();
-            out.push_str(&format!(
-                "{} {} {} {} {} {}\n",
-                pad(truncate(&s.id, 128), 7, true),
-                pad(truncate(&s.name, 256), 16, true),
-                pad(&size_to_str(s.vm_state_size), 8, false),
-                pad(&date, 19, false),
-                pad(&clock, 15, false),
-                pad(&icount, 10, false)
-            ));
-        }
-    }
+    dump_snapshots(out, &info.snapshots, tz);
     if let Some(q) = &info.qcow2 {
         out.push_str("Format specific information:\n");
         dump_value(out, 1, &qcow2_data(q));
@@ -380,6 +354,42 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
             .actual_size
             .map_or("unavailable".to_string(), size_to_str)
     ));
+}
+
+/// qemu-img's `dump_snapshots`: the snapshot table, nothing when there are no snapshots.
+pub fn dump_snapshots(out: &mut String, snaps: &[SnapshotInfo], tz: &crate::localtime::Zone) {
+    if !snaps.is_empty() {
+        out.push_str("Snapshot list:\n");
+        out.push_str(&format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        ));
+        for s in snaps {
+            let date = tz.format(i64::from(s.date_sec));
+            let ns = s.vm_clock_nsec;
+            let secs = ns / 1_000_000_000;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                (secs / 60) % 60,
+                secs % 60,
+                (ns / 1_000_000) % 1000
+            );
+            // QEMU prints "--" for a snapshot that records no instruction count.
+            let icount = s
+                .icount
+                .map_or_else(|| "--".to_string(), |i| (i as i64).to_string());
+            out.push_str(&format!(
+                "{} {} {} {} {} {}\n",
+                pad(truncate(&s.id, 128), 7, true),
+                pad(truncate(&s.name, 256), 16, true),
+                pad(&size_to_str(s.vm_state_size), 8, false),
+                pad(&date, 19, false),
+                pad(&clock, 15, false),
+                pad(&icount, 10, false)
+            ));
+        }
+    }
 }
 
 /// QEMU's `dump_qobject`: dicts as `key: value` (dashes in keys become spaces), lists as

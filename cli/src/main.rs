@@ -22,6 +22,7 @@ mod progress;
 mod qjson;
 mod rebase;
 mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,7 @@ Commands (qemu-img compatible):
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
+  snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
 
 qemu-io compatible:
   io [-f FMT] [-r] [-U] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
         "amend" => amend::run(rest),
+        "snapshot" => snapshot::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

@@ -26,6 +26,7 @@ pub(crate) mod rebuild;
 mod refcount;
 mod resize;
 mod shared;
+mod snapshot_ops;
 pub(crate) mod snapshot_table;
 mod write;
 mod write_checks;
@@ -33,6 +34,7 @@ mod write_checks;
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
 pub use header_update::HEADER_FULL;
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
+pub use snapshot_ops::NewSnapshot;
 
 use crate::codec::decompress_cluster;
 use crate::device::{check_range, BlockDevice, Extent, ExtentKind};
@@ -111,7 +113,8 @@ pub struct Qcow2Image {
     data_storage: Option<Arc<dyn Storage>>,
     /// The parts of cluster 0 a rebase rewrites while the image is open.
     header_area: std::sync::RwLock<HeaderArea>,
-    snapshots: Vec<Snapshot>,
+    /// Internal snapshots as on disk (replaced whole by snapshot operations).
+    snapshots: std::sync::RwLock<Vec<Snapshot>>,
     bitmaps: Vec<BitmapEntry>,
     backing: Option<Arc<dyn BlockDevice>>,
     geo: Geometry,
@@ -130,7 +133,8 @@ pub struct Qcow2Image {
     /// Guest byte ranges (cluster-aligned) that a write, zeroing or discard is working on.
     inflight: Mutex<Vec<(u64, u64)>>,
     inflight_done: Condvar,
-    snapshot_view: Option<usize>,
+    /// The snapshot a read-only view shows.
+    view: Option<Snapshot>,
     /// Where corruption events go.
     reporter: Option<CorruptionReporter>,
     /// A corruption event has been reported (later ones are suppressed, see [`corrupt`]).
@@ -191,9 +195,14 @@ impl Qcow2Image {
         self.geo.data_file
     }
 
-    /// Internal snapshots.
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// Internal snapshots, as on disk now.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        // Writers replace the whole list in one assignment: a poisoned lock still holds a
+        // consistent one.
+        self.snapshots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Persistent bitmaps listed in the bitmap directory.
@@ -203,7 +212,7 @@ impl Qcow2Image {
 
     /// The snapshot being viewed, if the image was opened on one.
     pub fn snapshot_view(&self) -> Option<&Snapshot> {
-        self.snapshot_view.map(|i| &self.snapshots[i])
+        self.view.as_ref()
     }
 
     /// Cluster size in bytes.

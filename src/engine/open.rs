@@ -68,7 +68,7 @@ impl SnapshotRef {
         }
     }
 
-    fn find(&self, snaps: &[Snapshot]) -> Option<usize> {
+    pub(crate) fn find(&self, snaps: &[Snapshot]) -> Option<usize> {
         match self {
             SnapshotRef::Id(i) => snaps.iter().position(|s| &s.id == i),
             SnapshotRef::Name(n) => snaps.iter().position(|s| &s.name == n),
@@ -79,7 +79,7 @@ impl SnapshotRef {
         }
     }
 
-    fn text(&self) -> &str {
+    pub(crate) fn text(&self) -> &str {
         match self {
             SnapshotRef::Id(s) | SnapshotRef::Name(s) | SnapshotRef::IdOrName(s) => s,
         }
@@ -120,7 +120,11 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(what, e)
 }
 
-fn read_table_words(storage: &dyn Storage, offset: u64, entries: usize) -> Result<Box<[u64]>> {
+pub(crate) fn read_table_words(
+    storage: &dyn Storage,
+    offset: u64,
+    entries: usize,
+) -> Result<Box<[u64]>> {
     let bytes = storage
         .read_vec(offset, entries * 8)
         .map_err(io_err("reading L1 table"))?;
@@ -333,7 +337,8 @@ impl Qcow2Image {
                 extensions,
                 backing_name,
             }),
-            snapshots,
+            view: view.map(|i| snapshots[i].clone()),
+            snapshots: std::sync::RwLock::new(snapshots),
             bitmaps,
             backing: None,
             geo,
@@ -346,7 +351,6 @@ impl Qcow2Image {
             writable: opts.writable,
             inflight: Mutex::new(Vec::new()),
             inflight_done: Condvar::new(),
-            snapshot_view: view,
             reporter: opts.on_corruption.clone(),
             corruption_signaled: Default::default(),
         })
@@ -354,14 +358,14 @@ impl Qcow2Image {
 }
 
 /// The tables of an image that the metadata map records, as found at open.
-struct Tables<'a> {
-    l1: &'a [u64],
-    snapshots: &'a [Snapshot],
+pub(crate) struct Tables<'a> {
+    pub(crate) l1: &'a [u64],
+    pub(crate) snapshots: &'a [Snapshot],
     /// Snapshot table offset and bytes.
-    snapshot_table: (u64, u64),
-    bitmaps: &'a [BitmapEntry],
+    pub(crate) snapshot_table: (u64, u64),
+    pub(crate) bitmaps: &'a [BitmapEntry],
     /// Bitmap directory offset and bytes, when bitmaps are in use.
-    bitmap_directory: Option<(u64, u64)>,
+    pub(crate) bitmap_directory: Option<(u64, u64)>,
 }
 
 /// Records in `map` (which holds the refcount structures and the active L1 table already) the
@@ -370,7 +374,7 @@ struct Tables<'a> {
 ///
 /// Snapshot L1 tables are read as the union of their byte ranges, each byte once, so that many
 /// snapshots sharing (or overlapping) tables cost what their distinct tables cost.
-fn fill_metadata_map(
+pub(crate) fn fill_metadata_map(
     map: &mut MetadataMap,
     storage: &dyn Storage,
     t: &Tables<'_>,

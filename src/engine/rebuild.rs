@@ -21,9 +21,11 @@ use crate::format::snapshot::Snapshot;
 use crate::format::{be_u64, extension::Extensions, refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::io::{Storage, StorageExt};
 
-struct Counter<'a> {
+/// References counted per host cluster, from the metadata walked so far.
+pub(crate) struct Counter<'a> {
     storage: &'a dyn Storage,
-    counts: Vec<u64>,
+    /// The count of every host cluster of the file.
+    pub(crate) counts: Vec<u64>,
     cb: u32,
     /// Bytes of metadata still allowed to be read (bounds the work on hostile images).
     budget: u64,
@@ -39,8 +41,20 @@ fn past_eof(what: &'static str, offset: u64, size: u64) -> Error {
     .into()
 }
 
-impl Counter<'_> {
-    fn inc(&mut self, what: &'static str, offset: u64, size: u64) -> Result<()> {
+impl<'a> Counter<'a> {
+    /// A counter over the first `clusters` clusters of `storage` (clusters of `1 << cb` bytes),
+    /// allowed to read metadata in proportion to the file's length.
+    pub(crate) fn new(storage: &'a dyn Storage, cb: u32, clusters: u64, file_len: u64) -> Self {
+        Counter {
+            storage,
+            counts: vec![0; clusters as usize],
+            cb,
+            budget: file_len.saturating_mul(4).saturating_add(256 << 20),
+        }
+    }
+
+    /// Counts one reference to every cluster `offset..offset + size` touches.
+    pub(crate) fn inc(&mut self, what: &'static str, offset: u64, size: u64) -> Result<()> {
         if size == 0 {
             return Ok(());
         }
@@ -74,17 +88,22 @@ impl Counter<'_> {
     }
 
     /// Counts an L1 table and everything it reaches.
-    fn l1(&mut self, h: &Header, offset: u64, entries: u32) -> Result<()> {
+    pub(crate) fn l1(&mut self, h: &Header, offset: u64, entries: u32) -> Result<()> {
         if entries == 0 {
             return Ok(());
         }
-        let cs = h.cluster_size();
         self.inc("L1 table", offset, u64::from(entries) * 8)?;
         let l1 = self.read_words(offset, u64::from(entries))?;
+        self.l1_entries(h, &l1)
+    }
+
+    /// Counts what the L1 entries `l1` reach (not the L1 table itself).
+    pub(crate) fn l1_entries(&mut self, h: &Header, l1: &[u64]) -> Result<()> {
+        let cs = h.cluster_size();
         let words = (cs / 8) as usize;
         let extended = h.has_extended_l2();
         let step = if extended { 2 } else { 1 };
-        for e in l1 {
+        for &e in l1 {
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
@@ -107,6 +126,34 @@ impl Counter<'_> {
         }
         Ok(())
     }
+
+    /// Counts the bitmap directory, the bitmap tables and the bitmap data, when the image's
+    /// bitmaps are in use.
+    pub(crate) fn bitmaps(
+        &mut self,
+        h: &Header,
+        extensions: &Extensions,
+        bitmaps: &[BitmapEntry],
+    ) -> Result<()> {
+        let Some(b) = extensions.bitmaps else {
+            return Ok(());
+        };
+        if !h.autoclear.contains(AutoclearFeatures::BITMAPS) {
+            return Ok(());
+        }
+        self.inc("bitmap directory", b.directory_offset, b.directory_size)?;
+        for bm in bitmaps {
+            let entries = u64::from(bm.table_size);
+            self.inc("bitmap table", bm.table_offset, entries * 8)?;
+            for e in self.read_words(bm.table_offset, entries)? {
+                let off = e & OFFSET_MASK;
+                if off != 0 {
+                    self.inc("bitmap data", off, h.cluster_size())?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Recomputes every refcount of a dirty image, writes them, and clears the dirty bit. Returns
@@ -124,12 +171,7 @@ pub(crate) fn rebuild_refcounts(
         .len()
         .map_err(|e| Error::io("reading image size", e))?;
     let n = file_len.div_ceil(cs);
-    let mut c = Counter {
-        storage,
-        counts: vec![0; n as usize],
-        cb,
-        budget: file_len.saturating_mul(4).saturating_add(256 << 20),
-    };
+    let mut c = Counter::new(storage, cb, n, file_len);
     c.inc("header", 0, cs)?;
     c.l1(header, header.l1_table_offset, header.l1_size)?;
     if header.nb_snapshots > 0 {
@@ -151,24 +193,7 @@ pub(crate) fn rebuild_refcounts(
             c.inc("refcount block", b, cs)?;
         }
     }
-    if let Some(b) = extensions.bitmaps {
-        if header.autoclear.contains(AutoclearFeatures::BITMAPS) {
-            c.inc("bitmap directory", b.directory_offset, b.directory_size)?;
-            for bm in bitmaps {
-                c.inc(
-                    "bitmap table",
-                    bm.table_offset,
-                    u64::from(bm.table_size) * 8,
-                )?;
-                for e in c.read_words(bm.table_offset, u64::from(bm.table_size))? {
-                    let off = e & OFFSET_MASK;
-                    if off != 0 {
-                        c.inc("bitmap data", off, cs)?;
-                    }
-                }
-            }
-        }
-    }
+    c.bitmaps(header, extensions, bitmaps)?;
 
     let mut refs = Refcounts::load(storage, header)?;
     let (table_len, block_bits) = refs.shape();
@@ -254,6 +279,27 @@ pub(crate) fn write_refcount_structure(
     counts: &mut dyn RefcountArray,
     nb_clusters: &mut u64,
 ) -> Result<NewRefcountTable> {
+    let t = place_refcount_structure(storage, cluster_bits, refcount_order, counts, nb_clusters)?;
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&t.offset.to_be_bytes());
+    hdr[8..].copy_from_slice(&t.clusters.to_be_bytes());
+    storage
+        .write_at(&hdr, 48)
+        .and_then(|()| storage.flush())
+        .map_err(|e| Error::io("switching the header to the rebuilt refcount table", e))?;
+    Ok(t)
+}
+
+/// [`write_refcount_structure`] without the header switch: the new structure is written and
+/// flushed, and nothing names it yet (the caller switches the header, possibly together with
+/// other fields of the first sector).
+pub(crate) fn place_refcount_structure(
+    storage: &dyn Storage,
+    cluster_bits: u32,
+    refcount_order: u32,
+    counts: &mut dyn RefcountArray,
+    nb_clusters: &mut u64,
+) -> Result<NewRefcountTable> {
     let mut w = StructureWriter {
         storage,
         cb: cluster_bits,
@@ -296,15 +342,8 @@ pub(crate) fn write_refcount_structure(
     storage
         .flush()
         .map_err(io("flushing the rebuilt refcount structure"))?;
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&offset.to_be_bytes());
     let clusters = u32::try_from(clusters)
         .map_err(|_| Error::Unsupported("rebuilt refcount table too large".into()))?;
-    hdr[8..].copy_from_slice(&clusters.to_be_bytes());
-    storage
-        .write_at(&hdr, 48)
-        .and_then(|()| storage.flush())
-        .map_err(io("switching the header to the rebuilt refcount table"))?;
     Ok(NewRefcountTable { offset, clusters })
 }
 

@@ -88,6 +88,20 @@ pub struct SnapshotInfo {
     pub icount: Option<u64>,
 }
 
+impl From<&crate::format::snapshot::Snapshot> for SnapshotInfo {
+    fn from(s: &crate::format::snapshot::Snapshot) -> Self {
+        SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_nsec: s.vm_clock_nsec,
+            icount: s.icount.filter(|&i| i != u64::MAX),
+        }
+    }
+}
+
 /// qcow2-specific facts (qemu-img's `format-specific` data).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qcow2Info {
@@ -210,19 +224,7 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
         .as_ref()
         .and_then(|_| img.backing_format())
         .map(lossy);
-    let snapshots = img
-        .snapshots()
-        .iter()
-        .map(|s| SnapshotInfo {
-            id: s.id.clone(),
-            name: s.name.clone(),
-            vm_state_size: s.vm_state_size,
-            date_sec: s.date_sec,
-            date_nsec: s.date_nsec,
-            vm_clock_nsec: s.vm_clock_nsec,
-            icount: s.icount.filter(|&i| i != u64::MAX),
-        })
-        .collect();
+    let snapshots = img.snapshots().iter().map(SnapshotInfo::from).collect();
     let v3 = h.version >= 3;
     let has_data_file = h
         .incompatible
