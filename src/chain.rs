@@ -241,6 +241,32 @@ pub struct Layer {
 }
 
 impl Opened {
+    /// Closes the image: every layer opened for writing is flushed and closed (qcow2 images
+    /// through [`Qcow2Image::close`], which also writes lazy refcounts back), the first error
+    /// is returned, and the handles are dropped. The files' locks are released once no clone
+    /// of the devices remains. Dropping an `Opened` closes it too, but without reporting errors.
+    pub fn close(self) -> Result<()> {
+        let mut first = None;
+        for layer in self.layers.iter().filter(|l| l.writable) {
+            let r = match &layer.qcow2 {
+                Some(q) => q.close(),
+                None => layer.device.flush(),
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        if self.layers.is_empty() {
+            if let Some(q) = &self.qcow2 {
+                if let Err(e) = q.close() {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        drop(self);
+        first.map_or(Ok(()), Err)
+    }
+
     /// The depth in [`Opened::layers`] of the file at `path` (compared by device and inode, so
     /// any name of it matches), or `None` when it is not in the chain.
     pub fn depth_of(&self, path: &Path) -> Result<Option<usize>> {

@@ -87,6 +87,26 @@ fn the_same_image_opened_writable_twice_in_one_process_is_refused() {
 }
 
 #[test]
+fn close_flushes_and_releases_every_layer() {
+    let (_t, d) = images();
+    let top = d.join("top.qcow2");
+    let base = d.join("base.qcow2");
+    let first = open(&top, true, Locking::Qemu).expect("writer");
+    let device = first.device.clone();
+    device.write_at(&[9u8; 512], 4096).expect("write");
+    drop(device);
+    // The chain's layers hold the images too: the close reports and releases them all.
+    first.close().expect("close");
+    let again = open(&top, true, Locking::Qemu).expect("the top is free again");
+    let mut b = [0u8; 512];
+    again.device.read_at(&mut b, 4096).expect("read");
+    assert_eq!(b, [9u8; 512]);
+    again.close().expect("close");
+    // The backing file was read-locked by the chain; nothing holds it any more.
+    open(&base, true, Locking::Qemu).expect("the base is free too");
+}
+
+#[test]
 fn readers_share_and_exclude_writers() {
     let (_t, d) = images();
     let top = d.join("top.qcow2");

@@ -98,12 +98,9 @@ fn commit_cmd(args: &[String]) -> Result<(), String> {
     }
     lock().end();
     result.map_err(|e| format!("Error while committing image: {}", open_error_text(&e)))?;
-    for layer in &image.layers {
-        if let (Some(q), true) = (&layer.qcow2, layer.writable) {
-            q.close()
-                .map_err(|e| format!("Could not close '{}': {e}", layer.path.display()))?;
-        }
-    }
+    image
+        .close()
+        .map_err(|e| format!("Could not close '{file}': {e}"))?;
     if !quiet {
         outln!("Image committed.");
     }

@@ -72,7 +72,10 @@ pub(crate) fn make_guest_image(path: &Path) -> Res<Vec<u8>> {
         ..OpenOptions::default()
     };
     let img = open(path, ImageFormat::Qcow2, &writable)?;
-    let q = img.qcow2.ok_or("a qcow2 image opened as something else")?;
+    let q = img
+        .qcow2
+        .clone()
+        .ok_or("a qcow2 image opened as something else")?;
     let cs = q.cluster_size() as usize;
     let mut model = vec![0u8; size as usize];
     let mut put = |offset: usize, data: &[u8]| {
@@ -97,8 +100,8 @@ pub(crate) fn make_guest_image(path: &Path) -> Res<Vec<u8>> {
     let tail = noise(3, cs);
     q.write_at(&tail, size - cs as u64)?;
     put(size as usize - cs, &tail);
-    q.close()?;
-    drop((q, img.device, img.layers));
+    drop(q);
+    img.close()?;
     // The cluster went in compressed (the engine writes data that does not compress as is).
     let report = check(&FileStorage::open(path, false)?)?;
     if !report.is_clean() || report.compressed_clusters != 1 {
