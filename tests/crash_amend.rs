@@ -41,6 +41,9 @@ enum Op {
     DowngradeBacked,
     LazyOn,
     LazyOffDirty,
+    /// Refcount width 16 → 1 (the image has no shared cluster) and 16 → 64.
+    Narrower,
+    Wider,
 }
 
 impl Op {
@@ -51,6 +54,8 @@ impl Op {
             Op::Downgrade | Op::DowngradeBacked => o.compat = Some(Compat::V2),
             Op::LazyOn => o.lazy_refcounts = Some(true),
             Op::LazyOffDirty => o.lazy_refcounts = Some(false),
+            Op::Narrower => o.refcount_bits = Some(1),
+            Op::Wider => o.refcount_bits = Some(64),
         }
         o
     }
@@ -124,6 +129,8 @@ impl Op {
             Op::LazyOffDirty => {
                 h.version == 3 && (lazy || !h.incompatible.contains(IncompatibleFeatures::DIRTY))
             }
+            Op::Narrower => h.refcount_order == 4 || h.refcount_order == 0,
+            Op::Wider => h.refcount_order == 4 || h.refcount_order == 6,
         }
     }
 }
@@ -325,6 +332,14 @@ fn lazy_on_survives_crashes() {
 #[test]
 fn lazy_off_on_a_dirty_image_survives_crashes() {
     crash_all_points(Op::LazyOffDirty, 14);
+}
+
+#[test]
+fn refcount_width_changes_survive_crashes_and_failures() {
+    for (op, seed) in [(Op::Narrower, 41), (Op::Wider, 42)] {
+        crash_all_points(op, seed);
+        fail_all_points(op, seed);
+    }
 }
 
 #[test]

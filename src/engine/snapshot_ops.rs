@@ -122,6 +122,8 @@ struct Target {
     /// The new active L1 table's entries (L2 table offsets; the COPIED flags are recomputed).
     l1: Vec<u64>,
     snapshots: Vec<Snapshot>,
+    /// A new refcount order (amend's `refcount_bits`), or `None` to keep the current one.
+    refcount_order: Option<u32>,
 }
 
 /// Refcounts of the new state, indexed by cluster.
@@ -184,6 +186,55 @@ impl Qcow2Image {
         Ok(out)
     }
 
+    /// Changes the refcount width to `bits` (a power of two, 1..=64; version 3 images), as
+    /// `qemu-img amend -o refcount_bits=N` does: a new refcount structure of the new width is
+    /// written and switched to with the rest of the image's metadata in one header write, and
+    /// the old one freed. A narrower width that cannot hold a cluster's count is refused with
+    /// QEMU's message, before anything is written.
+    pub fn change_refcount_width(&self, bits: u64) -> Result<()> {
+        self.guard(self.snapshot_op(|img, m| img.plan_refcount_width(m, bits)))
+    }
+
+    fn plan_refcount_width(&self, m: &mut Meta, bits: u64) -> Result<(Target, ())> {
+        if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+            return Err(Error::InvalidArgument(
+                "Refcount width must be a power of two and may not exceed 64 bits".into(),
+            ));
+        }
+        if m.header.version < 3 && bits != 16 {
+            return Err(Error::InvalidArgument(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above"
+                    .into(),
+            ));
+        }
+        let order = bits.trailing_zeros();
+        if order < m.header.refcount_order {
+            let max = refcount::max_value(order);
+            let s = self.storage.as_ref();
+            let clusters = s
+                .len()
+                .map_err(io_err("sizing the image"))?
+                .div_ceil(self.geo.cluster_size);
+            for cl in 0..clusters {
+                let n = m.refs()?.get(s, cl)?;
+                if n > max {
+                    return Err(Error::InvalidArgument(format!(
+                        "Cannot decrease refcount entry width to {bits} bits: Cluster at offset \
+                         {:#x} has a refcount of {n}",
+                        cl << self.geo.cluster_bits
+                    )));
+                }
+            }
+        }
+        let target = Target {
+            size: self.size(),
+            l1: m.l1.to_vec(),
+            snapshots: self.snapshots(),
+            refcount_order: Some(order),
+        };
+        Ok((target, ()))
+    }
+
     fn plan_create(&self, m: &mut Meta, new: &NewSnapshot) -> Result<(Target, Snapshot)> {
         let mut snaps = self.snapshots();
         if snaps.len() >= MAX_SNAPSHOTS as usize {
@@ -220,6 +271,7 @@ impl Qcow2Image {
             size: self.size(),
             l1: m.l1.to_vec(),
             snapshots: snaps,
+            refcount_order: None,
         };
         Ok((target, snap))
     }
@@ -268,6 +320,7 @@ impl Qcow2Image {
                 size,
                 l1,
                 snapshots: snaps,
+                refcount_order: None,
             },
             (),
         ))
@@ -283,6 +336,7 @@ impl Qcow2Image {
             size: self.size(),
             l1: m.l1.to_vec(),
             snapshots: snaps,
+            refcount_order: None,
         };
         Ok((target, gone))
     }
@@ -348,6 +402,9 @@ impl Qcow2Image {
         header.l1_size = t.l1.len() as u32;
         header.nb_snapshots = t.snapshots.len() as u32;
         header.snapshots_offset = table_at;
+        if let Some(order) = t.refcount_order {
+            header.refcount_order = order;
+        }
         let mut c = Counter::new(s, cb, file_len.div_ceil(cs) + 2, file_len);
         c.inc("header", 0, cs)?;
         c.l1(&header, l1_at, header.l1_size)?;
@@ -433,10 +490,15 @@ impl Qcow2Image {
         header.refcount_table_offset = rt.offset;
         header.refcount_table_clusters = rt.clusters;
 
-        // The switch: one write inside the first sector.
+        // The switch: one write inside the first sector (up to the refcount order of a
+        // version 3 header when it changes).
+        let span = if t.refcount_order.is_some() { 76 } else { 48 };
         let mut first = s
-            .read_vec(24, 48)
+            .read_vec(24, span)
             .map_err(io_err("reading the image header"))?;
+        if span == 76 {
+            put_u32(&mut first, 72, header.refcount_order);
+        }
         put_u64(&mut first, 0, header.size);
         put_u32(&mut first, 12, header.l1_size);
         put_u64(&mut first, 16, header.l1_table_offset);

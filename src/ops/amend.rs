@@ -150,6 +150,9 @@ pub fn amend(
     if plan.upgrade {
         report(2, 2);
     }
+    if let Some(bits) = plan.refcount_bits {
+        image.change_refcount_width(bits)?;
+    }
     if let Some(size) = opts.size.filter(|&s| s != 0) {
         image.resize(size, true)?;
     }
@@ -173,6 +176,8 @@ pub fn amend(
 /// What an amend will do, every refusal decided.
 struct Plan {
     upgrade: bool,
+    /// A new refcount width.
+    refcount_bits: Option<u64>,
     downgrade: bool,
     /// A change of the lazy refcounts bit.
     lazy: Option<bool>,
@@ -211,9 +216,11 @@ impl Plan {
                      above (use compat=1.1 or greater)",
                 ));
             }
-            return Err(unsupported(
-                "changing the refcount width is not supported by qcow2kit yet",
-            ));
+            if image.has_data_file() {
+                return Err(unsupported(
+                    "changing the refcount width of an image with an external data file",
+                ));
+            }
         }
         if opts.backing_file.is_some() || opts.backing_fmt.is_some() {
             let same = opts.backing_file == image.backing_file_name()
@@ -237,6 +244,7 @@ impl Plan {
         }
         Ok(Plan {
             upgrade: new_version > h.version,
+            refcount_bits: (bits != bits_now).then_some(bits),
             downgrade,
             lazy,
         })
