@@ -18,6 +18,9 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
             "qcow2: Image is corrupt; cannot be opened read/write".to_string()
         }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(m)) => m.clone(),
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::BadMagic(_)) => {
+            "Image is not in qcow2 format".to_string()
+        }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::UnknownIncompatibleFeatures {
             bits,
             names,

@@ -36,7 +36,8 @@ Commands (qemu-img compatible):
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
 
 qemu-io compatible:
-  io [-f FMT] [-r] [-U] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
+  io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, discard, flush, length, open, close,
+                                           reopen, sigraise, abort, quit)
 ";
 
 fn main() -> ExitCode {

@@ -1,0 +1,294 @@
+//! Opening, closing and reopening the image qemu-io works on (the command line's FILE or
+//! `--image-opts`, and the `open`, `close` and `reopen` commands), with qemu-io 10's messages.
+//!
+//! Block options (`-o`) understood: `driver` (qcow2, raw), `file.filename`, `file.driver`
+//! (`file`), `file.locking`, `read-only`, `force-share`, `backing` (empty: no backing file),
+//! `discard`, `node-name` and `cache.direct` (no effect here), and qcow2's runtime options
+//! ([`super::qcow2_opts`]). Anything else QEMU would take (`backing.*`, `data-file.*`, other
+//! drivers such as `blkdebug`) is refused with a message naming it.
+
+use super::qcow2_opts::{take_qcow2_options, ImageFacts, Qcow2Runtime};
+use super::qopts::{parse_bool, Opts};
+use qcow2kit::chain::{
+    open, probe_file, BackingPolicy, ImageFormat, Locking, Opened, FORCE_SHARE_WRITABLE,
+};
+use qcow2kit::{BlockDevice, Qcow2Image};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to open an image: the name and options as given, and the mode.
+#[derive(Clone, Debug)]
+pub(super) struct OpenSpec {
+    /// The file name operand (`None`: the file is named by `file.filename`).
+    pub(super) name: Option<String>,
+    /// The block options the user gave (explicit options, kept for `reopen`).
+    pub(super) opts: Opts,
+    /// Open read-only (`-r`).
+    pub(super) read_only: bool,
+    /// Share everything with other users of the file (`-U`).
+    pub(super) force_share: bool,
+}
+
+/// The open image.
+#[derive(Clone)]
+pub(super) struct Image {
+    /// The image with its chain.
+    pub(super) dev: Arc<dyn BlockDevice>,
+    /// The same image when it is qcow2.
+    pub(super) qcow2: Option<Arc<Qcow2Image>>,
+    /// Its format.
+    pub(super) format: ImageFormat,
+    /// Opened without write access.
+    pub(super) read_only: bool,
+    /// Every write is followed by a flush (cache mode writethrough or directsync).
+    pub(super) writethrough: bool,
+    /// Discards reach the image (`-d unmap`, the default); `-d ignore` drops them.
+    pub(super) unmap: bool,
+    /// How it was opened.
+    pub(super) spec: OpenSpec,
+    /// The qcow2 runtime options in effect.
+    pub(super) runtime: Qcow2Runtime,
+}
+
+/// A cache mode (`-t`, `-c`): whether it is writethrough, or QEMU's message.
+pub(super) fn parse_cache(mode: &str) -> Result<bool, String> {
+    match mode {
+        "writethrough" | "directsync" => Ok(true),
+        "none" | "off" | "writeback" | "unsafe" => Ok(false),
+        other => Err(format!("Invalid cache option: {other}")),
+    }
+}
+
+/// A discard mode (`-d`, `discard=`): whether discards reach the image.
+pub(super) fn parse_discard(mode: &str) -> Option<bool> {
+    match mode {
+        "on" | "unmap" => Some(true),
+        "off" | "ignore" => Some(false),
+        _ => None,
+    }
+}
+
+/// What went wrong opening: a reason for `can't open device NAME: REASON`, or a message
+/// printed as it is (qemu-io's checks before it tries to open).
+pub(super) enum OpenError {
+    Reason(String),
+    Plain(String),
+}
+
+impl From<String> for OpenError {
+    fn from(s: String) -> Self {
+        OpenError::Reason(s)
+    }
+}
+
+/// Opens the image `spec` describes; `writethrough` and `unmap` are the cache and discard
+/// modes of the command.
+pub(super) fn open_image(
+    spec: &OpenSpec,
+    writethrough: bool,
+    unmap: bool,
+) -> Result<Image, OpenError> {
+    let mut opts = spec.opts.clone();
+    if spec.force_share {
+        if opts.get("force-share").is_some_and(|v| v != "on") {
+            return Err(OpenError::Plain("-U conflicts with image options".into()));
+        }
+        opts.set("force-share", "on".into());
+    }
+    let driver = opts.take("driver");
+    let file_name = opts.take("file.filename");
+    let path = match (&spec.name, file_name) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "Can't specify 'file' and 'filename' options at the same time"
+                    .to_string()
+                    .into(),
+            )
+        }
+        (Some(n), None) => n.clone(),
+        (None, Some(f)) => f,
+        (None, None) if driver.is_some() => {
+            return Err("A block device must be specified for \"file\""
+                .to_string()
+                .into())
+        }
+        (None, None) => return Err("Must specify either driver or file".to_string().into()),
+    };
+    let mut qopts = crate::common::qemu_options();
+    if let Some(d) = opts.take("file.driver") {
+        if d != "file" {
+            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
+        }
+    }
+    let locking = match opts.take("file.locking").as_deref() {
+        None | Some("auto" | "on") => Locking::Qemu,
+        Some("off") => Locking::Off,
+        Some(v) => return Err(format!("invalid parameter value: {v}").into()),
+    };
+    let read_only = match opts.take("read-only") {
+        Some(v) => match (parse_bool("read-only", &v)?, spec.read_only) {
+            (true, false) => return Err("Block node is read-only".to_string().into()),
+            (ro, _) => ro,
+        },
+        None => spec.read_only,
+    };
+    let force_share = match opts.take("force-share") {
+        Some(v) => parse_bool("force-share", &v)?,
+        None => false,
+    };
+    if force_share && !read_only {
+        return Err(FORCE_SHARE_WRITABLE.to_string().into());
+    }
+    let unmap = match opts.take("discard") {
+        Some(v) => parse_discard(&v).ok_or_else(|| "Invalid discard option".to_string())?,
+        None => unmap,
+    };
+    if let Some(v) = opts.take("cache.direct") {
+        parse_bool("cache.direct", &v)?;
+    }
+    opts.take("node-name");
+    match opts.take("backing").as_deref() {
+        None => {}
+        Some("") => {
+            errln!(
+                "{}: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
+                crate::common::prog()
+            );
+            qopts.backing = BackingPolicy::Ignore;
+        }
+        Some(node) => {
+            return Err(format!(
+                "Could not open backing file: Cannot find device='{node}' nor node-name='{node}'"
+            )
+            .into())
+        }
+    }
+    if let Some(k) = opts
+        .keys()
+        .find(|k| k.starts_with("backing.") || *k == "data-file" || k.starts_with("data-file."))
+    {
+        return Err(format!("Option '{k}' is not supported by qcow2kit").into());
+    }
+
+    let format = match driver.as_deref() {
+        Some(d) => {
+            ImageFormat::from_name(d.as_bytes()).map_err(|_| format!("Unknown driver '{d}'"))?
+        }
+        None => {
+            let f = probe_file(Path::new(&path)).map_err(|e| lib_error(&path, e))?;
+            if f == ImageFormat::Raw {
+                errln!(
+                    "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+                     Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+                     Specify the 'raw' format explicitly to remove the restrictions."
+                );
+            }
+            f
+        }
+    };
+    qopts.writable = !read_only;
+    qopts.locking = if force_share {
+        Locking::ForceShare
+    } else {
+        locking
+    };
+    let opened = open(Path::new(&path), format, &qopts).map_err(|e| lib_error(&path, e))?;
+
+    let runtime = match &opened.qcow2 {
+        Some(q) => {
+            let h = q.header();
+            let facts = ImageFacts {
+                cluster_size: q.cluster_size(),
+                virtual_size: h.size,
+                version: h.version,
+            };
+            let checked = take_qcow2_options(&mut opts, &facts);
+            let runtime = match checked {
+                Ok(r) => r,
+                Err(e) => {
+                    close_opened(&opened);
+                    return Err(e.into());
+                }
+            };
+            if let Some(k) = opts.keys().next() {
+                close_opened(&opened);
+                return Err(unsupported_option(format, k).into());
+            }
+            runtime
+        }
+        None => {
+            if let Some(k) = opts.keys().next() {
+                return Err(unsupported_option(format, k).into());
+            }
+            Qcow2Runtime::default()
+        }
+    };
+    let opened = match runtime.l2_cache_bytes {
+        Some(bytes) => {
+            close_opened(&opened);
+            drop(opened);
+            qopts.qcow2.l2_cache_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+            open(Path::new(&path), format, &qopts).map_err(|e| lib_error(&path, e))?
+        }
+        None => opened,
+    };
+    Ok(Image {
+        dev: opened.device.clone(),
+        qcow2: opened.qcow2.clone(),
+        format,
+        read_only,
+        writethrough,
+        unmap,
+        spec: spec.clone(),
+        runtime,
+    })
+}
+
+/// QEMU's message for an option no part of the image takes.
+fn unsupported_option(format: ImageFormat, key: &str) -> String {
+    match key.strip_prefix("file.") {
+        Some(k) => format!("Block protocol 'file' doesn't support the option '{k}'"),
+        None => format!(
+            "Block format '{}' does not support the option '{key}'",
+            format.name()
+        ),
+    }
+}
+
+/// A library error met opening `path`, in QEMU's words.
+fn lib_error(path: &str, e: qcow2kit::Error) -> String {
+    match e {
+        qcow2kit::Error::Io { source, .. } => {
+            let s = source.to_string();
+            let s = s.rfind(" (os error ").map_or(s.as_str(), |i| &s[..i]);
+            format!("Could not open '{path}': {s}")
+        }
+        other => crate::common::open_error_text(&other),
+    }
+}
+
+/// Closes an image that is being given up because of a bad option (nothing was written).
+fn close_opened(o: &Opened) {
+    let _ = match &o.qcow2 {
+        Some(q) => q.close(),
+        None => o.device.flush(),
+    };
+}
+
+/// Flushes and closes the image. An image marked corrupt while open is closed silently, as by
+/// qemu-io: the corruption was reported when it was found, and nothing more is written.
+pub(super) fn close_image(img: Image) -> Result<(), String> {
+    let closed = match &img.qcow2 {
+        Some(q) => q.close(),
+        None => img.dev.flush(),
+    };
+    let marked = img.qcow2.as_ref().is_some_and(|q| {
+        q.header()
+            .incompatible
+            .contains(qcow2kit::format::features::IncompatibleFeatures::CORRUPT)
+    });
+    match (closed, marked) {
+        (Err(e), false) => Err(e.to_string()),
+        _ => Ok(()),
+    }
+}
