@@ -47,8 +47,10 @@ fn tool(prog: &str, args: &[&str], dir: &Path) {
 }
 
 /// The images every case starts with: an empty 64 MiB qcow2 image, a chain (`top.qcow2` over
-/// `base.qcow2`, whose first 4 KiB are 0x07), a raw file and a qcow2 image with 256 KiB
-/// clusters and a 32 PiB guest size.
+/// `base.qcow2`, whose first 4 KiB are 0x07), a raw file, a qcow2 image with 256 KiB
+/// clusters and a 32 PiB guest size, an image with an external data file (`dd.qcow2` on
+/// `dd.data`, its first 64 KiB 0x03) and one that needs a data file but names none
+/// (`nn.qcow2`, its data in `nn.data`).
 fn images(dir: &Path) {
     std::fs::create_dir_all(dir).expect("create case directory");
     tool(
@@ -86,6 +88,34 @@ fn images(dir: &Path) {
     ];
     tool("qemu-img", &big, dir);
     std::fs::write(dir.join("r.raw"), vec![0u8; 1 << 20]).expect("write raw file");
+    let dd = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=dd.data",
+        "dd.qcow2",
+        "64M",
+    ];
+    tool("qemu-img", &dd, dir);
+    tool("qemu-io", &["-c", "write -q -P 3 0 64k", "dd.qcow2"], dir);
+    let nn = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=nn.data",
+        "nn.qcow2",
+        "64M",
+    ];
+    tool("qemu-img", &nn, dir);
+    tool(
+        "qemu-img",
+        &["amend", "-q", "-o", "data_file=", "nn.qcow2"],
+        dir,
+    );
 }
 
 /// What a run printed and how it ended.
@@ -136,17 +166,22 @@ fn same(args: &[&str]) -> Res {
     kit_args.extend_from_slice(args);
     let got = normalised(&exec(QCOW2KIT, "qemu-io", &kit_args, &k));
     assert_eq!(got, want, "qemu-io {args:?}");
-    for img in ["a.qcow2", "top.qcow2", "base.qcow2"] {
+    // QEMU finds `dd.qcow2`'s data file relative to its working directory: each image is
+    // checked from its own directory, and the data file compared as raw.
+    for img in ["a.qcow2", "top.qcow2", "base.qcow2", "dd.data"] {
         let (qi, ki) = (q.join(img), k.join(img));
         let (qi, ki) = (qi.to_str().expect("utf-8"), ki.to_str().expect("utf-8"));
-        let cmp = exec(
-            "qemu-img",
-            "qemu-img",
-            &["compare", "-q", qi, ki],
-            tmp.path(),
-        );
+        let fmt = if img.ends_with(".data") {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let cmp = ["compare", "-q", "-f", fmt, "-F", fmt, qi, ki];
+        let cmp = exec("qemu-img", "qemu-img", &cmp, tmp.path());
         assert_eq!(cmp.status.code(), Some(0), "{img} differs after {args:?}");
-        let check = exec("qemu-img", "qemu-img", &["check", "-q", ki], tmp.path());
+    }
+    for img in ["a.qcow2", "top.qcow2", "base.qcow2", "dd.qcow2"] {
+        let check = exec("qemu-img", "qemu-img", &["check", "-q", img], &k);
         assert_eq!(
             check.status.code(),
             Some(0),
@@ -276,6 +311,50 @@ fn open_errors() {
     ] {
         same(&["-c", cmd, "-c", "read 0 1"]);
     }
+}
+
+#[test]
+fn open_with_a_data_file_option() {
+    // The cases of qemu-iotests 244.
+    for img in ["dd.qcow2", "nn.qcow2", "a.qcow2"] {
+        for o in [
+            "",
+            "-o data-file.filename=dd.data ",
+            "-o data-file.filename=inexistent ",
+        ] {
+            same(&["-c", &format!("open {o}{img}"), "-c", "read -P 0 64k 64k"]);
+        }
+    }
+    same(&[
+        "-c",
+        "open -o data-file.filename=nn.data nn.qcow2",
+        "-c",
+        "write -P 5 0 4k",
+    ]);
+    same(&[
+        "-c",
+        "open -o data-file.filename=dd.data,data-file.driver=file dd.qcow2",
+        "-c",
+        "read -P 3 0 64k",
+        "-c",
+        "reopen -o data-file.filename=x",
+        "-c",
+        "reopen -r",
+        "-c",
+        "reopen -w",
+        "-c",
+        "write -P 4 0 4k",
+        "-c",
+        "read -P 4 0 4k",
+    ]);
+    same(&["-c", "open -o data-file=x dd.qcow2"]);
+    same(&[
+        "-c",
+        "reopen -o backing.file.filename=x",
+        "-c",
+        "reopen -o backing.driver=raw",
+        "top.qcow2",
+    ]);
 }
 
 #[test]

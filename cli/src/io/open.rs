@@ -2,10 +2,11 @@
 //! `--image-opts`, and the `open`, `close` and `reopen` commands), with qemu-io 10's messages.
 //!
 //! Block options (`-o`) understood: `driver` (qcow2, raw), `file.filename`, `file.driver`
-//! (`file`), `file.locking`, `read-only`, `force-share`, `backing` (empty: no backing file),
+//! (`file`), `file.locking`, `data-file.filename` and `data-file.driver` (`file`), `read-only`,
+//! `force-share`, `backing` (empty: no backing file),
 //! `discard`, `node-name` and `cache.direct` (no effect here), and qcow2's runtime options
-//! ([`super::qcow2_opts`]). Anything else QEMU would take (`backing.*`, `data-file.*`, other
-//! drivers such as `blkdebug`) is refused with a message naming it.
+//! ([`super::qcow2_opts`]). Anything else QEMU would take (`backing.*`, other drivers such as
+//! `blkdebug`) is refused with a message naming it.
 
 use super::qcow2_opts::{take_qcow2_options, ImageFacts, Qcow2Runtime};
 use super::qopts::{parse_bool, Opts};
@@ -163,6 +164,17 @@ pub(super) fn open_image(
             .into())
         }
     }
+    if let Some(node) = opts.take("data-file") {
+        return Err(format!("Cannot find device='{node}' nor node-name='{node}'").into());
+    }
+    if let Some(f) = opts.take("data-file.filename") {
+        qopts.data_file = Some(f.into());
+    }
+    if let Some(d) = opts.take("data-file.driver") {
+        if d != "file" {
+            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
+        }
+    }
     if let Some(k) = opts
         .keys()
         .find(|k| k.starts_with("backing.") || *k == "data-file" || k.starts_with("data-file."))
@@ -258,11 +270,17 @@ fn unsupported_option(format: ImageFormat, key: &str) -> String {
 /// A library error met opening `path`, in QEMU's words.
 fn lib_error(path: &str, e: qcow2kit::Error) -> String {
     match e {
-        qcow2kit::Error::Io { source, .. } => {
+        qcow2kit::Error::Io { source, context } => {
             let s = source.to_string();
             let s = s.rfind(" (os error ").map_or(s.as_str(), |i| &s[..i]);
-            format!("Could not open '{path}': {s}")
+            // The file that failed to open (a data file, say) when the library names it.
+            let file = context
+                .strip_prefix("opening '")
+                .and_then(|c| c.strip_suffix('\''))
+                .unwrap_or(path);
+            format!("Could not open '{file}': {s}")
         }
+        qcow2kit::Error::InvalidArgument(m) => m,
         other => crate::common::open_error_text(&other),
     }
 }

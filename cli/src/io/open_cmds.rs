@@ -329,7 +329,14 @@ fn reopened_spec(
             _ => same_as_before,
         };
         if !unchanged {
-            let shown = k.strip_prefix("file.").unwrap_or(k);
+            // QEMU names an option of a child node without the children's names.
+            let mut shown = k;
+            while let Some(rest) = ["file.", "data-file.", "backing."]
+                .iter()
+                .find_map(|c| shown.strip_prefix(c))
+            {
+                shown = rest;
+            }
             return Err(format!("Cannot change the option '{shown}'"));
         }
     }
