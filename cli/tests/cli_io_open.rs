@@ -350,6 +350,13 @@ fn open_with_a_data_file_option() {
     same(&["-c", "open -o data-file=x dd.qcow2"]);
     same(&[
         "-c",
+        "open -o data-file.filename=dd.data r.raw",
+        "-c",
+        "length",
+    ]);
+    same(&["-c", "open -o data-file.filename=dd.data,driver=raw r.raw"]);
+    same(&[
+        "-c",
         "reopen -o backing.file.filename=x",
         "-c",
         "reopen -o backing.driver=raw",
@@ -624,6 +631,47 @@ fn reopen_qcow2_options_as_test_137() {
         "read -P 0x5a 0 512",
         "a.qcow2",
     ]);
+}
+
+#[test]
+fn reopen_node_names_drivers_and_cache_options_as_test_133() {
+    for img in ["top.qcow2", "a.qcow2"] {
+        for c in [
+            "reopen -o node-name=foo",
+            "reopen -o file.node-name=foo",
+            "reopen -o backing.node-name=foo",
+            "reopen -o driver=raw",
+            "reopen -o file.driver=qcow2",
+            "reopen -o backing.driver=file",
+            "reopen -o driver=qcow2",
+            "reopen -o file.driver=file",
+            "reopen -o backing.driver=qcow2",
+            "reopen -r -o read-only=on",
+            "reopen -w -o read-only=on",
+            "reopen -c none -o cache.direct=on",
+            "reopen -c writeback -o cache.direct=on",
+            "reopen -c directsync -o cache.no-flush=on",
+            "reopen -o read-only=foo",
+            "reopen -o cache.no-flush=bar",
+            "reopen -o cache.direct=baz",
+            "reopen -o auto-read-only=qux",
+            "reopen -o cache.no-flush=off,auto-read-only=off,cache.direct=on",
+        ] {
+            same(&["-c", c, img]);
+        }
+        for o in ["node-name", "file.node-name", "backing.node-name"] {
+            let open = format!("open -o {o}=foo {img}");
+            same(&["-c", &open, "-c", &format!("reopen -o {o}=foo")]);
+            same(&["-c", &open, "-c", "reopen", "-c", "write 0 1"]);
+        }
+    }
+    same(&[
+        "-c",
+        "open -o backing.driver=qcow2 top.qcow2",
+        "-c",
+        "read -P 7 0 4k",
+    ]);
+    same(&["-c", "open -o auto-read-only=x a.qcow2"]);
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //!
 //! Block options (`-o`) understood: `driver` (qcow2, raw), `file.filename`, `file.driver`
 //! (`file`), `file.locking`, `data-file.filename` and `data-file.driver` (`file`), `read-only`,
-//! `force-share`, `backing` (empty: no backing file),
-//! `discard`, `node-name` and `cache.direct` (no effect here), and qcow2's runtime options
+//! `force-share`, `backing` (empty: no backing file), `backing.driver` (the backing file's own
+//! format), `discard`, `node-name`, `file.node-name`, `backing.node-name`, `cache.direct`,
+//! `cache.no-flush` and `auto-read-only` (no effect here), and qcow2's runtime options
 //! ([`super::qcow2_opts`]). Anything else QEMU would take (`backing.*`, other drivers such as
 //! `blkdebug`) is refused with a message naming it.
 
@@ -49,6 +50,8 @@ pub(super) struct Image {
     pub(super) spec: OpenSpec,
     /// The qcow2 runtime options in effect.
     pub(super) runtime: Qcow2Runtime,
+    /// The format of its backing file, when it has one open.
+    pub(super) backing_format: Option<ImageFormat>,
 }
 
 /// A cache mode (`-t`, `-c`): whether it is writethrough, or QEMU's message.
@@ -144,10 +147,15 @@ pub(super) fn open_image(
         Some(v) => parse_discard(&v).ok_or_else(|| "Invalid discard option".to_string())?,
         None => unmap,
     };
-    if let Some(v) = opts.take("cache.direct") {
-        parse_bool("cache.direct", &v)?;
+    for key in NO_EFFECT_BOOLS {
+        if let Some(v) = opts.take(key) {
+            parse_bool(key, &v)?;
+        }
     }
     opts.take("node-name");
+    opts.take("file.node-name");
+    let backing_node_name = opts.take("backing.node-name");
+    let backing_driver = opts.take("backing.driver");
     match opts.take("backing").as_deref() {
         None => {}
         Some("") => {
@@ -198,6 +206,9 @@ pub(super) fn open_image(
             f
         }
     };
+    if format == ImageFormat::Raw && qopts.data_file.is_some() {
+        return Err(unsupported_option(format, "data-file.filename").into());
+    }
     qopts.writable = !read_only;
     qopts.locking = if force_share {
         Locking::ForceShare
@@ -235,6 +246,11 @@ pub(super) fn open_image(
             Qcow2Runtime::default()
         }
     };
+    let backing_format = opened.layers.get(1).map(|l| l.format);
+    if let Err(e) = check_backing_options(backing_format, backing_node_name, backing_driver) {
+        close_opened(&opened);
+        return Err(e.into());
+    }
     let opened = match runtime.l2_cache_bytes {
         Some(bytes) => {
             close_opened(&opened);
@@ -253,7 +269,34 @@ pub(super) fn open_image(
         unmap,
         spec: spec.clone(),
         runtime,
+        backing_format,
     })
+}
+
+/// Options of the node QEMU takes that change nothing here: `cache.direct` (the host page
+/// cache is a matter of speed), `cache.no-flush` (flushes are always done, which is never less
+/// safe) and `auto-read-only`.
+pub(super) const NO_EFFECT_BOOLS: &[&str] = &["cache.direct", "cache.no-flush", "auto-read-only"];
+
+/// `backing.node-name` needs a backing file; `backing.driver` must name the format the backing
+/// file is opened in (choosing another is not supported).
+fn check_backing_options(
+    backing: Option<ImageFormat>,
+    node_name: Option<String>,
+    driver: Option<String>,
+) -> Result<(), String> {
+    match (backing, node_name.is_some() || driver.is_some()) {
+        (None, true) => {
+            Err("Could not open backing file: Must specify either driver or file".into())
+        }
+        (Some(f), _) => match driver {
+            Some(d) if d != f.name() => Err(format!(
+                "Option 'backing.driver={d}' is not supported by qcow2kit"
+            )),
+            _ => Ok(()),
+        },
+        (None, false) => Ok(()),
+    }
 }
 
 /// QEMU's message for an option no part of the image takes.

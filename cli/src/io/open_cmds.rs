@@ -5,6 +5,7 @@ use super::getopt::{getopt, Opt};
 use super::numbers::{cvtnum, print_cvtnum_err};
 use super::open::{
     close_image, open_image, parse_cache, parse_discard, Image, OpenError, OpenSpec,
+    NO_EFFECT_BOOLS,
 };
 use super::output::EINVAL;
 use super::qcow2_opts::{is_runtime_key, take_qcow2_options, ImageFacts};
@@ -128,6 +129,7 @@ impl Session {
         let (flags, operands) = getopt(name, args, "c:o:rw");
         let mut new = Opts::default();
         let mut writethrough = img.writethrough;
+        let mut cache_flag = false;
         let mut rw_flag: Option<bool> = None;
         for f in flags {
             match f {
@@ -136,7 +138,10 @@ impl Session {
                     return self.usage(ci);
                 }
                 Opt::Flag('c', Some(v)) => match parse_cache(&v) {
-                    Ok(w) => writethrough = w,
+                    Ok(w) => {
+                        writethrough = w;
+                        cache_flag = true;
+                    }
                     Err(e) => {
                         errln!("{}: {e}", prog());
                         return -EINVAL;
@@ -160,7 +165,7 @@ impl Session {
         if !operands.is_empty() {
             return self.usage(ci);
         }
-        match reopened_spec(img, rw_flag, &new) {
+        match reopened_spec(img, rw_flag, cache_flag, &new) {
             Ok((spec, unmap, l2)) => self.reopen_with(spec, l2, writethrough, unmap),
             Err(e) => {
                 errln!("{}: {e}", prog());
@@ -289,6 +294,7 @@ fn joined(old: &Opts, new: &Opts) -> Opts {
 fn reopened_spec(
     img: &Image,
     rw_flag: Option<bool>,
+    cache_flag: bool,
     new: &Opts,
 ) -> Result<(OpenSpec, bool, Option<u64>), String> {
     let mut opts = joined(&img.spec.opts, new);
@@ -305,12 +311,21 @@ fn reopened_spec(
     if let Some(ro) = rw_flag {
         read_only = ro;
     }
+    if cache_flag
+        && ["cache.direct", "cache.no-flush"]
+            .iter()
+            .any(|k| new.get(k).is_some())
+    {
+        return Err("Cannot set both -c and the cache options".into());
+    }
     let mut unmap = img.unmap;
     if let Some(v) = new.get("discard") {
         unmap = parse_discard(v).ok_or_else(|| "Invalid discard option".to_string())?;
     }
-    if let Some(v) = new.get("cache.direct") {
-        parse_bool("cache.direct", v)?;
+    for key in NO_EFFECT_BOOLS {
+        if let Some(v) = new.get(key) {
+            parse_bool(key, v)?;
+        }
     }
     let l2 = check_runtime(img, &opts)?;
     let current_name = img
@@ -324,13 +339,19 @@ fn reopened_spec(
             "driver" => v == img.format.name(),
             "file.driver" => v == "file",
             "file.filename" => current_name.as_deref() == Some(v),
-            "discard" | "cache.direct" | "read-only" => true,
+            "discard" | "read-only" => true,
+            _ if NO_EFFECT_BOOLS.contains(&k) => true,
+            "backing.driver" => img.backing_format.map(|f| f.name()) == Some(v),
             _ if img.qcow2.is_some() && is_runtime_key(k) => true,
             _ => same_as_before,
         };
         if !unchanged {
-            // QEMU names an option of a child node without the children's names.
+            // QEMU names an option of a child node without the children's names (a backing
+            // option of an image without a backing file is no child's).
             let mut shown = k;
+            if k.starts_with("backing.") && img.backing_format.is_none() {
+                return Err(format!("Cannot change the option '{k}'"));
+            }
             while let Some(rest) = ["file.", "data-file.", "backing."]
                 .iter()
                 .find_map(|c| shown.strip_prefix(c))
