@@ -38,8 +38,8 @@ pub(super) struct Image {
     pub(super) dev: Arc<dyn BlockDevice>,
     /// The same image when it is qcow2.
     pub(super) qcow2: Option<Arc<Qcow2Image>>,
-    /// Its format.
-    pub(super) format: ImageFormat,
+    /// The driver it was opened with: its format's name, or a protocol's (`file`, …).
+    pub(super) driver: String,
     /// Opened without write access.
     pub(super) read_only: bool,
     /// Every write is followed by a flush (cache mode writethrough or directsync).
@@ -100,6 +100,9 @@ pub(super) fn open_image(
         opts.set("force-share", "on".into());
     }
     let driver = opts.take("driver");
+    if let Some(proto) = driver.as_deref().filter(|d| PROTOCOLS.contains(d)) {
+        return open_protocol(spec, proto, opts, writethrough, unmap);
+    }
     let file_name = opts.take("file.filename");
     let path = match (&spec.name, file_name) {
         (Some(_), Some(_)) => {
@@ -263,7 +266,7 @@ pub(super) fn open_image(
     Ok(Image {
         dev: opened.device.clone(),
         qcow2: opened.qcow2.clone(),
-        format,
+        driver: format.name().to_string(),
         read_only,
         writethrough,
         unmap,
@@ -297,6 +300,93 @@ fn check_backing_options(
         },
         (None, false) => Ok(()),
     }
+}
+
+/// QEMU's protocol drivers that open a file's bytes as the image (`driver=file,filename=…`).
+const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
+
+/// Opens the bytes of a file through a protocol driver, with QEMU's checks of the file's type:
+/// `file` takes regular files, `host_device` and `host_cdrom` devices (block devices only
+/// here: a character device is refused).
+fn open_protocol(
+    spec: &OpenSpec,
+    proto: &str,
+    mut opts: Opts,
+    writethrough: bool,
+    unmap: bool,
+) -> Result<Image, OpenError> {
+    let name = match (&spec.name, opts.take("filename")) {
+        (Some(n), None) => n.clone(),
+        (None, Some(f)) => f,
+        (Some(_), Some(_)) => {
+            return Err(
+                "Can't specify 'file' and 'filename' options at the same time"
+                    .to_string()
+                    .into(),
+            )
+        }
+        (None, None) => {
+            return Err(format!("The '{proto}' block driver requires a file name").into())
+        }
+    };
+    let locking = match opts.take("locking").as_deref() {
+        None | Some("auto" | "on") => Locking::Qemu,
+        Some("off") => Locking::Off,
+        Some(v) => return Err(format!("invalid parameter value: {v}").into()),
+    };
+    opts.take("node-name");
+    if let Some(k) = opts.keys().next() {
+        return Err(format!("Block protocol '{proto}' doesn't support the option '{k}'").into());
+    }
+    let meta = std::fs::metadata(&name).map_err(|e| io_text(&name, &e))?;
+    let ft = meta.file_type();
+    // QEMU opens the file first (a directory fails to open for writing), then checks its type.
+    if ft.is_dir() && !spec.read_only {
+        let e = std::io::Error::from_raw_os_error(21);
+        return Err(io_text(&name, &e).into());
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let fits = if proto == "file" {
+        ft.is_file()
+    } else {
+        ft.is_block_device() || ft.is_char_device()
+    };
+    if !fits {
+        let want = if proto == "file" {
+            "a regular file"
+        } else {
+            "either a character or block device"
+        };
+        return Err(format!("'{proto}' driver requires '{name}' to be {want}").into());
+    }
+    if ft.is_char_device() {
+        return Err(format!("Character device '{name}' is not supported by qcow2kit").into());
+    }
+    let mut qopts = crate::common::qemu_options();
+    qopts.writable = !spec.read_only;
+    qopts.locking = if spec.force_share {
+        Locking::ForceShare
+    } else {
+        locking
+    };
+    let opened =
+        open(Path::new(&name), ImageFormat::Raw, &qopts).map_err(|e| lib_error(&name, e))?;
+    Ok(Image {
+        dev: opened.device.clone(),
+        qcow2: None,
+        driver: proto.to_string(),
+        read_only: spec.read_only,
+        writethrough,
+        unmap,
+        spec: spec.clone(),
+        runtime: Qcow2Runtime::default(),
+        backing_format: None,
+    })
+}
+
+/// QEMU's `Could not open 'NAME': REASON` for an error of the operating system.
+fn io_text(name: &str, e: &std::io::Error) -> String {
+    format!("Could not open '{name}': {}", qcow2kit::error::strerror(e))
 }
 
 /// QEMU's message for an option no part of the image takes.

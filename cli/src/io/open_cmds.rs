@@ -336,7 +336,7 @@ fn reopened_spec(
     for (k, v) in new.iter() {
         let same_as_before = img.spec.opts.get(k) == Some(v);
         let unchanged = match k {
-            "driver" => v == img.format.name(),
+            "driver" => v == img.driver,
             "file.driver" => v == "file",
             "file.filename" => current_name.as_deref() == Some(v),
             "discard" | "read-only" => true,
@@ -367,7 +367,7 @@ fn reopened_spec(
             std::process::id() % 1000
         ));
     }
-    opts.set("driver", img.format.name().into());
+    opts.set("driver", img.driver.clone());
     let spec = OpenSpec {
         read_only,
         opts,
