@@ -174,6 +174,11 @@ pub struct OpenOptions {
     /// Also open the backing layer this many layers down (1 = the immediate backing file) for
     /// writing: the base of a commit. `None` (the default) opens every backing file read-only.
     pub writable_layer: Option<usize>,
+    /// The top image's external data file, instead of the one the image names (QEMU's
+    /// `data-file` option): the caller's path, taken as it is (not against the image's
+    /// directory) and allowed whatever [`OpenOptions::allow_data_file`] says. An image without
+    /// an external data file refuses it with [`Error::InvalidArgument`], as QEMU does.
+    pub data_file: Option<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -188,6 +193,7 @@ impl Default for OpenOptions {
             qcow2: Qcow2Options::default(),
             locking: Locking::Qemu,
             writable_layer: None,
+            data_file: None,
         }
     }
 }
@@ -446,20 +452,32 @@ fn open_layer(
             q_opts.writable = writable;
             let mut img = Qcow2Image::open(storage, &q_opts)?;
 
+            let data_file = if top { opts.data_file.as_deref() } else { None };
             if img.has_data_file() {
-                let name = img.data_file_name().ok_or_else(|| {
-                    Error::Unsupported("image uses an external data file but names none".into())
-                })?;
-                if !opts.allow_data_file {
-                    return Err(Error::ExternalFileDenied {
-                        kind: "data",
-                        name: String::from_utf8_lossy(&name).into_owned(),
-                    });
-                }
-                let dpath = resolve_relative(path, &name)?;
+                let dpath = match data_file {
+                    Some(p) => p.to_path_buf(),
+                    None => {
+                        let name = img.data_file_name().ok_or_else(|| {
+                            Error::InvalidArgument("'data-file' is required for this image".into())
+                        })?;
+                        if !opts.allow_data_file {
+                            return Err(Error::ExternalFileDenied {
+                                kind: "data",
+                                name: String::from_utf8_lossy(&name).into_owned(),
+                            });
+                        }
+                        resolve_relative(path, &name)?
+                    }
+                };
                 let lock = opts.locking.request(FileRole::DataFile, writable);
                 let ds = open_storage(&dpath, writable, lock, depth)?;
                 img.set_data_file(Arc::new(ds));
+            } else if let Some(p) = data_file {
+                // QEMU opens the file before it finds that the image has no use for it.
+                open_storage(p, false, None, depth)?;
+                return Err(Error::InvalidArgument(
+                    "'data-file' can only be set for images with an external data file".into(),
+                ));
             }
 
             let mut below = Vec::new();

@@ -39,7 +39,8 @@ Commands (qemu-img compatible):
   snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
 
 qemu-io compatible:
-  io [-f FMT] [-r] [-U] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
+  io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, discard, flush, length, open, close,
+                                           reopen, sigraise, abort, quit)
 ";
 
 fn main() -> ExitCode {

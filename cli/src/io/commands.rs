@@ -2,19 +2,21 @@
 
 use super::getopt::{getopt, Opt};
 use super::numbers::{cvtnum, parse_pattern, print_cvtnum_err};
+use super::open::Image;
 use super::output::*;
-use qcow2kit::BlockDevice;
 use std::time::Instant;
 
 /// A command of the table: name, alias, argument counts, usage and whether it writes.
 pub(super) struct CmdInfo {
-    name: &'static str,
+    pub(super) name: &'static str,
     alt: Option<&'static str>,
     argmin: usize,
     argmax: Option<usize>,
     args: &'static str,
     oneline: &'static str,
     writes: bool,
+    /// Runs without an open image (qemu-io's `CMD_NOFILE_OK` and global commands).
+    nofile: bool,
 }
 
 pub(super) const COMMANDS: &[CmdInfo] = &[
@@ -26,6 +28,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
         oneline: "reads a number of bytes at a specified offset",
         writes: false,
+        nofile: false,
     },
     CmdInfo {
         name: "write",
@@ -35,6 +38,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "[-bcCfnqruz] [-P pattern | -s source_file] off len",
         oneline: "writes a number of bytes at a specified offset",
         writes: true,
+        nofile: false,
     },
     CmdInfo {
         name: "discard",
@@ -44,6 +48,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "[-Cq] off len",
         oneline: "discards a number of bytes at a specified offset",
         writes: true,
+        nofile: false,
     },
     CmdInfo {
         name: "flush",
@@ -53,6 +58,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "",
         oneline: "flush all in-core file state to disk",
         writes: false,
+        nofile: false,
     },
     CmdInfo {
         name: "length",
@@ -62,6 +68,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "",
         oneline: "gets the length of the current file",
         writes: false,
+        nofile: false,
     },
     CmdInfo {
         name: "quit",
@@ -71,6 +78,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "",
         oneline: "exit the program",
         writes: false,
+        nofile: true,
     },
     CmdInfo {
         name: "abort",
@@ -80,6 +88,47 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         args: "",
         oneline: "simulate a program crash using abort(3)",
         writes: false,
+        nofile: true,
+    },
+    CmdInfo {
+        name: "open",
+        alt: Some("o"),
+        argmin: 1,
+        argmax: None,
+        args: "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
+        oneline: "open the file specified by path",
+        writes: false,
+        nofile: true,
+    },
+    CmdInfo {
+        name: "close",
+        alt: Some("c"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "close the current open file",
+        writes: false,
+        nofile: false,
+    },
+    CmdInfo {
+        name: "reopen",
+        alt: None,
+        argmin: 0,
+        argmax: None,
+        args: "[(-r|-w)] [-c cache] [-o options]",
+        oneline: "reopens an image with new options",
+        writes: false,
+        nofile: false,
+    },
+    CmdInfo {
+        name: "sigraise",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        args: "signal",
+        oneline: "raises a signal",
+        writes: false,
+        nofile: true,
     },
 ];
 
@@ -91,20 +140,14 @@ pub(super) const UNSUPPORTED: &[&str] = &[
     "alloc",
     "a",
     "break",
-    "close",
-    "c",
     "help",
     "?",
     "info",
     "i",
     "map",
-    "open",
-    "o",
     "readv",
     "remove_break",
-    "reopen",
     "resume",
-    "sigraise",
     "sleep",
     "truncate",
     "t",
@@ -120,19 +163,16 @@ pub(super) const UNSUPPORTED: &[&str] = &[
 
 /// The state commands run against.
 pub(super) struct Session {
-    pub(super) dev: std::sync::Arc<dyn BlockDevice>,
-    /// The same image when it is qcow2 (compressed writes).
-    pub(super) qcow2: Option<std::sync::Arc<qcow2kit::Qcow2Image>>,
-    pub(super) read_only: bool,
-    pub(super) writethrough: bool,
-    /// Discards reach the image (`-d unmap`, the default); `-d ignore` drops them.
-    pub(super) unmap: bool,
+    /// The open image, if any.
+    pub(super) img: Option<Image>,
+    /// `--image-opts`: `open` takes its operand as options, and refuses `-o`.
+    pub(super) image_opts: bool,
     pub(super) quit: bool,
     pub(super) out: Out,
 }
 
 impl Session {
-    fn usage(&mut self, ci: &CmdInfo) -> i32 {
+    pub(super) fn usage(&mut self, ci: &CmdInfo) -> i32 {
         out!(self.out, "{} {} -- {}\n", ci.name, ci.args, ci.oneline);
         -EINVAL
     }
@@ -154,6 +194,10 @@ impl Session {
             }
             return -EINVAL;
         };
+        if self.img.is_none() && !ci.nofile {
+            errln!("no file open, try 'help open'");
+            return -EINVAL;
+        }
         let n = argv.len() - 1;
         if n < ci.argmin || ci.argmax.is_some_and(|m| n > m) {
             match ci.argmax {
@@ -171,30 +215,48 @@ impl Session {
             }
             return -EINVAL;
         }
-        if ci.writes && self.read_only {
+        let args = &argv[1..];
+        // `close` and `reopen` replace the image: they hold no copy of it.
+        match ci.name {
+            "close" => return self.close_cmd(),
+            "reopen" => return self.reopen_cmd(ci, name, args),
+            _ => {}
+        }
+        match (ci.name, self.img.clone()) {
+            ("quit", _) => {
+                self.quit = true;
+                0
+            }
+            ("abort", _) => {
+                // No flush of the image nor of buffered output, as a crash.
+                std::process::abort();
+            }
+            ("open", _) => self.open_cmd(ci, name, args),
+            ("sigraise", _) => self.sigraise(args[0]),
+            (_, Some(img)) => self.image_command(ci, name, &img, args),
+            // Commands needing an image returned above when there was none.
+            (_, None) => -EINVAL,
+        }
+    }
+
+    /// A command that works on the open image.
+    fn image_command(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
+        if ci.writes && img.read_only {
             errln!("{}: Block node is read-only", crate::common::prog());
             return -EPERM;
         }
         match ci.name {
-            "read" => self.read(ci, name, &argv[1..]),
-            "write" => self.write(ci, name, &argv[1..]),
-            "discard" => self.discard(ci, name, &argv[1..]),
-            "flush" => match self.dev.flush() {
+            "read" => self.read(ci, name, img, args),
+            "write" => self.write(ci, name, img, args),
+            "discard" => self.discard(ci, name, img, args),
+            "flush" => match img.dev.flush() {
                 Ok(()) => 0,
                 Err(e) => -errno_of(&e),
             },
-            "length" => {
-                let s = cvtstr(self.dev.size() as f64);
+            _ => {
+                let s = cvtstr(img.dev.size() as f64);
                 out!(self.out, "{s}\n");
                 0
-            }
-            "quit" => {
-                self.quit = true;
-                0
-            }
-            _ => {
-                // abort: no flush of the image nor of buffered output, as a crash.
-                std::process::abort();
             }
         }
     }
@@ -220,19 +282,19 @@ impl Session {
     }
 
     /// The block layer's request check: inside the device.
-    fn in_range(&self, offset: i64, count: i64) -> bool {
-        let size = self.dev.size();
+    fn in_range(img: &Image, offset: i64, count: i64) -> bool {
+        let size = img.dev.size();
         (offset as u64) <= size && size - offset as u64 >= count as u64
     }
 
-    fn after_write(&mut self) -> Result<(), i32> {
-        if self.writethrough {
-            self.dev.flush().map_err(|e| errno_of(&e))?;
+    fn after_write(img: &Image) -> Result<(), i32> {
+        if img.writethrough {
+            img.dev.flush().map_err(|e| errno_of(&e))?;
         }
         Ok(())
     }
 
-    fn read(&mut self, ci: &CmdInfo, name: &str, args: &[&str]) -> i32 {
+    fn read(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
         let (opts, operands) = getopt(name, args, "bCl:pP:qrs:v");
         let (mut cflag, mut qflag, mut vflag, mut bflag) = (false, false, false, false);
         let mut pattern: Option<u8> = None;
@@ -294,10 +356,10 @@ impl Session {
                 crate::common::prog()
             );
             Err(ENOTSUP)
-        } else if !self.in_range(offset, count) {
+        } else if !Self::in_range(img, offset, count) {
             Err(EIO)
         } else {
-            self.dev
+            img.dev
                 .read_at(&mut buf, offset as u64)
                 .map_err(|e| errno_of(&e))
         };
@@ -346,7 +408,7 @@ impl Session {
         None
     }
 
-    fn write(&mut self, ci: &CmdInfo, name: &str, args: &[&str]) -> i32 {
+    fn write(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
         let (opts, operands) = getopt(name, args, "bcCfnpP:qrs:uz");
         let (mut bflag, mut cflag, mut big_c, mut fua, mut nflag) =
             (false, false, false, false, false);
@@ -457,24 +519,24 @@ impl Session {
                 crate::common::prog()
             );
             Err(ENOTSUP)
-        } else if !self.in_range(offset, count) {
+        } else if !Self::in_range(img, offset, count) {
             Err(EIO)
         } else if zflag {
-            self.dev
+            img.dev
                 .write_zeroes(offset as u64, count as u64)
                 .map_err(|e| errno_of(&e))
         } else if cflag {
-            self.write_compressed(&buf, offset as u64)
+            Self::write_compressed(img, &buf, offset as u64)
         } else {
-            self.dev
+            img.dev
                 .write_at(&buf, offset as u64)
                 .map_err(|e| errno_of(&e))
         };
         let r = r.and_then(|()| {
             if fua {
-                self.dev.flush().map_err(|e| errno_of(&e))?;
+                img.dev.flush().map_err(|e| errno_of(&e))?;
             }
-            self.after_write()
+            Self::after_write(img)
         });
         let t = t0.elapsed();
         if let Err(e) = r {
@@ -489,13 +551,13 @@ impl Session {
 
     /// `write -c`: each cluster of the (cluster-aligned) request compressed on its own, as
     /// qemu-io does; other formats refuse it.
-    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<(), i32> {
-        let Some(q) = &self.qcow2 else {
+    fn write_compressed(img: &Image, buf: &[u8], offset: u64) -> Result<(), i32> {
+        let Some(q) = &img.qcow2 else {
             return Err(ENOTSUP);
         };
         let cs = q.cluster_size();
         let end = offset + buf.len() as u64;
-        if offset % cs != 0 || (end % cs != 0 && end != self.dev.size()) {
+        if offset % cs != 0 || (end % cs != 0 && end != img.dev.size()) {
             return Err(EINVAL);
         }
         let mut p = offset;
@@ -509,7 +571,7 @@ impl Session {
         Ok(())
     }
 
-    fn discard(&mut self, ci: &CmdInfo, name: &str, args: &[&str]) -> i32 {
+    fn discard(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
         let (opts, operands) = getopt(name, args, "Cq");
         let (mut cflag, mut qflag) = (false, false);
         for o in opts {
@@ -530,16 +592,16 @@ impl Session {
             Err(e) => return e,
         };
         let t0 = Instant::now();
-        let r = if !self.in_range(offset, count) {
+        let r = if !Self::in_range(img, offset, count) {
             Err(EIO)
-        } else if !self.unmap {
+        } else if !img.unmap {
             Ok(())
         } else {
-            self.dev
+            img.dev
                 .discard(offset as u64, count as u64)
                 .map_err(|e| errno_of(&e))
         };
-        let r = r.and_then(|()| self.after_write());
+        let r = r.and_then(|()| Self::after_write(img));
         let t = t0.elapsed();
         if let Err(e) = r {
             out!(self.out, "discard failed: {}\n", strerror(e));

@@ -1,28 +1,38 @@
-//! `qcow2kit io [-f FMT] [-r] [-c CMD]... FILE`: qemu-io's command language over the qcow2kit
-//! engine, with qemu-io 10's output, messages and exit code.
+//! `qcow2kit io [-f FMT | --image-opts] [-r] [-c CMD]... [FILE]`: qemu-io's command language
+//! over the qcow2kit engine, with qemu-io 10's output, messages and exit code.
 //!
 //! Commands (and their one-letter aliases):
 //! - `read|r [-bCpqrv] [-P pattern [-s off] [-l len]] off len`
 //! - `write|w [-bcCfnpqruz] [-P pattern | -s source_file] off len`
 //! - `discard|d [-Cq] off len`
-//! - `flush|f`, `length|l`, `quit|q`, `abort`
+//! - `flush|f`, `length|l`, `quit|q`, `abort`, `sigraise SIGNAL`
+//! - `open|o [-rnkU] [-t cache] [-d discard] [-i aio] [-o options] [path]`, `close|c`,
+//!   `reopen [-r|-w] [-c cache] [-o options]` (see [`open`] for the options)
 //!
 //! Offsets and lengths take qemu's size syntax (`4k`, `1.5M`, `0x1000`). Each `-c` runs in
 //! order; without `-c`, commands are read from standard input after a `qemu-io> ` prompt. A
-//! failing command does not stop the others; the exit code is 1 if any failed. The image is
-//! opened writable (`-r`: read-only) with its backing chain, locked as QEMU locks it (`-U` with
-//! `-r`: sharing everything; `-U` alone is refused as by qemu-io), and every write, zero write and
-//! discard is followed by a flush (qemu-io's default writethrough cache mode; `-n` or a `-t`
-//! mode other than `writethrough`/`directsync` turn that off). The image is flushed and closed
-//! at the end. `-d ignore` (or `off`) makes discards succeed without effect, as in QEMU.
+//! failing command does not stop the others; the exit code is 1 if any failed. Without FILE
+//! no image is open: commands that need one fail with `no file open, try 'help open'` until
+//! `open` opens one. The image is opened writable (`-r`: read-only) with its backing chain,
+//! locked as QEMU locks it (`-U` with `-r`: sharing everything; `-U` alone is refused as by
+//! qemu-io), and every write, zero write and discard is followed by a flush (qemu-io's default
+//! writethrough cache mode; `-n` or a `-t` mode other than `writethrough`/`directsync` turn that
+//! off). The image is flushed and closed at the end. `-d ignore` (or `off`) makes discards
+//! succeed without effect, as in QEMU. `--image-opts` takes FILE (and `open`'s operand) as
+//! block options (`driver=qcow2,file.filename=PATH`).
+//!
+//! `reopen` closes the image and opens it again with the new mode and options when the mode or
+//! the L2 cache size changes (the locks follow the mode); if that fails, the image is opened
+//! again as it was. Other options are checked as QEMU checks them and kept for later reopens.
 //!
 //! `abort` ends the process with `SIGABRT` at once, without flushing or closing anything, as
 //! qemu-io does: standard output not yet written is lost too (it is line-buffered on a
-//! terminal and block-buffered otherwise, like C's stdio).
+//! terminal and block-buffered otherwise, like C's stdio). `sigraise` flushes standard output
+//! first, as qemu-io does.
 //!
 //! Not covered (refused with a message): the VM state (`-b`), the other qemu-io commands, `-s`
-//! (snapshot mode), `-C` (copy-on-read), `--object`, `--image-opts`. `write -z` without `-u`
-//! may free clusters where QEMU keeps them allocated (the guest data is the same).
+//! (snapshot mode), `-C` (copy-on-read), `--object`. `write -z` without `-u` may free clusters
+//! where QEMU keeps them allocated (the guest data is the same).
 
 /// Prints formatted text through an [`output::Out`].
 macro_rules! out {
@@ -32,16 +42,21 @@ macro_rules! out {
 mod commands;
 mod getopt;
 mod numbers;
+mod open;
+mod open_cmds;
 mod output;
+mod qcow2_opts;
+mod qopts;
+mod signal;
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, locking, parse_format};
-use qcow2kit::chain::{open, probe_file, ImageFormat, OpenOptions, Opened, FORCE_SHARE_WRITABLE};
+use crate::common::fail;
 use std::io::BufRead;
-use std::path::Path;
 
 use commands::Session;
+use open::{close_image, open_image, parse_cache, parse_discard, OpenError, OpenSpec};
 use output::Out;
+use qopts::Opts;
 
 const SPECS: &[Spec] = &[
     opt(Some('c'), Some("cmd"), true, "c"),
@@ -62,13 +77,16 @@ const SPECS: &[Spec] = &[
     opt(Some('h'), Some("help"), false, "help"),
 ];
 
-const HELP: &str = "usage: qcow2kit io [-f FMT] [-r] [-U] [-n] [-t CACHE] [-c CMD]... FILE
+const HELP: &str =
+    "usage: qcow2kit io [-f FMT | --image-opts] [-r] [-U] [-n] [-t CACHE] [-c CMD]... [FILE]
 
 Runs qemu-io commands on an image:
   read [-Cqv] [-P pattern [-s off] [-l len]] off len
   write [-Cfqz] [-u] [-P pattern | -s source_file] off len
   discard [-Cq] off len
-  flush | length | quit | abort
+  open [-rnU] [-t cache] [-d discard] [-o options] [path]
+  reopen [-r|-w] [-c cache] [-o options]
+  close | flush | length | sigraise SIGNAL | quit | abort
 ";
 
 /// Runs the subcommand; returns the exit code.
@@ -81,47 +99,67 @@ pub fn run(args: &[String]) -> u8 {
         crate::stdio::print_out(HELP);
         return 0;
     }
-    if p.has("object") || p.has("image-opts") {
-        return fail("io: --object and --image-opts are not supported");
+    if p.has("object") {
+        return fail("io: --object is not supported");
     }
     if p.has("s") || p.has("C") {
         return fail("io: snapshot mode (-s) and copy-on-read (-C) are not supported");
     }
-    let [file] = p.operands.as_slice() else {
+    if p.operands.len() > 1 {
         // qemu-io prints its usage on standard output.
         crate::stdio::print_out(HELP);
         return 1;
-    };
-    let mut writethrough = true;
-    if p.has("n") {
-        writethrough = false;
     }
+    let image_opts = p.has("image-opts");
+    if image_opts && p.has("f") {
+        return fail("--image-opts and -f are mutually exclusive");
+    }
+    let mut writethrough = !p.has("n");
     if let Some(t) = p.last("t") {
-        writethrough = match t {
-            "writethrough" | "directsync" => true,
-            "none" | "off" | "writeback" | "unsafe" => false,
-            other => return fail(format!("Invalid cache option: {other}")),
+        writethrough = match parse_cache(t) {
+            Ok(w) => w,
+            Err(e) => return fail(e),
         };
     }
     let unmap = match p.last("d") {
-        None | Some("on" | "unmap") => true,
-        Some("off" | "ignore") => false,
-        Some(other) => return fail(format!("Invalid discard option: {other}")),
-    };
-    let read_only = p.has("r");
-    let opened = match open_image(file, p.last("f"), read_only, p.has("U")) {
-        Ok(o) => o,
-        Err(e) => return fail(format!("can't open device {file}: {e}")),
+        None => true,
+        Some(d) => match parse_discard(d) {
+            Some(u) => u,
+            None => return fail(format!("Invalid discard option: {d}")),
+        },
     };
     let mut s = Session {
-        dev: opened.device.clone(),
-        qcow2: opened.qcow2.clone(),
-        read_only,
-        writethrough,
-        unmap,
+        img: None,
+        image_opts,
         quit: false,
         out: Out::new(),
     };
+    if let Some(file) = p.operands.first() {
+        let mut spec = OpenSpec {
+            name: Some(file.clone()),
+            opts: Opts::default(),
+            read_only: p.has("r"),
+            force_share: p.has("U"),
+        };
+        if image_opts {
+            spec.name = None;
+            if let Err(e) = spec.opts.parse_into(file) {
+                return fail(e);
+            }
+        } else if let Some(f) = p.last("f") {
+            spec.opts.set("driver", f.to_string());
+        }
+        match open_image(&spec, writethrough, unmap) {
+            Ok(img) => s.img = Some(img),
+            Err(OpenError::Plain(m)) => return fail(m),
+            Err(OpenError::Reason(r)) => {
+                return match &spec.name {
+                    Some(n) => fail(format!("can't open device {n}: {r}")),
+                    None => fail(format!("can't open: {r}")),
+                }
+            }
+        }
+    }
     let mut failed = false;
     let cmds = p.all("c");
     if cmds.is_empty() {
@@ -142,65 +180,11 @@ pub fn run(args: &[String]) -> u8 {
         }
     }
     s.out.flush();
-    drop(s);
-    let closed = match &opened.qcow2 {
-        Some(q) => q.close(),
-        None => opened.device.flush(),
-    };
-    // An image marked corrupt while open is closed silently, as by qemu-io: the corruption
-    // was reported when it was found, and nothing more is written.
-    let marked = opened.qcow2.as_ref().is_some_and(|q| {
-        q.header()
-            .incompatible
-            .contains(qcow2kit::format::features::IncompatibleFeatures::CORRUPT)
-    });
-    if let (Err(e), false) = (closed, marked) {
-        return fail(format!("io: closing {file}: {e}"));
+    if let Some(img) = s.img.take() {
+        let name = img.spec.name.clone().unwrap_or_default();
+        if let Err(e) = close_image(img) {
+            return fail(format!("io: closing {name}: {e}"));
+        }
     }
     u8::from(failed)
-}
-
-/// Opens the image as qemu-io does: writable unless `read_only`, the chain followed, locked
-/// as QEMU locks (`force_share`: read-only, sharing everything).
-fn open_image(
-    file: &str,
-    format: Option<&str>,
-    read_only: bool,
-    force_share: bool,
-) -> Result<Opened, String> {
-    if force_share && !read_only {
-        return Err(FORCE_SHARE_WRITABLE.into());
-    }
-    let path = Path::new(file);
-    let lib = |e: qcow2kit::Error| match e {
-        qcow2kit::Error::Io { source, .. } => {
-            let s = source.to_string();
-            let s = s
-                .rfind(" (os error ")
-                .map_or(s.as_str(), |i| &s[..i])
-                .to_string();
-            format!("Could not open '{file}': {s}")
-        }
-        other => crate::common::open_error_text(&other),
-    };
-    let fmt = match format {
-        Some(f) => parse_format(f).map_err(|_| format!("Unknown driver '{f}'"))?,
-        None => {
-            let f = probe_file(path).map_err(lib)?;
-            if f == ImageFormat::Raw {
-                errln!(
-                    "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
-                     Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
-                     Specify the 'raw' format explicitly to remove the restrictions."
-                );
-            }
-            f
-        }
-    };
-    let opts = OpenOptions {
-        writable: !read_only,
-        locking: locking(force_share),
-        ..crate::common::qemu_options()
-    };
-    open(path, fmt, &opts).map_err(lib)
 }
