@@ -165,6 +165,27 @@ fn corruption_events_match_qemu_io() {
     }
 }
 
+#[test]
+fn an_l2_table_placed_on_the_header_is_refused_as_qemu_io_refuses_it() {
+    // iotest 137: a fresh image whose first refcounts read 0, then a write that needs an L2
+    // table: the allocator's first free cluster is the header.
+    let d = tempfile::tempdir().expect("scratch directory");
+    for name in ["q.qcow2", "k.qcow2"] {
+        let c = run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", name, "64M"],
+            d.path(),
+        );
+        assert_eq!(c.code, Some(0), "{c:?}");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(name))
+            .and_then(|f| f.write_all_at(&[0u8; 8], 2 * CS))
+            .expect("damaging the image");
+    }
+    same_as_qemu_io_in(d.path(), "L2 table at offset 0", &["write 64k 64k"]);
+}
+
 /// Sets a field of the first bitmap directory entry of `path` (QEMU's constraints on it are
 /// checked at every open).
 fn damage_bitmap(path: &Path, field_offset: u64, bytes: &[u8]) {

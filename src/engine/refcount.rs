@@ -218,6 +218,19 @@ impl Refcounts {
         n: u64,
         file_end: &mut u64,
     ) -> Result<u64> {
+        self.alloc_named(storage, n, file_end, None)
+    }
+
+    /// [`alloc`](Self::alloc) for a structure QEMU names when damaged refcounts would place
+    /// it at offset 0 (the header): `Preventing invalid allocation of NAME at offset 0`, a
+    /// corruption, instead of the overlap error.
+    pub(crate) fn alloc_named(
+        &mut self,
+        storage: &dyn Storage,
+        n: u64,
+        file_end: &mut u64,
+        name: Option<&str>,
+    ) -> Result<u64> {
         if n == 0 {
             return Err(Error::InvalidArgument("allocation of zero clusters".into()));
         }
@@ -239,6 +252,11 @@ impl Refcounts {
                 return Err(Error::Unsupported(
                     "image would exceed the largest offset".into(),
                 ));
+            }
+            if let (0, Some(what)) = (start, name) {
+                return Err(super::corrupt::inconsistent(format!(
+                    "Preventing invalid allocation of {what} at offset 0"
+                )));
             }
             self.refuse_metadata(start, n)?;
             // Make sure blocks cover the run; creating one takes a cluster, so search again.

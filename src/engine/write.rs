@@ -209,7 +209,7 @@ impl Qcow2Image {
             let Meta { refs, file_end, .. } = &mut *m;
             refs.as_mut()
                 .ok_or(Error::ReadOnly)?
-                .alloc(s, 1, file_end)?
+                .alloc_named(s, 1, file_end, Some("L2 table"))?
         };
         let mut content = vec![0u8; cs as usize];
         if old != 0 {
