@@ -774,6 +774,29 @@ fn io_streams_match_qemu_io() {
 }
 
 #[test]
+fn io_vector_commands_match_qemu_io() {
+    let cmds = [
+        "writev 1 512 1k",
+        "readv -P 0xcd 1 512 1k",
+        "readv -v 0 16",
+        "writev -P 5 0 x",
+        "readv 0",
+        "writev -q -P 7 64k 4k 4k",
+        "readv -C 64k 4k 4k",
+        "writev 1M 512",
+        "readv -P 1 0 512",
+        "writev 0 3G",
+        "readv 0 1G 1G 1G",
+        "writev -f -P 9 900k \t8k",
+        "readv -P 9 900k 8k",
+        "readv -q -P 7 64k 8k",
+    ];
+    io_case("-f qcow2 IMG 1M", &[], &cmds);
+    io_case("-f qcow2 -b base.qcow2 -F qcow2 IMG", &[], &cmds);
+    io_case("-f qcow2 IMG 1M", &["-r"], &cmds);
+}
+
+#[test]
 fn io_errors_match_qemu_io() {
     let c = "-f qcow2 IMG 1M";
     for cmds in [

@@ -41,6 +41,26 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         nofile: false,
     },
     CmdInfo {
+        name: "readv",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        args: "[-Cqv] [-P pattern] off len [len..]",
+        oneline: "reads a number of bytes at a specified offset",
+        writes: false,
+        nofile: false,
+    },
+    CmdInfo {
+        name: "writev",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        args: "[-Cfq] [-P pattern] off len [len..]",
+        oneline: "writes a number of bytes at a specified offset",
+        writes: true,
+        nofile: false,
+    },
+    CmdInfo {
         name: "discard",
         alt: Some("d"),
         argmin: 2,
@@ -145,14 +165,12 @@ pub(super) const UNSUPPORTED: &[&str] = &[
     "info",
     "i",
     "map",
-    "readv",
     "remove_break",
     "resume",
     "sleep",
     "truncate",
     "t",
     "wait_break",
-    "writev",
     "zone_append",
     "zone_close",
     "zone_finish",
@@ -247,6 +265,8 @@ impl Session {
         }
         match ci.name {
             "read" => self.read(ci, name, img, args),
+            "readv" => self.readv(ci, name, img, args),
+            "writev" => self.writev(ci, name, img, args),
             "write" => self.write(ci, name, img, args),
             "discard" => self.discard(ci, name, img, args),
             "flush" => match img.dev.flush() {
@@ -282,12 +302,12 @@ impl Session {
     }
 
     /// The block layer's request check: inside the device.
-    fn in_range(img: &Image, offset: i64, count: i64) -> bool {
+    pub(super) fn in_range(img: &Image, offset: i64, count: i64) -> bool {
         let size = img.dev.size();
         (offset as u64) <= size && size - offset as u64 >= count as u64
     }
 
-    fn after_write(img: &Image) -> Result<(), i32> {
+    pub(super) fn after_write(img: &Image) -> Result<(), i32> {
         if img.writethrough {
             img.dev.flush().map_err(|e| errno_of(&e))?;
         }

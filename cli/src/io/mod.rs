@@ -48,6 +48,7 @@ mod output;
 mod qcow2_opts;
 mod qopts;
 mod signal;
+mod vector;
 
 use crate::args::{opt, parse, Spec};
 use crate::common::fail;

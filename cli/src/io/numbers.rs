@@ -6,6 +6,8 @@ use super::output::{Out, EINVAL, ERANGE};
 /// and a B/K/M/G/T/P/E suffix (binary units), or hexadecimal without either. Errors are errno
 /// values (`EINVAL`, `ERANGE`).
 pub(super) fn strtosz(s: &str) -> Result<u64, i32> {
+    // strtoull skips leading white space (a tab between operands reaches here as such).
+    let s = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
     let b = s.as_bytes();
     let mut i = 0;
     if b.first() == Some(&b'+') {
