@@ -774,8 +774,18 @@ fn io_streams_match_qemu_io() {
 }
 
 #[test]
-fn io_vector_commands_match_qemu_io() {
+fn io_vector_and_alloc_commands_match_qemu_io() {
     let cmds = [
+        "write -z 128k 64k",
+        "alloc 0 1M",
+        "alloc 0",
+        "alloc 1 512",
+        "a 128k 64k",
+        "alloc 512k 2M",
+        "alloc 2M 512",
+        "alloc x",
+        "map",
+        "map x",
         "writev 1 512 1k",
         "readv -P 0xcd 1 512 1k",
         "readv -v 0 16",

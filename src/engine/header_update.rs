@@ -215,10 +215,11 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Makes `len` bytes at `offset` read as zeros with the zero flag (or real zeros on a
-    /// version 2 image) even where the image has no backing file and leaves them unallocated,
-    /// so that they still read as zeros once it has one.
-    pub(crate) fn write_zeroes_explicit(&self, offset: u64, len: u64) -> Result<()> {
+    /// As [`BlockDevice::write_zeroes`], and clusters the image leaves unallocated are marked
+    /// zero too (the zero flag; real zeros on a version 2 image) even without a backing file,
+    /// so that they still read as zeros once the image has one — what QEMU's zero writes do
+    /// (`qemu-io write -z`), and what a rebase needs.
+    pub fn write_zeroes_flagged(&self, offset: u64, len: u64) -> Result<()> {
         self.guard(self.zero_impl(offset, len, ZeroMode::Explicit))
     }
 

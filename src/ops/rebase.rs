@@ -446,7 +446,7 @@ fn write_differences(
         let data = &old[s..e];
         if sides.old_is_zero || is_zero(data) {
             // Explicit zeros: a range the image leaves unallocated reads the new backing file.
-            top.write_zeroes_explicit(at, data.len() as u64)?;
+            top.write_zeroes_flagged(at, data.len() as u64)?;
             stats.zeroed += data.len() as u64;
         } else if compress {
             write_compressed_run(top, at, data)?;

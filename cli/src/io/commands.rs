@@ -41,6 +41,26 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         nofile: false,
     },
     CmdInfo {
+        name: "alloc",
+        alt: Some("a"),
+        argmin: 1,
+        argmax: Some(2),
+        args: "offset [count]",
+        oneline: "checks if offset is allocated in the file",
+        writes: false,
+        nofile: false,
+    },
+    CmdInfo {
+        name: "map",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "prints the allocated areas of a file",
+        writes: false,
+        nofile: false,
+    },
+    CmdInfo {
         name: "readv",
         alt: None,
         argmin: 2,
@@ -157,14 +177,11 @@ pub(super) const UNSUPPORTED: &[&str] = &[
     "aio_flush",
     "aio_read",
     "aio_write",
-    "alloc",
-    "a",
     "break",
     "help",
     "?",
     "info",
     "i",
-    "map",
     "remove_break",
     "resume",
     "sleep",
@@ -266,6 +283,8 @@ impl Session {
         match ci.name {
             "read" => self.read(ci, name, img, args),
             "readv" => self.readv(ci, name, img, args),
+            "alloc" => self.alloc(ci, img, args),
+            "map" => self.map(img),
             "writev" => self.writev(ci, name, img, args),
             "write" => self.write(ci, name, img, args),
             "discard" => self.discard(ci, name, img, args),
@@ -542,9 +561,12 @@ impl Session {
         } else if !Self::in_range(img, offset, count) {
             Err(EIO)
         } else if zflag {
-            img.dev
-                .write_zeroes(offset as u64, count as u64)
-                .map_err(|e| errno_of(&e))
+            // QEMU marks unallocated clusters zero as well.
+            match &img.qcow2 {
+                Some(q) => q.write_zeroes_flagged(offset as u64, count as u64),
+                None => img.dev.write_zeroes(offset as u64, count as u64),
+            }
+            .map_err(|e| errno_of(&e))
         } else if cflag {
             Self::write_compressed(img, &buf, offset as u64)
         } else {

@@ -39,6 +39,7 @@ macro_rules! out {
     ($o:expr, $($arg:tt)*) => { $o.print(&format!($($arg)*)) };
 }
 
+mod alloc;
 mod commands;
 mod getopt;
 mod numbers;
