@@ -147,3 +147,44 @@ fn safe_rebase_keeps_content_and_copies_nothing_onto_identical_data() {
     let info = w.img(&["info", "top.qcow2"]);
     assert!(!info.contains("backing file"), "{info}");
 }
+
+#[test]
+fn header_switch_after_the_refcount_table_grew_names_the_new_table() {
+    // 512-byte clusters: one refcount table cluster covers 8 MiB, so flattening 16 MiB of data
+    // grows the table while the image is open; the header switch afterwards must name the new
+    // table (it named the old one, and every refcount then read 0).
+    let w = Work::new();
+    w.img(&["create", "-q", "-f", "qcow2", "base.qcow2", "24M"]);
+    w.io("qcow2", "base.qcow2", &["write -P 1 0 16M"]);
+    w.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    w.img(&["convert", "-O", "raw", "top.qcow2", "before.raw"]);
+    let mut opts = OpenOptions::qemu_compatible();
+    opts.writable = true;
+    let img = open(&w.path("top.qcow2"), ImageFormat::Qcow2, &opts).expect("open");
+    rebase(&img, None, &RebaseOptions::default()).expect("flatten");
+    img.close().expect("close");
+    let check = w.img(&["check", "top.qcow2"]);
+    assert!(check.contains("No errors"), "{check}");
+    let cmp = w.img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "before.raw",
+    ]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}

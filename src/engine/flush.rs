@@ -57,6 +57,7 @@ impl Qcow2Image {
             ));
         }
         let r = self.flush_steps(m);
+        m.sync_refcount_table();
         if r.is_err() {
             m.broken = true;
         }

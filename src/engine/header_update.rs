@@ -97,6 +97,7 @@ impl Qcow2Image {
         let _all = self.lock_everything()?;
         let mut m = self.lock_meta();
         self.flush_locked(&mut m)?;
+        m.sync_refcount_table();
         let mut header = normalized_for_rewrite(&m.header);
         let (mut ext, mut name) = {
             let area = self.area();

@@ -81,6 +81,17 @@ impl Meta {
     pub(crate) fn refs(&mut self) -> Result<&mut Refcounts> {
         self.refs.as_mut().ok_or(Error::ReadOnly)
     }
+
+    /// Makes the header's refcount table fields name the table where it is now: a growth of
+    /// the table switches the header on disk from inside the allocator, which cannot reach
+    /// this copy. Every rewrite of the header from this copy must come after this.
+    pub(crate) fn sync_refcount_table(&mut self) {
+        if let Some(r) = &self.refs {
+            let (offset, clusters) = r.table_location();
+            self.header.refcount_table_offset = offset;
+            self.header.refcount_table_clusters = clusters as u32;
+        }
+    }
 }
 
 /// Reads the slice at `key` into `buf`.

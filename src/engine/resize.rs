@@ -378,6 +378,7 @@ impl Qcow2Image {
     /// entries are cleared and flushed first, then the blocks' own refcounts drop (a crash in
     /// between leaks them, nothing worse), then the in-memory refcounts are reloaded.
     fn drop_unused_refblocks(&self, m: &mut Meta) -> Result<()> {
+        m.sync_refcount_table();
         let table = self.durable_reftable(m)?;
         let s = self.storage.as_ref();
         let (cb, cs) = (self.geo.cluster_bits, self.geo.cluster_size);
