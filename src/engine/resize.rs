@@ -54,6 +54,9 @@ impl Qcow2Image {
             ));
         }
         let old_size = self.size();
+        if new_size != old_size {
+            self.check_bitmaps_resize(new_size)?;
+        }
         if new_size != old_size && !self.snapshots().is_empty() {
             let v2 = self.lock_meta().header.version < 3;
             if v2 {
@@ -74,6 +77,7 @@ impl Qcow2Image {
         } else if new_size > old_size {
             self.grow(old_size, new_size)?;
         }
+        self.resize_bitmaps(new_size);
         Ok(())
     }
 
