@@ -413,6 +413,12 @@ impl Qcow2Image {
         let mut frees = Vec::new();
         {
             let mut m = self.lock_meta();
+            if m.broken {
+                // The disk may lag the memory: write nothing; the bitmaps stay in use.
+                return Err(Error::Unsupported(
+                    "an earlier metadata write failed; the persistent bitmaps stay in use".into(),
+                ));
+            }
             for t in &st.list {
                 let Some(bits) = &t.bits else {
                     entries.push(t.entry.clone());
