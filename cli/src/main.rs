@@ -8,6 +8,7 @@ mod stdio;
 
 mod amend;
 mod args;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
@@ -35,6 +36,8 @@ Commands (qemu-img compatible):
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
+  bitmap (--add [-g G] [--disable] | --remove | --clear | --enable | --disable |
+          --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
 
 qemu-io compatible:
   io [-f FMT] [-r] [-U] [-c CMD]... FILE   (read, write, discard, flush, length, abort, quit)
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
         "amend" => amend::run(rest),
+        "bitmap" => bitmap::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

@@ -114,13 +114,15 @@ impl DirtyBitmap {
         self.words.fill(0);
     }
 
-    /// Marks dirty every range `other` has dirty (the granularities may differ). Refused when
-    /// the two cover different sizes, as QEMU refuses it.
+    /// Marks dirty every range `other` has dirty (the granularities may differ). Refused, in
+    /// QEMU's words, when the two cover different sizes.
     pub fn merge(&mut self, other: &DirtyBitmap) -> Result<()> {
         if other.size != self.size {
-            return Err(Error::InvalidArgument(
-                "Bitmaps are incompatible and can't be merged".into(),
-            ));
+            return Err(Error::InvalidArgument(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) \
+                 and can't be merged",
+                self.size, other.size
+            )));
         }
         for (offset, len) in other.extents() {
             self.mark(offset, len);
