@@ -294,7 +294,7 @@ fn bitmap(args: &[String]) -> Result<(), String> {
     drop(opened);
     if let Err(e) = r {
         let msg = match e.error {
-            qcow2kit::Error::InvalidArgument(m) => m,
+            qcow2kit::Error::InvalidArgument(m) | qcow2kit::Error::Unsupported(m) => m,
             other => other.to_string(),
         };
         let persistent = format!("Can't make bitmap '{name}' persistent: ");

@@ -39,7 +39,11 @@ fn norm(b: &[u8]) -> String {
 }
 
 fn bitmap_listing(dir: &Path) -> String {
-    let o = exec("qemu-img", &["info", "-f", "qcow2", "a.qcow2"], dir);
+    listing(dir, "qemu-img")
+}
+
+fn listing(dir: &Path, prog: &str) -> String {
+    let o = exec(prog, &["info", "-f", "qcow2", "a.qcow2"], dir);
     assert!(o.status.success(), "qemu-img info: {o:?}");
     let s = String::from_utf8_lossy(&o.stdout).into_owned();
     match (s.find("bitmaps:"), s.find("refcount bits")) {

@@ -37,9 +37,10 @@ use crate::format::features::AutoclearFeatures;
 use crate::io::StorageExt;
 use std::sync::MutexGuard;
 
-/// Most memory the bits of all bitmaps of one image may take (a 1 TiB disk tracked at the
-/// smallest granularity, 512 bytes, needs 256 MiB).
-pub const MAX_BITMAP_MEMORY: u64 = 256 << 20;
+/// Most memory the bits of all bitmaps of one image may take: twice the most one bitmap may
+/// take in QEMU (512 MiB, a 2 TiB disk tracked at 512 bytes). The bits are allocated zeroed
+/// (pages the system hands out on first touch).
+pub const MAX_BITMAP_MEMORY: u64 = 1 << 30;
 
 /// The hint QEMU appends to "is inconsistent and cannot be used".
 pub const INCONSISTENT_HINT: &str = "Try block-dirty-bitmap-remove to delete this bitmap from disk";
