@@ -285,3 +285,154 @@ fn v2_and_sizes_match_qemu_img() {
         ],
     );
 }
+
+/// `convert --bitmaps` of `src.qcow2` (made by `setup` in both folders) by both tools.
+fn convert_case(setup: &[&[&str]], args: &[&str]) {
+    let root = tempfile::Builder::new()
+        .prefix("qcow2kit-cli-bitmap-convert-")
+        .tempdir()
+        .expect("temporary directory");
+    let (q, k) = (root.path().join("q"), root.path().join("k"));
+    for d in [&q, &k] {
+        std::fs::create_dir(d).expect("mkdir");
+        for cmd in setup {
+            let _ = exec(cmd[0], &cmd[1..], d);
+        }
+    }
+    let mut full = vec!["convert"];
+    full.extend(args);
+    let qo = exec("qemu-img", &full, &q);
+    let ko = exec(QCOW2KIT, &full, &k);
+    let what = format!("convert {} after {setup:?}", args.join(" "));
+    assert_eq!(
+        ko.status.code(),
+        qo.status.code(),
+        "{what}: exit status\n{ko:?}"
+    );
+    assert_eq!(norm(&ko.stdout), norm(&qo.stdout), "{what}: stdout");
+    assert_eq!(norm(&ko.stderr), norm(&qo.stderr), "{what}: stderr");
+    let out = args.last().expect("target");
+    assert_eq!(
+        q.join(out).exists(),
+        k.join(out).exists(),
+        "{what}: target created"
+    );
+    if out.ends_with(".qcow2") && q.join(out).exists() {
+        for d in [&q, &k] {
+            std::fs::copy(d.join(out), d.join("a.qcow2")).expect("copy");
+        }
+        assert_eq!(
+            bitmap_listing(&k),
+            bitmap_listing(&q),
+            "{what}: qemu-img info"
+        );
+        let check = exec("qemu-img", &["check", "a.qcow2"], &k);
+        assert!(
+            check.status.success(),
+            "{what}: qemu-img check of ours: {check:?}"
+        );
+        assert_eq!(bits(&k), bits(&q), "{what}: bits");
+    }
+}
+
+#[test]
+fn convert_bitmaps_matches_qemu_img() {
+    let source: &[&[&str]] = &[
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "src.qcow2",
+            "16M",
+        ],
+        &["qemu-img", "bitmap", "--add", "src.qcow2", "good"],
+        &[
+            "qemu-img",
+            "bitmap",
+            "--add",
+            "-g",
+            "512",
+            "--disable",
+            "src.qcow2",
+            "off",
+        ],
+        &[
+            "qemu-io",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "write 9M 1k",
+            "src.qcow2",
+        ],
+        &["qemu-img", "bitmap", "--enable", "src.qcow2", "off"],
+        &["qemu-io", "-c", "write 1M 512", "src.qcow2"],
+        &["qemu-img", "bitmap", "--add", "src.qcow2", "third"],
+    ];
+    convert_case(
+        source,
+        &["--bitmaps", "-O", "qcow2", "src.qcow2", "out.qcow2"],
+    );
+    convert_case(source, &["-O", "qcow2", "src.qcow2", "out.qcow2"]);
+    convert_case(source, &["--bitmaps", "-O", "raw", "src.qcow2", "out.raw"]);
+    convert_case(
+        source,
+        &[
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+    );
+    convert_case(
+        source,
+        &[
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+    );
+    let mut existing = source.to_vec();
+    existing.push(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "out.qcow2",
+        "16M",
+    ]);
+    convert_case(
+        &existing,
+        &["--bitmaps", "-n", "-O", "qcow2", "src.qcow2", "out.qcow2"],
+    );
+    existing.push(&["qemu-img", "bitmap", "--add", "out.qcow2", "good"]);
+    convert_case(
+        &existing,
+        &["--bitmaps", "-n", "-O", "qcow2", "src.qcow2", "out.qcow2"],
+    );
+    let mut broken = source.to_vec();
+    broken.push(&["qemu-io", "-c", "abort", "src.qcow2"]);
+    broken.push(&["qemu-img", "bitmap", "--add", "src.qcow2", "fresh"]);
+    convert_case(
+        &broken,
+        &["--bitmaps", "-O", "qcow2", "src.qcow2", "out.qcow2"],
+    );
+    convert_case(
+        &broken,
+        &[
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+    );
+}

@@ -420,7 +420,11 @@ impl Qcow2Image {
                     "an earlier metadata write failed; the persistent bitmaps stay in use".into(),
                 ));
             }
-            for t in &st.list {
+            // The bitmaps in the directory keep their places; those added since open follow,
+            // the newest first, as QEMU stores them.
+            let (stored, added): (Vec<&Tracked>, Vec<&Tracked>) =
+                st.list.iter().partition(|t| t.entry.table_offset != 0);
+            for t in stored.into_iter().chain(added.into_iter().rev()) {
                 let Some(bits) = &t.bits else {
                     entries.push(t.entry.clone());
                     continue;
