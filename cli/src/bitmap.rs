@@ -8,11 +8,14 @@
 //! messages by a generated name (`#blockNNN`, different on every run); qcow2kit prints one of
 //! the same form.
 //!
-//! Not covered: `--object`, `--image-opts`.
+//! The image may be named by `--image-opts driver=FMT,file.driver=file,file.filename=PATH`;
+//! the source of a merge (`-b`) is opened without its backing file, as qemu-img opens it.
+//!
+//! Not covered: `--object`, other `--image-opts` options.
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{open_error_text, parse_format, parse_size, prog, qemu_options};
-use qcow2kit::chain::{open, probe_file, ImageFormat, Opened};
+use qcow2kit::chain::{open, probe_file, BackingPolicy, ImageFormat, Opened};
 use qcow2kit::error::strerror;
 use qcow2kit::ops::bitmap::{run as run_actions, BitmapAction};
 use std::path::Path;
@@ -195,6 +198,36 @@ fn open_as(file: &str, format: ImageFormat, writable: bool) -> Result<Opened, St
     open(Path::new(file), format, &o).map_err(|e| open_error(file, &e))
 }
 
+/// The source of a merge: read-only, its backing file not opened.
+fn open_source(file: &str, format: ImageFormat) -> Result<Opened, String> {
+    let mut o = qemu_options();
+    o.backing = BackingPolicy::Ignore;
+    open(Path::new(file), format, &o).map_err(|e| open_error(file, &e))
+}
+
+/// The file and format of an `--image-opts` specification (`driver=FMT,file.driver=file,
+/// file.filename=PATH`).
+fn image_opts(spec: &str) -> Result<(String, ImageFormat), String> {
+    let mut path = None;
+    let mut format = None;
+    for (k, v) in crate::check::split_opts(spec) {
+        match k.as_str() {
+            "driver" => format = Some(v),
+            "file.filename" => path = Some(v),
+            "file.driver" if v == "file" => {}
+            _ => {
+                return Err(format!(
+                    "bitmap: --image-opts option '{k}={v}' is not supported"
+                ))
+            }
+        }
+    }
+    let path =
+        path.ok_or("Could not open: A block device must be specified for \"file\"".to_string())?;
+    let format = format_of(&path, format.as_deref())?;
+    Ok((path, format))
+}
+
 /// A generated node name of the form qemu-img prints.
 fn node_name() -> String {
     format!("#block{}", 100 + std::process::id() % 900)
@@ -242,10 +275,18 @@ fn bitmap(args: &[String]) -> Result<(), String> {
     let [file, name] = p.operands.as_slice() else {
         return Err("Expecting filename and bitmap name".into());
     };
-    if p.has("object") || p.has("image-opts") {
-        return Err("bitmap: --object and --image-opts are not supported".into());
+    if p.has("object") {
+        return Err("bitmap: --object is not supported".into());
     }
-    let format = format_of(file, p.last("f"))?;
+    let (file, format) = if p.has("image-opts") {
+        if p.has("f") {
+            return Err("--image-opts and --format are mutually exclusive".into());
+        }
+        image_opts(file)?
+    } else {
+        (file.clone(), format_of(file, p.last("f"))?)
+    };
+    let file = file.as_str();
     if format == ImageFormat::Raw {
         let first = &acts[0];
         return Err(format!(
@@ -261,7 +302,8 @@ fn bitmap(args: &[String]) -> Result<(), String> {
         .clone()
         .ok_or_else(|| format!("Could not open '{file}': not a qcow2 image"))?;
     let source = match p.last("b") {
-        Some(src) => Some(open_as(src, format_of(src, p.last("F"))?, false)?),
+        // As qemu-img, without its backing file (which may be the image being changed).
+        Some(src) => Some(open_source(src, format_of(src, p.last("F"))?)?),
         None => None,
     };
     let source_image = source.as_ref().and_then(|s| s.qcow2.clone());

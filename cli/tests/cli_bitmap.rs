@@ -92,10 +92,6 @@ fn case(create: &[&str], steps: &[Step<'_>]) {
     let (q, k) = (root.path().join("q"), root.path().join("k"));
     for d in [&q, &k] {
         std::fs::create_dir(d).expect("mkdir");
-        let mut a = vec!["create", "-q", "-f", "qcow2"];
-        a.extend(create);
-        let o = exec("qemu-img", &a, d);
-        assert!(o.status.success(), "create: {o:?}");
         let o = exec(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"],
@@ -106,6 +102,10 @@ fn case(create: &[&str], steps: &[Step<'_>]) {
         assert!(o.status.success(), "bitmap: {o:?}");
         let o = exec("qemu-io", &["-c", "write 5M 64k", "s.qcow2"], d);
         assert!(o.status.success(), "qemu-io: {o:?}");
+        let mut a = vec!["create", "-q", "-f", "qcow2"];
+        a.extend(create);
+        let o = exec("qemu-img", &a, d);
+        assert!(o.status.success(), "create: {o:?}");
     }
     for (i, step) in steps.iter().enumerate() {
         let what = format!("step {i} of case {create:?}");
@@ -183,6 +183,12 @@ fn actions_match_qemu_img() {
             Bitmap(&["--add", "--merge", "a", "a.qcow2", "d"]),
             Bitmap(&["--disable", "a.qcow2", "d"]),
             Bitmap(&["--remove", "a.qcow2", "a"]),
+            Bitmap(&[
+                "--remove",
+                "--image-opts",
+                "driver=qcow2,file.driver=file,file.filename=a.qcow2",
+                "d",
+            ]),
             Bitmap(&["-g", "0x200", "--add", "a.qcow2", "hex"]),
             Bitmap(&["--add", "-g", "2G", "a.qcow2", "huge"]),
             Bitmap(&["--add", "-g", "4294967808", "a.qcow2", "wrapped"]),
@@ -250,6 +256,23 @@ fn inconsistent_bitmaps_match_qemu_img() {
             Io(&["write 2M 4k"]),
             Bitmap(&["--remove", "a.qcow2", "bad"]),
             Bitmap(&["--remove", "a.qcow2", "off"]),
+        ],
+    );
+}
+
+#[test]
+fn merge_from_an_overlay_into_its_backing_file() {
+    use Step::*;
+    case(
+        &["-b", "s.qcow2", "-F", "qcow2", "a.qcow2", "64M"],
+        &[
+            Bitmap(&["--add", "a.qcow2", "top"]),
+            Io(&["write 1M 64k"]),
+            Bitmap(&[
+                "--add", "--merge", "top", "-b", "a.qcow2", "-F", "qcow2", "-f", "qcow2",
+                "s.qcow2", "b3",
+            ]),
+            Bitmap(&["--merge", "src", "-b", "s.qcow2", "a.qcow2", "top"]),
         ],
     );
 }
