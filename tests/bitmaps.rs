@@ -414,3 +414,60 @@ fn memory_is_bounded() {
     assert!(err.to_string().contains("memory"), "{err}");
     assert!(!qemu_img(&["info", "big.qcow2"], dir).contains("in-use"));
 }
+
+#[test]
+fn writes_after_close_are_refused_while_bitmaps_are_stored() {
+    let d = scratch();
+    let dir = d.path();
+    make_image(dir, "k.qcow2", 4 * M, 65536);
+    let o = open_rw(&dir.join("k.qcow2"));
+    let q = o.qcow2.clone().expect("qcow2");
+    q.write_at(&[1; 512], 0).expect("write");
+    q.close().expect("close");
+    // The stored bitmaps would not describe a later write: it is refused, never lost.
+    assert!(q.write_at(&[1; 512], M).is_err());
+    assert!(q.discard(0, 65536).is_err());
+    assert!(q.resize(8 * M, false).is_err());
+    drop(q);
+    drop(o);
+    assert_check_clean(dir, "k.qcow2", "after close");
+    assert_eq!(
+        read_bits(dir, "k.qcow2", "b64k").extents(),
+        vec![(0, 65536)]
+    );
+    // An image without bitmaps keeps taking writes after a close, as before.
+    qemu_img(&["create", "-f", "qcow2", "plain.qcow2", "4M"], dir);
+    let o = open_rw(&dir.join("plain.qcow2"));
+    let q = o.qcow2.clone().expect("qcow2");
+    q.close().expect("close");
+    q.write_at(&[1; 512], M).expect("write after close");
+}
+
+#[test]
+fn concurrent_writers_are_all_tracked() {
+    let d = scratch();
+    let dir = d.path();
+    make_image(dir, "k.qcow2", 16 * M, 4096);
+    let o = open_rw(&dir.join("k.qcow2"));
+    let q = o.qcow2.clone().expect("qcow2");
+    let mut want = Vec::new();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let q = q.clone();
+            s.spawn(move || {
+                for i in 0..32u64 {
+                    let off = (t * 32 + i) * 128 * K;
+                    q.write_at(&[t as u8 + 1; 4096], off).expect("write");
+                }
+            });
+        }
+    });
+    for i in 0..128u64 {
+        want.push((i * 128 * K, 4096));
+    }
+    drop(q);
+    drop(o);
+    assert_check_clean(dir, "k.qcow2", "after concurrent writes");
+    assert_eq!(read_bits(dir, "k.qcow2", "b4k").extents(), want);
+    assert_eq!(read_bits(dir, "k.qcow2", "b512").extents(), want);
+}

@@ -570,6 +570,10 @@ impl Qcow2Image {
     /// Removes the persistent bitmap `name` from the image at once (inconsistent ones too),
     /// freeing its clusters, as QEMU's `block-dirty-bitmap-remove` does.
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+        self.guard(self.remove_bitmap_impl(name))
+    }
+
+    fn remove_bitmap_impl(&self, name: &str) -> Result<()> {
         let _ops = self.bitmap_ops();
         let (entries, frees) = {
             let st = self.bitmap_state();
