@@ -4,6 +4,8 @@
 //! index (post-crash states drawn with [`CrashStorage::choice_sets`]), and with an EIO or a
 //! sticky ENOSPC at every write and flush index.
 //!
+//! The session stores the bitmaps twice: it writes again after a first close.
+//!
 //! The invariant (issue 12, item 4): after any crash or failure the image has no corruption
 //! (`ops::check`, and `qemu-img check` on a sample: leaks allowed), and every bitmap is either
 //! flagged in use (inconsistent: QEMU discards it) or exactly right: the bits it held before
@@ -98,10 +100,14 @@ fn session(s: Arc<dyn Storage>) -> Result<(), String> {
     img.discard(0, 32 * 1024).map_err(e)?;
     img.flush().map_err(e)?;
     img.write_at(&[9; 512], SIZE - 512).map_err(e)?;
+    img.close().map_err(e)?;
+    // A write after a close flags the bitmaps again; the next close stores them again.
+    img.write_at(&[3; 1024], 600 * 1024).map_err(e)?;
     img.close().map_err(e)
 }
 
 const RANGES: &[(u64, u64)] = &[
+    (600 * 1024, 1024),
     (100_000, 5000),
     (300 * 1024, 8192),
     (0, 32 * 1024),

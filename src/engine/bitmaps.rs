@@ -3,36 +3,45 @@
 //!
 //! Life cycle:
 //! - Writable open ([`Qcow2Image::activate_bitmaps`]): the data of every bitmap not flagged in
-//!   use is read into memory (all of it bounded by [`MAX_BITMAP_MEMORY`]) and those bitmaps are
-//!   flagged in use on disk, enabled and disabled alike, as QEMU flags them. A bitmap flagged in
+//!   use is read into memory (all of it bounded by [`MAX_BITMAP_MEMORY`]). A bitmap flagged in
 //!   use at open was left so by a writer that did not close the image: it is inconsistent, kept
 //!   as it is on disk, and refused for every use but removal, as in QEMU.
+//! - Before the guest content changes (the first write, zero write or discard, a resize) every
+//!   enabled bitmap is flagged in use on disk ([`Qcow2Image::flag_bitmaps_in_use`]); a bitmap
+//!   whose bits an operation is about to set (merge) is flagged first too. Invariant: while a
+//!   bitmap's stored bits may be short of what the image holds, the directory on disk flags it
+//!   in use. QEMU flags every bitmap at open; flagging lazily leaves an image opened writable
+//!   and not written byte for byte as it was.
 //! - Every write, zero write and discard marks the bits of its range dirty in every enabled
-//!   bitmap, before the data is written ([`Qcow2Image::track_write`]).
+//!   bitmap, before the data is written ([`Qcow2Image::lock_range_tracked`]).
 //! - Close ([`Qcow2Image::store_bitmaps`]): each loaded bitmap is written to new clusters with
 //!   a new table (a data cluster only where a bit is set), a new directory with the in-use flags
 //!   cleared is written elsewhere and counted, the header is switched to it, and only then are
 //!   the old directory, tables and data freed. A crash before the switch leaves the old
 //!   directory, whose bitmaps are flagged in use (inconsistent); after it, the new one: never a
-//!   clean-looking bitmap with wrong bits. After a close, writes are refused (the stored bitmaps
-//!   would no longer describe them).
+//!   clean-looking bitmap with wrong bits. Writes after a close flag the bitmaps again.
 //!
 //! Every directory change is written elsewhere and switched to with the header (QEMU flags
 //! bitmaps in use at open by clearing the autoclear bit, rewriting the directory in place and
 //! setting the bit again, which loses every bitmap to a crash in between; this is safer).
+//!
+//! Locks: `bitmap_ops` serializes directory rewrites and is taken first, with no range lock
+//! held; the state lock is held only for in-memory work (never across a directory rewrite,
+//! which waits for writes in flight, and those take it).
 
 use super::dirty_bitmap::DirtyBitmap;
 use super::meta::Meta;
+use super::write::RangeGuard;
 use super::Qcow2Image;
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};
 use crate::format::be_u64;
 use crate::format::bitmap::{
-    bytes_per_data_cluster, encode_directory, entry_size, table_entries, BitmapEntry, TableEntry,
-    FLAG_AUTO, FLAG_IN_USE, MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE,
+    bytes_per_data_cluster, encode_directory, table_entries, BitmapEntry, TableEntry, FLAG_AUTO,
+    FLAG_IN_USE, MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE,
     MIN_GRANULARITY_BITS, TYPE_DIRTY_TRACKING,
 };
-use crate::format::extension::{BitmapsExtension, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
+use crate::format::extension::BitmapsExtension;
 use crate::format::features::AutoclearFeatures;
 use crate::io::StorageExt;
 use std::sync::MutexGuard;
@@ -45,45 +54,49 @@ pub const MAX_BITMAP_MEMORY: u64 = 1 << 30;
 /// The hint QEMU appends to "is inconsistent and cannot be used".
 pub const INCONSISTENT_HINT: &str = "Try block-dirty-bitmap-remove to delete this bitmap from disk";
 
-/// Where the bitmaps of an open image stand.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Read-only, or no bitmaps loaded: nothing to track.
-    #[default]
-    Inactive,
-    /// Loaded and flagged in use on disk: writes are tracked.
-    Active,
-    /// Stored by a close: writes are refused.
-    Closed,
+/// Which bitmaps [`Qcow2Image::flag_bitmaps_in_use`] flags.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Flag<'a> {
+    /// Every enabled bitmap (before a write).
+    Enabled,
+    /// Every bitmap (before a resize, which changes them all).
+    All,
+    /// Every enabled bitmap and this one (before its bits change).
+    Also(&'a str),
 }
 
 /// One bitmap of a writable image.
 #[derive(Debug)]
 pub(crate) struct Tracked {
     /// The directory entry as on disk (table offset 0 for a bitmap added since open).
-    entry: BitmapEntry,
+    pub(crate) entry: BitmapEntry,
     /// The bits; `None` for a bitmap that was in use at open (inconsistent, kept as it is).
-    bits: Option<DirtyBitmap>,
+    pub(crate) bits: Option<DirtyBitmap>,
     /// Tracks writes.
-    enabled: bool,
+    pub(crate) enabled: bool,
     /// Host offsets of the data clusters the on-disk table names.
-    data_clusters: Vec<u64>,
+    pub(crate) data_clusters: Vec<u64>,
 }
 
 /// The bitmaps of an open image (behind their own lock, taken before the metadata lock).
 #[derive(Debug, Default)]
 pub(crate) struct BitmapState {
-    pub(crate) phase: Phase,
-    list: Vec<Tracked>,
+    /// The bitmaps were loaded (writable open): they are kept current.
+    pub(crate) loaded: bool,
+    /// Every enabled bitmap in the directory is flagged in use on disk: writes may proceed.
+    pub(crate) marked: bool,
+    /// Bits, flags or bitmaps changed since the last store.
+    pub(crate) changed: bool,
+    pub(crate) list: Vec<Tracked>,
 }
 
-fn inconsistent(name: &str) -> Error {
+pub(crate) fn inconsistent(name: &str) -> Error {
     Error::InvalidArgument(format!(
         "Bitmap '{name}' is inconsistent and cannot be used\n{INCONSISTENT_HINT}"
     ))
 }
 
-fn not_found(name: &str) -> Error {
+pub(crate) fn not_found(name: &str) -> Error {
     Error::InvalidArgument(format!("Dirty bitmap '{name}' not found"))
 }
 
@@ -93,19 +106,13 @@ fn corrupt(name: &str, rule: &str) -> Error {
     )))
 }
 
-fn closed() -> Error {
-    Error::Unsupported(
-        "the image was closed and its persistent bitmaps stored; reopen it to change them".into(),
-    )
-}
-
 impl Qcow2Image {
     /// Serializes the operations that rewrite the bitmap directory.
-    fn bitmap_ops(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn bitmap_ops(&self) -> MutexGuard<'_, ()> {
         self.bitmap_ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bitmap_state(&self) -> MutexGuard<'_, BitmapState> {
+    pub(crate) fn bitmap_state(&self) -> MutexGuard<'_, BitmapState> {
         // Every change to the state is one assignment or one in-memory bit operation.
         self.bitmap_state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -113,7 +120,11 @@ impl Qcow2Image {
     /// Reads the bits of the bitmap `e` from the image (data clusters, all-zero and all-one
     /// table entries) and the host offsets of its data clusters. `budget` is the memory still
     /// allowed.
-    fn read_bitmap(&self, e: &BitmapEntry, budget: u64) -> Result<(DirtyBitmap, Vec<u64>)> {
+    pub(crate) fn read_bitmap(
+        &self,
+        e: &BitmapEntry,
+        budget: u64,
+    ) -> Result<(DirtyBitmap, Vec<u64>)> {
         let cs = self.geo.cluster_size;
         let size = self.size();
         if e.kind != TYPE_DIRTY_TRACKING || e.extra_data_size != 0 {
@@ -169,13 +180,12 @@ impl Qcow2Image {
         Ok((bits, data))
     }
 
-    /// Loads every bitmap of a writable image and flags those not yet in use so on disk (see
-    /// the module docs). Called once, at open.
+    /// Loads every bitmap of a writable image (see the module docs). Called once, at open.
     pub(crate) fn activate_bitmaps(&self) -> Result<()> {
-        let entries = self.bitmaps();
-        if !self.writable || entries.is_empty() {
+        if !self.writable {
             return Ok(());
         }
+        let entries = self.bitmaps();
         let mut budget = MAX_BITMAP_MEMORY;
         let mut list = Vec::with_capacity(entries.len());
         for e in &entries {
@@ -201,55 +211,108 @@ impl Qcow2Image {
                 data_clusters,
             });
         }
-        let _ops = self.bitmap_ops();
-        if list.iter().any(|t| t.bits.is_some()) {
-            let flagged: Vec<BitmapEntry> = entries
-                .iter()
-                .map(|e| BitmapEntry {
-                    flags: e.flags | FLAG_IN_USE,
-                    ..e.clone()
-                })
-                .collect();
-            self.commit_directory(&flagged, Vec::new())?;
-            for (t, e) in list.iter_mut().zip(flagged) {
-                t.entry = e;
-            }
-        }
         let mut st = self.bitmap_state();
         st.list = list;
-        st.phase = Phase::Active;
+        st.loaded = true;
         Ok(())
     }
 
-    /// Marks `offset..offset + len` dirty in every enabled bitmap; refused once the bitmaps
-    /// were stored by a close. Called by every write, zero write and discard before it
-    /// changes anything.
-    pub(crate) fn track_write(&self, offset: u64, len: u64) -> Result<()> {
-        let mut st = self.bitmap_state();
-        match st.phase {
-            Phase::Inactive => Ok(()),
-            Phase::Closed => Err(closed()),
-            Phase::Active => {
-                for t in st.list.iter_mut().filter(|t| t.enabled) {
-                    if let Some(b) = &mut t.bits {
-                        b.mark(offset, len);
-                    }
+    /// Flags in use on disk the bitmaps `which` names that are in the directory, consistent
+    /// and not flagged yet (see the module docs). Takes no range lock: call it before any.
+    pub(crate) fn flag_bitmaps_in_use(&self, which: Flag<'_>) -> Result<()> {
+        let wanted = |t: &Tracked| {
+            t.bits.is_some()
+                && t.entry.table_offset != 0
+                && t.entry.flags & FLAG_IN_USE == 0
+                && match which {
+                    Flag::Enabled => t.enabled,
+                    Flag::All => true,
+                    Flag::Also(n) => t.enabled || t.entry.name == n,
                 }
-                Ok(())
+        };
+        {
+            let st = self.bitmap_state();
+            if !st.loaded || (st.marked && matches!(which, Flag::Enabled)) {
+                return Ok(());
             }
+        }
+        let _ops = self.bitmap_ops();
+        let entries = {
+            let mut st = self.bitmap_state();
+            if !st.list.iter().any(wanted) {
+                st.marked = true;
+                return Ok(());
+            }
+            st.list
+                .iter()
+                .filter(|t| t.entry.table_offset != 0)
+                .map(|t| BitmapEntry {
+                    flags: t.entry.flags | if wanted(t) { FLAG_IN_USE } else { 0 },
+                    ..t.entry.clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        // The state lock is not held here: committing waits for writes in flight.
+        self.commit_directory(&entries, Vec::new())?;
+        let mut st = self.bitmap_state();
+        for t in st.list.iter_mut() {
+            if let Some(e) = entries.iter().find(|e| e.name == t.entry.name) {
+                t.entry = e.clone();
+            }
+        }
+        st.marked = true;
+        Ok(())
+    }
+
+    /// Locks the guest range `start..end` for a write, zero write or discard of
+    /// `offset..offset + len`, with the bits of the range marked dirty in every enabled bitmap
+    /// and those bitmaps flagged in use on disk (see the module docs).
+    pub(crate) fn lock_range_tracked(
+        &self,
+        start: u64,
+        end: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<RangeGuard<'_>> {
+        loop {
+            self.flag_bitmaps_in_use(Flag::Enabled)?;
+            let g = self.lock_range(start, end);
+            let mut st = self.bitmap_state();
+            if !st.loaded {
+                return Ok(g);
+            }
+            if !st.marked {
+                // A store cleared the flags meanwhile: flag them again first.
+                drop(st);
+                drop(g);
+                continue;
+            }
+            let mut any = false;
+            for t in st.list.iter_mut().filter(|t| t.enabled) {
+                if let Some(b) = &mut t.bits {
+                    b.mark(offset, len);
+                    any = true;
+                }
+            }
+            st.changed |= any;
+            return Ok(g);
         }
     }
 
     /// Refuses a resize while a bitmap is inconsistent or would be too large at `new_size`
-    /// (QEMU refuses the first; the second it finds only when storing, and loses the bitmaps).
+    /// (QEMU refuses the first; the second it finds only when storing, and loses the bitmaps),
+    /// or while the bitmaps are not flagged in use (a close storing them meanwhile). Called
+    /// with the whole range locked, after [`Flag::All`] flagging.
     pub(crate) fn check_bitmaps_resize(&self, new_size: u64) -> Result<()> {
         let st = self.bitmap_state();
-        if st.phase == Phase::Closed {
-            return Err(closed());
-        }
         for t in &st.list {
             if t.bits.is_none() {
                 return Err(inconsistent(&t.entry.name));
+            }
+            if t.entry.table_offset != 0 && t.entry.flags & FLAG_IN_USE == 0 {
+                return Err(Error::Unsupported(
+                    "the persistent bitmaps are being stored; resize again".into(),
+                ));
             }
             self.check_constraints(&t.entry.name, t.entry.granularity_bits, new_size)?;
         }
@@ -258,15 +321,22 @@ impl Qcow2Image {
 
     /// Follows a resize: new bits are clean, bits past the new end dropped.
     pub(crate) fn resize_bitmaps(&self, new_size: u64) {
-        for t in self.bitmap_state().list.iter_mut() {
+        let mut st = self.bitmap_state();
+        for t in st.list.iter_mut() {
             if let Some(b) = &mut t.bits {
                 b.resize(new_size);
             }
         }
+        st.changed = true;
     }
 
     /// QEMU's `check_constraints_on_bitmap`.
-    fn check_constraints(&self, name: &str, granularity_bits: u8, size: u64) -> Result<()> {
+    pub(crate) fn check_constraints(
+        &self,
+        name: &str,
+        granularity_bits: u8,
+        size: u64,
+    ) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if granularity_bits > MAX_GRANULARITY_BITS {
             return bad(format!(
@@ -297,7 +367,11 @@ impl Qcow2Image {
     /// Writes `entries` as a new bitmap directory in new clusters, switches the header to it
     /// (the autoclear `bitmaps` bit set, or cleared with the extension when there are none),
     /// then frees the old directory and the host clusters in `frees` (see the module docs).
-    fn commit_directory(&self, entries: &[BitmapEntry], mut frees: Vec<u64>) -> Result<()> {
+    pub(crate) fn commit_directory(
+        &self,
+        entries: &[BitmapEntry],
+        mut frees: Vec<u64>,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size;
         let dir = encode_directory(entries);
         let new_dir = if entries.is_empty() {
@@ -374,17 +448,19 @@ impl Qcow2Image {
 
     /// Writes `bits` to new data clusters (one per cluster of bitmap data holding a set bit)
     /// and a new table. Returns the table's offset and entries, and the data clusters.
-    fn write_bitmap(&self, m: &mut Meta, bits: &DirtyBitmap) -> Result<(u64, u32)> {
+    fn write_bitmap(&self, m: &mut Meta, bits: &DirtyBitmap) -> Result<(u64, u32, Vec<u64>)> {
         let cs = self.geo.cluster_size;
         let n = table_entries(bits.size(), bits.granularity_bits(), cs);
         debug_assert_eq!(bytes_per_data_cluster(bits.granularity_bits(), cs) % 64, 0);
         let words_per_cluster = (cs / 8) as usize;
         let mut table = vec![0u8; (n * 8) as usize];
         let mut buf = vec![0u8; cs as usize];
+        let mut data = Vec::new();
         for i in 0..n as usize {
             if bits.chunk_bytes(i * words_per_cluster, words_per_cluster, &mut buf) {
                 let host = self.write_new_clusters(m, &buf, "writing bitmap data")?;
                 table[i * 8..i * 8 + 8].copy_from_slice(&host.to_be_bytes());
+                data.push(host);
             }
         }
         let at = if table.is_empty() {
@@ -392,27 +468,33 @@ impl Qcow2Image {
         } else {
             self.write_new_clusters(m, &table, "writing bitmap table")?
         };
-        Ok((at, n as u32))
+        Ok((at, n as u32, data))
     }
 
-    /// Stores the bitmaps on close (see the module docs). Nothing happens unless the bitmaps
-    /// are active.
+    /// Stores the bitmaps on close (see the module docs), when anything changed since they
+    /// were loaded or last stored.
     pub(crate) fn store_bitmaps(&self) -> Result<()> {
         let _ops = self.bitmap_ops();
         {
             let mut st = self.bitmap_state();
-            if st.phase != Phase::Active {
+            let flagged = st
+                .list
+                .iter()
+                .any(|t| t.bits.is_some() && t.entry.flags & FLAG_IN_USE != 0);
+            if !st.loaded || !(st.changed || flagged) {
                 return Ok(());
             }
-            st.phase = Phase::Closed;
+            // Writes that get their range lock from now on flag the bitmaps again first (and
+            // wait for this store to finish).
+            st.marked = false;
         }
-        // Writes that passed `track_write` before the phase changed are finished once the whole
-        // range can be locked.
+        // Writes already past that point are finished once the whole range can be locked.
         drop(self.lock_everything()?);
-        let st = self.bitmap_state();
-        let mut entries = Vec::with_capacity(st.list.len());
+        let mut entries = Vec::new();
         let mut frees = Vec::new();
+        let mut data = Vec::new();
         {
+            let st = self.bitmap_state();
             let mut m = self.lock_meta();
             if m.broken {
                 // The disk may lag the memory: write nothing; the bitmaps stay in use.
@@ -427,9 +509,10 @@ impl Qcow2Image {
             for t in stored.into_iter().chain(added.into_iter().rev()) {
                 let Some(bits) = &t.bits else {
                     entries.push(t.entry.clone());
+                    data.push(Vec::new());
                     continue;
                 };
-                let (offset, size) = self.write_bitmap(&mut m, bits)?;
+                let (offset, size, clusters) = self.write_bitmap(&mut m, bits)?;
                 if t.entry.table_offset != 0 {
                     frees.extend(t.data_clusters.iter().copied());
                     frees.extend(self.table_clusters(&t.entry));
@@ -440,227 +523,28 @@ impl Qcow2Image {
                     flags: if t.enabled { FLAG_AUTO } else { 0 },
                     ..t.entry.clone()
                 });
+                data.push(clusters);
             }
         }
-        drop(st);
-        self.commit_directory(&entries, frees)
-    }
-
-    fn with_bitmap<T>(&self, name: &str, f: impl FnOnce(&mut Tracked) -> Result<T>) -> Result<T> {
+        // The state lock is not held here: committing waits for writes in flight.
+        self.commit_directory(&entries, frees)?;
         let mut st = self.bitmap_state();
-        if st.phase == Phase::Closed {
-            return Err(closed());
-        }
-        let t = st
-            .list
-            .iter_mut()
-            .find(|t| t.entry.name == name)
-            .ok_or_else(|| not_found(name))?;
-        if t.bits.is_none() {
-            return Err(inconsistent(name));
-        }
-        f(t)
-    }
-
-    /// The bits of the persistent bitmap `name`: as tracked in memory on a writable image,
-    /// else as stored. A bitmap flagged in use (inconsistent) is refused.
-    pub fn bitmap(&self, name: &str) -> Result<DirtyBitmap> {
-        if self.bitmap_state().phase == Phase::Active {
-            return self.with_bitmap(name, |t| t.bits.clone().ok_or_else(|| inconsistent(name)));
-        }
-        let e = self
-            .bitmaps()
-            .into_iter()
-            .find(|e| e.name == name)
-            .ok_or_else(|| not_found(name))?;
-        if e.flags & FLAG_IN_USE != 0 {
-            return Err(inconsistent(name));
-        }
-        Ok(self.read_bitmap(&e, MAX_BITMAP_MEMORY)?.0)
-    }
-
-    /// The dirty ranges (offset, length) of the persistent bitmap `name`: what an incremental
-    /// backup since the bitmap was created or cleared copies.
-    pub fn bitmap_dirty_extents(&self, name: &str) -> Result<Vec<(u64, u64)>> {
-        Ok(self.bitmap(name)?.extents())
-    }
-
-    /// Adds a persistent bitmap, clean, tracking writes if `enabled`, at a granularity of
-    /// `granularity` bytes (a power of two, 512 B..2 GiB). Stored on close, as QEMU stores it.
-    pub fn add_bitmap(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
-        if name.is_empty() {
-            return Err(Error::InvalidArgument("Bitmap name cannot be empty".into()));
-        }
-        if granularity < 512 || !granularity.is_power_of_two() || granularity > u64::from(u32::MAX)
-        {
-            return Err(Error::InvalidArgument(
-                "Granularity must be power of 2 and at least 512".into(),
-            ));
-        }
-        let g = granularity.trailing_zeros() as u8;
-        let mut st = self.bitmap_state();
-        if st.phase != Phase::Active {
-            if !self.writable {
-                return Err(Error::ReadOnly);
-            }
-            if st.phase == Phase::Closed {
-                return Err(closed());
+        for (e, clusters) in entries.into_iter().zip(data) {
+            if let Some(t) = st.list.iter_mut().find(|t| t.entry.name == e.name) {
+                t.entry = e;
+                if t.bits.is_some() {
+                    t.data_clusters = clusters;
+                }
             }
         }
-        if st.list.iter().any(|t| t.entry.name == name) {
-            return Err(Error::InvalidArgument(format!(
-                "Bitmap already exists: {name}"
-            )));
-        }
-        let persistent = |m: String| {
-            Error::InvalidArgument(format!("Can't make bitmap '{name}' persistent: {m}"))
-        };
-        if self.header().version < 3 {
-            return Err(persistent(
-                "Cannot store dirty bitmaps in qcow2 v2 files".into(),
-            ));
-        }
-        self.check_constraints(name, g, self.size())
-            .map_err(|e| match e {
-                Error::InvalidArgument(m) => persistent(m),
-                other => other,
-            })?;
-        let count = st.list.len() as u64 + 1;
-        let dir: usize = st
-            .list
-            .iter()
-            .map(|t| entry_size(t.entry.name.len(), 0))
-            .sum::<usize>()
-            + entry_size(name.len(), 0);
-        if count > u64::from(MAX_BITMAPS) {
-            return Err(persistent(
-                "Maximum number of persistent bitmaps is already reached".into(),
-            ));
-        }
-        if dir as u64 > MAX_BITMAP_DIRECTORY_SIZE {
-            return Err(persistent(
-                "Not enough space in the bitmap directory".into(),
-            ));
-        }
-        let used: u64 = st
-            .list
-            .iter()
-            .filter_map(|t| t.bits.as_ref())
-            .map(DirtyBitmap::memory)
-            .sum();
-        let bits = DirtyBitmap::new(self.size(), g, MAX_BITMAP_MEMORY - used)?;
-        st.list.push(Tracked {
-            entry: BitmapEntry {
-                table_offset: 0,
-                table_size: 0,
-                flags: 0,
-                kind: TYPE_DIRTY_TRACKING,
-                granularity_bits: g,
-                name: name.to_string(),
-                extra_data_size: 0,
-            },
-            bits: Some(bits),
-            enabled,
-            data_clusters: Vec::new(),
-        });
-        st.phase = Phase::Active;
-        Ok(())
-    }
-
-    /// Removes the persistent bitmap `name` from the image at once (inconsistent ones too),
-    /// freeing its clusters, as QEMU's `block-dirty-bitmap-remove` does.
-    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
-        self.guard(self.remove_bitmap_impl(name))
-    }
-
-    fn remove_bitmap_impl(&self, name: &str) -> Result<()> {
-        let _ops = self.bitmap_ops();
-        let (entries, frees) = {
-            let st = self.bitmap_state();
-            if st.phase == Phase::Closed {
-                return Err(closed());
-            }
-            let i = st
-                .list
-                .iter()
-                .position(|t| t.entry.name == name)
-                .ok_or_else(|| not_found(name))?;
-            let t = &st.list[i];
-            if t.entry.table_offset == 0 {
-                (None, Vec::new())
-            } else {
-                let mut frees = if t.bits.is_some() {
-                    t.data_clusters.clone()
-                } else {
-                    // Inconsistent: its table was not read at open.
-                    self.data_clusters_of(&t.entry)?
-                };
-                frees.extend(self.table_clusters(&t.entry));
-                let entries: Vec<BitmapEntry> = st
-                    .list
-                    .iter()
-                    .enumerate()
-                    .filter(|&(k, t)| k != i && t.entry.table_offset != 0)
-                    .map(|(_, t)| t.entry.clone())
-                    .collect();
-                (Some(entries), frees)
-            }
-        };
-        // The state lock is not held here: committing waits for writes in flight, which take it.
-        if let Some(entries) = entries {
-            self.commit_directory(&entries, frees)?;
-        }
-        self.bitmap_state().list.retain(|t| t.entry.name != name);
+        st.changed = false;
         Ok(())
     }
 
     /// The host clusters of the table of `e`.
-    fn table_clusters(&self, e: &BitmapEntry) -> Vec<u64> {
+    pub(crate) fn table_clusters(&self, e: &BitmapEntry) -> Vec<u64> {
         let cs = self.geo.cluster_size;
         let end = e.table_offset + u64::from(e.table_size) * 8;
         (e.table_offset..end).step_by(cs as usize).collect()
-    }
-
-    /// The data clusters the table of `e` names (entries that are not valid are skipped:
-    /// leaked rather than freed).
-    fn data_clusters_of(&self, e: &BitmapEntry) -> Result<Vec<u64>> {
-        let cs = self.geo.cluster_size;
-        let raw = self
-            .storage
-            .read_vec(e.table_offset, e.table_size as usize * 8)
-            .map_err(|err| Error::io("reading bitmap table", err))?;
-        Ok(raw
-            .chunks_exact(8)
-            .filter_map(|c| match TableEntry::decode(be_u64(c, 0), cs) {
-                Some(TableEntry::Data(h)) => Some(h),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Clears every bit of the bitmap `name`.
-    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
-        self.with_bitmap(name, |t| {
-            if let Some(b) = &mut t.bits {
-                b.clear();
-            }
-            Ok(())
-        })
-    }
-
-    /// Enables or disables the tracking of writes by the bitmap `name`.
-    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
-        self.with_bitmap(name, |t| {
-            t.enabled = enabled;
-            Ok(())
-        })
-    }
-
-    /// Marks dirty in the bitmap `name` every range `source` has dirty.
-    pub fn merge_into_bitmap(&self, name: &str, source: &DirtyBitmap) -> Result<()> {
-        self.with_bitmap(name, |t| match &mut t.bits {
-            Some(b) => b.merge(source),
-            None => Err(inconsistent(name)),
-        })
     }
 }

@@ -13,6 +13,7 @@
 //! overlapped some is done again (see `read_at`).
 
 mod amend_support;
+mod bitmap_api;
 mod bitmaps;
 mod cache;
 mod compressed;

@@ -47,6 +47,7 @@ impl Qcow2Image {
     }
 
     fn resize_impl(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.flag_bitmaps_in_use(super::bitmaps::Flag::All)?;
         let _g = self.lock_everything()?;
         if new_size % 512 != 0 {
             return Err(Error::InvalidArgument(
