@@ -476,3 +476,43 @@ fn concurrent_writers_are_all_tracked() {
     assert_eq!(read_bits(dir, "k.qcow2", "b4k").extents(), want);
     assert_eq!(read_bits(dir, "k.qcow2", "b512").extents(), want);
 }
+
+#[test]
+fn a_stale_bitmap_directory_is_never_freed() {
+    // A program without bitmap support cleared the autoclear bit; `check -r` then freed the
+    // directory's clusters as leaks, and data reused them. Adding a bitmap must not free them.
+    let d = scratch();
+    let dir = d.path();
+    make_image(dir, "k.qcow2", 4 * M, 65536);
+    let mut b = std::fs::read(dir.join("k.qcow2")).expect("read image");
+    b[88..96].copy_from_slice(&0u64.to_be_bytes());
+    std::fs::write(dir.join("k.qcow2"), &b).expect("write image");
+    // A repair that keeps the stale extension (QEMU's drops it) frees its clusters as leaks.
+    let file = qcow2kit::io::FileStorage::open(dir.join("k.qcow2"), true).expect("open file");
+    let r =
+        qcow2kit::ops::check::repair(&file, qcow2kit::ops::check::RepairMode::All).expect("repair");
+    assert!(
+        r.fixed_anything(),
+        "the stale directory and tables are leaks"
+    );
+    drop(file);
+    // (qemu-io would drop the stale extension; qcow2kit keeps what it does not use.)
+    let o = open_rw(&dir.join("k.qcow2"));
+    let q = o.qcow2.clone().expect("qcow2");
+    assert!(q.bitmaps().is_empty());
+    q.write_at(&vec![7; (4 * M) as usize], 0).expect("fill");
+    q.flush().expect("flush");
+    q.add_bitmap("new", 65536, true).expect("add");
+    q.write_at(&[8; 512], 0).expect("write");
+    drop(q);
+    drop(o);
+    assert_check_clean(dir, "k.qcow2", "after adding a bitmap");
+    let mut want = vec![7u8; (4 * M) as usize];
+    want[..512].fill(8);
+    qemu_img(&["convert", "-O", "raw", "k.qcow2", "k.raw"], dir);
+    assert!(
+        std::fs::read(dir.join("k.raw")).expect("raw") == want,
+        "data changed"
+    );
+    assert_eq!(read_bits(dir, "k.qcow2", "new").extents(), vec![(0, 65536)]);
+}

@@ -382,7 +382,12 @@ impl Qcow2Image {
             self.flush_locked(&mut m)?;
             Some((at, dir.len() as u64))
         };
-        let old = self.extensions().bitmaps;
+        // A directory the autoclear bit does not vouch for was left by a program that did not
+        // keep bitmaps: its clusters may have been repaired away and reused. Never freed.
+        let old = self
+            .extensions()
+            .bitmaps
+            .filter(|_| self.header().autoclear.contains(AutoclearFeatures::BITMAPS));
         let count = entries.len() as u32;
         self.rewrite_header(|h, ext, _| {
             match new_dir {
