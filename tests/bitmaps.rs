@@ -516,3 +516,30 @@ fn a_stale_bitmap_directory_is_never_freed() {
     );
     assert_eq!(read_bits(dir, "k.qcow2", "new").extents(), vec![(0, 65536)]);
 }
+
+#[test]
+fn a_grown_refcount_table_survives_the_store() {
+    // 512-byte clusters with 64-bit refcounts: the refcount table outgrows its cluster after
+    // a few MiB of writes, and the header rewrite of the store must name the new table.
+    let d = scratch();
+    let dir = d.path();
+    qemu_img(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            "k.qcow2",
+            "16M",
+        ],
+        dir,
+    );
+    qemu_img(&["bitmap", "--add", "k.qcow2", "b"], dir);
+    let mut live = Live::open(&dir.join("k.qcow2"));
+    live.apply(&w(0, 12 * M), 0);
+    live.close();
+    drop(live);
+    assert_check_clean(dir, "k.qcow2", "after the store");
+    assert_eq!(read_bits(dir, "k.qcow2", "b").extents(), vec![(0, 12 * M)]);
+}

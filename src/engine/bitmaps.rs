@@ -327,7 +327,7 @@ impl Qcow2Image {
                 b.resize(new_size);
             }
         }
-        st.changed = true;
+        st.changed |= !st.list.is_empty();
     }
 
     /// QEMU's `check_constraints_on_bitmap`.
@@ -384,6 +384,16 @@ impl Qcow2Image {
         };
         // A directory the autoclear bit does not vouch for was left by a program that did not
         // keep bitmaps: its clusters may have been repaired away and reused. Never freed.
+        {
+            // The header is rewritten from the in-memory copy, which a refcount table growth
+            // does not update (it switches the table on disk itself).
+            let mut m = self.lock_meta();
+            if let Some((offset, clusters)) = m.refs.as_ref().map(|r| r.table_location()) {
+                m.header.refcount_table_offset = offset;
+                m.header.refcount_table_clusters = u32::try_from(clusters)
+                    .map_err(|_| Error::Unsupported("refcount table too large".into()))?;
+            }
+        }
         let old = self
             .extensions()
             .bitmaps
@@ -486,7 +496,9 @@ impl Qcow2Image {
                 .list
                 .iter()
                 .any(|t| t.bits.is_some() && t.entry.flags & FLAG_IN_USE != 0);
-            if !st.loaded || !(st.changed || flagged) {
+            // With no bitmap left the directory on disk is already what it must be (removals
+            // commit at once).
+            if !st.loaded || !(st.changed || flagged) || st.list.is_empty() {
                 return Ok(());
             }
             // Writes that get their range lock from now on flag the bitmaps again first (and

@@ -465,6 +465,12 @@ impl Refcounts {
         storage.flush().map_err(io_err("flushing header"))
     }
 
+    /// Where the refcount table is now (offset, clusters): the header on disk says so once a
+    /// growth has been persisted, before the in-memory header does.
+    pub(crate) fn table_location(&self) -> (u64, u64) {
+        (self.table_offset, self.table_clusters)
+    }
+
     /// Writes every dirty block back (safe at any time: blocks hold only increases).
     pub(crate) fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
         self.refuse_if_poisoned()?;
