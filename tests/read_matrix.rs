@@ -558,7 +558,8 @@ fn persistent_bitmap_does_not_affect_reads() {
     w.io("qcow2", "bm.qcow2", &scatter_writes(64 * K, 4 * M)[4..]);
     let opened = w.check("bm.qcow2", Qcow2);
     let q = opened.qcow2.expect("qcow2");
-    let names: Vec<&str> = q.bitmaps().iter().map(|b| b.name.as_str()).collect();
+    let bitmaps = q.bitmaps();
+    let names: Vec<&str> = bitmaps.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, ["b0", "b1"], "bitmap directory");
 }
 

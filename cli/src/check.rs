@@ -338,7 +338,7 @@ fn parse_object(spec: &str) -> Result<Option<String>, String> {
 
 /// Splits QEMU's `key=value,key=value` option syntax (`,,` is a literal comma; a first element
 /// without `=` is returned as a key with an empty value).
-fn split_opts(s: &str) -> Vec<(String, String)> {
+pub(crate) fn split_opts(s: &str) -> Vec<(String, String)> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();

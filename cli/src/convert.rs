@@ -42,6 +42,13 @@ const SPECS: &[Spec] = &[
     opt(None, Some("object"), true, "object"),
     opt(None, Some("image-opts"), false, "image-opts"),
     opt(None, Some("target-image-opts"), false, "target-image-opts"),
+    opt(None, Some("bitmaps"), false, "bitmaps"),
+    opt(
+        None,
+        Some("skip-broken-bitmaps"),
+        false,
+        "skip-broken-bitmaps",
+    ),
 ];
 
 /// Runs the subcommand; returns the exit code.
@@ -62,6 +69,9 @@ fn convert(args: &[String]) -> Result<(), String> {
         });
     };
     let out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
+    if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
     if p.has("object") || p.has("image-opts") || p.has("target-image-opts") {
         return Err("convert: --object and --image-opts are not supported yet".into());
     }
@@ -129,6 +139,10 @@ fn convert(args: &[String]) -> Result<(), String> {
         o.locking = source_locking;
     })?;
     let dev = image.device;
+    let bitmaps = match (&image.qcow2, p.has("bitmaps")) {
+        (Some(q), true) => Some(bitmaps::to_copy(q, p.has("skip-broken-bitmaps"))?),
+        _ => None,
+    };
 
     let quiet = p.has("q");
     let show = p.has("p") && !quiet;
@@ -157,7 +171,9 @@ fn convert(args: &[String]) -> Result<(), String> {
             let target = open_image(dst, Some("qcow2"), |o| o.writable = true)?;
             let q = target.qcow2.ok_or("target is not a qcow2 image")?;
             convert_into(dev.as_ref(), &q, false, &opts)
-                .and_then(|()| q.close())
+                .map_err(|e| format!("error while writing '{dst}': {e}"))?;
+            bitmaps::copy(&image.qcow2, &q, &bitmaps)?;
+            q.close()
                 .map_err(|e| format!("error while writing '{dst}': {e}"))?;
         } else {
             // The new image replaces the file: no one may be using it (qemu-img's create lock),
@@ -166,6 +182,13 @@ fn convert(args: &[String]) -> Result<(), String> {
                 .map_err(|e| format!("{dst}: error while converting qcow2: {e}"))?;
             convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts)
                 .map_err(|e| format!("error while converting qcow2: {e}"))?;
+            if bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
+                let target = open_image(dst, Some("qcow2"), |o| o.writable = true)?;
+                let q = target.qcow2.ok_or("target is not a qcow2 image")?;
+                bitmaps::copy(&image.qcow2, &q, &bitmaps)?;
+                q.close()
+                    .map_err(|e| format!("error while writing '{dst}': {e}"))?;
+            }
         }
     } else {
         let target = if exists {
@@ -178,6 +201,9 @@ fn convert(args: &[String]) -> Result<(), String> {
             Some(_) if !exists => format!("{dst}: error while converting raw: {e}"),
             _ => format!("Could not open '{dst}': {e}"),
         })?;
+        if p.has("bitmaps") {
+            return Err("Format driver 'raw' does not support bitmaps".into());
+        }
         let opts = RawConvertOptions {
             workers,
             zero_granularity,
@@ -195,6 +221,50 @@ fn convert(args: &[String]) -> Result<(), String> {
         outln!();
     }
     Ok(())
+}
+
+/// `--bitmaps`: which bitmaps to copy, and copying them.
+mod bitmaps {
+    use crate::common::prog;
+    use qcow2kit::format::bitmap::BitmapEntry;
+    use qcow2kit::ops::convert::{bitmaps_to_copy, copy_bitmaps};
+    use qcow2kit::Qcow2Image;
+    use std::sync::Arc;
+
+    fn text(e: qcow2kit::Error) -> String {
+        match e {
+            qcow2kit::Error::InvalidArgument(m) | qcow2kit::Error::Unsupported(m) => m,
+            other => other.to_string(),
+        }
+    }
+
+    /// The bitmaps of `src` to copy; warns of those skipped, refuses inconsistent ones unless
+    /// `skip_broken`, with qemu-img's words.
+    pub fn to_copy(src: &Qcow2Image, skip_broken: bool) -> Result<Vec<BitmapEntry>, String> {
+        let (keep, skipped) = bitmaps_to_copy(src, skip_broken).map_err(|e| {
+            format!(
+                "{}\nTry --skip-broken-bitmaps, or use '{} bitmap --remove' to delete it",
+                text(e),
+                prog()
+            )
+        })?;
+        for s in skipped {
+            errln!("{}: warning: Skipping inconsistent bitmap '{s}'", prog());
+        }
+        Ok(keep)
+    }
+
+    /// Copies `which` (when `--bitmaps` was given) from `src` into `dst`.
+    pub fn copy(
+        src: &Option<Arc<Qcow2Image>>,
+        dst: &Qcow2Image,
+        which: &Option<Vec<BitmapEntry>>,
+    ) -> Result<(), String> {
+        match (src, which) {
+            (Some(s), Some(w)) => copy_bitmaps(s, dst, w).map_err(text),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Holds qemu-img create's lock on `dst` if it is an existing regular file (`None` otherwise:

@@ -8,6 +8,7 @@ mod stdio;
 
 mod amend;
 mod args;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
@@ -37,6 +38,8 @@ Commands (qemu-img compatible):
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
   snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
+  bitmap (--add [-g G] [--disable] | --remove | --clear | --enable | --disable |
+          --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
 
 qemu-io compatible:
   io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, discard, flush, length, open, close,
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         "commit" => commit::run(rest),
         "amend" => amend::run(rest),
         "snapshot" => snapshot::run(rest),
+        "bitmap" => bitmap::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

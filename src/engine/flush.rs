@@ -186,6 +186,7 @@ impl Qcow2Image {
         if !self.writable {
             return Ok(());
         }
+        self.store_bitmaps()?;
         let mut m = self.lock_meta();
         self.flush_locked(&mut m)?;
         if m.header.incompatible.contains(IncompatibleFeatures::DIRTY) {

@@ -13,9 +13,12 @@
 //! overlapped some is done again (see `read_at`).
 
 mod amend_support;
+mod bitmap_api;
+mod bitmaps;
 mod cache;
 mod compressed;
 mod corrupt;
+mod dirty_bitmap;
 mod flush;
 mod header_update;
 mod mapping;
@@ -31,7 +34,9 @@ pub(crate) mod snapshot_table;
 mod write;
 mod write_checks;
 
+pub use bitmaps::{INCONSISTENT_HINT, MAX_BITMAP_MEMORY};
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
+pub use dirty_bitmap::DirtyBitmap;
 pub use header_update::HEADER_FULL;
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 pub use snapshot_ops::NewSnapshot;
@@ -115,7 +120,12 @@ pub struct Qcow2Image {
     header_area: std::sync::RwLock<HeaderArea>,
     /// Internal snapshots as on disk (replaced whole by snapshot operations).
     snapshots: std::sync::RwLock<Vec<Snapshot>>,
-    bitmaps: Vec<BitmapEntry>,
+    /// The bitmap directory as on disk.
+    bitmaps: std::sync::RwLock<Vec<BitmapEntry>>,
+    /// Persistent bitmaps kept current while the image is writable (see [`bitmaps`]).
+    bitmap_state: Mutex<bitmaps::BitmapState>,
+    /// Serializes rewrites of the bitmap directory.
+    bitmap_ops: Mutex<()>,
     backing: Option<Arc<dyn BlockDevice>>,
     geo: Geometry,
     size: AtomicU64,
@@ -205,9 +215,13 @@ impl Qcow2Image {
             .clone()
     }
 
-    /// Persistent bitmaps listed in the bitmap directory.
-    pub fn bitmaps(&self) -> &[BitmapEntry] {
-        &self.bitmaps
+    /// Persistent bitmaps listed in the bitmap directory, as on disk now (while a writable
+    /// open tracks them, flagged in use; bitmaps added since open are stored on close).
+    pub fn bitmaps(&self) -> Vec<BitmapEntry> {
+        self.bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The snapshot being viewed, if the image was opened on one.

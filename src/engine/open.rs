@@ -11,7 +11,6 @@ use super::refcount::Refcounts;
 use super::shared::{L1Table, Shared, MAX_SLOTS};
 use super::{Geometry, HeaderArea, Qcow2Image};
 use crate::error::{Corruption, Error, Result};
-use crate::format::bitmap::FLAG_AUTO;
 use crate::format::bitmap::{parse_directory, BitmapEntry};
 use crate::format::entry::OFFSET_MASK;
 use crate::format::extension::Extensions;
@@ -330,7 +329,7 @@ impl Qcow2Image {
             header: header.clone(),
             broken: false,
         };
-        Ok(Qcow2Image {
+        let image = Qcow2Image {
             storage,
             data_storage: None,
             header_area: std::sync::RwLock::new(HeaderArea {
@@ -339,7 +338,9 @@ impl Qcow2Image {
             }),
             view: view.map(|i| snapshots[i].clone()),
             snapshots: std::sync::RwLock::new(snapshots),
-            bitmaps,
+            bitmaps: std::sync::RwLock::new(bitmaps),
+            bitmap_state: Default::default(),
+            bitmap_ops: Default::default(),
             backing: None,
             geo,
             size: AtomicU64::new(size),
@@ -353,7 +354,9 @@ impl Qcow2Image {
             inflight_done: Condvar::new(),
             reporter: opts.on_corruption.clone(),
             corruption_signaled: Default::default(),
-        })
+        };
+        image.activate_bitmaps()?;
+        Ok(image)
     }
 }
 
@@ -469,11 +472,6 @@ fn prepare_writable(
     }
     if header.autoclear.contains(AutoclearFeatures::DATA_FILE_RAW) && !header.has_data_file() {
         return Err(Corruption::Inconsistent("data-file-raw requires a data file".into()).into());
-    }
-    if bitmaps.iter().any(|b| b.flags & FLAG_AUTO != 0) {
-        return Err(Error::Unsupported(
-            "image has enabled persistent bitmaps, which qcow2kit does not update yet".into(),
-        ));
     }
     let unknown_autoclear = header.autoclear.bits() & !AutoclearFeatures::all().bits();
     if unknown_autoclear != 0 && header.version >= 3 {

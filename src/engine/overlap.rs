@@ -211,6 +211,14 @@ impl MetadataMap {
             .insert(offset, offset.saturating_add(bytes));
     }
 
+    /// Replaces every bitmap table by `tables` (offset, bytes).
+    pub(crate) fn set_bitmap_tables(&mut self, tables: impl Iterator<Item = (u64, u64)>) {
+        self.bitmap_tables = RangeSet::default();
+        for (offset, bytes) in tables {
+            self.add_bitmap_table(offset, bytes);
+        }
+    }
+
     /// An active L1 entry now names the L2 table at `offset`.
     pub(crate) fn add_active_l2(&mut self, offset: u64) {
         if offset != 0 {

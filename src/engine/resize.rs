@@ -47,6 +47,7 @@ impl Qcow2Image {
     }
 
     fn resize_impl(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.flag_bitmaps_in_use(super::bitmaps::Flag::All)?;
         let _g = self.lock_everything()?;
         if new_size % 512 != 0 {
             return Err(Error::InvalidArgument(
@@ -54,6 +55,9 @@ impl Qcow2Image {
             ));
         }
         let old_size = self.size();
+        if new_size != old_size {
+            self.check_bitmaps_resize(new_size)?;
+        }
         if new_size != old_size && !self.snapshots().is_empty() {
             let v2 = self.lock_meta().header.version < 3;
             if v2 {
@@ -74,6 +78,7 @@ impl Qcow2Image {
         } else if new_size > old_size {
             self.grow(old_size, new_size)?;
         }
+        self.resize_bitmaps(new_size);
         Ok(())
     }
 

@@ -277,6 +277,17 @@ impl Qcow2Image {
     }
 
     fn plan_apply(&self, m: &mut Meta, which: &SnapshotRef) -> Result<(Target, ())> {
+        // Applying changes the guest content outside the write path that keeps enabled
+        // persistent bitmaps current: refused rather than leaving them wrong.
+        if self
+            .bitmaps()
+            .iter()
+            .any(|b| b.flags & crate::format::bitmap::FLAG_AUTO != 0)
+        {
+            return Err(Error::Unsupported(
+                "applying a snapshot to an image with enabled persistent bitmaps".into(),
+            ));
+        }
         let snaps = self.snapshots();
         let sn = which
             .find(&snaps)
@@ -412,7 +423,7 @@ impl Qcow2Image {
         for sn in &t.snapshots {
             c.l1(&header, sn.l1_table_offset, sn.l1_size)?;
         }
-        c.bitmaps(&header, &self.area().extensions, &self.bitmaps)?;
+        c.bitmaps(&header, &self.area().extensions, &self.bitmaps())?;
         let mut counts = Counts(std::mem::take(&mut c.counts));
 
         // COPIED flags of the new active L2 tables; tables the old active image uses are
@@ -562,14 +573,15 @@ impl Qcow2Image {
         let file_end = file_len.next_multiple_of(cs);
         let mut refs = Refcounts::load(s, &header)?;
         let ext = self.area().extensions.clone();
+        let bitmaps = self.bitmaps();
         let tables = Tables {
             l1: &t.l1,
             snapshots: &t.snapshots,
             snapshot_table: (header.snapshots_offset, table_len),
-            bitmaps: &self.bitmaps,
+            bitmaps: &bitmaps,
             bitmap_directory: ext
                 .bitmaps
-                .filter(|_| !self.bitmaps.is_empty())
+                .filter(|_| !bitmaps.is_empty())
                 .map(|b| (b.directory_offset, b.directory_size)),
         };
         fill_metadata_map(&mut refs.map, s, &tables, cs, file_end)?;

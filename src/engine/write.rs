@@ -112,7 +112,12 @@ impl Qcow2Image {
         }
         check_range(offset, len, self.size())?;
         let cs = self.geo.cluster_size;
-        let g = self.lock_range(offset & !(cs - 1), (offset + len).next_multiple_of(cs));
+        let g = self.lock_range_tracked(
+            offset & !(cs - 1),
+            (offset + len).next_multiple_of(cs),
+            offset,
+            len,
+        )?;
         let mut m = self.lock_meta();
         if m.broken {
             return Err(Error::Unsupported(

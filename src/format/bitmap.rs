@@ -1,5 +1,5 @@
-//! The persistent bitmap directory (read to list bitmaps; the bitmaps themselves are preserved,
-//! not interpreted).
+//! Persistent bitmaps on disk: the bitmap directory, bitmap table entries and the layout of
+//! bitmap data (pure functions of bytes).
 //!
 //! Directory entry, 8-byte aligned:
 //!
@@ -14,6 +14,7 @@
 //! | 20..24 | extra_data_size                         |
 //! | 24..   | extra data, name, padding to 8          |
 
+use super::bytes::{put_u16, put_u32, put_u64};
 use super::{be_u16, be_u32, be_u64};
 use crate::error::Corruption;
 
@@ -21,6 +22,74 @@ use crate::error::Corruption;
 pub const FLAG_IN_USE: u32 = 1;
 /// Flag bit 1: the bitmap tracks writes automatically.
 pub const FLAG_AUTO: u32 = 2;
+/// Flag bit 2: extra data may be ignored by a reader that does not know it.
+pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 4;
+/// The only bitmap type: dirty tracking.
+pub const TYPE_DIRTY_TRACKING: u8 = 1;
+/// Smallest log2 granularity (512 bytes).
+pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// Largest log2 granularity (2 GiB).
+pub const MAX_GRANULARITY_BITS: u8 = 31;
+/// Longest bitmap name, in bytes.
+pub const MAX_NAME_SIZE: usize = 1023;
+/// Most entries of one bitmap table.
+pub const MAX_TABLE_SIZE: u64 = 0x800_0000;
+/// Most bytes of bitmap data one bitmap may take (its table's entries × the cluster size).
+pub const MAX_PHYS_SIZE: u64 = 0x2000_0000;
+
+/// Bitmap table entry: reserved bits (must be zero).
+const TABLE_RESERVED: u64 = 0xff00_0000_0000_01fe;
+/// Bitmap table entry: host offset of the data cluster.
+const TABLE_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bitmap table entry without an offset: the cluster reads as all ones.
+pub const TABLE_ALL_ONES: u64 = 1;
+
+/// What one bitmap table entry says about its cluster of bitmap data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableEntry {
+    /// Every bit of the cluster is 0.
+    Zeros,
+    /// Every bit of the cluster is 1.
+    Ones,
+    /// The bits are stored in the data cluster at this host offset.
+    Data(u64),
+}
+
+impl TableEntry {
+    /// Decodes a table entry of an image with clusters of `cluster_size` bytes, as QEMU's
+    /// `check_table_entry` accepts them: no reserved bit, and with an offset, a cluster-aligned
+    /// one and no all-ones bit. `None` for an invalid entry.
+    pub fn decode(raw: u64, cluster_size: u64) -> Option<TableEntry> {
+        if raw & TABLE_RESERVED != 0 {
+            return None;
+        }
+        let offset = raw & TABLE_OFFSET;
+        if offset == 0 {
+            return Some(if raw & TABLE_ALL_ONES != 0 {
+                TableEntry::Ones
+            } else {
+                TableEntry::Zeros
+            });
+        }
+        (raw & TABLE_ALL_ONES == 0 && offset % cluster_size == 0)
+            .then_some(TableEntry::Data(offset))
+    }
+}
+
+/// Bytes of the virtual disk one cluster of bitmap data covers.
+pub fn bytes_per_data_cluster(granularity_bits: u8, cluster_size: u64) -> u64 {
+    (cluster_size * 8) << granularity_bits
+}
+
+/// Entries of the table of a bitmap covering `disk_size` bytes.
+pub fn table_entries(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    disk_size.div_ceil(bytes_per_data_cluster(granularity_bits, cluster_size))
+}
+
+/// Bytes one directory entry takes (8-byte aligned).
+pub fn entry_size(name_len: usize, extra_len: usize) -> usize {
+    (24 + extra_len + name_len).next_multiple_of(8)
+}
 
 /// One bitmap directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +106,8 @@ pub struct BitmapEntry {
     pub granularity_bits: u8,
     /// Name.
     pub name: String,
+    /// Size of the entry's extra data in bytes (QEMU writes none).
+    pub extra_data_size: u32,
 }
 
 impl BitmapEntry {
@@ -80,10 +151,31 @@ pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapEntry>, Corru
             kind: e[16],
             granularity_bits: e[17],
             name: String::from_utf8_lossy(&buf[name_start..name_start + name_len]).into_owned(),
+            extra_data_size: extra_len as u32,
         });
         off = (off + total).next_multiple_of(8);
     }
     Ok(out)
+}
+
+/// Encodes `entries` as a bitmap directory (without extra data, as QEMU writes it).
+pub fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let name = e.name.as_bytes();
+        let start = out.len();
+        out.resize(start + entry_size(name.len(), 0), 0);
+        let b = &mut out[start..];
+        put_u64(b, 0, e.table_offset);
+        put_u32(b, 8, e.table_size);
+        put_u32(b, 12, e.flags);
+        b[16] = e.kind;
+        b[17] = e.granularity_bits;
+        put_u16(b, 18, name.len() as u16);
+        put_u32(b, 20, 0);
+        b[24..24 + name.len()].copy_from_slice(name);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -104,5 +196,21 @@ mod tests {
         assert_eq!(d[0].name, "b0");
         assert_eq!(d[0].flag_names(), vec!["auto"]);
         assert!(parse_directory(&b, 2).is_err());
+        assert_eq!(encode_directory(&d), b);
+    }
+
+    #[test]
+    fn table_entries_decode_as_qemu_checks_them() {
+        let cs = 65536;
+        assert_eq!(TableEntry::decode(0, cs), Some(TableEntry::Zeros));
+        assert_eq!(TableEntry::decode(1, cs), Some(TableEntry::Ones));
+        assert_eq!(
+            TableEntry::decode(0x30000, cs),
+            Some(TableEntry::Data(0x30000))
+        );
+        assert_eq!(TableEntry::decode(0x30001, cs), None);
+        assert_eq!(TableEntry::decode(0x30200, cs), None);
+        assert_eq!(TableEntry::decode(2, cs), None);
+        assert_eq!(TableEntry::decode(1 << 63, cs), None);
     }
 }

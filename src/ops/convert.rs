@@ -534,6 +534,65 @@ pub fn convert_into(
     })
 }
 
+/// The persistent bitmaps of `src` that `convert --bitmaps` copies, in directory order, and
+/// the names of the inconsistent ones skipped (`skip_broken`; in QEMU's order). Without
+/// `skip_broken` an inconsistent bitmap refuses the copy, before anything is written.
+pub fn bitmaps_to_copy(
+    src: &Qcow2Image,
+    skip_broken: bool,
+) -> Result<(Vec<crate::format::bitmap::BitmapEntry>, Vec<String>)> {
+    let all = src.bitmaps();
+    let mut skipped = Vec::new();
+    // QEMU meets the bitmaps in the reverse of their directory order.
+    for b in all.iter().rev() {
+        if b.flags & crate::format::bitmap::FLAG_IN_USE != 0 {
+            if !skip_broken {
+                return Err(Error::InvalidArgument(format!(
+                    "Cannot copy inconsistent bitmap '{}'",
+                    b.name
+                )));
+            }
+            skipped.push(b.name.clone());
+        }
+    }
+    let keep = all
+        .into_iter()
+        .filter(|b| b.flags & crate::format::bitmap::FLAG_IN_USE == 0)
+        .collect();
+    Ok((keep, skipped))
+}
+
+/// Copies the bitmaps `which` of `src` (see [`bitmaps_to_copy`]) into the writable qcow2 image
+/// `dst`: same name, granularity, enabled state and bits. They are stored when `dst` closes
+/// (in `src`'s order).
+pub fn copy_bitmaps(
+    src: &Qcow2Image,
+    dst: &Qcow2Image,
+    which: &[crate::format::bitmap::BitmapEntry],
+) -> Result<()> {
+    if dst.header().version < 3 {
+        return Err(Error::InvalidArgument(
+            "Format driver 'qcow2' does not support bitmaps".into(),
+        ));
+    }
+    // In QEMU's order (the reverse of the directory's), stopping at the first failure: the
+    // bitmaps added before it are kept.
+    for b in which.iter().rev() {
+        let bits = src.bitmap(&b.name)?;
+        let enabled = b.flags & crate::format::bitmap::FLAG_AUTO != 0;
+        dst.add_bitmap(&b.name, bits.granularity(), enabled)
+            .and_then(|()| dst.merge_into_bitmap(&b.name, &bits))
+            .map_err(|e| {
+                let m = match e {
+                    Error::InvalidArgument(m) | Error::Unsupported(m) => m,
+                    other => other.to_string(),
+                };
+                Error::InvalidArgument(format!("Failed to create bitmap {}: {m}", b.name))
+            })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Whole-image operations over [`BlockDevice`](crate::BlockDevice)s and paths.
 
 pub mod amend;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;
