@@ -10,8 +10,10 @@
 //!
 //! Not covered: `--object`, `--image-opts`.
 
-use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_error_text, parse_format, parse_size, qemu_options};
+use crate::args::{opt, Spec};
+use crate::common::{
+    exit_code, open_error_text, parse_args, parse_format, parse_size, qemu_options, try_help,
+};
 use crate::create::{parse_bool, parse_number, split_options, valid_option_list, SIZE_HINT};
 use crate::progress::Meter;
 use crate::rebase::check_cache_mode;
@@ -94,28 +96,13 @@ const ENCRYPT_AMEND: &[&str] = &[
     "encrypt.state",
 ];
 
-fn try_help() -> String {
-    format!("Try '{} amend --help' for more info", crate::common::prog())
-}
-
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    match amend_cmd(args) {
-        Ok(()) => 0,
-        Err(msg) if msg.is_empty() => 1,
-        Err(msg) => fail(msg),
-    }
+    exit_code(amend_cmd(args))
 }
 
 fn amend_cmd(args: &[String]) -> Result<(), String> {
-    let p = match parse(args, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            // getopt's wording, as qemu-img prints it.
-            errln!("{} amend: {e}\n{}", crate::common::prog(), try_help());
-            return Err(String::new());
-        }
-    };
+    let p = parse_args(args, SPECS, "amend")?;
     if p.has("help") {
         out!("{HELP}");
         return Ok(());
@@ -128,7 +115,7 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
         lists.push(o.as_str());
     }
     if lists.is_empty() {
-        return Err(format!("Must specify options (-o)\n{}", try_help()));
+        return Err(format!("Must specify options (-o)\n{}", try_help("amend")));
     }
     // From here on, qemu-img ends the progress line whatever happens.
     let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !p.has("q")));

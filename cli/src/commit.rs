@@ -7,8 +7,8 @@
 //! Not covered: `-r RATE` is accepted and not applied (qemu-img applies it); `--object`,
 //! `--image-opts`.
 
-use crate::args::{opt, parse, Spec};
-use crate::common::{fail, image_format, open_error_text, qemu_options};
+use crate::args::{opt, Spec};
+use crate::common::{exit_code, image_format, open_error_text, parse_args, qemu_options, try_help};
 use crate::progress::Meter;
 use crate::rebase::check_cache_mode;
 use qcow2kit::ops::commit::{commit, open_for_commit, CommitOptions};
@@ -34,38 +34,25 @@ Commit image to its backing file.  Usage:
         [-r RATE] FILENAME
 ";
 
-fn try_help() -> String {
-    format!(
-        "Try '{} commit --help' for more info",
-        crate::common::prog()
-    )
-}
-
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    match commit_cmd(args) {
-        Ok(()) => 0,
-        Err(msg) if msg.is_empty() => 1,
-        Err(msg) => fail(msg),
-    }
+    exit_code(commit_cmd(args))
 }
 
 fn commit_cmd(args: &[String]) -> Result<(), String> {
-    let p = match parse(args, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            // getopt's wording, as qemu-img prints it.
-            errln!("{} commit: {e}\n{}", crate::common::prog(), try_help());
-            return Err(String::new());
-        }
-    };
+    let p = parse_args(args, SPECS, "commit")?;
     if p.has("help") {
         out!("{HELP}");
         return Ok(());
     }
     let file = match p.operands.as_slice() {
         [f] => f.as_str(),
-        _ => return Err(format!("Expecting one image file name\n{}", try_help())),
+        _ => {
+            return Err(format!(
+                "Expecting one image file name\n{}",
+                try_help("commit")
+            ))
+        }
     };
     if let Some(mode) = p.last("t") {
         check_cache_mode(mode)?;

@@ -79,6 +79,34 @@ pub fn prog() -> &'static str {
     })
 }
 
+/// qemu-img's hint after a usage error of subcommand `sub`.
+pub fn try_help(sub: &str) -> String {
+    format!("Try '{} {sub} --help' for more info", prog())
+}
+
+/// Parses `args` for subcommand `sub`; an unknown or malformed option is printed in getopt's
+/// words with qemu-img's hint, and comes back as `Err` of an empty message (see [`exit_code`]).
+pub fn parse_args(
+    args: &[String],
+    specs: &[crate::args::Spec],
+    sub: &str,
+) -> Result<crate::args::Parsed, String> {
+    crate::args::parse(args, specs).map_err(|e| {
+        errln!("{} {sub}: {e}\n{}", prog(), try_help(sub));
+        String::new()
+    })
+}
+
+/// The exit code of a subcommand's result: 0, or 1 with the message printed as [`fail`] does
+/// (an empty message: already printed).
+pub fn exit_code(r: Result<(), String>) -> u8 {
+    match r {
+        Ok(()) => 0,
+        Err(msg) if msg.is_empty() => 1,
+        Err(msg) => fail(msg),
+    }
+}
+
 /// Prints `PROG: MSG` to stderr (PROG as [`prog`] gives it) and returns exit code 1.
 pub fn fail(msg: impl std::fmt::Display) -> u8 {
     errln!("{}: {msg}", crate::common::prog());

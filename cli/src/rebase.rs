@@ -12,8 +12,10 @@
 //!
 //! Not covered: `--object`, `--image-opts`, backing formats other than qcow2 and raw.
 
-use crate::args::{opt, parse, Spec};
-use crate::common::{fail, image_format, open_error_text, parse_format, qemu_options};
+use crate::args::{opt, Spec};
+use crate::common::{
+    exit_code, image_format, open_error_text, parse_args, parse_format, qemu_options, try_help,
+};
 use crate::progress::Meter;
 use qcow2kit::chain::{open, BackingPolicy, ImageFormat, Opened};
 use qcow2kit::ops::rebase::{rebase_unsafe, BackingLink, RebaseOptions};
@@ -44,13 +46,6 @@ Change backing file of the image.  Usage:
 Rebases FILENAME on top of BACKING_FILENAME or no backing file
 ";
 
-fn try_help() -> String {
-    format!(
-        "Try '{} rebase --help' for more info",
-        crate::common::prog()
-    )
-}
-
 /// The cache modes qemu-img accepts (`-t`, `-T`); qcow2kit's I/O is the same for all of them.
 pub fn check_cache_mode(mode: &str) -> Result<(), String> {
     match mode {
@@ -61,36 +56,30 @@ pub fn check_cache_mode(mode: &str) -> Result<(), String> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    match rebase_cmd(args) {
-        Ok(()) => 0,
-        Err(msg) if msg.is_empty() => 1,
-        Err(msg) => fail(msg),
-    }
+    exit_code(rebase_cmd(args))
 }
 
 fn rebase_cmd(args: &[String]) -> Result<(), String> {
-    let p = match parse(args, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            // getopt's wording, as qemu-img prints it.
-            errln!("{} rebase: {e}\n{}", crate::common::prog(), try_help());
-            return Err(String::new());
-        }
-    };
+    let p = parse_args(args, SPECS, "rebase")?;
     if p.has("help") {
         out!("{HELP}");
         return Ok(());
     }
     let file = match p.operands.as_slice() {
         [f] => f.as_str(),
-        _ => return Err(format!("Expecting one image file name\n{}", try_help())),
+        _ => {
+            return Err(format!(
+                "Expecting one image file name\n{}",
+                try_help("rebase")
+            ))
+        }
     };
     let unsafe_mode = p.has("u");
     let backing = p.last("b");
     if !unsafe_mode && backing.is_none() {
         return Err(format!(
             "Must specify backing file (-b) or use unsafe mode (-u)\n{}",
-            try_help()
+            try_help("rebase")
         ));
     }
     for mode in [p.last("t"), p.last("T")].into_iter().flatten() {

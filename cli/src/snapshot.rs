@@ -14,8 +14,8 @@
 //!
 //! Not covered: `--object`, `--image-opts`.
 
-use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_error_text, parse_format, prog, qemu_options};
+use crate::args::{opt, Spec};
+use crate::common::{fail, open_error_text, parse_args, parse_format, qemu_options, try_help};
 use crate::info::dump_snapshots;
 use qcow2kit::chain::ImageFormat;
 use qcow2kit::chain::{open, probe_file};
@@ -42,11 +42,6 @@ const HELP: &str = "usage: qcow2kit snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [
 Lists, creates, applies or deletes internal snapshots as qemu-img snapshot does.
 ";
 
-/// qemu-img's hint after a usage error.
-fn try_help() -> String {
-    format!("Try '{} snapshot --help' for more info", prog())
-}
-
 /// Longest name qemu-img snapshot -c keeps.
 const MAX_NAME: usize = 255;
 
@@ -60,12 +55,8 @@ enum Action {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            errln!("{} snapshot: {e}\n{}", prog(), try_help());
-            return 1;
-        }
+    let Ok(p) = parse_args(args, SPECS, "snapshot") else {
+        return 1;
     };
     if p.has("help") {
         out!("{HELP}");
@@ -81,14 +72,20 @@ pub fn run(args: &[String]) -> u8 {
     .flat_map(|&(a, k)| p.all(k).iter().map(move |v| (a, v.as_str())))
     .collect();
     if given.len() > 1 {
-        return fail(format!("Cannot mix '-l', '-a', '-c', '-d'\n{}", try_help()));
+        return fail(format!(
+            "Cannot mix '-l', '-a', '-c', '-d'\n{}",
+            try_help("snapshot")
+        ));
     }
     let (action, name) = given.first().copied().unwrap_or((Action::List, ""));
     if p.has("object") || p.has("image-opts") {
         return fail("snapshot: --object and --image-opts are not supported");
     }
     let [path] = p.operands.as_slice() else {
-        return fail(format!("Expecting one image file name\n{}", try_help()));
+        return fail(format!(
+            "Expecting one image file name\n{}",
+            try_help("snapshot")
+        ));
     };
     let write = action != Action::List;
     if write && p.has("U") {

@@ -326,7 +326,7 @@ impl Session {
         (offset as u64) <= size && size - offset as u64 >= count as u64
     }
 
-    pub(super) fn after_write(img: &Image) -> Result<(), i32> {
+    fn after_write(img: &Image) -> Result<(), i32> {
         if img.writethrough {
             img.dev.flush().map_err(|e| errno_of(&e))?;
         }
@@ -574,19 +574,39 @@ impl Session {
                 .write_at(&buf, offset as u64)
                 .map_err(|e| errno_of(&e))
         };
-        let r = r.and_then(|()| {
+        let r = Self::complete_write(img, r, fua);
+        self.write_outcome("write", r, t0, (offset, count), qflag, big_c)
+    }
+
+    /// Completes a write request `r`: the flush `-f` (FUA) asks for, then the one a
+    /// writethrough cache mode makes after every write.
+    pub(super) fn complete_write(img: &Image, r: Result<(), i32>, fua: bool) -> Result<(), i32> {
+        r.and_then(|()| {
             if fua {
                 img.dev.flush().map_err(|e| errno_of(&e))?;
             }
             Self::after_write(img)
-        });
+        })
+    }
+
+    /// Prints the outcome of the write command `name` started at `t0` over `(offset, count)`
+    /// as qemu-io does (`NAME failed: …`, or the report unless `quiet`), and returns its status.
+    pub(super) fn write_outcome(
+        &mut self,
+        name: &str,
+        r: Result<(), i32>,
+        t0: Instant,
+        (offset, count): (i64, i64),
+        quiet: bool,
+        csv: bool,
+    ) -> i32 {
         let t = t0.elapsed();
         if let Err(e) = r {
-            out!(self.out, "write failed: {}\n", strerror(e));
+            out!(self.out, "{name} failed: {}\n", strerror(e));
             return -e;
         }
-        if !qflag {
-            print_report(&mut self.out, "wrote", t, offset, count, big_c);
+        if !quiet {
+            print_report(&mut self.out, "wrote", t, offset, count, csv);
         }
         0
     }

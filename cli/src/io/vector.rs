@@ -37,6 +37,18 @@ impl Session {
         Ok(total)
     }
 
+    /// `off len [len...]`: the offset and the buffers' total length.
+    fn vector_operands(&mut self, ci: &CmdInfo, operands: &[String]) -> Result<(i64, i64), i32> {
+        let Some((off, lens)) = operands.split_first().filter(|(_, l)| !l.is_empty()) else {
+            return Err(self.usage(ci));
+        };
+        let offset = cvtnum(off).map_err(|e| {
+            print_cvtnum_err(&mut self.out, e, off);
+            -e
+        })?;
+        Ok((offset, self.vector_len(lens)?))
+    }
+
     /// `readv [-Cqv] [-P pattern] off len [len...]`.
     pub(super) fn readv(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
         let (opts, operands) = getopt(name, args, "CP:qv");
@@ -58,18 +70,8 @@ impl Session {
                 Opt::Flag(_, _) => {}
             }
         }
-        let Some((off, lens)) = operands.split_first().filter(|(_, l)| !l.is_empty()) else {
-            return self.usage(ci);
-        };
-        let offset = match cvtnum(off) {
-            Ok(v) => v,
-            Err(e) => {
-                print_cvtnum_err(&mut self.out, e, off);
-                return -e;
-            }
-        };
-        let count = match self.vector_len(lens) {
-            Ok(n) => n,
+        let (offset, count) = match self.vector_operands(ci, &operands) {
+            Ok(r) => r,
             Err(e) => return e,
         };
         let mut buf = vec![0xabu8; count as usize];
@@ -127,18 +129,8 @@ impl Session {
                 Opt::Flag(_, _) => {}
             }
         }
-        let Some((off, lens)) = operands.split_first().filter(|(_, l)| !l.is_empty()) else {
-            return self.usage(ci);
-        };
-        let offset = match cvtnum(off) {
-            Ok(v) => v,
-            Err(e) => {
-                print_cvtnum_err(&mut self.out, e, off);
-                return -e;
-            }
-        };
-        let count = match self.vector_len(lens) {
-            Ok(n) => n,
+        let (offset, count) = match self.vector_operands(ci, &operands) {
+            Ok(r) => r,
             Err(e) => return e,
         };
         let buf = vec![pattern; count as usize];
@@ -150,20 +142,7 @@ impl Session {
                 .write_at(&buf, offset as u64)
                 .map_err(|e| errno_of(&e))
         };
-        let r = r.and_then(|()| {
-            if fua {
-                img.dev.flush().map_err(|e| errno_of(&e))?;
-            }
-            Self::after_write(img)
-        });
-        let t = t0.elapsed();
-        if let Err(e) = r {
-            out!(self.out, "writev failed: {}\n", strerror(e));
-            return -e;
-        }
-        if !qflag {
-            print_report(&mut self.out, "wrote", t, offset, count, cflag);
-        }
-        0
+        let r = Self::complete_write(img, r, fua);
+        self.write_outcome("writev", r, t0, (offset, count), qflag, cflag)
     }
 }
