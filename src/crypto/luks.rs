@@ -156,7 +156,7 @@ impl LuksHeader {
             slot.stripes = be32(s, 44);
             slot.active = be32(s, 0) == SLOT_ENABLED;
         }
-        check_regions(b, payload_offset_sector, master_key_len, &slots)?;
+        check_layout(b, payload_offset_sector, master_key_len, &slots)?;
         let (cipher, hash) = parse_names(cipher_name, cipher_mode, hash_spec, master_key_len)?;
         let mut h = LuksHeader {
             cipher,
@@ -383,10 +383,11 @@ fn check_iterations(what: &str, iterations: u32, limits: &LuksLimits) -> Result<
     Ok(())
 }
 
-/// QEMU's region checks: the payload after the fixed header region, each slot's material
-/// (active or not) after the header, before the payload and apart from every other slot's.
-/// Done in 64-bit arithmetic, so no hostile value wraps around.
-fn check_regions(
+/// The rest of QEMU's `qcrypto_block_luks_check_header`: the payload after the fixed header
+/// region, a master-key iteration count, and for each slot (active or not) 4000 stripes, a
+/// valid state, an iteration count when active, and material after the header, before the
+/// payload and apart from every other slot's. In 64-bit arithmetic, so no hostile value wraps.
+fn check_layout(
     b: &[u8],
     payload_offset_sector: u32,
     key_len: u32,
@@ -398,14 +399,20 @@ fn check_regions(
             "LUKS payload is overlapping with the header".into(),
         ));
     }
-    let header_end = (HEADER_LEN as u64).div_ceil(SECTOR_SIZE as u64);
+    if be32(b, 164) == 0 {
+        return Err(CryptoError::Header(
+            "LUKS key iteration count is zero".into(),
+        ));
+    }
     for (i, s1) in slots.iter().enumerate() {
         let raw_state = be32(b, 208 + i * 48);
         let start1 = u64::from(s1.key_offset_sector);
         let len1 = material_sectors(key_len, s1.stripes);
-        if s1.stripes == 0 {
+        if s1.stripes != STRIPES {
+            // QEMU prints the count as a signed int.
             return Err(CryptoError::Header(format!(
-                "Keyslot {i} is corrupted (stripes == 0)"
+                "Keyslot {i} is corrupted (stripes {} != {STRIPES})",
+                s1.stripes as i32
             )));
         }
         if raw_state != SLOT_ENABLED && raw_state != SLOT_DISABLED {
@@ -413,7 +420,12 @@ fn check_regions(
                 "Keyslot {i} state (active/disable) is corrupted"
             )));
         }
-        if start1 < header_end {
+        if s1.active && s1.iterations == 0 {
+            return Err(CryptoError::Header(format!(
+                "Keyslot {i} iteration count is zero"
+            )));
+        }
+        if start1 < HEADER_SECTORS {
             return Err(CryptoError::Header(format!(
                 "Keyslot {i} is overlapping with the LUKS header"
             )));
@@ -447,7 +459,7 @@ fn parse_names(
     let unsupported = |s: String| CryptoError::Unsupported(s);
     let (mode_name, ivgen_part) = cipher_mode.split_once('-').ok_or_else(|| {
         CryptoError::Header(format!(
-            "Unexpected cipher mode string format {cipher_mode}"
+            "Unexpected cipher mode string format '{cipher_mode}'"
         ))
     })?;
     let (ivgen_name, ivhash_name) = match ivgen_part.split_once(':') {
@@ -457,25 +469,25 @@ fn parse_names(
     let ivgen_hash = match ivhash_name {
         Some(h) => Some(
             HashAlg::from_name(h)
-                .ok_or_else(|| unsupported(format!("Hash algorithm {h} not supported")))?,
+                .ok_or_else(|| unsupported(format!("Hash algorithm '{h}' not supported")))?,
         ),
         None => None,
     };
     let mode = CipherMode::from_name(mode_name)
-        .ok_or_else(|| unsupported(format!("Cipher mode {mode_name} not supported")))?;
+        .ok_or_else(|| unsupported(format!("Cipher mode '{mode_name}' not supported")))?;
     let mut key_bytes = master_key_len;
     if mode == CipherMode::Xts {
         key_bytes /= 2;
     }
     let alg = CipherAlg::from_family(cipher_name, key_bytes as usize).ok_or_else(|| {
         unsupported(format!(
-            "Algorithm {cipher_name} with key size {key_bytes} bytes not supported"
+            "Algorithm '{cipher_name}' with key size {key_bytes} bytes not supported"
         ))
     })?;
     let hash = HashAlg::from_name(hash_spec)
-        .ok_or_else(|| unsupported(format!("Hash algorithm {hash_spec} not supported")))?;
+        .ok_or_else(|| unsupported(format!("Hash algorithm '{hash_spec}' not supported")))?;
     let ivgen = IvGenAlg::from_name(ivgen_name)
-        .ok_or_else(|| unsupported(format!("IV generator {ivgen_name} not supported")))?;
+        .ok_or_else(|| unsupported(format!("IV generator '{ivgen_name}' not supported")))?;
     let spec = CipherSpec {
         alg,
         mode,
@@ -571,6 +583,14 @@ pub fn create(
         cipher.essiv_cipher(h)?;
     }
     let key_len = cipher.key_len();
+    if (key_len * STRIPES as usize) % SECTOR_SIZE != 0 {
+        // QEMU processes key material in whole sectors and aborts on such a header.
+        return Err(CryptoError::Unsupported(format!(
+            "Cipher {} in mode {} has a {key_len}-byte key, whose key material QEMU cannot use",
+            cipher.alg.name(),
+            cipher.mode.name()
+        )));
+    }
     let mut master = MasterKey::zeroed(key_len)?;
     random(master.as_mut())?;
     // Checks that the cipher exists and takes this key before any slow work.
@@ -578,15 +598,22 @@ pub fn create(
     let (master_iters, slot_iters) = match opts.kdf {
         KdfCost::Iterations { master, slot } => (master, slot),
         KdfCost::IterTime(t) => {
-            let per_sec = pbkdf::iterations_per_second(opts.hash, key_len, DIGEST_LEN);
-            let want = u128::from(per_sec) * t.as_millis() / 1000;
-            let slot = u32::try_from(want).map_err(|_| {
-                CryptoError::InvalidArgument(format!(
-                    "PBKDF iterations {want} larger than {}",
-                    u32::MAX
-                ))
-            })?;
-            ((slot / 8).max(MIN_ITERATIONS), slot.max(MIN_ITERATIONS))
+            let ms = t.as_millis();
+            let scaled = |out_len: usize, divisor: u128| {
+                let per_sec = pbkdf::iterations_per_second(opts.hash, passphrase.len(), out_len);
+                let want = u128::from(per_sec) * ms / 1000 / divisor;
+                u32::try_from(want)
+                    .map(|n| n.max(MIN_ITERATIONS))
+                    .map_err(|_| {
+                        CryptoError::InvalidArgument(format!(
+                            "PBKDF iterations {want} larger than {}",
+                            u32::MAX
+                        ))
+                    })
+            };
+            // As QEMU: the digest gets an eighth of the time, measured for its 20 bytes; the
+            // slot all of it, measured for a key-length output.
+            (scaled(DIGEST_LEN, 8)?, scaled(key_len, 1)?)
         }
     };
     let key_len32 = key_len as u32;
@@ -646,3 +673,84 @@ fn format_uuid_v4(mut u: [u8; 16]) -> String {
 
 /// The longest master key a LUKS header can hold.
 pub const MAX_MASTER_KEY_LEN: usize = MAX_KEY_LEN;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed_random() -> impl FnMut(&mut [u8]) -> Result<(), CryptoError> {
+        let mut n = 1u32;
+        move |buf| {
+            for b in buf {
+                n = n.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                *b = (n >> 16) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    fn opts(alg: CipherAlg, mode: CipherMode, ivgen: IvGenAlg) -> LuksCreateOptions {
+        LuksCreateOptions {
+            cipher: CipherSpec {
+                alg,
+                mode,
+                ivgen,
+                ivgen_hash: None,
+            },
+            hash: HashAlg::Sha1,
+            kdf: KdfCost::Iterations {
+                master: 1000,
+                slot: 1000,
+            },
+        }
+    }
+
+    #[test]
+    fn created_headers_parse_back_and_unlock() {
+        let o = opts(CipherAlg::Aes128, CipherMode::Cbc, IvGenAlg::Essiv);
+        let (h, area, key) = create(b"secret", &o, &mut fixed_random()).unwrap();
+        assert_eq!(
+            h.cipher.ivgen_hash,
+            Some(HashAlg::Sha256),
+            "essiv defaults to sha256"
+        );
+        // 16-byte key: 4000 stripes are 125 sectors, aligned to 128; payload after 8 slots.
+        assert_eq!(h.payload_offset_sector, 8 + 8 * 128);
+        assert_eq!(area.len() as u64, h.payload_offset());
+        let parsed = LuksHeader::parse(&area).unwrap();
+        assert_eq!(parsed, h);
+        assert_eq!(parsed.uuid_str().len(), 36);
+        assert_eq!(&parsed.uuid_str()[14..15], "4");
+        let lim = LuksLimits::default();
+        let k = parsed.unlock(&area, b"secret", &lim).unwrap();
+        assert_eq!(k.as_bytes(), key.as_bytes());
+        assert!(matches!(
+            parsed.unlock(&area, b"Secret", &lim),
+            Err(CryptoError::WrongPassphrase)
+        ));
+        assert!(parsed.slots[1..].iter().all(|s| !s.active));
+    }
+
+    #[test]
+    fn key_material_qemu_cannot_process_is_not_created() {
+        let o = opts(CipherAlg::Aes192, CipherMode::Cbc, IvGenAlg::Plain64);
+        assert!(matches!(
+            create(b"pw", &o, &mut fixed_random()),
+            Err(CryptoError::Unsupported(_))
+        ));
+        // In XTS the key is 48 bytes: 4000 stripes fill whole sectors.
+        let o = opts(CipherAlg::Aes192, CipherMode::Xts, IvGenAlg::Plain64);
+        assert!(create(b"pw", &o, &mut fixed_random()).is_ok());
+    }
+
+    #[test]
+    fn iter_time_is_calibrated_and_at_least_the_minimum() {
+        let o = LuksCreateOptions {
+            kdf: KdfCost::IterTime(Duration::from_millis(1)),
+            ..opts(CipherAlg::Aes256, CipherMode::Xts, IvGenAlg::Plain64)
+        };
+        let (h, ..) = create(b"pw", &o, &mut fixed_random()).unwrap();
+        assert!(h.master_key_iterations >= MIN_ITERATIONS);
+        assert!(h.slots[0].iterations >= MIN_ITERATIONS);
+    }
+}
