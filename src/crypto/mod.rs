@@ -34,6 +34,8 @@
 
 mod afsplit;
 pub mod cipher;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod luks;
 pub mod pbkdf;
 pub mod secret;
