@@ -291,7 +291,7 @@ impl BlockKey {
 enum IvGen {
     Plain,
     Plain64,
-    Essiv(BlockKey),
+    Essiv(Box<BlockKey>),
 }
 
 impl IvGen {
@@ -316,7 +316,11 @@ enum Mode {
     Ecb(BlockKey),
     Cbc(BlockKey),
     Ctr(BlockKey),
-    Xts { data: BlockKey, tweak: BlockKey },
+    // The tweak key is used once per sector: boxed, it keeps the variants of one size.
+    Xts {
+        data: BlockKey,
+        tweak: Box<BlockKey>,
+    },
 }
 
 /// A keyed sector cipher: encrypts and decrypts runs of sectors in place.
@@ -354,7 +358,7 @@ impl SectorCipher {
                 let (data, tweak) = key.split_at(key.len() / 2);
                 Mode::Xts {
                     data: BlockKey::new(spec.alg, data)?,
-                    tweak: BlockKey::new(spec.alg, tweak)?,
+                    tweak: Box::new(BlockKey::new(spec.alg, tweak)?),
                 }
             }
         };
@@ -370,7 +374,7 @@ impl SectorCipher {
                 let n = hash.digest_into(&[key], &mut salt);
                 let essiv = BlockKey::new(alg, &salt[..n]);
                 salt.fill(0);
-                IvGen::Essiv(essiv?)
+                IvGen::Essiv(Box::new(essiv?))
             }
         };
         Ok(SectorCipher { mode, ivgen })

@@ -277,7 +277,7 @@ impl LuksHeader {
             passphrase,
             &slot.salt,
             slot.iterations,
-            slot_key.as_mut(),
+            slot_key.as_mut_bytes(),
         )?;
         let mut split = material.to_vec();
         let result = self.open_split(&slot_key, slot.stripes, &mut split);
@@ -295,7 +295,7 @@ impl LuksHeader {
     ) -> Result<Option<MasterKey>, CryptoError> {
         SectorCipher::new(&self.cipher, slot_key.as_bytes())?.decrypt(0, split)?;
         let mut candidate = MasterKey::zeroed(self.master_key_len as usize)?;
-        afsplit::merge(self.hash, stripes, split, candidate.as_mut())?;
+        afsplit::merge(self.hash, stripes, split, candidate.as_mut_bytes())?;
         if self.digest_matches(&candidate)? {
             Ok(Some(candidate))
         } else {
@@ -354,7 +354,13 @@ impl LuksHeader {
         let mut salt = [0u8; SALT_LEN];
         random(&mut salt)?;
         let mut slot_key = MasterKey::zeroed(master_key.as_bytes().len())?;
-        pbkdf::pbkdf2(self.hash, passphrase, &salt, iterations, slot_key.as_mut())?;
+        pbkdf::pbkdf2(
+            self.hash,
+            passphrase,
+            &salt,
+            iterations,
+            slot_key.as_mut_bytes(),
+        )?;
         let stripes = self.slots[index].stripes;
         let material = &mut area[range];
         afsplit::split(self.hash, stripes, master_key.as_bytes(), material, random)?;
@@ -592,7 +598,7 @@ pub fn create(
         )));
     }
     let mut master = MasterKey::zeroed(key_len)?;
-    random(master.as_mut())?;
+    random(master.as_mut_bytes())?;
     // Checks that the cipher exists and takes this key before any slow work.
     SectorCipher::new(&cipher, master.as_bytes())?;
     let (master_iters, slot_iters) = match opts.kdf {

@@ -107,7 +107,7 @@ impl MasterKey {
     /// A key holding a copy of `bytes` (1 to 64 of them).
     pub fn from_bytes(bytes: &[u8]) -> Result<MasterKey, CryptoError> {
         let mut k = MasterKey::zeroed(bytes.len())?;
-        k.as_mut().copy_from_slice(bytes);
+        k.as_mut_bytes().copy_from_slice(bytes);
         Ok(k)
     }
 
@@ -117,7 +117,7 @@ impl MasterKey {
     }
 
     /// The key bytes, to fill.
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
         &mut self.bytes[..self.len]
     }
 }
