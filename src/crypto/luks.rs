@@ -373,6 +373,34 @@ impl LuksHeader {
     }
 }
 
+impl LuksHeader {
+    /// Deactivates slot `index` (QEMU's `qcrypto_block_luks_erase_key`): salt zeroed,
+    /// iterations 0, state disabled, and its key material in `area` overwritten with bytes from
+    /// `random`. QEMU writes the header first, then [`ERASE_PASSES`] random passes over the
+    /// material, each to disk; a caller mirroring it calls this once per pass after the header.
+    pub fn erase_key(
+        &mut self,
+        area: &mut [u8],
+        index: usize,
+        random: &mut dyn FnMut(&mut [u8]) -> Result<(), CryptoError>,
+    ) -> Result<(), CryptoError> {
+        let range = self.material_range(index).filter(|r| r.end <= area.len());
+        let range = range.ok_or_else(|| {
+            CryptoError::InvalidArgument(format!(
+                "Keyslot {index} key material lies outside the LUKS header area"
+            ))
+        })?;
+        let slot = &mut self.slots[index];
+        slot.salt = [0; SALT_LEN];
+        slot.iterations = 0;
+        slot.active = false;
+        random(&mut area[range])
+    }
+}
+
+/// Random passes QEMU writes over the key material of a slot it erases.
+pub const ERASE_PASSES: usize = 40;
+
 fn check_iterations(what: &str, iterations: u32, limits: &LuksLimits) -> Result<(), CryptoError> {
     if iterations == 0 {
         return Err(CryptoError::Header(format!(
@@ -735,6 +763,27 @@ mod tests {
             Err(CryptoError::WrongPassphrase)
         ));
         assert!(parsed.slots[1..].iter().all(|s| !s.active));
+    }
+
+    #[test]
+    fn an_erased_slot_no_longer_unlocks() {
+        let o = opts(CipherAlg::Aes128, CipherMode::Xts, IvGenAlg::Plain64);
+        let (mut h, mut area, key) = create(b"a", &o, &mut fixed_random()).unwrap();
+        h.store_key(&mut area, 3, b"b", &key, 1000, &mut fixed_random())
+            .unwrap();
+        let lim = LuksLimits::default();
+        assert!(h.unlock(&area, b"b", &lim).is_ok());
+        let before = area.clone();
+        h.erase_key(&mut area, 3, &mut fixed_random()).unwrap();
+        assert!(!h.slots[3].active && h.slots[3].iterations == 0);
+        assert_ne!(area, before, "the material is overwritten");
+        area[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        let h = LuksHeader::parse(&area).unwrap();
+        assert!(matches!(
+            h.unlock(&area, b"b", &lim),
+            Err(CryptoError::WrongPassphrase)
+        ));
+        assert!(h.unlock(&area, b"a", &lim).is_ok());
     }
 
     #[test]
