@@ -264,7 +264,7 @@ impl LuksHeader {
         check_iterations("the master key digest", self.master_key_iterations, limits)?;
         check_iterations(&format!("keyslot {index}"), slot.iterations, limits)?;
         let range = self.material_range(index);
-        let material = range.clone().and_then(|r| area.get(r)).ok_or_else(|| {
+        let material = range.and_then(|r| area.get(r)).ok_or_else(|| {
             CryptoError::Header(format!(
                 "Keyslot {index} key material lies outside the LUKS header area of {} bytes",
                 area.len()
