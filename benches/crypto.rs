@@ -3,7 +3,7 @@
 //! per 1000 PBKDF2 iterations.
 //!
 //! Run: `cargo bench --bench crypto`. Groups: `sector_cipher/{xts_aes256_decrypt,
-//! xts_aes256_encrypt,cbc_essiv_aes256_decrypt,legacy_aes128_cbc_decrypt}`,
+//! xts_aes256_encrypt,ecb_aes256_decrypt,cbc_essiv_aes256_decrypt,legacy_aes128_cbc_decrypt}`,
 //! `pbkdf2/sha256_1000_iterations`.
 //!
 //! The `aes` crate picks AES-NI at run time when the CPU has it; the figures tell which path
@@ -41,6 +41,11 @@ fn sector_ciphers(c: &mut Criterion) {
     });
     g.bench_function("xts_aes256_encrypt", |b| {
         b.iter(|| xts.encrypt(black_box(first), black_box(&mut buf)))
+    });
+    // The block cipher alone (no IVs): the ceiling the modes above work under.
+    let ecb = cipher(CipherAlg::Aes256, CipherMode::Ecb, IvGenAlg::Plain64);
+    g.bench_function("ecb_aes256_decrypt", |b| {
+        b.iter(|| ecb.decrypt(black_box(first), black_box(&mut buf)))
     });
     let essiv = cipher(CipherAlg::Aes256, CipherMode::Cbc, IvGenAlg::Essiv);
     g.bench_function("cbc_essiv_aes256_decrypt", |b| {

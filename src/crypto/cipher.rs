@@ -17,6 +17,9 @@ pub const SECTOR_SIZE: usize = 512;
 /// Cipher block size of every supported algorithm.
 const BLOCK: usize = 16;
 
+/// Sectors whose IVs (and XTS first tweaks) are computed in one batch.
+const IV_BATCH: usize = 16;
+
 /// A block cipher with its key size, by QEMU's name (`QCryptoCipherAlgo`), limited to those a
 /// LUKS header can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -295,19 +298,22 @@ enum IvGen {
 }
 
 impl IvGen {
+    /// Writes the IVs of sectors `first`, `first + 1`, ... into the 16-byte blocks of `ivs`
+    /// (ESSIV encrypts them all in one pipelined call).
     // The IV formats are little-endian by definition (dm-crypt's plain/plain64).
     #[allow(clippy::little_endian_bytes)]
-    fn iv(&self, sector: u64) -> [u8; BLOCK] {
-        let mut iv = [0u8; BLOCK];
-        match self {
-            IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
-            IvGen::Plain64 => iv[..8].copy_from_slice(&sector.to_le_bytes()),
-            IvGen::Essiv(key) => {
-                iv[..8].copy_from_slice(&sector.to_le_bytes());
-                key.encrypt_blocks(&mut iv);
+    fn fill(&self, first: u64, ivs: &mut [u8]) {
+        for (i, iv) in ivs.chunks_exact_mut(BLOCK).enumerate() {
+            let sector = first.wrapping_add(i as u64);
+            iv.fill(0);
+            match self {
+                IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
+                IvGen::Plain64 | IvGen::Essiv(_) => iv[..8].copy_from_slice(&sector.to_le_bytes()),
             }
         }
-        iv
+        if let IvGen::Essiv(key) = self {
+            key.encrypt_blocks(ivs);
+        }
     }
 }
 
@@ -427,16 +433,26 @@ impl SectorCipher {
             return Ok(());
         }
         let mut scratch = [0u8; SECTOR_SIZE];
-        for (i, sector) in buf.chunks_mut(SECTOR_SIZE).enumerate() {
-            let iv = self.ivgen.iv(first_sector + i as u64);
-            let scratch = &mut scratch[..sector.len()];
-            match (&self.mode, encrypt) {
-                (Mode::Ecb(_), _) => {}
-                (Mode::Cbc(key), true) => cbc_encrypt(key, iv, sector),
-                (Mode::Cbc(key), false) => cbc_decrypt(key, iv, sector, scratch),
-                (Mode::Ctr(key), _) => ctr_apply(key, iv, sector, scratch),
-                (Mode::Xts { data, tweak }, _) => {
-                    xts_apply(data, tweak, iv, sector, scratch, encrypt)
+        let mut ivs = [0u8; IV_BATCH * BLOCK];
+        for (g, group) in buf.chunks_mut(IV_BATCH * SECTOR_SIZE).enumerate() {
+            let ivs = &mut ivs[..group.len().div_ceil(SECTOR_SIZE) * BLOCK];
+            self.ivgen.fill(first_sector + (g * IV_BATCH) as u64, ivs);
+            if let Mode::Xts { tweak, .. } = &self.mode {
+                // The first tweak of each sector, for all sectors of the group at once.
+                tweak.encrypt_blocks(ivs);
+            }
+            for (sector, iv) in group.chunks_mut(SECTOR_SIZE).zip(ivs.chunks_exact(BLOCK)) {
+                let mut first_block = [0u8; BLOCK];
+                first_block.copy_from_slice(iv);
+                let scratch = &mut scratch[..sector.len()];
+                match (&self.mode, encrypt) {
+                    (Mode::Ecb(_), _) => {}
+                    (Mode::Cbc(key), true) => cbc_encrypt(key, first_block, sector),
+                    (Mode::Cbc(key), false) => cbc_decrypt(key, first_block, sector, scratch),
+                    (Mode::Ctr(key), _) => ctr_apply(key, first_block, sector, scratch),
+                    (Mode::Xts { data, .. }, _) => {
+                        xts_apply(data, first_block, sector, scratch, encrypt)
+                    }
                 }
             }
         }
@@ -482,21 +498,18 @@ fn ctr_apply(key: &BlockKey, iv: [u8; BLOCK], sector: &mut [u8], stream: &mut [u
     xor_into(sector, stream);
 }
 
-/// XTS over one sector (a whole number of blocks: no ciphertext stealing is needed): the
-/// tweaks `E_tweak(iv) * alpha^j` built in `tweaks`, XORed in before and after the block
-/// cipher runs over all blocks at once.
+/// XTS over one sector (a whole number of blocks: no ciphertext stealing is needed), given its
+/// first tweak `E_tweak(iv)`: the tweaks `t * alpha^j` are built in `tweaks`, XORed in before
+/// and after the block cipher runs over all blocks at once.
 #[allow(clippy::little_endian_bytes)] // IEEE 1619 multiplies the tweak as a little-endian number
 fn xts_apply(
     data: &BlockKey,
-    tweak: &BlockKey,
-    iv: [u8; BLOCK],
+    first_tweak: [u8; BLOCK],
     sector: &mut [u8],
     tweaks: &mut [u8],
     encrypt: bool,
 ) {
-    let mut t = iv;
-    tweak.encrypt_blocks(&mut t);
-    let mut t = u128::from_le_bytes(t);
+    let mut t = u128::from_le_bytes(first_tweak);
     for block in tweaks.chunks_exact_mut(BLOCK) {
         block.copy_from_slice(&t.to_le_bytes());
         let carry = (t >> 127) as u8;

@@ -74,10 +74,10 @@ impl HashAlg {
         }
     }
 
-    /// The digest of the concatenation of `parts`, written to the start of `out` (which must
-    /// hold [`HashAlg::digest_len`] bytes); returns the digest length.
-    pub fn digest_into(self, parts: &[&[u8]], out: &mut [u8]) -> usize {
-        fn run<D: Digest>(parts: &[&[u8]], out: &mut [u8]) -> usize {
+    /// The digest of the concatenation of `parts`, written to the start of `out`; returns the
+    /// digest length.
+    pub fn digest_into(self, parts: &[&[u8]], out: &mut [u8; MAX_DIGEST_LEN]) -> usize {
+        fn run<D: Digest>(parts: &[&[u8]], out: &mut [u8; MAX_DIGEST_LEN]) -> usize {
             let mut d = D::new();
             for p in parts {
                 d.update(p);
