@@ -208,6 +208,29 @@ fn every_cipher_alg_qemu_img_offers() {
     }
 }
 
+/// CAST5 (64-bit blocks): every mode and IV generator qemu-img accepts with it (not XTS, not
+/// ESSIV).
+#[test]
+fn cast5_in_the_modes_qemu_img_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, ivgen) in [
+        (CipherMode::Cbc, IvGenAlg::Plain64),
+        (CipherMode::Cbc, IvGenAlg::Plain),
+        (CipherMode::Ctr, IvGenAlg::Plain64),
+        (CipherMode::Ecb, IvGenAlg::Plain64),
+    ] {
+        let name = format!("cast5-{}-{}.qcow2", mode.name(), ivgen.name());
+        let extra = format!(
+            "encrypt.cipher-alg=cast5-128,encrypt.cipher-mode={},encrypt.ivgen-alg={}",
+            mode.name(),
+            ivgen.name()
+        );
+        let path = qemu_image(dir.path(), &name, "luks", &extra);
+        let want = spec(CipherAlg::Cast5_128, mode, ivgen, None);
+        check_luks_image(&path, &want, HashAlg::Sha256);
+    }
+}
+
 #[test]
 fn every_mode_and_iv_generator() {
     let dir = tempfile::tempdir().unwrap();
@@ -349,6 +372,15 @@ fn qemu_opens_a_header_we_created() {
                 None,
             ),
             HashAlg::Sha512,
+        ),
+        (
+            spec(
+                CipherAlg::Cast5_128,
+                CipherMode::Cbc,
+                IvGenAlg::Plain64,
+                None,
+            ),
+            HashAlg::Ripemd160,
         ),
     ];
     for (i, (cipher, hash)) in cases.into_iter().enumerate() {
