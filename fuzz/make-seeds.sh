@@ -69,3 +69,24 @@ struct.pack_into(">H", b, block + 2 * (data >> 12), 0)  # data cluster: refcount
 open(sys.argv[2], "wb").write(b)
 PY
 ls -la "$out" seeds/decompress seeds/check_repair
+# LUKS header seeds: the header area of qemu-img images, cut after slot 0's key material
+# (aes-128 cbc-essiv: 4096 + 16 * 4000 bytes), or to the bare 592-byte header (aes-256 xts).
+mkdir -p seeds/luks_header
+luks() { # name, extra -o options, bytes kept
+  qemu-img create -q -f qcow2 --object secret,id=s,data=pw \
+    -o "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10$2" "$tmp/$1" 1M
+  python3 - "$tmp/$1" "seeds/luks_header/$1" "$3" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+at = struct.unpack(">I", d[100:104])[0]
+while True:
+    kind, n = struct.unpack(">II", d[at:at + 8])
+    if kind == 0x0537BE77:
+        off, _ = struct.unpack(">QQ", d[at + 8:at + 24])
+        break
+    at += 8 + (n + 7) // 8 * 8
+open(sys.argv[2], "wb").write(d[off:off + int(sys.argv[3])])
+PY
+}
+luks aes128-cbc-essiv ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1" 68096
+luks aes256-xts-header "" 592

@@ -52,6 +52,7 @@
 
 pub mod chain;
 pub mod codec;
+pub mod crypto;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -64,6 +64,11 @@ fn crash_reopen_seeds() {
     replay("crash_reopen", qcow2kit::fuzzing::crash_reopen);
 }
 
+#[test]
+fn luks_header_seeds() {
+    replay("luks_header", qcow2kit::crypto::fuzz::luks_header);
+}
+
 /// Every fuzz target has its seeds replayed here.
 #[test]
 fn every_target_is_replayed() {
@@ -87,6 +92,7 @@ fn every_target_is_replayed() {
             "decompress",
             "inspect",
             "inspect_stream",
+            "luks_header",
             "open_read",
             "write_damaged",
             "write_sequence"
