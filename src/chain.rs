@@ -179,6 +179,10 @@ pub struct OpenOptions {
     /// directory) and allowed whatever [`OpenOptions::allow_data_file`] says. An image without
     /// an external data file refuses it with [`Error::InvalidArgument`], as QEMU does.
     pub data_file: Option<PathBuf>,
+    /// The keys of encrypted backing files: entry `i` for the layer `i + 1` below the top
+    /// (QEMU's `backing.encrypt.*`, `backing.backing.encrypt.*`, …). The top image's key is in
+    /// [`Qcow2Options::encryption`]; it is never used for another layer.
+    pub backing_encryption: Vec<crate::engine::EncryptionOptions>,
 }
 
 impl Default for OpenOptions {
@@ -194,6 +198,7 @@ impl Default for OpenOptions {
             locking: Locking::Qemu,
             writable_layer: None,
             data_file: None,
+            backing_encryption: Vec::new(),
         }
     }
 }
@@ -450,6 +455,13 @@ fn open_layer(
             let mut q_opts = opts.qcow2.clone();
             q_opts.snapshot = if top { opts.snapshot.clone() } else { None };
             q_opts.writable = writable;
+            if !top {
+                q_opts.encryption = depth
+                    .checked_sub(1)
+                    .and_then(|i| opts.backing_encryption.get(i))
+                    .cloned()
+                    .unwrap_or_default();
+            }
             let mut img = Qcow2Image::open(storage, &q_opts)?;
 
             let data_file = if top { opts.data_file.as_deref() } else { None };

@@ -37,6 +37,10 @@ pub enum Error {
         /// The encryption method named by the header.
         method: &'static str,
     },
+    /// The encryption layer refused: a wrong passphrase, a LUKS header that breaks a rule of
+    /// the format, a cipher qcow2kit does not offer (QEMU's message where it has one).
+    #[error("{0}")]
+    Crypto(#[from] crate::crypto::CryptoError),
     /// The image refers to a backing or data file that the open policy does not allow.
     #[error("{kind} file '{name}' is not allowed by the open policy")]
     ExternalFileDenied {

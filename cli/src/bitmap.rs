@@ -210,7 +210,7 @@ fn open_source(file: &str, format: ImageFormat) -> Result<Opened, String> {
 fn image_opts(spec: &str) -> Result<(String, ImageFormat), String> {
     let mut path = None;
     let mut format = None;
-    for (k, v) in crate::check::split_opts(spec) {
+    for (k, v) in crate::image_opts::split_opts(spec) {
         match k.as_str() {
             "driver" => format = Some(v),
             "file.filename" => path = Some(v),

@@ -18,6 +18,7 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::fail;
+use crate::image_opts::{image_arg, load_secrets};
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::{
     open, probe_file, resolve_relative, FileRole, ImageFormat, Locking, OpenOptions, Opened,
@@ -89,37 +90,17 @@ pub fn run(args: &[String]) -> u8 {
     if repair.is_some() && p.has("U") {
         return could_not_open(&"force-share=on can only be used with read-only images");
     }
-    let mut secrets = Vec::new();
-    for o in p.all("object") {
-        match parse_object(o) {
-            Ok(Some(id)) => secrets.push(id),
-            Ok(None) => {}
-            Err(e) => return fail(e),
-        }
-    }
-
-    // The file and its format: a plain name with -f or a probe, or --image-opts.
-    let (path, format, key_secret) = if p.has("image-opts") {
-        if p.has("f") {
-            return fail("--image-opts and --format are mutually exclusive");
-        }
-        let opts = split_opts(name);
-        let get = |k: &str| {
-            opts.iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        };
-        let Some(file) = get("file.filename") else {
-            return could_not_open(&"A block device must be specified for \"file\"");
-        };
-        (
-            PathBuf::from(file),
-            get("driver"),
-            get("encrypt.key-secret"),
-        )
-    } else {
-        (PathBuf::from(name), p.last("f").map(str::to_string), None)
+    let secrets = match load_secrets(p.all("object").iter().map(|s| s.as_str())) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
     };
+    // The file and its format: a plain name with -f or a probe, or --image-opts.
+    let arg = match image_arg(name, p.has("image-opts"), p.last("f"), &secrets) {
+        Ok(a) => a,
+        Err(e) if e.contains("mutually exclusive") => return fail(e),
+        Err(e) => return could_not_open(&e),
+    };
+    let (path, format) = (PathBuf::from(&arg.path), arg.format.clone());
     if let Err(e) = usable_file(&path) {
         return could_not_open(&format!("Could not open '{}': {e}", path.display()));
     }
@@ -159,14 +140,8 @@ pub fn run(args: &[String]) -> u8 {
 
     // What qemu-img opens before it checks.
     if checker.header().crypt_method != CryptMethod::None {
-        match &key_secret {
-            None => {
-                return could_not_open(&"Parameter 'encrypt.key-secret' is required for cipher")
-            }
-            Some(id) if !secrets.contains(id) => {
-                return could_not_open(&format!("No secret with id '{id}'"))
-            }
-            Some(_) => {}
+        if let Err(e) = unlock(&path, &arg.encryption) {
+            return could_not_open(&crate::common::open_error_text(&e));
         }
     }
     // The data file and backing chain stay open (locked) until the check ends, as in qemu-img.
@@ -295,6 +270,18 @@ fn usable_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens the encrypted image at `path` with `key` once, as qemu-img does before it checks (the
+/// check itself does not decrypt anything).
+fn unlock(path: &Path, key: &qcow2kit::engine::EncryptionOptions) -> qcow2kit::Result<()> {
+    let storage = FileStorage::open_with(path, false, None)
+        .map_err(|e| qcow2kit::Error::io(format!("opening '{}'", path.display()), e))?;
+    let opts = qcow2kit::engine::Qcow2Options {
+        encryption: key.clone(),
+        ..Default::default()
+    };
+    qcow2kit::engine::Qcow2Image::open(std::sync::Arc::new(storage), &opts).map(drop)
+}
+
 /// Opens the backing chain as qemu-img would (recorded format, else a probe), locked under
 /// `locking`.
 fn open_backing(
@@ -315,54 +302,6 @@ fn open_backing(
         ..crate::common::qemu_options()
     };
     open(&path, fmt, &opts).map_err(|e| e.to_string())
-}
-
-/// The id of a `--object secret,id=ID,data=…|file=…` (other object types are ignored).
-fn parse_object(spec: &str) -> Result<Option<String>, String> {
-    let opts = split_opts(spec);
-    let Some((kind, _)) = opts.first() else {
-        return Err(format!("Invalid object '{spec}'"));
-    };
-    let kind = opts
-        .iter()
-        .find(|(k, _)| k == "qom-type")
-        .map_or(kind.as_str(), |(_, v)| v.as_str());
-    if kind != "secret" {
-        return Ok(None);
-    }
-    match opts.iter().find(|(k, _)| k == "id") {
-        Some((_, id)) => Ok(Some(id.clone())),
-        None => Err("Parameter 'id' is missing".into()),
-    }
-}
-
-/// Splits QEMU's `key=value,key=value` option syntax (`,,` is a literal comma; a first element
-/// without `=` is returned as a key with an empty value).
-pub(crate) fn split_opts(s: &str) -> Vec<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (p, String::new()),
-        })
-        .collect()
 }
 
 /// qemu-img's `dump_human_image_check`.
@@ -494,23 +433,5 @@ mod tests {
              waste of disk space, but no harm to data.\n17/1024 = 1.66% allocated, 11.76% \
              fragmented, 0.00% compressed clusters\nImage end offset: 1441792\n"
         );
-    }
-
-    #[test]
-    fn option_strings() {
-        assert_eq!(
-            split_opts("driver=qcow2,file.filename=a,,b,encrypt.key-secret=s0"),
-            vec![
-                ("driver".to_string(), "qcow2".to_string()),
-                ("file.filename".to_string(), "a,b".to_string()),
-                ("encrypt.key-secret".to_string(), "s0".to_string()),
-            ]
-        );
-        assert_eq!(
-            parse_object("secret,id=s0,data=pw"),
-            Ok(Some("s0".to_string()))
-        );
-        assert_eq!(parse_object("iothread,id=t"), Ok(None));
-        assert!(parse_object("secret,data=pw").is_err());
     }
 }

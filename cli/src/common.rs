@@ -35,6 +35,9 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
                 qcow2kit::error::strerror(source)
             )
         }
+        qcow2kit::Error::EncryptedNoKey { .. } => {
+            "Parameter 'encrypt.key-secret' is required for cipher".to_string()
+        }
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::BadMagic(_)) => {
             "Image is not in qcow2 format".to_string()
         }

@@ -135,6 +135,9 @@ fn node_value(info: &ImageInfo) -> Value {
     if let Some(c) = info.cluster_size {
         e.push(("cluster-size", c.into()));
     }
+    if info.qcow2.as_ref().is_some_and(|q| q.encrypt.is_some()) {
+        e.push(("encrypted", true.into()));
+    }
     if let Some(b) = &info.backing_filename {
         e.push(("backing-filename", b.clone().into()));
         if let Some(f) = &info.full_backing_filename {
@@ -224,6 +227,9 @@ fn qcow2_data(q: &Qcow2Info) -> Value {
         e.push(("corrupt", c.into()));
     }
     e.push(("refcount-bits", q.refcount_bits.into()));
+    if let Some(enc) = &q.encrypt {
+        e.push(("encrypt", encrypt_data(enc)));
+    }
     if !q.bitmaps.is_empty() {
         let list = q
             .bitmaps
@@ -242,6 +248,40 @@ fn qcow2_data(q: &Qcow2Info) -> Value {
         e.push(("bitmaps", Value::Array(list)));
     }
     e.push(("compression-type", q.compression_type.name().into()));
+    qdict(e)
+}
+
+/// `ImageInfoSpecificQCow2Encryption`: the format, and for LUKS `QCryptoBlockInfoLUKS` in
+/// QAPI member order.
+fn encrypt_data(enc: &qcow2kit::engine::EncryptionInfo) -> Value {
+    let mut e: Vec<(&str, Value)> = vec![("format", enc.format.name().into())];
+    if let Some(h) = &enc.luks {
+        e.push(("cipher-alg", h.cipher.alg.name().into()));
+        e.push(("cipher-mode", h.cipher.mode.name().into()));
+        e.push(("ivgen-alg", h.cipher.ivgen.name().into()));
+        if let Some(ih) = h.cipher.ivgen_hash {
+            e.push(("ivgen-hash-alg", ih.name().into()));
+        }
+        e.push(("hash-alg", h.hash.name().into()));
+        e.push(("detached-header", false.into()));
+        e.push(("payload-offset", h.payload_offset().into()));
+        e.push(("master-key-iters", h.master_key_iterations.into()));
+        e.push(("uuid", h.uuid_str().into()));
+        let slots = h
+            .slots
+            .iter()
+            .map(|s| {
+                let mut f: Vec<(&str, Value)> = vec![("active", s.active.into())];
+                if s.active {
+                    f.push(("iters", s.iterations.into()));
+                    f.push(("stripes", s.stripes.into()));
+                }
+                f.push(("key-offset", (u64::from(s.key_offset_sector) * 512).into()));
+                qdict(f)
+            })
+            .collect();
+        e.push(("slots", Value::Array(slots)));
+    }
     qdict(e)
 }
 
@@ -321,6 +361,9 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
         info.virtual_size,
         dsize
     ));
+    if info.qcow2.as_ref().is_some_and(|q| q.encrypt.is_some()) {
+        out.push_str("encrypted: yes\n");
+    }
     if let Some(c) = info.cluster_size {
         out.push_str(&format!("cluster_size: {c}\n"));
     }

@@ -15,6 +15,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod image_opts;
 mod info;
 mod io;
 mod localtime;

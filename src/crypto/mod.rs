@@ -141,3 +141,63 @@ pub fn os_random(buf: &mut [u8]) -> Result<(), CryptoError> {
         .and_then(|mut f| f.read_exact(buf))
         .map_err(CryptoError::Random)
 }
+
+/// The passphrase of an encrypted image (a LUKS key slot's secret, or the legacy AES key):
+/// zeroed when dropped and never shown by `Debug`. Always given explicitly by the caller: the
+/// library never reads a secret from the environment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Passphrase(Vec<u8>);
+
+impl Passphrase {
+    /// A passphrase holding `bytes`.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Passphrase {
+        Passphrase(bytes.into())
+    }
+
+    /// The passphrase bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Passphrase {
+    fn drop(&mut self) {
+        self.0.fill(0);
+        std::hint::black_box(&self.0);
+    }
+}
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(..)")
+    }
+}
+
+/// The two encryption methods of qcow2 (header field `crypt_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EncryptionFormat {
+    /// Legacy AES-128-CBC (`crypt_method` 1), IVs from guest sector numbers.
+    Aes,
+    /// LUKS1 (`crypt_method` 2): a LUKS header in the image's own clusters, IVs from host
+    /// sector numbers.
+    Luks,
+}
+
+impl EncryptionFormat {
+    /// QEMU's name: `aes` or `luks`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EncryptionFormat::Aes => "aes",
+            EncryptionFormat::Luks => "luks",
+        }
+    }
+
+    /// The format QEMU names `name` (`aes`, `luks`).
+    pub fn from_name(name: &str) -> Option<EncryptionFormat> {
+        match name {
+            "aes" => Some(EncryptionFormat::Aes),
+            "luks" => Some(EncryptionFormat::Luks),
+            _ => None,
+        }
+    }
+}

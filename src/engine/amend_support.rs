@@ -84,9 +84,7 @@ impl Qcow2Image {
         }
         m.refs()?.map.refuse(host, g.cluster_size, &[])?;
         drop(m);
-        self.data()?
-            .write_at(zeros, host)
-            .map_err(|e| Error::io("writing zeros into a zero cluster", e))?;
+        self.write_data(self.data()?.as_ref(), zeros, host, c0)?;
         let mut m = self.lock_meta();
         self.set_entry(&mut m, c0, host | COPIED, 0)?;
         Ok(true)

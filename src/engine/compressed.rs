@@ -31,6 +31,12 @@ impl Qcow2Image {
                 "a compressed write covers exactly one cluster (or the device's last one)".into(),
             ));
         }
+        if self.is_encrypted() {
+            // QEMU's qemu-io would store the cluster compressed but not encrypted: refused.
+            return Err(Error::Unsupported(
+                "Compression and encryption not supported at the same time".into(),
+            ));
+        }
         if g.data_file {
             return Err(Error::Unsupported(
                 "compression is not supported with an external data file".into(),

@@ -19,6 +19,7 @@ mod cache;
 mod compressed;
 mod corrupt;
 mod dirty_bitmap;
+mod encryption;
 mod flush;
 mod header_update;
 mod mapping;
@@ -37,6 +38,7 @@ mod write_checks;
 pub use bitmaps::{INCONSISTENT_HINT, MAX_BITMAP_MEMORY};
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
 pub use dirty_bitmap::DirtyBitmap;
+pub use encryption::{EncryptionInfo, EncryptionOptions};
 pub use header_update::HEADER_FULL;
 pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 pub use snapshot_ops::NewSnapshot;
@@ -147,6 +149,8 @@ pub struct Qcow2Image {
     view: Option<Snapshot>,
     /// Where corruption events go.
     reporter: Option<CorruptionReporter>,
+    /// The cipher of an encrypted image (see [`encryption`]).
+    encryption: Option<encryption::Encryption>,
     /// A corruption event has been reported (later ones are suppressed, see [`corrupt`]).
     corruption_signaled: std::sync::atomic::AtomicBool,
 }
@@ -354,10 +358,7 @@ impl Qcow2Image {
             let n = run.len as usize;
             let chunk = &mut buf[done..done + n];
             match run.mapped {
-                Mapped::Data { host } => self
-                    .data()?
-                    .read_at(chunk, host)
-                    .map_err(|e| Error::io("reading data cluster", e))?,
+                Mapped::Data { host } => self.read_data(self.data()?.as_ref(), chunk, host, pos)?,
                 Mapped::Zero { .. } => chunk.fill(0),
                 Mapped::Unallocated => self.read_backing(chunk, pos)?,
                 Mapped::Compressed { desc, in_cluster } => {
@@ -416,7 +417,12 @@ impl BlockDevice for Qcow2Image {
         }
         let first = self.map(offset, len)?;
         let (kind, host_offset, compressed) = match first.mapped {
-            Mapped::Data { host } => (ExtentKind::Data, Some(host), false),
+            // As QEMU, no host offset for encrypted data (it is not the guest's bytes).
+            Mapped::Data { host } => (
+                ExtentKind::Data,
+                Some(host).filter(|_| !self.is_encrypted()),
+                false,
+            ),
             Mapped::Zero { host } => (ExtentKind::Zero, host, false),
             Mapped::Unallocated => (ExtentKind::Unallocated, None, false),
             Mapped::Compressed { .. } => (ExtentKind::Data, None, true),

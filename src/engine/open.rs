@@ -4,6 +4,7 @@
 
 use super::cache::SliceCache;
 use super::corrupt::CorruptionReporter;
+use super::encryption::{Encryption, EncryptionOptions};
 use super::meta::Meta;
 use super::overlap::{MetadataMap, INACTIVE_L1_READ_BUDGET};
 use super::rebuild::rebuild_refcounts;
@@ -16,7 +17,7 @@ use crate::format::entry::OFFSET_MASK;
 use crate::format::extension::Extensions;
 use crate::format::features::AutoclearFeatures;
 use crate::format::features::IncompatibleFeatures;
-use crate::format::header::{check_table, CryptMethod, Header, SNAPSHOT_HEADER_SIZE};
+use crate::format::header::{check_table, Header, SNAPSHOT_HEADER_SIZE};
 use crate::format::parse_first_cluster;
 use crate::format::snapshot::{parse_table, Snapshot, ENTRY_PAST_END};
 use crate::format::{be_u64, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES};
@@ -102,6 +103,8 @@ pub struct Qcow2Options {
     /// [`CorruptionEvent`](super::CorruptionEvent)); `None` reports nothing (the failing
     /// request's error still says what was found).
     pub on_corruption: Option<CorruptionReporter>,
+    /// The key and expectations for an encrypted image.
+    pub encryption: EncryptionOptions,
 }
 
 impl Default for Qcow2Options {
@@ -111,6 +114,7 @@ impl Default for Qcow2Options {
             snapshot: None,
             writable: false,
             on_corruption: None,
+            encryption: EncryptionOptions::default(),
         }
     }
 }
@@ -183,13 +187,13 @@ impl Qcow2Image {
         header.validate(file_len)?;
         let file_end = file_len.next_multiple_of(cs);
 
-        match header.crypt_method {
-            CryptMethod::None => {}
-            m => return Err(Error::EncryptedNoKey { method: m.name() }),
-        }
-        if extensions.crypto.is_some() {
-            return Err(Error::EncryptedNoKey { method: "luks" });
-        }
+        let encryption = Encryption::open(
+            storage.as_ref(),
+            &header,
+            &extensions,
+            file_end,
+            &opts.encryption,
+        )?;
 
         let backing_name = if header.backing_file_offset != 0 && header.backing_file_size > 0 {
             let len = u64::from(header.backing_file_size);
@@ -308,6 +312,7 @@ impl Qcow2Image {
                     .bitmaps
                     .filter(|_| !bitmaps.is_empty())
                     .map(|b| (b.directory_offset, b.directory_size)),
+                encryption_header: extensions.crypto.map(|c| (c.offset, c.length)),
             };
             fill_metadata_map(&mut refs.map, storage.as_ref(), &tables, cs, file_end)?;
             Some(refs)
@@ -354,6 +359,7 @@ impl Qcow2Image {
             inflight_done: Condvar::new(),
             reporter: opts.on_corruption.clone(),
             corruption_signaled: Default::default(),
+            encryption,
         };
         image.activate_bitmaps()?;
         Ok(image)
@@ -369,6 +375,8 @@ pub(crate) struct Tables<'a> {
     pub(crate) bitmaps: &'a [BitmapEntry],
     /// Bitmap directory offset and bytes, when bitmaps are in use.
     pub(crate) bitmap_directory: Option<(u64, u64)>,
+    /// Encryption header offset and bytes, for LUKS images.
+    pub(crate) encryption_header: Option<(u64, u64)>,
 }
 
 /// Records in `map` (which holds the refcount structures and the active L1 table already) the
@@ -414,6 +422,9 @@ pub(crate) fn fill_metadata_map(
     }
     for b in t.bitmaps {
         map.add_bitmap_table(b.table_offset, u64::from(b.table_size) * 8);
+    }
+    if let Some((offset, bytes)) = t.encryption_header {
+        map.set_encryption_header(offset, bytes);
     }
     Ok(())
 }

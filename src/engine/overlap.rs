@@ -46,6 +46,9 @@ pub(crate) enum Structure {
     BitmapDirectory,
     /// A bitmap's table.
     BitmapTable,
+    /// The encryption (LUKS) header and its key material. QEMU's overlap check does not know
+    /// it (its refcounts alone protect it there); guarding it too is never less safe.
+    EncryptionHeader,
 }
 
 impl Structure {
@@ -63,6 +66,7 @@ impl Structure {
             Structure::InactiveL2 => "inactive L2 table",
             Structure::BitmapDirectory => "bitmap directory",
             Structure::BitmapTable => "bitmap table",
+            Structure::EncryptionHeader => "encryption header",
         }
     }
 }
@@ -141,6 +145,8 @@ pub(crate) struct MetadataMap {
     bitmap_directory: (u64, u64),
     /// Bitmap tables.
     bitmap_tables: RangeSet,
+    /// Encryption header: offset and bytes.
+    encryption_header: (u64, u64),
 }
 
 /// Whether the byte range `a..a + alen` meets `b..b + blen` (empty ranges meet nothing).
@@ -203,6 +209,11 @@ impl MetadataMap {
     /// Records where the bitmap directory lies.
     pub(crate) fn set_bitmap_directory(&mut self, offset: u64, bytes: u64) {
         self.bitmap_directory = (offset, bytes);
+    }
+
+    /// Records where the encryption header lies.
+    pub(crate) fn set_encryption_header(&mut self, offset: u64, bytes: u64) {
+        self.encryption_header = (offset, bytes);
     }
 
     /// Adds a bitmap table.
@@ -286,6 +297,10 @@ impl MetadataMap {
         .or_else(|| {
             (checks(Structure::BitmapTable) && self.bitmap_tables.overlaps(start, end))
                 .then_some(Structure::BitmapTable)
+        })
+        .or_else(|| {
+            hit(Structure::EncryptionHeader, self.encryption_header)
+                .then_some(Structure::EncryptionHeader)
         })
     }
 

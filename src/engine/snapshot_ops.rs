@@ -583,6 +583,7 @@ impl Qcow2Image {
                 .bitmaps
                 .filter(|_| !bitmaps.is_empty())
                 .map(|b| (b.directory_offset, b.directory_size)),
+            encryption_header: ext.crypto.map(|c| (c.offset, c.length)),
         };
         fill_metadata_map(&mut refs.map, s, &tables, cs, file_end)?;
         m.refs = Some(refs);

@@ -130,6 +130,12 @@ impl Qcow2Image {
 
     pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _g = self.begin_write(offset, buf.len() as u64)?;
+        // The range lock covers whole clusters, so the widened sectors are locked too.
+        let widened = self.sector_aligned_write(buf, offset)?;
+        let (buf, offset) = match &widened {
+            Some((wide, start)) => (&wide[..], *start),
+            None => (buf, offset),
+        };
         let mut done = 0usize;
         while done < buf.len() {
             done += self.write_run(&buf[done..], offset + done as u64)?;
@@ -431,7 +437,9 @@ impl Qcow2Image {
     /// guest's.
     fn zeros_beyond_end(&self, olds: &[u64], host: u64, end_before: u64) -> bool {
         let g = self.geo;
+        // Encrypted zeros are not zeros on the host.
         !g.data_file
+            && !self.is_encrypted()
             && host >= end_before
             && olds
                 .iter()
@@ -446,7 +454,7 @@ impl Qcow2Image {
     /// device (bytes past the end read as zeros). The caller holds the range lock over `guest`,
     /// so the clusters mapped cannot be freed during the read (see `read_at`), and taking the
     /// range lock again would deadlock: the read goes straight to the mapping loop.
-    fn read_current(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+    pub(crate) fn read_current(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         let size = self.size();
         let n = size.saturating_sub(guest).min(buf.len() as u64) as usize;
         check_range(guest, n as u64, size)?;
@@ -474,7 +482,7 @@ impl Qcow2Image {
         let wio = |e| Error::io("writing guest data", e);
         match plan {
             Plan::InPlace { host, len } => {
-                target.write_at(&data[..len], host).map_err(wio)?;
+                self.write_data(target, &data[..len], host, pos)?;
                 Ok(len)
             }
             Plan::Allocate {
@@ -490,7 +498,7 @@ impl Qcow2Image {
                 let used = (wend - pos) as usize;
                 let r = (|| -> Result<()> {
                     if pos == guest && wend == region_end {
-                        target.write_at(&data[..used], host).map_err(wio)?;
+                        self.write_data(target, &data[..used], host, guest)?;
                     } else if zeros {
                         // Head and tail already read as zeros: write the data only, then the
                         // clusters' last bytes so the file covers them (a write never shrinks
@@ -517,7 +525,7 @@ impl Qcow2Image {
                         if tail < buf.len() {
                             self.read_current(&mut buf[tail..], guest + tail as u64)?;
                         }
-                        target.write_at(&buf, host).map_err(wio)?;
+                        self.write_data(target, &buf, host, guest)?;
                     }
                     Ok(())
                 })();
@@ -561,7 +569,7 @@ impl Qcow2Image {
                     if tail < buf.len() {
                         self.read_current(&mut buf[tail..], guest + a + tail as u64)?;
                     }
-                    target.write_at(&buf, host + a).map_err(wio)
+                    self.write_data(target, &buf, host + a, guest + a)
                 })();
                 if let Err(e) = r {
                     if fresh {
@@ -814,9 +822,7 @@ impl Qcow2Image {
                 let mut p = 0;
                 while p < n * cs {
                     let k = (n * cs - p).min(zeros.len() as u64) as usize;
-                    target
-                        .write_at(&zeros[..k], host + p)
-                        .map_err(|e| Error::io("preallocating", e))?;
+                    self.write_data(target, &zeros[..k], host + p, guest + p)?;
                     p += k as u64;
                 }
             } else if target.len().map_err(|e| Error::io("preallocating", e))? < host + n * cs {

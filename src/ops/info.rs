@@ -123,6 +123,8 @@ pub struct Qcow2Info {
     pub data_file_raw: Option<bool>,
     /// Persistent bitmaps (version 3; empty when there are none).
     pub bitmaps: Vec<BitmapInfo>,
+    /// The encryption, for an encrypted image (known without its key).
+    pub encrypt: Option<crate::engine::EncryptionInfo>,
 }
 
 /// One persistent bitmap.
@@ -161,7 +163,10 @@ pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Resu
             layers: Vec::new(),
         }),
         ImageFormat::Qcow2 => {
-            let img = Arc::new(Qcow2Image::open(storage, &Qcow2Options::default())?);
+            let mut opts = Qcow2Options::default();
+            // As qemu-img info (BDRV_O_NO_IO): an encrypted image shows without its key.
+            opts.encryption.metadata_only = true;
+            let img = Arc::new(Qcow2Image::open(storage, &opts)?);
             Ok(Opened {
                 device: img.clone(),
                 qcow2: Some(img),
@@ -255,6 +260,7 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
         } else {
             Vec::new()
         },
+        encrypt: img.encryption(),
     };
     Ok(ImageInfo {
         filename,

@@ -1,0 +1,245 @@
+//! Encrypted images: the payload cipher unlocked at open, and guest data passing through it on
+//! its way to and from the host clusters.
+//!
+//! Invariants, as QEMU keeps them:
+//! - Data clusters of an encrypted image hold ciphertext in whole 512-byte sectors. A sector's
+//!   IV comes from its host sector number with LUKS, from its guest sector number with legacy
+//!   AES (guest and host offsets share their place within the cluster, so both are
+//!   sector-aligned together).
+//! - Zero and unallocated clusters read as plaintext zeros (or backing data) without the
+//!   cipher; compressed clusters are read as stored (QEMU never writes compressed clusters into
+//!   an encrypted image, and qcow2kit refuses to).
+//! - Every guest write reaches [`Qcow2Image::write_data`] sector-aligned: a write that is not
+//!   is widened to whole sectors by `write_impl` with the current content, under the range
+//!   lock.
+
+use super::Qcow2Image;
+use crate::crypto::luks::{LuksHeader, LuksLimits};
+use crate::crypto::{EncryptionFormat, Passphrase, SectorCipher, SECTOR_SIZE};
+use crate::device::BlockDevice;
+use crate::error::{Corruption, Error, Result};
+use crate::format::extension::Extensions;
+use crate::format::header::{check_table, CryptMethod, Header};
+use crate::io::{Storage, StorageExt};
+
+/// The most bytes of a LUKS header area read at open. QEMU's own headers take about 2 MiB
+/// (eight slots of 4000 stripes of a 64-byte key); key material past this bound is refused by
+/// the unlock as lying outside the area.
+const MAX_LUKS_AREA: u64 = 16 << 20;
+
+const SECTOR: u64 = SECTOR_SIZE as u64;
+
+/// What the caller gives to open an encrypted image.
+#[derive(Debug, Clone, Default)]
+pub struct EncryptionOptions {
+    /// The passphrase: the secret of a LUKS key slot, or the legacy AES key.
+    pub passphrase: Option<Passphrase>,
+    /// The format the caller expects (QEMU's `encrypt.format`): an image whose header names
+    /// another is refused with QEMU's message.
+    pub format: Option<EncryptionFormat>,
+    /// Open an encrypted image without its passphrase for its metadata only (as `qemu-img
+    /// info` does): guest reads and writes then fail with [`Error::EncryptedNoKey`].
+    pub metadata_only: bool,
+    /// Bounds on the PBKDF2 work of unlocking a LUKS key slot.
+    pub luks_limits: LuksLimits,
+}
+
+/// What an open image says about its encryption (no key material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionInfo {
+    /// The method the header names.
+    pub format: EncryptionFormat,
+    /// The LUKS header, for LUKS images.
+    pub luks: Option<LuksHeader>,
+    /// Whether the payload key was unlocked (false for a metadata-only open).
+    pub unlocked: bool,
+}
+
+/// The encryption state of an open image.
+pub(crate) struct Encryption {
+    format: EncryptionFormat,
+    luks: Option<LuksHeader>,
+    cipher: Option<SectorCipher>,
+}
+
+impl Encryption {
+    /// Parses the image's encryption (none for an unencrypted image) and unlocks its key with
+    /// the caller's passphrase. `file_end` bounds the LUKS header area.
+    pub(crate) fn open(
+        storage: &dyn Storage,
+        header: &Header,
+        extensions: &Extensions,
+        file_end: u64,
+        opts: &EncryptionOptions,
+    ) -> Result<Option<Encryption>> {
+        let format = match header.crypt_method {
+            CryptMethod::None => {
+                if extensions.crypto.is_some() {
+                    return Err(inconsistent(
+                        "CRYPTO header extension only expected with LUKS encryption method",
+                    ));
+                }
+                return Ok(None);
+            }
+            CryptMethod::Aes => EncryptionFormat::Aes,
+            CryptMethod::Luks => EncryptionFormat::Luks,
+        };
+        if let Some(want) = opts.format {
+            if want != format {
+                return Err(Error::InvalidArgument(format!(
+                    "Header reported '{}' encryption format but options specify '{}'",
+                    format.name(),
+                    want.name()
+                )));
+            }
+        }
+        let luks = match format {
+            EncryptionFormat::Aes => None,
+            EncryptionFormat::Luks => {
+                let ext = extensions.crypto.ok_or_else(|| {
+                    inconsistent("LUKS encrypted image has no CRYPTO header extension")
+                })?;
+                let cs = header.cluster_size();
+                check_table("encryption header", ext.offset, ext.length, cs, file_end)?;
+                let area = storage
+                    .read_vec(ext.offset, ext.length.min(MAX_LUKS_AREA) as usize)
+                    .map_err(|e| Error::io("reading the encryption header", e))?;
+                let parsed = LuksHeader::parse(&area)?;
+                Some((parsed, area))
+            }
+        };
+        let cipher = match &opts.passphrase {
+            None if opts.metadata_only => None,
+            None => {
+                return Err(Error::EncryptedNoKey {
+                    method: format.name(),
+                })
+            }
+            Some(pw) => Some(match &luks {
+                None => SectorCipher::legacy_qcow(pw.as_bytes()),
+                Some((h, area)) => {
+                    let key = h.unlock(area, pw.as_bytes(), &opts.luks_limits)?;
+                    h.sector_cipher(&key)?
+                }
+            }),
+        };
+        Ok(Some(Encryption {
+            format,
+            luks: luks.map(|(h, _)| h),
+            cipher,
+        }))
+    }
+
+    fn cipher(&self) -> Result<&SectorCipher> {
+        self.cipher.as_ref().ok_or(Error::EncryptedNoKey {
+            method: self.format.name(),
+        })
+    }
+
+    /// The sector number of the IV for data at `host` (guest offset `guest`).
+    fn sector(&self, host: u64, guest: u64) -> u64 {
+        match self.format {
+            EncryptionFormat::Luks => host / SECTOR,
+            EncryptionFormat::Aes => guest / SECTOR,
+        }
+    }
+}
+
+fn inconsistent(msg: &str) -> Error {
+    Error::Corrupt(Corruption::Inconsistent(msg.into()))
+}
+
+impl Qcow2Image {
+    /// The image's encryption, if it has any.
+    pub fn encryption(&self) -> Option<EncryptionInfo> {
+        self.encryption.as_ref().map(|e| EncryptionInfo {
+            format: e.format,
+            luks: e.luks.clone(),
+            unlocked: e.cipher.is_some(),
+        })
+    }
+
+    pub(crate) fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
+    }
+
+    /// Reads guest data stored at `host` (guest offset `guest`) from `source`, decrypted.
+    pub(crate) fn read_data(
+        &self,
+        source: &dyn Storage,
+        buf: &mut [u8],
+        host: u64,
+        guest: u64,
+    ) -> Result<()> {
+        let rio = |e| Error::io("reading data cluster", e);
+        let Some(enc) = &self.encryption else {
+            return source.read_at(buf, host).map_err(rio);
+        };
+        let cipher = enc.cipher()?;
+        let lead = host % SECTOR;
+        let start = host - lead;
+        let end = (host + buf.len() as u64).next_multiple_of(SECTOR);
+        let sector = enc.sector(start, guest - lead);
+        if lead == 0 && end == host + buf.len() as u64 {
+            source.read_at(buf, host).map_err(rio)?;
+            return Ok(cipher.decrypt(sector, buf)?);
+        }
+        let mut tmp = vec![0u8; (end - start) as usize];
+        source.read_at(&mut tmp, start).map_err(rio)?;
+        cipher.decrypt(sector, &mut tmp)?;
+        buf.copy_from_slice(&tmp[lead as usize..lead as usize + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes guest data `data` for guest offset `guest` to `host` in `target`, encrypted.
+    /// With encryption, `host` is sector-aligned and `data` whole sectors but at the end of a
+    /// device whose size is not (the last sector is then padded with zeros).
+    pub(crate) fn write_data(
+        &self,
+        target: &dyn Storage,
+        data: &[u8],
+        host: u64,
+        guest: u64,
+    ) -> Result<()> {
+        let wio = |e| Error::io("writing guest data", e);
+        let Some(enc) = &self.encryption else {
+            return target.write_at(data, host).map_err(wio);
+        };
+        let cipher = enc.cipher()?;
+        if host % SECTOR != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "encrypted write at host offset {host} is not sector-aligned"
+            )));
+        }
+        let mut buf = vec![0u8; data.len().next_multiple_of(SECTOR_SIZE)];
+        buf[..data.len()].copy_from_slice(data);
+        cipher.encrypt(enc.sector(host, guest), &mut buf)?;
+        target.write_at(&buf, host).map_err(wio)
+    }
+
+    /// For an encrypted image, `data` at guest `offset` widened to whole sectors with the
+    /// current content (the caller holds the range lock); `None` when nothing needs widening.
+    pub(crate) fn sector_aligned_write(
+        &self,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<Option<(Vec<u8>, u64)>> {
+        let end = offset + data.len() as u64;
+        if self.encryption.is_none() || (offset % SECTOR == 0 && end % SECTOR == 0) {
+            return Ok(None);
+        }
+        let start = offset - offset % SECTOR;
+        let wide_end = end.next_multiple_of(SECTOR).min(self.size().max(end));
+        let mut buf = vec![0u8; (wide_end - start) as usize];
+        let head = (offset - start) as usize;
+        if head > 0 {
+            self.read_current(&mut buf[..head], start)?;
+        }
+        buf[head..head + data.len()].copy_from_slice(data);
+        let tail = head + data.len();
+        if tail < buf.len() {
+            self.read_current(&mut buf[tail..], end)?;
+        }
+        Ok(Some((buf, start)))
+    }
+}
