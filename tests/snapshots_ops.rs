@@ -640,3 +640,41 @@ fn hostile_snapshot_table_refused() {
     assert!(after[..72] == header[..], "the header changed");
     assert!(qemu_read(&path, None) == model);
 }
+
+/// A snapshot is not applied to an image with persistent bitmaps, as QEMU refuses it: a bitmap
+/// added through this handle and not stored yet counts too, and nothing changes.
+#[test]
+fn apply_refused_while_the_image_has_bitmaps() {
+    let dir = scratch();
+    let path = dir.path().join("img.qcow2");
+    create(&path, "cluster_size=65536");
+    let o = open_rw(&path);
+    let img = qcow2(&o);
+    img.write_at(&[7u8; 4096], 0).expect("write");
+    img.create_snapshot(&NewSnapshot::now("s1"))
+        .expect("create");
+    img.write_at(&[8u8; 4096], 0).expect("write");
+    img.add_bitmap("b0", 65536, false).expect("add bitmap");
+    let e = img
+        .apply_snapshot(&SnapshotRef::Name("s1".into()))
+        .expect_err("bitmaps refuse the apply");
+    assert!(
+        matches!(&e, qcow2kit::Error::Unsupported(m) if m == Qcow2Image::APPLY_WITH_BITMAPS),
+        "{e}"
+    );
+    let mut b = [0u8; 4096];
+    img.read_at(&mut b, 0).expect("read");
+    assert_eq!(b, [8u8; 4096]);
+    img.close().expect("close");
+    drop(img);
+    drop(o);
+    qemu_clean(&path);
+    // Stored now: a new handle refuses too.
+    let o = open_rw(&path);
+    let img = qcow2(&o);
+    let e = img
+        .apply_snapshot(&SnapshotRef::Name("s1".into()))
+        .expect_err("bitmaps refuse the apply");
+    assert!(matches!(&e, qcow2kit::Error::Unsupported(_)), "{e}");
+    img.close().expect("close");
+}
