@@ -158,6 +158,7 @@ pub fn amend(
     }
     if plan.downgrade {
         image.expand_zero_clusters(&report)?;
+        image.expand_snapshot_zero_clusters()?;
         image.rewrite_header(|h, _, _| {
             h.version = 2;
             h.header_length = V2_HEADER_LENGTH;
@@ -253,7 +254,7 @@ impl Plan {
 
 /// QEMU's refusals of a downgrade to version 2 (`qcow2_downgrade`), in its order, and
 /// qcow2kit's own: bitmaps (QEMU drops them, leaving them inconsistent and their clusters
-/// leaked) and internal snapshots (whose zero clusters qcow2kit does not expand yet).
+/// leaked).
 fn check_downgrade(image: &Qcow2Image, refcount_bits: u64, size: u64) -> Result<()> {
     let h = image.header();
     if refcount_bits != 16 {
@@ -281,12 +282,6 @@ fn check_downgrade(image: &Qcow2Image, refcount_bits: u64, size: u64) -> Result<
         return Err(unsupported(
             "Cannot downgrade an image with persistent bitmaps: version 2 cannot keep them \
              (remove them first)",
-        ));
-    }
-    if !image.snapshots().is_empty() {
-        return Err(unsupported(
-            "Cannot downgrade an image with internal snapshots: qcow2kit does not expand their \
-             zero clusters yet",
         ));
     }
     if h.compression_type == CompressionType::Zstd && has_compressed_clusters(image)? {
