@@ -375,3 +375,83 @@ fn downgrade_with_snapshots_keeps_every_snapshot() {
         }
     }
 }
+
+/// An upgrade of a version 2 image whose snapshot table entries lack the version 3 extra data
+/// (no extra data, and only the 8-byte VM state size) gives them QEMU's: the image's size as
+/// their disk size and no instruction count, as `qemu-img amend -o compat=1.1` does.
+#[test]
+fn upgrade_completes_snapshot_extra_data_as_qemu_img() {
+    let dir = tempfile::Builder::new()
+        .prefix("qcow2kit-amend-upgrade-")
+        .tempdir()
+        .expect("temporary directory");
+    let d = dir.path();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "q.qcow2",
+            "4M",
+        ],
+        d,
+    );
+    run("qemu-io", &["-c", "write -P 1 0 64k", "q.qcow2"], d);
+    for s in ["a", "b"] {
+        run("qemu-img", &["snapshot", "-c", s, "q.qcow2"], d);
+    }
+    // Rewrite the table in place: entry 1 without extra data, entry 2 with 8 bytes of it.
+    let path = d.join("q.qcow2");
+    let mut b = std::fs::read(&path).expect("read image");
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().expect("8"));
+    let table = be64(&b, 64) as usize;
+    let mut at = table;
+    let mut out = Vec::new();
+    for keep in [0usize, 8] {
+        let id_len = u16::from_be_bytes([b[at + 12], b[at + 13]]) as usize;
+        let name_len = u16::from_be_bytes([b[at + 14], b[at + 15]]) as usize;
+        let extra = u32::from_be_bytes(b[at + 36..at + 40].try_into().expect("4")) as usize;
+        assert_eq!(extra, 24, "qemu-img writes 24 bytes of extra data");
+        let start = out.len();
+        out.extend_from_slice(&b[at..at + 36]);
+        out.extend_from_slice(&(keep as u32).to_be_bytes());
+        out.extend_from_slice(&b[at + 40..at + 40 + keep]);
+        out.extend_from_slice(&b[at + 64..at + 64 + id_len + name_len]);
+        out.resize(start + (out.len() - start).next_multiple_of(8), 0);
+        at = (at + 64 + id_len + name_len).next_multiple_of(8);
+    }
+    b[table..table + out.len()].copy_from_slice(&out);
+    let end = at.min(b.len());
+    b[table + out.len()..end].fill(0);
+    std::fs::write(&path, &b).expect("write image");
+    std::fs::copy(&path, d.join("k.qcow2")).expect("copy");
+    run("qemu-img", &["amend", "-o", "compat=1.1", "q.qcow2"], d);
+    let storage = FileStorage::open(d.join("k.qcow2"), true).expect("open our copy");
+    let opts = Qcow2Options {
+        writable: true,
+        ..Qcow2Options::default()
+    };
+    let img = Qcow2Image::open(Arc::new(storage), &opts).expect("open our copy");
+    let v3 = AmendOptions {
+        compat: Some(Compat::V3),
+        ..AmendOptions::default()
+    };
+    amend(&img, &v3, None).expect("upgrade");
+    img.close().expect("close");
+    drop(img);
+    let (q, k) = (info(d, "q.qcow2"), info(d, "k.qcow2"));
+    assert_eq!(k, q, "qemu-img info");
+    assert_eq!(q["snapshots"][0]["icount"], Value::Null, "{q}");
+    run("qemu-img", &["check", "k.qcow2"], d);
+    run("qemu-img", &["compare", "-q", "q.qcow2", "k.qcow2"], d);
+    // Each entry now carries 24 bytes of extra data with the image's size.
+    let b = std::fs::read(d.join("k.qcow2")).expect("read image");
+    let at = be64(&b, 64) as usize;
+    assert_eq!(&b[at + 36..at + 40], &24u32.to_be_bytes());
+    assert_eq!(be64(&b, at + 48), 4 << 20);
+    assert_eq!(be64(&b, at + 56), u64::MAX);
+}

@@ -204,6 +204,33 @@ impl Qcow2Image {
         self.guard(self.snapshot_op(|img, m| img.plan_refcount_width(m, bits)))
     }
 
+    /// Gives every snapshot table entry QEMU's 24 bytes of version 3 extra data, as
+    /// `qemu-img amend -o compat=1.1` does before it upgrades a version 2 image: an entry
+    /// without a disk size records the image's current size, one without an instruction count
+    /// records none (-1). The table is written elsewhere and switched to as by every snapshot
+    /// operation.
+    pub fn complete_snapshot_extra_data(&self) -> Result<()> {
+        self.guard(self.snapshot_op(|img, m| {
+            let size = img.size();
+            let snapshots = img
+                .snapshots()
+                .into_iter()
+                .map(|s| Snapshot {
+                    disk_size: s.disk_size.or(Some(size)),
+                    icount: s.icount.or(Some(u64::MAX)),
+                    ..s
+                })
+                .collect();
+            let target = Target {
+                size,
+                l1: m.l1.to_vec(),
+                snapshots,
+                refcount_order: None,
+            };
+            Ok((target, ()))
+        }))
+    }
+
     fn plan_refcount_width(&self, m: &mut Meta, bits: u64) -> Result<(Target, ())> {
         if bits == 0 || bits > 64 || !bits.is_power_of_two() {
             return Err(Error::InvalidArgument(

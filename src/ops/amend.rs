@@ -115,14 +115,13 @@ pub fn amend(
         }
     };
     if plan.upgrade {
-        // QEMU's two steps: the snapshot table (nothing to do here), the header.
+        // QEMU's two steps: the snapshot table (entries given their version 3 extra data),
+        // the header.
         report(0, 2);
+        if image.snapshots().iter().any(|s| s.icount.is_none()) {
+            image.complete_snapshot_extra_data()?;
+        }
         report(1, 2);
-    }
-    if plan.upgrade && image.snapshots().iter().any(|s| s.disk_size.is_none()) {
-        return Err(unsupported(
-            "Cannot upgrade an image whose internal snapshots lack version 3 data",
-        ));
     }
     image.rewrite_header(|h, ext, _| {
         if plan.upgrade {
