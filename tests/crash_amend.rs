@@ -17,6 +17,7 @@ use qcow2kit::io::{MemoryStorage, Storage, StorageExt};
 use qcow2kit::ops::amend::{amend, AmendOptions, Compat};
 use qcow2kit::ops::check::check;
 use qcow2kit::ops::create::{self, create_qcow2_on, CreateOptions};
+use qcow2kit::{NewSnapshot, SnapshotRef};
 use std::sync::Arc;
 
 const SIZE: u64 = 1 << 20;
@@ -39,6 +40,10 @@ enum Op {
     Downgrade,
     /// A downgrade of an image naming a backing file: zero clusters become zero-filled data.
     DowngradeBacked,
+    /// A downgrade of an image with internal snapshots whose tables hold zero clusters (with
+    /// and without a backing file).
+    DowngradeSnapshots,
+    DowngradeSnapshotsBacked,
     LazyOn,
     LazyOffDirty,
     /// Refcount width 16 → 1 (the image has no shared cluster) and 16 → 64.
@@ -51,7 +56,10 @@ impl Op {
         let mut o = AmendOptions::default();
         match self {
             Op::Upgrade => o.compat = Some(Compat::V3),
-            Op::Downgrade | Op::DowngradeBacked => o.compat = Some(Compat::V2),
+            Op::Downgrade
+            | Op::DowngradeBacked
+            | Op::DowngradeSnapshots
+            | Op::DowngradeSnapshotsBacked => o.compat = Some(Compat::V2),
             Op::LazyOn => o.lazy_refcounts = Some(true),
             Op::LazyOffDirty => o.lazy_refcounts = Some(false),
             Op::Narrower => o.refcount_bits = Some(1),
@@ -65,6 +73,8 @@ impl Op {
     fn build(self, seed: u64) -> Vec<u8> {
         let mut rng = SplitMix::new(seed);
         let s = Arc::new(MemoryStorage::new());
+        let backed = matches!(self, Op::DowngradeBacked | Op::DowngradeSnapshotsBacked);
+        let snapshots = matches!(self, Op::DowngradeSnapshots | Op::DowngradeSnapshotsBacked);
         let o = CreateOptions {
             cluster_size: CLUSTER,
             compat: match self {
@@ -73,12 +83,16 @@ impl Op {
             },
             lazy_refcounts: matches!(self, Op::LazyOffDirty),
             // Never opened here: unallocated clusters read as zeros.
-            backing_file: matches!(self, Op::DowngradeBacked).then(|| "base.qcow2".into()),
-            backing_format: matches!(self, Op::DowngradeBacked).then(|| "qcow2".into()),
+            backing_file: backed.then(|| "base.qcow2".into()),
+            backing_format: backed.then(|| "qcow2".into()),
             ..CreateOptions::default()
         };
         let img = create_qcow2_on(s.clone(), None, SIZE, &o).expect("create test image");
         for i in 0..32 {
+            if snapshots && i % 11 == 10 {
+                img.create_snapshot(&NewSnapshot::now(&format!("s{i}")))
+                    .expect("snapshot the test image");
+            }
             let start = rng.below(SIZE / CLUSTER) * CLUSTER;
             let len = (rng.range(1, 6) * CLUSTER).min(SIZE - start);
             if i % 3 == 2 {
@@ -124,7 +138,11 @@ impl Op {
     fn plausible(self, h: &qcow2kit::format::header::Header) -> bool {
         let lazy = h.compatible.contains(CompatibleFeatures::LAZY_REFCOUNTS);
         match self {
-            Op::Upgrade | Op::Downgrade | Op::DowngradeBacked => h.version == 2 || h.version == 3,
+            Op::Upgrade
+            | Op::Downgrade
+            | Op::DowngradeBacked
+            | Op::DowngradeSnapshots
+            | Op::DowngradeSnapshotsBacked => h.version == 2 || h.version == 3,
             Op::LazyOn => h.version == 3,
             Op::LazyOffDirty => {
                 h.version == 3 && (lazy || !h.incompatible.contains(IncompatibleFeatures::DIRTY))
@@ -148,15 +166,27 @@ fn dirty_by_allocating(img: &Qcow2Image) -> qcow2kit::Result<()> {
     panic!("the test image has no unallocated cluster");
 }
 
+/// The active image's content followed by every snapshot's (by id), and the header.
 fn read_all(bytes: &[u8]) -> Result<(Vec<u8>, qcow2kit::format::header::Header), String> {
-    let img = Qcow2Image::open(
-        Arc::new(MemoryStorage::from_bytes(bytes.to_vec())),
-        &Default::default(),
-    )
-    .map_err(|e| format!("open: {e}"))?;
-    let mut buf = vec![0u8; img.size() as usize];
-    img.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
-    Ok((buf, img.header()))
+    let storage = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
+    let img =
+        Qcow2Image::open(storage.clone(), &Default::default()).map_err(|e| format!("open: {e}"))?;
+    let mut out = vec![0u8; img.size() as usize];
+    img.read_at(&mut out, 0).map_err(|e| e.to_string())?;
+    for sn in img.snapshots() {
+        let view = Qcow2Image::open(
+            storage.clone(),
+            &Qcow2Options {
+                snapshot: Some(SnapshotRef::Id(sn.id.clone())),
+                ..Qcow2Options::default()
+            },
+        )
+        .map_err(|e| format!("open snapshot {}: {e}", sn.id))?;
+        let mut buf = vec![0u8; view.size() as usize];
+        view.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
+        out.extend_from_slice(&buf);
+    }
+    Ok((out, img.header()))
 }
 
 fn judge(op: Op, bytes: &[u8], expected: &[u8], qemu: bool) -> Result<(), String> {
@@ -322,6 +352,17 @@ fn backed_downgrade_survives_crashes() {
 #[test]
 fn backed_downgrade_survives_failures() {
     fail_all_points(Op::DowngradeBacked, 25);
+}
+
+#[test]
+fn downgrade_with_snapshots_survives_crashes_and_failures() {
+    for (op, seed) in [
+        (Op::DowngradeSnapshots, 16),
+        (Op::DowngradeSnapshotsBacked, 17),
+    ] {
+        crash_all_points(op, seed);
+        fail_all_points(op, seed);
+    }
 }
 
 #[test]

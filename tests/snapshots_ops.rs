@@ -479,6 +479,8 @@ enum Step {
     Apply(usize),
     /// Deletes the `k % n`-th snapshot.
     Delete(usize),
+    /// Closes the handle and opens the image again.
+    Reopen,
 }
 
 const STREAM_SIZE: u64 = 256 << 10;
@@ -489,26 +491,36 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         let off = o * 512;
         (off, (l * 512).min(STREAM_SIZE - off))
     });
+    // Writes at any byte, of any length up to 64 KiB.
+    let bytes = (0..STREAM_SIZE, 1u64..=65536).prop_map(|(off, l)| (off, l.min(STREAM_SIZE - off)));
     prop_oneof![
-        4 => (range.clone(), any::<u8>()).prop_map(|((off, len), tag)| Step::Write { off, len, tag }),
+        2 => (range.clone(), any::<u8>()).prop_map(|((off, len), tag)| Step::Write { off, len, tag }),
+        2 => (bytes, any::<u8>()).prop_map(|((off, len), tag)| Step::Write { off, len, tag }),
         1 => range.clone().prop_map(|(off, len)| Step::Zero { off, len }),
         1 => range.prop_map(|(off, len)| Step::Discard { off, len }),
         2 => Just(Step::Create),
         1 => any::<usize>().prop_map(Step::Apply),
         1 => any::<usize>().prop_map(Step::Delete),
+        1 => Just(Step::Reopen),
     ]
 }
 
-/// Runs `steps` on a fresh image (clusters of `cluster` bytes, extended L2 with `extended`)
-/// through one open handle, against a model of the active image and of every snapshot; then
-/// qemu-img judges: check clean, the active image and every snapshot as the model says.
-fn stream(cluster: u64, extended: bool, steps: &[Step]) {
+/// The bytes a [`Step::Write`] of `len` bytes tagged `tag` writes (they differ along the
+/// range, so a misplaced piece shows).
+fn pattern(tag: u8, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| tag.wrapping_add((i / 509) as u8))
+        .collect()
+}
+
+/// Runs `steps` on a fresh image (clusters of `cluster` bytes, more `-o` options in `extra`)
+/// against a model of the active image and of every snapshot, through one open handle
+/// between [`Step::Reopen`]s; then qemu-img judges: check clean, `compare` of the active image
+/// with the model, every snapshot as the model says.
+fn stream(cluster: u64, extra: &str, steps: &[Step]) {
     let dir = scratch();
     let path = dir.path().join("img.qcow2");
-    let opts = format!(
-        "cluster_size={cluster},extended_l2={}",
-        if extended { "on" } else { "off" }
-    );
+    let opts = format!("cluster_size={cluster},{extra}");
     run(
         QEMU_IMG,
         &[
@@ -526,14 +538,21 @@ fn stream(cluster: u64, extended: bool, steps: &[Step]) {
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let mut made = 0;
     {
-        let o = open_rw(&path);
-        let img = qcow2(&o);
+        let mut o = open_rw(&path);
+        let mut img = qcow2(&o);
         for s in steps {
             match *s {
                 Step::Write { off, len, tag } => {
-                    let buf = vec![tag; len as usize];
+                    let buf = pattern(tag, len);
                     img.write_at(&buf, off).expect("write");
-                    active[off as usize..(off + len) as usize].fill(tag);
+                    active[off as usize..(off + len) as usize].copy_from_slice(&buf);
+                }
+                Step::Reopen => {
+                    img.close().expect("close");
+                    drop(img);
+                    drop(o);
+                    o = open_rw(&path);
+                    img = qcow2(&o);
                 }
                 Step::Zero { off, len } => {
                     img.write_zeroes(off, len).expect("zero");
@@ -574,6 +593,21 @@ fn stream(cluster: u64, extended: bool, steps: &[Step]) {
         assert!(read_all(o.device.as_ref()) == active, "the open handle");
         img.close().expect("close");
     }
+    let model = dir.path().join("model.raw");
+    std::fs::write(&model, &active).expect("write the model");
+    run(
+        QEMU_IMG,
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&path),
+            p(&model),
+        ],
+    );
     judge(&path, &active, &snaps.into_iter().collect());
 }
 
@@ -588,16 +622,19 @@ fn random_streams_against_a_model() {
     let mut runner = TestRunner::new(config);
     let strategy = (
         proptest::sample::select(vec![
-            (512u64, false),
-            (4096, false),
-            (65536, false),
-            (16384, true),
+            (512u64, "compat=1.1"),
+            (4096, "compat=1.1"),
+            (65536, "compat=1.1"),
+            (16384, "extended_l2=on"),
+            (4096, "compat=0.10"),
+            (65536, "lazy_refcounts=on"),
+            (4096, "refcount_bits=64"),
         ]),
         proptest::collection::vec(step(), 1..40),
     );
     runner
-        .run(&strategy, |((cluster, extended), steps)| {
-            stream(cluster, extended, &steps);
+        .run(&strategy, |((cluster, extra), steps)| {
+            stream(cluster, extra, &steps);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -639,4 +676,42 @@ fn hostile_snapshot_table_refused() {
     let after = std::fs::read(&path).expect("read");
     assert!(after[..72] == header[..], "the header changed");
     assert!(qemu_read(&path, None) == model);
+}
+
+/// A snapshot is not applied to an image with persistent bitmaps, as QEMU refuses it: a bitmap
+/// added through this handle and not stored yet counts too, and nothing changes.
+#[test]
+fn apply_refused_while_the_image_has_bitmaps() {
+    let dir = scratch();
+    let path = dir.path().join("img.qcow2");
+    create(&path, "cluster_size=65536");
+    let o = open_rw(&path);
+    let img = qcow2(&o);
+    img.write_at(&[7u8; 4096], 0).expect("write");
+    img.create_snapshot(&NewSnapshot::now("s1"))
+        .expect("create");
+    img.write_at(&[8u8; 4096], 0).expect("write");
+    img.add_bitmap("b0", 65536, false).expect("add bitmap");
+    let e = img
+        .apply_snapshot(&SnapshotRef::Name("s1".into()))
+        .expect_err("bitmaps refuse the apply");
+    assert!(
+        matches!(&e, qcow2kit::Error::Unsupported(m) if m == Qcow2Image::APPLY_WITH_BITMAPS),
+        "{e}"
+    );
+    let mut b = [0u8; 4096];
+    img.read_at(&mut b, 0).expect("read");
+    assert_eq!(b, [8u8; 4096]);
+    img.close().expect("close");
+    drop(img);
+    drop(o);
+    qemu_clean(&path);
+    // Stored now: a new handle refuses too.
+    let o = open_rw(&path);
+    let img = qcow2(&o);
+    let e = img
+        .apply_snapshot(&SnapshotRef::Name("s1".into()))
+        .expect_err("bitmaps refuse the apply");
+    assert!(matches!(&e, qcow2kit::Error::Unsupported(_)), "{e}");
+    img.close().expect("close");
 }

@@ -177,6 +177,8 @@ fn apply(img: Option<&Qcow2Image>, name: &str) -> Result<(), String> {
             qcow2kit::Error::SnapshotNotFound(_) => {
                 fail("Failed to load snapshot: No such file or directory".into())
             }
+            // QEMU refuses before the driver is asked: no "Failed to load snapshot".
+            qcow2kit::Error::Unsupported(m) if m == Qcow2Image::APPLY_WITH_BITMAPS => fail(m),
             e => fail(format!("Failed to load snapshot: {}", text(&e))),
         })
 }

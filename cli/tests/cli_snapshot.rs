@@ -425,3 +425,60 @@ fn snapshot_count_limit_like_qemu_img() {
     assert!(r.stderr.ends_with("File too large\n"), "{}", r.stderr);
     assert!(fs::read(p.k.join("a.qcow2")).expect("read") == before);
 }
+
+/// qemu-img 10 refuses to apply a snapshot to an image with any persistent bitmap (enabled,
+/// disabled or left in use), before it looks for the snapshot, and changes nothing.
+#[test]
+fn apply_with_bitmaps_refused_like_qemu_img() {
+    let kinds: &[(&str, &[&str])] = &[
+        ("enabled", &["--add"]),
+        ("disabled", &["--add", "--disable"]),
+        ("in-use", &["--add"]),
+    ];
+    for (kind, add) in kinds {
+        let p = Pair::new();
+        build(&p, "cluster_size=65536");
+        p.both_qemu("qemu-img", &["snapshot", "-c", "s1", "a.qcow2"]);
+        let mut args = vec!["bitmap"];
+        args.extend_from_slice(add);
+        args.extend(["a.qcow2", "b0"]);
+        p.both_qemu("qemu-img", &args);
+        p.both_qemu(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 5 0 64k", "a.qcow2"],
+        );
+        if *kind == "in-use" {
+            // A writer that dies leaves the bitmap flagged in use.
+            for d in [&p.q, &p.k] {
+                let out = exec(
+                    Path::new("qemu-io"),
+                    &[
+                        "-f",
+                        "qcow2",
+                        "-c",
+                        "write 64k 64k",
+                        "-c",
+                        "abort",
+                        "a.qcow2",
+                    ],
+                    d,
+                );
+                assert!(!out.status.success(), "qemu-io abort");
+            }
+        }
+        let before = fs::read(p.k.join("a.qcow2")).expect("read image");
+        for name in ["s1", "nope"] {
+            let r = p.same(&["-a", name, "a.qcow2"], false);
+            assert_eq!(r.code, Some(1), "{kind}: {r:?}");
+            assert!(
+                r.stderr.ends_with("Device has active dirty bitmaps\n"),
+                "{kind}: {}",
+                r.stderr
+            );
+        }
+        assert!(
+            fs::read(p.k.join("a.qcow2")).expect("read image") == before,
+            "{kind}: the refused apply changed the image"
+        );
+    }
+}

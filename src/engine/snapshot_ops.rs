@@ -143,6 +143,11 @@ impl RefcountArray for Counts {
 }
 
 impl Qcow2Image {
+    /// The text of the [`Error::Unsupported`] that refuses to apply a snapshot to an image
+    /// with persistent bitmaps (QEMU's words: applying changes the guest content without
+    /// marking any bitmap, so QEMU refuses it whatever the bitmaps' flags).
+    pub const APPLY_WITH_BITMAPS: &'static str = "Device has active dirty bitmaps";
+
     /// Creates an internal snapshot of the active image, as `qemu-img snapshot -c` does, and
     /// returns it. The image stays open and usable.
     pub fn create_snapshot(&self, new: &NewSnapshot) -> Result<Snapshot> {
@@ -151,8 +156,12 @@ impl Qcow2Image {
 
     /// Makes the snapshot `which` (found by id first, then by name) the active image, as
     /// `qemu-img snapshot -a` does: what was written since is dropped, and the virtual size
-    /// becomes the snapshot's.
+    /// becomes the snapshot's. Refused, as QEMU refuses it, on an image with persistent
+    /// bitmaps ([`Self::APPLY_WITH_BITMAPS`]).
     pub fn apply_snapshot(&self, which: &SnapshotRef) -> Result<()> {
+        if !self.bitmap_state().list.is_empty() {
+            return Err(Error::Unsupported(Self::APPLY_WITH_BITMAPS.into()));
+        }
         self.guard(self.snapshot_op(|img, m| img.plan_apply(m, which)))
             .map(|_| ())
     }
@@ -193,6 +202,33 @@ impl Qcow2Image {
     /// QEMU's message, before anything is written.
     pub fn change_refcount_width(&self, bits: u64) -> Result<()> {
         self.guard(self.snapshot_op(|img, m| img.plan_refcount_width(m, bits)))
+    }
+
+    /// Gives every snapshot table entry QEMU's 24 bytes of version 3 extra data, as
+    /// `qemu-img amend -o compat=1.1` does before it upgrades a version 2 image: an entry
+    /// without a disk size records the image's current size, one without an instruction count
+    /// records none (-1). The table is written elsewhere and switched to as by every snapshot
+    /// operation.
+    pub fn complete_snapshot_extra_data(&self) -> Result<()> {
+        self.guard(self.snapshot_op(|img, m| {
+            let size = img.size();
+            let snapshots = img
+                .snapshots()
+                .into_iter()
+                .map(|s| Snapshot {
+                    disk_size: s.disk_size.or(Some(size)),
+                    icount: s.icount.or(Some(u64::MAX)),
+                    ..s
+                })
+                .collect();
+            let target = Target {
+                size,
+                l1: m.l1.to_vec(),
+                snapshots,
+                refcount_order: None,
+            };
+            Ok((target, ()))
+        }))
     }
 
     fn plan_refcount_width(&self, m: &mut Meta, bits: u64) -> Result<(Target, ())> {
@@ -277,16 +313,13 @@ impl Qcow2Image {
     }
 
     fn plan_apply(&self, m: &mut Meta, which: &SnapshotRef) -> Result<(Target, ())> {
-        // Applying changes the guest content outside the write path that keeps enabled
-        // persistent bitmaps current: refused rather than leaving them wrong.
-        if self
-            .bitmaps()
-            .iter()
-            .any(|b| b.flags & crate::format::bitmap::FLAG_AUTO != 0)
-        {
-            return Err(Error::Unsupported(
-                "applying a snapshot to an image with enabled persistent bitmaps".into(),
-            ));
+        // QEMU's `bdrv_snapshot_goto` refuses an image with any dirty bitmap (persistent
+        // ones are loaded at open, enabled, disabled or inconsistent), before it looks for
+        // the snapshot.
+        // (Bitmaps added since open are refused by the caller: the bitmap state is not
+        // taken under the metadata lock.)
+        if !self.bitmaps().is_empty() {
+            return Err(Error::Unsupported(Self::APPLY_WITH_BITMAPS.into()));
         }
         let snaps = self.snapshots();
         let sn = which

@@ -115,14 +115,13 @@ pub fn amend(
         }
     };
     if plan.upgrade {
-        // QEMU's two steps: the snapshot table (nothing to do here), the header.
+        // QEMU's two steps: the snapshot table (entries given their version 3 extra data),
+        // the header.
         report(0, 2);
+        if image.snapshots().iter().any(|s| s.icount.is_none()) {
+            image.complete_snapshot_extra_data()?;
+        }
         report(1, 2);
-    }
-    if plan.upgrade && image.snapshots().iter().any(|s| s.disk_size.is_none()) {
-        return Err(unsupported(
-            "Cannot upgrade an image whose internal snapshots lack version 3 data",
-        ));
     }
     image.rewrite_header(|h, ext, _| {
         if plan.upgrade {
@@ -158,6 +157,7 @@ pub fn amend(
     }
     if plan.downgrade {
         image.expand_zero_clusters(&report)?;
+        image.expand_snapshot_zero_clusters()?;
         image.rewrite_header(|h, _, _| {
             h.version = 2;
             h.header_length = V2_HEADER_LENGTH;
@@ -253,7 +253,7 @@ impl Plan {
 
 /// QEMU's refusals of a downgrade to version 2 (`qcow2_downgrade`), in its order, and
 /// qcow2kit's own: bitmaps (QEMU drops them, leaving them inconsistent and their clusters
-/// leaked) and internal snapshots (whose zero clusters qcow2kit does not expand yet).
+/// leaked).
 fn check_downgrade(image: &Qcow2Image, refcount_bits: u64, size: u64) -> Result<()> {
     let h = image.header();
     if refcount_bits != 16 {
@@ -281,12 +281,6 @@ fn check_downgrade(image: &Qcow2Image, refcount_bits: u64, size: u64) -> Result<
         return Err(unsupported(
             "Cannot downgrade an image with persistent bitmaps: version 2 cannot keep them \
              (remove them first)",
-        ));
-    }
-    if !image.snapshots().is_empty() {
-        return Err(unsupported(
-            "Cannot downgrade an image with internal snapshots: qcow2kit does not expand their \
-             zero clusters yet",
         ));
     }
     if h.compression_type == CompressionType::Zstd && has_compressed_clusters(image)? {
