@@ -179,11 +179,38 @@ pub fn open_image(
     format: Option<&str>,
     customize: impl FnOnce(&mut OpenOptions),
 ) -> Result<Opened, String> {
-    let p = Path::new(path);
-    let fmt = image_format(path, format)?;
+    let arg = crate::image_opts::ImageArg {
+        path: path.to_string(),
+        format: format.map(str::to_string),
+        ..Default::default()
+    };
+    open_image_arg(&arg, path, customize)
+}
+
+/// [`open_image`] of an image operand with its keys; errors name the operand as `shown`
+/// (the file name, or the `--image-opts` string as qemu-img shows it).
+pub fn open_image_arg(
+    arg: &crate::image_opts::ImageArg,
+    shown: &str,
+    customize: impl FnOnce(&mut OpenOptions),
+) -> Result<Opened, String> {
+    let fmt = image_format(&arg.path, arg.format.as_deref())?;
     let mut opts = qemu_options();
+    arg.apply(&mut opts);
     customize(&mut opts);
-    open(p, fmt, &opts).map_err(|e| format!("Could not open '{path}': {}", open_error_text(&e)))
+    open(Path::new(&arg.path), fmt, &opts)
+        .map_err(|e| format!("Could not open '{shown}': {}", open_error_text(&e)))
+}
+
+/// The image operand `name` of a command with `--object` and `--image-opts` options (`format`
+/// from `-f`).
+pub fn image_operand(
+    p: &crate::args::Parsed,
+    name: &str,
+    format: Option<&str>,
+) -> Result<crate::image_opts::ImageArg, String> {
+    let secrets = crate::image_opts::load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    crate::image_opts::image_arg(name, p.has("image-opts"), format, &secrets)
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! failed.
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, locking, open_image};
+use crate::common::{fail, image_operand, locking, open_image_arg};
+use crate::image_opts::ImageArg;
 use crate::progress::Meter;
 use qcow2kit::chain::Locking;
 use qcow2kit::ops::compare::{compare_with_progress, CompareResult, CompareStage};
@@ -38,19 +39,21 @@ pub fn run(args: &[String]) -> u8 {
         out!("{HELP}");
         return 0;
     }
-    if p.has("image-opts") || p.has("object") {
-        return fail("compare: --image-opts and --object are not supported");
-    }
     if p.operands.len() != 2 {
         return fail("Expecting two image file names");
     }
     let quiet = p.has("q");
     let strict = p.has("s");
     let mut progress = Meter::new(p.has("p") && !quiet);
+    let operand = |i: usize, fmt: Option<&str>| image_operand(&p, &p.operands[i], fmt);
+    let args = match operand(0, p.last("f")).and_then(|a| Ok((a, operand(1, p.last("F"))?))) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
     let code = compare_files(
         [
-            (p.operands[0].as_str(), p.last("f")),
-            (p.operands[1].as_str(), p.last("F")),
+            (&args.0, p.operands[0].as_str()),
+            (&args.1, p.operands[1].as_str()),
         ],
         locking(p.has("U")),
         strict,
@@ -62,20 +65,20 @@ pub fn run(args: &[String]) -> u8 {
 }
 
 fn compare_files(
-    [(name1, fmt1), (name2, fmt2)]: [(&str, Option<&str>); 2],
+    [(arg1, name1), (arg2, name2)]: [(&ImageArg, &str); 2],
     locking: Locking,
     strict: bool,
     quiet: bool,
     progress: &mut Meter,
 ) -> u8 {
-    let a = match open_image(name1, fmt1, |o| o.locking = locking) {
+    let a = match open_image_arg(arg1, name1, |o| o.locking = locking) {
         Ok(o) => o,
         Err(e) => {
             fail(e);
             return 2;
         }
     };
-    let b = match open_image(name2, fmt2, |o| o.locking = locking) {
+    let b = match open_image_arg(arg2, name2, |o| o.locking = locking) {
         Ok(o) => o,
         Err(e) => {
             fail(e);

@@ -72,9 +72,10 @@ fn convert(args: &[String]) -> Result<(), String> {
     if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
         return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
     }
-    if p.has("object") || p.has("image-opts") || p.has("target-image-opts") {
-        return Err("convert: --object and --image-opts are not supported yet".into());
+    if p.has("target-image-opts") {
+        return Err("convert: --target-image-opts is not supported yet".into());
     }
+    let source = crate::common::image_operand(&p, src, p.last("f"))?;
     let mut create = CreateOptions::default();
     if out_fmt == ImageFormat::Raw {
         if p.has("c") {
@@ -134,7 +135,7 @@ fn convert(args: &[String]) -> Result<(), String> {
     } else {
         Locking::Exclusive
     };
-    let image = open_image(src, p.last("f"), |o| {
+    let image = crate::common::open_image_arg(&source, src, |o| {
         o.snapshot = snapshot.clone();
         o.locking = source_locking;
     })?;

@@ -15,14 +15,20 @@
 //!    image: [`CreateOptions::apply_qemu_options`] and [`create_qcow2`], or [`create_raw`].
 //!
 //! Sizes are rounded up to a multiple of 512 bytes, as QEMU's qcow2 and file drivers do.
-//! Encryption options are refused (the library cannot create encrypted images yet), as are
-//! `-o help` and `--object`.
+//! Encryption (`encrypt.*` with a `--object secret`) creates LUKS or legacy AES images;
+//! `-o help` is refused.
 
 use crate::args::{opt, parse, Parsed, Spec};
 use crate::common::{fail, parse_size};
+use crate::image_opts::load_secrets;
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
+use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
+use qcow2kit::crypto::secret::Secrets;
+use qcow2kit::crypto::{CipherAlg, CipherMode, EncryptionFormat, HashAlg, IvGenAlg, Passphrase};
 use qcow2kit::error::strerror;
-use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
+use qcow2kit::ops::create::{
+    create_qcow2, create_raw, CreateEncryption, CreateOptions, Preallocation,
+};
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -70,6 +76,15 @@ const fn d(name: &'static str, kind: Kind, default: Option<&'static str>) -> Des
 
 /// qcow2's create options merged with the file protocol's, in the order qemu-img 10 prints them.
 const QCOW2_OPTS: &[Desc] = &[
+    d("encryption", Kind::Bool, None),
+    d("encrypt.format", Kind::Str, None),
+    d("encrypt.key-secret", Kind::Str, None),
+    d("encrypt.cipher-alg", Kind::Str, None),
+    d("encrypt.cipher-mode", Kind::Str, None),
+    d("encrypt.ivgen-alg", Kind::Str, None),
+    d("encrypt.ivgen-hash-alg", Kind::Str, None),
+    d("encrypt.hash-alg", Kind::Str, None),
+    d("encrypt.iter-time", Kind::Number, None),
     d("cluster_size", Kind::Size, Some("65536")),
     d("extended_l2", Kind::Bool, Some("off")),
     d("preallocation", Kind::Str, None),
@@ -94,9 +109,69 @@ const RAW_OPTS: &[Desc] = &[
     d("extent_size_hint", Kind::Size, None),
 ];
 
-/// qcow2 options the library cannot honour yet (encryption).
+/// Options that [`encryption`] reads rather than [`qcow2_options`].
 fn is_encryption_option(key: &str) -> bool {
     key == "encryption" || key.starts_with("encrypt.")
+}
+
+/// The encryption the options ask for, checked as QEMU's qcow2 and crypto drivers check them
+/// (with their messages); `None` for an unencrypted image.
+fn encryption(set: &Settings, secrets: &Secrets) -> Result<Option<CreateEncryption>, String> {
+    let alias = set.get("encryption").map(|_| set.flag("encryption"));
+    let format = match (set.text("encrypt.format"), alias) {
+        (Some(_), Some(true)) => {
+            return Err(
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time".into(),
+            )
+        }
+        (Some(f), _) => EncryptionFormat::from_name(f)
+            .ok_or_else(|| format!("Parameter 'format' does not accept value '{f}'"))?,
+        (None, Some(true)) => EncryptionFormat::Aes,
+        (None, _) => return Ok(None),
+    };
+    const LUKS_ONLY: [&str; 6] = [
+        "encrypt.cipher-alg",
+        "encrypt.cipher-mode",
+        "encrypt.ivgen-alg",
+        "encrypt.ivgen-hash-alg",
+        "encrypt.hash-alg",
+        "encrypt.iter-time",
+    ];
+    if format == EncryptionFormat::Aes {
+        if let Some(k) = LUKS_ONLY.iter().find(|k| set.get(k).is_some()) {
+            return Err(format!("Parameter '{k}' is unexpected"));
+        }
+    }
+    let id = set
+        .text("encrypt.key-secret")
+        .ok_or("Parameter 'encrypt.key-secret' is required for cipher")?;
+    let passphrase = Passphrase::new(secrets.get(id).map_err(|e| e.to_string())?);
+    let mut luks = LuksCreateOptions::default();
+    let bad = |key: &str, v: &str| format!("Parameter '{key}' does not accept value '{v}'");
+    if let Some(v) = set.text("encrypt.cipher-alg") {
+        luks.cipher.alg = CipherAlg::from_name(v).ok_or_else(|| bad("cipher-alg", v))?;
+    }
+    if let Some(v) = set.text("encrypt.cipher-mode") {
+        luks.cipher.mode = CipherMode::from_name(v).ok_or_else(|| bad("cipher-mode", v))?;
+    }
+    if let Some(v) = set.text("encrypt.ivgen-alg") {
+        luks.cipher.ivgen = IvGenAlg::from_name(v).ok_or_else(|| bad("ivgen-alg", v))?;
+    }
+    if let Some(v) = set.text("encrypt.ivgen-hash-alg") {
+        luks.cipher.ivgen_hash =
+            Some(HashAlg::from_name(v).ok_or_else(|| bad("ivgen-hash-alg", v))?);
+    }
+    if let Some(v) = set.text("encrypt.hash-alg") {
+        luks.hash = HashAlg::from_name(v).ok_or_else(|| bad("hash-alg", v))?;
+    }
+    if let Some(ms) = set.get("encrypt.iter-time").and_then(|s| s.number) {
+        luks.kdf = KdfCost::IterTime(std::time::Duration::from_millis(ms));
+    }
+    Ok(Some(CreateEncryption {
+        format,
+        passphrase,
+        luks,
+    }))
 }
 
 /// A parsed option: its name, the string as given (bools: `on`/`off` for bare flags) and, for
@@ -242,11 +317,7 @@ fn create(p: &Parsed) -> Result<(), String> {
         out!("{HELP}");
         return Ok(());
     }
-    if p.has("object") {
-        return Err(
-            "create: --object is not supported (encrypted images cannot be created)".into(),
-        );
-    }
+    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
     let (file, size_arg) = match p.operands.as_slice() {
         [] => return Err(format!("Expecting image file name\n{TRY}")),
         [f] => (f.as_str(), None),
@@ -290,11 +361,6 @@ fn create(p: &Parsed) -> Result<(), String> {
     // QemuOpts parsing: names and value types.
     let mut set = Settings::default();
     for (k, v) in pairs {
-        if format == ImageFormat::Qcow2 && is_encryption_option(&k) {
-            return Err(at(
-                "creating encrypted images is not supported by qcow2kit".into()
-            ));
-        }
         let desc = descs
             .iter()
             .find(|d| d.name == k)
@@ -411,7 +477,8 @@ fn create(p: &Parsed) -> Result<(), String> {
             create_raw(Path::new(file), size, prealloc).map_err(|e| at(e.to_string()))
         }
         ImageFormat::Qcow2 => {
-            let o = qcow2_options(&set, size).map_err(at)?;
+            let mut o = qcow2_options(&set, size).map_err(at)?;
+            o.encryption = encryption(&set, &secrets).map_err(at)?;
             create_qcow2(Path::new(file), &o).map_err(|e| at(e.to_string()))
         }
     }
@@ -566,6 +633,7 @@ fn qcow2_options(set: &Settings, size: u64) -> Result<CreateOptions, String> {
     for s in &set.0 {
         let value = match s.name.as_str() {
             "size" | "nocow" | "extent_size_hint" => continue,
+            k if is_encryption_option(k) => continue,
             "lazy_refcounts" | "extended_l2" | "data_file_raw" => {
                 if parse_bool(&s.text) == Some(true) {
                     "on".to_string()

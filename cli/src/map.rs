@@ -7,7 +7,7 @@
 //! (compressed clusters), as qemu-img does.
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, locking, open_image, parse_size};
+use crate::common::{fail, image_operand, locking, open_image_arg, parse_size};
 use qcow2kit::ops::info::backing_chain_info;
 use qcow2kit::ops::map::{for_each_extent, MapEntry};
 use std::path::Path;
@@ -74,9 +74,6 @@ pub fn run(args: &[String]) -> u8 {
         out!("{HELP}");
         return 0;
     }
-    if p.has("image-opts") || p.has("object") {
-        return fail("map: --image-opts and --object are not supported");
-    }
     let json = match p.last("output").unwrap_or("human") {
         "human" => false,
         "json" => true,
@@ -93,7 +90,9 @@ pub fn run(args: &[String]) -> u8 {
     let [path] = p.operands.as_slice() else {
         return fail("Expecting one image file name");
     };
-    let opened = match open_image(path, p.last("f"), |o| o.locking = locking(p.has("U"))) {
+    let opened = match image_operand(&p, path, p.last("f"))
+        .and_then(|arg| open_image_arg(&arg, path, |o| o.locking = locking(p.has("U"))))
+    {
         Ok(o) => o,
         Err(e) => return fail(e),
     };

@@ -444,7 +444,12 @@ impl Qcow2Image {
     /// Allocates clusters for `bytes`, checks them against the metadata map and writes
     /// `bytes` there. Returns the host offset. Their refcounts reach the disk with the next
     /// flush, after the bytes.
-    fn write_new_clusters(&self, m: &mut Meta, bytes: &[u8], what: &'static str) -> Result<u64> {
+    pub(crate) fn write_new_clusters(
+        &self,
+        m: &mut Meta,
+        bytes: &[u8],
+        what: &'static str,
+    ) -> Result<u64> {
         let cs = self.geo.cluster_size;
         self.mark_dirty_if_lazy(m)?;
         let n = (bytes.len() as u64).div_ceil(cs).max(1);

@@ -18,7 +18,7 @@ use crate::crypto::luks::{LuksHeader, LuksLimits};
 use crate::crypto::{EncryptionFormat, Passphrase, SectorCipher, SECTOR_SIZE};
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};
-use crate::format::extension::Extensions;
+use crate::format::extension::{CryptoHeaderExtension, Extensions};
 use crate::format::header::{check_table, CryptMethod, Header};
 use crate::io::{Storage, StorageExt};
 
@@ -241,5 +241,41 @@ impl Qcow2Image {
             self.read_current(&mut buf[tail..], end)?;
         }
         Ok(Some((buf, start)))
+    }
+}
+
+impl Qcow2Image {
+    /// Makes a new image encrypted with `format`: for LUKS, `luks_area` (a header made by
+    /// [`crate::crypto::luks::create`]) is written to new clusters, then the header names the
+    /// method (and the area, in its extension). This handle stays unencrypted: the image must
+    /// be reopened with its key before any guest data is written.
+    pub(crate) fn install_encryption(
+        &self,
+        format: EncryptionFormat,
+        luks_area: Option<&[u8]>,
+    ) -> Result<()> {
+        let crypto = match luks_area {
+            None => None,
+            Some(area) => {
+                // Whole clusters are written, zeros after the area, as qemu-img writes them.
+                let cs = self.geo.cluster_size as usize;
+                let mut padded = area.to_vec();
+                padded.resize(area.len().next_multiple_of(cs), 0);
+                let mut m = self.lock_meta();
+                let at =
+                    self.write_new_clusters(&mut m, &padded, "writing the encryption header")?;
+                let length = area.len() as u64;
+                m.refs()?.map.set_encryption_header(at, length);
+                Some(CryptoHeaderExtension { offset: at, length })
+            }
+        };
+        self.rewrite_header(|h, ext, _| {
+            h.crypt_method = match format {
+                EncryptionFormat::Aes => CryptMethod::Aes,
+                EncryptionFormat::Luks => CryptMethod::Luks,
+            };
+            ext.crypto = crypto;
+            Ok(())
+        })
     }
 }

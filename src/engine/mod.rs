@@ -417,12 +417,7 @@ impl BlockDevice for Qcow2Image {
         }
         let first = self.map(offset, len)?;
         let (kind, host_offset, compressed) = match first.mapped {
-            // As QEMU, no host offset for encrypted data (it is not the guest's bytes).
-            Mapped::Data { host } => (
-                ExtentKind::Data,
-                Some(host).filter(|_| !self.is_encrypted()),
-                false,
-            ),
+            Mapped::Data { host } => (ExtentKind::Data, Some(host), false),
             Mapped::Zero { host } => (ExtentKind::Zero, host, false),
             Mapped::Unallocated => (ExtentKind::Unallocated, None, false),
             Mapped::Compressed { .. } => (ExtentKind::Data, None, true),
@@ -443,7 +438,8 @@ impl BlockDevice for Qcow2Image {
             len: total,
             kind,
             depth: 0,
-            host_offset,
+            // As QEMU: no host offset for an encrypted image (its clusters hold ciphertext).
+            host_offset: host_offset.filter(|_| !self.is_encrypted()),
             compressed,
         })
     }

@@ -6,6 +6,8 @@
 //! code (and the same write ordering) as every later change.
 
 use crate::chain::{open, resolve_relative, ImageFormat, OpenOptions};
+use crate::crypto::luks::LuksCreateOptions;
+use crate::crypto::{EncryptionFormat, Passphrase};
 use crate::engine::{Qcow2Image, Qcow2Options};
 use crate::error::{Error, Result};
 use crate::format::extension::Extensions;
@@ -87,6 +89,19 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// The data file is a valid raw image (`data_file_raw`).
     pub data_file_raw: bool,
+    /// Encrypt the image (qemu-img's `encrypt.*` options).
+    pub encryption: Option<CreateEncryption>,
+}
+
+/// How a new image is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateEncryption {
+    /// LUKS (the default of qemu-img) or legacy AES.
+    pub format: EncryptionFormat,
+    /// The passphrase of LUKS key slot 0, or the legacy AES key.
+    pub passphrase: Passphrase,
+    /// The cipher, hash and PBKDF2 work of a LUKS header (unused for legacy AES).
+    pub luks: LuksCreateOptions,
 }
 
 impl Default for CreateOptions {
@@ -104,6 +119,7 @@ impl Default for CreateOptions {
             backing_format: None,
             data_file: None,
             data_file_raw: false,
+            encryption: None,
         }
     }
 }
@@ -166,7 +182,9 @@ impl CreateOptions {
                 "data_file" => self.data_file = Some(v.to_string()),
                 "data_file_raw" => self.data_file_raw = parse_bool(k, v)?,
                 "encryption" | "encrypt.format" => {
-                    return Err(Error::Unsupported("creating encrypted images".into()))
+                    return Err(bad(
+                        "encryption needs a passphrase: set CreateOptions::encryption",
+                    ))
                 }
                 _ => return Err(bad(format!("Invalid parameter '{k}'"))),
             }
@@ -342,12 +360,30 @@ pub fn create_qcow2_on(
     if o.data_file.is_some() != data.is_some() {
         return Err(bad("a data file storage goes with the data_file option"));
     }
+    if o.encryption.is_some() && o.data_file.is_some() {
+        return Err(bad(
+            "encryption is not supported with an external data file",
+        ));
+    }
+    // The LUKS header first: its PBKDF2 work takes the time asked for, and nothing is on disk
+    // if it fails.
+    let luks_area = match &o.encryption {
+        Some(e) if e.format == EncryptionFormat::Luks => {
+            let (_, area, _) = crate::crypto::luks::create(
+                e.passphrase.as_bytes(),
+                &e.luks,
+                &mut crate::crypto::os_random,
+            )?;
+            Some(area)
+        }
+        _ => None,
+    };
     write_skeleton(storage.as_ref(), o, bits)?;
     let opts = Qcow2Options {
         writable: true,
         ..Qcow2Options::default()
     };
-    let mut img = Qcow2Image::open(storage, &opts)?;
+    let mut img = Qcow2Image::open(storage.clone(), &opts)?;
     if let Some(d) = data {
         d.set_len(0)
             .map_err(|e| Error::io("truncating data file", e))?;
@@ -358,6 +394,21 @@ pub fn create_qcow2_on(
     // With a raw data file, resize maps every cluster one to one (QEMU forces metadata
     // preallocation there).
     img.resize(size, false)?;
+    if let Some(e) = &o.encryption {
+        // As qemu-img: the encryption header is allocated after the L1 table; then the image
+        // is opened again with its key, so that preallocated data is written encrypted.
+        img.install_encryption(e.format, luks_area.as_deref())?;
+        img.close()?;
+        let opts = Qcow2Options {
+            writable: true,
+            encryption: crate::engine::EncryptionOptions {
+                passphrase: Some(e.passphrase.clone()),
+                ..Default::default()
+            },
+            ..Qcow2Options::default()
+        };
+        img = Qcow2Image::open(storage, &opts)?;
+    }
     match o.preallocation {
         Preallocation::Off => {}
         Preallocation::Metadata | Preallocation::Falloc => img.preallocate(false)?,
