@@ -1,0 +1,222 @@
+//! Encrypted images on the command line, side by side with qemu-img 10.x: `create -o
+//! encrypt.*` with `--object secret` (output, errors, exit status; the image opened by
+//! qemu-io), `info` without the key (the `encrypt` block), and `map`, `compare`, `convert`,
+//! `check` with `--image-opts …,encrypt.key-secret=ID`.
+//! A missing qemu-img or qemu-io fails the tests; it never skips them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
+const SECRET: &str = "secret,id=s,data=pw";
+
+fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{prog}` ({e}); these tests need qemu-img 10.x"))
+}
+
+/// Runs `args` through qemu-img in `q` and qcow2kit in `k`; requires the same exit status,
+/// stdout and stderr (program name and directory aside). Returns the exit status.
+fn same(q: &Path, k: &Path, args: &[&str]) -> i32 {
+    let a = exec("qemu-img", args, q);
+    let b = exec(QCOW2KIT, args, k);
+    let norm = |o: &[u8]| String::from_utf8_lossy(o).replace("qcow2kit:", "qemu-img:");
+    assert_eq!(a.status.code(), b.status.code(), "{args:?}");
+    assert_eq!(norm(&a.stdout), norm(&b.stdout), "stdout of {args:?}");
+    assert_eq!(norm(&a.stderr), norm(&b.stderr), "stderr of {args:?}");
+    a.status.code().unwrap_or(-1)
+}
+
+fn ok(prog: &str, args: &[&str], dir: &Path) -> String {
+    let out = exec(prog, args, dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("qemu-io:"),
+        "`{prog} {}`: {err}",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn opts(name: &str) -> String {
+    format!("driver=qcow2,file.filename={name},encrypt.key-secret=s")
+}
+
+fn dirs() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let (q, k) = (t.path().join("q"), t.path().join("k"));
+    std::fs::create_dir(&q).unwrap();
+    std::fs::create_dir(&k).unwrap();
+    (t, q, k)
+}
+
+#[test]
+fn create_matches_qemu_img() {
+    let cases = [
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        "encryption=on,encrypt.key-secret=s",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,\
+         encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,preallocation=full",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,compat=0.10,cluster_size=512",
+        "encrypt.format=luks",
+        "encrypt.format=aes,encrypt.key-secret=s,encrypt.iter-time=10",
+        "encrypt.format=foo,encrypt.key-secret=s",
+        "encrypt.format=luks,encrypt.key-secret=nope",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=foo",
+        "encrypt.format=luks,encryption=on,encrypt.key-secret=s",
+    ];
+    for o in cases {
+        let (_t, q, k) = dirs();
+        let code = same(
+            &q,
+            &k,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "--object",
+                SECRET,
+                "-o",
+                o,
+                "img.qcow2",
+                "1M",
+            ],
+        );
+        if code != 0 {
+            assert!(!k.join("img.qcow2").exists() || o.contains("luks"), "{o}");
+            continue;
+        }
+        // Same layout as qemu-img's: the file lengths agree.
+        let len = |d: &Path| std::fs::metadata(d.join("img.qcow2")).unwrap().len();
+        assert_eq!(len(&q), len(&k), "{o}: file length");
+        // Ours opens in QEMU with the key, reads zeros, takes writes, checks clean.
+        let spec = opts("img.qcow2");
+        let io = ok(
+            "qemu-io",
+            &[
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+                "-c",
+                "read -P 0 0 1M",
+                "-c",
+                "write -P 7 1000 70000",
+                "-c",
+                "read -P 7 1000 70000",
+            ],
+            &k,
+        );
+        assert!(!io.contains("failed"), "{o}: {io}");
+        let check = ok(
+            "qemu-img",
+            &["check", "--object", SECRET, "--image-opts", &spec],
+            &k,
+        );
+        assert!(check.contains("No errors were found"), "{o}: {check}");
+    }
+}
+
+#[test]
+fn info_map_compare_convert_check_with_keys() {
+    let (_t, q, k) = dirs();
+    for (name, o) in [
+        (
+            "l.qcow2",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+        ),
+        ("a.qcow2", "encrypt.format=aes,encrypt.key-secret=s"),
+    ] {
+        for d in [&q, &k] {
+            ok(
+                "qemu-img",
+                &[
+                    "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", o, name, "4M",
+                ],
+                d,
+            );
+        }
+        // The same LUKS header in both (uuid, salts): copy qemu's file over.
+        ok(
+            "cp",
+            &["--sparse=always", "q/l.qcow2", "k/l.qcow2"]
+                .map(|a| a.replace("l.qcow2", name))
+                .each_ref()
+                .map(String::as_str),
+            q.parent().unwrap(),
+        );
+        let spec = opts(name);
+        for d in [&q, &k] {
+            ok(
+                "qemu-io",
+                &[
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    &spec,
+                    "-c",
+                    "write -P 0x11 1000 70000",
+                    "-c",
+                    "write -z 131072 65536",
+                ],
+                d,
+            );
+        }
+        // Read-only commands on the same file (disk sizes are the file system's).
+        for args in [
+            &["info", name][..],
+            &["info", "--output=json", name],
+            &["map", name],
+            &["map", "--object", SECRET, "--image-opts", &spec],
+            &[
+                "map",
+                "--output=json",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+            ],
+            &["check", "--object", SECRET, "--image-opts", &spec],
+            &["check", name],
+            &[
+                "check",
+                "--object",
+                "secret,id=s,data=bad",
+                "--image-opts",
+                &spec,
+            ],
+        ] {
+            same(&q, &q, args);
+        }
+        for args in [
+            &["convert", "-O", "raw", name, "x.raw"][..],
+            &[
+                "convert",
+                "-O",
+                "raw",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+                "o.raw",
+            ],
+        ] {
+            same(&q, &k, args);
+        }
+        assert_eq!(
+            std::fs::read(q.join("o.raw")).unwrap(),
+            std::fs::read(k.join("o.raw")).unwrap()
+        );
+        let raw = "driver=raw,file.filename=o.raw";
+        same(
+            &q,
+            &k,
+            &["compare", "--object", SECRET, "--image-opts", &spec, raw],
+        );
+    }
+}
