@@ -11,6 +11,7 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
+use crate::image_opts::load_secrets;
 use qcow2kit::chain::{FileRole, ImageFormat, Locking};
 use qcow2kit::io::lock::{lock_error, LockRequest};
 use qcow2kit::io::{FileStorage, Storage};
@@ -93,9 +94,17 @@ fn convert(args: &[String]) -> Result<(), String> {
             }
         }
     } else {
+        let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
         for o in p.all("o") {
+            let (rest, encryption) = crate::create::take_encryption(o, &secrets)?;
+            if encryption.is_some() {
+                if p.has("c") {
+                    return Err("Compression and encryption not supported at the same time".into());
+                }
+                create.encryption = encryption;
+            }
             create
-                .apply_qemu_options(o, |v| parse_size(v).ok())
+                .apply_qemu_options(&rest, |v| parse_size(v).ok())
                 .map_err(|e| e.to_string())?;
         }
         if let Some(b) = p.last("B") {

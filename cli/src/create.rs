@@ -114,6 +114,35 @@ fn is_encryption_option(key: &str) -> bool {
     key == "encryption" || key.starts_with("encrypt.")
 }
 
+/// The `encrypt.*` options of a qcow2 `-o` list given to another command (`convert -O qcow2`):
+/// the list without them, and the encryption they ask for.
+pub(crate) fn take_encryption(
+    list: &str,
+    secrets: &Secrets,
+) -> Result<(String, Option<CreateEncryption>), String> {
+    let mut set = Settings::default();
+    let mut rest = Vec::new();
+    for (k, v) in split_options(list) {
+        if !is_encryption_option(&k) {
+            rest.push(format!("{k}={v}"));
+            continue;
+        }
+        let number = match k.as_str() {
+            "encrypt.iter-time" => {
+                Some(parse_number(&v).ok_or_else(|| format!("Parameter '{k}' expects a number"))?)
+            }
+            "encryption" => {
+                parse_bool(&v).ok_or_else(|| format!("Parameter '{k}' expects 'on' or 'off'"))?;
+                None
+            }
+            _ if QCOW2_OPTS.iter().any(|d| d.name == k) => None,
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        };
+        set.set(&k, v, number);
+    }
+    Ok((rest.join(","), encryption(&set, secrets)?))
+}
+
 /// The encryption the options ask for, checked as QEMU's qcow2 and crypto drivers check them
 /// (with their messages); `None` for an unencrypted image.
 fn encryption(set: &Settings, secrets: &Secrets) -> Result<Option<CreateEncryption>, String> {

@@ -220,3 +220,71 @@ fn info_map_compare_convert_check_with_keys() {
         );
     }
 }
+
+#[test]
+fn convert_to_an_encrypted_target() {
+    let (_t, q, k) = dirs();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for d in [&q, &k] {
+        std::fs::write(d.join("src.raw"), &data).unwrap();
+    }
+    for o in [
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+        "encrypt.format=aes,encrypt.key-secret=s,cluster_size=4096",
+    ] {
+        let code = same(
+            &q,
+            &k,
+            &[
+                "convert", "-f", "raw", "-O", "qcow2", "--object", SECRET, "-o", o, "src.raw",
+                "e.qcow2",
+            ],
+        );
+        assert_eq!(code, 0, "{o}");
+        let spec = opts("e.qcow2");
+        let cmp = ok(
+            "qemu-img",
+            &[
+                "compare",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+                "driver=raw,file.filename=src.raw",
+            ],
+            &k,
+        );
+        assert!(cmp.contains("Images are identical"), "{o}: {cmp}");
+        let check = ok(
+            "qemu-img",
+            &["check", "--object", SECRET, "--image-opts", &spec],
+            &k,
+        );
+        assert!(check.contains("No errors were found"), "{o}: {check}");
+        let len = |d: &Path| std::fs::metadata(d.join("e.qcow2")).unwrap().len();
+        assert_eq!(len(&q), len(&k), "{o}: file length");
+        // No plaintext cluster of the source is in the file.
+        let file = std::fs::read(k.join("e.qcow2")).unwrap();
+        assert!(
+            !file.windows(64).any(|w| w == &data[65536..65536 + 64]),
+            "{o}: plaintext"
+        );
+    }
+    let refused = [
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s",
+        "src.raw",
+        "c.qcow2",
+    ];
+    assert_eq!(same(&q, &k, &refused), 1);
+}

@@ -192,6 +192,15 @@ impl Qcow2Image {
             if host != 0 {
                 released.push(host);
             }
+            if backed && self.is_encrypted() {
+                // The zeros would have to be written through the cipher, whose IV (legacy
+                // AES: the guest sector) a snapshot-only table does not give.
+                return Err(Error::Unsupported(
+                    "expanding zero clusters of snapshots of an encrypted image with a backing \
+                     file"
+                        .into(),
+                ));
+            }
             *w = if backed {
                 let at = {
                     let Meta { refs, file_end, .. } = &mut *m;
