@@ -15,9 +15,13 @@ use crate::common::{
     exit_code, open_error_text, parse_args, parse_format, parse_size, qemu_options, try_help,
 };
 use crate::create::{parse_bool, parse_number, split_options, valid_option_list, SIZE_HINT};
+use crate::image_opts::{image_arg, load_secrets};
 use crate::progress::Meter;
 use crate::rebase::check_cache_mode;
 use qcow2kit::chain::{open, probe_file, ImageFormat};
+use qcow2kit::crypto::keyslots::KeySlotChange;
+use qcow2kit::crypto::secret::Secrets;
+use qcow2kit::crypto::Passphrase;
 use qcow2kit::error::strerror;
 use qcow2kit::ops::amend::{amend, AmendOptions, Compat, BACKING_CHANGE};
 use std::path::Path;
@@ -88,14 +92,6 @@ const CREATE_ONLY: &[&str] = &[
     "compression_type",
 ];
 
-const ENCRYPT_AMEND: &[&str] = &[
-    "encrypt.iter-time",
-    "encrypt.keyslot",
-    "encrypt.new-secret",
-    "encrypt.old-secret",
-    "encrypt.state",
-];
-
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
     exit_code(amend_cmd(args))
@@ -141,16 +137,17 @@ fn amend_image(
     if let Some(mode) = p.last("t") {
         check_cache_mode(mode)?;
     }
-    if p.has("object") || p.has("image-opts") {
-        return Err("amend: --object and --image-opts are not supported".into());
-    }
-    let format = match p.last("f") {
+    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    let arg = image_arg(file, p.has("image-opts"), p.last("f"), &secrets)?;
+    let path = Path::new(&arg.path);
+    let format = match arg.format.as_deref() {
         Some(f) => parse_format(f)?,
-        None => probe_file(Path::new(file)).map_err(|e| open_failure(file, e))?,
+        None => probe_file(path).map_err(|e| open_failure(file, e))?,
     };
     let mut o = qemu_options();
+    arg.apply(&mut o);
     o.writable = true;
-    let image = open(Path::new(file), format, &o).map_err(|e| match e {
+    let image = open(path, format, &o).map_err(|e| match e {
         qcow2kit::Error::Io { source, .. } => {
             format!(
                 "Could not open '{file}': Could not open '{file}': {}",
@@ -165,7 +162,13 @@ fn amend_image(
     let Some(qcow2) = image.qcow2.clone() else {
         return Err(no_amend(format));
     };
-    let opts = parse_amend_options(&pairs, &qcow2)?;
+    let (opts, keys) = parse_amend_options(&pairs, &qcow2, &secrets, p.has("force"))?;
+    if let Some(change) = keys {
+        qcow2.amend_key_slots(&change).map_err(|e| match e {
+            qcow2kit::Error::InvalidArgument(m) => m,
+            other => open_error_text(&other),
+        })?;
+    }
     let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
     lock().advance(0.0);
     let report = |done: u64, total: u64| lock().set(100.0 * done as f32 / total.max(1) as f32);
@@ -218,9 +221,26 @@ fn options_help(format: Result<ImageFormat, String>) -> Result<(), String> {
 fn parse_amend_options(
     pairs: &[(String, String)],
     image: &qcow2kit::engine::Qcow2Image,
-) -> Result<AmendOptions, String> {
+    secrets: &Secrets,
+    force: bool,
+) -> Result<(AmendOptions, Option<KeySlotChange>), String> {
     let mut o = AmendOptions::default();
     let mut encrypt = false;
+    let mut state = None;
+    let mut keys = KeySlotChange {
+        activate: false,
+        keyslot: None,
+        new_secret: None,
+        old_secret: None,
+        iter_time: None,
+        force,
+    };
+    let secret = |id: &str| {
+        secrets
+            .get(id)
+            .map(Passphrase::new)
+            .map_err(|e| e.to_string())
+    };
     let mut compat = None;
     for (k, v) in pairs {
         let bool_of = || parse_bool(v).ok_or(format!("Parameter '{k}' expects 'on' or 'off'"));
@@ -243,7 +263,34 @@ fn parse_amend_options(
             "backing_file" => o.backing_file = Some(v.as_bytes().to_vec()),
             "backing_fmt" => o.backing_fmt = Some(v.as_bytes().to_vec()),
             "data_file" => o.data_file = Some(v.as_bytes().to_vec()),
-            name if ENCRYPT_AMEND.contains(&name) => encrypt = true,
+            "encrypt.state" => {
+                encrypt = true;
+                state = Some(match v.as_str() {
+                    "active" => true,
+                    "inactive" => false,
+                    _ => return Err(format!("Parameter 'state' does not accept value '{v}'")),
+                })
+            }
+            "encrypt.keyslot" => {
+                encrypt = true;
+                keys.keyslot = Some(
+                    v.parse()
+                        .map_err(|_| "Parameter 'keyslot' expects an integer".to_string())?,
+                )
+            }
+            "encrypt.iter-time" => {
+                encrypt = true;
+                let ms = parse_number(v).ok_or(format!("Parameter '{k}' expects a number"))?;
+                keys.iter_time = Some(std::time::Duration::from_millis(ms));
+            }
+            "encrypt.new-secret" => {
+                encrypt = true;
+                keys.new_secret = Some(secret(v)?);
+            }
+            "encrypt.old-secret" => {
+                encrypt = true;
+                keys.old_secret = Some(secret(v)?);
+            }
             name if CREATE_ONLY.contains(&name) => {
                 return Err(format!(
                     "Invalid parameter '{name}'\nThis option is only supported for image creation"
@@ -252,17 +299,23 @@ fn parse_amend_options(
             name => return Err(format!("Invalid parameter '{name}'")),
         }
     }
-    if encrypt {
-        return Err(
-            if image.header().crypt_method == qcow2kit::format::header::CryptMethod::None {
-                "Can't amend encryption options - encryption not present".into()
-            } else {
-                "amend: encryption options are not supported by qcow2kit".into()
-            },
-        );
-    }
+    let keys = if encrypt {
+        match image.header().crypt_method {
+            qcow2kit::format::header::CryptMethod::None => {
+                return Err("Can't amend encryption options - encryption not present".into())
+            }
+            qcow2kit::format::header::CryptMethod::Aes => {
+                return Err("Only LUKS encryption options can be amended".into())
+            }
+            qcow2kit::format::header::CryptMethod::Luks => {}
+        }
+        keys.activate = state.ok_or("Parameter 'state' is missing")?;
+        Some(keys)
+    } else {
+        None
+    };
     o.compat = compat.map(compat_of).transpose()?;
-    Ok(o)
+    Ok((o, keys))
 }
 
 fn compat_of(v: &str) -> Result<Compat, String> {

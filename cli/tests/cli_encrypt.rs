@@ -288,3 +288,178 @@ fn convert_to_an_encrypted_target() {
     ];
     assert_eq!(same(&q, &k, &refused), 1);
 }
+
+/// Key-slot management through `amend`, step by step on two copies of one image: every
+/// step's output and status as qemu-img's; then the same passphrases open both in qemu-io.
+#[test]
+fn amend_key_slots_match_qemu_img() {
+    let (_t, q, k) = dirs();
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            SECRET,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+            "x.qcow2",
+            "1M",
+        ],
+        &q,
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            SECRET,
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=s",
+            "a.qcow2",
+            "1M",
+        ],
+        &q,
+    );
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "p.qcow2", "1M"],
+        &q,
+    );
+    for f in ["x.qcow2", "a.qcow2", "p.qcow2"] {
+        std::fs::copy(q.join(f), k.join(f)).unwrap();
+    }
+    let spec = opts("x.qcow2");
+    let aes = opts("a.qcow2");
+    let steps: &[&[&str]] = &[
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=n,encrypt.iter-time=10",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=1,encrypt.iter-time=10",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=inactive,encrypt.keyslot=1",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=inactive,encrypt.keyslot=1",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=inactive,encrypt.old-secret=s",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=inactive,encrypt.old-secret=n",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=inactive,encrypt.keyslot=9",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=0",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=0,encrypt.iter-time=10",
+            "--force",
+            "--image-opts",
+            &spec,
+        ],
+        &["-o", "encrypt.format=luks", "--image-opts", &spec],
+        &["-o", "encrypt.new-secret=n", "--image-opts", &spec],
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=n,encrypt.iter-time=10",
+            "x.qcow2",
+        ],
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=n,encrypt.iter-time=10",
+            "--image-opts",
+            &aes,
+        ],
+        &["-o", "encrypt.state=active,encrypt.new-secret=n", "p.qcow2"],
+        &["-o", "encrypt.state=inactive", "--image-opts", &spec],
+        &["-o", "encrypt.state=bogus", "--image-opts", &spec],
+        &[
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=zz",
+            "--image-opts",
+            &spec,
+        ],
+        &[
+            "-o",
+            "encrypt.state=inactive,encrypt.new-secret=n",
+            "--image-opts",
+            &spec,
+        ],
+    ];
+    for step in steps {
+        let mut args = vec![
+            "amend",
+            "--object",
+            SECRET,
+            "--object",
+            "secret,id=n,data=new",
+        ];
+        args.extend_from_slice(step);
+        same(&q, &k, &args);
+    }
+    // Slot 0 now holds "new" in both (the forced overwrite); "pw" opens neither.
+    for (pw, opens) in [("pw", false), ("new", true)] {
+        for d in [&q, &k] {
+            let out = exec(
+                "qemu-io",
+                &[
+                    "--object",
+                    &format!("secret,id=s,data={pw}"),
+                    "--image-opts",
+                    &spec,
+                    "-c",
+                    "read 0 512",
+                ],
+                d,
+            );
+            assert_eq!(out.status.success(), opens, "{pw} in {}", d.display());
+        }
+    }
+    let check = ok(
+        "qemu-img",
+        &[
+            "check",
+            "--object",
+            "secret,id=s,data=new",
+            "--image-opts",
+            &spec,
+        ],
+        &k,
+    );
+    assert!(check.contains("No errors were found"), "{check}");
+}

@@ -217,7 +217,7 @@ impl LuksHeader {
     }
 
     /// Byte range of slot `index`'s key material inside the area.
-    fn material_range(&self, index: usize) -> Option<std::ops::Range<usize>> {
+    pub fn material_range(&self, index: usize) -> Option<std::ops::Range<usize>> {
         let slot = self.slots.get(index)?;
         let start = u64::from(slot.key_offset_sector) * SECTOR_SIZE as u64;
         let len = u64::from(self.master_key_len) * u64::from(slot.stripes);
@@ -634,16 +634,7 @@ pub fn create(
         KdfCost::IterTime(t) => {
             let ms = t.as_millis();
             let scaled = |out_len: usize, divisor: u128| {
-                let per_sec = pbkdf::iterations_per_second(opts.hash, passphrase.len(), out_len);
-                let want = u128::from(per_sec) * ms / 1000 / divisor;
-                u32::try_from(want)
-                    .map(|n| n.max(MIN_ITERATIONS))
-                    .map_err(|_| {
-                        CryptoError::InvalidArgument(format!(
-                            "PBKDF iterations {want} larger than {}",
-                            u32::MAX
-                        ))
-                    })
+                timed_iterations(opts.hash, passphrase.len(), out_len, ms, divisor)
             };
             // As QEMU: the digest gets an eighth of the time, measured for its 20 bytes; the
             // slot all of it, measured for a key-length output.
@@ -688,6 +679,28 @@ pub fn create(
     header.store_key(&mut area, 0, passphrase, &master, slot_iters, random)?;
     area[..HEADER_LEN].copy_from_slice(&header.to_bytes());
     Ok((header, area, master))
+}
+
+/// PBKDF2 iterations that take about `ms / divisor` milliseconds on this machine for a
+/// passphrase of `password_len` bytes and an output of `out_len` bytes (at least
+/// [`MIN_ITERATIONS`]), rounded as QEMU rounds them.
+pub fn timed_iterations(
+    hash: HashAlg,
+    password_len: usize,
+    out_len: usize,
+    ms: u128,
+    divisor: u128,
+) -> Result<u32, CryptoError> {
+    let per_sec = pbkdf::iterations_per_second(hash, password_len, out_len);
+    let want = u128::from(per_sec) * ms / 1000 / divisor;
+    u32::try_from(want)
+        .map(|n| n.max(MIN_ITERATIONS))
+        .map_err(|_| {
+            CryptoError::InvalidArgument(format!(
+                "PBKDF iterations {want} larger than {}",
+                u32::MAX
+            ))
+        })
 }
 
 /// A random (version 4) UUID in the lower-case text form QEMU stores.

@@ -36,6 +36,7 @@ mod afsplit;
 pub mod cipher;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod keyslots;
 pub mod luks;
 pub mod pbkdf;
 pub mod secret;

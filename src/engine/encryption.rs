@@ -14,8 +14,9 @@
 //!   lock.
 
 use super::Qcow2Image;
-use crate::crypto::luks::{LuksHeader, LuksLimits};
-use crate::crypto::{EncryptionFormat, Passphrase, SectorCipher, SECTOR_SIZE};
+use crate::crypto::keyslots::{KeySlotChange, KeySlotPlan};
+use crate::crypto::luks::{LuksHeader, LuksLimits, ERASE_PASSES};
+use crate::crypto::{os_random, EncryptionFormat, Passphrase, SectorCipher, SECTOR_SIZE};
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};
 use crate::format::extension::{CryptoHeaderExtension, Extensions};
@@ -58,8 +59,12 @@ pub struct EncryptionInfo {
 /// The encryption state of an open image.
 pub(crate) struct Encryption {
     format: EncryptionFormat,
-    luks: Option<LuksHeader>,
+    /// The LUKS header as on disk (replaced whole by a key-slot change).
+    luks: std::sync::RwLock<Option<LuksHeader>>,
     cipher: Option<SectorCipher>,
+    /// The passphrase the image was opened with (a key-slot change unlocks with it).
+    passphrase: Option<Passphrase>,
+    limits: LuksLimits,
 }
 
 impl Encryption {
@@ -125,8 +130,10 @@ impl Encryption {
         };
         Ok(Some(Encryption {
             format,
-            luks: luks.map(|(h, _)| h),
+            luks: std::sync::RwLock::new(luks.map(|(h, _)| h)),
             cipher,
+            passphrase: opts.passphrase.clone(),
+            limits: opts.luks_limits,
         }))
     }
 
@@ -154,7 +161,7 @@ impl Qcow2Image {
     pub fn encryption(&self) -> Option<EncryptionInfo> {
         self.encryption.as_ref().map(|e| EncryptionInfo {
             format: e.format,
-            luks: e.luks.clone(),
+            luks: e.luks.read().unwrap_or_else(|p| p.into_inner()).clone(),
             unlocked: e.cipher.is_some(),
         })
     }
@@ -277,5 +284,90 @@ impl Qcow2Image {
             ext.crypto = crypto;
             Ok(())
         })
+    }
+}
+
+impl Qcow2Image {
+    /// Activates or erases LUKS key slots as `qemu-img amend -o encrypt.state=…` does, with
+    /// QEMU's checks and messages (see [`LuksHeader::plan_key_slots`]). A new slot's material is
+    /// written and flushed before the header names it; an erased slot leaves the header first,
+    /// then its material is overwritten [`ERASE_PASSES`] times.
+    pub fn amend_key_slots(&self, change: &KeySlotChange) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let enc = self.encryption.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("Can't amend encryption options - encryption not present".into())
+        })?;
+        if enc.format != EncryptionFormat::Luks {
+            return Err(Error::InvalidArgument(
+                "Only LUKS encryption options can be amended".into(),
+            ));
+        }
+        let current = enc.passphrase.as_ref().ok_or(Error::EncryptedNoKey {
+            method: enc.format.name(),
+        })?;
+        let ext =
+            self.area().extensions.crypto.ok_or_else(|| {
+                inconsistent("LUKS encrypted image has no CRYPTO header extension")
+            })?;
+        let _all = self.lock_everything()?;
+        let s = self.storage.as_ref();
+        let wio = |e| Error::io("writing the encryption header", e);
+        let flush = || {
+            s.flush()
+                .map_err(|e| Error::io("flushing the encryption header", e))
+        };
+        let mut area = s
+            .read_vec(ext.offset, ext.length.min(MAX_LUKS_AREA) as usize)
+            .map_err(|e| Error::io("reading the encryption header", e))?;
+        let mut header = LuksHeader::parse(&area)?;
+        let write_material = |area: &[u8], h: &LuksHeader, slot: usize| -> Result<()> {
+            let r = h
+                .material_range(slot)
+                .filter(|r| r.end <= area.len())
+                .ok_or_else(|| {
+                    inconsistent("LUKS key material lies outside the encryption header")
+                })?;
+            s.write_at(&area[r.clone()], ext.offset + r.start as u64)
+                .map_err(wio)
+        };
+        match header.plan_key_slots(&area, change, current.as_bytes(), &enc.limits)? {
+            KeySlotPlan::Store {
+                slot,
+                iterations,
+                master_key,
+                passphrase,
+            } => {
+                header.store_key(
+                    &mut area,
+                    slot,
+                    passphrase.as_bytes(),
+                    &master_key,
+                    iterations,
+                    &mut os_random,
+                )?;
+                write_material(&area, &header, slot)?;
+                flush()?;
+                s.write_at(&header.to_bytes(), ext.offset).map_err(wio)?;
+                flush()?;
+            }
+            KeySlotPlan::Erase(slots) => {
+                for &slot in &slots {
+                    header.erase_key(&mut area, slot, &mut os_random)?;
+                }
+                s.write_at(&header.to_bytes(), ext.offset).map_err(wio)?;
+                flush()?;
+                for _ in 0..ERASE_PASSES {
+                    for &slot in &slots {
+                        header.erase_key(&mut area, slot, &mut os_random)?;
+                        write_material(&area, &header, slot)?;
+                    }
+                    flush()?;
+                }
+            }
+        }
+        *enc.luks.write().unwrap_or_else(|p| p.into_inner()) = Some(header);
+        Ok(())
     }
 }
