@@ -347,3 +347,30 @@ fn encryption_header_is_guarded_when_refcounts_lie() {
         "the key material is intact"
     );
 }
+
+/// Every operation that recounts the image's metadata (snapshot create/apply/delete, a new
+/// refcount width) must count the LUKS header's clusters: `qemu-img check` stays clean and the
+/// key still opens the image.
+#[test]
+fn metadata_operations_keep_the_encryption_header() {
+    use qcow2kit::engine::{NewSnapshot, SnapshotRef};
+    let w = Work::new();
+    let path = qemu_create(&w, "m.qcow2", "luks", "", "1M");
+    qemu(&w, "qemu-io", &["-c", "write -P 0x61 0 100k"], &path, &[]);
+    let before = qemu_content(&w, &path);
+    {
+        let opened = open(&path, ImageFormat::Qcow2, &opts(key(PW), true)).expect("open rw");
+        let q = opened.qcow2.as_ref().expect("qcow2");
+        q.create_snapshot(&NewSnapshot::now("s1"))
+            .expect("snapshot");
+        opened.device.write_at(&[0x62; 4096], 0).expect("write");
+        q.change_refcount_width(4).expect("refcount width");
+        q.apply_snapshot(&SnapshotRef::parse("s1").unwrap())
+            .expect("apply");
+        q.delete_snapshot(&SnapshotRef::parse("s1").unwrap())
+            .expect("delete");
+        opened.close().expect("close");
+    }
+    qemu_check_clean(&w, &path);
+    assert_eq!(qemu_content(&w, &path), before);
+}

@@ -57,18 +57,17 @@ fn commit_cmd(args: &[String]) -> Result<(), String> {
     if let Some(mode) = p.last("t") {
         check_cache_mode(mode)?;
     }
-    if p.has("object") || p.has("image-opts") {
-        return Err("commit: --object and --image-opts are not supported".into());
-    }
+    let arg = crate::common::image_operand(&p, file, p.last("f"))?;
     let quiet = p.has("q");
-    let format = image_format(file, p.last("f"))?;
-    let path = Path::new(file);
+    let format = image_format(&arg.path, arg.format.as_deref())?;
+    let path = Path::new(&arg.path);
     let base = p.last("b").map(|b| base_path(path, b));
-    let image =
-        open_for_commit(path, format, base.as_deref(), &qemu_options()).map_err(|e| match e {
-            qcow2kit::Error::InvalidArgument(m) => m,
-            other => format!("Could not open '{file}': {}", open_error_text(&other)),
-        })?;
+    let mut o = qemu_options();
+    arg.apply(&mut o);
+    let image = open_for_commit(path, format, base.as_deref(), &o).map_err(|e| match e {
+        qcow2kit::Error::InvalidArgument(m) => m,
+        other => format!("Could not open '{file}': {}", open_error_text(&other)),
+    })?;
     let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !quiet));
     let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
     lock().advance(0.0);

@@ -85,18 +85,17 @@ fn rebase_cmd(args: &[String]) -> Result<(), String> {
     for mode in [p.last("t"), p.last("T")].into_iter().flatten() {
         check_cache_mode(mode)?;
     }
-    if p.has("object") || p.has("image-opts") {
-        return Err("rebase: --object and --image-opts are not supported".into());
-    }
+    let arg = crate::common::image_operand(&p, file, p.last("f"))?;
     let backing_format = match p.last("F") {
         Some(f) => Some(parse_format(f).map_err(|_| format!("Invalid format name: '{f}'"))?),
         None => None,
     };
     let quiet = p.has("q");
-    let format = image_format(file, p.last("f"))?;
-    let path = Path::new(file);
+    let format = image_format(&arg.path, arg.format.as_deref())?;
+    let path = Path::new(&arg.path);
 
     let mut o = qemu_options();
+    arg.apply(&mut o);
     o.writable = true;
     if unsafe_mode {
         o.backing = BackingPolicy::Ignore;

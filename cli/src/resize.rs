@@ -102,9 +102,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         [] => return Err(format!("Expecting image file name and size\n{TRY}")),
         _ => return Err(format!("Extra argument(s) in command line\n{TRY}")),
     };
-    if p.has("object") || p.has("image-opts") {
-        return Err("resize: --object and --image-opts are not supported".into());
-    }
+    let arg = crate::common::image_operand(&p, file, p.last("f"))?;
     let prealloc = match p.last("preallocation").unwrap_or("off") {
         m @ ("off" | "metadata" | "falloc" | "full") => m,
         other => return Err(format!("Invalid preallocation mode '{other}'")),
@@ -118,7 +116,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         format!("Parameter 'size' expects a non-negative number below 2^64\n{SIZE_HINT}")
     })?;
 
-    let path = Path::new(file);
+    let path = Path::new(&arg.path);
     let could_not_open = |e: &qcow2kit::Error| match e {
         qcow2kit::Error::Locked { .. } => format!("Could not open '{file}': {e}"),
         _ => format!(
@@ -126,7 +124,7 @@ fn resize(args: &[String]) -> Result<(), String> {
             lib_error(e)
         ),
     };
-    let format = match p.last("f") {
+    let format = match arg.format.as_deref() {
         Some(f) => parse_format(f)?,
         None => {
             let f = probe_file(path).map_err(|e| could_not_open(&e))?;
@@ -145,10 +143,11 @@ fn resize(args: &[String]) -> Result<(), String> {
     let shrink = p.has("shrink");
     match format {
         ImageFormat::Qcow2 => {
-            let opts = OpenOptions {
+            let mut opts = OpenOptions {
                 writable: true,
                 ..crate::common::qemu_options()
             };
+            arg.apply(&mut opts);
             let opened = open(path, format, &opts).map_err(|e| could_not_open(&e))?;
             let img = opened
                 .qcow2

@@ -78,22 +78,24 @@ pub fn run(args: &[String]) -> u8 {
         ));
     }
     let (action, name) = given.first().copied().unwrap_or((Action::List, ""));
-    if p.has("object") || p.has("image-opts") {
-        return fail("snapshot: --object and --image-opts are not supported");
-    }
-    let [path] = p.operands.as_slice() else {
+    let [operand] = p.operands.as_slice() else {
         return fail(format!(
             "Expecting one image file name\n{}",
             try_help("snapshot")
         ));
     };
+    let arg = match crate::common::image_operand(&p, operand, p.last("f")) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let path = &arg.path;
     let write = action != Action::List;
     if write && p.has("U") {
         return fail(format!(
             "Could not open '{path}': force-share=on can only be used with read-only images"
         ));
     }
-    if let Some(f) = p.last("f").filter(|f| parse_format(f).is_err()) {
+    if let Some(f) = arg.format.as_deref().filter(|f| parse_format(f).is_err()) {
         return fail(format!("Could not open '{path}': Unknown driver '{f}'"));
     }
     let could_not_open = |e: &qcow2kit::Error| match e {
@@ -103,7 +105,7 @@ pub fn run(args: &[String]) -> u8 {
         ),
         e => format!("Could not open '{path}': {}", open_error_text(e)),
     };
-    let format = match p.last("f") {
+    let format = match arg.format.as_deref() {
         Some(f) => parse_format(f),
         None => probe_file(Path::new(path)).map_err(|e| could_not_open(&e)),
     };
@@ -112,6 +114,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(e),
     };
     let mut opts = qemu_options();
+    arg.apply(&mut opts);
     opts.writable = write;
     opts.locking = crate::common::locking(p.has("U"));
     let opened = match open(Path::new(path), format, &opts) {

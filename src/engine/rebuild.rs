@@ -4,7 +4,7 @@
 //! they must be recomputed from **all** metadata before anything is written: the header, the
 //! active and every snapshot's L1 and L2 tables and the clusters they map (a compressed cluster
 //! counts once on every host cluster its bytes touch), the snapshot table, the refcount table and
-//! blocks, and the bitmap directory, tables and data. Each L1 table that reaches a cluster
+//! blocks, the bitmap directory, tables and data, and the encryption header. Each L1 table that reaches a cluster
 //! counts one reference, as QEMU counts them.
 //!
 //! The new counts are written into the existing refcount blocks (blocks missing for used
@@ -127,6 +127,14 @@ impl<'a> Counter<'a> {
         Ok(())
     }
 
+    /// Counts the encryption (LUKS) header's clusters, when the image has one.
+    pub(crate) fn encryption_header(&mut self, extensions: &Extensions) -> Result<()> {
+        match extensions.crypto {
+            Some(c) => self.inc("encryption header", c.offset, c.length.max(1)),
+            None => Ok(()),
+        }
+    }
+
     /// Counts the bitmap directory, the bitmap tables and the bitmap data, when the image's
     /// bitmaps are in use.
     pub(crate) fn bitmaps(
@@ -194,6 +202,7 @@ pub(crate) fn rebuild_refcounts(
         }
     }
     c.bitmaps(header, extensions, bitmaps)?;
+    c.encryption_header(extensions)?;
 
     let mut refs = Refcounts::load(storage, header)?;
     let (table_len, block_bits) = refs.shape();

@@ -457,6 +457,7 @@ impl Qcow2Image {
             c.l1(&header, sn.l1_table_offset, sn.l1_size)?;
         }
         c.bitmaps(&header, &self.area().extensions, &self.bitmaps())?;
+        c.encryption_header(&self.area().extensions)?;
         let mut counts = Counts(std::mem::take(&mut c.counts));
 
         // COPIED flags of the new active L2 tables; tables the old active image uses are
