@@ -63,6 +63,9 @@ fn create_matches_qemu_img() {
          encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1",
         "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,preallocation=full",
         "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,compat=0.10,cluster_size=512",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,data_file=d.raw",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,data_file=d.raw,\
+         data_file_raw=on",
         "encrypt.format=luks",
         "encrypt.format=aes,encrypt.key-secret=s,encrypt.iter-time=10",
         "encrypt.format=foo,encrypt.key-secret=s",

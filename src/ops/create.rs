@@ -360,11 +360,6 @@ pub fn create_qcow2_on(
     if o.data_file.is_some() != data.is_some() {
         return Err(bad("a data file storage goes with the data_file option"));
     }
-    if o.encryption.is_some() && o.data_file.is_some() {
-        return Err(bad(
-            "encryption is not supported with an external data file",
-        ));
-    }
     // The LUKS header first: its PBKDF2 work takes the time asked for, and nothing is on disk
     // if it fails.
     let luks_area = match &o.encryption {
