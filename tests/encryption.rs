@@ -251,7 +251,7 @@ fn keys_are_checked_and_refusals_are_clear() {
     mismatch.format = Some(EncryptionFormat::Luks);
     assert_eq!(
         err(&aes, mismatch).to_string(),
-        "invalid argument: Header reported 'aes' encryption format but options specify 'luks'"
+        "Header reported 'aes' encryption format but options specify 'luks'"
     );
     qemu(&w, "qemu-io", &["-c", "write -P 1 0 4k"], &luks, &[]);
     // Metadata only: the image opens, guest data does not read.

@@ -139,6 +139,9 @@ fn amend_image(
     }
     let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
     let arg = image_arg(file, p.has("image-opts"), p.last("f"), &secrets)?;
+    if let Some(e) = &arg.secret_error {
+        return Err(format!("Could not open '{file}': {e}"));
+    }
     let path = Path::new(&arg.path);
     let format = match arg.format.as_deref() {
         Some(f) => parse_format(f)?,

@@ -96,6 +96,9 @@ pub fn run(args: &[String]) -> u8 {
     };
     // The file and its format: a plain name with -f or a probe, or --image-opts.
     let arg = match image_arg(name, p.has("image-opts"), p.last("f"), &secrets) {
+        Ok(a) if a.secret_error.is_some() => {
+            return could_not_open(&a.secret_error.unwrap_or_default())
+        }
         Ok(a) => a,
         Err(e) if e.contains("mutually exclusive") => return fail(e),
         Err(e) => return could_not_open(&e),

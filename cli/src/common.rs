@@ -209,6 +209,20 @@ pub fn image_operand(
     name: &str,
     format: Option<&str>,
 ) -> Result<crate::image_opts::ImageArg, String> {
+    let mut arg = image_operand_for_info(p, name, format)?;
+    match arg.secret_error.take() {
+        Some(e) => Err(format!("Could not open '{name}': {e}")),
+        None => Ok(arg),
+    }
+}
+
+/// [`image_operand`] that keeps an unknown key secret in [`crate::image_opts::ImageArg::secret_error`]
+/// (qemu-img info does not look keys up).
+pub fn image_operand_for_info(
+    p: &crate::args::Parsed,
+    name: &str,
+    format: Option<&str>,
+) -> Result<crate::image_opts::ImageArg, String> {
     let secrets = crate::image_opts::load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
     crate::image_opts::image_arg(name, p.has("image-opts"), format, &secrets)
 }

@@ -48,7 +48,10 @@ pub fn run(args: &[String]) -> u8 {
     let operand = |i: usize, fmt: Option<&str>| image_operand(&p, &p.operands[i], fmt);
     let args = match operand(0, p.last("f")).and_then(|a| Ok((a, operand(1, p.last("F"))?))) {
         Ok(a) => a,
-        Err(e) => return fail(e),
+        Err(e) => {
+            fail(e);
+            return 2;
+        }
     };
     let code = compare_files(
         [

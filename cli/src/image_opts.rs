@@ -35,6 +35,11 @@ pub struct ImageArg {
     pub format: Option<String>,
     /// The top image's key (`encrypt.*`).
     pub encryption: EncryptionOptions,
+    /// The id of the top image's `encrypt.key-secret`, as given.
+    pub key_secret_id: Option<String>,
+    /// A key secret that could not be found (QEMU's message): an error for every command
+    /// but `info`, which does not use keys.
+    pub secret_error: Option<String>,
     /// The backing files' keys (`backing.encrypt.*`, `backing.backing.encrypt.*`, …).
     pub backing_encryption: Vec<EncryptionOptions>,
 }
@@ -112,8 +117,15 @@ pub fn image_arg(
         let (depth, rest) = backing_depth(&key);
         match rest {
             "encrypt.key-secret" => {
-                let pw = secrets.get(&value).map_err(|e| e.to_string())?;
-                arg.layer(depth).passphrase = Some(Passphrase::new(pw));
+                match secrets.get(&value) {
+                    Ok(pw) => arg.layer(depth).passphrase = Some(Passphrase::new(pw)),
+                    Err(e) => {
+                        arg.secret_error.get_or_insert(e.to_string());
+                    }
+                }
+                if depth == 0 {
+                    arg.key_secret_id = Some(value);
+                }
             }
             "encrypt.format" => {
                 let f = EncryptionFormat::from_name(&value).ok_or_else(|| {
@@ -193,8 +205,11 @@ mod tests {
                 .map(|p| p.as_bytes()),
             Some(&b"low"[..])
         );
-        let err = image_arg("file.filename=x,encrypt.key-secret=z", true, None, &secrets);
-        assert_eq!(err.unwrap_err(), "No secret with id 'z'");
+        let arg = image_arg("file.filename=x,encrypt.key-secret=z", true, None, &secrets);
+        assert_eq!(
+            arg.unwrap().secret_error.as_deref(),
+            Some("No secret with id 'z'")
+        );
         let err = image_arg("driver=qcow2,bogus=1,file.filename=x", true, None, &secrets);
         assert_eq!(
             err.unwrap_err(),

@@ -12,7 +12,7 @@ use crate::common::{fail, parse_format};
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::probe_file;
 use qcow2kit::ops::info::{
-    backing_chain_info, image_info, open_for_info, ImageInfo, Qcow2Info, SnapshotInfo,
+    backing_chain_info, image_info, open_for_info_with_key, ImageInfo, Qcow2Info, SnapshotInfo,
 };
 use serde_json::Value;
 use std::path::Path;
@@ -42,18 +42,20 @@ pub fn run(args: &[String]) -> u8 {
         out!("{HELP}");
         return 0;
     }
-    if p.has("image-opts") || p.has("object") {
-        return fail("info: --image-opts and --object are not supported");
-    }
     let json = match p.last("output").unwrap_or("human") {
         "human" => false,
         "json" => true,
         other => return fail(format!("--output expects 'human' or 'json' not '{other}'")),
     };
-    let [path] = p.operands.as_slice() else {
+    let [operand] = p.operands.as_slice() else {
         return fail("Expecting one image file name");
     };
-    let fmt = match p.last("f") {
+    let arg = match crate::common::image_operand_for_info(&p, operand, p.last("f")) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let path = &arg.path;
+    let fmt = match arg.format.as_deref() {
         Some(f) => match parse_format(f) {
             Ok(f) => Some(f),
             Err(e) => return fail(e),
@@ -90,9 +92,21 @@ pub fn run(args: &[String]) -> u8 {
                 Err(e) => return could_not_open(e),
             },
         };
-        match open_for_info(Path::new(path), fmt, locking).and_then(|o| image_info(&o)) {
-            Ok(i) => vec![i],
-            Err(e) => return could_not_open(e),
+        match open_for_info_with_key(Path::new(path), fmt, locking, &arg.encryption)
+            .and_then(|o| image_info(&o))
+        {
+            Ok(mut i) => {
+                if let Some(name) = json_name(&arg) {
+                    i.filename = name;
+                }
+                vec![i]
+            }
+            Err(e) => {
+                return fail(format!(
+                    "Could not open '{operand}': {}",
+                    crate::common::open_error_text(&e)
+                ))
+            }
         }
     };
 
@@ -116,6 +130,26 @@ pub fn run(args: &[String]) -> u8 {
     }
     crate::stdio::print_out(&out);
     0
+}
+
+/// The `json:` name qemu-img shows for an image given with options beyond its file name and
+/// format (here: an encryption key); `None` when the plain name stands for it.
+fn json_name(arg: &crate::image_opts::ImageArg) -> Option<String> {
+    let id = arg.key_secret_id.as_ref()?;
+    let mut e: Vec<(&str, Value)> = vec![
+        ("driver", "qcow2".into()),
+        ("encrypt.key-secret", id.clone().into()),
+    ];
+    e.push((
+        "file",
+        qdict(vec![
+            ("driver", "file".into()),
+            ("filename", arg.path.clone().into()),
+        ]),
+    ));
+    let mut out = String::from("json:");
+    crate::qjson::write_json_compact(&mut out, &qdict(e));
+    Some(out)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -70,6 +70,35 @@ pub(crate) fn write_json(out: &mut String, v: &Value, level: usize) {
     }
 }
 
+/// QEMU's one-line JSON (`qobject_to_json`): `{"key": value, …}`, as in `json:` file names.
+pub(crate) fn write_json_compact(out: &mut String, v: &Value) {
+    match v {
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_json_compact(out, x);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                quote(out, k);
+                out.push_str(": ");
+                write_json_compact(out, x);
+            }
+            out.push('}');
+        }
+        other => write_json(out, other, 0),
+    }
+}
+
 /// QEMU's JSON string quoting: control characters and everything outside printable ASCII as
 /// `\uXXXX` (upper-case hex, surrogate pairs beyond the BMP).
 pub(crate) fn quote(out: &mut String, s: &str) {

@@ -180,6 +180,22 @@ fn info_map_compare_convert_check_with_keys() {
         for args in [
             &["info", name][..],
             &["info", "--output=json", name],
+            &["info", "--object", SECRET, "--image-opts", &spec],
+            &[
+                "info",
+                "--output=json",
+                "--object",
+                "secret,id=s,data=bad",
+                "--image-opts",
+                &spec,
+            ],
+            &["info", "--image-opts", &opts(name).replace("=s", "=nosuch")],
+            &["map", "--image-opts", &opts(name).replace("=s", "=nosuch")],
+            &[
+                "check",
+                "--image-opts",
+                &opts(name).replace("=s", "=nosuch"),
+            ],
             &["map", name],
             &["map", "--object", SECRET, "--image-opts", &spec],
             &[

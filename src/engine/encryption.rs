@@ -91,10 +91,12 @@ impl Encryption {
         };
         if let Some(want) = opts.format {
             if want != format {
-                return Err(Error::InvalidArgument(format!(
-                    "Header reported '{}' encryption format but options specify '{}'",
-                    format.name(),
-                    want.name()
+                return Err(Error::Crypto(crate::crypto::CryptoError::InvalidArgument(
+                    format!(
+                        "Header reported '{}' encryption format but options specify '{}'",
+                        format.name(),
+                        want.name()
+                    ),
                 )));
             }
         }

@@ -9,6 +9,7 @@ use crate::chain::{
     open_storage, probe_file, FileRole, ImageFormat, Locking, Opened, DEFAULT_MAX_DEPTH,
 };
 use crate::device::RawImage;
+use crate::engine::EncryptionOptions;
 use crate::engine::{Qcow2Image, Qcow2Options};
 use crate::error::{Error, Result};
 use crate::format::features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
@@ -146,6 +147,17 @@ pub struct BitmapInfo {
 /// (nothing is read as guest data), but a qcow2 image is refused while another open writes it
 /// ([`Error::Locked`]) unless `locking` is [`Locking::ForceShare`] or [`Locking::Off`].
 pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Result<Opened> {
+    open_for_info_with_key(path, format, locking, &EncryptionOptions::default())
+}
+
+/// [`open_for_info`] with the caller's encryption options: as qemu-img info, the image opens
+/// for its metadata only (a passphrase is not tried), but an expected format must match.
+pub fn open_for_info_with_key(
+    path: &Path,
+    format: ImageFormat,
+    locking: Locking,
+    key: &EncryptionOptions,
+) -> Result<Opened> {
     let lock = locking
         .request(FileRole::of(format), false)
         .map(|r| LockRequest {
@@ -163,9 +175,15 @@ pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Resu
             layers: Vec::new(),
         }),
         ImageFormat::Qcow2 => {
-            let mut opts = Qcow2Options::default();
             // As qemu-img info (BDRV_O_NO_IO): an encrypted image shows without its key.
-            opts.encryption.metadata_only = true;
+            let opts = Qcow2Options {
+                encryption: EncryptionOptions {
+                    passphrase: None,
+                    metadata_only: true,
+                    ..key.clone()
+                },
+                ..Default::default()
+            };
             let img = Arc::new(Qcow2Image::open(storage, &opts)?);
             Ok(Opened {
                 device: img.clone(),
