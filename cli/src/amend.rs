@@ -230,6 +230,7 @@ fn parse_amend_options(
     let mut o = AmendOptions::default();
     let mut encrypt = false;
     let mut state = None;
+    let (mut new_id, mut old_id) = (None, None);
     let mut keys = KeySlotChange {
         activate: false,
         keyslot: None,
@@ -288,11 +289,11 @@ fn parse_amend_options(
             }
             "encrypt.new-secret" => {
                 encrypt = true;
-                keys.new_secret = Some(secret(v)?);
+                new_id = Some(v.as_str());
             }
             "encrypt.old-secret" => {
                 encrypt = true;
-                keys.old_secret = Some(secret(v)?);
+                old_id = Some(v.as_str());
             }
             name if CREATE_ONLY.contains(&name) => {
                 return Err(format!(
@@ -313,6 +314,8 @@ fn parse_amend_options(
             qcow2kit::format::header::CryptMethod::Luks => {}
         }
         keys.activate = state.ok_or("Parameter 'state' is missing")?;
+        keys.new_secret = new_id.map(secret).transpose()?;
+        keys.old_secret = old_id.map(secret).transpose()?;
         Some(keys)
     } else {
         None
