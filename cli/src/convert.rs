@@ -69,13 +69,31 @@ fn convert(args: &[String]) -> Result<(), String> {
             "Expecting one image file name and one output file name".into()
         });
     };
-    let out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
+    let mut out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
     if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
         return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
     }
-    if p.has("target-image-opts") {
-        return Err("convert: --target-image-opts is not supported yet".into());
-    }
+    // The target as an option string (`driver=…,file.filename=…,encrypt.key-secret=…`): an
+    // existing image only, as in qemu-img.
+    let target_arg = if p.has("target-image-opts") {
+        if !p.has("n") {
+            return Err("--target-image-opts requires use of -n flag".into());
+        }
+        let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+        let arg = crate::image_opts::image_arg(dst, true, None, &secrets)?;
+        if let Some(e) = &arg.secret_error {
+            return Err(format!("Could not open '{dst}': {e}"));
+        }
+        if let Some(f) = &arg.format {
+            out_fmt = parse_format(f)?;
+        }
+        Some(arg)
+    } else {
+        None
+    };
+    let dst: &str = target_arg
+        .as_ref()
+        .map_or(dst.as_str(), |a| a.path.as_str());
     let source = crate::common::image_operand(&p, src, p.last("f"))?;
     let mut create = CreateOptions::default();
     if out_fmt == ImageFormat::Raw {
@@ -178,7 +196,10 @@ fn convert(args: &[String]) -> Result<(), String> {
             progress,
         };
         if exists {
-            let target = open_image(dst, Some("qcow2"), |o| o.writable = true)?;
+            let target = match &target_arg {
+                Some(arg) => crate::common::open_image_arg(arg, dst, |o| o.writable = true)?,
+                None => open_image(dst, Some("qcow2"), |o| o.writable = true)?,
+            };
             let q = target.qcow2.ok_or("target is not a qcow2 image")?;
             convert_into(dev.as_ref(), &q, false, &opts)
                 .map_err(|e| format!("error while writing '{dst}': {e}"))?;
