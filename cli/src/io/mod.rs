@@ -39,9 +39,12 @@ macro_rules! out {
     ($o:expr, $($arg:tt)*) => { $o.print(&format!($($arg)*)) };
 }
 
+mod aio;
 mod alloc;
 mod commands;
 mod getopt;
+mod help;
+mod image_cmds;
 mod numbers;
 mod open;
 mod open_cmds;
@@ -49,6 +52,7 @@ mod output;
 mod qcow2_opts;
 mod qopts;
 mod signal;
+mod table;
 mod vector;
 
 use crate::args::{opt, parse, Spec};
@@ -135,6 +139,7 @@ pub fn run(args: &[String]) -> u8 {
         image_opts,
         quit: false,
         out: Out::new(),
+        aio: aio::Queue::new(),
     };
     if let Some(file) = p.operands.first() {
         let mut spec = OpenSpec {
@@ -168,6 +173,7 @@ pub fn run(args: &[String]) -> u8 {
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().lines();
         while !s.quit {
+            s.complete_aio(false);
             s.out.print("qemu-io> ");
             s.out.flush();
             let Some(Ok(line)) = lines.next() else { break };
@@ -181,6 +187,7 @@ pub fn run(args: &[String]) -> u8 {
             failed |= s.command(c) < 0;
         }
     }
+    s.complete_aio(true);
     s.out.flush();
     if let Some(img) = s.img.take() {
         let name = img.spec.name.clone().unwrap_or_default();

@@ -95,23 +95,37 @@ pub(super) fn print_cvtnum_err(o: &mut Out, errno: i32, arg: &str) {
     }
 }
 
+/// C's `strtol(arg, &end, 0)` over the whole of `arg` (leading white space, a sign, and a
+/// `0x` or `0` prefix for hexadecimal or octal); `None` when anything is left over.
+pub(super) fn strtol0(arg: &str) -> Option<i64> {
+    let s = arg.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if body.starts_with(['+', '-']) {
+        return None;
+    }
+    let (digits, radix) =
+        if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+            (h, 16)
+        } else if body.len() > 1 && body.starts_with('0') {
+            (&body[1..], 8)
+        } else {
+            (body, 10)
+        };
+    if !digits.bytes().all(|c| (c as char).is_digit(radix)) {
+        return None;
+    }
+    let v = i64::from_str_radix(digits, radix).ok()?;
+    Some(if neg { -v } else { v })
+}
+
 /// qemu-io's `parse_pattern`: `strtol(arg, &end, 0)` in 0..=255.
 pub(super) fn parse_pattern(o: &mut Out, arg: &str) -> Result<u8, i32> {
-    let (neg, body) = match arg.strip_prefix('-') {
-        Some(b) => (true, b),
-        None => (false, arg.strip_prefix('+').unwrap_or(arg)),
-    };
-    let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
-        i64::from_str_radix(h, 16).ok()
-    } else if body.len() > 1 && body.starts_with('0') {
-        i64::from_str_radix(&body[1..], 8).ok()
-    } else {
-        body.parse::<i64>().ok()
-    };
-    match v {
-        Some(v) if !neg && v <= 255 && !body.is_empty() => Ok(v as u8),
-        Some(0) if neg => Ok(0),
-        _ => {
+    match strtol0(arg).and_then(|v| u8::try_from(v).ok()) {
+        Some(v) => Ok(v),
+        None => {
             out!(o, "{arg} is not a valid pattern byte\n");
             Err(EINVAL)
         }
@@ -137,5 +151,11 @@ mod tests {
         assert_eq!(strtosz(""), Err(EINVAL));
         assert_eq!(strtosz("99999999999E"), Err(ERANGE));
         assert_eq!(cvtnum("8E"), Err(ERANGE));
+        assert_eq!(strtol0("0x10"), Some(16));
+        assert_eq!(strtol0("010"), Some(8));
+        assert_eq!(strtol0("-0"), Some(0));
+        assert_eq!(strtol0("-1"), Some(-1));
+        assert_eq!(strtol0("12m"), None);
+        assert_eq!(strtol0("--1"), None);
     }
 }
