@@ -386,8 +386,7 @@ impl Session {
             Err(ENOTSUP)
         } else if !Self::in_range(img, offset, count) {
             Err(EIO)
-        } else if zflag && nflag && img.qcow2.as_ref().is_some_and(|q| q.header().version < 3) {
-            // Version 2 has no zero flag: zeros would be written, the slow fallback `-n` forbids.
+        } else if zflag && nflag && needs_fallback(img, offset as u64, count as u64) {
             Err(ENOTSUP)
         } else if zflag {
             zero_write(img, offset as u64, count as u64)
@@ -508,6 +507,70 @@ pub(super) fn zero_write(img: &Image, offset: u64, count: u64) -> Result<(), i32
         None => img.dev.write_zeroes(offset, count),
     }
     .map_err(|e| errno_of(&e))
+}
+
+/// Whether QEMU's qcow2 driver would need its slow fallback (writing a buffer of zeros) for a
+/// zero write of `count` bytes at `offset`, which `write -z -n` forbids: always on a version 2
+/// image (no zero flag); otherwise when a (sub)cluster the request covers in part holds data
+/// in this image, or its remainder does not read as zeros.
+fn needs_fallback(img: &Image, offset: u64, count: u64) -> bool {
+    let Some(q) = &img.qcow2 else {
+        return false;
+    };
+    let h = q.header();
+    if h.version < 3 {
+        return true;
+    }
+    let unit = if h.has_extended_l2() {
+        q.cluster_size() / 32
+    } else {
+        q.cluster_size()
+    };
+    let (size, end) = (img.dev.size(), offset + count);
+    let head = offset - offset % unit;
+    let tail = end.div_ceil(unit).saturating_mul(unit).min(size);
+    let mut partial = Vec::new();
+    if head != offset {
+        partial.push((head, offset));
+    }
+    if tail != end {
+        partial.push((end, tail));
+    }
+    partial.into_iter().any(|(from, to)| {
+        let unit_start = from - from % unit;
+        let unit_end = (unit_start + unit).min(size);
+        let here_clear = all_extents(img.dev.as_ref(), unit_start, unit_end, false, |k| {
+            k != qcow2kit::ExtentKind::Data
+        });
+        let reads_zero = all_extents(img.dev.as_ref(), from, to, true, |k| {
+            k != qcow2kit::ExtentKind::Data
+        });
+        !(here_clear && reads_zero)
+    })
+}
+
+/// Whether every extent of `from..to` (through the backing chain with `chain`) is `ok`; an
+/// error reads as not.
+fn all_extents(
+    dev: &dyn qcow2kit::BlockDevice,
+    from: u64,
+    to: u64,
+    chain: bool,
+    ok: impl Fn(qcow2kit::ExtentKind) -> bool,
+) -> bool {
+    let mut p = from;
+    while p < to {
+        let e = if chain {
+            qcow2kit::device::chain_status(dev, p, to - p)
+        } else {
+            dev.block_status(p, to - p)
+        };
+        match e {
+            Ok(e) if e.len > 0 && ok(e.kind) => p += e.len,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Most bytes read from a `-s` source in one call.

@@ -60,6 +60,7 @@ use crate::common::fail;
 use std::io::BufRead;
 
 use commands::Session;
+pub(crate) use numbers::{strtoll0, strtosz, NumError};
 use open::{close_image, open_image, parse_cache, parse_discard, OpenError, OpenSpec};
 use output::Out;
 use qopts::Opts;
@@ -196,4 +197,24 @@ pub fn run(args: &[String]) -> u8 {
         }
     }
     u8::from(failed)
+}
+
+/// Opens, read-only, the image that the block options `text` describe
+/// (`driver=qcow2,file.filename=PATH`) as qemu-io's `--image-opts` does; for subcommands that
+/// take `--image-opts`. The error is qemu-img's reason (after `Could not open 'TEXT': `).
+pub(crate) fn open_image_opts(
+    text: &str,
+    force_share: bool,
+) -> Result<std::sync::Arc<dyn qcow2kit::BlockDevice>, String> {
+    let mut spec = OpenSpec {
+        name: None,
+        opts: Opts::default(),
+        read_only: true,
+        force_share,
+    };
+    spec.opts.parse_into(text)?;
+    match open_image(&spec, false, true) {
+        Ok(img) => Ok(img.dev),
+        Err(OpenError::Plain(m) | OpenError::Reason(m)) => Err(m),
+    }
 }
