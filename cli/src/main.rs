@@ -44,8 +44,8 @@ Commands (qemu-img compatible):
           --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
 
 qemu-io compatible:
-  io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, discard, flush, length, open, close,
-                                           reopen, sigraise, abort, quit)
+  io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, aio_read, aio_write, aio_flush,
+                                           discard, truncate, info, open, reopen, help, ...)
 ";
 
 fn main() -> ExitCode {
