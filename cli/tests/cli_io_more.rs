@@ -397,46 +397,35 @@ fn write_flags() {
 }
 
 #[test]
-fn options_of_the_command_line() {
+fn command_line_modes_apply_to_aio_requests() {
+    let w = [
+        "-c",
+        "aio_write -P 1 0 4k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 1 0 4k",
+    ];
     for t in ["none", "writeback", "unsafe", "directsync", "writethrough"] {
-        run_both(
-            &["-t", t, "-c", "write -P 1 0 4k", "a.qcow2"],
-            "",
-            Order::Exact,
-        );
+        let mut args = vec!["-t", t];
+        args.extend_from_slice(&w);
+        args.push("a.qcow2");
+        run_both(&args, "", Order::Exact);
     }
-    run_both(
-        &["-t", "bogus", "-c", "length", "a.qcow2"],
-        "",
-        Order::Exact,
-    );
-    run_both(
-        &[
+    for d in ["ignore", "unmap"] {
+        let args = [
             "-d",
-            "ignore",
+            d,
             "-c",
-            "discard 0 64k",
+            "aio_write -z -u 0 64k",
+            "-c",
+            "aio_flush",
             "-c",
             "map",
             "a.qcow2",
-        ],
-        "",
-        Order::Exact,
-    );
-    run_both(
-        &["-d", "unmap", "-c", "discard 0 64k", "-c", "map", "a.qcow2"],
-        "",
-        Order::Exact,
-    );
-    run_both(
-        &["-d", "bogus", "-c", "length", "a.qcow2"],
-        "",
-        Order::Exact,
-    );
-    run_both(
-        &["-i", "threads", "-c", "length", "a.qcow2"],
-        "",
-        Order::Exact,
-    );
-    run_both(&["-n", "-c", "write 0 4k", "a.qcow2"], "", Order::Exact);
+        ];
+        run_both(&args, "", Order::Exact);
+    }
+    let args = ["-n", "-i", "threads", "-c", "aio_write 0 4k", "a.qcow2"];
+    run_both(&args, "", Order::Exact);
 }
