@@ -40,6 +40,7 @@ struct Done {
     count: i64,
     quiet: bool,
     csv: bool,
+    /// From the submission to the completion, as qemu-io times it.
     elapsed: Duration,
     /// The data read (empty for a write), or the errno.
     result: Result<Vec<u8>, i32>,
@@ -47,12 +48,16 @@ struct Done {
 
 type Job = Box<dyn FnOnce() -> Done + Send>;
 
+/// What a worker sends back: the finished request, or `None` when running it panicked (a bug:
+/// reported, and counted as done so that draining never waits for it).
+type Finished = Option<Done>;
+
 /// The requests in flight and the threads that run them.
 pub(super) struct Queue {
     jobs: Option<Sender<Job>>,
     jobs_rx: Arc<Mutex<Receiver<Job>>>,
-    done_tx: Sender<Done>,
-    done_rx: Receiver<Done>,
+    done_tx: Sender<Finished>,
+    done_rx: Receiver<Finished>,
     workers: Vec<JoinHandle<()>>,
     /// Submitted and not yet reported.
     pending: usize,
@@ -84,7 +89,8 @@ impl Queue {
                     Err(_) => return,
                 };
                 let Ok(job) = job else { return };
-                if tx.send(job()).is_err() {
+                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).ok();
+                if tx.send(done).is_err() {
                     return;
                 }
             }));
@@ -96,7 +102,7 @@ impl Queue {
     }
 
     /// The next finished request: waiting for one when `block`.
-    fn next(&mut self, block: bool) -> Option<Done> {
+    fn next(&mut self, block: bool) -> Option<Finished> {
         if self.pending == 0 {
             return None;
         }
@@ -125,7 +131,13 @@ impl Session {
     /// Reports the finished requests; with `all`, waits for every request in flight.
     pub(super) fn complete_aio(&mut self, all: bool) {
         while let Some(d) = self.aio.next(all) {
-            self.report(d);
+            match d {
+                Some(d) => self.report(d),
+                None => errln!(
+                    "{}: an asynchronous request failed unexpectedly",
+                    crate::common::prog()
+                ),
+            }
         }
     }
 
@@ -197,8 +209,8 @@ impl Session {
             Err(e) => return e,
         };
         let img = img.clone();
+        let t0 = Instant::now();
         self.aio.submit(Box::new(move || {
-            let t0 = Instant::now();
             let mut buf = vec![0xabu8; count as usize];
             let result = if !Session::in_range(&img, offset, count) {
                 Err(EIO)
@@ -293,8 +305,8 @@ impl Session {
             }
         };
         let img = img.clone();
+        let t0 = Instant::now();
         self.aio.submit(Box::new(move || {
-            let t0 = Instant::now();
             let r = if count > REQUEST_MAX || !Session::in_range(&img, offset, count) {
                 Err(EIO)
             } else if zeros {
