@@ -168,7 +168,8 @@ pub fn image_format(path: &str, format: Option<&str>) -> Result<ImageFormat, Str
         Some(f) => {
             parse_format(f).map_err(|_| format!("Could not open '{path}': Unknown driver '{f}'"))
         }
-        None => probe_file(Path::new(path)).map_err(|e| format!("Could not open '{path}': {e}")),
+        None => probe_file(Path::new(path))
+            .map_err(|e| format!("Could not open '{path}': {}", open_error_text(&e))),
     }
 }
 

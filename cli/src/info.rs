@@ -418,8 +418,7 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
     }
     dump_snapshots(out, &info.snapshots, tz);
     if let Some(q) = &info.qcow2 {
-        out.push_str("Format specific information:\n");
-        dump_value(out, 1, &qcow2_data(q));
+        out.push_str(&format_specific_text(q));
     }
     out.push_str(&format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} \
@@ -431,6 +430,14 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
             .actual_size
             .map_or("unavailable".to_string(), size_to_str)
     ));
+}
+
+/// The `Format specific information:` block of a qcow2 image, as qemu-img info and qemu-io's
+/// `info` print it.
+pub fn format_specific_text(q: &Qcow2Info) -> String {
+    let mut out = String::from("Format specific information:\n");
+    dump_value(&mut out, 1, &qcow2_data(q));
+    out
 }
 
 /// qemu-img's `dump_snapshots`: the snapshot table, nothing when there are no snapshots.

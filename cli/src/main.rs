@@ -15,6 +15,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod image_opts;
 mod info;
 mod io;
@@ -39,12 +40,13 @@ Commands (qemu-img compatible):
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
   snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
+  dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
   bitmap (--add [-g G] [--disable] | --remove | --clear | --enable | --disable |
           --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
 
 qemu-io compatible:
-  io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, discard, flush, length, open, close,
-                                           reopen, sigraise, abort, quit)
+  io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, aio_read, aio_write, aio_flush,
+                                           discard, truncate, info, open, reopen, help, ...)
 ";
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         "amend" => amend::run(rest),
         "snapshot" => snapshot::run(rest),
         "bitmap" => bitmap::run(rest),
+        "dd" => dd::run(rest),
         "io" => io::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");

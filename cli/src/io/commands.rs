@@ -1,200 +1,12 @@
-//! The command table and the session that runs commands against an open image.
+//! The session that runs qemu-io commands against an open image.
 
 use super::getopt::{getopt, Opt};
 use super::numbers::{cvtnum, parse_pattern, print_cvtnum_err};
 use super::open::Image;
 use super::output::*;
+pub(super) use super::table::CmdInfo;
+use super::table::{find, oneline};
 use std::time::Instant;
-
-/// A command of the table: name, alias, argument counts, usage and whether it writes.
-pub(super) struct CmdInfo {
-    pub(super) name: &'static str,
-    alt: Option<&'static str>,
-    argmin: usize,
-    argmax: Option<usize>,
-    args: &'static str,
-    oneline: &'static str,
-    writes: bool,
-    /// Runs without an open image (qemu-io's `CMD_NOFILE_OK` and global commands).
-    nofile: bool,
-}
-
-pub(super) const COMMANDS: &[CmdInfo] = &[
-    CmdInfo {
-        name: "read",
-        alt: Some("r"),
-        argmin: 2,
-        argmax: None,
-        args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
-        oneline: "reads a number of bytes at a specified offset",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "write",
-        alt: Some("w"),
-        argmin: 2,
-        argmax: None,
-        args: "[-bcCfnqruz] [-P pattern | -s source_file] off len",
-        oneline: "writes a number of bytes at a specified offset",
-        writes: true,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "alloc",
-        alt: Some("a"),
-        argmin: 1,
-        argmax: Some(2),
-        args: "offset [count]",
-        oneline: "checks if offset is allocated in the file",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "map",
-        alt: None,
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "prints the allocated areas of a file",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "readv",
-        alt: None,
-        argmin: 2,
-        argmax: None,
-        args: "[-Cqv] [-P pattern] off len [len..]",
-        oneline: "reads a number of bytes at a specified offset",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "writev",
-        alt: None,
-        argmin: 2,
-        argmax: None,
-        args: "[-Cfq] [-P pattern] off len [len..]",
-        oneline: "writes a number of bytes at a specified offset",
-        writes: true,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "discard",
-        alt: Some("d"),
-        argmin: 2,
-        argmax: None,
-        args: "[-Cq] off len",
-        oneline: "discards a number of bytes at a specified offset",
-        writes: true,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "flush",
-        alt: Some("f"),
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "flush all in-core file state to disk",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "length",
-        alt: Some("l"),
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "gets the length of the current file",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "quit",
-        alt: Some("q"),
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "exit the program",
-        writes: false,
-        nofile: true,
-    },
-    CmdInfo {
-        name: "abort",
-        alt: None,
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "simulate a program crash using abort(3)",
-        writes: false,
-        nofile: true,
-    },
-    CmdInfo {
-        name: "open",
-        alt: Some("o"),
-        argmin: 1,
-        argmax: None,
-        args: "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
-        oneline: "open the file specified by path",
-        writes: false,
-        nofile: true,
-    },
-    CmdInfo {
-        name: "close",
-        alt: Some("c"),
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "close the current open file",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "reopen",
-        alt: None,
-        argmin: 0,
-        argmax: None,
-        args: "[(-r|-w)] [-c cache] [-o options]",
-        oneline: "reopens an image with new options",
-        writes: false,
-        nofile: false,
-    },
-    CmdInfo {
-        name: "sigraise",
-        alt: None,
-        argmin: 1,
-        argmax: Some(1),
-        args: "signal",
-        oneline: "raises a signal",
-        writes: false,
-        nofile: true,
-    },
-];
-
-/// qemu-io commands qcow2kit does not implement (names and aliases).
-pub(super) const UNSUPPORTED: &[&str] = &[
-    "aio_flush",
-    "aio_read",
-    "aio_write",
-    "break",
-    "help",
-    "?",
-    "info",
-    "i",
-    "remove_break",
-    "resume",
-    "sleep",
-    "truncate",
-    "t",
-    "wait_break",
-    "zone_append",
-    "zone_close",
-    "zone_finish",
-    "zone_open",
-    "zone_report",
-    "zone_reset",
-];
 
 /// The state commands run against.
 pub(super) struct Session {
@@ -204,11 +16,13 @@ pub(super) struct Session {
     pub(super) image_opts: bool,
     pub(super) quit: bool,
     pub(super) out: Out,
+    /// The asynchronous requests in flight.
+    pub(super) aio: super::aio::Queue,
 }
 
 impl Session {
     pub(super) fn usage(&mut self, ci: &CmdInfo) -> i32 {
-        out!(self.out, "{} {} -- {}\n", ci.name, ci.args, ci.oneline);
+        self.out.print(&oneline(ci, ci.name));
         -EINVAL
     }
 
@@ -218,17 +32,25 @@ impl Session {
         let Some(&name) = argv.first() else {
             return 0;
         };
-        let Some(ci) = COMMANDS
-            .iter()
-            .find(|c| c.name == name || c.alt == Some(name))
-        else {
-            if UNSUPPORTED.contains(&name) {
-                errln!("qcow2kit: io: command \"{name}\" is not supported by qcow2kit");
-            } else {
-                errln!("command \"{name}\" not found");
-            }
+        let Some(ci) = find(name) else {
+            errln!("command \"{name}\" not found");
             return -EINVAL;
         };
+        if ci.unsupported {
+            errln!(
+                "{}: io: command \"{name}\" is not supported by qcow2kit",
+                crate::common::prog()
+            );
+            return -EINVAL;
+        }
+        // Commands other than these run after every request in flight has completed (see
+        // `aio`); `abort` and `sigraise` end the process as a crash would, losing them.
+        if !matches!(
+            ci.name,
+            "aio_read" | "aio_write" | "abort" | "sigraise" | "help" | "quit" | "sleep"
+        ) {
+            self.complete_aio(true);
+        }
         if self.img.is_none() && !ci.nofile {
             errln!("no file open, try 'help open'");
             return -EINVAL;
@@ -268,6 +90,8 @@ impl Session {
             }
             ("open", _) => self.open_cmd(ci, name, args),
             ("sigraise", _) => self.sigraise(args[0]),
+            ("help", _) => self.help_cmd(args),
+            ("sleep", _) => self.sleep_cmd(args[0]),
             (_, Some(img)) => self.image_command(ci, name, &img, args),
             // Commands needing an image returned above when there was none.
             (_, None) => -EINVAL,
@@ -288,15 +112,17 @@ impl Session {
             "writev" => self.writev(ci, name, img, args),
             "write" => self.write(ci, name, img, args),
             "discard" => self.discard(ci, name, img, args),
+            "aio_read" => self.aio_read(ci, name, img, args),
+            "aio_write" => self.aio_write(ci, name, img, args),
+            "truncate" => self.truncate(ci, name, img, args),
+            "info" => self.info(img),
+            "length" => self.length(img),
             "flush" => match img.dev.flush() {
                 Ok(()) => 0,
                 Err(e) => -errno_of(&e),
             },
-            _ => {
-                let s = cvtstr(img.dev.size() as f64);
-                out!(self.out, "{s}\n");
-                0
-            }
+            // aio_flush: the requests in flight completed before the command ran.
+            _ => 0,
         }
     }
 
@@ -560,13 +386,10 @@ impl Session {
             Err(ENOTSUP)
         } else if !Self::in_range(img, offset, count) {
             Err(EIO)
+        } else if zflag && nflag && needs_fallback(img, offset as u64, count as u64) {
+            Err(ENOTSUP)
         } else if zflag {
-            // QEMU marks unallocated clusters zero as well.
-            match &img.qcow2 {
-                Some(q) => q.write_zeroes_flagged(offset as u64, count as u64),
-                None => img.dev.write_zeroes(offset as u64, count as u64),
-            }
-            .map_err(|e| errno_of(&e))
+            zero_write(img, offset as u64, count as u64)
         } else if cflag {
             Self::write_compressed(img, &buf, offset as u64)
         } else {
@@ -674,6 +497,80 @@ impl Session {
         }
         0
     }
+}
+
+/// A zero write as qemu-io's `write -z` makes it: on qcow2, clusters left unallocated are
+/// marked zero as well.
+pub(super) fn zero_write(img: &Image, offset: u64, count: u64) -> Result<(), i32> {
+    match &img.qcow2 {
+        Some(q) => q.write_zeroes_flagged(offset, count),
+        None => img.dev.write_zeroes(offset, count),
+    }
+    .map_err(|e| errno_of(&e))
+}
+
+/// Whether QEMU's qcow2 driver would need its slow fallback (writing a buffer of zeros) for a
+/// zero write of `count` bytes at `offset`, which `write -z -n` forbids: always on a version 2
+/// image (no zero flag); otherwise when a (sub)cluster the request covers in part holds data
+/// in this image, or its remainder does not read as zeros.
+fn needs_fallback(img: &Image, offset: u64, count: u64) -> bool {
+    let Some(q) = &img.qcow2 else {
+        return false;
+    };
+    let h = q.header();
+    if h.version < 3 {
+        return true;
+    }
+    let unit = if h.has_extended_l2() {
+        q.cluster_size() / 32
+    } else {
+        q.cluster_size()
+    };
+    let (size, end) = (img.dev.size(), offset + count);
+    let head = offset - offset % unit;
+    let tail = end.div_ceil(unit).saturating_mul(unit).min(size);
+    let mut partial = Vec::new();
+    if head != offset {
+        partial.push((head, offset));
+    }
+    if tail != end {
+        partial.push((end, tail));
+    }
+    partial.into_iter().any(|(from, to)| {
+        let unit_start = from - from % unit;
+        let unit_end = (unit_start + unit).min(size);
+        let here_clear = all_extents(img.dev.as_ref(), unit_start, unit_end, false, |k| {
+            k != qcow2kit::ExtentKind::Data
+        });
+        let reads_zero = all_extents(img.dev.as_ref(), from, to, true, |k| {
+            k != qcow2kit::ExtentKind::Data
+        });
+        !(here_clear && reads_zero)
+    })
+}
+
+/// Whether every extent of `from..to` (through the backing chain with `chain`) is `ok`; an
+/// error reads as not.
+fn all_extents(
+    dev: &dyn qcow2kit::BlockDevice,
+    from: u64,
+    to: u64,
+    chain: bool,
+    ok: impl Fn(qcow2kit::ExtentKind) -> bool,
+) -> bool {
+    let mut p = from;
+    while p < to {
+        let e = if chain {
+            qcow2kit::device::chain_status(dev, p, to - p)
+        } else {
+            dev.block_status(p, to - p)
+        };
+        match e {
+            Ok(e) if e.len > 0 && ok(e.kind) => p += e.len,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Most bytes read from a `-s` source in one call.

@@ -1,13 +1,15 @@
 //! `qcow2kit io [-f FMT | --image-opts] [-r] [-c CMD]... [FILE]`: qemu-io's command language
 //! over the qcow2kit engine, with qemu-io 10's output, messages and exit code.
 //!
-//! Commands (and their one-letter aliases):
-//! - `read|r [-bCpqrv] [-P pattern [-s off] [-l len]] off len`
-//! - `write|w [-bcCfnpqruz] [-P pattern | -s source_file] off len`
-//! - `discard|d [-Cq] off len`
-//! - `flush|f`, `length|l`, `quit|q`, `abort`, `sigraise SIGNAL`
+//! Commands (and their one-letter aliases; `help` lists them as qemu-io does):
+//! - `read|r [-bCpqrv] [-P pattern [-s off] [-l len]] off len`, `readv`, `write|w
+//!   [-bcCfnpqruz] [-P pattern | -s source_file] off len`, `writev`, `discard|d [-Cq] off len`
+//! - `aio_read [-Ciqrv] [-P pattern] off len [len..]`, `aio_write [-Cfiqruz] [-P pattern] off
+//!   len [len..]`, `aio_flush` (see [`aio`]: requests in flight together on worker threads)
+//! - `truncate|t [-m prealloc_mode] off`, `length|l`, `info|i`, `alloc|a`, `map`, `flush|f`
 //! - `open|o [-rnkU] [-t cache] [-d discard] [-i aio] [-o options] [path]`, `close|c`,
 //!   `reopen [-r|-w] [-c cache] [-o options]` (see [`open`] for the options)
+//! - `help|? [command]`, `sleep MS`, `sigraise SIGNAL`, `quit|q`, `abort`
 //!
 //! Offsets and lengths take qemu's size syntax (`4k`, `1.5M`, `0x1000`). Each `-c` runs in
 //! order; without `-c`, commands are read from standard input after a `qemu-io> ` prompt. A
@@ -18,8 +20,8 @@
 //! qemu-io), and every write, zero write and discard is followed by a flush (qemu-io's default
 //! writethrough cache mode; `-n` or a `-t` mode other than `writethrough`/`directsync` turn that
 //! off). The image is flushed and closed at the end. `-d ignore` (or `off`) makes discards
-//! succeed without effect, as in QEMU. `--image-opts` takes FILE (and `open`'s operand) as
-//! block options (`driver=qcow2,file.filename=PATH`).
+//! succeed without effect, as in QEMU. `-i` is checked and has no effect. `--image-opts` takes
+//! FILE (and `open`'s operand) as block options (`driver=qcow2,file.filename=PATH`).
 //!
 //! `reopen` closes the image and opens it again with the new mode and options when the mode or
 //! the L2 cache size changes (the locks follow the mode); if that fails, the image is opened
@@ -30,18 +32,23 @@
 //! terminal and block-buffered otherwise, like C's stdio). `sigraise` flushes standard output
 //! first, as qemu-io does.
 //!
-//! Not covered (refused with a message): the VM state (`-b`), the other qemu-io commands, `-s`
-//! (snapshot mode), `-C` (copy-on-read), `--object`. `write -z` without `-u` may free clusters
-//! where QEMU keeps them allocated (the guest data is the same).
+//! Not covered (refused with a message): the VM state (`read -b`, `write -b`: the library has
+//! no access to the VM state area after the guest disk), qemu-io's blkdebug and zoned-device
+//! commands (`break`, `resume`, `wait_break`, `remove_break`, `zone_*`), `-s` (snapshot mode),
+//! `-C` (copy-on-read), `--object`, `truncate -m metadata|falloc|full` on qcow2. `write -z`
+//! without `-u` may free clusters where QEMU keeps them allocated (the guest data is the same).
 
 /// Prints formatted text through an [`output::Out`].
 macro_rules! out {
     ($o:expr, $($arg:tt)*) => { $o.print(&format!($($arg)*)) };
 }
 
+mod aio;
 mod alloc;
 mod commands;
 mod getopt;
+mod help;
+mod image_cmds;
 mod numbers;
 mod open;
 mod open_cmds;
@@ -49,6 +56,7 @@ mod output;
 mod qcow2_opts;
 mod qopts;
 mod signal;
+mod table;
 mod vector;
 
 use crate::args::{opt, parse, Spec};
@@ -56,6 +64,7 @@ use crate::common::fail;
 use std::io::BufRead;
 
 use commands::Session;
+pub(crate) use numbers::{strtoll0, strtosz, NumError};
 use open::{close_image, open_image, parse_cache, parse_discard, OpenError, OpenSpec};
 use output::Out;
 use qopts::Opts;
@@ -82,13 +91,14 @@ const SPECS: &[Spec] = &[
 const HELP: &str =
     "usage: qcow2kit io [-f FMT | --image-opts] [-r] [-U] [-n] [-t CACHE] [-c CMD]... [FILE]
 
-Runs qemu-io commands on an image:
+Runs qemu-io commands on an image (the command `help` lists them all):
   read [-Cqv] [-P pattern [-s off] [-l len]] off len
   write [-Cfqz] [-u] [-P pattern | -s source_file] off len
-  discard [-Cq] off len
+  aio_read | aio_write ... off len [len..], aio_flush
+  discard [-Cq] off len, truncate off, length, info, map, alloc off [len]
   open [-rnU] [-t cache] [-d discard] [-o options] [path]
   reopen [-r|-w] [-c cache] [-o options]
-  close | flush | length | sigraise SIGNAL | quit | abort
+  close | flush | help [CMD] | sleep MS | sigraise SIGNAL | quit | abort
 ";
 
 /// Runs the subcommand; returns the exit code.
@@ -135,6 +145,7 @@ pub fn run(args: &[String]) -> u8 {
         image_opts,
         quit: false,
         out: Out::new(),
+        aio: aio::Queue::new(),
     };
     if let Some(file) = p.operands.first() {
         let mut spec = OpenSpec {
@@ -168,6 +179,7 @@ pub fn run(args: &[String]) -> u8 {
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().lines();
         while !s.quit {
+            s.complete_aio(false);
             s.out.print("qemu-io> ");
             s.out.flush();
             let Some(Ok(line)) = lines.next() else { break };
@@ -181,6 +193,7 @@ pub fn run(args: &[String]) -> u8 {
             failed |= s.command(c) < 0;
         }
     }
+    s.complete_aio(true);
     s.out.flush();
     if let Some(img) = s.img.take() {
         let name = img.spec.name.clone().unwrap_or_default();
@@ -189,4 +202,24 @@ pub fn run(args: &[String]) -> u8 {
         }
     }
     u8::from(failed)
+}
+
+/// Opens, read-only, the image that the block options `text` describe
+/// (`driver=qcow2,file.filename=PATH`) as qemu-io's `--image-opts` does; for subcommands that
+/// take `--image-opts`. The error is qemu-img's reason (after `Could not open 'TEXT': `).
+pub(crate) fn open_image_opts(
+    text: &str,
+    force_share: bool,
+) -> Result<std::sync::Arc<dyn qcow2kit::BlockDevice>, String> {
+    let mut spec = OpenSpec {
+        name: None,
+        opts: Opts::default(),
+        read_only: true,
+        force_share,
+    };
+    spec.opts.parse_into(text)?;
+    match open_image(&spec, false, true) {
+        Ok(img) => Ok(img.dev),
+        Err(OpenError::Plain(m) | OpenError::Reason(m)) => Err(m),
+    }
 }

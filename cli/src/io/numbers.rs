@@ -5,9 +5,16 @@ use super::output::{Out, EINVAL, ERANGE};
 /// qemu's `qemu_strtosz` (as qemu-io's `cvtnum` uses it): decimal with an optional fraction
 /// and a B/K/M/G/T/P/E suffix (binary units), or hexadecimal without either. Errors are errno
 /// values (`EINVAL`, `ERANGE`).
-pub(super) fn strtosz(s: &str) -> Result<u64, i32> {
+pub(crate) fn strtosz(s: &str) -> Result<u64, i32> {
     // strtoull skips leading white space (a tab between operands reaches here as such).
     let s = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    if let Some(rest) = s.strip_prefix('-') {
+        // A negative number is out of range; a minus sign before anything else is not one.
+        return match strtosz(rest) {
+            Err(EINVAL) if !rest.starts_with(|c: char| c.is_ascii_digit()) => Err(EINVAL),
+            _ => Err(ERANGE),
+        };
+    }
     let b = s.as_bytes();
     let mut i = 0;
     if b.first() == Some(&b'+') {
@@ -95,23 +102,46 @@ pub(super) fn print_cvtnum_err(o: &mut Out, errno: i32, arg: &str) {
     }
 }
 
+/// Why a number was refused: not a number (`EINVAL`), or out of range (`ERANGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NumError {
+    Invalid,
+    Range,
+}
+
+/// C's `strtoll(arg, &end, 0)` over the whole of `arg` (leading white space, a sign, and a
+/// `0x` or `0` prefix for hexadecimal or octal); anything left over is [`NumError::Invalid`].
+pub(crate) fn strtoll0(arg: &str) -> Result<i64, NumError> {
+    let s = arg.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (digits, radix) =
+        if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+            (h, 16)
+        } else if body.len() > 1 && body.starts_with('0') {
+            (&body[1..], 8)
+        } else {
+            (body, 10)
+        };
+    if digits.is_empty() || !digits.bytes().all(|c| (c as char).is_digit(radix)) {
+        return Err(NumError::Invalid);
+    }
+    let v = i64::from_str_radix(digits, radix).map_err(|_| NumError::Range)?;
+    Ok(if neg { -v } else { v })
+}
+
+/// [`strtoll0`], any error as `None`.
+pub(super) fn strtol0(arg: &str) -> Option<i64> {
+    strtoll0(arg).ok()
+}
+
 /// qemu-io's `parse_pattern`: `strtol(arg, &end, 0)` in 0..=255.
 pub(super) fn parse_pattern(o: &mut Out, arg: &str) -> Result<u8, i32> {
-    let (neg, body) = match arg.strip_prefix('-') {
-        Some(b) => (true, b),
-        None => (false, arg.strip_prefix('+').unwrap_or(arg)),
-    };
-    let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
-        i64::from_str_radix(h, 16).ok()
-    } else if body.len() > 1 && body.starts_with('0') {
-        i64::from_str_radix(&body[1..], 8).ok()
-    } else {
-        body.parse::<i64>().ok()
-    };
-    match v {
-        Some(v) if !neg && v <= 255 && !body.is_empty() => Ok(v as u8),
-        Some(0) if neg => Ok(0),
-        _ => {
+    match strtol0(arg).and_then(|v| u8::try_from(v).ok()) {
+        Some(v) => Ok(v),
+        None => {
             out!(o, "{arg} is not a valid pattern byte\n");
             Err(EINVAL)
         }
@@ -137,5 +167,17 @@ mod tests {
         assert_eq!(strtosz(""), Err(EINVAL));
         assert_eq!(strtosz("99999999999E"), Err(ERANGE));
         assert_eq!(cvtnum("8E"), Err(ERANGE));
+        assert_eq!(strtosz("-1"), Err(ERANGE));
+        assert_eq!(strtosz("-0"), Err(ERANGE));
+        assert_eq!(strtosz("-x"), Err(EINVAL));
+        assert_eq!(strtol0("0x10"), Some(16));
+        assert_eq!(strtol0("010"), Some(8));
+        assert_eq!(strtol0("-0"), Some(0));
+        assert_eq!(strtol0("-1"), Some(-1));
+        assert_eq!(strtol0("12m"), None);
+        assert_eq!(strtol0("--1"), None);
+        assert_eq!(strtoll0("99999999999999999999"), Err(NumError::Range));
+        assert_eq!(strtoll0(""), Err(NumError::Invalid));
+        assert_eq!(strtoll0(" +5"), Ok(5));
     }
 }

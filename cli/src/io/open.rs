@@ -303,7 +303,7 @@ fn check_backing_options(
 }
 
 /// QEMU's protocol drivers that open a file's bytes as the image (`driver=file,filename=…`).
-const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
+pub(super) const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
 
 /// Opens the bytes of a file through a protocol driver, with QEMU's checks of the file's type:
 /// `file` takes regular files, `host_device` and `host_cdrom` devices (block devices only

@@ -38,7 +38,11 @@ impl Session {
     }
 
     /// `off len [len...]`: the offset and the buffers' total length.
-    fn vector_operands(&mut self, ci: &CmdInfo, operands: &[String]) -> Result<(i64, i64), i32> {
+    pub(super) fn vector_operands(
+        &mut self,
+        ci: &CmdInfo,
+        operands: &[String],
+    ) -> Result<(i64, i64), i32> {
         let Some((off, lens)) = operands.split_first().filter(|(_, l)| !l.is_empty()) else {
             return Err(self.usage(ci));
         };
@@ -51,7 +55,7 @@ impl Session {
 
     /// `readv [-Cqv] [-P pattern] off len [len...]`.
     pub(super) fn readv(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
-        let (opts, operands) = getopt(name, args, "CP:qv");
+        let (opts, operands) = getopt(name, args, "CP:qrv");
         let (mut cflag, mut qflag, mut vflag) = (false, false, false);
         let mut pattern: Option<u8> = None;
         for o in opts {
@@ -110,7 +114,7 @@ impl Session {
 
     /// `writev [-Cfq] [-P pattern] off len [len...]`.
     pub(super) fn writev(&mut self, ci: &CmdInfo, name: &str, img: &Image, args: &[&str]) -> i32 {
-        let (opts, operands) = getopt(name, args, "CfqP:");
+        let (opts, operands) = getopt(name, args, "CfqP:r");
         let (mut cflag, mut qflag, mut fua) = (false, false, false);
         let mut pattern = 0xcdu8;
         for o in opts {
