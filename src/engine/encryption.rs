@@ -79,6 +79,14 @@ impl Encryption {
     ) -> Result<Option<Encryption>> {
         let format = match header.crypt_method {
             CryptMethod::None => {
+                if let Some(f) = opts.format {
+                    return Err(Error::Crypto(crate::crypto::CryptoError::InvalidArgument(
+                        format!(
+                            "No encryption in image header, but options specified format '{}'",
+                            f.name()
+                        ),
+                    )));
+                }
                 if extensions.crypto.is_some() {
                     return Err(inconsistent(
                         "CRYPTO header extension only expected with LUKS encryption method",

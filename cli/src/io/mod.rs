@@ -111,8 +111,9 @@ pub fn run(args: &[String]) -> u8 {
         crate::stdio::print_out(HELP);
         return 0;
     }
-    if p.has("object") {
-        return fail("io: --object is not supported");
+    match crate::image_opts::load_secrets(p.all("object").iter().map(|s| s.as_str())) {
+        Ok(s) => open::set_secrets(s),
+        Err(e) => return fail(e),
     }
     if p.has("s") || p.has("C") {
         return fail("io: snapshot mode (-s) and copy-on-read (-C) are not supported");

@@ -85,6 +85,31 @@ impl From<String> for OpenError {
     }
 }
 
+/// The `--object secret,…` definitions of the command line, which `encrypt.key-secret` names.
+static SECRETS: std::sync::OnceLock<qcow2kit::crypto::secret::Secrets> = std::sync::OnceLock::new();
+
+/// Records the command line's secrets (once, at start).
+pub(super) fn set_secrets(s: qcow2kit::crypto::secret::Secrets) {
+    let _ = SECRETS.set(s);
+}
+
+/// The key options (`encrypt.key-secret`, `encrypt.format`) taken out of `opts`.
+fn take_encryption(opts: &mut Opts) -> Result<qcow2kit::engine::EncryptionOptions, String> {
+    let mut enc = qcow2kit::engine::EncryptionOptions::default();
+    if let Some(id) = opts.take("encrypt.key-secret") {
+        let secrets = SECRETS.get_or_init(Default::default);
+        let pw = secrets.get(&id).map_err(|e| e.to_string())?;
+        enc.passphrase = Some(qcow2kit::crypto::Passphrase::new(pw));
+    }
+    if let Some(f) = opts.take("encrypt.format") {
+        enc.format = Some(
+            qcow2kit::crypto::EncryptionFormat::from_name(&f)
+                .ok_or_else(|| format!("Parameter 'encrypt.format' does not accept value '{f}'"))?,
+        );
+    }
+    Ok(enc)
+}
+
 /// Opens the image `spec` describes; `writethrough` and `unmap` are the cache and discard
 /// modes of the command.
 pub(super) fn open_image(
@@ -122,6 +147,7 @@ pub(super) fn open_image(
         (None, None) => return Err("Must specify either driver or file".to_string().into()),
     };
     let mut qopts = crate::common::qemu_options();
+    qopts.qcow2.encryption = take_encryption(&mut opts)?;
     if let Some(d) = opts.take("file.driver") {
         if d != "file" {
             return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
