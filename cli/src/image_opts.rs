@@ -139,6 +139,8 @@ pub fn image_arg(
             "file.driver" if value == "file" => {}
             "file.locking" | "file.aio" | "cache.direct" | "cache.no-flush" | "read-only"
             | "force-share" => {}
+            // qcow2's runtime options (cache sizes, overlap checks, …): no effect here.
+            k if crate::io::is_runtime_key(k) => {}
             _ => {
                 let driver = arg.format.as_deref().unwrap_or("qcow2");
                 return Err(format!(

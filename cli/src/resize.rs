@@ -76,6 +76,8 @@ fn lib_error(e: &qcow2kit::Error) -> String {
                 strerror(&std::io::Error::from_raw_os_error(errno))
             )
         }
+        // QEMU's refusals are its messages alone.
+        qcow2kit::Error::Unsupported(m) | qcow2kit::Error::InvalidArgument(m) => m.clone(),
         other => other.to_string(),
     }
 }

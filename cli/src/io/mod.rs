@@ -67,6 +67,7 @@ use commands::Session;
 pub(crate) use numbers::{strtoll0, strtosz, NumError};
 use open::{close_image, open_image, parse_cache, parse_discard, OpenError, OpenSpec};
 use output::Out;
+pub(crate) use qcow2_opts::is_runtime_key;
 use qopts::Opts;
 
 const SPECS: &[Spec] = &[

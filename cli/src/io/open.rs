@@ -185,6 +185,21 @@ pub(super) fn open_image(
     opts.take("file.node-name");
     let backing_node_name = opts.take("backing.node-name");
     let backing_driver = opts.take("backing.driver");
+    // The backing file named again by options: only the file the image names is supported.
+    let backing_file = opts.take("backing.file.filename");
+    if let Some(d) = opts.take("backing.file.driver") {
+        if d != "file" {
+            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
+        }
+    }
+    if let Some(id) = opts.take("backing.encrypt.key-secret") {
+        let secrets = SECRETS.get_or_init(Default::default);
+        let pw = secrets.get(&id).map_err(|e| e.to_string())?;
+        qopts.backing_encryption = vec![qcow2kit::engine::EncryptionOptions {
+            passphrase: Some(qcow2kit::crypto::Passphrase::new(pw)),
+            ..Default::default()
+        }];
+    }
     match opts.take("backing").as_deref() {
         None => {}
         Some("") => {
@@ -276,6 +291,24 @@ pub(super) fn open_image(
         }
     };
     let backing_format = opened.layers.get(1).map(|l| l.format);
+    if let Some(want) = backing_file {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        };
+        if !opened
+            .layers
+            .get(1)
+            .is_some_and(|l| same(&l.path, Path::new(&want)))
+        {
+            close_opened(&opened);
+            return Err(format!(
+                "Option 'backing.file.filename' naming another file than the image's backing \
+                 file is not supported by qcow2kit ('{want}')"
+            )
+            .into());
+        }
+    }
     if let Err(e) = check_backing_options(backing_format, backing_node_name, backing_driver) {
         close_opened(&opened);
         return Err(e.into());

@@ -57,7 +57,7 @@ const OTHERS: &[&str] = &[
 ];
 
 /// Whether `key` is one of qcow2's runtime options.
-pub(super) fn is_runtime_key(key: &str) -> bool {
+pub(crate) fn is_runtime_key(key: &str) -> bool {
     key.starts_with("encrypt.") || BOOLS.iter().chain(SIZES).chain(OTHERS).any(|k| *k == key)
 }
 
