@@ -23,12 +23,25 @@ pub fn open_and_read(data: &[u8]) {
     }
 }
 
+/// The passphrase fuzzed encrypted images are opened with (the seeds' key), and a bound on
+/// the PBKDF2 work of a hostile LUKS header that keeps each run short.
+fn fuzz_key() -> crate::engine::EncryptionOptions {
+    crate::engine::EncryptionOptions {
+        passphrase: Some(crate::crypto::Passphrase::new("fuzz")),
+        luks_limits: crate::crypto::LuksLimits {
+            max_iterations: 2000,
+        },
+        ..Default::default()
+    }
+}
+
 /// Opens `storage` read-only with a 64 KiB L2 cache: the active image, or the internal snapshot
-/// with id `snapshot`.
+/// with id `snapshot`; an encrypted image with the seeds' passphrase.
 fn open_small_cache(storage: Arc<MemoryStorage>, snapshot: Option<&str>) -> Option<Qcow2Image> {
     let opts = Qcow2Options {
         l2_cache_bytes: 64 << 10,
         snapshot: snapshot.map(|id| crate::engine::SnapshotRef::Id(id.into())),
+        encryption: fuzz_key(),
         ..Default::default()
     };
     Qcow2Image::open(storage, &opts).ok()
@@ -215,14 +228,33 @@ pub fn inspect_stream(data: &[u8]) {
 /// Creation options of a small image, from two fuzz bytes: cluster size 512 B–64 KiB, every
 /// refcount width, v2 or v3, lazy refcounts, extended L2.
 fn fuzz_create_options(a: u8, b: u8) -> crate::ops::create::CreateOptions {
+    use crate::crypto::luks::{KdfCost, LuksCreateOptions};
+    use crate::crypto::EncryptionFormat;
     use crate::ops::create::{Compat, CreateOptions};
     let cluster_bits = 9 + u32::from(a & 7) % 8;
+    let encryption = [
+        None,
+        Some(EncryptionFormat::Aes),
+        Some(EncryptionFormat::Luks),
+    ][usize::from(b >> 3) % 3]
+        .map(|format| crate::ops::create::CreateEncryption {
+            format,
+            passphrase: crate::crypto::Passphrase::new("fuzz"),
+            luks: LuksCreateOptions {
+                kdf: KdfCost::Iterations {
+                    master: 1000,
+                    slot: 1000,
+                },
+                ..Default::default()
+            },
+        });
     CreateOptions {
         cluster_size: 1 << cluster_bits,
         refcount_bits: 1 << (u32::from(a >> 3) % 7),
         compat: if b & 1 == 0 { Compat::V3 } else { Compat::V2 },
         lazy_refcounts: b & 2 != 0 && b & 1 == 0,
         extended_l2: b & 4 != 0 && b & 1 == 0 && cluster_bits >= 14,
+        encryption,
         ..CreateOptions::default()
     }
 }
@@ -369,6 +401,7 @@ pub fn crash_reopen(data: &[u8]) {
         .collect();
     let rw = Qcow2Options {
         writable: true,
+        encryption: fuzz_key(),
         ..Default::default()
     };
 

@@ -130,7 +130,13 @@ impl Qcow2Image {
 
     pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _g = self.begin_write(offset, buf.len() as u64)?;
-        // The range lock covers whole clusters, so the widened sectors are locked too.
+        self.write_locked(buf, offset)
+    }
+
+    /// Writes `buf` at guest `offset` with the range lock held; for an encrypted image the
+    /// write is first widened to whole sectors (the range lock covers whole clusters, so the
+    /// widened sectors are locked too).
+    fn write_locked(&self, buf: &[u8], offset: u64) -> Result<()> {
         let widened = self.sector_aligned_write(buf, offset)?;
         let (buf, offset) = match &widened {
             Some((wide, start)) => (&wide[..], *start),
@@ -648,11 +654,7 @@ impl Qcow2Image {
                     self.zero_raw_data_file(c0, piece_end - c0)?;
                 }
             } else if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) {
-                let n = (piece_end - pos) as usize;
-                let mut done = 0;
-                while done < n {
-                    done += self.write_run(&zeros[done..n], pos + done as u64)?;
-                }
+                self.write_locked(&zeros[..(piece_end - pos) as usize], pos)?;
             }
             pos = piece_end;
         }
@@ -686,9 +688,8 @@ impl Qcow2Image {
                 (pos - c0, a.min(end - c0)),
                 (b.max(a).max(pos - c0), end - c0),
             ] {
-                let mut p = s;
-                while p < e {
-                    p += self.write_run(&zeros[..(e - p) as usize], c0 + p)? as u64;
+                if s < e {
+                    self.write_locked(&zeros[..(e - s) as usize], c0 + s)?;
                 }
             }
         }
@@ -718,17 +719,11 @@ impl Qcow2Image {
             ClusterKind::Compressed(_) => {
                 // Partial zeroing of a compressed cluster: rewrite it (zeros included).
                 drop(m);
-                let mut p = a;
-                while p < b {
-                    p += self.write_run(&zeros[..(b - p) as usize], c0 + p)? as u64;
-                }
+                self.write_locked(&zeros[..(b - a) as usize], c0 + a)?;
             }
             ClusterKind::Normal { .. } if entry & COPIED == 0 => {
                 drop(m);
-                let mut p = a;
-                while p < b {
-                    p += self.write_run(&zeros[..(b - p) as usize], c0 + p)? as u64;
-                }
+                self.write_locked(&zeros[..(b - a) as usize], c0 + a)?;
             }
             _ => {
                 if let ClusterKind::Normal { host } = kind {
