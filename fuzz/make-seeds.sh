@@ -69,6 +69,13 @@ struct.pack_into(">H", b, block + 2 * (data >> 12), 0)  # data cluster: refcount
 open(sys.argv[2], "wb").write(b)
 PY
 ls -la "$out" seeds/decompress seeds/check_repair
+# A legacy AES image (the fuzz targets open encrypted images with the passphrase "fuzz").
+qemu-img create -q -f qcow2 --object secret,id=f,data=fuzz \
+  -o encrypt.format=aes,encrypt.key-secret=f,cluster_size=4k "$tmp/aes-4k" 256k
+qemu-io --object secret,id=f,data=fuzz \
+  --image-opts "driver=qcow2,file.filename=$tmp/aes-4k,encrypt.key-secret=f" \
+  -c 'write -P 10 1000 9000' -c 'write -z 16k 4k' >/dev/null
+cp "$tmp/aes-4k" "$out/aes-4k"
 # LUKS header seeds: the header area of qemu-img images, cut after slot 0's key material
 # (aes-128 cbc-essiv: 4096 + 16 * 4000 bytes), or to the bare 592-byte header (aes-256 xts).
 mkdir -p seeds/luks_header
