@@ -268,6 +268,7 @@ pub(super) fn open_image(
                 cluster_size: q.cluster_size(),
                 virtual_size: h.size,
                 version: h.version,
+                encrypted: q.encryption().is_some(),
             };
             let checked = take_qcow2_options(&mut opts, &facts);
             let runtime = match checked {

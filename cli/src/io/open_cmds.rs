@@ -263,6 +263,7 @@ fn check_runtime(img: &Image, opts: &Opts) -> Result<Option<u64>, String> {
         cluster_size: q.cluster_size(),
         virtual_size: h.size,
         version: h.version,
+        encrypted: q.encryption().is_some(),
     };
     let mut opts = opts.clone();
     Ok(take_qcow2_options(&mut opts, &facts)?.l2_cache_bytes)

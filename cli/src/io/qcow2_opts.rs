@@ -15,6 +15,8 @@ pub(super) struct ImageFacts {
     pub(super) cluster_size: u64,
     /// Guest size in bytes.
     pub(super) virtual_size: u64,
+    /// Whether the image is encrypted.
+    pub(super) encrypted: bool,
     /// qcow2 version (2 or 3).
     pub(super) version: u32,
 }
@@ -103,8 +105,9 @@ pub(super) fn take_qcow2_options(
         .filter(|k| k.starts_with("encrypt."))
         .map(str::to_string)
         .collect();
-    // `encrypt.key-secret` and `encrypt.format` were taken by the open; the others have no
-    // effect on an opened image.
+    // On an encrypted image the open checked `encrypt.format`; the other keys have no effect
+    // on an opened image.
+    let encrypt_format = opts.get("encrypt.format").map(str::to_string);
     for k in &encrypt {
         opts.take(k);
     }
@@ -137,6 +140,11 @@ pub(super) fn take_qcow2_options(
                  the following: none, constant, cached, all"
             ));
         }
+    }
+    if let Some(f) = encrypt_format.filter(|_| !img.encrypted) {
+        return Err(format!(
+            "No encryption in image header, but options specified format '{f}'"
+        ));
     }
     Ok(Qcow2Runtime {
         l2_cache_bytes: l2_bytes,
