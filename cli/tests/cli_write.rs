@@ -1129,3 +1129,45 @@ fn resize_maps_the_new_range_of_a_raw_data_file() {
     let (qm, km) = p.maps("img");
     assert_eq!(qm, km, "qemu-img map after growing");
 }
+
+/// `io write -z` keeps whole clusters allocated (marked zero) without `-u` and frees them with
+/// it, as qemu-io does: the two tools' images map the same (`qemu-img map --output=json`).
+#[test]
+fn zero_writes_keep_or_free_clusters_as_qemu_io() {
+    for ext in ["off", "on"] {
+        for u in ["", "-u "] {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path();
+            let o = format!("cluster_size=64k,extended_l2={ext}");
+            tool(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", &o, "q.qcow2", "1M"],
+                d,
+            );
+            std::fs::copy(d.join("q.qcow2"), d.join("k.qcow2")).unwrap();
+            let cmds = [
+                "write -P 1 0 256k".to_string(),
+                format!("write -z {u}0 128k"),
+                format!("write -z {u}200k 8k"),
+                format!("write -z {u}512k 64k"),
+            ];
+            for (prog, img) in [("qemu-io", "q.qcow2"), (QCOW2KIT, "k.qcow2")] {
+                let mut args: Vec<&str> = if prog == QCOW2KIT { vec!["io"] } else { vec![] };
+                for c in &cmds {
+                    args.push("-c");
+                    args.push(c);
+                }
+                args.push(img);
+                tool(prog, &args, d);
+            }
+            let map = |img: &str| exec("qemu-img", &["map", "--output=json", img], d).stdout;
+            assert_eq!(
+                String::from_utf8_lossy(&map("q.qcow2")),
+                String::from_utf8_lossy(&map("k.qcow2")),
+                "extended_l2={ext} {u}"
+            );
+            let check = exec("qemu-img", &["check", "k.qcow2"], d);
+            assert!(check.status.success(), "check: {check:?}");
+        }
+    }
+}

@@ -224,6 +224,13 @@ impl Qcow2Image {
         self.guard(self.zero_impl(offset, len, ZeroMode::Explicit))
     }
 
+    /// As [`write_zeroes_flagged`](Self::write_zeroes_flagged), but whole clusters this image
+    /// alone owns keep their host cluster (marked zero): QEMU's zero write without
+    /// `BDRV_REQ_MAY_UNMAP` (`qemu-io write -z` without `-u`), which keeps the space reserved.
+    pub fn write_zeroes_keeping_allocation(&self, offset: u64, len: u64) -> Result<()> {
+        self.guard(self.zero_impl(offset, len, ZeroMode::Keep))
+    }
+
     /// Deallocates every cluster of the image, so that all of it reads from the backing file
     /// again (what `qemu-img commit` does to the committed image), flushes, and cuts the file
     /// after its last cluster in use. Internal snapshots keep their clusters; L2 tables stay

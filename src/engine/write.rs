@@ -41,6 +41,20 @@ pub(crate) enum ZeroMode {
     /// As [`ZeroMode::WriteZeroes`], and an unallocated cluster is never left unallocated, even
     /// without a backing file (the image is about to get one: rebase).
     Explicit,
+    /// As [`ZeroMode::Explicit`], and a whole cluster this image alone owns keeps its host
+    /// cluster (the zero flag on the entry, or zero subclusters): QEMU's zero write without
+    /// `BDRV_REQ_MAY_UNMAP` (`qemu-io write -z` without `-u`).
+    Keep,
+}
+
+impl ZeroMode {
+    /// Whether the range must read as zeros afterwards (partial clusters included).
+    fn zeroes(self) -> bool {
+        matches!(
+            self,
+            ZeroMode::WriteZeroes | ZeroMode::Explicit | ZeroMode::Keep
+        )
+    }
 }
 
 /// Bitmap with every subcluster reading as zeros.
@@ -618,7 +632,7 @@ impl Qcow2Image {
                 m.header.version >= 3,
                 self.backing.is_some()
                     || self.area().backing_name.is_some()
-                    || mode == ZeroMode::Explicit,
+                    || matches!(mode, ZeroMode::Explicit | ZeroMode::Keep),
             )
         };
         let zeros = vec![0u8; cs as usize];
@@ -630,7 +644,7 @@ impl Qcow2Image {
             let whole = pos == c0 && (piece_end == c0 + cs || piece_end == size);
             if g.extended {
                 // As in QEMU, a discard drops whole clusters only, even with subclusters.
-                if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) || whole {
+                if mode.zeroes() || whole {
                     self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
                 }
             } else if whole && (v3 || !has_backing || mode == ZeroMode::Deallocate) {
@@ -638,13 +652,24 @@ impl Qcow2Image {
                 let (entry, _) = self.entry_at(&mut m, c0)?;
                 let kind = classify(entry, g.cluster_bits, false, g.data_file);
                 let deallocate = mode == ZeroMode::Deallocate;
+                let keep = mode == ZeroMode::Keep
+                    && v3
+                    && matches!(kind, ClusterKind::Normal { .. })
+                    && entry & COPIED != 0;
                 let new = if v3 && !deallocate { ZERO } else { 0 };
                 let untouched = match kind {
                     ClusterKind::Zero { host: 0 } => !deallocate,
+                    ClusterKind::Zero { .. } => mode == ZeroMode::Keep,
                     ClusterKind::Unallocated => !has_backing || deallocate,
                     _ => false,
                 };
-                if !untouched {
+                if keep {
+                    let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
+                    self.ensure_l2_writable(&mut m, l1_index)?;
+                    self.set_entry(&mut m, c0, entry | ZERO, 0)?;
+                    drop(m);
+                    self.zero_raw_data_file(c0, piece_end - c0)?;
+                } else if !untouched {
                     let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
                     self.check_release(&mut m, entry)?;
                     self.ensure_l2_writable(&mut m, l1_index)?;
@@ -653,7 +678,7 @@ impl Qcow2Image {
                     drop(m);
                     self.zero_raw_data_file(c0, piece_end - c0)?;
                 }
-            } else if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) {
+            } else if mode.zeroes() {
                 self.write_locked(&zeros[..(piece_end - pos) as usize], pos)?;
             }
             pos = piece_end;
@@ -682,7 +707,7 @@ impl Qcow2Image {
         } else {
             (end - c0) & !(ss - 1)
         };
-        if matches!(mode, ZeroMode::WriteZeroes | ZeroMode::Explicit) {
+        if mode.zeroes() {
             // Partial subclusters at the edges get real zeros.
             for (s, e) in [
                 (pos - c0, a.min(end - c0)),
@@ -708,6 +733,13 @@ impl Qcow2Image {
             };
             if entry == 0 && bitmap == bits {
                 return Ok(());
+            }
+            if mode == ZeroMode::Keep
+                && matches!(kind, ClusterKind::Normal { .. })
+                && entry & COPIED != 0
+            {
+                self.ensure_l2_writable(&mut m, l1_index)?;
+                return self.set_entry(&mut m, c0, entry, ALL_ZERO);
             }
             self.check_release(&mut m, entry)?;
             self.ensure_l2_writable(&mut m, l1_index)?;

@@ -310,7 +310,7 @@ impl Session {
             let r = if count > REQUEST_MAX || !Session::in_range(&img, offset, count) {
                 Err(EIO)
             } else if zeros {
-                zero_write(&img, offset as u64, count as u64)
+                zero_write(&img, offset as u64, count as u64, unmap)
             } else {
                 let buf = vec![pattern; count as usize];
                 img.dev

@@ -389,7 +389,7 @@ impl Session {
         } else if zflag && nflag && needs_fallback(img, offset as u64, count as u64) {
             Err(ENOTSUP)
         } else if zflag {
-            zero_write(img, offset as u64, count as u64)
+            zero_write(img, offset as u64, count as u64, uflag)
         } else if cflag {
             Self::write_compressed(img, &buf, offset as u64)
         } else {
@@ -500,10 +500,11 @@ impl Session {
 }
 
 /// A zero write as qemu-io's `write -z` makes it: on qcow2, clusters left unallocated are
-/// marked zero as well.
-pub(super) fn zero_write(img: &Image, offset: u64, count: u64) -> Result<(), i32> {
+/// marked zero as well, and without `-u` (`unmap`) clusters keep their space.
+pub(super) fn zero_write(img: &Image, offset: u64, count: u64, unmap: bool) -> Result<(), i32> {
     match &img.qcow2 {
-        Some(q) => q.write_zeroes_flagged(offset, count),
+        Some(q) if unmap => q.write_zeroes_flagged(offset, count),
+        Some(q) => q.write_zeroes_keeping_allocation(offset, count),
         None => img.dev.write_zeroes(offset, count),
     }
     .map_err(|e| errno_of(&e))
