@@ -222,6 +222,7 @@ mod tests {
             cluster_size: 65536,
             virtual_size: 64 << 20,
             version: 3,
+            encrypted: false,
         };
         take_qcow2_options(&mut o, &img)
     }
