@@ -19,6 +19,7 @@ mod info;
 mod io;
 mod localtime;
 mod map;
+mod nbd;
 mod progress;
 mod qjson;
 mod rebase;
@@ -40,6 +41,10 @@ Commands (qemu-img compatible):
   snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
   bitmap (--add [-g G] [--disable] | --remove | --clear | --enable | --disable |
           --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
+
+qemu-nbd compatible (server):
+  nbd [-f FMT] [-r] [-x NAME] [-p PORT] [-b ADDR] [-k SOCKET] [-t] [-e N] [-A] [-l SNAPSHOT]
+      [--discard=unmap] [--fork] [--pid-file F] FILE      (no TLS)
 
 qemu-io compatible:
   io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, discard, flush, length, open, close,
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         "snapshot" => snapshot::run(rest),
         "bitmap" => bitmap::run(rest),
         "io" => io::run(rest),
+        "nbd" => nbd::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");
             0
