@@ -183,6 +183,24 @@ pub fn open_image(
     open(p, fmt, &opts).map_err(|e| format!("Could not open '{path}': {}", open_error_text(&e)))
 }
 
+/// qemu-img info's open ([`qcow2kit::ops::info::open_for_info`]); an NBD URI is opened
+/// read-only without the files its image names (the server does the locking).
+pub fn open_for_info(
+    path: &Path,
+    format: ImageFormat,
+    locking: Locking,
+) -> qcow2kit::Result<Opened> {
+    use std::os::unix::ffi::OsStrExt;
+    if qcow2kit::nbd::NbdAddress::is_uri(path.as_os_str().as_bytes()) {
+        let opts = OpenOptions {
+            backing: qcow2kit::BackingPolicy::Ignore,
+            ..OpenOptions::default()
+        };
+        return open(path, format, &opts);
+    }
+    qcow2kit::ops::info::open_for_info(path, format, locking)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,8 +35,29 @@ pub use stream::Stream;
 pub use transmit::serve_connection;
 pub use uri::{NbdAddress, DEFAULT_PORT};
 
+use crate::error::{Error, Result};
+use crate::io::Storage;
 use crate::BlockDevice;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
+
+/// The storage of the NBD export `path` names when it is an NBD URI (`nbd://HOST[:PORT]/NAME`,
+/// `nbd+unix:///NAME?socket=PATH`), with an identity for backing-loop detection (device
+/// `u64::MAX`, a hash of the URI); `None` for any other name. Locking is the server's business.
+pub fn open_uri(path: &Path, writable: bool) -> Result<Option<(Arc<dyn Storage>, (u64, u64))>> {
+    use std::hash::{Hash, Hasher};
+    let bytes = path.as_os_str().as_bytes();
+    if !NbdAddress::is_uri(bytes) {
+        return Ok(None);
+    }
+    let uri = String::from_utf8_lossy(bytes);
+    let s = NbdStorage::connect(&uri, writable)
+        .map_err(|e| Error::io(format!("opening '{uri}'"), e))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    uri.hash(&mut h);
+    Ok(Some((Arc::new(s), (u64::MAX, h.finish()))))
+}
 
 /// One export a server offers: a device under a name.
 pub struct Export {
