@@ -53,6 +53,10 @@ qemu-io compatible:
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    // Installed as qemu-nbd, the arguments are the nbd subcommand's.
+    if common::prog() == "qemu-nbd" {
+        return ExitCode::from(nbd::run(&argv));
+    }
     let Some(cmd) = argv.first() else {
         err!("{USAGE}");
         return ExitCode::from(1);

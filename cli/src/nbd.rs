@@ -6,7 +6,8 @@
 //! `--detect-zeroes` other than `off` are refused rather than half-supported.
 
 use crate::args::{opt, Spec};
-use crate::common::{exit_code, open_image, parse_args, prog};
+use crate::common::{exit_code, open_error_text, parse_args, parse_format, prog, qemu_options};
+use qcow2kit::chain::{open, probe_file, Opened};
 use qcow2kit::engine::SnapshotRef;
 use qcow2kit::nbd::{Export, Listener, Server, DEFAULT_PORT};
 use std::net::{IpAddr, SocketAddr};
@@ -105,9 +106,9 @@ fn serve(args: &[String]) -> Result<(), String> {
     }
     let [file] = p.operands.as_slice() else {
         errln!(
-            "{}: Invalid number of arguments\nTry `{} nbd --help' for more information.",
+            "{}: Invalid number of arguments\nTry `{} --help' for more information.",
             prog(),
-            prog()
+            invocation()
         );
         return Err(String::new());
     };
@@ -135,11 +136,8 @@ fn serve(args: &[String]) -> Result<(), String> {
         return fork_and_wait(args);
     }
 
-    let image = open_image(file, p.last("f"), |o| {
-        o.writable = !read_only;
-        o.snapshot = snapshot.clone();
-    })
-    .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?;
+    let image = open_export(file, p.last("f"), read_only, snapshot)
+        .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?;
     let listener = match p.last("k") {
         Some(path) => Listener::bind_unix(Path::new(path))
             .map_err(|e| format!("Failed to bind socket to {path}: {}", io_reason(&e)))?,
@@ -181,6 +179,34 @@ fn serve(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("Failed to serve '{file}': {e}"))
 }
 
+/// Opens the image as qemu-nbd does: the given format or a probe, its chain followed; errors in
+/// QEMU's words (without the `Could not open` prefix qemu-img adds).
+fn open_export(
+    file: &str,
+    format: Option<&str>,
+    read_only: bool,
+    snapshot: Option<SnapshotRef>,
+) -> Result<Opened, String> {
+    let path = Path::new(file);
+    let fmt = match format {
+        Some(f) => parse_format(f).map_err(|_| format!("Unknown driver '{f}'"))?,
+        None => probe_file(path).map_err(|e| open_error_text(&e))?,
+    };
+    let mut opts = qemu_options();
+    opts.writable = !read_only;
+    opts.snapshot = snapshot;
+    open(path, fmt, &opts).map_err(|e| open_error_text(&e))
+}
+
+/// How the usage hint names this command: `qemu-nbd` when invoked under that name.
+fn invocation() -> String {
+    if prog() == "qemu-nbd" {
+        prog().to_string()
+    } else {
+        format!("{} nbd", prog())
+    }
+}
+
 fn io_reason(e: &qcow2kit::Error) -> String {
     match e {
         qcow2kit::Error::Io { source, .. } => qcow2kit::error::strerror(source),
@@ -212,13 +238,15 @@ fn fork_and_wait(args: &[String]) -> Result<(), String> {
     use std::io::Read;
     let exe = std::env::current_exe().map_err(|e| format!("Failed to fork: {e}"))?;
     let argv0 = std::env::args_os().next().unwrap_or_default();
+    let sub: &[&str] = if prog() == "qemu-nbd" { &[] } else { &["nbd"] };
     let mut child = std::process::Command::new(exe)
         .arg0(argv0)
-        .arg("nbd")
+        .args(sub)
         .args(args)
         .env(FORKED_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("Failed to fork: {e}"))?;
     let mut line = [0u8; 6];
@@ -227,9 +255,16 @@ fn fork_and_wait(args: &[String]) -> Result<(), String> {
         .take()
         .is_some_and(|mut o| o.read_exact(&mut line).is_ok() && &line == b"ready\n");
     if ready {
+        // The server's standard error goes nowhere from now on (qemu-nbd's child points it at
+        // /dev/null): the pipe closes with this process, so nobody waits on it.
         return Ok(());
     }
-    // The child printed its own error; exit as it did.
+    // The child failed before listening: relay its message and exit as it did.
+    let mut msg = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut msg);
+    }
+    err!("{msg}");
     let _ = child.wait();
     Err(String::new())
 }
