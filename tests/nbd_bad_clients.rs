@@ -18,12 +18,6 @@ fn connect(sock: &Path) -> UnixStream {
     s
 }
 
-fn read_u32(s: &mut UnixStream) -> u32 {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).expect("read");
-    u32::from_be_bytes(b)
-}
-
 fn send_option(s: &mut UnixStream, option: u32, data: &[u8]) {
     let mut b = proto::IHAVEOPT.to_be_bytes().to_vec();
     b.extend_from_slice(&option.to_be_bytes());

@@ -3,9 +3,9 @@
 //!
 //! Invariants: an option's payload is read into memory only up to [`MAX_OPTION_LEN`] bytes
 //! (longer ones are drained and refused with `NBD_REP_ERR_TOO_BIG`); strings are capped at
-//! [`MAX_STRING`]; a malformed option gets `NBD_REP_ERR_INVALID`, never a panic.
+//! [`proto::MAX_STRING`]; a malformed option gets `NBD_REP_ERR_INVALID`, never a panic.
 
-use super::proto::{self, info, opt, rep, Cursor, MAX_OPTION_LEN, MAX_PAYLOAD, MAX_STRING};
+use super::proto::{self, info, opt, rep, Cursor, MAX_OPTION_LEN, MAX_PAYLOAD};
 use super::Export;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -323,7 +323,6 @@ impl<S: Read + Write> Haggle<'_, S> {
         if set {
             self.contexts = Some((export.name.clone(), chosen));
         }
-        debug_assert!(MAX_STRING <= MAX_OPTION_LEN);
         self.reply(option, rep::ACK, &[])
     }
 }

@@ -1,5 +1,5 @@
-//! NBD (Network Block Device): a server that exports any [`BlockDevice`](crate::BlockDevice)
-//! and a client [`Storage`](crate::io::Storage) that opens an image behind any NBD server.
+//! NBD (Network Block Device): a server that exports any [`BlockDevice`]
+//! and a client [`Storage`] that opens an image behind any NBD server.
 //!
 //! The server speaks the fixed newstyle handshake (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`,
 //! `STRUCTURED_REPLY`, `SET_META_CONTEXT`, `LIST_META_CONTEXT`, `ABORT`) and the commands
@@ -42,10 +42,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
+/// Device and inode numbers, or for an NBD export a stand-in that identifies it.
+pub type FileId = (u64, u64);
+
 /// The storage of the NBD export `path` names when it is an NBD URI (`nbd://HOST[:PORT]/NAME`,
 /// `nbd+unix:///NAME?socket=PATH`), with an identity for backing-loop detection (device
 /// `u64::MAX`, a hash of the URI); `None` for any other name. Locking is the server's business.
-pub fn open_uri(path: &Path, writable: bool) -> Result<Option<(Arc<dyn Storage>, (u64, u64))>> {
+pub fn open_uri(path: &Path, writable: bool) -> Result<Option<(Arc<dyn Storage>, FileId)>> {
     use std::hash::{Hash, Hasher};
     let bytes = path.as_os_str().as_bytes();
     if !NbdAddress::is_uri(bytes) {

@@ -1,5 +1,6 @@
 //! Shared by the NBD tests: images made by qemu-img, our server in a thread, qemu-nbd in a
-//! child process, and QEMU's tools run as clients.
+//! child process, and QEMU's tools run as clients. Each test file uses a part of them.
+#![allow(dead_code)]
 
 use qcow2kit::chain::{open, ImageFormat, OpenOptions, Opened};
 use qcow2kit::nbd::{Export, Listener, Server, ShutdownHandle};
