@@ -12,7 +12,8 @@ use super::proto::{self, cflag, chunk, cmd, errno, Request, MAX_PAYLOAD, REQUEST
 use super::{Export, Stream};
 use crate::device::{chain_status, ExtentKind};
 use crate::error::Error;
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -35,6 +36,7 @@ pub fn serve_connection(stream: Box<dyn Stream>, exports: &[Arc<Export>]) -> io:
     let budget = Arc::new(Budget::new(BUDGET));
     let conn = Arc::new(Conn {
         neg,
+        in_flight: AtomicUsize::new(0),
         writer,
         budget,
     });
@@ -47,7 +49,11 @@ pub fn serve_connection(stream: Box<dyn Stream>, exports: &[Arc<Export>]) -> io:
             std::thread::spawn(move || worker(&conn, &rx))
         })
         .collect();
-    let result = read_requests(&mut reader, &conn, &tx);
+    let result = read_requests(
+        &mut BufReader::with_capacity(64 << 10, &mut reader),
+        &conn,
+        &tx,
+    );
     drop(tx);
     for w in workers {
         // A worker only ends by its channel closing; a panic there is a bug worth surfacing.
@@ -64,6 +70,8 @@ pub fn serve_connection(stream: Box<dyn Stream>, exports: &[Arc<Export>]) -> io:
 
 struct Conn {
     neg: Negotiated,
+    /// Requests handed to the workers and not yet replied to.
+    in_flight: AtomicUsize,
     writer: Arc<Mutex<Box<dyn Stream>>>,
     budget: Arc<Budget>,
 }
@@ -121,7 +129,7 @@ fn allowed_flags(kind: u16) -> u16 {
 
 /// Decodes requests until the client leaves; `Err` for a protocol violation or I/O error.
 fn read_requests(
-    r: &mut Box<dyn Stream>,
+    r: &mut BufReader<&mut Box<dyn Stream>>,
     conn: &Conn,
     tx: &std::sync::mpsc::SyncSender<Job>,
 ) -> io::Result<()> {
@@ -177,7 +185,19 @@ fn read_requests(
             conn.reply_error(&req, err, msg)?;
             continue;
         }
-        if tx.send(Job { req, payload, held }).is_err() {
+        let job = Job { req, payload, held };
+        if r.buffer().is_empty() && conn.in_flight.load(Ordering::Acquire) == 0 {
+            // Nothing else in flight or waiting: run it here, saving two thread hand-offs per
+            // request for a client that waits for each reply (queue depth 1). Requests that
+            // arrive meanwhile are buffered and go to the workers.
+            let r = conn.run(job);
+            conn.budget.give(held);
+            r?;
+            continue;
+        }
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        if tx.send(job).is_err() {
+            conn.in_flight.fetch_sub(1, Ordering::AcqRel);
             conn.budget.give(held);
             return Err(io::Error::other("nbd workers gone"));
         }
@@ -254,6 +274,7 @@ fn worker(conn: &Conn, rx: &Mutex<Receiver<Job>>) {
         let held = job.held;
         let r = conn.run(job);
         conn.budget.give(held);
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
         if r.is_err() {
             // The client is gone or stuck: every other handle sees the shutdown.
             if let Ok(w) = conn.writer.lock() {
