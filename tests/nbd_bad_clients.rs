@@ -307,3 +307,56 @@ fn a_client_that_never_reads_its_replies_does_not_stop_the_others() {
     ours.stop();
     assert_clean(&img);
 }
+
+#[test]
+fn a_silent_client_loses_its_place_after_the_handshake_limit() {
+    use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+    use qcow2kit::nbd::{Export, Listener, Server};
+    let (_d, dir) = tmp();
+    let img = dir.join("a.qcow2");
+    make_image(&img);
+    let sock = dir.join("s");
+    let image = open(&img, ImageFormat::Qcow2, &OpenOptions::default()).expect("open");
+    let export = Export::new("disk", image.device.clone(), true);
+    // One client at a time (qemu-nbd's default): a client that connects and says nothing
+    // must not keep everyone else out.
+    let server = Server::new(
+        vec![std::sync::Arc::new(export)],
+        Listener::bind_unix(&sock).expect("bind"),
+    )
+    .max_clients(1)
+    .persistent(true)
+    .handshake_limit(Some(Duration::from_secs(1)));
+    let handle = server.shutdown_handle();
+    let t = std::thread::spawn(move || server.run());
+    let mut silent = connect(&sock);
+    let mut hello = [0u8; 18];
+    silent.read_exact(&mut hello).expect("hello");
+    let mut client = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-r",
+            "-c",
+            "read -P 0xab 0 64k",
+            &unix_uri("disk", &sock),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = client.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = client.kill();
+            panic!("a silent client kept the only place");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert_dropped(&mut silent);
+    handle.shutdown();
+    t.join().expect("server thread").expect("server");
+}

@@ -29,6 +29,7 @@ Serve FILE over the NBD protocol (qemu-nbd compatible server).
   -t, --persistent          don't exit on the last connection
   -x, --export-name=NAME    expose export by name (default is empty string)
   -D, --description=TEXT    export a human-readable description
+      --handshake-limit=N   limit client's handshake to N seconds (default 10)
   -A, --allocation-depth    expose the allocation depth
   -f, --format=FORMAT       set image format (raw, qcow2)
   -r, --read-only           export read-only
@@ -65,6 +66,7 @@ const SPECS: &[Spec] = &[
     opt(None, Some("fork"), false, "fork"),
     opt(None, Some("pid-file"), true, "pid-file"),
     opt(Some('v'), Some("verbose"), false, "v"),
+    opt(None, Some("handshake-limit"), true, "handshake-limit"),
     opt(None, Some("tls-creds"), true, "tls-creds"),
     opt(None, Some("tls-authz"), true, "tls-authz"),
     opt(None, Some("tls-hostname"), true, "tls-hostname"),
@@ -118,6 +120,14 @@ fn serve(args: &[String]) -> Result<(), String> {
             .map_err(|_| format!("Invalid shared device number '{s}'"))?,
         None => 1,
     };
+    let handshake_limit = match p.last("handshake-limit") {
+        None => Some(qcow2kit::nbd::DEFAULT_HANDSHAKE_LIMIT),
+        Some(s) => match s.parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) => Some(std::time::Duration::from_secs(n)),
+            Err(_) => return Err(format!("Invalid handshake limit '{s}'")),
+        },
+    };
     let discard = match p.last("discard") {
         None | Some("ignore") | Some("off") => false,
         Some("unmap") | Some("on") => true,
@@ -161,6 +171,7 @@ fn serve(args: &[String]) -> Result<(), String> {
     export.discard = discard;
     export.allocation_depth = p.has("A");
     let server = Server::new(vec![Arc::new(export)], listener)
+        .handshake_limit(handshake_limit)
         .max_clients(shared)
         .persistent(p.has("t"));
     stop_on_signals(server.shutdown_handle())?;

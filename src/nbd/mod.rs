@@ -30,7 +30,7 @@ mod transmit;
 mod uri;
 
 pub use client::NbdStorage;
-pub use server::{Listener, Server, ShutdownHandle};
+pub use server::{Listener, Server, ShutdownHandle, DEFAULT_HANDSHAKE_LIMIT};
 pub use stream::Stream;
 pub use transmit::serve_connection;
 pub use uri::{NbdAddress, DEFAULT_PORT};

@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// qemu-nbd's default `--handshake-limit`.
+pub const DEFAULT_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
 /// How often the accept loop looks at its stop flag and client count.
 const POLL: Duration = Duration::from_millis(5);
 
@@ -113,6 +116,7 @@ pub struct Server {
     listener: Listener,
     max_clients: usize,
     persistent: bool,
+    handshake_limit: Option<Duration>,
     handle: ShutdownHandle,
 }
 
@@ -125,6 +129,7 @@ impl Server {
             listener,
             max_clients: 1,
             persistent: false,
+            handshake_limit: Some(DEFAULT_HANDSHAKE_LIMIT),
             handle: ShutdownHandle {
                 stop: Arc::new(AtomicBool::new(false)),
                 active: Arc::new(Mutex::new(Active::default())),
@@ -141,6 +146,14 @@ impl Server {
     /// Keeps serving after the last client has gone (qemu-nbd's `-t`).
     pub fn persistent(mut self, yes: bool) -> Self {
         self.persistent = yes;
+        self
+    }
+
+    /// How long a client may take to finish its handshake before it is dropped (`None`: no
+    /// limit); 10 seconds by default, as qemu-nbd's `--handshake-limit`. A client that connects
+    /// and says nothing would otherwise hold one of the `max_clients` places forever.
+    pub fn handshake_limit(mut self, limit: Option<Duration>) -> Self {
+        self.handshake_limit = limit;
         self
     }
 
@@ -193,9 +206,10 @@ impl Server {
             };
             let exports = exports.clone();
             let active = active.clone();
+            let limit = self.handshake_limit;
             threads.push(std::thread::spawn(move || {
                 // One client's failure is its own: the server goes on.
-                let _ = serve_connection(stream, &exports);
+                let _ = serve_connection(stream, &exports, limit);
                 let mut a = active.lock().unwrap_or_else(|p| p.into_inner());
                 a.conns.retain(|(i, _)| *i != id);
             }));

@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 /// A connected, bidirectional byte stream that can be cloned into a second handle (one thread
 /// reads requests while others write replies) and shut down from any handle.
@@ -11,9 +12,14 @@ pub trait Stream: Read + Write + Send + 'static {
     fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>>;
     /// Shuts both directions down: blocked reads and writes on every handle return.
     fn shutdown_both(&self);
+    /// Bounds how long a read may block (`None`: forever).
+    fn set_read_limit(&self, limit: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for TcpStream {
+    fn set_read_limit(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
     fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
     }
@@ -24,6 +30,9 @@ impl Stream for TcpStream {
 }
 
 impl Stream for UnixStream {
+    fn set_read_limit(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
     fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
     }

@@ -16,6 +16,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Bytes of request payloads and reply buffers one connection may hold at once.
 pub(crate) const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
@@ -24,14 +25,25 @@ const WORKERS: usize = 4;
 /// Most extents sent for one context in one block status reply.
 const MAX_EXTENTS: usize = 4096;
 
-/// Serves one client on `stream`: the handshake, then requests until the client disconnects
+/// Serves one client on `stream`: the handshake (which must end within `handshake_limit`,
+/// qemu-nbd's `--handshake-limit`, when given), then requests until the client disconnects
 /// (or sends `NBD_CMD_DISC`, or breaks the protocol). Requests in flight are finished and the
 /// export flushed (when writable) before it returns.
-pub fn serve_connection(stream: Box<dyn Stream>, exports: &[Arc<Export>]) -> io::Result<()> {
+pub fn serve_connection(
+    stream: Box<dyn Stream>,
+    exports: &[Arc<Export>],
+    handshake_limit: Option<Duration>,
+) -> io::Result<()> {
     let mut reader = stream;
-    let Some(neg) = handshake::negotiate(&mut reader, exports)? else {
+    reader.set_read_limit(handshake_limit)?;
+    let negotiated = handshake::negotiate(&mut reader, exports);
+    if negotiated.is_err() {
+        reader.shutdown_both();
+    }
+    let Some(neg) = negotiated? else {
         return Ok(());
     };
+    reader.set_read_limit(None)?;
     let writer = Arc::new(Mutex::new(reader.try_clone_stream()?));
     let budget = Arc::new(Budget::new(BUDGET));
     let conn = Arc::new(Conn {
