@@ -313,7 +313,10 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
 /// rather than guessed at.
 pub fn probe_file(path: &Path) -> Result<ImageFormat> {
     // Probing takes no lock (neither does QEMU's): the open that follows does.
-    let s = open_storage(path, false, None, 0)?;
+    let s: Arc<dyn Storage> = match crate::nbd::open_uri(path, false)? {
+        Some((s, _)) => s,
+        None => Arc::new(open_storage(path, false, None, 0)?),
+    };
     let len = s.len().map_err(|e| Error::io("probing format", e))?;
     let head = s
         .read_vec(0, len.min(HEAD_BYTES) as usize)
@@ -418,15 +421,19 @@ fn open_layer(
     } else {
         opts.writable_layer == Some(depth)
     };
-    let lock = opts.locking.request(FileRole::of(format), writable);
-    let storage = open_storage(path, writable, lock, depth)?;
-    let meta = storage.file().metadata().map_err(|e| open_error(path, e))?;
-    let id = (meta.dev(), meta.ino());
+    let (storage, id): (Arc<dyn Storage>, _) = match crate::nbd::open_uri(path, writable)? {
+        Some(nbd) => nbd,
+        None => {
+            let lock = opts.locking.request(FileRole::of(format), writable);
+            let storage = open_storage(path, writable, lock, depth)?;
+            let meta = storage.file().metadata().map_err(|e| open_error(path, e))?;
+            (Arc::new(storage), (meta.dev(), meta.ino()))
+        }
+    };
     if seen.contains(&id) {
         return Err(Error::BackingLoop(path.to_path_buf()));
     }
     seen.push(id);
-    let storage: Arc<dyn Storage> = Arc::new(storage);
 
     match format {
         ImageFormat::Raw => {

@@ -60,6 +60,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;
+pub mod nbd;
 pub mod ops;
 
 pub use chain::{open, BackingPolicy, ImageFormat, Locking, OpenOptions, Opened};

@@ -26,12 +26,13 @@ use qcow2kit::chain::{
 use qcow2kit::error::strerror;
 use qcow2kit::format::header::CryptMethod;
 use qcow2kit::io::lock::lock_error;
-use qcow2kit::io::FileStorage;
+use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::check::{CheckReport, Checker, Finding, RepairMode};
 use serde_json::Value;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const SPECS: &[Spec] = &[
     opt(Some('f'), Some("format"), true, "f"),
@@ -104,7 +105,8 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return could_not_open(&e),
     };
     let (path, format) = (PathBuf::from(&arg.path), arg.format.clone());
-    if let Err(e) = usable_file(&path) {
+    let is_nbd = qcow2kit::nbd::NbdAddress::is_uri(path.as_os_str().as_encoded_bytes());
+    if let Err(e) = usable_file(&path).or_else(|e| if is_nbd { Ok(()) } else { Err(e) }) {
         return could_not_open(&format!("Could not open '{}': {e}", path.display()));
     }
     let format = match format.as_deref() {
@@ -124,9 +126,18 @@ pub fn run(args: &[String]) -> u8 {
     }
     let writable = repair.is_some();
     let locking = crate::common::locking(p.has("U"));
-    let storage =
-        match FileStorage::open_with(&path, writable, locking.request(FileRole::Qcow2, writable)) {
-            Ok(s) => s,
+    let nbd = match qcow2kit::nbd::open_uri(&path, writable) {
+        Ok(n) => n,
+        Err(e) => return could_not_open(&crate::common::open_error_text(&e)),
+    };
+    let storage: Arc<dyn Storage> = match nbd {
+        Some((s, _)) => s,
+        None => match FileStorage::open_with(
+            &path,
+            writable,
+            locking.request(FileRole::Qcow2, writable),
+        ) {
+            Ok(s) => Arc::new(s),
             Err(e) if lock_error(&e).is_some() => return could_not_open(&strerror(&e)),
             Err(e) => {
                 return could_not_open(&format!(
@@ -135,8 +146,9 @@ pub fn run(args: &[String]) -> u8 {
                     strerror(&e)
                 ))
             }
-        };
-    let checker = match Checker::new(&storage) {
+        },
+    };
+    let checker = match Checker::new(&*storage) {
         Ok(c) => c,
         Err(e) => return could_not_open(&e),
     };
@@ -207,7 +219,7 @@ pub fn run(args: &[String]) -> u8 {
                         r.report.leaks_fixed, r.report.corruptions_fixed
                     );
                 }
-                let again = Checker::new(&storage).and_then(|c| c.run(&mut print));
+                let again = Checker::new(&*storage).and_then(|c| c.run(&mut print));
                 again.map(|mut c| {
                     c.leaks_fixed = r.report.leaks_fixed;
                     c.corruptions_fixed = r.report.corruptions_fixed;

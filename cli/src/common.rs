@@ -228,6 +228,25 @@ pub fn image_operand_for_info(
     crate::image_opts::image_arg(name, p.has("image-opts"), format, &secrets)
 }
 
+/// qemu-img info's open ([`qcow2kit::ops::info::open_for_info`]); an NBD URI is opened
+/// read-only without the files its image names (the server does the locking).
+pub fn open_for_info(
+    path: &Path,
+    format: ImageFormat,
+    locking: Locking,
+    key: &qcow2kit::engine::EncryptionOptions,
+) -> qcow2kit::Result<Opened> {
+    use std::os::unix::ffi::OsStrExt;
+    if qcow2kit::nbd::NbdAddress::is_uri(path.as_os_str().as_bytes()) {
+        let opts = OpenOptions {
+            backing: qcow2kit::BackingPolicy::Ignore,
+            ..OpenOptions::default()
+        };
+        return open(path, format, &opts);
+    }
+    qcow2kit::ops::info::open_for_info_with_key(path, format, locking, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

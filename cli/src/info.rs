@@ -11,9 +11,7 @@ use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format};
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::probe_file;
-use qcow2kit::ops::info::{
-    backing_chain_info, image_info, open_for_info_with_key, ImageInfo, Qcow2Info, SnapshotInfo,
-};
+use qcow2kit::ops::info::{backing_chain_info, image_info, ImageInfo, Qcow2Info, SnapshotInfo};
 use serde_json::Value;
 use std::path::Path;
 
@@ -92,7 +90,7 @@ pub fn run(args: &[String]) -> u8 {
                 Err(e) => return could_not_open(e),
             },
         };
-        match open_for_info_with_key(Path::new(path), fmt, locking, &arg.encryption)
+        match crate::common::open_for_info(Path::new(path), fmt, locking, &arg.encryption)
             .and_then(|o| image_info(&o))
         {
             Ok(mut i) => {

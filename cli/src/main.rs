@@ -21,6 +21,7 @@ mod info;
 mod io;
 mod localtime;
 mod map;
+mod nbd;
 mod progress;
 mod qjson;
 mod rebase;
@@ -44,6 +45,10 @@ Commands (qemu-img compatible):
   bitmap (--add [-g G] [--disable] | --remove | --clear | --enable | --disable |
           --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
 
+qemu-nbd compatible (server):
+  nbd [-f FMT] [-r] [-x NAME] [-p PORT] [-b ADDR] [-k SOCKET] [-t] [-e N] [-A] [-l SNAPSHOT]
+      [--discard=unmap] [--fork] [--pid-file F] FILE      (no TLS)
+
 qemu-io compatible:
   io [-f FMT] [-r] [-U] [-c CMD]... [FILE] (read, write, aio_read, aio_write, aio_flush,
                                            discard, truncate, info, open, reopen, help, ...)
@@ -51,6 +56,10 @@ qemu-io compatible:
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    // Installed as qemu-nbd, the arguments are the nbd subcommand's.
+    if common::prog() == "qemu-nbd" {
+        return ExitCode::from(nbd::run(&argv));
+    }
     let Some(cmd) = argv.first() else {
         err!("{USAGE}");
         return ExitCode::from(1);
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
         "bitmap" => bitmap::run(rest),
         "dd" => dd::run(rest),
         "io" => io::run(rest),
+        "nbd" => nbd::run(rest),
         "-h" | "--help" | "help" => {
             out!("{USAGE}");
             0

@@ -1,0 +1,358 @@
+//! `qcow2kit nbd` side by side with qemu-nbd (errors, exit statuses, serving, --fork,
+//! --pid-file, one client unless -t), and qcow2kit opening images behind NBD servers
+//! (qemu-nbd and nbdkit exporting qcow2 files as raw bytes) as it opens local ones.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qcow2kit");
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+fn ok(prog: &str, args: &[&str]) -> String {
+    let o = run(prog, args);
+    assert!(o.status.success(), "{prog} {args:?}: {}", out(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn make_image(p: &Path) {
+    let p = p.to_str().expect("utf-8");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "32M"]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -z 2M 1M",
+            "-c",
+            "write -P 0xcd 10M 64k",
+            p,
+        ],
+    );
+}
+
+fn wait_for_socket(sock: &Path) {
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no socket {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn errors_match_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("a.qcow2");
+    make_image(&img);
+    let ip = img.to_str().expect("utf-8");
+    // Installed under qemu-nbd's name, it is qemu-nbd: the same words and statuses.
+    let alias = dir.path().join("qemu-nbd");
+    std::os::unix::fs::symlink(BIN, &alias).expect("symlink");
+    let alias = alias.to_str().expect("utf-8");
+    let cases: &[&[&str]] = &[
+        &["/nonexistent/x.qcow2"],
+        &[],
+        &["a", "b"],
+        &["-e", "-1", ip],
+        &["--discard=foo", ip],
+        &["-f", "vmdk2", ip],
+        &["-f", "qcow2", "/etc/passwd"],
+    ];
+    for args in cases {
+        let theirs = run("qemu-nbd", args);
+        let mine = run(alias, args);
+        assert_eq!(out(&mine), out(&theirs), "qemu-nbd {args:?}");
+        assert_eq!(
+            mine.status.code(),
+            theirs.status.code(),
+            "qemu-nbd {args:?}"
+        );
+    }
+    let help = ok(BIN, &["nbd", "--help"]);
+    assert!(
+        help.contains("TLS") && help.contains("Not supported"),
+        "{help}"
+    );
+    let o = run(BIN, &["nbd", "--tls-creds=tls0", ip]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(out(&o), "qcow2kit: TLS is not supported\n");
+}
+
+#[test]
+fn serves_one_client_then_exits_and_the_image_is_clean() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("a.qcow2");
+    make_image(&img);
+    let sock = dir.path().join("s");
+    let mut server = Command::new(BIN)
+        .args(["nbd", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .expect("server");
+    wait_for_socket(&sock);
+    let o = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 4M 1M",
+            "-c",
+            "read -P 0xab 0 1M",
+            &uri(&sock),
+        ],
+    );
+    assert!(
+        o.contains("wrote 1048576/1048576") && o.contains("read 1048576/1048576"),
+        "{o}"
+    );
+    // Without -t the server ends with its first client, flushing and closing the image.
+    assert!(wait_exit(&mut server).success());
+    assert!(!sock.exists(), "socket left behind");
+    let c = ok("qemu-img", &["check", img.to_str().expect("utf-8")]);
+    assert!(c.contains("No errors were found"), "{c}");
+    let r = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x42 4M 1M",
+            img.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(r.contains("read 1048576/1048576"), "{r}");
+}
+
+#[test]
+fn fork_pid_file_tcp_and_sigterm() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("a.qcow2");
+    make_image(&img);
+    let pid_file = dir.path().join("pid");
+    // A free port: bind port 0, note it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+        .to_string();
+    let o = run(
+        BIN,
+        &[
+            "nbd",
+            "--fork",
+            "-t",
+            "-e",
+            "2",
+            "-x",
+            "d",
+            "-p",
+            &port,
+            "--pid-file",
+            pid_file.to_str().expect("utf-8"),
+            img.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let pid = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .to_string();
+    let u = format!("nbd://127.0.0.1:{port}/d");
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x17 8M 64k", &u]);
+    // -t: still there after the first client.
+    let o = ok("qemu-io", &["-f", "raw", "-c", "read -P 0x17 8M 64k", &u]);
+    assert!(o.contains("read 65536/65536"), "{o}");
+    ok("kill", &["-TERM", &pid]);
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z ") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = ok("qemu-img", &["check", img.to_str().expect("utf-8")]);
+    assert!(c.contains("No errors were found"), "{c}");
+}
+
+/// A qcow2 image exported as raw bytes by an NBD server that is not ours.
+struct Foreign(Child, PathBuf);
+
+impl Foreign {
+    fn qemu_nbd(img: &Path, sock: &Path) -> Foreign {
+        let c = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-e", "0", "-k"])
+            .arg(sock)
+            .arg(img)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        wait_for_socket(sock);
+        Foreign(c, sock.to_path_buf())
+    }
+
+    fn nbdkit_file(img: &Path, sock: &Path) -> Foreign {
+        let c = Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(sock)
+            .arg("file")
+            .arg(img)
+            .spawn()
+            .expect("nbdkit");
+        wait_for_socket(sock);
+        Foreign(c, sock.to_path_buf())
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+#[test]
+fn client_reads_and_writes_qcow2_behind_qemu_nbd_and_nbdkit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (i, server) in ["qemu-nbd", "nbdkit"].into_iter().enumerate() {
+        let img = dir.path().join(format!("a{i}.qcow2"));
+        make_image(&img);
+        let ip = img.to_str().expect("utf-8");
+        let local_map = ok(BIN, &["map", "-f", "qcow2", "--output=json", ip]);
+        let local_raw = dir.path().join(format!("local{i}.raw"));
+        ok(
+            BIN,
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                ip,
+                local_raw.to_str().expect("utf-8"),
+            ],
+        );
+        // An export cannot grow: room for new clusters is made before it is served.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("image");
+        f.set_len(f.metadata().expect("meta").len() + (8 << 20))
+            .expect("pad");
+        drop(f);
+        let sock = dir.path().join(format!("s{i}"));
+        let f = match server {
+            "qemu-nbd" => Foreign::qemu_nbd(&img, &sock),
+            _ => Foreign::nbdkit_file(&img, &sock),
+        };
+        let u = uri(&sock);
+        let info = ok(BIN, &["info", "--output=json", &u]);
+        let j: serde_json::Value = serde_json::from_str(&info).expect("json");
+        assert_eq!(j["format"], "qcow2", "{server}: probed over the wire");
+        assert_eq!(j["virtual-size"], serde_json::json!(32 << 20), "{server}");
+        assert_eq!(
+            ok(BIN, &["map", "-f", "qcow2", "--output=json", &u]),
+            local_map,
+            "{server}"
+        );
+        let c = ok(BIN, &["check", "-f", "qcow2", &u]);
+        assert!(c.contains("No errors were found"), "{server}: {c}");
+        let remote_raw = dir.path().join(format!("remote{i}.raw"));
+        ok(
+            BIN,
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                &u,
+                remote_raw.to_str().expect("utf-8"),
+            ],
+        );
+        assert!(
+            std::fs::read(&remote_raw).expect("r") == std::fs::read(&local_raw).expect("l"),
+            "{server}"
+        );
+        // Writes through the wire, with cluster allocation, judged by qemu-img check.
+        let w = ok(
+            BIN,
+            &[
+                "io",
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x61 20M 1M",
+                "-c",
+                "write -z 0 64k",
+                &u,
+            ],
+        );
+        assert!(w.contains("wrote 1048576/1048576"), "{server}: {w}");
+        drop(f);
+        let c = ok("qemu-img", &["check", ip]);
+        assert!(c.contains("No errors were found"), "{server}: {c}");
+        let r = ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x61 20M 1M",
+                "-c",
+                "read -P 0 0 64k",
+                ip,
+            ],
+        );
+        assert_eq!(r.matches("read ").count(), 2, "{server}: {r}");
+        assert!(!r.contains("failed"), "{server}: {r}");
+    }
+}

@@ -1,0 +1,120 @@
+//! NBD (Network Block Device): a server that exports any [`BlockDevice`]
+//! and a client [`Storage`] that opens an image behind any NBD server.
+//!
+//! The server speaks the fixed newstyle handshake (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`,
+//! `STRUCTURED_REPLY`, `SET_META_CONTEXT`, `LIST_META_CONTEXT`, `ABORT`) and the commands
+//! `READ`, `WRITE` (with `FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE`, `FAST_ZERO`),
+//! `CACHE`, `BLOCK_STATUS` (`base:allocation`, `qemu:allocation-depth`) and `DISC`. It runs a
+//! thread per connection plus a few workers per connection, so several requests are in flight
+//! and replies may come out of order; the bytes held for requests in flight are capped per
+//! connection. No TLS: listen on loopback or a Unix socket.
+//!
+//! ```no_run
+//! use qcow2kit::nbd::{Export, Listener, Server};
+//! use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+//! use std::sync::Arc;
+//!
+//! let img = open("disk.qcow2".as_ref(), ImageFormat::Qcow2, &OpenOptions::default())?;
+//! let export = Export::new("disk", img.device.clone(), true);
+//! let server = Server::new(vec![Arc::new(export)], Listener::bind_unix("/tmp/nbd.sock".as_ref())?);
+//! server.run()?; // serves one client, then flushes and returns (as qemu-nbd without -t)
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
+
+mod client;
+mod handshake;
+pub mod proto;
+mod server;
+mod stream;
+mod transmit;
+mod uri;
+
+pub use client::NbdStorage;
+pub use server::{Listener, Server, ShutdownHandle, DEFAULT_HANDSHAKE_LIMIT};
+pub use stream::Stream;
+pub use transmit::serve_connection;
+pub use uri::{NbdAddress, DEFAULT_PORT};
+
+use crate::error::{Error, Result};
+use crate::io::Storage;
+use crate::BlockDevice;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Device and inode numbers, or for an NBD export a stand-in that identifies it.
+pub type FileId = (u64, u64);
+
+/// The storage of the NBD export `path` names when it is an NBD URI (`nbd://HOST[:PORT]/NAME`,
+/// `nbd+unix:///NAME?socket=PATH`), with an identity for backing-loop detection (device
+/// `u64::MAX`, a hash of the URI); `None` for any other name. Locking is the server's business.
+pub fn open_uri(path: &Path, writable: bool) -> Result<Option<(Arc<dyn Storage>, FileId)>> {
+    use std::hash::{Hash, Hasher};
+    let bytes = path.as_os_str().as_bytes();
+    if !NbdAddress::is_uri(bytes) {
+        return Ok(None);
+    }
+    let uri = String::from_utf8_lossy(bytes);
+    let s = NbdStorage::connect(&uri, writable)
+        .map_err(|e| Error::io(format!("opening '{uri}'"), e))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    uri.hash(&mut h);
+    Ok(Some((Arc::new(s), (u64::MAX, h.finish()))))
+}
+
+/// One export a server offers: a device under a name.
+pub struct Export {
+    /// The name clients ask for (`""` is qemu-nbd's default).
+    pub name: String,
+    /// A description shown to clients that ask (`NBD_INFO_DESCRIPTION`, `NBD_OPT_LIST`).
+    pub description: String,
+    /// The device served.
+    pub device: Arc<dyn BlockDevice>,
+    /// Refuse every write, zero write and trim with `EPERM` (and advertise `NBD_FLAG_READ_ONLY`).
+    pub read_only: bool,
+    /// Whether `NBD_CMD_TRIM` reaches the device (qemu-nbd's `--discard=unmap`); otherwise trims
+    /// succeed without effect, as qemu-nbd's default `--discard=ignore`.
+    pub discard: bool,
+    /// Offer the `qemu:allocation-depth` meta context (qemu-nbd's `-A`).
+    pub allocation_depth: bool,
+}
+
+impl Export {
+    /// An export of `device` named `name`, without trims reaching the device and without the
+    /// allocation-depth context.
+    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>, read_only: bool) -> Self {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            device,
+            read_only,
+            discard: false,
+            allocation_depth: false,
+        }
+    }
+
+    /// The transmission flags advertised for this export. Flushes are device-wide, so
+    /// `NBD_FLAG_CAN_MULTI_CONN` holds for every export (all connections share the one device).
+    pub fn transmission_flags(&self) -> u16 {
+        use proto::tflag::*;
+        let mut f = HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_DF | CAN_MULTI_CONN | SEND_CACHE;
+        if self.read_only {
+            f |= READ_ONLY;
+        } else {
+            f |= SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO;
+        }
+        f
+    }
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("size", &self.device.size())
+            .field("read_only", &self.read_only)
+            .field("discard", &self.discard)
+            .field("allocation_depth", &self.allocation_depth)
+            .finish()
+    }
+}
