@@ -491,3 +491,166 @@ fn unaligned_zero_writes_on_encrypted_images() {
         cfg.judge(dir.path(), &model);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Operations on encrypted images, judged by qemu-img (what tests/encryption.rs and
+// cli/tests/cli_encrypt.rs do not cover already): convert LUKS -> plain and plain -> LUKS
+// through the library, resize (grow and shrink), an internal snapshot's content as qemu-img
+// reads it, and `check -r leaks` of a LUKS image.
+
+/// `qemu-img ARGS… --object … --image-opts SPEC…` in `dir`, which must succeed.
+fn qemu_keyed(dir: &Path, args: &[&str], specs: &[&str]) -> String {
+    let all = [args, &["--object", SECRET, "--image-opts"][..], specs].concat();
+    qemu_img(&all, dir)
+}
+
+fn luks_spec(file: &str) -> String {
+    format!("driver=qcow2,file.filename={file},encrypt.key-secret=k")
+}
+
+#[test]
+fn convert_resize_snapshot_and_repair_encrypted_images() {
+    use qcow2kit::ops::check::{repair, RepairMode};
+    use qcow2kit::ops::convert::{convert_to_qcow2, Qcow2ConvertOptions};
+    let cfg = EncCfg {
+        qemu_create: true,
+        ..luks(64 * K, true)
+    };
+    let dir = scratch();
+    let d = dir.path();
+    cfg.create(d, 3);
+    let spec = luks_spec("img.qcow2");
+    let io = |cmds: &[&str]| {
+        let mut a = vec!["--object", SECRET, "--image-opts"];
+        for c in cmds {
+            a.extend(["-c", c]);
+        }
+        a.push(&spec);
+        qemu_io(&a, d);
+    };
+    io(&[
+        "write -P 0x11 0 300k",
+        "write -P 0x22 1M 70k",
+        "write -z 64k 64k",
+    ]);
+    let key = cfg.open_options(false);
+    let convert = |src: &str, enc: &OpenOptions, dst: &str, encrypt: bool| {
+        let s = qcow2kit::chain::open(&d.join(src), ImageFormat::Qcow2, enc).expect("source");
+        let o = Qcow2ConvertOptions {
+            create: CreateOptions {
+                encryption: encrypt.then(|| CreateEncryption {
+                    format: EncryptionFormat::Luks,
+                    passphrase: Passphrase::new(PW),
+                    luks: LuksCreateOptions {
+                        kdf: KdfCost::Iterations {
+                            master: 1000,
+                            slot: 1000,
+                        },
+                        ..LuksCreateOptions::default()
+                    },
+                }),
+                ..CreateOptions::default()
+            },
+            workers: 2,
+            zero_granularity: 4096,
+            compress: false,
+            progress: None,
+        };
+        convert_to_qcow2(s.device.as_ref(), &d.join(dst), &o).expect("convert");
+    };
+    // LUKS -> plain, then plain -> LUKS: each equal to the original as qemu-img reads them.
+    convert("img.qcow2", &key, "plain.qcow2", false);
+    qemu_keyed(
+        d,
+        &["compare"],
+        &[&spec, "driver=qcow2,file.filename=plain.qcow2"],
+    );
+    assert_check_clean(d, "plain.qcow2", "converted from LUKS");
+    let info = qemu_img(&["info", "plain.qcow2"], d);
+    assert!(!info.contains("encrypted"), "{info}");
+    convert(
+        "plain.qcow2",
+        &OpenOptions::qemu_compatible(),
+        "back.qcow2",
+        true,
+    );
+    qemu_keyed(d, &["compare"], &[&spec, &luks_spec("back.qcow2")]);
+    qemu_keyed(d, &["check"], &[&luks_spec("back.qcow2")]);
+    let info = qemu_img(&["info", "back.qcow2"], d);
+    assert!(info.contains("format: luks"), "{info}");
+    // The plaintext of the first write is nowhere in the re-encrypted file.
+    let file = fs::read(d.join("back.qcow2")).unwrap();
+    assert!(!file.windows(512).any(|w| w.iter().all(|&b| b == 0x11)));
+
+    // A snapshot, then changes, a grow and a shrink: qemu-img reads the snapshot as it was
+    // and the active image as the model says.
+    let before = qcow2kit::chain::open(&d.join("img.qcow2"), ImageFormat::Qcow2, &key)
+        .map(|o| read_all(o.device.as_ref()))
+        .expect("reading the image");
+    {
+        let o = qcow2kit::chain::open(
+            &d.join("img.qcow2"),
+            ImageFormat::Qcow2,
+            &cfg.open_options(true),
+        )
+        .expect("open rw");
+        let q = o.qcow2.as_ref().expect("qcow2");
+        q.create_snapshot(&qcow2kit::NewSnapshot::now("s1"))
+            .expect("snapshot");
+        o.device.write_at(&[0x33; 1000], 100).expect("write");
+        q.resize(cfg.size + 3 * M + 512, false).expect("grow");
+        o.device
+            .write_at(&[0x44; 5000], cfg.size + 2 * M)
+            .expect("write past the old end");
+        q.resize(M + 512, true).expect("shrink");
+        o.close().expect("close");
+    }
+    let mut model = before.clone();
+    model[100..1100].fill(0x33);
+    model.truncate((M + 512) as usize);
+    qemu_keyed(d, &["convert", "-O", "raw"], &[&spec, "now.raw"]);
+    assert_same(&fs::read(d.join("now.raw")).unwrap(), &model, 0, "resized");
+    qemu_keyed(
+        d,
+        &["convert", "-l", "snapshot.name=s1", "-O", "raw"],
+        &[&spec, "s1.raw"],
+    );
+    // qemu-img's `-l` export keeps the active image's (shrunk) size: the snapshot's data is
+    // judged up to it.
+    let s1 = fs::read(d.join("s1.raw")).unwrap();
+    assert_eq!(s1.len(), model.len(), "qemu-img's export of the snapshot");
+    assert_same(&s1, &before[..model.len()], 0, "snapshot");
+    qemu_keyed(d, &["check"], &[&spec]);
+
+    // A leaked cluster (one more at the end of the file, its refcount 1): qemu-img sees it,
+    // the library's repair frees it, the data and the key material are untouched.
+    let path = d.join("img.qcow2");
+    let mut bytes = fs::read(&path).unwrap();
+    let rt = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
+    let block = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
+    let idx = bytes.len() / (64 * K) as usize;
+    assert!(
+        idx < 32 * K as usize,
+        "the cluster is in the first refcount block"
+    );
+    bytes[block + 2 * idx..block + 2 * idx + 2].copy_from_slice(&1u16.to_be_bytes());
+    bytes.resize(bytes.len() + (64 * K) as usize, 0);
+    fs::write(&path, &bytes).unwrap();
+    let o = tool(
+        QEMU_IMG,
+        &["check", "--object", SECRET, "--image-opts", &spec],
+        d,
+    );
+    assert!(o.code == 3 && o.stdout.contains("1 leaked clusters"), "{o}");
+    let storage = qcow2kit::io::FileStorage::open(&path, true).expect("open the file");
+    repair(&storage, RepairMode::Leaks).expect("repair");
+    drop(storage);
+    qemu_keyed(d, &["check"], &[&spec]);
+    qemu_keyed(d, &["convert", "-O", "raw"], &[&spec, "repaired.raw"]);
+    assert_same(
+        &fs::read(d.join("repaired.raw")).unwrap(),
+        &model,
+        0,
+        "repaired",
+    );
+}
