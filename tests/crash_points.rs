@@ -2053,4 +2053,7 @@ fn the_encrypted_judge_decrypts() {
         Err(Error::EncryptedNoKey { method: "luks" })
     ));
     judge(bytes, &model, &p, &w, true).expect("the finished image is sound");
+    // The starting image lacks every flushed write: the decrypting judge rejects it.
+    let r = judge((p.initial.clone(), None), &model, &p, &w, false);
+    assert!(r.is_err(), "a stale encrypted image passed the judge");
 }
