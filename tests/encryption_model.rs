@@ -51,6 +51,8 @@ struct EncCfg {
     /// A qcow2 backing file (64 KiB clusters, 3/4 of the size, data written by qemu-io).
     backing: bool,
     which: Encrypted,
+    /// More `-o` options of qemu-img create for the encrypted layer (cipher choices).
+    cipher_options: &'static str,
 }
 
 impl EncCfg {
@@ -106,6 +108,9 @@ impl EncCfg {
         let mut o = format!("encrypt.format={},encrypt.key-secret=k", self.format);
         if self.format == "luks" {
             o.push_str(",encrypt.iter-time=10");
+        }
+        if !self.cipher_options.is_empty() {
+            o = format!("{o},{}", self.cipher_options);
         }
         o
     }
@@ -238,6 +243,15 @@ impl EncCfg {
                 "{file} is not {} encrypted: {info}",
                 self.format
             );
+            // `encrypt.cipher-alg=aes-128` shows as `cipher alg: aes-128`.
+            for kv in self.cipher_options.split(',').filter(|kv| !kv.is_empty()) {
+                let (k, v) = kv.split_once('=').expect("key=value");
+                let line = format!(
+                    "{}: {v}",
+                    k.trim_start_matches("encrypt.").replace('-', " ")
+                );
+                assert!(info.contains(&line), "{file}: no `{line}` in {info}");
+            }
         }
     }
 
@@ -374,6 +388,7 @@ fn luks(cluster: u64, qemu_create: bool) -> EncCfg {
         qemu_create,
         backing: false,
         which: Encrypted::Top,
+        cipher_options: "",
     }
 }
 
@@ -413,6 +428,17 @@ fn luks_extended_l2_64k_ours() {
         ..luks(64 * K, false)
     };
     model_test("luks_extended_l2_64k_ours", cfg, (80, 250));
+}
+
+/// LUKS with aes-128-cbc-essiv (sha256), qemu-img's other IV generator, on 4 KiB clusters.
+#[test]
+fn luks_aes128_cbc_essiv_qemu_created_4k() {
+    let cfg = EncCfg {
+        cipher_options:
+            "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        ..luks(4 * K, true)
+    };
+    model_test("luks_aes128_cbc_essiv_qemu_created_4k", cfg, (80, 300));
 }
 
 /// An encrypted overlay on a plain qcow2 base: copy-on-write reads plaintext from the base
