@@ -39,6 +39,30 @@ enum Encrypted {
     Base,
 }
 
+/// The images `qemu-img create` made, by their options: every LUKS create calibrates PBKDF2
+/// for about a second, so each configuration's image is made once and copied for each stream
+/// (the copies share their master key, which the tests do not mind).
+static CREATED: std::sync::Mutex<Vec<(String, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+
+/// `qemu-img create -f qcow2 -o OPTIONS BACKING… NAME SIZE` in `dir` (with the secret
+/// defined), or a copy of the image an identical command made before.
+fn qemu_create(dir: &Path, options: &str, backing: &[&str], name: &str, size: &str) {
+    let key = format!("{options} {backing:?} {size}");
+    let mut made = CREATED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, bytes)) = made.iter().find(|(k, _)| *k == key) {
+        fs::write(dir.join(name), bytes).expect("copying a created image");
+        return;
+    }
+    let mut args = vec![
+        "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", options,
+    ];
+    args.extend(backing);
+    args.extend([name, size]);
+    qemu_img(&args, dir);
+    let bytes = fs::read(dir.join(name)).expect("reading a created image");
+    made.push((key, bytes));
+}
+
 #[derive(Debug, Clone)]
 struct EncCfg {
     /// `luks` or `aes`.
@@ -103,11 +127,13 @@ impl EncCfg {
         o
     }
 
-    /// `-o` of qemu-img create for an encrypted image of this format.
+    /// `-o` of qemu-img create for an encrypted image of this format. One millisecond of
+    /// PBKDF2 (about 4000 slot iterations here): unoptimised test builds unlock at a fraction
+    /// of QEMU's speed, and every open unlocks.
     fn qemu_encrypt_options(&self) -> String {
         let mut o = format!("encrypt.format={},encrypt.key-secret=k", self.format);
         if self.format == "luks" {
-            o.push_str(",encrypt.iter-time=10");
+            o.push_str(",encrypt.iter-time=1");
         }
         if !self.cipher_options.is_empty() {
             o = format!("{o},{}", self.cipher_options);
@@ -123,21 +149,7 @@ impl EncCfg {
             o = format!("{o},{}", self.qemu_encrypt_options());
         }
         let size = bsize.to_string();
-        qemu_img(
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                SECRET,
-                "-o",
-                &o,
-                "base.qcow2",
-                &size,
-            ],
-            dir,
-        );
+        qemu_create(dir, &o, &[], "base.qcow2", &size);
         let mut rng = Rng(seed ^ 0xba5e);
         let mut args: Vec<String> = vec!["--object".into(), SECRET.into(), "--image-opts".into()];
         for _ in 0..16 {
@@ -171,12 +183,12 @@ impl EncCfg {
                 o = format!("{o},{}", self.qemu_encrypt_options());
             }
             let size = self.size.to_string();
-            let mut args = vec!["create", "-q", "-f", "qcow2", "--object", SECRET, "-o", &o];
-            if self.backing {
-                args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
-            }
-            args.extend(["img.qcow2", &size]);
-            qemu_img(&args, dir);
+            let backing: &[&str] = if self.backing {
+                &["-b", "base.qcow2", "-F", "qcow2"]
+            } else {
+                &[]
+            };
+            qemu_create(dir, &o, backing, "img.qcow2", &size);
         } else {
             let format = match self.format {
                 "luks" => EncryptionFormat::Luks,
