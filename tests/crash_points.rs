@@ -53,17 +53,19 @@ mod crash_helpers;
 mod write_helpers;
 
 use crash_helpers::{crash_points, crash_seed, failure_points, no_corruption, summary, Tally};
+use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
+use qcow2kit::crypto::{EncryptionFormat, Passphrase};
 use qcow2kit::io::testing::{
     Choice, CrashPoint, CrashStorage, FailingStorage, Fault, OpCounts, OpKind,
 };
 use qcow2kit::io::{MemoryStorage, Storage};
 use qcow2kit::ops::check::check;
 use qcow2kit::ops::convert::{convert_into, Qcow2ConvertOptions};
-use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateOptions};
+use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateEncryption, CreateOptions};
 use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options, RawImage, SnapshotRef};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
-use write_helpers::{scratch, tool, K, M, QEMU_IMG};
+use write_helpers::{scratch, tool, ToolOut, K, M, QEMU_IMG};
 
 const SECTOR: u64 = 512;
 /// Content tag: all zeros.
@@ -386,6 +388,8 @@ struct Prepared {
     data_initial: Option<Vec<u8>>,
     /// Each snapshot's name and the content of its sectors (exact: a snapshot never changes).
     snapshots: Vec<(String, Vec<u32>)>,
+    /// The image is encrypted under [`PW`].
+    encrypted: bool,
 }
 
 /// Deterministic randomness for building workloads.
@@ -406,11 +410,34 @@ impl Rng {
     }
 }
 
-fn rw() -> Qcow2Options {
-    Qcow2Options {
-        writable: true,
+/// The passphrase of the encrypted workloads' images.
+const PW: &str = "crash pass";
+
+/// Options opening the image of `p`: with the passphrase when it is encrypted.
+fn image_options(p: &Prepared, writable: bool) -> Qcow2Options {
+    let mut o = Qcow2Options {
+        writable,
         ..Qcow2Options::default()
+    };
+    if p.encrypted {
+        o.encryption.passphrase = Some(Passphrase::new(PW));
     }
+    o
+}
+
+/// LUKS (aes-256-xts-plain64, cheap key slots) or legacy AES encryption under [`PW`].
+fn encryption(format: EncryptionFormat) -> Option<CreateEncryption> {
+    Some(CreateEncryption {
+        format,
+        passphrase: Passphrase::new(PW),
+        luks: LuksCreateOptions {
+            kdf: KdfCost::Iterations {
+                master: 1000,
+                slot: 1000,
+            },
+            ..LuksCreateOptions::default()
+        },
+    })
 }
 
 /// The sectors a step changes and the content each gets (`None` for steps handled apart).
@@ -482,9 +509,9 @@ struct RunOutcome {
     img: Option<Qcow2Image>,
 }
 
-fn open_image(media: &Media, backing: &Option<Arc<dyn BlockDevice>>) -> Result<Qcow2Image, Error> {
-    let mut img = Qcow2Image::open(media.image.clone(), &rw())?;
-    img.set_backing(backing.clone());
+fn open_image(media: &Media, p: &Prepared) -> Result<Qcow2Image, Error> {
+    let mut img = Qcow2Image::open(media.image.clone(), &image_options(p, true))?;
+    img.set_backing(p.backing.clone());
     if let Some(d) = &media.data {
         img.set_data_file(d.clone());
     }
@@ -509,7 +536,7 @@ fn run_step(
         dev.close()?;
         model.flushed();
         probe.drop_closed(dev);
-        *img = Some(open_image(storage, &p.backing)?);
+        *img = Some(open_image(storage, p)?);
         return Ok(());
     }
     let Some(dev) = img.as_ref() else {
@@ -615,7 +642,7 @@ fn run_steps(
     probe: &mut DropProbe<'_>,
 ) -> RunOutcome {
     let mut out = RunOutcome::default();
-    let mut img = match open_image(&storage, &p.backing) {
+    let mut img = match open_image(&storage, p) {
         Ok(i) => Some(i),
         Err(e) => {
             out.errors.push(format!("open: {e}"));
@@ -711,6 +738,7 @@ fn prepare(w: &Workload) -> Prepared {
             lazy: false,
             data_initial: None,
             snapshots: Vec::new(),
+            encrypted: false,
         };
         let out = run_steps(
             Media::new(mem.clone(), None),
@@ -752,6 +780,7 @@ fn prepare(w: &Workload) -> Prepared {
         lazy: w.create.lazy_refcounts,
         data_initial: None,
         snapshots: Vec::new(),
+        encrypted: w.create.encryption.is_some(),
     };
     let mut model = p.model.clone();
     let out = run_steps(
@@ -777,7 +806,7 @@ fn prepare(w: &Workload) -> Prepared {
         let dir = scratch();
         let path = dir.path().join("img.qcow2");
         std::fs::write(&path, &p.initial).expect("write image");
-        let o = tool(QEMU_IMG, &["snapshot", "-c", name, "img.qcow2"], dir.path());
+        let o = qemu_img_on_image(&["snapshot", "-c", name], p.encrypted, dir.path());
         assert_eq!(o.code, 0, "qemu-img snapshot -c {name}: {o}");
         let bytes = std::fs::read(&path).expect("read image");
         let tags = model.live[..(w.size / SECTOR) as usize]
@@ -810,6 +839,19 @@ fn prepare(w: &Workload) -> Prepared {
 // ---------------------------------------------------------------------------------------------
 // Judging an image.
 
+/// Runs `qemu-img ARGS… img.qcow2` in `dir`, with the key when the image is encrypted.
+fn qemu_img_on_image(args: &[&str], encrypted: bool, dir: &std::path::Path) -> ToolOut {
+    let secret = format!("secret,id=k,data={PW}");
+    let image = "driver=qcow2,file.filename=img.qcow2,encrypt.key-secret=k";
+    let mut all = args.to_vec();
+    if encrypted {
+        all.extend(["--object", &secret, "--image-opts", image]);
+    } else {
+        all.extend(["-f", "qcow2", "img.qcow2"]);
+    }
+    tool(QEMU_IMG, &all, dir)
+}
+
 /// Runs `qemu-img check` on `bytes` (with the backing file beside it).
 fn qemu_check(bytes: &[u8], data: Option<&[u8]>, p: &Prepared, w: &Workload) -> Result<(), String> {
     let dir = scratch();
@@ -821,7 +863,7 @@ fn qemu_check(bytes: &[u8], data: Option<&[u8]>, p: &Prepared, w: &Workload) -> 
     if let (Some((kind, _)), Some(b)) = (w.backing, &p.backing_bytes) {
         std::fs::write(dir.path().join(backing_file_name(kind)), b).map_err(|e| e.to_string())?;
     }
-    let o = tool(QEMU_IMG, &["check", "-f", "qcow2", "img.qcow2"], dir.path());
+    let o = qemu_img_on_image(&["check"], p.encrypted, dir.path());
     if o.code == 0 || o.code == 3 {
         Ok(())
     } else {
@@ -853,7 +895,7 @@ fn judge(
         }
         check_snapshots(&mem, p).map_err(|e| format!("post-crash image: {e}"))?;
     }
-    let img = open_image(&media, &p.backing).map_err(|e| format!("open fails: {e}"))?;
+    let img = open_image(&media, p).map_err(|e| format!("open fails: {e}"))?;
     let size = img.size();
     if !model.durable_sizes.contains(&size) {
         return Err(format!("size {size} is none of {:?}", model.durable_sizes));
@@ -883,7 +925,7 @@ fn check_snapshots(mem: &Arc<MemoryStorage>, p: &Prepared) -> Result<(), String>
     for (name, tags) in &p.snapshots {
         let o = Qcow2Options {
             snapshot: Some(SnapshotRef::Name(name.clone())),
-            ..Qcow2Options::default()
+            ..image_options(p, false)
         };
         let mut img = Qcow2Image::open(mem.clone(), &o)
             .map_err(|e| format!("snapshot {name} does not open: {e}"))?;
@@ -1885,4 +1927,133 @@ fn the_judge_rejects_changed_snapshots_and_stale_data_files() {
     assert_ne!(data, p.data_initial, "the workload writes to the data file");
     judge((image.clone(), data), &model, &p, &w, false).expect("the finished image is sound");
     assert!(judge((image, p.data_initial.clone()), &model, &p, &w, false).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encrypted images: the same judge, opening with the key (the sectors it checks are the
+// decrypted ones; `qemu-img check` and `snapshot -c` get the key too).
+
+/// `w` on an image encrypted with `format`. Debug builds keep the first [`DEBUG_LUKS_STEPS`]
+/// steps of a LUKS workload: every judged open unlocks a key slot, which unoptimised code
+/// takes tens of milliseconds to do.
+fn encrypted(mut w: Workload, format: EncryptionFormat) -> Workload {
+    w.create.encryption = encryption(format);
+    if DEBUG && format == EncryptionFormat::Luks {
+        w.steps.truncate(DEBUG_LUKS_STEPS);
+    }
+    w
+}
+
+/// See [`encrypted`].
+const DEBUG_LUKS_STEPS: usize = 6;
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "slow unoptimised (a key-slot unlock per judged open): run with --release"
+)]
+fn luks_writes_zero_writes_and_discards() {
+    run(encrypted(
+        workload_plain("luks_zero_discard", opts(4 * K, Compat::V3), true, 21),
+        EncryptionFormat::Luks,
+    ));
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "slow unoptimised (a key-slot unlock per judged open): run with --release"
+)]
+fn luks_cow_over_plain_qcow2_backing() {
+    run(encrypted(
+        workload_backing("luks_cow_backing", Compat::V3, BackingKind::Qcow2, 22),
+        EncryptionFormat::Luks,
+    ));
+}
+
+/// Sub-sector guest writes are widened to whole sectors of ciphertext (read, decrypt, merge,
+/// encrypt): a crash leaves each sector old or new, never a torn mix of plaintexts.
+#[test]
+fn luks_sub_sector_writes() {
+    run(encrypted(
+        workload_sub_sector("luks_sub_sector", opts(4 * K, Compat::V3), 23),
+        EncryptionFormat::Luks,
+    ));
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "slow unoptimised (a key-slot unlock per judged open): run with --release"
+)]
+fn luks_cow_over_snapshots() {
+    run(encrypted(
+        workload_snapshots(
+            "luks_snapshots",
+            opts(4 * K, Compat::V3),
+            128 * K,
+            false,
+            24,
+        ),
+        EncryptionFormat::Luks,
+    ));
+}
+
+#[test]
+fn legacy_aes_writes_zero_writes_and_discards() {
+    run(encrypted(
+        workload_plain("aes_zero_discard", opts(4 * K, Compat::V3), true, 25),
+        EncryptionFormat::Aes,
+    ));
+}
+
+/// The judge of the encrypted workloads reads decrypted data: the finished image holds none of
+/// the workload's plaintext sectors, does not open without the key, and passes the judge with it.
+#[test]
+fn the_encrypted_judge_decrypts() {
+    let w = encrypted(
+        workload_plain("judge_luks", opts(4 * K, Compat::V3), false, 26),
+        EncryptionFormat::Luks,
+    );
+    let p = prepare(&w);
+    let (s, d, media) = crash_media(&p, None);
+    let mut model = p.model.clone();
+    let out = run_steps(
+        media,
+        &w.steps,
+        &mut model,
+        &p,
+        true,
+        false,
+        &mut DropProbe::none(),
+    );
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let bytes = durable(&s, &d);
+    let words: std::collections::HashSet<[u8; 8]> = model
+        .durable
+        .iter()
+        .enumerate()
+        .filter(|(_, set)| set[0] != ZERO)
+        .map(|(sector, set)| word(set[0], sector as u64).to_be_bytes())
+        .collect();
+    assert!(words.len() > 50, "the workload writes data");
+    let plain = bytes
+        .0
+        .chunks(8)
+        .filter(|c| c.len() == 8 && words.contains(*c))
+        .count();
+    assert_eq!(
+        plain, 0,
+        "plaintext words of the guest data are in the file"
+    );
+    let mem = Arc::new(MemoryStorage::from_bytes(bytes.0.clone()));
+    let plain_opts = Qcow2Options::default();
+    assert!(matches!(
+        Qcow2Image::open(mem, &plain_opts),
+        Err(Error::EncryptedNoKey { method: "luks" })
+    ));
+    judge(bytes, &model, &p, &w, true).expect("the finished image is sound");
+    // The starting image lacks every flushed write: the decrypting judge rejects it.
+    let r = judge((p.initial.clone(), None), &model, &p, &w, false);
+    assert!(r.is_err(), "a stale encrypted image passed the judge");
 }

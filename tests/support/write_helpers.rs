@@ -421,9 +421,31 @@ pub(crate) struct Live {
     pub(crate) path: PathBuf,
     pub(crate) opened: Option<Opened>,
     pub(crate) l2_cache_bytes: Option<usize>,
+    /// Options of every (re)open instead of [`open_rw_cache`]'s (keys of encrypted images).
+    pub(crate) options: Option<OpenOptions>,
 }
 
 impl Live {
+    /// Opens `path` (and reopens it) with `options`.
+    pub(crate) fn open_with(path: &Path, options: OpenOptions) -> Live {
+        let mut live = Live {
+            path: path.to_path_buf(),
+            opened: None,
+            l2_cache_bytes: None,
+            options: Some(options),
+        };
+        live.opened = Some(live.reopen());
+        live
+    }
+
+    fn reopen(&self) -> Opened {
+        match &self.options {
+            Some(o) => open(&self.path, ImageFormat::Qcow2, o)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", self.path.display())),
+            None => open_rw_cache(&self.path, self.l2_cache_bytes),
+        }
+    }
+
     pub(crate) fn open(path: &Path) -> Live {
         Live::open_cache(path, None)
     }
@@ -433,6 +455,7 @@ impl Live {
             path: path.to_path_buf(),
             opened: Some(open_rw_cache(path, l2_cache_bytes)),
             l2_cache_bytes,
+            options: None,
         }
     }
 
@@ -458,7 +481,7 @@ impl Live {
             Op::Flush => self.dev().flush(),
             Op::Reopen => {
                 self.close();
-                self.opened = Some(open_rw_cache(&self.path, self.l2_cache_bytes));
+                self.opened = Some(self.reopen());
                 Ok(())
             }
             Op::Grow { new_size } => self
