@@ -21,6 +21,7 @@ mod io;
 mod localtime;
 mod map;
 mod progress;
+mod qemu_errors;
 mod qjson;
 mod rebase;
 mod resize;
