@@ -42,11 +42,11 @@ pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
 /// Parses the header and its extensions from the first bytes of an image (normally its first
 /// cluster) in QEMU's order: the header's own fields, incompatible feature bits this
 /// implementation does not know (named from the image's feature-name table where it has
-/// them), the tables as a check's open sees them ([`Header::check_open_for_check`]), then the
-/// extensions.
+/// them), the tables as a check's open sees them ([`Header::check_open_for_check`]), the
+/// extensions, then the backing file name's length.
 ///
 /// Extensions end at the backing file name and never past cluster 0 (QEMU refuses a
-/// `backing_file_offset` beyond it; [`Header::validate`](header::Header::validate) reports that).
+/// `backing_file_offset` beyond it, and so does [`Header::parse`](header::Header::parse)).
 pub fn parse_first_cluster(
     first: &[u8],
 ) -> Result<(header::Header, extension::Extensions), crate::error::Corruption> {
@@ -87,5 +87,6 @@ pub fn parse_first_cluster(
     // QEMU checks the header's tables before it reads the extensions.
     header.check_open_for_check()?;
     let extensions = extension::Extensions::parse(area)?;
+    header.check_backing_name()?;
     Ok((header, extensions))
 }
