@@ -77,12 +77,10 @@ pub fn corruption_text(c: &Corruption) -> Option<String> {
                 _ => return None,
             }
         }
-        Corruption::BadExtension { rule, .. } => match *rule {
-            extension::EXTENSION_HEADER_CROSSES_END | extension::EXTENSION_TOO_LARGE => {
-                "Header extension too large".to_string()
-            }
-            _ => return None,
-        },
+        Corruption::BadExtension {
+            rule: extension::EXTENSION_HEADER_CROSSES_END | extension::EXTENSION_TOO_LARGE,
+            ..
+        } => "Header extension too large".to_string(),
         Corruption::BadSnapshot { index, rule } if *rule == snapshot::EXTRA_DATA_TOO_LARGE => {
             format!(
                 "Too much extra metadata in snapshot table entry {index}\n\
