@@ -723,4 +723,45 @@ mod tests {
         h.refcount_order = 7;
         assert!(h.validate(1 << 20).is_err());
     }
+
+    #[test]
+    fn qemu_check_order() {
+        let rule_of = |r: Result<(), Corruption>| match r {
+            Err(Corruption::BadField { rule, .. } | Corruption::BadTable { rule, .. }) => rule,
+            other => panic!("unexpected {other:?}"),
+        };
+        // A header length past the cluster that is also not a multiple of 8.
+        let mut b = sample_v3().encode();
+        b[100..104].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+        assert_eq!(
+            rule_of(Header::parse(&b).map(|_| ())),
+            HEADER_EXCEEDS_CLUSTER
+        );
+        // The backing file offset is checked with the header, before any table.
+        let mut h = sample_v3();
+        h.backing_file_offset = u64::MAX;
+        h.l1_table_offset = 1;
+        assert_eq!(
+            rule_of(Header::parse(&h.encode()).map(|_| ())),
+            BACKING_OFFSET_INVALID
+        );
+        // An empty snapshot table must still be cluster-aligned.
+        let mut h = sample_v3();
+        h.snapshots_offset = 0x1234;
+        assert_eq!(rule_of(h.check_open()), TABLE_OFFSET_INVALID);
+        h.check_open_for_check()
+            .expect("a check does not look at snapshots");
+        // A table ending past 2^63 is an invalid offset before it is past the file end.
+        let mut h = sample_v3();
+        h.l1_table_offset = 0x7fff_ffff_ffff_0000;
+        h.l1_size = 0xffff;
+        assert_eq!(rule_of(h.validate(1 << 20)), TABLE_OFFSET_INVALID);
+        // The refcount table is checked before the L1 table.
+        h.refcount_table_clusters = u32::MAX;
+        assert_eq!(rule_of(h.validate(1 << 20)), TABLE_TOO_LARGE);
+        // A virtual size needing more than i32::MAX L1 entries.
+        let mut h = sample_v3();
+        h.size = 1 << 62;
+        assert_eq!(rule_of(h.check_open()), IMAGE_TOO_BIG);
+    }
 }

@@ -42,7 +42,7 @@ pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
 /// Parses the header and its extensions from the first bytes of an image (normally its first
 /// cluster) in QEMU's order: the header's own fields, incompatible feature bits this
 /// implementation does not know (named from the image's feature-name table where it has
-/// them), the tables as a check's open sees them ([`Header::check_open_for_check`]), the
+/// them), the tables as a check's open sees them ([`Header::check_open_for_check`](header::Header::check_open_for_check)), the
 /// extensions, then the backing file name's length.
 ///
 /// Extensions end at the backing file name and never past cluster 0 (QEMU refuses a
