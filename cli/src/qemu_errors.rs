@@ -64,6 +64,17 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
 pub fn corruption_text(c: &Corruption) -> Option<String> {
     Some(match c {
         Corruption::BadField { field, value, rule } => field_text(field, *value, rule)?,
+        Corruption::BadTable {
+            table: "snapshot L1 table",
+            rule,
+            ..
+        } => match *rule {
+            header::SNAPSHOT_L1_TOO_LARGE => "Snapshot L1 table too large".to_string(),
+            header::TABLE_MISALIGNED | header::TABLE_OVERFLOWS => {
+                "Snapshot L1 table offset invalid".to_string()
+            }
+            _ => return None,
+        },
         Corruption::BadTable { table, rule, .. } => {
             let name = match *table {
                 "refcount table" => "Reference count table",

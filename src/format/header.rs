@@ -177,6 +177,12 @@ pub const TABLE_TOO_LARGE: &str = "larger than QEMU's limit for it";
 /// Rule of a table whose offset is not cluster-aligned or whose end lies past 2^63 (QEMU:
 /// "TABLE offset invalid").
 pub const TABLE_OFFSET_INVALID: &str = "offset is not cluster-aligned or the table ends past 2^63";
+/// Rule of [`check_table`] for a table whose offset is not a multiple of the cluster size.
+pub const TABLE_MISALIGNED: &str = "offset is not cluster-aligned";
+/// Rule of [`check_table`] for a table whose end overflows 64 bits.
+pub const TABLE_OVERFLOWS: &str = "offset + size overflows";
+/// Rule of a snapshot's L1 table over QEMU's 32 MiB (QEMU: "Snapshot L1 table too large").
+pub const SNAPSHOT_L1_TOO_LARGE: &str = "larger than 32 MiB";
 /// Rule of a virtual size whose L1 table would need over 2^31 entries (QEMU: "Image is too
 /// big").
 pub const IMAGE_TOO_BIG: &str = "virtual size is too large for any L1 table";
@@ -553,19 +559,14 @@ pub fn check_table(
     file_end: u64,
 ) -> Result<(), Corruption> {
     if offset % cluster_size != 0 {
-        return Err(bad_table(
-            table,
-            offset,
-            size,
-            "offset is not cluster-aligned",
-        ));
+        return Err(bad_table(table, offset, size, TABLE_MISALIGNED));
     }
     if offset == 0 && size > 0 {
         return Err(bad_table(table, offset, size, "overlaps the image header"));
     }
     let end = offset
         .checked_add(size)
-        .ok_or_else(|| bad_table(table, offset, size, "offset + size overflows"))?;
+        .ok_or_else(|| bad_table(table, offset, size, TABLE_OVERFLOWS))?;
     if end > file_end {
         return Err(bad_table(
             table,
