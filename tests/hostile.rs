@@ -10,6 +10,7 @@ use flate2::Compression;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use qcow2kit::chain::{self, ImageFormat, OpenOptions};
+use qcow2kit::format::header;
 use qcow2kit::io::{FileStorage, MemoryStorage, Storage};
 use qcow2kit::{BlockDevice, Corruption, Error, Qcow2Image, Qcow2Options, SnapshotRef};
 use std::fs;
@@ -621,7 +622,7 @@ fn l1_larger_than_32_mib() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "L1 table",
-            rule: "larger than 32 MiB",
+            rule: header::TABLE_TOO_LARGE,
             ..
         })
     );
@@ -632,7 +633,7 @@ fn l1_larger_than_32_mib() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "L1 table",
-            rule: "larger than 32 MiB",
+            rule: header::TABLE_TOO_LARGE,
             ..
         })
     );
@@ -675,7 +676,7 @@ fn l1_offset_rules() {
             good + 512,
             1,
             "L1 offset misaligned",
-            "offset is not cluster-aligned",
+            header::TABLE_OFFSET_INVALID,
         ),
         (
             1 << 40,
@@ -694,7 +695,7 @@ fn l1_offset_rules() {
             !(CS - 1),
             8192,
             "L1 offset + size overflows u64",
-            "offset + size overflows",
+            header::TABLE_OFFSET_INVALID,
         ),
     ];
     for (off, l1_size, what, want) in cases {
@@ -743,7 +744,7 @@ fn refcount_table_rules() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "refcount table",
-            rule: "larger than 8 MiB",
+            rule: header::TABLE_TOO_LARGE,
             ..
         })
     );
@@ -753,7 +754,7 @@ fn refcount_table_rules() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "refcount table",
-            rule: "larger than 8 MiB",
+            rule: header::TABLE_TOO_LARGE,
             ..
         })
     );
@@ -765,7 +766,7 @@ fn refcount_table_rules() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "refcount table",
-            rule: "offset is not cluster-aligned",
+            rule: header::TABLE_OFFSET_INVALID,
             ..
         })
     );
@@ -806,9 +807,9 @@ fn too_many_snapshots() {
     let e = open_fails("nb_snapshots 65537", &p);
     assert_matches!(
         e,
-        Error::Corrupt(Corruption::BadField {
-            field: "nb_snapshots",
-            value: 65_537,
+        Error::Corrupt(Corruption::BadTable {
+            table: "snapshot table",
+            rule: header::TABLE_TOO_LARGE,
             ..
         })
     );
@@ -816,8 +817,9 @@ fn too_many_snapshots() {
     let e = open_fails("nb_snapshots u32::MAX", &p);
     assert_matches!(
         e,
-        Error::Corrupt(Corruption::BadField {
-            field: "nb_snapshots",
+        Error::Corrupt(Corruption::BadTable {
+            table: "snapshot table",
+            rule: header::TABLE_TOO_LARGE,
             ..
         })
     );
@@ -834,7 +836,7 @@ fn snapshot_table_offset_rules() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "snapshot table",
-            rule: "offset is not cluster-aligned",
+            rule: header::TABLE_OFFSET_INVALID,
             ..
         })
     );
@@ -856,7 +858,7 @@ fn snapshot_table_offset_rules() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "snapshot table",
-            rule: "offset + size overflows",
+            rule: header::TABLE_OFFSET_INVALID,
             ..
         })
     );
@@ -979,7 +981,7 @@ fn snapshot_l1_too_big_only_fails_that_snapshot() {
         e,
         Error::Corrupt(Corruption::BadTable {
             table: "snapshot L1 table",
-            rule: "larger than 32 MiB",
+            rule: header::SNAPSHOT_L1_TOO_LARGE,
             ..
         })
     );

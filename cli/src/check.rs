@@ -150,7 +150,7 @@ pub fn run(args: &[String]) -> u8 {
     };
     let checker = match Checker::new(&*storage) {
         Ok(c) => c,
-        Err(e) => return could_not_open(&e),
+        Err(e) => return could_not_open(&crate::common::open_error_text(&e)),
     };
 
     // What qemu-img opens before it checks.

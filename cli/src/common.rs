@@ -11,59 +11,7 @@ pub fn qemu_options() -> OpenOptions {
     o
 }
 
-/// A library error met while opening an image, in QEMU's words where they differ.
-pub fn open_error_text(e: &qcow2kit::Error) -> String {
-    match e {
-        qcow2kit::Error::Corrupt(qcow2kit::Corruption::MarkedCorrupt) => {
-            "qcow2: Image is corrupt; cannot be opened read/write".to_string()
-        }
-        qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(m)) => m.clone(),
-        qcow2kit::Error::BackingLoop(path) => {
-            format!(
-                "Backing file '{}' creates an infinite loop.",
-                path.display()
-            )
-        }
-        qcow2kit::Error::Backing(inner) => {
-            format!("Could not open backing file: {}", open_error_text(inner))
-        }
-        // QEMU's file driver: "Could not open 'NAME': REASON".
-        qcow2kit::Error::Io { context, source } if context.starts_with("opening '") => {
-            format!(
-                "Could not open {}: {}",
-                &context["opening ".len()..],
-                qcow2kit::error::strerror(source)
-            )
-        }
-        qcow2kit::Error::EncryptedNoKey { .. } => {
-            "Parameter 'encrypt.key-secret' is required for cipher".to_string()
-        }
-        qcow2kit::Error::Corrupt(qcow2kit::Corruption::BadMagic(_)) => {
-            "Image is not in qcow2 format".to_string()
-        }
-        qcow2kit::Error::Corrupt(qcow2kit::Corruption::UnknownIncompatibleFeatures {
-            bits,
-            names,
-        }) => {
-            // QEMU: the names the image's feature table gives, then the bits left unnamed.
-            let set = (0..64).filter(|b| bits >> b & 1 != 0);
-            let mut parts = Vec::new();
-            let mut unnamed = 0u64;
-            for (bit, name) in set.zip(names) {
-                if name.starts_with("unknown incompatible feature bit") {
-                    unnamed |= 1 << bit;
-                } else {
-                    parts.push(name.clone());
-                }
-            }
-            if unnamed != 0 {
-                parts.push(format!("Unknown incompatible feature: {unnamed:x}"));
-            }
-            format!("Unsupported qcow2 feature(s): {}", parts.join(", "))
-        }
-        other => other.to_string(),
-    }
-}
+pub use crate::qemu_errors::open_error_text;
 
 /// The program's name as invoked (the last part of `argv[0]`), which starts every error
 /// message as in QEMU's tools: `qemu-img` when qcow2kit stands in under that name.

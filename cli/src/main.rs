@@ -23,6 +23,7 @@ mod localtime;
 mod map;
 mod nbd;
 mod progress;
+mod qemu_errors;
 mod qjson;
 mod rebase;
 mod resize;

@@ -75,6 +75,16 @@ pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 64 << 20;
 /// Most bitmaps QEMU accepts.
 pub const MAX_BITMAPS: u32 = 65_535;
 
+/// Rule of an extension whose type and length run past the extension area (QEMU: "Header
+/// extension too large").
+pub const EXTENSION_HEADER_CROSSES_END: &str =
+    "extension header crosses the end of the header area";
+/// Rule of an extension whose data runs past the extension area (QEMU: "Header extension too
+/// large").
+pub const EXTENSION_TOO_LARGE: &str = "extension is larger than the header area";
+/// Rule of a backing format name of 16 bytes or more (QEMU: "ERROR: ext_backing_format: …").
+pub const BACKING_FORMAT_TOO_LONG: &str = "backing format name must be under 16 bytes";
+
 fn bad(kind: u32, rule: &'static str) -> Corruption {
     Corruption::BadExtension { kind, rule }
 }
@@ -86,23 +96,20 @@ impl Extensions {
         let mut off = 0usize;
         while off < area.len() {
             if area.len() - off < 8 {
-                return Err(bad(
-                    0,
-                    "extension header crosses the end of the header area",
-                ));
+                return Err(bad(0, EXTENSION_HEADER_CROSSES_END));
             }
             let kind = be_u32(area, off);
             let len = be_u32(area, off + 4) as usize;
             off += 8;
             if len > area.len() - off {
-                return Err(bad(kind, "extension is larger than the header area"));
+                return Err(bad(kind, EXTENSION_TOO_LARGE));
             }
             let data = &area[off..off + len];
             match kind {
                 EXT_END => return Ok(ext),
                 EXT_BACKING_FORMAT => {
                     if len >= 16 {
-                        return Err(bad(kind, "backing format name must be under 16 bytes"));
+                        return Err(bad(kind, BACKING_FORMAT_TOO_LONG));
                     }
                     ext.backing_format = Some(data.to_vec());
                 }

@@ -30,7 +30,7 @@ use super::features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeature
 use super::{be_u32, be_u64};
 use super::{
     MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
-    MAX_SNAPSHOT_TABLE_BYTES, MIN_CLUSTER_BITS, QCOW2_MAGIC,
+    MIN_CLUSTER_BITS, QCOW2_MAGIC,
 };
 use crate::error::Corruption;
 
@@ -141,6 +141,76 @@ fn bad_table(table: &'static str, offset: u64, size: u64, rule: &'static str) ->
     }
 }
 
+/// Rule of a version other than 2 and 3 (QEMU: "Unsupported qcow2 version N").
+pub const UNSUPPORTED_VERSION: &str = "must be 2 or 3";
+/// Rule of a cluster size outside 512 B..2 MiB (QEMU: "Unsupported cluster size: 2^N").
+pub const UNSUPPORTED_CLUSTER_BITS: &str = "must be 9..=21";
+/// Rule of a compression type other than zlib and zstd (QEMU: "qcow2: unknown compression
+/// type: N").
+pub const UNKNOWN_COMPRESSION_TYPE: &str = "must be 0 (zlib) or 1 (zstd)";
+/// Rule of incompatible bit 3 set with zlib compression.
+pub const COMPRESSION_BIT_MUST_NOT_BE_SET: &str =
+    "incompatible bit 3 is set but the compression type is zlib";
+/// Rule of a non-zlib compression type without incompatible bit 3.
+pub const COMPRESSION_BIT_MUST_BE_SET: &str =
+    "a non-zlib compression type needs incompatible bit 3";
+/// Rule of a header whose `header_length` is under 104 bytes (QEMU: "qcow2 header too short").
+pub const HEADER_TOO_SHORT: &str = "must be at least 104";
+/// Rule of a header longer than a cluster (QEMU: "qcow2 header exceeds cluster size").
+pub const HEADER_EXCEEDS_CLUSTER: &str = "must not exceed the cluster size";
+/// Rule of a backing file name starting past cluster 0 (QEMU: "Invalid backing file offset").
+pub const BACKING_OFFSET_INVALID: &str = "must lie in the first cluster";
+/// Rule of a backing file name over 1023 bytes (QEMU: "Backing file name too long").
+pub const BACKING_NAME_TOO_LONG: &str = "backing file name must be at most 1023 bytes";
+/// Rule of a backing file name ending past cluster 0 (QEMU: "Backing file name too long").
+pub const BACKING_NAME_PAST_CLUSTER: &str = "backing file name must lie inside the first cluster";
+/// Rule of a `refcount_order` over 6 (QEMU: "Reference count entry width too large; …").
+pub const REFCOUNT_ORDER_TOO_LARGE: &str = "must be at most 6";
+/// Rule of extended L2 entries with clusters under 16 KiB.
+pub const EXTENDED_L2_CLUSTER_TOO_SMALL: &str =
+    "extended L2 entries need a cluster size of at least 16 KiB";
+/// Rule of an image without a refcount table (QEMU: "Image does not contain a reference count
+/// table").
+pub const NO_REFCOUNT_TABLE: &str = "image has no refcount table";
+/// Rule of a table with more entries than QEMU allows (QEMU: "TABLE too large").
+pub const TABLE_TOO_LARGE: &str = "larger than QEMU's limit for it";
+/// Rule of a table whose offset is not cluster-aligned or whose end lies past 2^63 (QEMU:
+/// "TABLE offset invalid").
+pub const TABLE_OFFSET_INVALID: &str = "offset is not cluster-aligned or the table ends past 2^63";
+/// Rule of [`check_table`] for a table whose offset is not a multiple of the cluster size.
+pub const TABLE_MISALIGNED: &str = "offset is not cluster-aligned";
+/// Rule of [`check_table`] for a table whose end overflows 64 bits.
+pub const TABLE_OVERFLOWS: &str = "offset + size overflows";
+/// Rule of a snapshot's L1 table over QEMU's 32 MiB (QEMU: "Snapshot L1 table too large").
+pub const SNAPSHOT_L1_TOO_LARGE: &str = "larger than 32 MiB";
+/// Rule of a virtual size whose L1 table would need over 2^31 entries (QEMU: "Image is too
+/// big").
+pub const IMAGE_TOO_BIG: &str = "virtual size is too large for any L1 table";
+/// Rule of an L1 table too small for the virtual size (QEMU: "L1 table is too small").
+pub const L1_TOO_SMALL: &str = "L1 table is too small for the virtual size";
+
+/// QEMU's check of a table named in the header (`qcow2_validate_table`): at most
+/// `max_bytes / entry_len` entries, a cluster-aligned offset, and an end below 2^63. Holds for
+/// an empty table too.
+fn qemu_table(
+    table: &'static str,
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+) -> Result<(), Corruption> {
+    let size = entries.saturating_mul(entry_len);
+    if entries > max_bytes / entry_len {
+        return Err(bad_table(table, offset, size, TABLE_TOO_LARGE));
+    }
+    let ends_past = (i64::MAX as u64 - size) < offset;
+    if ends_past || offset % cluster_size != 0 {
+        return Err(bad_table(table, offset, size, TABLE_OFFSET_INVALID));
+    }
+    Ok(())
+}
+
 impl Header {
     /// Parses the header from the first bytes of an image (at least the header; normally the
     /// whole first cluster). Checks the rules that the header alone decides; [`validate`]
@@ -165,11 +235,15 @@ impl Header {
         }
         let version = be_u32(buf, 4);
         if version != 2 && version != 3 {
-            return Err(bad("version", version.into(), "must be 2 or 3"));
+            return Err(bad("version", version.into(), UNSUPPORTED_VERSION));
         }
         let cluster_bits = be_u32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(bad("cluster_bits", cluster_bits.into(), "must be 9..=21"));
+            return Err(bad(
+                "cluster_bits",
+                cluster_bits.into(),
+                UNSUPPORTED_CLUSTER_BITS,
+            ));
         }
         let crypt_method = match be_u32(buf, 32) {
             0 => CryptMethod::None,
@@ -209,18 +283,15 @@ impl Header {
             h.header_length = be_u32(buf, 100);
             let hl = h.header_length;
             if hl < V3_MIN_HEADER_LENGTH {
-                return Err(bad("header_length", hl.into(), "must be at least 104"));
+                return Err(bad("header_length", hl.into(), HEADER_TOO_SHORT));
+            }
+            if u64::from(hl) > h.cluster_size() {
+                return Err(bad("header_length", hl.into(), HEADER_EXCEEDS_CLUSTER));
             }
             if hl % 8 != 0 {
                 return Err(bad("header_length", hl.into(), "must be a multiple of 8"));
             }
-            if u64::from(hl) > h.cluster_size() {
-                return Err(bad(
-                    "header_length",
-                    hl.into(),
-                    "must not exceed the cluster size",
-                ));
-            }
+            h.check_backing_offset()?;
             if buf.len() < hl as usize {
                 return Err(truncated(hl));
             }
@@ -228,13 +299,7 @@ impl Header {
                 h.compression_type = match buf[104] {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
-                    t => {
-                        return Err(bad(
-                            "compression_type",
-                            t.into(),
-                            "must be 0 (zlib) or 1 (zstd)",
-                        ))
-                    }
+                    t => return Err(bad("compression_type", t.into(), UNKNOWN_COMPRESSION_TYPE)),
                 };
                 h.extra_bytes = buf[105..hl as usize].to_vec();
             }
@@ -243,123 +308,122 @@ impl Header {
                 .contains(IncompatibleFeatures::COMPRESSION_TYPE);
             match (h.compression_type, bit_set) {
                 (CompressionType::Zlib, true) => {
-                    return Err(bad(
-                        "compression_type",
-                        0,
-                        "incompatible bit 3 is set but the compression type is zlib",
-                    ))
+                    return Err(bad("compression_type", 0, COMPRESSION_BIT_MUST_NOT_BE_SET))
                 }
                 (CompressionType::Zstd, false) => {
-                    return Err(bad(
-                        "compression_type",
-                        1,
-                        "a non-zlib compression type needs incompatible bit 3",
-                    ))
+                    return Err(bad("compression_type", 1, COMPRESSION_BIT_MUST_BE_SET))
                 }
                 _ => {}
             }
+        } else {
+            h.check_backing_offset()?;
         }
         Ok(h)
     }
 
-    /// Checks every limit that involves sizes, offsets and the file length, mirroring QEMU's
-    /// `qcow2_do_open`, plus qcow2kit's rule that tables lie inside the file (rounded up to a
-    /// whole cluster, as QEMU may leave the last cluster short).
-    pub fn validate(&self, file_len: u64) -> Result<(), Corruption> {
+    /// QEMU's "Invalid backing file offset": the name must start inside cluster 0.
+    fn check_backing_offset(&self) -> Result<(), Corruption> {
+        if self.backing_file_offset > self.cluster_size() {
+            return Err(bad(
+                "backing_file_offset",
+                self.backing_file_offset,
+                BACKING_OFFSET_INVALID,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks of the header's fields that QEMU makes when it opens an image, in QEMU's
+    /// order (`qcow2_do_open`), before it reads the header extensions: refcount width, the
+    /// refcount table, the snapshot table's count and offset, the active L1 table, and the
+    /// L1 table's size against the virtual size. Needs no file length; [`validate`] adds the
+    /// checks against the file.
+    ///
+    /// [`validate`]: Header::validate
+    pub fn check_open(&self) -> Result<(), Corruption> {
+        self.qemu_open_checks(false)
+    }
+
+    /// [`check_open`] as QEMU opens an image for `qemu-img check` (`BDRV_O_CHECK`): an image
+    /// without a refcount table and the snapshot table's count and offset are left to the
+    /// check.
+    ///
+    /// [`check_open`]: Header::check_open
+    pub fn check_open_for_check(&self) -> Result<(), Corruption> {
+        self.qemu_open_checks(true)
+    }
+
+    fn qemu_open_checks(&self, for_check: bool) -> Result<(), Corruption> {
         let cs = self.cluster_size();
         if self.refcount_order > 6 {
             return Err(bad(
                 "refcount_order",
                 self.refcount_order.into(),
-                "must be at most 6",
+                REFCOUNT_ORDER_TOO_LARGE,
             ));
         }
         if self.has_extended_l2() && self.cluster_bits < 14 {
             return Err(bad(
                 "cluster_bits",
                 self.cluster_bits.into(),
-                "extended L2 entries need a cluster size of at least 16 KiB",
+                EXTENDED_L2_CLUSTER_TOO_SMALL,
             ));
         }
-        if self.backing_file_offset != 0 {
-            if self.backing_file_offset > cs {
-                return Err(bad(
-                    "backing_file_offset",
-                    self.backing_file_offset,
-                    "must lie in the first cluster",
-                ));
-            }
-            if self.backing_file_size > MAX_BACKING_NAME {
-                return Err(bad(
-                    "backing_file_size",
-                    self.backing_file_size.into(),
-                    "backing file name must be at most 1023 bytes",
-                ));
-            }
-            // QEMU (qcow2_do_open): the name must also fit in cluster 0, i.e.
-            // backing_file_size ≤ cluster_size - backing_file_offset ("Backing file name too
-            // long"). This also keeps the name inside the file, whose tables lie past cluster 0.
-            if u64::from(self.backing_file_size) > cs - self.backing_file_offset {
-                return Err(bad(
-                    "backing_file_size",
-                    self.backing_file_size.into(),
-                    "backing file name must lie inside the first cluster",
-                ));
-            }
+        if self.refcount_table_clusters == 0 && !for_check {
+            return Err(bad("refcount_table_clusters", 0, NO_REFCOUNT_TABLE));
         }
-        let file_end = file_len.checked_next_multiple_of(cs).unwrap_or(u64::MAX);
-
-        // Virtual size: the L1 table must be able to map it, within QEMU's limits.
-        let l1_needed = self.l1_entries_for(self.size).ok_or_else(|| {
-            bad(
-                "size",
-                self.size,
-                "virtual size is too large for any L1 table",
-            )
-        })?;
-        if l1_needed > MAX_L1_BYTES / 8 {
-            return Err(bad(
-                "size",
-                self.size,
-                "virtual size needs an L1 table over 32 MiB",
-            ));
+        qemu_table(
+            "refcount table",
+            self.refcount_table_offset,
+            self.refcount_table_clusters.into(),
+            cs,
+            MAX_REFTABLE_BYTES,
+            cs,
+        )?;
+        if !for_check {
+            qemu_table(
+                "snapshot table",
+                self.snapshots_offset,
+                self.nb_snapshots.into(),
+                SNAPSHOT_HEADER_SIZE,
+                SNAPSHOT_HEADER_SIZE * u64::from(MAX_SNAPSHOTS),
+                cs,
+            )?;
         }
-        let l1_bytes = u64::from(self.l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(bad_table(
-                "L1 table",
-                self.l1_table_offset,
-                l1_bytes,
-                "larger than 32 MiB",
-            ));
-        }
+        qemu_table(
+            "L1 table",
+            self.l1_table_offset,
+            self.l1_size.into(),
+            8,
+            MAX_L1_BYTES,
+            cs,
+        )?;
+        // QEMU keeps the number of L1 entries the virtual size needs in an int.
+        let l1_needed = self
+            .l1_entries_for(self.size)
+            .filter(|&n| n <= i32::MAX as u64)
+            .ok_or_else(|| bad("size", self.size, IMAGE_TOO_BIG))?;
         if u64::from(self.l1_size) < l1_needed {
-            return Err(bad(
-                "l1_size",
-                self.l1_size.into(),
-                "L1 table is too small for the virtual size",
-            ));
+            return Err(bad("l1_size", self.l1_size.into(), L1_TOO_SMALL));
         }
+        Ok(())
+    }
+
+    /// Checks every limit that involves sizes, offsets and the file length: QEMU's checks
+    /// ([`check_open`]), the backing file name's place, plus qcow2kit's rule that tables lie
+    /// inside the file (rounded up to a whole cluster, as QEMU may leave the last cluster short).
+    ///
+    /// [`check_open`]: Header::check_open
+    pub fn validate(&self, file_len: u64) -> Result<(), Corruption> {
+        self.check_open()?;
+        self.check_backing_name()?;
+        let cs = self.cluster_size();
+        let file_end = file_len.checked_next_multiple_of(cs).unwrap_or(u64::MAX);
         if self.l1_size > 0 {
+            let l1_bytes = u64::from(self.l1_size) * 8;
             check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_end)?;
         }
-
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
-        if self.refcount_table_clusters == 0 {
-            return Err(bad(
-                "refcount_table_clusters",
-                0,
-                "image has no refcount table",
-            ));
-        }
-        if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(bad_table(
-                "refcount table",
-                self.refcount_table_offset,
-                rt_bytes,
-                "larger than 8 MiB",
-            ));
-        }
         check_table(
             "refcount table",
             self.refcount_table_offset,
@@ -367,25 +431,34 @@ impl Header {
             cs,
             file_end,
         )?;
-
-        if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(bad(
-                "nb_snapshots",
-                self.nb_snapshots.into(),
-                "more than 65536 snapshots",
-            ));
-        }
         if self.nb_snapshots > 0 {
             let min = u64::from(self.nb_snapshots) * SNAPSHOT_HEADER_SIZE;
-            if min > MAX_SNAPSHOT_TABLE_BYTES {
-                return Err(bad_table(
-                    "snapshot table",
-                    self.snapshots_offset,
-                    min,
-                    "larger than 64 MiB",
-                ));
-            }
             check_table("snapshot table", self.snapshots_offset, min, cs, file_end)?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's "Backing file name too long": at most 1023 bytes, and inside cluster 0.
+    pub fn check_backing_name(&self) -> Result<(), Corruption> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        self.check_backing_offset()?;
+        if self.backing_file_size > MAX_BACKING_NAME {
+            return Err(bad(
+                "backing_file_size",
+                self.backing_file_size.into(),
+                BACKING_NAME_TOO_LONG,
+            ));
+        }
+        // The name must also fit in cluster 0 (this keeps it inside the file, whose tables lie
+        // past cluster 0).
+        if u64::from(self.backing_file_size) > self.cluster_size() - self.backing_file_offset {
+            return Err(bad(
+                "backing_file_size",
+                self.backing_file_size.into(),
+                BACKING_NAME_PAST_CLUSTER,
+            ));
         }
         Ok(())
     }
@@ -486,19 +559,14 @@ pub fn check_table(
     file_end: u64,
 ) -> Result<(), Corruption> {
     if offset % cluster_size != 0 {
-        return Err(bad_table(
-            table,
-            offset,
-            size,
-            "offset is not cluster-aligned",
-        ));
+        return Err(bad_table(table, offset, size, TABLE_MISALIGNED));
     }
     if offset == 0 && size > 0 {
         return Err(bad_table(table, offset, size, "overlaps the image header"));
     }
     let end = offset
         .checked_add(size)
-        .ok_or_else(|| bad_table(table, offset, size, "offset + size overflows"))?;
+        .ok_or_else(|| bad_table(table, offset, size, TABLE_OVERFLOWS))?;
     if end > file_end {
         return Err(bad_table(
             table,
@@ -655,5 +723,46 @@ mod tests {
         let mut h = sample_v3();
         h.refcount_order = 7;
         assert!(h.validate(1 << 20).is_err());
+    }
+
+    #[test]
+    fn qemu_check_order() {
+        let rule_of = |r: Result<(), Corruption>| match r {
+            Err(Corruption::BadField { rule, .. } | Corruption::BadTable { rule, .. }) => rule,
+            other => panic!("unexpected {other:?}"),
+        };
+        // A header length past the cluster that is also not a multiple of 8.
+        let mut b = sample_v3().encode();
+        b[100..104].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+        assert_eq!(
+            rule_of(Header::parse(&b).map(|_| ())),
+            HEADER_EXCEEDS_CLUSTER
+        );
+        // The backing file offset is checked with the header, before any table.
+        let mut h = sample_v3();
+        h.backing_file_offset = u64::MAX;
+        h.l1_table_offset = 1;
+        assert_eq!(
+            rule_of(Header::parse(&h.encode()).map(|_| ())),
+            BACKING_OFFSET_INVALID
+        );
+        // An empty snapshot table must still be cluster-aligned.
+        let mut h = sample_v3();
+        h.snapshots_offset = 0x1234;
+        assert_eq!(rule_of(h.check_open()), TABLE_OFFSET_INVALID);
+        h.check_open_for_check()
+            .expect("a check does not look at snapshots");
+        // A table ending past 2^63 is an invalid offset before it is past the file end.
+        let mut h = sample_v3();
+        h.l1_table_offset = 0x7fff_ffff_ffff_0000;
+        h.l1_size = 0xffff;
+        assert_eq!(rule_of(h.validate(1 << 20)), TABLE_OFFSET_INVALID);
+        // The refcount table is checked before the L1 table.
+        h.refcount_table_clusters = u32::MAX;
+        assert_eq!(rule_of(h.validate(1 << 20)), TABLE_TOO_LARGE);
+        // A virtual size needing more than i32::MAX L1 entries.
+        let mut h = sample_v3();
+        h.size = 1 << 62;
+        assert_eq!(rule_of(h.check_open()), IMAGE_TOO_BIG);
     }
 }

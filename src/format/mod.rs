@@ -40,11 +40,13 @@ pub const MAX_HOST_OFFSET: u64 = 1 << 56;
 pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
 
 /// Parses the header and its extensions from the first bytes of an image (normally its first
-/// cluster) and refuses incompatible feature bits this implementation does not know, naming
-/// them from the image's feature-name table where it has them.
+/// cluster) in QEMU's order: the header's own fields, incompatible feature bits this
+/// implementation does not know (named from the image's feature-name table where it has
+/// them), the tables as a check's open sees them ([`Header::check_open_for_check`](header::Header::check_open_for_check)), the
+/// extensions, then the backing file name's length.
 ///
 /// Extensions end at the backing file name and never past cluster 0 (QEMU refuses a
-/// `backing_file_offset` beyond it; [`Header::validate`](header::Header::validate) reports that).
+/// `backing_file_offset` beyond it, and so does [`Header::parse`](header::Header::parse)).
 pub fn parse_first_cluster(
     first: &[u8],
 ) -> Result<(header::Header, extension::Extensions), crate::error::Corruption> {
@@ -62,9 +64,11 @@ pub fn parse_first_cluster(
     } else {
         &[]
     };
-    let extensions = extension::Extensions::parse(area)?;
     let unknown = header.unknown_incompatible();
     if unknown != 0 {
+        // QEMU names the features from whatever feature table it can read; an extension area
+        // it cannot parse names none.
+        let extensions = extension::Extensions::parse(area).unwrap_or_default();
         let names = (0..64u32)
             .filter(|b| unknown >> b & 1 != 0)
             .map(|b| {
@@ -80,5 +84,9 @@ pub fn parse_first_cluster(
             names,
         });
     }
+    // QEMU checks the header's tables before it reads the extensions.
+    header.check_open_for_check()?;
+    let extensions = extension::Extensions::parse(area)?;
+    header.check_backing_name()?;
     Ok((header, extensions))
 }

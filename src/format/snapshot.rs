@@ -53,6 +53,10 @@ pub struct Snapshot {
 /// more.
 pub const ENTRY_PAST_END: &str = "entry lies past the end of the file or the 64 MiB limit";
 
+/// The rule of the [`Corruption::BadSnapshot`] returned for an entry with over 1024 bytes of
+/// extra data (QEMU: "Too much extra metadata in snapshot table entry N").
+pub const EXTRA_DATA_TOO_LARGE: &str = "extra data is larger than 1024 bytes";
+
 fn bad(index: u32, rule: &'static str) -> Corruption {
     Corruption::BadSnapshot { index, rule }
 }
@@ -75,7 +79,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
         let name_len = be_u16(e, 14) as usize;
         let extra_len = be_u32(e, 36);
         if extra_len > MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(bad(index, "extra data is larger than 1024 bytes"));
+            return Err(bad(index, EXTRA_DATA_TOO_LARGE));
         }
         // The snapshot's L1 table (size limit, alignment, bounds) is validated only when the
         // snapshot is used, as QEMU does (qcow2_validate_table in qcow2_snapshot_load_tmp /
