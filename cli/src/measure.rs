@@ -213,13 +213,14 @@ fn text(e: qcow2kit::Error) -> String {
 /// The figures as qemu-img prints them.
 fn render(m: &Measurement, json: bool) -> String {
     if json {
+        // QEMU's JSON output writes the figures as signed 64-bit integers.
         let mut s = String::from("{\n");
         if let Some(b) = m.bitmaps {
-            s.push_str(&format!("    \"bitmaps\": {b},\n"));
+            s.push_str(&format!("    \"bitmaps\": {},\n", b as i64));
         }
         s.push_str(&format!(
             "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
-            m.required, m.fully_allocated
+            m.required as i64, m.fully_allocated as i64
         ));
         s
     } else {
