@@ -159,6 +159,9 @@ fn convert(args: &[String]) -> Result<(), String> {
     }
     let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
     let exists = p.has("n");
+    if out_fmt == ImageFormat::Qcow2 && !exists && stream::is_stream_target(dst) {
+        return stream::write(dev.as_ref(), dst, create, p.has("c"));
+    }
     if out_fmt == ImageFormat::Qcow2 {
         let opts = Qcow2ConvertOptions {
             create,
@@ -275,4 +278,54 @@ fn lock_replaced(dst: &str) -> std::io::Result<Option<FileStorage>> {
         _ => return Ok(None),
     }
     FileStorage::open_with(dst, false, Some(LockRequest::create())).map(Some)
+}
+
+/// Targets that cannot seek (`-`, a FIFO): the image is written in one forward pass.
+mod stream {
+    use qcow2kit::ops::create::CreateOptions;
+    use qcow2kit::ops::stream::{write_qcow2_stream, StreamWriteOptions};
+    use qcow2kit::BlockDevice;
+    use std::os::unix::fs::FileTypeExt;
+
+    /// Whether `dst` names standard output (`-`) or a FIFO.
+    pub fn is_stream_target(dst: &str) -> bool {
+        dst == "-" || std::fs::metadata(dst).is_ok_and(|m| m.file_type().is_fifo())
+    }
+
+    /// Writes `src` as qcow2 to `dst` in one pass.
+    pub fn write(
+        src: &dyn BlockDevice,
+        dst: &str,
+        create: CreateOptions,
+        compress: bool,
+    ) -> Result<(), String> {
+        if compress {
+            return Err(
+                "error while converting qcow2: compressed output to a stream is not supported"
+                    .into(),
+            );
+        }
+        let opts = StreamWriteOptions { create };
+        let result = if dst == "-" {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            write_qcow2_stream(src, &mut w, &opts).and_then(|_| {
+                std::io::Write::flush(&mut w)
+                    .map_err(|e| qcow2kit::Error::io("writing the image stream", e))
+            })
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dst)
+                .map_err(|e| format!("Could not open '{dst}': {e}"))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            write_qcow2_stream(src, &mut w, &opts).and_then(|_| {
+                std::io::Write::flush(&mut w)
+                    .map_err(|e| qcow2kit::Error::io("writing the image stream", e))
+            })
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| format!("error while converting qcow2: {e}"))
+    }
 }

@@ -13,3 +13,4 @@ pub mod map;
 pub mod measure;
 mod pool;
 pub mod rebase;
+pub mod stream;

@@ -1,0 +1,337 @@
+//! The streamed qcow2 writer: plan from the allocation map, then one forward pass.
+
+use crate::device::{chain_status, BlockDevice, ExtentKind};
+use crate::error::{Error, Result};
+use crate::format::bytes::put_u64;
+use crate::format::entry::{encode_normal, COPIED, ZERO};
+use crate::format::refcount;
+use crate::ops::create::{new_cluster0, Compat, CreateOptions, Preallocation};
+use std::io::Write;
+
+/// Largest piece of guest data read and written at once.
+const DATA_CHUNK: u64 = 1 << 20;
+
+/// Largest L1 table QEMU opens, in bytes.
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// Options of [`write_qcow2_stream`].
+#[derive(Debug, Clone, Default)]
+pub struct StreamWriteOptions {
+    /// Options of the new image (its size is the source's, rounded up to 512 bytes). A backing
+    /// file here (qemu-img `-B`) is recorded and only the source's top layer is copied: its
+    /// data, and its zeroed clusters as zero-flagged entries.
+    pub create: CreateOptions,
+}
+
+/// What the new image holds for a run of guest clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Data clusters, copied from the source.
+    Data,
+    /// Zero-flagged entries without a cluster (over a backing file).
+    Zero,
+}
+
+/// A run of guest clusters `start..end` of one kind.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: u64,
+    end: u64,
+    fill: Fill,
+}
+
+/// Adds clusters `start..end` to the sorted `runs`: data wins a cluster shared with the last
+/// run, adjacent runs of one kind merge.
+fn push_run(runs: &mut Vec<Run>, mut start: u64, end: u64, fill: Fill) {
+    if let Some(last) = runs.last_mut() {
+        if start < last.end {
+            if last.fill == Fill::Data || fill == Fill::Zero {
+                start = last.end;
+            } else {
+                last.end = start;
+            }
+        }
+    }
+    if runs.last().is_some_and(|l| l.start >= l.end) {
+        runs.pop();
+    }
+    if start >= end {
+        return;
+    }
+    match runs.last_mut() {
+        Some(l) if l.fill == fill && l.end == start => l.end = end,
+        _ => runs.push(Run { start, end, fill }),
+    }
+}
+
+/// The runs of guest clusters (of `cs` bytes) the new image allocates: clusters holding data
+/// anywhere in the chain (or, with `top_only`, in the top layer, whose zeroed clusters become
+/// zero entries when `zero_flag`).
+fn plan(src: &dyn BlockDevice, cs: u64, top_only: bool, zero_flag: bool) -> Result<Vec<Run>> {
+    let size = src.size();
+    let mut runs = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let e = if top_only {
+            src.block_status(pos, size - pos)?
+        } else {
+            chain_status(src, pos, size - pos)?
+        };
+        if e.len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "block status of the source made no progress at offset {pos}"
+            )));
+        }
+        let end = pos.saturating_add(e.len).min(size);
+        match e.kind {
+            ExtentKind::Data => push_run(&mut runs, pos / cs, end.div_ceil(cs), Fill::Data),
+            ExtentKind::Zero if top_only => {
+                // Whole clusters take a zero entry; a cluster the zeros cover in part is copied.
+                let (first, last) = (pos.div_ceil(cs), end / cs);
+                let fill = if zero_flag { Fill::Zero } else { Fill::Data };
+                if pos % cs != 0 {
+                    push_run(&mut runs, pos / cs, pos / cs + 1, Fill::Data);
+                }
+                if first < last {
+                    push_run(&mut runs, first, last, fill);
+                }
+                if end % cs != 0 && end / cs >= first {
+                    push_run(&mut runs, end / cs, end / cs + 1, Fill::Data);
+                }
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    Ok(runs)
+}
+
+/// Where everything of the new image lies, in clusters.
+#[derive(Debug)]
+struct Layout {
+    cs: u64,
+    order: u32,
+    reftable: u64,
+    reftable_clusters: u64,
+    refblocks: u64,
+    l1: u64,
+    l1_entries: u64,
+    l1_clusters: u64,
+    l2: u64,
+    /// The L1 indices that have an L2 table, ascending.
+    l2_indices: Vec<u64>,
+    data: u64,
+    total: u64,
+}
+
+fn too_large() -> Error {
+    Error::InvalidArgument("The image size is too large (try using a larger cluster size)".into())
+}
+
+fn layout(runs: &[Run], size: u64, cs: u64, order: u32) -> Result<Layout> {
+    let l2_entries = cs / 8;
+    let guest_clusters = size.div_ceil(cs);
+    let l1_entries = guest_clusters.div_ceil(l2_entries);
+    if l1_entries * 8 > MAX_L1_BYTES {
+        return Err(too_large());
+    }
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    let mut l2_indices: Vec<u64> = Vec::new();
+    let mut data_clusters = 0u64;
+    for r in runs {
+        if r.fill == Fill::Data {
+            data_clusters += r.end - r.start;
+        }
+        for i in r.start / l2_entries..=(r.end - 1) / l2_entries {
+            if l2_indices.last() != Some(&i) {
+                l2_indices.push(i);
+            }
+        }
+    }
+    let fixed = 1 + l1_clusters + l2_indices.len() as u64 + data_clusters;
+    let per_block = refcount::entries_per_block(cs, order);
+    let (mut table, mut blocks) = (1u64, 1u64);
+    loop {
+        let total = fixed + table + blocks;
+        let b = total.div_ceil(per_block);
+        let t = (b * 8).div_ceil(cs);
+        if (b, t) == (blocks, table) {
+            break;
+        }
+        (blocks, table) = (b.max(blocks), t.max(table));
+    }
+    let reftable = 1;
+    let refblocks = reftable + table;
+    let l1 = refblocks + blocks;
+    let l2 = l1 + l1_clusters;
+    let data = l2 + l2_indices.len() as u64;
+    Ok(Layout {
+        cs,
+        order,
+        reftable,
+        reftable_clusters: table,
+        refblocks,
+        l1,
+        l1_entries,
+        l1_clusters,
+        l2,
+        l2_indices,
+        data,
+        total: data + data_clusters,
+    })
+}
+
+/// Counts bytes written and maps failures.
+struct Out<'a> {
+    w: &'a mut dyn Write,
+    written: u64,
+}
+
+impl Out<'_> {
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.w
+            .write_all(b)
+            .map_err(|e| Error::io("writing the image stream", e))?;
+        self.written += b.len() as u64;
+        Ok(())
+    }
+}
+
+/// Writes `src` as a complete qcow2 image to `out` in one forward pass and returns the bytes
+/// written. Data clusters are those the source's allocation map shows data in (zeros inside
+/// them are copied as they are); the source is read once, in ascending order. Not supported
+/// here: compression, extended L2 entries, external data files and preallocation.
+pub fn write_qcow2_stream(
+    src: &dyn BlockDevice,
+    out: &mut dyn Write,
+    opts: &StreamWriteOptions,
+) -> Result<u64> {
+    let o = &opts.create;
+    let size = src
+        .size()
+        .checked_next_multiple_of(512)
+        .ok_or_else(too_large)?;
+    let bits = o.validate(size)?;
+    if o.extended_l2 || o.data_file.is_some() || o.preallocation != Preallocation::Off {
+        return Err(Error::Unsupported(
+            "extended L2 entries, data files and preallocation in a streamed image".into(),
+        ));
+    }
+    let cs = 1u64 << bits;
+    let order = o.refcount_bits.trailing_zeros();
+    let top_only = o.backing_file.is_some();
+    let runs = plan(src, cs, top_only, o.compat == Compat::V3)?;
+    let lay = layout(&runs, size, cs, order)?;
+    let l1_size = u32::try_from(lay.l1_entries).map_err(|_| too_large())?;
+    let table_clusters = u32::try_from(lay.reftable_clusters).map_err(|_| too_large())?;
+    let mut out = Out { w: out, written: 0 };
+    out.put(&new_cluster0(
+        o,
+        bits,
+        (lay.reftable * cs, table_clusters),
+        (lay.l1 * cs, l1_size),
+        size,
+    )?)?;
+    write_refcounts(&mut out, &lay)?;
+    write_tables(&mut out, &lay, &runs)?;
+    write_data(&mut out, src, &runs, cs, size)?;
+    debug_assert_eq!(out.written, lay.total * cs);
+    Ok(out.written)
+}
+
+/// The refcount table and blocks: every cluster of the file counted once.
+fn write_refcounts(out: &mut Out<'_>, lay: &Layout) -> Result<()> {
+    let cs = lay.cs;
+    let blocks = lay.l1 - lay.refblocks;
+    let mut buf = vec![0u8; cs as usize];
+    for c in 0..lay.reftable_clusters {
+        buf.fill(0);
+        for (i, b) in (c * cs / 8..((c + 1) * cs / 8).min(blocks)).enumerate() {
+            put_u64(&mut buf, i * 8, (lay.refblocks + b) * cs);
+        }
+        out.put(&buf)?;
+    }
+    let per_block = refcount::entries_per_block(cs, lay.order);
+    for b in 0..blocks {
+        buf.fill(0);
+        let first = b * per_block;
+        for i in 0..per_block.min(lay.total.saturating_sub(first)) {
+            refcount::set(&mut buf, lay.order, i as usize, 1);
+        }
+        out.put(&buf)?;
+    }
+    Ok(())
+}
+
+/// The L1 table, then the L2 tables in guest order.
+fn write_tables(out: &mut Out<'_>, lay: &Layout, runs: &[Run]) -> Result<()> {
+    let cs = lay.cs;
+    let l2_entries = cs / 8;
+    let mut buf = vec![0u8; (lay.l1_clusters * cs) as usize];
+    for (rank, &i) in lay.l2_indices.iter().enumerate() {
+        put_u64(
+            &mut buf,
+            i as usize * 8,
+            (lay.l2 + rank as u64) * cs | COPIED,
+        );
+    }
+    out.put(&buf)?;
+    buf = vec![0u8; cs as usize];
+    let mut next_data = lay.data;
+    let mut r = 0usize;
+    for &i in &lay.l2_indices {
+        buf.fill(0);
+        let (lo, hi) = (i * l2_entries, (i + 1) * l2_entries);
+        while r < runs.len() && runs[r].start < hi {
+            let run = runs[r];
+            let (s, e) = (run.start.max(lo), run.end.min(hi));
+            for c in s..e {
+                let entry = match run.fill {
+                    Fill::Data => {
+                        next_data += 1;
+                        encode_normal((next_data - 1) * cs, true)
+                    }
+                    Fill::Zero => ZERO,
+                };
+                put_u64(&mut buf, ((c - lo) * 8) as usize, entry);
+            }
+            if run.end > hi {
+                break;
+            }
+            r += 1;
+        }
+        out.put(&buf)?;
+    }
+    Ok(())
+}
+
+/// The data clusters, in ascending guest order; the part of the last cluster past the end of
+/// the disk is zeros.
+fn write_data(
+    out: &mut Out<'_>,
+    src: &dyn BlockDevice,
+    runs: &[Run],
+    cs: u64,
+    size: u64,
+) -> Result<()> {
+    let chunk = DATA_CHUNK.max(cs);
+    let mut buf = Vec::new();
+    for run in runs.iter().filter(|r| r.fill == Fill::Data) {
+        let mut p = run.start * cs;
+        let end = run.end * cs;
+        while p < end {
+            let n = chunk.min(end - p);
+            buf.clear();
+            buf.resize(n as usize, 0);
+            let readable = n
+                .min(size.saturating_sub(p))
+                .min(src.size().saturating_sub(p));
+            if readable > 0 {
+                src.read_at(&mut buf[..readable as usize], p)?;
+            }
+            out.put(&buf)?;
+            p += n;
+        }
+    }
+    Ok(())
+}
