@@ -272,7 +272,7 @@ fn write_tables(out: &mut Out<'_>, lay: &Layout, runs: &[Run]) -> Result<()> {
         put_u64(
             &mut buf,
             i as usize * 8,
-            (lay.l2 + rank as u64) * cs | COPIED,
+            ((lay.l2 + rank as u64) * cs) | COPIED,
         );
     }
     out.put(&buf)?;
