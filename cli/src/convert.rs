@@ -160,7 +160,7 @@ fn convert(args: &[String]) -> Result<(), String> {
     let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
     let exists = p.has("n");
     if out_fmt == ImageFormat::Qcow2 && !exists && stream::is_stream_target(dst) {
-        return stream::write(dev.as_ref(), dst, create, p.has("c"));
+        return stream::write(dev.as_ref(), dst, create, p.has("c"), workers);
     }
     if out_fmt == ImageFormat::Qcow2 {
         let opts = Qcow2ConvertOptions {
@@ -298,14 +298,13 @@ mod stream {
         dst: &str,
         create: CreateOptions,
         compress: bool,
+        workers: usize,
     ) -> Result<(), String> {
-        if compress {
-            return Err(
-                "error while converting qcow2: compressed output to a stream is not supported"
-                    .into(),
-            );
-        }
-        let opts = StreamWriteOptions { create };
+        let opts = StreamWriteOptions {
+            create,
+            compress,
+            workers,
+        };
         let result = if dst == "-" {
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());

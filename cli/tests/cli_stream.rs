@@ -1,7 +1,9 @@
 //! `qcow2kit convert -O qcow2 SRC -` (and to a FIFO): the image written through a pipe into a
 //! file must be `qemu-img check` clean, `qemu-img compare` identical to the source, and the same
 //! bytes on every run; sources from empty to a sparse 16 TiB disk, a backing chain flattened,
-//! a top layer kept over `-B`, cluster sizes and refcount widths, v2.
+//! a top layer kept over `-B`, cluster sizes and refcount widths, v2, compressed (zlib and
+//! zstd, incompressible and zero clusters, 1- and 2-bit refcounts that cap how many compressed
+//! clusters share a host cluster).
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
@@ -52,7 +54,10 @@ fn sources(dir: &Path) {
          qemu-io -c 'write -P 3 1M 1M' -c 'write -z 40M 64k' -c 'write -P 4 50M 700' top.qcow2 >/dev/null
          qemu-img create -q -f qcow2 sparse.qcow2 16T
          qemu-io -c 'write -P 5 8T 1M' -c 'write -P 6 16383G 4k' sparse.qcow2 >/dev/null
-         head -c 3000000 /dev/urandom > odd.raw",
+         head -c 3000000 /dev/urandom > odd.raw
+         head -c 2000000 /dev/urandom > mixed.raw
+         head -c 1000000 /dev/zero >> mixed.raw
+         yes 'qcow2 stream' | head -c 3000000 >> mixed.raw",
         dir,
     );
 }
@@ -72,6 +77,21 @@ fn streamed_images_are_valid_identical_and_reproducible() {
         ("top.qcow2", &["-o", "refcount_bits=64,cluster_size=4096"]),
         ("sparse.qcow2", &[]),
         ("odd.raw", &["-f", "raw"]),
+        ("top.qcow2", &["-c"]),
+        ("top.qcow2", &["-c", "-o", "compression_type=zstd"]),
+        ("top.qcow2", &["-c", "-o", "compat=0.10"]),
+        ("sparse.qcow2", &["-c"]),
+        ("empty.qcow2", &["-c"]),
+        ("mixed.raw", &["-f", "raw", "-c"]),
+        (
+            "mixed.raw",
+            &["-f", "raw", "-c", "-o", "cluster_size=4096,refcount_bits=1"],
+        ),
+        (
+            "mixed.raw",
+            &["-f", "raw", "-c", "-o", "cluster_size=2M,refcount_bits=2"],
+        ),
+        ("mixed.raw", &["-f", "raw", "-c", "-m", "1"]),
     ];
     for (src, opts) in cases {
         let mut args: Vec<&str> = vec!["-O", "qcow2"];

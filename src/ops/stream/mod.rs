@@ -8,6 +8,7 @@
 //! all refcounts are 1 and every L2 entry carries the COPIED flag; the output is the same bytes
 //! on every run for the same source and options.
 
+mod spool;
 mod writer;
 
 pub use writer::{write_qcow2_stream, StreamWriteOptions};

@@ -5,7 +5,9 @@ use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
 use crate::format::entry::{encode_normal, COPIED, ZERO};
 use crate::format::refcount;
+use crate::ops::convert::default_workers;
 use crate::ops::create::{new_cluster0, Compat, CreateOptions, Preallocation};
+use crate::ops::stream::spool::{Spool, Zeros};
 use std::io::Write;
 
 /// Largest piece of guest data read and written at once.
@@ -21,6 +23,12 @@ pub struct StreamWriteOptions {
     /// file here (qemu-img `-B`) is recorded and only the source's top layer is copied: its
     /// data, and its zeroed clusters as zero-flagged entries.
     pub create: CreateOptions,
+    /// Compress the data clusters (qemu-img `-c`), with the image's compression type. The
+    /// compressed clusters are spooled to an unlinked temporary file (in `TMPDIR`) first: see
+    /// the `spool` module.
+    pub compress: bool,
+    /// Threads compressing; 0 means one per available core.
+    pub workers: usize,
 }
 
 /// What the new image holds for a run of guest clusters.
@@ -128,7 +136,13 @@ fn too_large() -> Error {
     Error::InvalidArgument("The image size is too large (try using a larger cluster size)".into())
 }
 
-fn layout(runs: &[Run], size: u64, cs: u64, order: u32) -> Result<Layout> {
+/// The data area: the guest's data clusters copied one for one, or spooled compressed.
+enum DataArea {
+    Plain,
+    Packed(Spool),
+}
+
+fn layout(runs: &[Run], area: &DataArea, size: u64, cs: u64, order: u32) -> Result<Layout> {
     let l2_entries = cs / 8;
     let guest_clusters = size.div_ceil(cs);
     let l1_entries = guest_clusters.div_ceil(l2_entries);
@@ -147,6 +161,9 @@ fn layout(runs: &[Run], size: u64, cs: u64, order: u32) -> Result<Layout> {
                 l2_indices.push(i);
             }
         }
+    }
+    if let DataArea::Packed(spool) = area {
+        data_clusters = spool.clusters();
     }
     let fixed = 1 + l1_clusters + l2_indices.len() as u64 + data_clusters;
     let per_block = refcount::entries_per_block(cs, order);
@@ -199,8 +216,9 @@ impl Out<'_> {
 
 /// Writes `src` as a complete qcow2 image to `out` in one forward pass and returns the bytes
 /// written. Data clusters are those the source's allocation map shows data in (zeros inside
-/// them are copied as they are); the source is read once, in ascending order. Not supported
-/// here: compression, extended L2 entries, external data files and preallocation.
+/// them are copied as they are, except when compressing); the source is read once, in
+/// ascending order. Not supported here: extended L2 entries, external data files and
+/// preallocation.
 pub fn write_qcow2_stream(
     src: &dyn BlockDevice,
     out: &mut dyn Write,
@@ -220,8 +238,36 @@ pub fn write_qcow2_stream(
     let cs = 1u64 << bits;
     let order = o.refcount_bits.trailing_zeros();
     let top_only = o.backing_file.is_some();
-    let runs = plan(src, cs, top_only, o.compat == Compat::V3)?;
-    let lay = layout(&runs, size, cs, order)?;
+    let v3 = o.compat == Compat::V3;
+    let runs = plan(src, cs, top_only, v3)?;
+    let area = if opts.compress {
+        let workers = if opts.workers == 0 {
+            default_workers()
+        } else {
+            opts.workers
+        };
+        let zeros = match (top_only, v3) {
+            (false, _) => Zeros::Skip(0),
+            (true, true) => Zeros::Skip(ZERO),
+            (true, false) => Zeros::Store,
+        };
+        let data = runs
+            .iter()
+            .filter(|r| r.fill == Fill::Data)
+            .flat_map(|r| r.start..r.end);
+        DataArea::Packed(Spool::build(
+            src,
+            data,
+            cs,
+            o.compression_type,
+            order,
+            workers,
+            zeros,
+        )?)
+    } else {
+        DataArea::Plain
+    };
+    let lay = layout(&runs, &area, size, cs, order)?;
     let l1_size = u32::try_from(lay.l1_entries).map_err(|_| too_large())?;
     let table_clusters = u32::try_from(lay.reftable_clusters).map_err(|_| too_large())?;
     let mut out = Out { w: out, written: 0 };
@@ -232,15 +278,25 @@ pub fn write_qcow2_stream(
         (lay.l1 * cs, l1_size),
         size,
     )?)?;
-    write_refcounts(&mut out, &lay)?;
-    write_tables(&mut out, &lay, &runs)?;
-    write_data(&mut out, src, &runs, cs, size)?;
-    debug_assert_eq!(out.written, lay.total * cs);
+    write_refcounts(&mut out, &lay, &area)?;
+    write_tables(&mut out, &lay, &runs, &area, bits)?;
+    match &area {
+        DataArea::Plain => write_data(&mut out, src, &runs, cs, size)?,
+        DataArea::Packed(spool) => spool.copy_out(&mut |b| out.put(b))?,
+    }
+    if out.written != lay.total * cs {
+        return Err(Error::InvalidArgument(format!(
+            "streamed image has {} bytes, planned {}",
+            out.written,
+            lay.total * cs
+        )));
+    }
     Ok(out.written)
 }
 
-/// The refcount table and blocks: every cluster of the file counted once.
-fn write_refcounts(out: &mut Out<'_>, lay: &Layout) -> Result<()> {
+/// The refcount table and blocks: every metadata cluster counted once, the data area's
+/// clusters as the data area says.
+fn write_refcounts(out: &mut Out<'_>, lay: &Layout, area: &DataArea) -> Result<()> {
     let cs = lay.cs;
     let blocks = lay.l1 - lay.refblocks;
     let mut buf = vec![0u8; cs as usize];
@@ -251,20 +307,73 @@ fn write_refcounts(out: &mut Out<'_>, lay: &Layout) -> Result<()> {
         }
         out.put(&buf)?;
     }
-    let per_block = refcount::entries_per_block(cs, lay.order);
-    for b in 0..blocks {
-        buf.fill(0);
-        let first = b * per_block;
-        for i in 0..per_block.min(lay.total.saturating_sub(first)) {
-            refcount::set(&mut buf, lay.order, i as usize, 1);
+    let per_block = refcount::entries_per_block(cs, lay.order) as usize;
+    let mut filler = BlockFiller {
+        out,
+        buf,
+        order: lay.order,
+        per_block,
+        next: 0,
+        blocks_written: 0,
+    };
+    for _ in 0..lay.data {
+        filler.push(1)?;
+    }
+    match area {
+        DataArea::Plain => {
+            for _ in lay.data..lay.total {
+                filler.push(1)?;
+            }
         }
-        out.put(&buf)?;
+        DataArea::Packed(spool) => spool.refcounts(|v| filler.push(v))?,
+    }
+    while filler.blocks_written < blocks {
+        filler.flush_block()?;
     }
     Ok(())
 }
 
+/// Fills refcount blocks entry by entry and writes each when full.
+struct BlockFiller<'a, 'b> {
+    out: &'a mut Out<'b>,
+    buf: Vec<u8>,
+    order: u32,
+    per_block: usize,
+    next: usize,
+    blocks_written: u64,
+}
+
+impl BlockFiller<'_, '_> {
+    fn push(&mut self, v: u64) -> Result<()> {
+        if !refcount::set(&mut self.buf, self.order, self.next, v) {
+            return Err(Error::InvalidArgument(format!(
+                "refcount {v} does not fit the refcount width"
+            )));
+        }
+        self.next += 1;
+        if self.next == self.per_block {
+            self.flush_block()?;
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> Result<()> {
+        self.out.put(&self.buf)?;
+        self.buf.fill(0);
+        self.next = 0;
+        self.blocks_written += 1;
+        Ok(())
+    }
+}
+
 /// The L1 table, then the L2 tables in guest order.
-fn write_tables(out: &mut Out<'_>, lay: &Layout, runs: &[Run]) -> Result<()> {
+fn write_tables(
+    out: &mut Out<'_>,
+    lay: &Layout,
+    runs: &[Run],
+    area: &DataArea,
+    bits: u32,
+) -> Result<()> {
     let cs = lay.cs;
     let l2_entries = cs / 8;
     let mut buf = vec![0u8; (lay.l1_clusters * cs) as usize];
@@ -278,6 +387,10 @@ fn write_tables(out: &mut Out<'_>, lay: &Layout, runs: &[Run]) -> Result<()> {
     out.put(&buf)?;
     buf = vec![0u8; cs as usize];
     let mut next_data = lay.data;
+    let mut placements = match area {
+        DataArea::Packed(spool) => Some((spool, spool.placements()?)),
+        DataArea::Plain => None,
+    };
     let mut r = 0usize;
     for &i in &lay.l2_indices {
         buf.fill(0);
@@ -286,12 +399,18 @@ fn write_tables(out: &mut Out<'_>, lay: &Layout, runs: &[Run]) -> Result<()> {
             let run = runs[r];
             let (s, e) = (run.start.max(lo), run.end.min(hi));
             for c in s..e {
-                let entry = match run.fill {
-                    Fill::Data => {
+                let entry = match (run.fill, &mut placements) {
+                    (Fill::Data, None) => {
                         next_data += 1;
                         encode_normal((next_data - 1) * cs, true)
                     }
-                    Fill::Zero => ZERO,
+                    (Fill::Data, Some((spool, pl))) => {
+                        let p = pl.next_placed()?.ok_or_else(|| {
+                            Error::InvalidArgument("spool index ended early".into())
+                        })?;
+                        spool.entry(p, lay.data * cs, bits)?
+                    }
+                    (Fill::Zero, _) => ZERO,
                 };
                 put_u64(&mut buf, ((c - lo) * 8) as usize, entry);
             }
