@@ -128,6 +128,12 @@ fn convert(args: &[String]) -> Result<(), String> {
         Some(s) => Some(SnapshotRef::parse(s).map_err(|e| e.to_string())?),
         None => None,
     };
+    if src == "-" {
+        if p.has("n") || snapshot.is_some() || p.last("f").is_some_and(|f| f != "qcow2") {
+            return Err("a streamed source is a qcow2 image read whole: -n, -l and -f other than qcow2 do not apply".into());
+        }
+        return stream::read(dst, out_fmt, create);
+    }
     // qemu-img convert refuses other writers of its source while it copies.
     let source_locking = if p.has("U") {
         Locking::ForceShare
@@ -282,10 +288,15 @@ fn lock_replaced(dst: &str) -> std::io::Result<Option<FileStorage>> {
 
 /// Targets that cannot seek (`-`, a FIFO): the image is written in one forward pass.
 mod stream {
+    use qcow2kit::chain::ImageFormat;
+    use qcow2kit::io::{FileStorage, Storage};
+    use qcow2kit::ops::convert::is_zero;
+    use qcow2kit::ops::create::create_qcow2_on;
     use qcow2kit::ops::create::CreateOptions;
-    use qcow2kit::ops::stream::{write_qcow2_stream, StreamWriteOptions};
+    use qcow2kit::ops::stream::{write_qcow2_stream, StreamReader, StreamWriteOptions};
     use qcow2kit::BlockDevice;
     use std::os::unix::fs::FileTypeExt;
+    use std::sync::Arc;
 
     /// Whether `dst` names standard output (`-`) or a FIFO.
     pub fn is_stream_target(dst: &str) -> bool {
@@ -326,5 +337,48 @@ mod stream {
         result
             .map(|_| ())
             .map_err(|e| format!("error while converting qcow2: {e}"))
+    }
+
+    /// Reads a qcow2 image from standard input (in one forward pass) into a new `fmt` image
+    /// at `dst`; clusters of zeros are not written.
+    pub fn read(dst: &str, fmt: ImageFormat, create: CreateOptions) -> Result<(), String> {
+        let stdin = std::io::stdin();
+        let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+        let reader =
+            StreamReader::open(&mut input).map_err(|e| format!("Could not open '-': {e}"))?;
+        let size = reader.header().size;
+        let fail = |e: qcow2kit::Error| format!("error while converting {}: {e}", fmt.name());
+        let file = FileStorage::create(dst).map_err(|e| format!("Could not open '{dst}': {e}"))?;
+        let storage: Arc<dyn Storage> = Arc::new(file);
+        if fmt == ImageFormat::Qcow2 {
+            let img = create_qcow2_on(storage.clone(), None, size, &create).map_err(fail)?;
+            reader
+                .copy_to(|off, data| {
+                    if is_zero(data) {
+                        Ok(())
+                    } else {
+                        img.write_at(data, off)
+                    }
+                })
+                .map_err(fail)?;
+            img.close().map_err(fail)?;
+        } else {
+            storage
+                .set_len(size)
+                .map_err(|e| fail(qcow2kit::Error::io("sizing target", e)))?;
+            reader
+                .copy_to(|off, data| {
+                    if is_zero(data) {
+                        return Ok(());
+                    }
+                    storage
+                        .write_at(data, off)
+                        .map_err(|e| qcow2kit::Error::io("writing target", e))
+                })
+                .map_err(fail)?;
+        }
+        storage
+            .flush()
+            .map_err(|e| format!("error while flushing '{dst}': {e}"))
     }
 }

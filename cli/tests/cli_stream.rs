@@ -162,3 +162,86 @@ fn a_fifo_target_gets_the_same_bytes_as_standard_output() {
         d,
     );
 }
+
+/// Runs `qcow2kit convert -O FMT - DST` with `input` on standard input.
+fn from_stream(input: &Path, fmt: &str, dst: &str, dir: &Path) -> std::process::Output {
+    Command::new(QCOW2KIT)
+        .args(["convert", "-O", fmt, "-", dst])
+        .current_dir(dir)
+        .stdin(Stdio::from(std::fs::File::open(input).expect("input")))
+        .output()
+        .expect("qcow2kit")
+}
+
+#[test]
+fn streamed_images_and_fresh_qemu_img_converts_read_back_from_a_pipe() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    sources(d);
+    sh(
+        "qemu-img convert -O qcow2 -f raw mixed.raw qemu.qcow2
+         qemu-img convert -c -O qcow2 -f raw mixed.raw qemuc.qcow2",
+        d,
+    );
+    let mut inputs = vec!["qemu.qcow2".to_string(), "qemuc.qcow2".to_string()];
+    for (i, extra) in [&[][..], &["-c"], &["-c", "-o", "compression_type=zstd"]]
+        .iter()
+        .enumerate()
+    {
+        for src in ["top.qcow2", "mixed.raw"] {
+            let name = format!("in{i}-{src}.qcow2");
+            let mut args = vec!["-O", "qcow2"];
+            args.extend_from_slice(extra);
+            if src.ends_with(".raw") {
+                args.extend(["-f", "raw"]);
+            }
+            args.push(src);
+            stream_into(&args, &d.join(&name), d);
+            inputs.push(name);
+        }
+    }
+    for input in &inputs {
+        for fmt in ["raw", "qcow2"] {
+            let o = from_stream(&d.join(input), fmt, &format!("back.{fmt}"), d);
+            assert!(
+                o.status.success(),
+                "{input} -> {fmt}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            sh(
+                &format!("qemu-img compare -q -F {fmt} {input} back.{fmt}"),
+                d,
+            );
+            if fmt == "qcow2" {
+                sh("qemu-img check -q back.qcow2", d);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_image_rewritten_after_a_snapshot_is_refused_naming_the_backward_reference() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    sources(d);
+    sh(
+        "qemu-img convert -O qcow2 -f raw mixed.raw re.qcow2
+         qemu-img snapshot -c s re.qcow2
+         qemu-io -c 'write -P 9 0 4k' re.qcow2 >/dev/null
+         cp mixed.raw grown.qcow2 && qemu-img convert -O qcow2 -f raw mixed.raw grown.qcow2
+         qemu-img resize -q grown.qcow2 100G",
+        d,
+    );
+    for (input, what) in [
+        ("re.qcow2", "the data of guest offset 65536"),
+        ("grown.qcow2", "the L2 table of L1 entry 0"),
+    ] {
+        let o = from_stream(&d.join(input), "raw", "back.raw", d);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{input}: {err}");
+        assert!(
+            err.contains(what) && err.contains("not laid out for streaming"),
+            "{input}: {err}"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 //! qcow2 through pipes: a writer that lays a whole image out in one forward pass over any
-//! [`std::io::Write`].
+//! [`std::io::Write`], and a reader that takes such an image from any [`std::io::Read`].
 //!
 //! The image is planned from the source's allocation map before a byte is written, so every
 //! byte of the output is written once, in order: cluster 0 (header, extensions, backing name),
@@ -8,7 +8,9 @@
 //! all refcounts are 1 and every L2 entry carries the COPIED flag; the output is the same bytes
 //! on every run for the same source and options.
 
+mod reader;
 mod spool;
 mod writer;
 
+pub use reader::StreamReader;
 pub use writer::{write_qcow2_stream, StreamWriteOptions};
