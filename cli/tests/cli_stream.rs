@@ -3,7 +3,8 @@
 //! bytes on every run; sources from empty to a sparse 16 TiB disk, a backing chain flattened,
 //! a top layer kept over `-B`, cluster sizes and refcount widths, v2, compressed (zlib and
 //! zstd, incompressible and zero clusters, 1- and 2-bit refcounts that cap how many compressed
-//! clusters share a host cluster).
+//! clusters share a host cluster), extended L2; and read back from a pipe (`convert - DST`),
+//! with images that point backwards refused.
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
@@ -92,6 +93,13 @@ fn streamed_images_are_valid_identical_and_reproducible() {
             &["-f", "raw", "-c", "-o", "cluster_size=2M,refcount_bits=2"],
         ),
         ("mixed.raw", &["-f", "raw", "-c", "-m", "1"]),
+        ("top.qcow2", &["-o", "extended_l2=on"]),
+        (
+            "top.qcow2",
+            &["-c", "-o", "extended_l2=on,cluster_size=16k"],
+        ),
+        ("sparse.qcow2", &["-o", "extended_l2=on,cluster_size=2M"]),
+        ("mixed.raw", &["-f", "raw", "-c", "-o", "extended_l2=on"]),
     ];
     for (src, opts) in cases {
         let mut args: Vec<&str> = vec!["-O", "qcow2"];
@@ -184,9 +192,14 @@ fn streamed_images_and_fresh_qemu_img_converts_read_back_from_a_pipe() {
         d,
     );
     let mut inputs = vec!["qemu.qcow2".to_string(), "qemuc.qcow2".to_string()];
-    for (i, extra) in [&[][..], &["-c"], &["-c", "-o", "compression_type=zstd"]]
-        .iter()
-        .enumerate()
+    for (i, extra) in [
+        &[][..],
+        &["-c"],
+        &["-c", "-o", "compression_type=zstd"],
+        &["-o", "extended_l2=on"],
+    ]
+    .iter()
+    .enumerate()
     {
         for src in ["top.qcow2", "mixed.raw"] {
             let name = format!("in{i}-{src}.qcow2");

@@ -14,12 +14,9 @@
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::error::{Error, Result};
 use crate::format::bitmap::{entry_size, table_entries, BitmapEntry};
-use crate::format::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use crate::format::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
 use crate::io::Storage;
 use std::sync::Arc;
-
-/// Largest L1 table QEMU accepts, in bytes (`QCOW_MAX_L1_SIZE`).
-const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// The target format of a measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,15 +88,13 @@ pub(super) struct Spool {
     max_refcount: u64,
     /// Bytes of the data area (the end of the last cluster stored).
     area: u64,
-    /// The L2 entry of a cluster of zeros.
-    zero_entry: u64,
 }
 
 /// How clusters of zeros are written.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Zeros {
-    /// Stored nowhere, with this L2 entry (unallocated, or the zero flag over a backing file).
-    Skip(u64),
+    /// Stored nowhere ([`Placed::Zero`]: unallocated, or a zero entry over a backing file).
+    Skip,
     /// Stored (compressed) like any other cluster: over a backing file without a zero flag.
     Store,
 }
@@ -112,7 +110,7 @@ impl Spool {
         workers: usize,
         zeros: Zeros,
     ) -> Result<Spool> {
-        let skip_zeros = matches!(zeros, Zeros::Skip(_));
+        let skip_zeros = matches!(zeros, Zeros::Skip);
         let data = anonymous_file()?;
         let index = anonymous_file()?;
         let mut dw = BufWriter::with_capacity(1 << 20, &data);
@@ -182,10 +180,6 @@ impl Spool {
             cs,
             max_refcount: max_value(refcount_order),
             area: 0,
-            zero_entry: match zeros {
-                Zeros::Skip(e) => e,
-                Zeros::Store => 0,
-            },
         };
         let mut end = 0u64;
         let mut r = spool.placements()?;
@@ -218,10 +212,11 @@ impl Spool {
         })
     }
 
-    /// The L2 entry of a placement, the data area starting at host offset `start`.
+    /// The L2 entry of a placement, the data area starting at host offset `start` (0 for
+    /// [`Placed::Zero`], whose entry the caller decides).
     pub(super) fn entry(&self, p: Placed, start: u64, cluster_bits: u32) -> Result<u64> {
         Ok(match p {
-            Placed::Zero => self.zero_entry,
+            Placed::Zero => 0,
             Placed::Raw(o) => encode_normal(start + o, true),
             Placed::Compressed(o, len) => CompressedDescriptor::for_bytes(start + o, len)
                 .encode(cluster_bits)

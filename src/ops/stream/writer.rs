@@ -5,16 +5,19 @@ use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
 use crate::format::entry::{encode_normal, COPIED, ZERO};
 use crate::format::refcount;
+use crate::format::MAX_L1_BYTES;
 use crate::ops::convert::default_workers;
 use crate::ops::create::{new_cluster0, Compat, CreateOptions, Preallocation};
-use crate::ops::stream::spool::{Spool, Zeros};
+use crate::ops::stream::spool::{Placed, Spool, Zeros};
 use std::io::Write;
 
 /// Largest piece of guest data read and written at once.
 const DATA_CHUNK: u64 = 1 << 20;
 
-/// Largest L1 table QEMU opens, in bytes.
-const MAX_L1_BYTES: u64 = 32 << 20;
+/// Subcluster bitmap of an extended L2 entry: every subcluster allocated.
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// Subcluster bitmap of an extended L2 entry: every subcluster reads as zeros.
+const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 /// Options of [`write_qcow2_stream`].
 #[derive(Debug, Clone, Default)]
@@ -118,6 +121,8 @@ fn plan(src: &dyn BlockDevice, cs: u64, top_only: bool, zero_flag: bool) -> Resu
 #[derive(Debug)]
 struct Layout {
     cs: u64,
+    /// Bytes of an L2 entry: 8, or 16 with extended L2 entries.
+    l2_entry: u64,
     order: u32,
     reftable: u64,
     reftable_clusters: u64,
@@ -142,8 +147,15 @@ enum DataArea {
     Packed(Spool),
 }
 
-fn layout(runs: &[Run], area: &DataArea, size: u64, cs: u64, order: u32) -> Result<Layout> {
-    let l2_entries = cs / 8;
+fn layout(
+    runs: &[Run],
+    area: &DataArea,
+    size: u64,
+    cs: u64,
+    order: u32,
+    l2_entry: u64,
+) -> Result<Layout> {
+    let l2_entries = cs / l2_entry;
     let guest_clusters = size.div_ceil(cs);
     let l1_entries = guest_clusters.div_ceil(l2_entries);
     if l1_entries * 8 > MAX_L1_BYTES {
@@ -184,6 +196,7 @@ fn layout(runs: &[Run], area: &DataArea, size: u64, cs: u64, order: u32) -> Resu
     let data = l2 + l2_indices.len() as u64;
     Ok(Layout {
         cs,
+        l2_entry,
         order,
         reftable,
         reftable_clusters: table,
@@ -230,9 +243,9 @@ pub fn write_qcow2_stream(
         .checked_next_multiple_of(512)
         .ok_or_else(too_large)?;
     let bits = o.validate(size)?;
-    if o.extended_l2 || o.data_file.is_some() || o.preallocation != Preallocation::Off {
+    if o.data_file.is_some() || o.preallocation != Preallocation::Off {
         return Err(Error::Unsupported(
-            "extended L2 entries, data files and preallocation in a streamed image".into(),
+            "data files and preallocation in a streamed image".into(),
         ));
     }
     let cs = 1u64 << bits;
@@ -247,8 +260,7 @@ pub fn write_qcow2_stream(
             opts.workers
         };
         let zeros = match (top_only, v3) {
-            (false, _) => Zeros::Skip(0),
-            (true, true) => Zeros::Skip(ZERO),
+            (false, _) | (true, true) => Zeros::Skip,
             (true, false) => Zeros::Store,
         };
         let data = runs
@@ -267,7 +279,8 @@ pub fn write_qcow2_stream(
     } else {
         DataArea::Plain
     };
-    let lay = layout(&runs, &area, size, cs, order)?;
+    let l2_entry = if o.extended_l2 { 16 } else { 8 };
+    let lay = layout(&runs, &area, size, cs, order, l2_entry)?;
     let l1_size = u32::try_from(lay.l1_entries).map_err(|_| too_large())?;
     let table_clusters = u32::try_from(lay.reftable_clusters).map_err(|_| too_large())?;
     let mut out = Out { w: out, written: 0 };
@@ -279,7 +292,7 @@ pub fn write_qcow2_stream(
         size,
     )?)?;
     write_refcounts(&mut out, &lay, &area)?;
-    write_tables(&mut out, &lay, &runs, &area, bits)?;
+    write_tables(&mut out, &lay, &runs, &area, bits, top_only)?;
     match &area {
         DataArea::Plain => write_data(&mut out, src, &runs, cs, size)?,
         DataArea::Packed(spool) => spool.copy_out(&mut |b| out.put(b))?,
@@ -373,9 +386,17 @@ fn write_tables(
     runs: &[Run],
     area: &DataArea,
     bits: u32,
+    top_only: bool,
 ) -> Result<()> {
     let cs = lay.cs;
-    let l2_entries = cs / 8;
+    let extended = lay.l2_entry == 16;
+    let l2_entries = cs / lay.l2_entry;
+    // What a cluster of zeros gets: nothing without a backing file, else a zero entry.
+    let zero = match (top_only, extended) {
+        (false, _) => (0, 0),
+        (true, false) => (ZERO, 0),
+        (true, true) => (0, ALL_ZERO),
+    };
     let mut buf = vec![0u8; (lay.l1_clusters * cs) as usize];
     for (rank, &i) in lay.l2_indices.iter().enumerate() {
         put_u64(
@@ -399,20 +420,28 @@ fn write_tables(
             let run = runs[r];
             let (s, e) = (run.start.max(lo), run.end.min(hi));
             for c in s..e {
-                let entry = match (run.fill, &mut placements) {
+                let (entry, bitmap) = match (run.fill, &mut placements) {
                     (Fill::Data, None) => {
                         next_data += 1;
-                        encode_normal((next_data - 1) * cs, true)
+                        (encode_normal((next_data - 1) * cs, true), ALL_ALLOCATED)
                     }
                     (Fill::Data, Some((spool, pl))) => {
                         let p = pl.next_placed()?.ok_or_else(|| {
                             Error::InvalidArgument("spool index ended early".into())
                         })?;
-                        spool.entry(p, lay.data * cs, bits)?
+                        match p {
+                            Placed::Zero => zero,
+                            Placed::Raw(_) => (spool.entry(p, lay.data * cs, bits)?, ALL_ALLOCATED),
+                            Placed::Compressed(..) => (spool.entry(p, lay.data * cs, bits)?, 0),
+                        }
                     }
-                    (Fill::Zero, _) => ZERO,
+                    (Fill::Zero, _) => zero,
                 };
-                put_u64(&mut buf, ((c - lo) * 8) as usize, entry);
+                let at = ((c - lo) * lay.l2_entry) as usize;
+                put_u64(&mut buf, at, entry);
+                if extended {
+                    put_u64(&mut buf, at + 8, bitmap);
+                }
             }
             if run.end > hi {
                 break;
