@@ -14,6 +14,9 @@ use std::io::Write;
 /// Largest piece of guest data read and written at once.
 const DATA_CHUNK: u64 = 1 << 20;
 
+/// Chunks read ahead of the writer.
+const READ_AHEAD: usize = 4;
+
 /// Subcluster bitmap of an extended L2 entry: every subcluster allocated.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Subcluster bitmap of an extended L2 entry: every subcluster reads as zeros.
@@ -454,7 +457,8 @@ fn write_tables(
 }
 
 /// The data clusters, in ascending guest order; the part of the last cluster past the end of
-/// the disk is zeros.
+/// the disk is zeros. A reader thread fills chunks ahead of the writer (at most
+/// `READ_AHEAD` chunks in flight), so reading the source and writing the stream overlap.
 fn write_data(
     out: &mut Out<'_>,
     src: &dyn BlockDevice,
@@ -463,23 +467,39 @@ fn write_data(
     size: u64,
 ) -> Result<()> {
     let chunk = DATA_CHUNK.max(cs);
-    let mut buf = Vec::new();
-    for run in runs.iter().filter(|r| r.fill == Fill::Data) {
-        let mut p = run.start * cs;
-        let end = run.end * cs;
-        while p < end {
-            let n = chunk.min(end - p);
-            buf.clear();
-            buf.resize(n as usize, 0);
-            let readable = n
-                .min(size.saturating_sub(p))
-                .min(src.size().saturating_sub(p));
-            if readable > 0 {
-                src.read_at(&mut buf[..readable as usize], p)?;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(READ_AHEAD);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let end_of_disk = size.min(src.size());
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for run in runs.iter().filter(|r| r.fill == Fill::Data) {
+                let mut p = run.start * cs;
+                let end = run.end * cs;
+                while p < end {
+                    let n = chunk.min(end - p);
+                    let mut buf = empty_rx.try_recv().unwrap_or_default();
+                    buf.clear();
+                    buf.resize(n as usize, 0);
+                    let readable = n.min(end_of_disk.saturating_sub(p));
+                    let r = if readable > 0 {
+                        src.read_at(&mut buf[..readable as usize], p).map(|()| buf)
+                    } else {
+                        Ok(buf)
+                    };
+                    let failed = r.is_err();
+                    // The writer gone (it failed) or this read failed: stop.
+                    if full_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    p += n;
+                }
             }
+        });
+        for r in full_rx {
+            let buf = r?;
             out.put(&buf)?;
-            p += n;
+            let _ = empty_tx.send(buf);
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
