@@ -166,7 +166,13 @@ fn convert(args: &[String]) -> Result<(), String> {
     let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
     let exists = p.has("n");
     if out_fmt == ImageFormat::Qcow2 && !exists && stream::is_stream_target(dst) {
-        return stream::write(dev.as_ref(), dst, create, p.has("c"), workers);
+        let opts = qcow2kit::ops::stream::StreamWriteOptions {
+            create,
+            compress: p.has("c"),
+            workers,
+            keep_zeros: zero_granularity == 0,
+        };
+        return stream::write(dev.as_ref(), dst, &opts);
     }
     if out_fmt == ImageFormat::Qcow2 {
         let opts = Qcow2ConvertOptions {
@@ -307,19 +313,12 @@ mod stream {
     pub fn write(
         src: &dyn BlockDevice,
         dst: &str,
-        create: CreateOptions,
-        compress: bool,
-        workers: usize,
+        opts: &StreamWriteOptions,
     ) -> Result<(), String> {
-        let opts = StreamWriteOptions {
-            create,
-            compress,
-            workers,
-        };
         let result = if dst == "-" {
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            write_qcow2_stream(src, &mut w, &opts).and_then(|_| {
+            write_qcow2_stream(src, &mut w, opts).and_then(|_| {
                 std::io::Write::flush(&mut w)
                     .map_err(|e| qcow2kit::Error::io("writing the image stream", e))
             })
@@ -329,7 +328,7 @@ mod stream {
                 .open(dst)
                 .map_err(|e| format!("Could not open '{dst}': {e}"))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            write_qcow2_stream(src, &mut w, &opts).and_then(|_| {
+            write_qcow2_stream(src, &mut w, opts).and_then(|_| {
                 std::io::Write::flush(&mut w)
                     .map_err(|e| qcow2kit::Error::io("writing the image stream", e))
             })

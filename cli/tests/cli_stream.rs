@@ -258,3 +258,30 @@ fn an_image_rewritten_after_a_snapshot_is_refused_naming_the_backward_reference(
         );
     }
 }
+
+#[test]
+fn zero_clusters_take_no_room_unless_s0_asks_for_a_thick_copy() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    sh(
+        "(head -c 1048576 /dev/urandom; head -c 3145728 /dev/zero; head -c 100000 /dev/urandom;
+          head -c 2000000 /dev/zero) > zeros.raw
+         qemu-img convert -O qcow2 -f raw zeros.raw qemu.qcow2",
+        d,
+    );
+    let qemu = std::fs::metadata(d.join("qemu.qcow2")).expect("qemu").len();
+    for (extra, same_as_qemu) in [(&[][..], true), (&["-S", "0"], false)] {
+        let mut args = vec!["-O", "qcow2", "-f", "raw"];
+        args.extend_from_slice(extra);
+        args.push("zeros.raw");
+        stream_into(&args, &d.join("z.qcow2"), d);
+        sh("qemu-img check -q z.qcow2", d);
+        sh("qemu-img compare -q -f raw zeros.raw z.qcow2", d);
+        let ours = std::fs::metadata(d.join("z.qcow2")).expect("z").len();
+        assert_eq!(
+            ours == qemu,
+            same_as_qemu,
+            "{extra:?}: {ours} against {qemu}"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! all refcounts are 1 and every L2 entry carries the COPIED flag; the output is the same bytes
 //! on every run for the same source and options.
 
+mod chunks;
 mod reader;
 mod spool;
 mod writer;

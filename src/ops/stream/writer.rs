@@ -8,14 +8,9 @@ use crate::format::refcount;
 use crate::format::MAX_L1_BYTES;
 use crate::ops::convert::default_workers;
 use crate::ops::create::{new_cluster0, Compat, CreateOptions, Preallocation};
+use crate::ops::stream::chunks::{for_each_chunk, ZeroMap};
 use crate::ops::stream::spool::{Placed, Spool, Zeros};
 use std::io::Write;
-
-/// Largest piece of guest data read and written at once.
-const DATA_CHUNK: u64 = 1 << 20;
-
-/// Chunks read ahead of the writer.
-const READ_AHEAD: usize = 4;
 
 /// Subcluster bitmap of an extended L2 entry: every subcluster allocated.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
@@ -35,11 +30,16 @@ pub struct StreamWriteOptions {
     pub compress: bool,
     /// Threads compressing; 0 means one per available core.
     pub workers: usize,
+    /// Copy data clusters that hold only zeros as they are (qemu-img `-S 0`). By default they
+    /// are found by reading the source once before the stream starts (or while compressing)
+    /// and take no room: unallocated, or zero entries over a kept backing file (v2 images over
+    /// a backing file keep them, having no zero entries).
+    pub keep_zeros: bool,
 }
 
 /// What the new image holds for a run of guest clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fill {
+pub(super) enum Fill {
     /// Data clusters, copied from the source.
     Data,
     /// Zero-flagged entries without a cluster (over a backing file).
@@ -48,10 +48,10 @@ enum Fill {
 
 /// A run of guest clusters `start..end` of one kind.
 #[derive(Debug, Clone, Copy)]
-struct Run {
-    start: u64,
-    end: u64,
-    fill: Fill,
+pub(super) struct Run {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) fill: Fill,
 }
 
 /// Adds clusters `start..end` to the sorted `runs`: data wins a cluster shared with the last
@@ -146,7 +146,7 @@ fn too_large() -> Error {
 
 /// The data area: the guest's data clusters copied one for one, or spooled compressed.
 enum DataArea {
-    Plain,
+    Plain(ZeroMap),
     Packed(Spool),
 }
 
@@ -177,8 +177,9 @@ fn layout(
             }
         }
     }
-    if let DataArea::Packed(spool) = area {
-        data_clusters = spool.clusters();
+    match area {
+        DataArea::Packed(spool) => data_clusters = spool.clusters(),
+        DataArea::Plain(zeros) => data_clusters -= zeros.zeros(),
     }
     let fixed = 1 + l1_clusters + l2_indices.len() as u64 + data_clusters;
     let per_block = refcount::entries_per_block(cs, order);
@@ -262,9 +263,10 @@ pub fn write_qcow2_stream(
         } else {
             opts.workers
         };
-        let zeros = match (top_only, v3) {
-            (false, _) | (true, true) => Zeros::Skip,
-            (true, false) => Zeros::Store,
+        let zeros = if opts.keep_zeros || (top_only && !v3) {
+            Zeros::Store
+        } else {
+            Zeros::Skip
         };
         let data = runs
             .iter()
@@ -279,8 +281,10 @@ pub fn write_qcow2_stream(
             workers,
             zeros,
         )?)
+    } else if opts.keep_zeros || (top_only && !v3) {
+        DataArea::Plain(ZeroMap::default())
     } else {
-        DataArea::Plain
+        DataArea::Plain(ZeroMap::scan(src, &runs, cs, size)?)
     };
     let l2_entry = if o.extended_l2 { 16 } else { 8 };
     let lay = layout(&runs, &area, size, cs, order, l2_entry)?;
@@ -297,7 +301,7 @@ pub fn write_qcow2_stream(
     write_refcounts(&mut out, &lay, &area)?;
     write_tables(&mut out, &lay, &runs, &area, bits, top_only)?;
     match &area {
-        DataArea::Plain => write_data(&mut out, src, &runs, cs, size)?,
+        DataArea::Plain(zeros) => write_data(&mut out, src, &runs, cs, size, zeros)?,
         DataArea::Packed(spool) => spool.copy_out(&mut |b| out.put(b))?,
     }
     if out.written != lay.total * cs {
@@ -336,7 +340,7 @@ fn write_refcounts(out: &mut Out<'_>, lay: &Layout, area: &DataArea) -> Result<(
         filler.push(1)?;
     }
     match area {
-        DataArea::Plain => {
+        DataArea::Plain(_) => {
             for _ in lay.data..lay.total {
                 filler.push(1)?;
             }
@@ -411,9 +415,10 @@ fn write_tables(
     out.put(&buf)?;
     buf = vec![0u8; cs as usize];
     let mut next_data = lay.data;
-    let mut placements = match area {
-        DataArea::Packed(spool) => Some((spool, spool.placements()?)),
-        DataArea::Plain => None,
+    let mut rank = 0u64;
+    let (mut placements, zeros) = match area {
+        DataArea::Packed(spool) => (Some((spool, spool.placements()?)), None),
+        DataArea::Plain(z) => (None, Some(z)),
     };
     let mut r = 0usize;
     for &i in &lay.l2_indices {
@@ -425,8 +430,13 @@ fn write_tables(
             for c in s..e {
                 let (entry, bitmap) = match (run.fill, &mut placements) {
                     (Fill::Data, None) => {
-                        next_data += 1;
-                        (encode_normal((next_data - 1) * cs, true), ALL_ALLOCATED)
+                        rank += 1;
+                        if zeros.is_some_and(|z| z.is_zero(rank - 1)) {
+                            zero
+                        } else {
+                            next_data += 1;
+                            (encode_normal((next_data - 1) * cs, true), ALL_ALLOCATED)
+                        }
                     }
                     (Fill::Data, Some((spool, pl))) => {
                         let p = pl.next_placed()?.ok_or_else(|| {
@@ -456,49 +466,27 @@ fn write_tables(
     Ok(())
 }
 
-/// The data clusters, in ascending guest order; the part of the last cluster past the end of
-/// the disk is zeros. A reader thread fills chunks ahead of the writer (at most
-/// `READ_AHEAD` chunks in flight), so reading the source and writing the stream overlap.
+/// The data clusters, in ascending guest order, but for those of zeros; the part of the last
+/// cluster past the end of the disk is zeros.
 fn write_data(
     out: &mut Out<'_>,
     src: &dyn BlockDevice,
     runs: &[Run],
     cs: u64,
     size: u64,
+    zeros: &ZeroMap,
 ) -> Result<()> {
-    let chunk = DATA_CHUNK.max(cs);
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(READ_AHEAD);
-    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let end_of_disk = size.min(src.size());
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            for run in runs.iter().filter(|r| r.fill == Fill::Data) {
-                let mut p = run.start * cs;
-                let end = run.end * cs;
-                while p < end {
-                    let n = chunk.min(end - p);
-                    let mut buf = empty_rx.try_recv().unwrap_or_default();
-                    buf.clear();
-                    buf.resize(n as usize, 0);
-                    let readable = n.min(end_of_disk.saturating_sub(p));
-                    let r = if readable > 0 {
-                        src.read_at(&mut buf[..readable as usize], p).map(|()| buf)
-                    } else {
-                        Ok(buf)
-                    };
-                    let failed = r.is_err();
-                    // The writer gone (it failed) or this read failed: stop.
-                    if full_tx.send(r).is_err() || failed {
-                        return;
-                    }
-                    p += n;
-                }
+    let mut rank = 0u64;
+    for_each_chunk(src, runs, cs, size, |_, buf| {
+        if zeros.zeros() == 0 {
+            rank += buf.len() as u64 / cs;
+            return out.put(buf);
+        }
+        for cluster in buf.chunks(cs as usize) {
+            if !zeros.is_zero(rank) {
+                out.put(cluster)?;
             }
-        });
-        for r in full_rx {
-            let buf = r?;
-            out.put(&buf)?;
-            let _ = empty_tx.send(buf);
+            rank += 1;
         }
         Ok(())
     })
