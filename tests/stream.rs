@@ -131,3 +131,14 @@ fn truncated_and_garbled_streams_fail_cleanly() {
     }
     let _ = read_back(&s);
 }
+
+#[test]
+fn the_queue_of_references_ahead_of_the_data_is_capped() {
+    let data = source();
+    let s = streamed(&data, false);
+    let mut input: &[u8] = &s;
+    let mut reader = StreamReader::open(&mut input).unwrap();
+    reader.set_max_pending(2);
+    let e = reader.copy_to(|_, _| Ok(())).unwrap_err().to_string();
+    assert!(e.contains("more than 2 clusters"), "{e}");
+}

@@ -13,5 +13,5 @@ mod reader;
 mod spool;
 mod writer;
 
-pub use reader::StreamReader;
+pub use reader::{StreamReader, DEFAULT_MAX_PENDING};
 pub use writer::{write_qcow2_stream, StreamWriteOptions};

@@ -9,8 +9,11 @@
 //! moved by a resize) is refused, the error naming the first such reference; nothing is
 //! buffered beyond one cluster (or one compressed cluster's sectors).
 //!
-//! Memory: the L1 table, and the queue of what the L2 tables read so far point to (16 bytes
-//! per mapped cluster, the size of the tables themselves); never the data.
+//! Memory: the L1 table, and the queue of what the L2 tables read so far point to and the
+//! stream has not reached yet (32 bytes per mapped cluster, a few times the tables
+//! themselves); never the data. The queue is capped ([`StreamReader::set_max_pending`],
+//! default [`DEFAULT_MAX_PENDING`]): a stream that maps more clusters ahead of their data is
+//! refused, so a hostile stream cannot grow it without bound.
 
 use crate::codec::decompress_cluster;
 use crate::error::{Corruption, Error, Result};
@@ -21,6 +24,10 @@ use crate::format::{parse_first_cluster, MAX_CLUSTER_BITS, MAX_HOST_OFFSET, MIN_
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::Read;
+
+/// Default cap on the references queued ahead of the stream position: 16 Mi (512 MiB of
+/// queue; every cluster of a 1 TiB image of 64 KiB clusters mapped before its data).
+pub const DEFAULT_MAX_PENDING: usize = 16 << 20;
 
 /// What lies at a host offset the reader still has to reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -121,6 +128,7 @@ impl Window<'_> {
 pub struct StreamReader<'a> {
     window: Window<'a>,
     header: Header,
+    max_pending: usize,
 }
 
 impl std::fmt::Debug for StreamReader<'_> {
@@ -165,7 +173,16 @@ impl<'a> StreamReader<'a> {
                 "images with a backing file in a stream".into(),
             ));
         }
-        Ok(StreamReader { window, header })
+        Ok(StreamReader {
+            window,
+            header,
+            max_pending: DEFAULT_MAX_PENDING,
+        })
+    }
+
+    /// Caps the references queued ahead of the stream position (see the module's notes).
+    pub fn set_max_pending(&mut self, max: usize) {
+        self.max_pending = max;
     }
 
     /// The image's header.
@@ -245,6 +262,12 @@ impl<'a> StreamReader<'a> {
                                 "its L2 table",
                                 off,
                             ));
+                        }
+                        if queue.len() >= self.max_pending {
+                            return Err(Error::Unsupported(format!(
+                                "streams that map more than {} clusters ahead of their data",
+                                self.max_pending
+                            )));
                         }
                         queue.push(Reverse((host, next)));
                     }
