@@ -151,7 +151,12 @@ fn convert(args: &[String]) -> Result<(), String> {
     };
 
     let quiet = p.has("q");
-    let show = p.has("p") && !quiet;
+    let streamed = out_fmt == ImageFormat::Qcow2 && !p.has("n") && stream::is_stream_target(dst);
+    if streamed && p.has("bitmaps") {
+        return Err("--bitmaps is not supported with a streamed target".into());
+    }
+    // Progress goes to standard output, which a streamed image may be.
+    let show = p.has("p") && !quiet && !(streamed && dst == "-");
     let print = |d: u64, t: u64| {
         let pct = if t == 0 {
             100.0
@@ -165,14 +170,19 @@ fn convert(args: &[String]) -> Result<(), String> {
     }
     let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
     let exists = p.has("n");
-    if out_fmt == ImageFormat::Qcow2 && !exists && stream::is_stream_target(dst) {
+    if streamed {
         let opts = qcow2kit::ops::stream::StreamWriteOptions {
             create,
             compress: p.has("c"),
             workers,
             keep_zeros: zero_granularity == 0,
         };
-        return stream::write(dev.as_ref(), dst, &opts);
+        stream::write(dev.as_ref(), dst, &opts)?;
+        if show {
+            print(1, 1);
+            outln!();
+        }
+        return Ok(());
     }
     if out_fmt == ImageFormat::Qcow2 {
         let opts = Qcow2ConvertOptions {

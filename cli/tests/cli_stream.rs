@@ -285,3 +285,20 @@ fn zero_clusters_take_no_room_unless_s0_asks_for_a_thick_copy() {
         );
     }
 }
+
+#[test]
+fn progress_never_mixes_into_a_stream_on_standard_output() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    sources(d);
+    stream_into(&["-O", "qcow2", "top.qcow2"], &d.join("plain.qcow2"), d);
+    stream_into(&["-p", "-O", "qcow2", "top.qcow2"], &d.join("p.qcow2"), d);
+    sh("cmp plain.qcow2 p.qcow2", d);
+    let o = Command::new(QCOW2KIT)
+        .args(["convert", "--bitmaps", "-O", "qcow2", "top.qcow2", "-"])
+        .current_dir(d)
+        .output()
+        .expect("qcow2kit");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+}
