@@ -156,6 +156,12 @@ fn convert(args: &[String]) -> Result<(), String> {
         Some(s) => Some(SnapshotRef::parse(s).map_err(|e| e.to_string())?),
         None => None,
     };
+    if src == "-" {
+        if p.has("n") || snapshot.is_some() || p.last("f").is_some_and(|f| f != "qcow2") {
+            return Err("a streamed source is a qcow2 image read whole: -n, -l and -f other than qcow2 do not apply".into());
+        }
+        return stream::read(dst, out_fmt, create);
+    }
     // qemu-img convert refuses other writers of its source while it copies.
     let source_locking = if p.has("U") {
         Locking::ForceShare
@@ -173,7 +179,12 @@ fn convert(args: &[String]) -> Result<(), String> {
     };
 
     let quiet = p.has("q");
-    let show = p.has("p") && !quiet;
+    let streamed = out_fmt == ImageFormat::Qcow2 && !p.has("n") && stream::is_stream_target(dst);
+    if streamed && p.has("bitmaps") {
+        return Err("--bitmaps is not supported with a streamed target".into());
+    }
+    // Progress goes to standard output, which a streamed image may be.
+    let show = p.has("p") && !quiet && !(streamed && dst == "-");
     let print = |d: u64, t: u64| {
         let pct = if t == 0 {
             100.0
@@ -187,6 +198,20 @@ fn convert(args: &[String]) -> Result<(), String> {
     }
     let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
     let exists = p.has("n");
+    if streamed {
+        let opts = qcow2kit::ops::stream::StreamWriteOptions {
+            create,
+            compress: p.has("c"),
+            workers,
+            keep_zeros: zero_granularity == 0,
+        };
+        stream::write(dev.as_ref(), dst, &opts)?;
+        if show {
+            print(1, 1);
+            outln!();
+        }
+        return Ok(());
+    }
     if out_fmt == ImageFormat::Qcow2 {
         let opts = Qcow2ConvertOptions {
             create,
@@ -306,4 +331,94 @@ fn lock_replaced(dst: &str) -> std::io::Result<Option<FileStorage>> {
         _ => return Ok(None),
     }
     FileStorage::open_with(dst, false, Some(LockRequest::create())).map(Some)
+}
+
+/// Targets that cannot seek (`-`, a FIFO): the image is written in one forward pass.
+mod stream {
+    use qcow2kit::chain::ImageFormat;
+    use qcow2kit::io::{FileStorage, Storage};
+    use qcow2kit::ops::convert::is_zero;
+    use qcow2kit::ops::create::create_qcow2_on;
+    use qcow2kit::ops::create::CreateOptions;
+    use qcow2kit::ops::stream::{write_qcow2_stream, StreamReader, StreamWriteOptions};
+    use qcow2kit::BlockDevice;
+    use std::os::unix::fs::FileTypeExt;
+    use std::sync::Arc;
+
+    /// Whether `dst` names standard output (`-`) or a FIFO.
+    pub fn is_stream_target(dst: &str) -> bool {
+        dst == "-" || std::fs::metadata(dst).is_ok_and(|m| m.file_type().is_fifo())
+    }
+
+    /// Writes `src` as qcow2 to `dst` in one pass.
+    pub fn write(
+        src: &dyn BlockDevice,
+        dst: &str,
+        opts: &StreamWriteOptions,
+    ) -> Result<(), String> {
+        let result = if dst == "-" {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            write_qcow2_stream(src, &mut w, opts).and_then(|_| {
+                std::io::Write::flush(&mut w)
+                    .map_err(|e| qcow2kit::Error::io("writing the image stream", e))
+            })
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dst)
+                .map_err(|e| format!("Could not open '{dst}': {e}"))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            write_qcow2_stream(src, &mut w, opts).and_then(|_| {
+                std::io::Write::flush(&mut w)
+                    .map_err(|e| qcow2kit::Error::io("writing the image stream", e))
+            })
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| format!("error while converting qcow2: {e}"))
+    }
+
+    /// Reads a qcow2 image from standard input (in one forward pass) into a new `fmt` image
+    /// at `dst`; clusters of zeros are not written.
+    pub fn read(dst: &str, fmt: ImageFormat, create: CreateOptions) -> Result<(), String> {
+        let stdin = std::io::stdin();
+        let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+        let reader =
+            StreamReader::open(&mut input).map_err(|e| format!("Could not open '-': {e}"))?;
+        let size = reader.header().size;
+        let fail = |e: qcow2kit::Error| format!("error while converting {}: {e}", fmt.name());
+        let file = FileStorage::create(dst).map_err(|e| format!("Could not open '{dst}': {e}"))?;
+        let storage: Arc<dyn Storage> = Arc::new(file);
+        if fmt == ImageFormat::Qcow2 {
+            let img = create_qcow2_on(storage.clone(), None, size, &create).map_err(fail)?;
+            reader
+                .copy_to(|off, data| {
+                    if is_zero(data) {
+                        Ok(())
+                    } else {
+                        img.write_at(data, off)
+                    }
+                })
+                .map_err(fail)?;
+            img.close().map_err(fail)?;
+        } else {
+            storage
+                .set_len(size)
+                .map_err(|e| fail(qcow2kit::Error::io("sizing target", e)))?;
+            reader
+                .copy_to(|off, data| {
+                    if is_zero(data) {
+                        return Ok(());
+                    }
+                    storage
+                        .write_at(data, off)
+                        .map_err(|e| qcow2kit::Error::io("writing target", e))
+                })
+                .map_err(fail)?;
+        }
+        storage
+            .flush()
+            .map_err(|e| format!("error while flushing '{dst}': {e}"))
+    }
 }

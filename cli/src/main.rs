@@ -21,6 +21,7 @@ mod info;
 mod io;
 mod localtime;
 mod map;
+mod measure;
 mod nbd;
 mod progress;
 mod qemu_errors;
@@ -38,6 +39,7 @@ Commands (qemu-img compatible):
   info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
   convert [-f FMT] [-O raw] [-U] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
   map [-f FMT] [--output human|json] [-U] FILE
+  measure [--output human|json] [-O FMT] [-o OPTIONS] (--size SIZE | [-f FMT] [-l SNAP] FILE)
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2
   create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-u] [-q] FILE [SIZE]
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         "info" => info::run(rest),
         "convert" => convert::run(rest),
         "map" => map::run(rest),
+        "measure" => measure::run(rest),
         "compare" => compare::run(rest),
         "create" => create::run(rest),
         "resize" => resize::run(rest),

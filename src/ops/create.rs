@@ -193,7 +193,7 @@ impl CreateOptions {
     }
 
     /// Checks the combination the way qemu-img does.
-    fn validate(&self, size: u64) -> Result<u32> {
+    pub(crate) fn validate(&self, size: u64) -> Result<u32> {
         let cs = self.cluster_size;
         if !cs.is_power_of_two() {
             return Err(bad(
@@ -262,9 +262,17 @@ impl CreateOptions {
     }
 }
 
-/// The feature names QEMU records in new images.
-/// Writes a new qcow2 image of size 0 on `storage` (its three first clusters).
-fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result<()> {
+/// Cluster 0 of a new qcow2 image made with `o` (clusters of `1 << bits` bytes): header with
+/// the extensions and backing name QEMU records, refcount table at cluster 1, no L1 table yet
+/// (the caller sets `l1`: table offset and entries, and the refcount table's place and size when
+/// they differ). Padded to the cluster size.
+pub(crate) fn new_cluster0(
+    o: &CreateOptions,
+    bits: u32,
+    refcount_table: (u64, u32),
+    l1: (u64, u32),
+    size: u64,
+) -> Result<Vec<u8>> {
     let cs = 1u64 << bits;
     let v3 = o.compat == Compat::V3;
     let order = o.refcount_bits.trailing_zeros();
@@ -293,12 +301,12 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits: bits,
-        size: 0,
+        size,
         crypt_method: CryptMethod::None,
-        l1_size: 0,
-        l1_table_offset: 0,
-        refcount_table_offset: cs,
-        refcount_table_clusters: 1,
+        l1_size: l1.1,
+        l1_table_offset: l1.0,
+        refcount_table_offset: refcount_table.0,
+        refcount_table_clusters: refcount_table.1,
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible,
@@ -328,6 +336,14 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
     )
     .ok_or_else(|| bad("header, extensions and backing name do not fit in one cluster"))?;
     cluster0.resize(cs as usize, 0);
+    Ok(cluster0)
+}
+
+/// Writes a new qcow2 image of size 0 on `storage` (its three first clusters).
+fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result<()> {
+    let cs = 1u64 << bits;
+    let order = o.refcount_bits.trailing_zeros();
+    let cluster0 = new_cluster0(o, bits, (cs, 1), (0, 0), 0)?;
     let mut reftable = vec![0u8; cs as usize];
     reftable[..8].copy_from_slice(&(2 * cs).to_be_bytes());
     let mut block = vec![0u8; cs as usize];

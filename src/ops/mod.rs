@@ -10,5 +10,7 @@ pub mod create;
 pub mod info;
 pub mod inspect;
 pub mod map;
+pub mod measure;
 mod pool;
 pub mod rebase;
+pub mod stream;
