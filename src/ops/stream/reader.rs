@@ -2,12 +2,15 @@
 //!
 //! Accepted are images whose every reference points forward: the L1 table lies after cluster 0,
 //! each L2 table after the L1 table, each data cluster after the L2 table that maps it — as
-//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out, and as a fresh
-//! `qemu-img convert -O qcow2` or `qemu-img create` + sequential writes happen to (their L2
-//! tables are allocated just before the data they first map). An image where a reference
-//! points back into what was already read (an L2 table copied after a snapshot, an L1 table
-//! moved by a resize) is refused, the error naming the first such reference; nothing is
-//! buffered beyond one cluster (or one compressed cluster's sectors).
+//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out. Images made by qemu-img
+//! 10 qualify when every L2 table was allocated before the data it maps and after the L1
+//! table: `qemu-img convert -O qcow2` (plain, `-c` zlib or zstd, extended L2),
+//! `qemu-img create` (also with `preallocation=metadata`) followed by writes in any order,
+//! discards and rewrites, persistent bitmaps added. Refused: `preallocation=full` (QEMU puts
+//! the L2 tables before the L1 table), an L2 table copied after an internal snapshot (it maps
+//! older data), an L1 table moved by a resize. The error names the first reference found
+//! pointing back into what was already read; nothing is buffered beyond one cluster (or one
+//! compressed cluster's sectors).
 //!
 //! Memory: the L1 table, and the queue of what the L2 tables read so far point to and the
 //! stream has not reached yet (32 bytes per mapped cluster, a few times the tables
