@@ -109,9 +109,14 @@ fn run_measure(args: &[String]) -> Result<(), String> {
         }
     };
     let size = p.last("size").map(image_size).transpose()?;
+    let mut secrets = Vec::new();
     for o in p.all("object") {
-        if !o.starts_with("secret,") {
-            return Err(format!("measure: --object {o} is not supported"));
+        let id = o
+            .strip_prefix("secret,")
+            .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix("id=")));
+        match id {
+            Some(id) => secrets.push(id.to_string()),
+            None => return Err(format!("measure: --object {o} is not supported")),
         }
     }
     let filename = match p.operands.as_slice() {
@@ -147,6 +152,7 @@ fn run_measure(args: &[String]) -> Result<(), String> {
         f => return Err(format!("Unknown file format '{f}'")),
     };
     let mut opts = CreationOptions::new(format);
+    opts.set_secrets(secrets);
     let all = p.all("o").join(",");
     if !all.is_empty() {
         opts.add(&all, |v| parse_size(v).ok()).map_err(|e| {

@@ -157,6 +157,74 @@ fn figures_match_qemu_img_for_every_source_and_target() {
 }
 
 #[test]
+fn luks_targets_count_qemu_s_header_for_every_cipher() {
+    let t = sources();
+    let mut diffs = Vec::new();
+    for extra in [
+        "",
+        ",encrypt.cipher-alg=aes-128",
+        ",encrypt.cipher-alg=aes-192",
+        ",encrypt.cipher-mode=cbc",
+        ",encrypt.cipher-mode=cbc,encrypt.cipher-alg=aes-128",
+        ",encrypt.cipher-alg=twofish-256",
+        ",encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc",
+        ",encrypt.cipher-alg=serpent-128,encrypt.cipher-mode=ctr",
+        ",cluster_size=512",
+        ",cluster_size=2M",
+        ",preallocation=full,extended_l2=on",
+        ",encrypt.cipher-alg=foo",
+        ",encrypt.cipher-mode=foo",
+    ] {
+        let o = format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}");
+        for src in ["--size 0", "--size 1G", "a.qcow2", "-f raw r.raw"] {
+            let mut args = vec![
+                "-O",
+                "qcow2",
+                "--object",
+                "secret,id=sec0,data=base",
+                "-o",
+                &o,
+            ];
+            args.extend(src.split_whitespace());
+            diffs.extend(differs(&args, t.path()));
+        }
+    }
+    for args in [
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            "--size",
+            "0",
+        ][..],
+        &[
+            "-O",
+            "qcow2",
+            "--object",
+            "secret,id=sec1,data=base",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            "--size",
+            "0",
+        ],
+        &[
+            "-O",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=base",
+            "-o",
+            "encrypt.format=luks",
+            "--size",
+            "0",
+        ],
+    ] {
+        diffs.extend(differs(args, t.path()));
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
 fn usage_and_option_errors_match_qemu_img() {
     let t = sources();
     let cases: &[&[&str]] = &[

@@ -136,6 +136,7 @@ fn parse_number(v: &str) -> Option<u64> {
 pub struct CreationOptions {
     format: MeasureFormat,
     values: Vec<(String, String)>,
+    secrets: Vec<String>,
 }
 
 impl CreationOptions {
@@ -144,7 +145,14 @@ impl CreationOptions {
         CreationOptions {
             format,
             values: Vec::new(),
+            secrets: Vec::new(),
         }
+    }
+
+    /// Names the secrets that exist (qemu-img `--object secret,id=ID,…`): a LUKS target's
+    /// `encrypt.key-secret` must be one of them.
+    pub fn set_secrets(&mut self, ids: Vec<String>) {
+        self.secrets = ids;
     }
 
     fn option_type(&self, key: &str) -> Option<OptType> {
@@ -391,6 +399,44 @@ pub fn measure(
     }
 }
 
+/// Bytes of the LUKS header QEMU writes for the `encrypt.*` options: the 4 KiB header and
+/// eight key slots, each the master key split into 4000 stripes, rounded up to 4 KiB (QEMU's
+/// `qcrypto_block_calculate_payload_offset`). The cipher and mode give the key length; the key
+/// secret must be named and exist.
+fn luks_header_bytes(opts: &CreationOptions) -> Result<u64> {
+    const STRIPES: u64 = 4000;
+    const SLOTS: u64 = 8;
+    const ALIGN: u64 = 4096;
+    let alg = opts.get("encrypt.cipher-alg").unwrap_or("aes-256");
+    let key: u64 = match alg {
+        "aes-128" | "serpent-128" | "twofish-128" | "cast5-128" | "sm4" => 16,
+        "aes-192" | "serpent-192" | "twofish-192" | "3des" => 24,
+        "aes-256" | "serpent-256" | "twofish-256" => 32,
+        "des" => 8,
+        _ => {
+            return Err(bad(format!(
+                "Parameter 'cipher-alg' does not accept value '{alg}'"
+            )))
+        }
+    };
+    let key = match opts.get("encrypt.cipher-mode").unwrap_or("xts") {
+        "xts" => key * 2,
+        "cbc" | "ecb" | "ctr" => key,
+        other => {
+            return Err(bad(format!(
+                "Parameter 'cipher-mode' does not accept value '{other}'"
+            )))
+        }
+    };
+    let Some(secret) = opts.get("encrypt.key-secret") else {
+        return Err(bad("Parameter 'encrypt.key-secret' is required for cipher"));
+    };
+    if !opts.secrets.iter().any(|s| s == secret) {
+        return Err(bad(format!("No secret with id '{secret}'")));
+    }
+    Ok(ALIGN + SLOTS * (STRIPES * key).next_multiple_of(ALIGN))
+}
+
 fn measure_qcow2(
     opts: &CreationOptions,
     size: u64,
@@ -430,11 +476,13 @@ fn measure_qcow2(
         Some(other) => return Err(bad(format!("invalid parameter value: {other}"))),
     };
     let has_backing = opts.get("backing_file").is_some();
-    if opts.get("encrypt.format") == Some("luks") {
-        return Err(Error::Unsupported(
-            "measuring LUKS-encrypted targets".into(),
-        ));
-    }
+    let luks_payload = if opts.get("encrypt.format") == Some("luks") {
+        luks_header_bytes(opts)?
+            .checked_next_multiple_of(cs)
+            .ok_or_else(overflow)?
+    } else {
+        0
+    };
     let l2e: u64 = if extended_l2 { 16 } else { 8 };
     let mut virtual_size = size.checked_next_multiple_of(cs).ok_or_else(overflow)?;
     let l2_tables = (virtual_size / cs).div_ceil(cs / l2e);
@@ -462,6 +510,7 @@ fn measure_qcow2(
         refcount_bits.trailing_zeros(),
         extended_l2,
     )
+    .and_then(|f| f.checked_add(luks_payload))
     .ok_or_else(overflow)?;
     let bitmaps = match source {
         Some(MeasureSource {

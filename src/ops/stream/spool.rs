@@ -25,8 +25,9 @@ use crate::ops::convert::is_zero;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 
-/// Clusters compressed per batch (spread over the workers).
-const BATCH_CLUSTERS: usize = 64;
+/// Bytes of guest data compressed per batch (spread over the workers): the batch's input and
+/// output buffers are the spool's memory.
+const BATCH_BYTES: u64 = 4 << 20;
 
 /// Record flag: the cluster is stored uncompressed (its length is the cluster size).
 const RAW: u32 = 1 << 31;
@@ -116,14 +117,15 @@ impl Spool {
         let mut dw = BufWriter::with_capacity(1 << 20, &data);
         let mut iw = BufWriter::with_capacity(64 << 10, &index);
         let size = src.size();
-        let mut batch: Vec<u64> = Vec::with_capacity(BATCH_CLUSTERS);
-        let mut input = vec![0u8; BATCH_CLUSTERS * cs as usize];
-        let mut outs: Vec<Vec<u8>> = vec![Vec::new(); BATCH_CLUSTERS];
-        let mut flags = vec![0u32; BATCH_CLUSTERS];
+        let batch_clusters = (BATCH_BYTES / cs).max(1) as usize;
+        let mut batch: Vec<u64> = Vec::with_capacity(batch_clusters);
+        let mut input = vec![0u8; batch_clusters * cs as usize];
+        let mut outs: Vec<Vec<u8>> = vec![Vec::new(); batch_clusters];
+        let mut flags = vec![0u32; batch_clusters];
         let mut clusters = clusters.peekable();
         while clusters.peek().is_some() {
             batch.clear();
-            batch.extend(clusters.by_ref().take(BATCH_CLUSTERS));
+            batch.extend(clusters.by_ref().take(batch_clusters));
             for (i, &c) in batch.iter().enumerate() {
                 let buf = &mut input[i * cs as usize..(i + 1) * cs as usize];
                 buf.fill(0);
