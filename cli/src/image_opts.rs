@@ -67,23 +67,7 @@ impl ImageArg {
 /// Splits QEMU's `key=value,key=value` option syntax (`,,` is a literal comma; an element
 /// without `=` is returned as a key with an empty value).
 pub fn split_opts(s: &str) -> Vec<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
+    qcow2kit::format::qemu_opts::split_option_list(s)
         .into_iter()
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {

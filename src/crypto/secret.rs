@@ -47,30 +47,13 @@ pub struct SecretObject {
 /// Splits a QEMU option string into `key=value` pairs, `,,` standing for a literal comma; the
 /// first element may be a bare value (the implied key `qom-type`).
 fn split_options(spec: &str) -> Vec<(Option<String>, String)> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = spec.chars().peekable();
-    let push = |cur: &mut String, items: &mut Vec<(Option<String>, String)>| {
-        let item = std::mem::take(cur);
-        match item.split_once('=') {
-            Some((k, v)) => items.push((Some(k.to_string()), v.to_string())),
-            None => items.push((None, item)),
-        }
-    };
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                push(&mut cur, &mut items);
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    push(&mut cur, &mut items);
-    items
+    crate::format::qemu_opts::split_option_list(spec)
+        .into_iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) => (Some(k.to_string()), v.to_string()),
+            None => (None, item),
+        })
+        .collect()
 }
 
 fn is_identifier(s: &str) -> bool {

@@ -11,6 +11,7 @@ pub mod features;
 pub mod header;
 pub mod header_area;
 pub mod probe;
+pub mod qemu_opts;
 pub mod refcount;
 pub mod snapshot;
 

@@ -84,23 +84,7 @@ pub fn is_valid_option_list(arg: &str) -> bool {
 /// Splits `key=value,key=value` at single commas; `,,` stands for a comma in a value. A part
 /// without `=` is a flag set to `on`.
 fn split_options(arg: &str) -> Vec<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = arg.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
+    crate::format::qemu_opts::split_option_list(arg)
         .into_iter()
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
