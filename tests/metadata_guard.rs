@@ -442,6 +442,27 @@ fn l2_entry_into_second_snapshot_table_cluster() {
     );
 }
 
+/// An L1 entry naming the L1 table itself as an L2 table: a new L2 table for another L1 entry
+/// would be recorded inside that "L2 table", turning a guest cluster into a pointer to metadata.
+/// QEMU refuses the L1 write (and leaks the new table); qcow2kit refuses before allocating.
+#[test]
+fn l1_entry_naming_the_l1_table() {
+    let d = scratch();
+    let path = written_image(d.path(), "cluster_size=512", "1M", "write -P 0x11 0 512");
+    let l1 = peek_u64(&path, 40);
+    poke(&path, l1, &((1u64 << 63) | l1).to_be_bytes());
+    // Guest cluster 29 * 64 has L1 entry 29, which is also entry 29 of the self-named table.
+    assert_refused(
+        d.path(),
+        "L1 entry naming the L1",
+        "overlaps with active L2 table",
+        |img| {
+            img.device.write_at(&[0xcd; 512], 29 * 64 * 512)?;
+            img.device.flush()
+        },
+    );
+}
+
 /// Finding 8: a compressed descriptor covering two clusters, the second past the end of the
 /// file and counted 0. Replacing it must not free the cluster the replacement itself gets: the
 /// write is acknowledged (as by QEMU), reads back after reopening, and the image checks clean.

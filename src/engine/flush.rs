@@ -101,11 +101,21 @@ impl Qcow2Image {
         if !m.l1_dirty.is_empty() {
             let l1_offset = m.header.l1_table_offset;
             let dirty = std::mem::take(&mut m.l1_dirty);
-            for i in dirty {
+            for &i in &dirty {
                 let mut b = [0u8; 8];
                 put_u64(&mut b, 0, m.l1.get_or_zero(i));
-                s.write_at(&b, l1_offset + i as u64 * 8)
-                    .map_err(io_err("writing L1 table"))?;
+                let at = l1_offset + i as u64 * 8;
+                // An L1 whose clusters are also named as an L2 table (or counted as any other
+                // structure) is refused, as QEMU's check of each L1 write refuses it.
+                let r = m
+                    .refs()?
+                    .map
+                    .refuse(at, 8, &[Structure::ActiveL1])
+                    .and_then(|()| s.write_at(&b, at).map_err(io_err("writing L1 table")));
+                if let Err(e) = r {
+                    m.l1_dirty.extend(dirty.range(i..).copied());
+                    return Err(e);
+                }
             }
             s.flush().map_err(io_err("flushing L1 table"))?;
         }

@@ -543,9 +543,17 @@ impl Refcounts {
             for ri in &round {
                 let mut b = [0u8; 8];
                 put_u64(&mut b, 0, self.table[*ri]);
-                let r = storage
-                    .write_at(&b, self.table_offset + *ri as u64 * 8)
-                    .map_err(io_err("writing refcount table entry"));
+                let at = self.table_offset + *ri as u64 * 8;
+                // The table's own clusters may hold nothing else (a hostile image may place an
+                // L2 table or a refcount block inside them).
+                let r = self
+                    .map
+                    .refuse(at, 8, &[Structure::RefcountTable])
+                    .and_then(|()| {
+                        storage
+                            .write_at(&b, at)
+                            .map_err(io_err("writing refcount table entry"))
+                    });
                 if let Err(e) = r {
                     self.table_dirty.extend(dirty.iter().copied());
                     return Err(e);

@@ -226,6 +226,7 @@ impl Qcow2Image {
                 if c == table_start {
                     // The whole table goes. An owned table takes its entries' references with
                     // it; a table shared with a snapshot keeps them (the snapshot still uses it).
+                    Self::refuse_l1_entry_write(&mut m, l1_index)?;
                     if l1e & COPIED != 0 {
                         let mut p = table_start;
                         while p < table_start + per_table {

@@ -235,6 +235,7 @@ impl Qcow2Image {
         if old != 0 && e & COPIED != 0 {
             return Ok(old);
         }
+        Self::refuse_l1_entry_write(m, l1_index)?;
         let s = self.storage.as_ref();
         let new = {
             let Meta { refs, file_end, .. } = &mut *m;
@@ -279,6 +280,16 @@ impl Qcow2Image {
         map.remove_active_l2(old);
         map.add_active_l2(new);
         Ok(new)
+    }
+
+    /// Refuses to change L1 entry `l1_index` when the bytes that hold it also hold another
+    /// structure (an L1 named as its own L2 table, say): the entry is written back there.
+    pub(crate) fn refuse_l1_entry_write(m: &mut Meta, l1_index: usize) -> Result<()> {
+        let at = (l1_index as u64)
+            .checked_mul(8)
+            .and_then(|o| o.checked_add(m.header.l1_table_offset))
+            .ok_or_else(|| Error::InvalidArgument("L1 index out of range".into()))?;
+        m.refs()?.map.refuse(at, 8, &[Structure::ActiveL1])
     }
 
     pub(crate) fn note_file_growth(&self, m: &mut Meta, end: u64) {
