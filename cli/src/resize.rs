@@ -5,14 +5,14 @@
 //! `FILE -1G` works without `--`); `+SIZE`/`-SIZE` are relative to the current virtual size.
 //! A result that is not positive, or smaller than the current size without `--shrink`, is
 //! refused with qemu-img's messages. qcow2 images are resized by [`Qcow2Image::resize`] (the
-//! size must be a multiple of 512 bytes); raw images by changing the file's length (any
-//! length; `--preallocation=falloc|full` writes zeros over the new range).
+//! size must be a multiple of 512 bytes), or grown with preallocation by
+//! [`Qcow2Image::resize_preallocated`]; raw images by changing the file's length (any length;
+//! `--preallocation=falloc|full` writes zeros over the new range).
 //!
 //! An external data file is resized with the image, as QEMU does (by the library).
 //!
-//! Not covered: `--preallocation` other than `off` on qcow2 images, `--object`, `--image-opts`.
-//!
 //! [`Qcow2Image::resize`]: qcow2kit::Qcow2Image::resize
+//! [`Qcow2Image::resize_preallocated`]: qcow2kit::Qcow2Image::resize_preallocated
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
@@ -159,12 +159,11 @@ fn resize(args: &[String]) -> Result<(), String> {
             if total % 512 != 0 {
                 return Err("The new size must be a multiple of 512".into());
             }
-            if prealloc != "off" {
-                return Err(format!(
-                    "resize: --preallocation={prealloc} is not supported for qcow2 images"
-                ));
+            match prealloc {
+                "off" => img.resize(total, shrink),
+                mode => img.resize_preallocated(total, mode != "metadata"),
             }
-            img.resize(total, shrink).map_err(|e| lib_error(&e))?;
+            .map_err(|e| lib_error(&e))?;
             img.close().map_err(|e| lib_error(&e))?;
         }
         ImageFormat::Raw => {

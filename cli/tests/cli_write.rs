@@ -21,8 +21,6 @@
 //! - `create -o data_file=NAME`: qemu-img creates the data file relative to the working
 //!   directory but records NAME, which QEMU resolves relative to the image; qcow2kit creates it
 //!   where it will be looked for. The cases here run in the image's directory.
-//! - `write -z` without `-u` may free clusters QEMU keeps allocated (same guest data).
-//! - Encryption options of `create` are refused.
 
 use serde_json::Value;
 use std::fs;

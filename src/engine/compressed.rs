@@ -57,6 +57,9 @@ impl Qcow2Image {
                 self.check_bitmap(&mut m, offset, old, bitmap)?;
             }
             self.check_replace(&mut m, offset, old)?;
+            // The L2 table first, then the data (QEMU's allocation order).
+            let l1_index = (offset >> (g.cluster_bits + g.l2_bits)) as usize;
+            self.ensure_l2_writable(&mut m, l1_index)?;
             (self.alloc_compressed(&mut m, z.len() as u64)?, old)
         };
         // Rule 1: the data is in place before the entry that points to it.

@@ -13,6 +13,7 @@
 use super::meta::Meta;
 use super::Qcow2Image;
 use crate::error::{Corruption, Error, Result};
+use crate::format::entry::OFFSET_MASK;
 use crate::format::features::IncompatibleFeatures;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -136,9 +137,52 @@ impl Qcow2Image {
         if let Err(e) = &r {
             if let Some(message) = is_fatal(e) {
                 let mut m = self.lock_meta();
+                let message = match e {
+                    Error::Corrupt(c) => self.qemu_words(&m, c).unwrap_or(message),
+                    _ => message,
+                };
                 self.signal_corruption(&mut m, message, true);
             }
         }
         r
+    }
+
+    /// QEMU's words for a malformed table entry found in use (`qcow2_get_host_offset`), which
+    /// name the table's position rather than the guest offset.
+    fn qemu_words(&self, m: &Meta, c: &Corruption) -> Option<String> {
+        let Corruption::BadEntry {
+            table,
+            guest_offset,
+            entry,
+            rule,
+        } = c
+        else {
+            return None;
+        };
+        let g = self.geo;
+        let l1_index = guest_offset >> (g.cluster_bits + g.l2_bits);
+        let l2_offset = m.l1.get_or_zero(usize::try_from(l1_index).ok()?) & OFFSET_MASK;
+        let l2_index = (guest_offset >> g.cluster_bits) & ((1 << g.l2_bits) - 1);
+        let at = format!(
+            "(L2 offset: {}, L2 index: {})",
+            CHex(l2_offset),
+            CHex(l2_index)
+        );
+        match (*table, *rule) {
+            ("L1", "L2 table offset is not cluster-aligned") => Some(format!(
+                "L2 table offset {} unaligned (L1 index: {})",
+                CHex(entry & OFFSET_MASK),
+                CHex(l1_index)
+            )),
+            ("L2", "cluster offset is not cluster-aligned") => Some(format!(
+                "Cluster allocation offset {} unaligned {at}",
+                CHex(entry & OFFSET_MASK)
+            )),
+            ("L2", "subcluster is both allocated and zero")
+            | ("L2", "unallocated cluster has allocated subclusters") => {
+                Some(format!("Invalid cluster entry found  {at}"))
+            }
+            _ => None,
+        }
     }
 }

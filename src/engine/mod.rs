@@ -21,6 +21,7 @@ mod corrupt;
 mod dirty_bitmap;
 mod encryption;
 mod flush;
+mod grow_prealloc;
 mod header_update;
 mod mapping;
 mod meta;
@@ -34,6 +35,7 @@ mod snapshot_ops;
 pub(crate) mod snapshot_table;
 mod write;
 mod write_checks;
+mod zero_extended;
 
 pub use bitmaps::{INCONSISTENT_HINT, MAX_BITMAP_MEMORY};
 pub use corrupt::{CorruptionEvent, CorruptionReporter};

@@ -245,8 +245,9 @@ impl Qcow2Image {
                     c = table_start + per_table;
                 } else {
                     self.ensure_l2_writable(&mut m, l1_index)?;
-                    let (e, _) = self.entry_at(&mut m, c)?;
-                    if e != 0 {
+                    let (e, bitmap) = self.entry_at(&mut m, c)?;
+                    // A full discard: zero subclusters are cleared too.
+                    if e != 0 || bitmap != 0 {
                         self.check_release(&mut m, e)?;
                         self.set_entry(&mut m, c, 0, 0)?;
                         self.queue_free(&mut m, e);

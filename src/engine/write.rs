@@ -24,7 +24,6 @@ use crate::error::{Corruption, Error, Result};
 use crate::format::entry::{
     classify, ClusterKind, SubclusterBitmap, SubclusterState, COPIED, OFFSET_MASK, ZERO,
 };
-use crate::format::SUBCLUSTERS_PER_CLUSTER;
 use std::sync::atomic::Ordering::{self, Relaxed};
 
 /// What `zero_impl` was asked for.
@@ -58,9 +57,18 @@ impl ZeroMode {
 }
 
 /// Bitmap with every subcluster reading as zeros.
-const ALL_ZERO: u64 = 0xffff_ffff << 32;
+pub(crate) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 /// Most clusters one allocation covers.
 const MAX_RUN_CLUSTERS: u64 = 1024;
+
+/// Host clusters reserved for the rest of an extended-L2 write's allocating run: as QEMU does,
+/// the clusters of a run that all need a new host cluster get one contiguous allocation, which
+/// the run's clusters then take in guest order.
+#[derive(Default)]
+struct RunPool {
+    next: u64,
+    left: u64,
+}
 
 /// Releases a guest range lock on drop.
 pub(crate) struct RangeGuard<'a> {
@@ -94,7 +102,8 @@ enum Plan {
         zeros: bool,
     },
     /// Extended L2: write the touched subclusters of the cluster at `guest` at `host`; `bitmap` is
-    /// the entry's bitmap before the write; `old` an entry whose host cluster is freed.
+    /// the entry's bitmap before the write; `old` the entry of a cluster shared with a snapshot,
+    /// whose reference is dropped (its allocated subclusters, and those between, are copied).
     Subclusters {
         guest: u64,
         host: u64,
@@ -150,15 +159,27 @@ impl Qcow2Image {
     /// Writes `buf` at guest `offset` with the range lock held; for an encrypted image the
     /// write is first widened to whole sectors (the range lock covers whole clusters, so the
     /// widened sectors are locked too).
-    fn write_locked(&self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_locked(&self, buf: &[u8], offset: u64) -> Result<()> {
         let widened = self.sector_aligned_write(buf, offset)?;
         let (buf, offset) = match &widened {
             Some((wide, start)) => (&wide[..], *start),
             None => (buf, offset),
         };
         let mut done = 0usize;
+        let mut pool = RunPool::default();
         while done < buf.len() {
-            done += self.write_run(&buf[done..], offset + done as u64)?;
+            match self.write_run(&buf[done..], offset + done as u64, &mut pool) {
+                Ok(n) => done += n,
+                Err(e) => {
+                    if pool.left > 0 {
+                        self.unreserve(pool.next, pool.left);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if pool.left > 0 {
+            self.unreserve(pool.next, pool.left);
         }
         Ok(())
     }
@@ -324,7 +345,7 @@ impl Qcow2Image {
 
     /// Reserves `n` host clusters for guest clusters starting at `guest`: contiguous new clusters
     /// in the image, or, with an external data file, the guest offsets themselves.
-    fn reserve(&self, m: &mut Meta, guest: u64, n: u64) -> Result<u64> {
+    pub(crate) fn reserve(&self, m: &mut Meta, guest: u64, n: u64) -> Result<u64> {
         if self.geo.data_file {
             return Ok(guest);
         }
@@ -333,8 +354,44 @@ impl Qcow2Image {
         refs.as_mut().ok_or(Error::ReadOnly)?.alloc(s, n, file_end)
     }
 
+    /// The host cluster for the extended-L2 cluster at `c0`, which needs a new one: the next of
+    /// `pool`, or the first of a new contiguous reservation covering every cluster from `c0`
+    /// to the write's end (`end`, within the L2 table) that needs a new host cluster too.
+    fn reserve_in_run(&self, m: &mut Meta, c0: u64, end: u64, pool: &mut RunPool) -> Result<u64> {
+        let g = self.geo;
+        let cs = g.cluster_size;
+        if pool.left > 0 {
+            let host = pool.next;
+            pool.next += cs;
+            pool.left -= 1;
+            return Ok(host);
+        }
+        let l1_index = c0 >> (g.cluster_bits + g.l2_bits);
+        let table_end = ((l1_index + 1) << (g.cluster_bits + g.l2_bits)).min(self.size());
+        let end = end.min(table_end);
+        let mut n = 1;
+        let mut c = c0 + cs;
+        while c < end && n < MAX_RUN_CLUSTERS {
+            let (e, _) = self.entry_at(m, c)?;
+            let in_place = e & COPIED != 0
+                && matches!(
+                    classify(e, g.cluster_bits, true, g.data_file),
+                    ClusterKind::Normal { .. }
+                );
+            if in_place {
+                break;
+            }
+            n += 1;
+            c += cs;
+        }
+        let host = self.reserve(m, c0, n)?;
+        pool.next = host + cs;
+        pool.left = n - 1;
+        Ok(host)
+    }
+
     /// Gives back clusters reserved by [`reserve`](Self::reserve) that were never published.
-    fn unreserve(&self, host: u64, n: u64) {
+    pub(crate) fn unreserve(&self, host: u64, n: u64) {
         if self.geo.data_file {
             return;
         }
@@ -347,7 +404,7 @@ impl Qcow2Image {
         }
     }
 
-    fn plan(&self, m: &mut Meta, pos: u64, len: u64) -> Result<Plan> {
+    fn plan(&self, m: &mut Meta, pos: u64, len: u64, pool: &mut RunPool) -> Result<Plan> {
         let g = self.geo;
         let cs = g.cluster_size;
         let c0 = pos & !(cs - 1);
@@ -370,22 +427,29 @@ impl Qcow2Image {
                         fresh: false,
                     })
                 }
-                ClusterKind::Unallocated => {
+                ClusterKind::Unallocated | ClusterKind::Normal { .. } => {
+                    // A new cluster for the written subclusters. A cluster shared with a
+                    // snapshot (as QEMU) passes on every allocated subcluster too (the span
+                    // between them copied as well); the others keep their state.
+                    let shared = matches!(kind, ClusterKind::Normal { .. });
+                    if shared {
+                        self.check_replace(m, c0, entry)?;
+                    }
                     self.ensure_l2_writable(m, l1_index)?;
-                    let host = self.reserve(m, c0, 1)?;
+                    let host = self.reserve_in_run(m, c0, pos + len, pool)?;
                     Ok(Plan::Subclusters {
                         guest: c0,
                         host,
                         bitmap,
-                        old: None,
+                        old: shared.then_some(entry),
                         fresh: true,
                     })
                 }
                 _ => {
-                    // Shared or compressed: the whole cluster is copied.
+                    // Compressed: the whole cluster is copied.
                     self.check_replace(m, c0, entry)?;
                     self.ensure_l2_writable(m, l1_index)?;
-                    let host = self.reserve(m, c0, 1)?;
+                    let host = self.reserve_in_run(m, c0, pos + len, pool)?;
                     Ok(Plan::Allocate {
                         guest: c0,
                         host,
@@ -494,7 +558,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn data_target(&self) -> &dyn crate::io::Storage {
+    pub(crate) fn data_target(&self) -> &dyn crate::io::Storage {
         match &self.data_storage {
             Some(d) if self.geo.data_file => d.as_ref(),
             _ => self.storage.as_ref(),
@@ -502,12 +566,12 @@ impl Qcow2Image {
     }
 
     /// Writes the run at `pos`; returns the bytes of `data` consumed.
-    fn write_run(&self, data: &[u8], pos: u64) -> Result<usize> {
+    fn write_run(&self, data: &[u8], pos: u64, pool: &mut RunPool) -> Result<usize> {
         let g = self.geo;
         let cs = g.cluster_size;
         let plan = {
             let mut m = self.lock_meta();
-            self.plan(&mut m, pos, data.len() as u64)?
+            self.plan(&mut m, pos, data.len() as u64, pool)?
         };
         let target = self.data_target();
         let wio = |e| Error::io("writing guest data", e);
@@ -587,8 +651,13 @@ impl Qcow2Image {
                 let ss = 1u64 << sb;
                 let wend = (pos + data.len() as u64).min(guest + cs);
                 let used = (wend - pos) as usize;
-                let a = (pos - guest) & !(ss - 1);
-                let b = (wend - guest).next_multiple_of(ss);
+                let mut a = (pos - guest) & !(ss - 1);
+                let mut b = (wend - guest).next_multiple_of(ss);
+                let allocated = bitmap as u32;
+                if old.is_some() && allocated != 0 {
+                    a = a.min(u64::from(allocated.trailing_zeros()) << sb);
+                    b = b.max(u64::from(32 - allocated.leading_zeros()) << sb);
+                }
                 let r = (|| -> Result<()> {
                     let mut buf = vec![0u8; (b - a) as usize];
                     let head = (pos - guest - a) as usize;
@@ -646,6 +715,9 @@ impl Qcow2Image {
                     || matches!(mode, ZeroMode::Explicit | ZeroMode::Keep),
             )
         };
+        if g.extended && mode.zeroes() {
+            return self.zero_extended(offset, end, mode);
+        }
         let zeros = vec![0u8; cs as usize];
         let mut pos = offset;
         while pos < end {
@@ -655,8 +727,8 @@ impl Qcow2Image {
             let whole = pos == c0 && (piece_end == c0 + cs || piece_end == size);
             if g.extended {
                 // As in QEMU, a discard drops whole clusters only, even with subclusters.
-                if mode.zeroes() || whole {
-                    self.zero_subclusters(c0, pos, piece_end, whole, mode, &zeros)?;
+                if whole {
+                    self.discard_extended_cluster(c0, mode)?;
                 }
             } else if whole && (v3 || !has_backing || mode == ZeroMode::Deallocate) {
                 let mut m = self.lock_meta();
@@ -697,101 +769,36 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Extended L2: whole subclusters become zero (the cluster is freed when all are), partial
-    /// ones are written with zeros (write-zeroes) or left alone (discard).
-    fn zero_subclusters(
-        &self,
-        c0: u64,
-        pos: u64,
-        end: u64,
-        whole: bool,
-        mode: ZeroMode,
-        zeros: &[u8],
-    ) -> Result<()> {
-        let g = self.geo;
-        let cs = g.cluster_size;
-        let ss = 1u64 << g.subcluster_bits;
-        let size = self.size();
-        let a = (pos - c0).next_multiple_of(ss);
-        let b = if end == size {
-            (end - c0).next_multiple_of(ss)
+    /// Extended L2, discarding modes: the whole cluster at `c0` is dropped, its subclusters
+    /// reading as zeros ([`ZeroMode::Discard`]) or from the backing file
+    /// ([`ZeroMode::Deallocate`]).
+    fn discard_extended_cluster(&self, c0: u64, mode: ZeroMode) -> Result<()> {
+        let bits = if mode == ZeroMode::Deallocate {
+            0
         } else {
-            (end - c0) & !(ss - 1)
+            ALL_ZERO
         };
-        if mode.zeroes() {
-            // Partial subclusters at the edges get real zeros.
-            for (s, e) in [
-                (pos - c0, a.min(end - c0)),
-                (b.max(a).max(pos - c0), end - c0),
-            ] {
-                if s < e {
-                    self.write_locked(&zeros[..(e - s) as usize], c0 + s)?;
-                }
-            }
-        }
-        if a >= b {
-            return Ok(());
-        }
         let mut m = self.lock_meta();
         let (entry, bitmap) = self.entry_at(&mut m, c0)?;
-        let kind = classify(entry, g.cluster_bits, true, g.data_file);
-        let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
-        if whole || (a == 0 && b >= cs) {
-            let bits = if mode == ZeroMode::Deallocate {
-                0
-            } else {
-                ALL_ZERO
-            };
-            if entry == 0 && bitmap == bits {
-                return Ok(());
-            }
-            if mode == ZeroMode::Keep
-                && matches!(kind, ClusterKind::Normal { .. })
-                && entry & COPIED != 0
-            {
-                self.ensure_l2_writable(&mut m, l1_index)?;
-                return self.set_entry(&mut m, c0, entry, ALL_ZERO);
-            }
-            self.check_release(&mut m, entry)?;
-            self.ensure_l2_writable(&mut m, l1_index)?;
-            self.set_entry(&mut m, c0, 0, bits)?;
-            self.queue_free(&mut m, entry);
+        let g = self.geo;
+        // As QEMU's discard: a cluster that reads from nowhere is left as it is (its zero
+        // subclusters stay zero, the others read zeros anyway).
+        let unallocated = entry & OFFSET_MASK == 0
+            && !matches!(
+                classify(entry, g.cluster_bits, true, g.data_file),
+                ClusterKind::Compressed(_)
+            );
+        let has_backing = self.backing.is_some() || self.area().backing_name.is_some();
+        if (entry == 0 && bitmap == bits)
+            || (mode == ZeroMode::Discard && unallocated && !has_backing)
+        {
             return Ok(());
         }
-        match kind {
-            ClusterKind::Compressed(_) => {
-                // Partial zeroing of a compressed cluster: rewrite it (zeros included).
-                drop(m);
-                self.write_locked(&zeros[..(b - a) as usize], c0 + a)?;
-            }
-            ClusterKind::Normal { .. } if entry & COPIED == 0 => {
-                drop(m);
-                self.write_locked(&zeros[..(b - a) as usize], c0 + a)?;
-            }
-            _ => {
-                if let ClusterKind::Normal { host } = kind {
-                    // The entry stays: it must be sound to be kept.
-                    self.check_aligned(&mut m, c0, host)?;
-                }
-                let mut bm = SubclusterBitmap(bitmap);
-                for sc in (a >> g.subcluster_bits) as u32..(b >> g.subcluster_bits) as u32 {
-                    bm.set(sc, SubclusterState::Zero);
-                }
-                if bm.0 != bitmap {
-                    self.check_bitmap(&mut m, c0, entry, bitmap)?;
-                    self.check_release(&mut m, entry)?;
-                    self.ensure_l2_writable(&mut m, l1_index)?;
-                    let all_zero =
-                        (0..SUBCLUSTERS_PER_CLUSTER).all(|i| bm.state(i) == SubclusterState::Zero);
-                    if all_zero {
-                        self.set_entry(&mut m, c0, 0, ALL_ZERO)?;
-                        self.queue_free(&mut m, entry);
-                    } else {
-                        self.set_entry(&mut m, c0, entry, bm.0)?;
-                    }
-                }
-            }
-        }
+        let l1_index = (c0 >> (g.cluster_bits + g.l2_bits)) as usize;
+        self.check_release(&mut m, entry)?;
+        self.ensure_l2_writable(&mut m, l1_index)?;
+        self.set_entry(&mut m, c0, 0, bits)?;
+        self.queue_free(&mut m, entry);
         Ok(())
     }
 

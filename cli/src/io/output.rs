@@ -73,7 +73,11 @@ pub(super) fn errno_of(e: &qcow2kit::Error) -> i32 {
             ENOTSUP
         }
         // Reported by the image's corruption reporter, as QEMU does.
-        qcow2kit::Error::Corrupt(qcow2kit::Corruption::Inconsistent(_)) => EIO,
+        qcow2kit::Error::Corrupt(
+            qcow2kit::Corruption::Inconsistent(_) | qcow2kit::Corruption::BadEntry { .. },
+        ) => EIO,
+        // QEMU fails a compressed cluster it cannot inflate with EIO and no message.
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::BadCompressedCluster { .. }) => EIO,
         _ => {
             errln!("{}: {e}", crate::common::prog());
             EIO
