@@ -5,8 +5,9 @@
 //!
 //! Covered: zero writes (aligned, subcluster-aligned, unaligned; with and without `-u`) over
 //! unallocated, allocated and compressed clusters, with and without a backing file; writes and
-//! zero writes into clusters shared with a snapshot (the copy-on-write span); discards; and
-//! `resize --preallocation` (guest data and `qemu-img check`).
+//! zero writes into clusters shared with a snapshot (the copy-on-write span); discards;
+//! `rebase -c` (whole clusters compressed, in guest order); and `resize --preallocation` (guest
+//! data and `qemu-img check`).
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
@@ -50,11 +51,12 @@ fn u64_at(path: &Path, offset: u64) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// The first L2 table of the image (64 KiB clusters), as bytes.
+/// The first L2 table of the image, as bytes.
 fn l2_table(path: &Path) -> Vec<u8> {
+    let cluster_bits = u64_at(path, 16) >> 32;
     let l1 = u64_at(path, 40);
     let l2 = u64_at(path, l1) & 0x00ff_ffff_ffff_fe00;
-    let mut t = vec![0u8; 65536];
+    let mut t = vec![0u8; 1 << cluster_bits];
     if l2 != 0 {
         fs::File::open(path)
             .expect("open image")
@@ -233,4 +235,56 @@ fn resize_with_preallocation_reads_as_qemu_img_leaves_it() {
             assert!(c.status.success(), "{mode} backing={backing}: data differs");
         }
     }
+}
+
+#[test]
+fn compressed_rebase_compresses_whole_clusters_as_qemu_img() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (q, k) = (t.path().join("q"), t.path().join("k"));
+    for d in [&q, &k] {
+        fs::create_dir(d).expect("mkdir");
+        let o = "cluster_size=1M,extended_l2=on";
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", o, "base", "3M"],
+            d,
+        );
+        for (img, back) in [("mid", "base"), ("top", "mid")] {
+            run(
+                "qemu-img",
+                &[
+                    "create", "-q", "-f", "qcow2", "-o", o, "-b", back, "-F", "qcow2", img, "3M",
+                ],
+                d,
+            );
+        }
+        run("qemu-io", &["-c", "write -q -P 0x11 1M 1M", "base"], d);
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -q -P 0x22 992k 32k",
+                "-c",
+                "write -q -P 0x33 2048k 32k",
+                "mid",
+            ],
+            d,
+        );
+    }
+    run(
+        "qemu-img",
+        &["rebase", "-c", "-b", "base", "-F", "qcow2", "top"],
+        &q,
+    );
+    run(
+        QCOW2KIT,
+        &["rebase", "-c", "-b", "base", "-F", "qcow2", "top"],
+        &k,
+    );
+    let (lq, lk) = (l2_table(&q.join("top")), l2_table(&k.join("top")));
+    let diff = differing_entries(&lq, &lk);
+    assert!(diff.is_empty(), "rebase -c: {diff:#?}");
+    let map = |d: &Path| run("qemu-img", &["map", "--output=json", "top"], d).stdout;
+    assert_eq!(map(&q), map(&k), "rebase -c: maps differ");
+    run("qemu-img", &["check", "top"], &k);
 }

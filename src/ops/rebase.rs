@@ -313,11 +313,14 @@ fn copy_differences(
     let size = top.size();
     let old = old.as_ref();
     let total = std::sync::Mutex::new(RebaseStats::default());
-    // Regions of the image are independent: workers take them in ascending order.
+    // Regions of the image are independent: workers take them in ascending order. Compressed
+    // clusters are packed one after the other in the order they are written: one worker writes
+    // them, in guest order, so that the layout is qemu-img's.
+    let workers = if opts.compress { 1 } else { opts.workers };
     for_each_region(
         size,
         CHUNK_BYTES,
-        opts.workers,
+        workers,
         opts.progress,
         |(old_buf, new_buf): &mut (Vec<u8>, Vec<u8>), start, end| {
             let mut stats = RebaseStats::default();
@@ -373,26 +376,35 @@ fn copy_differences(
     Ok(total.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Writes `data` at `at` (a range the image does not allocate) with every whole cluster in it
-/// compressed; the parts of clusters at its edges (only with extended L2 entries, whose
-/// granule is a subcluster) are written plainly.
-fn write_compressed_run(top: &Qcow2Image, at: u64, data: &[u8]) -> Result<()> {
+/// Writes `data` at `at` (a range the image does not allocate) compressed, a whole cluster at a
+/// time as qemu-img does: a cluster the range covers only in part (only with extended L2
+/// entries, whose granule is a subcluster) is read whole through the image as it reads now
+/// (its own subclusters, the old backing file elsewhere), `data` laid over it, and the whole
+/// cluster written compressed. Returns where the last cluster written ends.
+///
+/// Workers take regions of [`CHUNK_BYTES`], a multiple of every cluster size: no two of them
+/// write the same cluster.
+fn write_compressed_run(top: &Qcow2Image, at: u64, data: &[u8]) -> Result<u64> {
     let cs = top.cluster_size();
     let size = top.size();
     let end = at + data.len() as u64;
-    let mut pos = at;
+    let mut pos = at & !(cs - 1);
+    let mut buf = Vec::new();
     while pos < end {
-        let piece_end = (pos / cs + 1).saturating_mul(cs).min(end);
-        let piece = &data[(pos - at) as usize..(piece_end - at) as usize];
-        let whole = pos % cs == 0 && (piece_end - pos == cs || piece_end == size);
-        if whole {
-            top.write_compressed(pos, piece)?;
+        let cluster_end = (pos + cs).min(size);
+        if at <= pos && end >= cluster_end {
+            top.write_compressed(pos, &data[(pos - at) as usize..(cluster_end - at) as usize])?;
         } else {
-            top.write_at(piece, pos)?;
+            buf.resize((cluster_end - pos) as usize, 0);
+            top.read_at(&mut buf, pos)?;
+            let (from, to) = (at.max(pos), end.min(cluster_end));
+            buf[(from - pos) as usize..(to - pos) as usize]
+                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+            top.write_compressed(pos, &buf)?;
         }
-        pos = piece_end;
+        pos = cluster_end;
     }
-    Ok(())
+    Ok(pos)
 }
 
 /// What the two sides read over one step.
@@ -429,9 +441,16 @@ fn write_differences(
         p += align;
     }
     bounds.push(old.len());
+    // With compression, where the clusters written so far end (a later run inside one of them
+    // is already written).
+    let mut compressed_to = 0;
     let mut i = 0;
     while i + 1 < bounds.len() {
         let (s, e) = (bounds[i], bounds[i + 1]);
+        if compress && offset + e as u64 <= compressed_to {
+            i += 1;
+            continue;
+        }
         if !differs(s, e) {
             i += 1;
             continue;
@@ -449,7 +468,7 @@ fn write_differences(
             top.write_zeroes_flagged(at, data.len() as u64)?;
             stats.zeroed += data.len() as u64;
         } else if compress {
-            write_compressed_run(top, at, data)?;
+            compressed_to = write_compressed_run(top, at, data)?;
             stats.copied += data.len() as u64;
         } else {
             top.write_at(data, at)?;
