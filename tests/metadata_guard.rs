@@ -463,6 +463,50 @@ fn l1_entry_naming_the_l1_table() {
     );
 }
 
+/// iotest 060's "cluster data reference into inactive L2 table", after `qemu-img check -r all`:
+/// the active L2 entry names the snapshot's L2 table as data, counted twice. Replacing it only
+/// lowers that count (the table keeps its own reference), so the write goes through, as in
+/// QEMU, and the snapshot still reads its own data.
+#[test]
+fn repaired_reference_into_inactive_l2_table_is_released() {
+    let d = scratch();
+    let path = written_image(d.path(), "", "64M", "write -P 1 0 512");
+    qemu_img(&["snapshot", "-c", "foo", "t.qcow2"], d.path());
+    qemu_io(&["-c", "write -P 2 0 512", "t.qcow2"], d.path());
+    let active_l2 = peek_u64(&path, peek_u64(&path, 40)) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(active_l2, L2, "the active L2 table was copied by the write");
+    poke(&path, active_l2, &((1u64 << 63) | L2).to_be_bytes());
+    let repaired = tool(QEMU_IMG, &["check", "-q", "-r", "all", "t.qcow2"], d.path());
+    assert_eq!(repaired.code, 0, "qemu-img check -r all: {repaired}");
+    let (img, events) = open_rw(&path);
+    img.device
+        .write_at(&[4u8; 512], 0)
+        .and_then(|()| img.device.flush())
+        .expect("the write after the repair");
+    drop(img);
+    assert!(
+        events.lock().expect("event list").iter().all(|e| !e.fatal),
+        "a fatal corruption event"
+    );
+    assert!(
+        check_findings(d.path()).is_empty(),
+        "qemu-img check after the write"
+    );
+    let o = tool(
+        "/usr/bin/qemu-io",
+        &["-c", "read -P 4 0 512", "t.qcow2"],
+        d.path(),
+    );
+    assert!(!o.stdout.contains("verification failed"), "{o}");
+    qemu_img(&["snapshot", "-a", "foo", "t.qcow2"], d.path());
+    let o = tool(
+        "/usr/bin/qemu-io",
+        &["-c", "read -P 1 0 512", "t.qcow2"],
+        d.path(),
+    );
+    assert!(!o.stdout.contains("verification failed"), "{o}");
+}
+
 /// Finding 8: a compressed descriptor covering two clusters, the second past the end of the
 /// file and counted 0. Replacing it must not free the cluster the replacement itself gets: the
 /// write is acknowledged (as by QEMU), reads back after reopening, and the image checks clean.

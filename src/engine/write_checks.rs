@@ -139,6 +139,16 @@ impl Qcow2Image {
         while c <= last {
             let c_h = CHex(c);
             if let Some(st) = refs.map.find(c, cs, &[]) {
+                // A reference that only lowers the count of a structure's cluster (counted for
+                // the structure and for this entry, as after a repair) may go; one that could
+                // free it may not, the frees already queued included.
+                let queued = m.pending_free.iter().filter(|&&h| h == c).count() as u64;
+                let count = m.refs()?.get(s, c >> g.cluster_bits)?;
+                if count > queued + 1 {
+                    refs = m.refs()?;
+                    c += cs;
+                    continue;
+                }
                 return Err(inconsistent(format!(
                     "Preventing invalid free of cluster {c_h} (overlaps with {}; L2 entry {entry_h})",
                     st.name()
