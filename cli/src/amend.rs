@@ -182,6 +182,10 @@ fn amend_image(
             format!("{m}\nYou can use 'qemu-img rebase' instead.")
         }
         qcow2kit::Error::InvalidArgument(m) | qcow2kit::Error::Unsupported(m) => m,
+        // QEMU's error_setg_errno: "WHAT: STRERROR".
+        qcow2kit::Error::Io { context, source } if context.starts_with("Failed to ") => {
+            format!("{context}: {}", qcow2kit::error::strerror(&source))
+        }
         other => open_error_text(&other),
     })?;
     qcow2

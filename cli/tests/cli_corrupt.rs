@@ -259,3 +259,67 @@ fn open_refusals_match_qemu() {
         &["write 0 4k"],
     );
 }
+
+/// Bad entries found by reads and by `amend -o compat=0.10` (iotest 060): QEMU's words for the
+/// corruption event, no second message for the failed read, and amend's "Failed to turn zero
+/// into data clusters".
+#[test]
+fn bad_entries_found_by_reads_and_amend_match_qemu() {
+    let l1_unaligned = (0x8000_0000_0000_0000u64 | 0x42a00).to_be_bytes().to_vec();
+    let l2_unaligned = (0x8000_0000_0000_0000u64 | 0x52a00).to_be_bytes().to_vec();
+    let zero_unaligned = (0x8000_0000_0000_0000u64 | 0x52a01).to_be_bytes().to_vec();
+    let read_cases: [Case; 3] = [
+        (
+            "L1 entry unaligned",
+            "",
+            3 * CS,
+            l1_unaligned.clone(),
+            &["read 0 64k"],
+        ),
+        (
+            "L2 entry unaligned",
+            "",
+            4 * CS,
+            l2_unaligned,
+            &["read 0 64k"],
+        ),
+        (
+            "subcluster both allocated and zero",
+            "extended_l2=on",
+            4 * CS + 8,
+            0x0000_0001_0000_0001u64.to_be_bytes().to_vec(),
+            &["read 0 64k"],
+        ),
+    ];
+    for (case, opts, offset, bytes, cmds) in read_cases {
+        let d = tempfile::tempdir().expect("scratch directory");
+        damaged_pair(d.path(), opts, offset, &bytes);
+        same_as_qemu_io_in(d.path(), case, cmds);
+    }
+    for (case, offset, bytes) in [
+        ("amend over an unaligned L1 entry", 3 * CS, l1_unaligned),
+        (
+            "amend over an unaligned zero cluster",
+            4 * CS,
+            zero_unaligned,
+        ),
+    ] {
+        let d = tempfile::tempdir().expect("scratch directory");
+        damaged_pair(d.path(), "", offset, &bytes);
+        let q = run(
+            "qemu-img",
+            &["amend", "-o", "compat=0.10", "q.qcow2"],
+            d.path(),
+        );
+        let k = run(
+            QCOW2KIT,
+            &["amend", "-o", "compat=0.10", "k.qcow2"],
+            d.path(),
+        );
+        let k = Res {
+            stderr: k.stderr.replace("qcow2kit", "qemu-img"),
+            ..k
+        };
+        assert_eq!(q, k, "[{case}]");
+    }
+}

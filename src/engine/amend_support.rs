@@ -42,7 +42,7 @@ impl Qcow2Image {
         let mut reported = 0;
         let mut pos = 0;
         while pos < size {
-            let run = self.map(pos, size - pos)?;
+            let run = self.guard(self.map(pos, size - pos))?;
             let run_end = pos + run.len;
             if let Mapped::Zero { host } = run.mapped {
                 // Cluster by cluster: each step takes the range lock of one cluster.

@@ -156,7 +156,15 @@ pub fn amend(
         image.resize(size, true)?;
     }
     if plan.downgrade {
-        image.expand_zero_clusters(&report)?;
+        // QEMU's words when the tables stop the expansion (the corruption itself is reported
+        // through the image's corruption reporter).
+        image.expand_zero_clusters(&report).map_err(|e| match e {
+            Error::Corrupt(_) => Error::io(
+                "Failed to turn zero into data clusters",
+                std::io::Error::from_raw_os_error(5),
+            ),
+            other => other,
+        })?;
         image.expand_snapshot_zero_clusters()?;
         image.rewrite_header(|h, _, _| {
             h.version = 2;
