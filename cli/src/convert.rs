@@ -6,8 +6,9 @@
 //! granularity, 0 = off), `-m N` (parallel workers), `-W` (accepted: writes are always allowed
 //! out of order), `-l SNAPSHOT` (`snapshot.name=`, `snapshot.id=` or a plain name), `-n` (target
 //! exists; nothing is created), `-U` (the source is read while others may write it; without it,
-//! no one else may write the source meanwhile, as with qemu-img) and `-t`/`-T` (accepted, no
-//! effect).
+//! no one else may write the source meanwhile, as with qemu-img), `-C` (copy offloading: refused
+//! with `-c` and `-S` as qemu-img refuses it, otherwise the ordinary copy, which is what
+//! qemu-img falls back to) and `-t`/`-T` (accepted, no effect).
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
@@ -27,6 +28,7 @@ const SPECS: &[Spec] = &[
     opt(Some('O'), None, true, "O"),
     opt(Some('o'), None, true, "o"),
     opt(Some('c'), None, false, "c"),
+    opt(Some('C'), None, false, "C"),
     opt(Some('p'), None, false, "p"),
     opt(Some('q'), None, false, "q"),
     opt(Some('S'), None, true, "S"),
@@ -130,6 +132,16 @@ fn convert(args: &[String]) -> Result<(), String> {
         }
         if let Some(f) = p.last("F") {
             create.backing_format = Some(f.to_string());
+        }
+    }
+    // Copy offloading: the copy is made by reads and writes either way (qemu-img falls back to
+    // them where the storage cannot offload); its refusals are qemu-img's.
+    if p.has("C") {
+        if p.has("c") {
+            return Err("Cannot enable copy offloading when -c is used".into());
+        }
+        if p.has("S") {
+            return Err("Cannot enable copy offloading when -S is used".into());
         }
     }
     let zero_granularity = match p.last("S") {

@@ -37,7 +37,7 @@ const USAGE: &str = "usage: qcow2kit COMMAND [OPTIONS]
 Commands (qemu-img compatible):
   check [-f FMT] [--output human|json] [-r leaks|all] [-U] FILE
   info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
-  convert [-f FMT] [-O raw] [-U] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
+  convert [-f FMT] [-O raw] [-U] [-C] [-p] [-S SIZE] [-m N] [-W] [-l SNAPSHOT] [-n] SRC DST
   map [-f FMT] [--output human|json] [-U] FILE
   measure [--output human|json] [-O FMT] [-o OPTIONS] (--size SIZE | [-f FMT] [-l SNAP] FILE)
   compare [-f FMT] [-F FMT] [-s] [-q] [-U] FILE1 FILE2

@@ -423,3 +423,36 @@ fn failed_convert_leaves_the_target_alone() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// `-C` (copy offloading): refused with `-c` and `-S` in qemu-img's words, otherwise the same
+/// copy (qemu-img falls back to reads and writes where it cannot offload).
+#[test]
+fn copy_offloading_option_as_qemu_img() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
+        d,
+    );
+    ok("qemu-io", &["-c", "write -P 7 64k 64k", "s.qcow2"], d);
+    for extra in [&["-c"][..], &["-S", "4k"][..], &[][..]] {
+        let args = |out: &'static str| {
+            let mut a = vec!["convert", "-C"];
+            a.extend_from_slice(extra);
+            a.extend(["-O", "qcow2", "s.qcow2", out]);
+            a
+        };
+        let q = run("qemu-img", &args("q.qcow2"), d);
+        let k = run(QCOW2KIT, &args("k.qcow2"), d);
+        assert_eq!(q.status.code(), k.status.code(), "-C {extra:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&q.stderr).replace("qemu-img", "qcow2kit"),
+            String::from_utf8_lossy(&k.stderr),
+            "-C {extra:?}"
+        );
+        if q.status.success() {
+            ok("qemu-img", &["compare", "q.qcow2", "k.qcow2"], d);
+        }
+    }
+}
