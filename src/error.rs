@@ -91,6 +91,33 @@ pub enum Error {
     /// The named snapshot does not exist.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),
+    /// A read from the source or a write to the target of a copy (convert) failed; `offset` is
+    /// the guest offset where the failing request of the copy starts.
+    #[error("error while {} at byte {offset}: {source}", if *.write { "writing" } else { "reading" })]
+    Request {
+        /// Whether the write (to the target) failed, or the read (from the source).
+        write: bool,
+        /// Guest offset of the request.
+        offset: u64,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    /// This error as the failure of the copy request at `offset` (a read unless `write`); an
+    /// error that already names its request is kept as it is.
+    pub(crate) fn in_request(self, write: bool, offset: u64) -> Error {
+        match self {
+            e @ Error::Request { .. } => e,
+            e => Error::Request {
+                write,
+                offset,
+                source: Box::new(e),
+            },
+        }
+    }
 }
 
 fn context_suffix(context: &str) -> String {

@@ -13,6 +13,7 @@
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
 use crate::image_opts::load_secrets;
+use crate::qemu_errors::convert_error_text;
 use qcow2kit::chain::{FileRole, ImageFormat, Locking};
 use qcow2kit::io::lock::{lock_error, LockRequest};
 use qcow2kit::io::{FileStorage, Storage};
@@ -238,8 +239,9 @@ fn convert(args: &[String]) -> Result<(), String> {
                 None => open_image(dst, Some("qcow2"), |o| o.writable = true)?,
             };
             let q = target.qcow2.ok_or("target is not a qcow2 image")?;
-            convert_into(dev.as_ref(), &q, false, &opts)
-                .map_err(|e| format!("error while writing '{dst}': {e}"))?;
+            convert_into(dev.as_ref(), &q, false, &opts).map_err(|e| {
+                convert_error_text(&e, || format!("error while writing '{dst}': {e}"))
+            })?;
             bitmaps::copy(&image.qcow2, &q, &bitmaps)?;
             q.close()
                 .map_err(|e| format!("error while writing '{dst}': {e}"))?;
@@ -248,8 +250,9 @@ fn convert(args: &[String]) -> Result<(), String> {
             // and no one may start to until the new one is in place.
             let _replaced = lock_replaced(dst)
                 .map_err(|e| format!("{dst}: error while converting qcow2: {e}"))?;
-            convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts)
-                .map_err(|e| format!("error while converting qcow2: {e}"))?;
+            convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts).map_err(|e| {
+                convert_error_text(&e, || format!("error while converting qcow2: {e}"))
+            })?;
             if bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
                 let target = open_image(dst, Some("qcow2"), |o| o.writable = true)?;
                 let q = target.qcow2.ok_or("target is not a qcow2 image")?;
@@ -279,7 +282,7 @@ fn convert(args: &[String]) -> Result<(), String> {
             progress,
         };
         convert_to_raw(dev.as_ref(), &target, &opts)
-            .map_err(|e| format!("error while converting raw: {e}"))?;
+            .map_err(|e| convert_error_text(&e, || format!("error while converting raw: {e}")))?;
         target
             .flush()
             .map_err(|e| format!("error while flushing '{dst}': {e}"))?;

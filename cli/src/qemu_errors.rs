@@ -131,3 +131,34 @@ fn field_text(field: &str, value: u64, rule: &str) -> Option<String> {
         _ => return None,
     })
 }
+
+/// C's `strerror` of the errno QEMU's block layer would return for a failed request.
+pub fn request_errno_text(e: &qcow2kit::Error) -> String {
+    use qcow2kit::Error as E;
+    let errno = match e {
+        E::Io { source, .. } => return qcow2kit::error::strerror(source),
+        E::Request { source, .. } => return request_errno_text(source),
+        E::Unsupported(_) => 95,
+        E::ReadOnly => 1,
+        E::InvalidArgument(_) => 22,
+        _ => 5,
+    };
+    qcow2kit::error::strerror(&std::io::Error::from_raw_os_error(errno))
+}
+
+/// qemu-img convert's words for a failed copy request ("error while writing at byte N: …"),
+/// or `otherwise` for any other error.
+pub fn convert_error_text(e: &qcow2kit::Error, otherwise: impl FnOnce() -> String) -> String {
+    match e {
+        qcow2kit::Error::Request {
+            write,
+            offset,
+            source,
+        } => format!(
+            "error while {} at byte {offset}: {}",
+            if *write { "writing" } else { "reading" },
+            request_errno_text(source)
+        ),
+        _ => otherwise(),
+    }
+}

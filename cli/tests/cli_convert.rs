@@ -456,3 +456,58 @@ fn copy_offloading_option_as_qemu_img() {
         }
     }
 }
+
+/// A write the target cannot take (compressed clusters into an image with an external data
+/// file) fails as in qemu-img: "error while writing at byte N: Operation not supported", the
+/// lowest failing request on every run; and qemu-io's `write -c` with only its errno.
+#[test]
+fn failed_target_writes_are_reported_as_qemu_img_reports_them() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"],
+        d,
+    );
+    ok("qemu-io", &["-c", "write -P 0x11 0 1M", "s.qcow2"], d);
+    for name in ["q", "k"] {
+        let data = format!("data_file={name}.data");
+        let img = format!("{name}.qcow2");
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &data, &img, "64M"],
+            d,
+        );
+    }
+    let convert = |prog: &str, img: &str| {
+        let o = run(
+            prog,
+            &["convert", "-n", "-c", "-O", "qcow2", "s.qcow2", img],
+            d,
+        );
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let q = convert("qemu-img", "q.qcow2");
+    for _ in 0..3 {
+        let (code, err) = convert(QCOW2KIT, "k.qcow2");
+        assert_eq!((code, err.replace("qcow2kit", "qemu-img")), q.clone());
+    }
+    let io = |prog: &[&str], img: &str| {
+        let mut args = prog[1..].to_vec();
+        args.extend(["-c", "write -c -P 0x11 0 64k", img]);
+        let o = run(prog[0], &args, d);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        (
+            o.status.code(),
+            out,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        io(&["qemu-io"], "q.qcow2"),
+        io(&[QCOW2KIT, "io"], "k.qcow2")
+    );
+}

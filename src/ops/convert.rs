@@ -146,7 +146,9 @@ fn plan(src: &dyn BlockDevice, scope: Scope, align: u64, chunk: u64) -> Result<V
     Ok(jobs)
 }
 
-/// Runs `handle` over `jobs` on a pool of `workers` threads, stopping at the first error.
+/// Runs `handle` over `jobs` on a pool of `workers` threads, stopping at the first error. An
+/// error names its job's request ([`Error::Request`]): a write unless the handler made it a
+/// read.
 fn run_jobs(
     jobs: &[Job],
     workers: usize,
@@ -160,7 +162,7 @@ fn run_jobs(
         total,
         |i| jobs[i].len,
         progress,
-        |buf, i| handle(buf, &jobs[i]),
+        |buf, i| handle(buf, &jobs[i]).map_err(|e| e.in_request(true, jobs[i].offset)),
     )
 }
 
@@ -255,7 +257,8 @@ pub fn convert_to_raw(
                 .map_err(|e| Error::io("writing target", e))
         } else if job.data {
             buf.resize(job.len as usize, 0);
-            src.read_at(buf, job.offset)?;
+            src.read_at(buf, job.offset)
+                .map_err(|e| e.in_request(false, job.offset))?;
             write_sparse(
                 dst,
                 buf,
@@ -485,7 +488,8 @@ pub fn convert_into(
         buf.clear();
         buf.resize(job.len as usize, 0);
         if job.data {
-            src.read_at(buf, job.offset)?;
+            src.read_at(buf, job.offset)
+                .map_err(|e| e.in_request(false, job.offset))?;
         }
         let end = job.offset + job.len;
         let mut p = job.offset;

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Runs `handle(scratch, i)` for every `i` in `0..count` on `workers` threads (0: one per
-/// core, at most 8), each with its own `scratch`, stopping at the first error, which is
-/// returned. Units are taken in ascending order. After each unit, `progress` gets the bytes
+/// core, at most 8), each with its own `scratch`, stopping at the first error. Units are taken
+/// in ascending order; of the errors of the units under way when it stops, the lowest unit's
+/// is returned (so that the same failure is reported on every run). After each unit, `progress` gets the bytes
 /// done so far (the sum of `len_of` of the finished units) and `total`.
 pub(crate) fn run_pool<S: Default>(
     count: usize,
@@ -26,7 +27,7 @@ pub(crate) fn run_pool<S: Default>(
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let first_error: Mutex<Option<(usize, Error)>> = Mutex::new(None);
     let work = || {
         let mut scratch = S::default();
         while !stop.load(Ordering::Relaxed) {
@@ -36,10 +37,10 @@ pub(crate) fn run_pool<S: Default>(
             }
             if let Err(e) = handle(&mut scratch, i) {
                 stop.store(true, Ordering::Relaxed);
-                first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(e);
+                let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.as_ref().is_none_or(|(j, _)| i < *j) {
+                    *slot = Some((i, e));
+                }
                 break;
             }
             let n = len_of(i);
@@ -59,7 +60,7 @@ pub(crate) fn run_pool<S: Default>(
         });
     }
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
+        Some((_, e)) => Err(e),
         None => Ok(()),
     }
 }

@@ -68,10 +68,8 @@ pub(super) fn errno_of(e: &qcow2kit::Error) -> i32 {
             errln!("{}: {e}", crate::common::prog());
             source.raw_os_error().unwrap_or(EIO)
         }
-        qcow2kit::Error::Unsupported(_) => {
-            errln!("{}: {e}", crate::common::prog());
-            ENOTSUP
-        }
+        // qemu-io reports only the errno of a request the format cannot serve.
+        qcow2kit::Error::Unsupported(_) => ENOTSUP,
         // Reported by the image's corruption reporter, as QEMU does.
         qcow2kit::Error::Corrupt(
             qcow2kit::Corruption::Inconsistent(_) | qcow2kit::Corruption::BadEntry { .. },
