@@ -507,6 +507,56 @@ fn repaired_reference_into_inactive_l2_table_is_released() {
     assert!(!o.stdout.contains("verification failed"), "{o}");
 }
 
+/// An owned L2 entry naming a cluster its refcount calls free (past the end of the file): the
+/// first write through it counts the cluster (a non-fatal event), so that the next allocation
+/// cannot hand the same cluster to other data and the acknowledged write survives.
+#[test]
+fn written_cluster_counted_free_is_not_handed_out_again() {
+    let d = scratch();
+    let path = base_image(d.path(), "");
+    poke(&path, L2, &((1u64 << 63) | (DATA + CS)).to_be_bytes());
+    let (img, events) = open_rw(&path);
+    img.device
+        .write_at(&[0xaa; 65536], 0)
+        .expect("write through the entry");
+    img.device
+        .write_at(&[0xbb; 65536], 1 << 20)
+        .expect("an allocating write");
+    img.device.flush().expect("flush");
+    drop(img);
+    let o = tool(
+        "/usr/bin/qemu-io",
+        &["-c", "read -P 0xaa 0 64k", "t.qcow2"],
+        d.path(),
+    );
+    assert!(
+        !o.stdout.contains("verification failed"),
+        "guest 0 lost: {o}"
+    );
+    let o = tool(
+        "/usr/bin/qemu-io",
+        &["-c", "read -P 0xbb 1M 64k", "t.qcow2"],
+        d.path(),
+    );
+    assert!(
+        !o.stdout.contains("verification failed"),
+        "guest 1M lost: {o}"
+    );
+    assert!(
+        events
+            .lock()
+            .expect("event list")
+            .iter()
+            .any(|e| !e.fatal && e.message.contains("refcount is 0; counting it")),
+        "no event for the cluster counted free"
+    );
+    let errors: Vec<String> = check_findings(d.path())
+        .into_iter()
+        .filter(|f| f.starts_with("ERROR"))
+        .collect();
+    assert!(errors.is_empty(), "qemu-img check: {errors:?}");
+}
+
 /// Finding 8: a compressed descriptor covering two clusters, the second past the end of the
 /// file and counted 0. Replacing it must not free the cluster the replacement itself gets: the
 /// write is acknowledged (as by QEMU), reads back after reopening, and the image checks clean.

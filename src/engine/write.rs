@@ -419,6 +419,7 @@ impl Qcow2Image {
                 ClusterKind::Normal { host } if owned(entry) => {
                     self.check_aligned(m, c0, host)?;
                     self.check_overlap(m, host, cs)?;
+                    self.count_if_free(m, host, "write", entry)?;
                     Ok(Plan::Subclusters {
                         guest: c0,
                         host,
@@ -480,6 +481,11 @@ impl Qcow2Image {
                     }
                 }
                 self.check_overlap(m, host, run_end - c0)?;
+                let mut c = host;
+                while c < host + (run_end - c0) {
+                    self.count_if_free(m, c, "write", entry)?;
+                    c += cs;
+                }
                 return Ok(Plan::InPlace {
                     host: host + (pos - c0),
                     len: (run_end - pos) as usize,

@@ -154,27 +154,50 @@ impl Qcow2Image {
                     st.name()
                 )));
             }
-            if refs.get(s, c >> g.cluster_bits)? == 0 {
-                // Referenced but counted free: nothing else can have been given it (an
-                // allocation would have counted it), so count it for this reference, which the
-                // queued free then drops. Counted as free, it could be handed to the very write
-                // that replaces `entry` and then freed under it.
-                if !refs.has_block(((c >> g.cluster_bits) >> refs.shape().1) as usize) {
-                    return Err(inconsistent(format!(
-                        "Preventing invalid free of cluster {c_h} (no refcount block covers it, \
-                         still referenced by L2 entry {entry_h})"
-                    )));
-                }
-                refs.set_existing(s, c >> g.cluster_bits, 1)?;
-                self.signal_corruption(
-                    m,
-                    format!("Cluster {c_h} is referenced but its refcount is 0; counting it"),
-                    false,
-                );
-                refs = m.refs()?;
-            }
+            // Referenced but counted free: counted for this reference, which the queued free
+            // then drops. Counted as free, it could be handed to the very write that replaces
+            // `entry` and then freed under it.
+            self.count_if_free(m, c, "free", entry)?;
+            refs = m.refs()?;
             c += cs;
         }
+        Ok(())
+    }
+
+    /// Counts the host cluster at `host`, which the L2 entry `entry` references, when its
+    /// refcount says free (damaged refcounts): nothing else can have been given it (an
+    /// allocation would have counted it), and counted free the allocator could hand it to
+    /// other data. Reported as a non-fatal event. A cluster no refcount block covers cannot be
+    /// counted: the `what` (write, free) is refused as a corruption.
+    pub(crate) fn count_if_free(
+        &self,
+        m: &mut Meta,
+        host: u64,
+        what: &str,
+        entry: u64,
+    ) -> Result<()> {
+        let g = self.geo;
+        if g.data_file {
+            return Ok(()); // Data file clusters are not refcounted.
+        }
+        let s = self.storage.as_ref();
+        let refs = m.refs()?;
+        if refs.get(s, host >> g.cluster_bits)? != 0 {
+            return Ok(());
+        }
+        let (host_h, entry_h) = (CHex(host), CHex(entry));
+        if !refs.has_block(((host >> g.cluster_bits) >> refs.shape().1) as usize) {
+            return Err(inconsistent(format!(
+                "Preventing invalid {what} of cluster {host_h} (no refcount block covers it, \
+                 still referenced by L2 entry {entry_h})"
+            )));
+        }
+        refs.set_existing(s, host >> g.cluster_bits, 1)?;
+        self.signal_corruption(
+            m,
+            format!("Cluster {host_h} is referenced but its refcount is 0; counting it"),
+            false,
+        );
         Ok(())
     }
 

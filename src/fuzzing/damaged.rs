@@ -97,7 +97,12 @@ impl Layout {
                 }
                 let e = be64(&bytes, l2_entry);
                 let sectors = cs / 512 - 1;
-                let host = (e & OFFSET_MASK).max(cs) + 512 * (1 + u64::from(choice) % sectors);
+                // Misaligned whatever the entry was (a damage applied twice stays misaligned
+                // instead of naming another whole cluster: an entry naming a cluster counted
+                // free is damaged refcounts, which neither QEMU nor qcow2kit can see without a
+                // scan of every table).
+                let base = (e & OFFSET_MASK & !(cs - 1)).max(cs);
+                let host = base + 512 * (1 + u64::from(choice) % sectors);
                 let zero = if choice & 0x80 != 0 && !h.has_extended_l2() {
                     ZERO
                 } else {
