@@ -302,6 +302,95 @@ mod tests {
         }
     }
 
+    /// A raw device in memory that records how many requests were in flight at most, how many
+    /// flushes came, and whether one came while a request was in flight.
+    struct Probe {
+        inner: RawImage,
+        in_flight: AtomicU64,
+        most: AtomicU64,
+        flushes: AtomicU64,
+        flushed_busy: AtomicBool,
+    }
+
+    impl Probe {
+        fn new() -> Self {
+            Probe {
+                inner: RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 64 * 512])), true)
+                    .unwrap(),
+                in_flight: AtomicU64::new(0),
+                most: AtomicU64::new(0),
+                flushes: AtomicU64::new(0),
+                flushed_busy: AtomicBool::new(false),
+            }
+        }
+
+        fn busy(&self, io: impl FnOnce() -> qcow2kit::Result<()>) -> qcow2kit::Result<()> {
+            let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            // Long enough for every worker to have started its request.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let r = io();
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+    }
+
+    impl BlockDevice for Probe {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow2kit::Result<()> {
+            self.busy(|| self.inner.read_at(buf, offset))
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> qcow2kit::Result<()> {
+            self.busy(|| self.inner.write_at(buf, offset))
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> qcow2kit::Result<()> {
+            self.inner.write_zeroes(offset, len)
+        }
+        fn discard(&self, offset: u64, len: u64) -> qcow2kit::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn flush(&self) -> qcow2kit::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                self.flushed_busy.store(true, Ordering::SeqCst);
+            }
+            self.inner.flush()
+        }
+        fn block_status(&self, offset: u64, len: u64) -> qcow2kit::Result<qcow2kit::Extent> {
+            self.inner.block_status(offset, len)
+        }
+        fn format_name(&self) -> &'static str {
+            "raw"
+        }
+    }
+
+    #[test]
+    fn depth_requests_are_really_in_flight() {
+        let dev = Probe::new();
+        let j = job(&dev, 24, 0, true);
+        assert!(matches!(run(&j, 8), Outcome::Done));
+        assert_eq!(dev.most.load(Ordering::SeqCst), 8);
+        assert_eq!(dev.flushes.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn drained_flushes_wait_for_the_requests_in_flight() {
+        let dev = Probe::new();
+        let j = job(&dev, 40, 8, true);
+        assert!(matches!(run(&j, 4), Outcome::Done));
+        assert_eq!(dev.flushes.load(Ordering::SeqCst), 5);
+        assert!(!dev.flushed_busy.load(Ordering::SeqCst));
+        assert_eq!(dev.most.load(Ordering::SeqCst), 4);
+        // Without draining, the flushes overlap the other workers' requests.
+        let dev = Probe::new();
+        let j = job(&dev, 40, 8, false);
+        assert!(matches!(run(&j, 4), Outcome::Done));
+        assert_eq!(dev.flushes.load(Ordering::SeqCst), 5);
+        assert!(dev.flushed_busy.load(Ordering::SeqCst));
+    }
+
     #[test]
     fn a_request_past_the_end_fails() {
         let dev =
