@@ -234,7 +234,7 @@ fn open(
         warn_probed_raw(name);
     }
     if p.has("mmap") {
-        return mmap_open(&arg, name, params);
+        return mmap_open(&arg, name, params, p.has("U"));
     }
     let opened = open_image_arg(&arg, name, |o| {
         o.writable = params.write;
@@ -255,29 +255,42 @@ fn mmap_open(
     arg: &crate::image_opts::ImageArg,
     name: &str,
     params: &Params,
+    force_share: bool,
 ) -> Result<std::sync::Arc<dyn qcow2kit::BlockDevice>, String> {
     if params.write {
         return Err("--mmap is only available in read tests".into());
     }
     let format = image_format(&arg.path, arg.format.as_deref())?;
-    let could_not =
-        |e: std::io::Error| format!("Could not open '{name}': {}", qcow2kit::error::strerror(&e));
-    let storage = std::sync::Arc::new(
-        qcow2kit::io::MmapStorage::open(std::path::Path::new(&arg.path)).map_err(could_not)?,
-    );
     let lib = |e: qcow2kit::Error| {
         format!(
             "Could not open '{name}': {}",
             crate::common::open_error_text(&e)
         )
     };
+    let could_not = |e| {
+        lib(qcow2kit::Error::storage(
+            format!("opening '{}'", arg.path),
+            e,
+        ))
+    };
+    let path = std::path::Path::new(&arg.path);
+    // The read lock of a read-only image, none with -U (as FileStorage opens take them).
+    let role = match format {
+        ImageFormat::Raw => qcow2kit::chain::FileRole::Raw,
+        ImageFormat::Qcow2 => qcow2kit::chain::FileRole::Qcow2,
+    };
+    let lock = locking(force_share).request(role, false);
+    let file = qcow2kit::io::FileStorage::open_with(path, false, lock).map_err(could_not)?;
+    let storage =
+        std::sync::Arc::new(qcow2kit::io::MmapStorage::from_file_storage(file).map_err(could_not)?);
     Ok(match format {
         ImageFormat::Raw => {
             std::sync::Arc::new(qcow2kit::RawImage::open(storage, false).map_err(lib)?)
         }
         ImageFormat::Qcow2 => {
-            let opts = crate::common::qemu_options().qcow2;
-            let img = qcow2kit::Qcow2Image::open(storage, &opts).map_err(lib)?;
+            let mut opts = crate::common::qemu_options();
+            arg.apply(&mut opts);
+            let img = qcow2kit::Qcow2Image::open(storage, &opts.qcow2).map_err(lib)?;
             if img.backing_file_name().is_some() {
                 return Err(format!(
                     "Could not open '{name}': --mmap opens no backing file"

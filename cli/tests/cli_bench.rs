@@ -356,3 +356,29 @@ fn locks_exclude_as_qemu_img_bench() {
         }
     }
 }
+
+/// `--mmap` (qcow2kit only) opens the image as a read test does: it answers as qemu-img bench
+/// without it, locks included (a qemu-io writer refuses it, `-U` shares); writes are refused.
+#[test]
+fn mmap_reads_answer_and_lock_as_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_images(dir);
+    let with_mmap = |args: &[&str]| {
+        let want = outcome("qemu-img", args, dir);
+        let mut ours = vec!["--mmap"];
+        ours.extend_from_slice(args);
+        let got = outcome(QCOW2KIT, &ours, dir);
+        assert_eq!(got, want, "bench --mmap {args:?}");
+        want.0
+    };
+    assert_eq!(with_mmap(&["-c", "100", "-s", "64k", "base.qcow2"]), Some(0));
+    {
+        let _h = hold(true, &["base.qcow2"], dir);
+        assert_eq!(with_mmap(&["-c", "10", "base.qcow2"]), Some(1));
+        assert_eq!(with_mmap(&["-c", "10", "-U", "base.qcow2"]), Some(0));
+    }
+    let (code, _, err) = outcome(QCOW2KIT, &["--mmap", "-w", "base.qcow2"], dir);
+    assert_eq!(code, Some(1));
+    assert_eq!(err, "qemu-img: --mmap is only available in read tests\n");
+}
