@@ -372,7 +372,10 @@ fn mmap_reads_answer_and_lock_as_reads() {
         assert_eq!(got, want, "bench --mmap {args:?}");
         want.0
     };
-    assert_eq!(with_mmap(&["-c", "100", "-s", "64k", "base.qcow2"]), Some(0));
+    assert_eq!(
+        with_mmap(&["-c", "100", "-s", "64k", "base.qcow2"]),
+        Some(0)
+    );
     {
         let _h = hold(true, &["base.qcow2"], dir);
         assert_eq!(with_mmap(&["-c", "10", "base.qcow2"]), Some(1));
