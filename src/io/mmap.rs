@@ -93,9 +93,10 @@ impl MmapStorage {
         }
         // SAFETY: the mapping stays valid only while no one truncates or writes the file (a
         // write changes bytes behind a shared slice; a truncation faults on access). The file
-        // is opened read-only here and held under QEMU's read lock, which makes every
-        // QEMU-cooperating writer refuse to open it; a process ignoring the locks is the
-        // residual hazard the type's documentation states, which is why the storage is opt-in.
+        // is open read-only; `open` holds it under QEMU's read lock, which makes every
+        // QEMU-cooperating writer refuse to open it (`from_file_storage` leaves the lock to its
+        // caller, as documented). A process ignoring the locks is the residual hazard the
+        // type's documentation states, which is why the storage is opt-in.
         // The mapping is never handed out: reads copy from it under the `map` lock.
         let map = unsafe { MmapOptions::new().len(len).map(self.file.file())? };
         *slot = Some(map);
