@@ -1,9 +1,10 @@
 //! The read path: sequential 64 KiB and random 4 KiB reads from a fully allocated qcow2 image,
-//! from a 3-deep backing chain, and — as the reference — from a raw file of the same data, both
-//! through `RawImage` and with plain `pread`; and 64 KiB reads of zlib / zstd compressed
+//! read through `FileStorage` and through the memory-mapped `MmapStorage` (`qcow2_mmap`), from a
+//! 3-deep backing chain, and — as the reference — from a raw file of the same data, both through
+//! `RawImage` and with plain `pread`; and 64 KiB reads of zlib / zstd compressed
 //! clusters.
 //!
-//! Run: `cargo bench --bench read`. Groups: `seq_64k/{qcow2,chain3,raw_image,raw_pread}`,
+//! Run: `cargo bench --bench read`. Groups: `seq_64k/{qcow2,chain3,qcow2_mmap,raw_image,raw_pread}`,
 //! `rand_4k/{…same…}`, `compressed_64k/{zlib,zstd}`.
 
 mod support;
@@ -35,6 +36,15 @@ impl Source {
     }
 }
 
+/// The qcow2 image at `path` over [`qcow2kit::io::MmapStorage`] instead of `FileStorage`.
+fn mmap_qcow2(path: &std::path::Path) -> Arc<dyn BlockDevice> {
+    let storage = qcow2kit::io::MmapStorage::open(path).expect("mapping the image");
+    let opts = qcow2kit::OpenOptions::qemu_compatible().qcow2;
+    let img =
+        qcow2kit::Qcow2Image::open(Arc::new(storage), &opts).expect("opening the mapped image");
+    Arc::new(img)
+}
+
 struct Images {
     _scratch: Scratch,
     sources: Vec<(&'static str, Source)>,
@@ -54,6 +64,7 @@ fn images() -> Images {
             "chain3",
             Source::Device(support::open_qcow2(&top, None).device),
         ),
+        ("qcow2_mmap", Source::Device(mmap_qcow2(&full))),
         ("raw_image", Source::Device(support::open_raw(&raw).device)),
         (
             "raw_pread",
@@ -80,7 +91,7 @@ fn uncompressed(c: &mut Criterion) {
             }
         }
         for (name, s) in &im.sources {
-            if *name == "qcow2" || *name == "raw_image" {
+            if *name == "qcow2" || *name == "qcow2_mmap" || *name == "raw_image" {
                 s.read(&mut buf, off);
                 assert!(
                     buf == reference,

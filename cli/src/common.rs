@@ -121,6 +121,15 @@ pub fn image_format(path: &str, format: Option<&str>) -> Result<ImageFormat, Str
     }
 }
 
+/// qemu-img's warning when a probe guessed raw for an image opened for writing.
+pub fn warn_probed_raw(file: &str) {
+    errln!(
+        "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+         Specify the 'raw' format explicitly to remove the restrictions."
+    );
+}
+
 /// Opens `path` the way qemu-img does: the given format or a probe, backing chains followed
 /// relative to the image, data files allowed.
 pub fn open_image(

@@ -8,6 +8,7 @@ mod stdio;
 
 mod amend;
 mod args;
+mod bench;
 mod bitmap;
 mod check;
 mod commit;
@@ -45,6 +46,8 @@ Commands (qemu-img compatible):
   resize [-f FMT] [--shrink] [--preallocation MODE] [-q] FILE [+|-]SIZE
   snapshot [-f FMT] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILE
   dd [-f FMT] [-O raw|qcow2] [-U] [bs=SIZE] [count=N] [skip=N] if=INPUT of=OUTPUT
+  bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval N] [--no-drain] [-n] [-i AIO]
+        [-o OFFSET] [--pattern P] [-q] [-s SIZE] [-S STEP] [-t CACHE] [-w] [-U] [--mmap] FILE
   bitmap (--add [-g G] [--disable] | --remove | --clear | --enable | --disable |
           --merge SRC [-b SRC_FILE] [-F SRC_FMT])... [-f FMT] FILE BITMAP
 
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         "snapshot" => snapshot::run(rest),
         "bitmap" => bitmap::run(rest),
         "dd" => dd::run(rest),
+        "bench" => bench::run(rest),
         "io" => io::run(rest),
         "nbd" => nbd::run(rest),
         "-h" | "--help" | "help" => {

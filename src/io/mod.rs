@@ -1,18 +1,22 @@
 //! Byte storage under an image.
 //!
 //! [`Storage`] is the small, synchronous contract every backend fulfils; it knows nothing of
-//! qcow2. Backends: [`FileStorage`] (positioned `pread`/`pwrite`, never seek + read) and
-//! [`MemoryStorage`] (tests, fuzzing). With the `testing` feature, `testing` holds storages that
-//! inject I/O errors and simulate power loss. [`lock`] takes QEMU's image locks on files.
+//! qcow2. Backends: [`FileStorage`] (positioned `pread`/`pwrite`, never seek + read),
+//! [`MemoryStorage`] (tests, fuzzing) and the opt-in, read-only [`MmapStorage`] (a memory
+//! mapping; the crate's one module with `unsafe` code). With the `testing` feature, `testing`
+//! holds storages that inject I/O errors and simulate power loss. [`lock`] takes QEMU's image locks on files.
 
 mod file;
 pub mod lock;
 mod memory;
+#[allow(unsafe_code)]
+mod mmap;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use mmap::MmapStorage;
 
 use std::fmt::Debug;
 use std::io;
