@@ -276,7 +276,7 @@ pub(crate) struct NewRefcountTable {
 /// - then the table is allocated first-fit, and the blocks covering its clusters are
 ///   rewritten; if that needed a larger table, again.
 ///
-/// Write ordering (DESIGN §3 rule 4): blocks and table are written only into clusters nothing
+/// Write ordering (docs/design.md §3, rule 4): blocks and table are written only into clusters nothing
 /// references, then flushed, and only then is the header switched (and flushed). A crash
 /// before the switch leaves the old structure in place; after it, the old structure's
 /// clusters are leaked (a leak repair frees them). `nb_clusters` is the size of `counts` in

@@ -1,7 +1,7 @@
 //! Replacing the internal snapshot table (QEMU's `qcow2_write_snapshots`), as a repair does
 //! once it has dropped or completed entries.
 //!
-//! Write ordering (DESIGN §3): the new table is written into free clusters and flushed, then
+//! Write ordering (docs/design.md §3): the new table is written into free clusters and flushed, then
 //! counted and the counts flushed, before the header names it; the header (count and offset in
 //! one 12-byte write) is flushed before the old table's clusters are freed (not punched: a
 //! repair leaves freed space in place, as elsewhere).

@@ -2,7 +2,7 @@
 //! a bad disk damages one (metadata clusters counted free, entries pointing into metadata,
 //! misaligned entries and refcount blocks, compressed descriptors at offset 0 or oversized).
 //! Whatever the damage, no write may land on the header, and every acknowledged write must read
-//! back after the image is closed and reopened (QEMU's rules, DESIGN §3 rules 7 and 8).
+//! back after the image is closed and reopened (QEMU's rules, docs/design.md §3, rules 7 and 8).
 
 use super::GuestOp;
 use crate::device::BlockDevice;

@@ -35,7 +35,7 @@
 //! only change towards the computed reference counts, and flag repairs keep every mapping.
 //! Write ordering: refcount increases reach the disk (flushed) before any COPIED flag that
 //! relies on them; decreases only touch clusters nothing references; a rebuilt structure is
-//! written and flushed before the header is switched (DESIGN §3).
+//! written and flushed before the header is switched (docs/design.md §3).
 
 use super::report::{CheckFailure, CheckReport, Finding};
 use super::walk::{Expected, Fix, Snapshots, Step, Stop, Walk};
