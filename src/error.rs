@@ -91,6 +91,10 @@ pub enum Error {
     /// The named snapshot does not exist.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),
+    /// The image was closed ([`Qcow2Image::close`](crate::Qcow2Image::close)): it takes no
+    /// more writes or flushes.
+    #[error("the image is closed")]
+    Closed,
     /// A read from the source or a write to the target of a copy (convert) failed; `offset` is
     /// the guest offset where the failing request of the copy starts.
     #[error("error while {} at byte {offset}: {source}", if *.write { "writing" } else { "reading" })]

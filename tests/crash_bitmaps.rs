@@ -100,8 +100,7 @@ fn session(s: Arc<dyn Storage>) -> Result<(), String> {
     img.discard(0, 32 * 1024).map_err(e)?;
     img.flush().map_err(e)?;
     img.write_at(&[9; 512], SIZE - 512).map_err(e)?;
-    img.close().map_err(e)?;
-    // A write after a close flags the bitmaps again; the next close stores them again.
+    img.flush().map_err(e)?;
     img.write_at(&[3; 1024], 600 * 1024).map_err(e)?;
     img.close().map_err(e)
 }

@@ -60,6 +60,7 @@ impl Qcow2Image {
     /// Adds a persistent bitmap, clean, tracking writes if `enabled`, at a granularity of
     /// `granularity` bytes (a power of two, 512 B..2 GiB). Stored on close, as QEMU stores it.
     pub fn add_bitmap(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+        self.ensure_open()?;
         if name.is_empty() {
             return Err(Error::InvalidArgument("Bitmap name cannot be empty".into()));
         }
@@ -137,6 +138,7 @@ impl Qcow2Image {
     /// Removes the persistent bitmap `name` from the image at once (inconsistent ones too),
     /// freeing its clusters, as QEMU's `block-dirty-bitmap-remove` does.
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+        self.ensure_open()?;
         self.guard(self.remove_bitmap_impl(name))
     }
 
@@ -200,6 +202,7 @@ impl Qcow2Image {
 
     /// Clears every bit of the bitmap `name`.
     pub fn clear_bitmap(&self, name: &str) -> Result<()> {
+        self.ensure_open()?;
         self.with_bitmap(name, |t| {
             if let Some(b) = &mut t.bits {
                 b.clear();
@@ -210,6 +213,7 @@ impl Qcow2Image {
 
     /// Enables or disables the tracking of writes by the bitmap `name`.
     pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        self.ensure_open()?;
         let flag = self.with_bitmap(name, |t| {
             let flag = enabled && !t.enabled && t.entry.table_offset != 0;
             t.enabled = enabled;
@@ -224,6 +228,7 @@ impl Qcow2Image {
 
     /// Marks dirty in the bitmap `name` every range `source` has dirty.
     pub fn merge_into_bitmap(&self, name: &str, source: &DirtyBitmap) -> Result<()> {
+        self.ensure_open()?;
         self.with_bitmap(name, |_| Ok(()))?;
         // Bits the stored bitmap lacks: flagged in use before they are set.
         self.flag_bitmaps_in_use(Flag::Also(name))?;

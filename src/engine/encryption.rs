@@ -306,6 +306,7 @@ impl Qcow2Image {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
+        self.ensure_open()?;
         let enc = self.encryption.as_ref().ok_or_else(|| {
             Error::InvalidArgument("Can't amend encryption options - encryption not present".into())
         })?;

@@ -51,6 +51,9 @@ impl Qcow2Image {
         if !self.writable {
             return Ok(());
         }
+        if m.closed {
+            return Err(Error::Closed);
+        }
         if m.broken {
             return Err(Error::Unsupported(
                 "an earlier metadata write failed; the image must be reopened".into(),
@@ -187,13 +190,30 @@ impl Qcow2Image {
     ///
     /// After a failed metadata write the image is broken: nothing more is written, and `close`
     /// says so (an `Ok` would claim that writes acknowledged since the last successful flush
-    /// are durable).
+    /// are durable). After a successful `close` every write and flush fails with
+    /// [`Error::Closed`] (never a silent `Ok`); closing again is a no-op.
     pub fn close(&self) -> Result<()> {
-        self.guard(self.close_impl())
+        let r = self.settle().map(|()| self.lock_meta().closed = true);
+        self.guard(r)
     }
 
-    fn close_impl(&self) -> Result<()> {
-        if !self.writable {
+    /// Everything [`close`](Self::close) writes (bitmaps stored, metadata flushed, lazy
+    /// refcounts written back and the dirty bit cleared), leaving the image open: a
+    /// checkpoint after which the file is a clean image on its own.
+    /// Refuses a change to an image that was [`close`](Self::close)d.
+    pub(crate) fn ensure_open(&self) -> Result<()> {
+        if self.lock_meta().closed {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn checkpoint(&self) -> Result<()> {
+        self.guard(self.settle())
+    }
+
+    fn settle(&self) -> Result<()> {
+        if !self.writable || self.lock_meta().closed {
             return Ok(());
         }
         self.store_bitmaps()?;

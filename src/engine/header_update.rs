@@ -43,6 +43,7 @@ impl Qcow2Image {
     /// The backing device attached to this handle is not changed; reopen the image to read
     /// through the new chain.
     pub fn set_backing_link(&self, name: Option<&[u8]>, format: Option<&[u8]>) -> Result<()> {
+        self.ensure_open()?;
         self.guard(self.set_backing_link_impl(name, format))
     }
 
@@ -87,6 +88,7 @@ impl Qcow2Image {
         &self,
         edit: impl FnOnce(&mut Header, &mut Extensions, &mut Option<Vec<u8>>) -> Result<()>,
     ) -> Result<()> {
+        self.ensure_open()?;
         self.guard(self.rewrite_header_impl(edit))
     }
 
@@ -236,6 +238,7 @@ impl Qcow2Image {
     /// after its last cluster in use. Internal snapshots keep their clusters; L2 tables stay
     /// (empty).
     pub fn make_empty(&self) -> Result<()> {
+        self.ensure_open()?;
         self.guard(self.make_empty_impl())
     }
 

@@ -39,6 +39,8 @@ pub(crate) struct Meta {
     /// A metadata write failed: further writes are refused, the in-memory state may be ahead
     /// of the disk.
     pub(crate) broken: bool,
+    /// [`Qcow2Image::close`](super::Qcow2Image::close) succeeded: nothing more is written.
+    pub(crate) closed: bool,
 }
 
 impl Meta {

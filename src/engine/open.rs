@@ -333,6 +333,7 @@ impl Qcow2Image {
             file_len,
             header: header.clone(),
             broken: false,
+            closed: false,
         };
         let image = Qcow2Image {
             storage,

@@ -43,6 +43,7 @@ impl Qcow2Image {
     /// Resizes the image to `new_size` bytes (a multiple of 512). A smaller size is refused
     /// unless `allow_shrink` (qemu-img `--shrink`).
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.ensure_open()?;
         self.guard(self.resize_impl(new_size, allow_shrink))
     }
 

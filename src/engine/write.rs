@@ -142,6 +142,9 @@ impl Qcow2Image {
             len,
         )?;
         let mut m = self.lock_meta();
+        if m.closed {
+            return Err(Error::Closed);
+        }
         if m.broken {
             return Err(Error::Unsupported(
                 "an earlier metadata write failed; the image must be reopened".into(),
@@ -829,6 +832,7 @@ impl Qcow2Image {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
+        self.ensure_open()?;
         Ok(self.lock_range(0, u64::MAX))
     }
 
@@ -896,6 +900,24 @@ mod tests {
     use crate::io::{MemoryStorage, Storage};
     use crate::ops::create::{create_qcow2_on, CreateOptions};
     use std::sync::Arc;
+
+    #[test]
+    fn a_closed_image_takes_no_more_writes() {
+        let mem = Arc::new(MemoryStorage::new());
+        let img =
+            create_qcow2_on(mem.clone(), None, 1 << 20, &CreateOptions::default()).expect("create");
+        img.write_at(&[7u8; 4096], 0).expect("write");
+        img.close().expect("close");
+        let closed = |r: crate::Result<()>| matches!(r, Err(Error::Closed));
+        assert!(closed(img.write_at(&[1u8; 512], 0)), "write after close");
+        assert!(closed(img.write_zeroes(0, 512)), "zero write after close");
+        assert!(closed(img.discard(0, 65536)), "discard after close");
+        assert!(closed(img.flush()), "flush after close");
+        img.close().expect("closing again");
+        let mut b = [0u8; 4096];
+        img.read_at(&mut b, 0).expect("read after close");
+        assert_eq!(b, [7u8; 4096]);
+    }
 
     /// An image with one written cluster: (storage, L1 offset, offset of the first L2 table).
     fn one_cluster_image() -> (Arc<MemoryStorage>, u64, u64) {

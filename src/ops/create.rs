@@ -425,7 +425,8 @@ pub fn create_qcow2_on(
         Preallocation::Metadata | Preallocation::Falloc => img.preallocate(false)?,
         Preallocation::Full => img.preallocate(true)?,
     }
-    img.close()?;
+    // A clean image on disk, still open for the caller.
+    img.checkpoint()?;
     Ok(img)
 }
 
