@@ -183,6 +183,36 @@ pub struct OpenOptions {
     /// (QEMU's `backing.encrypt.*`, `backing.backing.encrypt.*`, …). The top image's key is in
     /// [`Qcow2Options::encryption`]; it is never used for another layer.
     pub backing_encryption: Vec<crate::engine::EncryptionOptions>,
+    /// A filter put between the top image and its files (its own file and its external data
+    /// file): QEMU's filter drivers, such as [`crate::io::blkdebug`], under the format driver.
+    pub interpose: Option<Interpose>,
+}
+
+/// A function given each file of the top image once it is open, with its role, that returns
+/// the storage the image is to use instead (see [`OpenOptions::interpose`]).
+#[derive(Clone)]
+pub struct Interpose(pub Arc<InterposeFn>);
+
+/// The function an [`Interpose`] holds.
+pub type InterposeFn = dyn Fn(FileRole, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync;
+
+impl std::fmt::Debug for Interpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Interpose(..)")
+    }
+}
+
+impl Interpose {
+    fn apply(
+        filter: Option<&Interpose>,
+        role: FileRole,
+        storage: Arc<dyn Storage>,
+    ) -> Arc<dyn Storage> {
+        match filter {
+            Some(f) => (f.0)(role, storage),
+            None => storage,
+        }
+    }
 }
 
 impl Default for OpenOptions {
@@ -199,6 +229,7 @@ impl Default for OpenOptions {
             writable_layer: None,
             data_file: None,
             backing_encryption: Vec::new(),
+            interpose: None,
         }
     }
 }
@@ -434,6 +465,8 @@ fn open_layer(
         return Err(Error::BackingLoop(path.to_path_buf()));
     }
     seen.push(id);
+    let interpose = if top { opts.interpose.as_ref() } else { None };
+    let storage = Interpose::apply(interpose, FileRole::of(format), storage);
 
     match format {
         ImageFormat::Raw => {
@@ -490,7 +523,11 @@ fn open_layer(
                 };
                 let lock = opts.locking.request(FileRole::DataFile, writable);
                 let ds = open_storage(&dpath, writable, lock, depth)?;
-                img.set_data_file(Arc::new(ds));
+                img.set_data_file(Interpose::apply(
+                    interpose,
+                    FileRole::DataFile,
+                    Arc::new(ds),
+                ));
             } else if let Some(p) = data_file {
                 // QEMU opens the file before it finds that the image has no use for it.
                 open_storage(p, false, None, depth)?;

@@ -55,9 +55,7 @@ impl Qcow2Image {
             return Err(Error::Closed);
         }
         if m.broken {
-            return Err(Error::Unsupported(
-                "an earlier metadata write failed; the image must be reopened".into(),
-            ));
+            return Err(m.broken_error());
         }
         let r = self.flush_steps(m);
         m.sync_refcount_table();

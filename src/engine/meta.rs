@@ -6,7 +6,7 @@ use super::cache::SliceCache;
 use super::refcount::Refcounts;
 use super::shared::L1Table;
 use super::Geometry;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::format::header::Header;
 use crate::io::Storage;
 use std::collections::BTreeSet;
@@ -44,6 +44,24 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// The error every later request gets once [`Meta::broken`] is set: an image marked corrupt
+    /// by a corruption event is [`Corruption::MarkedCorrupt`] (QEMU drops the image's driver
+    /// then, and every request fails with `ENOMEDIUM`); one whose metadata write failed asks
+    /// to be reopened.
+    pub(crate) fn broken_error(&self) -> Error {
+        if self
+            .header
+            .incompatible
+            .contains(crate::format::features::IncompatibleFeatures::CORRUPT)
+        {
+            Corruption::MarkedCorrupt.into()
+        } else {
+            Error::Unsupported(
+                "an earlier metadata write failed; the image must be reopened".into(),
+            )
+        }
+    }
+
     /// The slice of the L2 table at `l2_offset` that holds entry `l2_index`, from the cache or
     /// the image. Returns the slice's key (its host offset).
     pub(crate) fn slice_key(g: &Geometry, l2_offset: u64, l2_index: u64) -> u64 {

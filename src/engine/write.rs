@@ -24,6 +24,7 @@ use crate::error::{Corruption, Error, Result};
 use crate::format::entry::{
     classify, ClusterKind, SubclusterBitmap, SubclusterState, COPIED, OFFSET_MASK, ZERO,
 };
+use crate::io::blkdebug::DebugEvent;
 use std::sync::atomic::Ordering::{self, Relaxed};
 
 /// What `zero_impl` was asked for.
@@ -146,9 +147,7 @@ impl Qcow2Image {
             return Err(Error::Closed);
         }
         if m.broken {
-            return Err(Error::Unsupported(
-                "an earlier metadata write failed; the image must be reopened".into(),
-            ));
+            return Err(m.broken_error());
         }
         self.mark_dirty_if_lazy(&mut m)?;
         Ok(g)
@@ -586,6 +585,7 @@ impl Qcow2Image {
         let wio = |e| Error::io("writing guest data", e);
         match plan {
             Plan::InPlace { host, len } => {
+                target.debug_event(DebugEvent::WriteAio);
                 self.write_data(target, &data[..len], host, pos)?;
                 Ok(len)
             }
@@ -602,8 +602,10 @@ impl Qcow2Image {
                 let used = (wend - pos) as usize;
                 let r = (|| -> Result<()> {
                     if pos == guest && wend == region_end {
+                        target.debug_event(DebugEvent::WriteAio);
                         self.write_data(target, &data[..used], host, guest)?;
                     } else if zeros {
+                        target.debug_event(DebugEvent::WriteAio);
                         // Head and tail already read as zeros: write the data only, then the
                         // clusters' last bytes so the file covers them (a write never shrinks
                         // the file, unlike a racing `set_len`).
@@ -621,6 +623,7 @@ impl Qcow2Image {
                         // Head and tail come from the current content (copy-on-write).
                         let mut buf = vec![0u8; (n * cs) as usize];
                         let head = (pos - guest) as usize;
+                        self.storage.debug_event(DebugEvent::CowRead);
                         if head > 0 {
                             self.read_current(&mut buf[..head], guest)?;
                         }
@@ -629,6 +632,7 @@ impl Qcow2Image {
                         if tail < buf.len() {
                             self.read_current(&mut buf[tail..], guest + tail as u64)?;
                         }
+                        target.debug_event(DebugEvent::CowWrite);
                         self.write_data(target, &buf, host, guest)?;
                     }
                     Ok(())
@@ -670,14 +674,23 @@ impl Qcow2Image {
                 let r = (|| -> Result<()> {
                     let mut buf = vec![0u8; (b - a) as usize];
                     let head = (pos - guest - a) as usize;
+                    let tail = head + used;
+                    let cow = head > 0 || tail < buf.len();
+                    if cow {
+                        self.storage.debug_event(DebugEvent::CowRead);
+                    }
                     if head > 0 {
                         self.read_current(&mut buf[..head], guest + a)?;
                     }
-                    buf[head..head + used].copy_from_slice(&data[..used]);
-                    let tail = head + used;
+                    buf[head..tail].copy_from_slice(&data[..used]);
                     if tail < buf.len() {
                         self.read_current(&mut buf[tail..], guest + a + tail as u64)?;
                     }
+                    target.debug_event(if cow {
+                        DebugEvent::CowWrite
+                    } else {
+                        DebugEvent::WriteAio
+                    });
                     self.write_data(target, &buf, host + a, guest + a)
                 })();
                 if let Err(e) = r {

@@ -6,6 +6,7 @@
 //! mapping; the crate's one module with `unsafe` code). With the `testing` feature, `testing`
 //! holds storages that inject I/O errors and simulate power loss. [`lock`] takes QEMU's image locks on files.
 
+pub mod blkdebug;
 mod file;
 pub mod lock;
 mod memory;
@@ -66,6 +67,12 @@ pub trait Storage: Send + Sync + Debug {
     /// Bytes actually allocated on the medium (for `info`'s "disk size"), if known.
     fn allocated_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// Told by the engine just before the storage work QEMU names `event` (see [`blkdebug`]);
+    /// storages other than fault-injection filters ignore it.
+    fn debug_event(&self, event: blkdebug::DebugEvent) {
+        let _ = event;
     }
 }
 

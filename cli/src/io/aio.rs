@@ -44,6 +44,8 @@ struct Done {
     elapsed: Duration,
     /// The data read (empty for a write), or the errno.
     result: Result<Vec<u8>, i32>,
+    /// Its place in the order of submission.
+    seq: u64,
 }
 
 type Job = Box<dyn FnOnce() -> Done + Send>;
@@ -61,6 +63,8 @@ pub(super) struct Queue {
     workers: Vec<JoinHandle<()>>,
     /// Submitted and not yet reported.
     pending: usize,
+    /// Requests submitted so far.
+    submitted: u64,
 }
 
 impl Queue {
@@ -74,10 +78,14 @@ impl Queue {
             done_rx,
             workers: Vec::new(),
             pending: 0,
+            submitted: 0,
         }
     }
 
     fn submit(&mut self, job: Job) {
+        let seq = self.submitted;
+        self.submitted += 1;
+        let job: Job = Box::new(move || Done { seq, ..job() });
         self.pending += 1;
         if self.workers.len() < self.pending.min(MAX_WORKERS) {
             let rx = Arc::clone(&self.jobs_rx);
@@ -101,13 +109,21 @@ impl Queue {
         }
     }
 
-    /// The next finished request: waiting for one when `block`.
-    fn next(&mut self, block: bool) -> Option<Finished> {
+    /// The next finished request: waiting for one when `block`, unless every request in
+    /// flight is one of the `suspended()` held at a blkdebug breakpoint.
+    fn next(&mut self, block: bool, suspended: impl Fn() -> usize) -> Option<Finished> {
         if self.pending == 0 {
             return None;
         }
         let d = if block {
-            self.done_rx.recv().ok()
+            loop {
+                match self.done_rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(d) => break Some(d),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        if self.pending > suspended() => {}
+                    Err(_) => break None,
+                }
+            }
         } else {
             self.done_rx.try_recv().ok()
         };
@@ -129,15 +145,44 @@ impl Drop for Queue {
 
 impl Session {
     /// Reports the finished requests; with `all`, waits for every request in flight.
+    ///
+    /// Waiting for all, a request is never reported before an earlier one whose clusters it
+    /// shares: the library runs such requests one after the other, as QEMU does, but the later
+    /// one's thread may get to report first.
     pub(super) fn complete_aio(&mut self, all: bool) {
-        while let Some(d) = self.aio.next(all) {
+        let filters = self.img.as_ref().map(|i| i.filters.clone());
+        let suspended = || filters.as_ref().map_or(0, |f| f.suspended());
+        let mut done = Vec::new();
+        while let Some(d) = self.aio.next(all, suspended) {
             match d {
+                Some(d) if all => done.push(d),
                 Some(d) => self.report(d),
                 None => errln!(
                     "{}: an asynchronous request failed unexpectedly",
                     crate::common::prog()
                 ),
             }
+        }
+        let cluster = self
+            .img
+            .as_ref()
+            .and_then(|i| i.qcow2.as_ref())
+            .map_or(512, |q| q.cluster_size()) as i64;
+        let span = |d: &Done| {
+            let start = d.offset.div_euclid(cluster);
+            (start, (d.offset + d.count.max(1) - 1).div_euclid(cluster))
+        };
+        while !done.is_empty() {
+            let blocked = |d: &Done| {
+                let (a, b) = span(d);
+                done.iter().any(|e| {
+                    let (c, f) = span(e);
+                    e.seq < d.seq && c <= b && a <= f
+                })
+            };
+            let i = done.iter().position(|d| !blocked(d)).unwrap_or(0);
+            let d = done.remove(i);
+            self.report(d);
         }
     }
 
@@ -228,6 +273,7 @@ impl Session {
                 csv,
                 elapsed: t0.elapsed(),
                 result,
+                seq: 0,
             }
         }));
         0
@@ -326,6 +372,7 @@ impl Session {
                 csv,
                 elapsed: t0.elapsed(),
                 result: r.map(|()| Vec::new()),
+                seq: 0,
             }
         }));
         0

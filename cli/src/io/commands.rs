@@ -26,6 +26,18 @@ impl Session {
         -EINVAL
     }
 
+    /// Prints a blkdebug command's failure, if any (qemu-io reports them on stdout), and fails
+    /// the command then.
+    fn say(&mut self, msg: Option<String>) -> i32 {
+        match msg {
+            Some(m) => {
+                self.out.print(&m);
+                -EINVAL
+            }
+            None => 0,
+        }
+    }
+
     /// `qemuio_command`: splits `line` on spaces and runs it; returns 0 or a negative errno.
     pub(super) fn command(&mut self, line: &str) -> i32 {
         let argv: Vec<&str> = line.split(' ').filter(|s| !s.is_empty()).collect();
@@ -45,9 +57,20 @@ impl Session {
         }
         // Commands other than these run after every request in flight has completed (see
         // `aio`); `abort` and `sigraise` end the process as a crash would, losing them.
+        // The blkdebug commands neither: they drive requests in flight.
         if !matches!(
             ci.name,
-            "aio_read" | "aio_write" | "abort" | "sigraise" | "help" | "quit" | "sleep"
+            "aio_read"
+                | "aio_write"
+                | "abort"
+                | "sigraise"
+                | "help"
+                | "quit"
+                | "sleep"
+                | "break"
+                | "wait_break"
+                | "resume"
+                | "remove_break"
         ) {
             self.complete_aio(true);
         }
@@ -105,6 +128,13 @@ impl Session {
             return -EPERM;
         }
         match ci.name {
+            "break" => self.say(super::blkdebug::break_cmd(&img.filters, args[0], args[1])),
+            "remove_break" => self.say(super::blkdebug::remove_break_cmd(&img.filters, args[0])),
+            "resume" => self.say(super::blkdebug::resume_cmd(&img.filters, args[0])),
+            "wait_break" => {
+                super::blkdebug::wait_break_cmd(&img.filters, args[0]);
+                0
+            }
             "read" => self.read(ci, name, img, args),
             "readv" => self.readv(ci, name, img, args),
             "alloc" => self.alloc(ci, img, args),

@@ -45,6 +45,7 @@ macro_rules! out {
 
 mod aio;
 mod alloc;
+mod blkdebug;
 mod commands;
 mod getopt;
 mod help;

@@ -5,10 +5,12 @@
 //! (`file`), `file.locking`, `data-file.filename` and `data-file.driver` (`file`), `read-only`,
 //! `force-share`, `backing` (empty: no backing file), `backing.driver` (the backing file's own
 //! format), `discard`, `node-name`, `file.node-name`, `backing.node-name`, `cache.direct`,
-//! `cache.no-flush` and `auto-read-only` (no effect here), and qcow2's runtime options
-//! ([`super::qcow2_opts`]). Anything else QEMU would take (`backing.*`, other drivers such as
-//! `blkdebug`) is refused with a message naming it.
+//! `cache.no-flush` and `auto-read-only` (no effect here), qcow2's runtime options
+//! ([`super::qcow2_opts`]), and the blkdebug filter on the file or the data file
+//! ([`super::blkdebug`]). Anything else QEMU would take (`backing.*`, other drivers) is refused
+//! with a message naming it.
 
+use super::blkdebug::Filters;
 use super::qcow2_opts::{take_qcow2_options, ImageFacts, Qcow2Runtime};
 use super::qopts::{parse_bool, Opts};
 use qcow2kit::chain::{
@@ -52,6 +54,8 @@ pub(super) struct Image {
     pub(super) runtime: Qcow2Runtime,
     /// The format of its backing file, when it has one open.
     pub(super) backing_format: Option<ImageFormat>,
+    /// Its blkdebug filters.
+    pub(super) filters: Filters,
 }
 
 /// A cache mode (`-t`, `-c`): whether it is writethrough, or QEMU's message.
@@ -128,8 +132,10 @@ pub(super) fn open_image(
     if let Some(proto) = driver.as_deref().filter(|d| PROTOCOLS.contains(d)) {
         return open_protocol(spec, proto, opts, writethrough, unmap);
     }
+    let mut name = spec.name.clone();
+    let blkdebug = super::blkdebug::take_blkdebug(&mut name, &mut opts)?;
     let file_name = opts.take("file.filename");
-    let path = match (&spec.name, file_name) {
+    let path = match (&name, file_name) {
         (Some(_), Some(_)) => {
             return Err(
                 "Can't specify 'file' and 'filename' options at the same time"
@@ -259,6 +265,13 @@ pub(super) fn open_image(
     } else {
         locking
     };
+    let filters = match blkdebug.interpose() {
+        Some((hook, filters)) => {
+            qopts.interpose = Some(hook);
+            filters
+        }
+        None => Filters::default(),
+    };
     let opened = open(Path::new(&path), format, &qopts).map_err(|e| lib_error(&path, e))?;
 
     let runtime = match &opened.qcow2 {
@@ -333,6 +346,7 @@ pub(super) fn open_image(
         spec: spec.clone(),
         runtime,
         backing_format,
+        filters,
     })
 }
 
@@ -441,6 +455,7 @@ fn open_protocol(
         spec: spec.clone(),
         runtime: Qcow2Runtime::default(),
         backing_format: None,
+        filters: Filters::default(),
     })
 }
 

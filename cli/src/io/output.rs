@@ -11,46 +11,67 @@ pub(super) const ERANGE: i32 = 34;
 pub(super) const EIO: i32 = 5;
 pub(super) const EPERM: i32 = 1;
 pub(super) const ENOTSUP: i32 = 95;
+pub(super) const ENOMEDIUM: i32 = 123;
 
 /// Standard output with C stdio's buffering: line-buffered on a terminal, in 4 KiB blocks
-/// otherwise, so that `abort` loses what a C program would lose.
+/// otherwise, so that `abort` loses what a C program would lose. The buffer is the process's
+/// (as C's `stdout` is): lines printed by request threads (blkdebug's) keep their place.
 pub(super) struct Out {
-    buf: Vec<u8>,
     tty: bool,
+}
+
+/// The bytes printed and not yet written.
+static STDOUT_BUF: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+fn stdout_buf() -> std::sync::MutexGuard<'static, Vec<u8>> {
+    STDOUT_BUF.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Out {
     pub(super) fn new() -> Self {
         Out {
-            buf: Vec::new(),
             tty: std::io::stdout().is_terminal(),
         }
     }
 
     pub(super) fn print(&mut self, s: &str) {
-        self.buf.extend_from_slice(s.as_bytes());
-        if self.tty {
-            if let Some(i) = self.buf.iter().rposition(|&b| b == b'\n') {
-                let rest = self.buf.split_off(i + 1);
-                self.write_out();
-                self.buf = rest;
-            }
-        } else if self.buf.len() >= 4096 {
-            let keep = self.buf.len() % 4096;
-            let rest = self.buf.split_off(self.buf.len() - keep);
-            self.write_out();
-            self.buf = rest;
-        }
+        print_buffered(s, self.tty);
     }
 
     pub(super) fn write_out(&mut self) {
-        crate::stdio::print_out(&self.buf);
-        self.buf.clear();
+        let mut buf = stdout_buf();
+        crate::stdio::print_out(&buf[..]);
+        buf.clear();
     }
 
     pub(super) fn flush(&mut self) {
         self.write_out();
     }
+}
+
+/// Prints `s` into the process's stdout buffer (see [`Out`]), from any thread.
+pub(super) fn print_buffered(s: &str, tty: bool) {
+    let mut buf = stdout_buf();
+    buf.extend_from_slice(s.as_bytes());
+    let keep = if tty {
+        match buf.iter().rposition(|&b| b == b'\n') {
+            Some(i) => buf.len() - (i + 1),
+            None => return,
+        }
+    } else if buf.len() >= 4096 {
+        buf.len() % 4096
+    } else {
+        return;
+    };
+    let at = buf.len() - keep;
+    let rest = buf.split_off(at);
+    crate::stdio::print_out(&buf[..]);
+    *buf = rest;
+}
+
+/// Whether standard output is a terminal (line buffering).
+pub(super) fn stdout_is_tty() -> bool {
+    std::io::stdout().is_terminal()
 }
 
 /// C's `strerror` for the errno values the commands report.
@@ -64,16 +85,16 @@ pub(super) fn errno_of(e: &qcow2kit::Error) -> i32 {
         qcow2kit::Error::OutOfRange { .. } => EIO,
         qcow2kit::Error::ReadOnly => EPERM,
         qcow2kit::Error::InvalidArgument(_) => EINVAL,
-        qcow2kit::Error::Io { source, .. } => {
-            errln!("{}: {e}", crate::common::prog());
-            source.raw_os_error().unwrap_or(EIO)
-        }
+        // qemu-io reports only the errno of a failed request.
+        qcow2kit::Error::Io { source, .. } => source.raw_os_error().unwrap_or(EIO),
         // qemu-io reports only the errno of a request the format cannot serve.
         qcow2kit::Error::Unsupported(_) => ENOTSUP,
         // Reported by the image's corruption reporter, as QEMU does.
         qcow2kit::Error::Corrupt(
             qcow2kit::Corruption::Inconsistent(_) | qcow2kit::Corruption::BadEntry { .. },
         ) => EIO,
+        // QEMU drops the driver of an image it marked corrupt: requests fail with ENOMEDIUM.
+        qcow2kit::Error::Corrupt(qcow2kit::Corruption::MarkedCorrupt) => ENOMEDIUM,
         // QEMU fails a compressed cluster it cannot inflate with EIO and no message.
         qcow2kit::Error::Corrupt(qcow2kit::Corruption::BadCompressedCluster { .. }) => EIO,
         _ => {

@@ -15,7 +15,7 @@ pub(super) struct CmdInfo {
     pub(super) writes: bool,
     /// Runs without an open image (qemu-io's `CMD_NOFILE_OK` and global commands).
     pub(super) nofile: bool,
-    /// qcow2kit has no such command (they drive QEMU-internal drivers: blkdebug, zoned devices).
+    /// qcow2kit has no such command (they drive QEMU-internal drivers: zoned devices).
     pub(super) unsupported: bool,
 }
 
@@ -106,7 +106,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         (2, Some(2)),
         Some("event tag"),
         "sets a breakpoint on event and tags the stopped request as tag",
-        "u",
+        "",
     ),
     cmd(
         "close",
@@ -202,7 +202,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         (1, Some(1)),
         Some("tag"),
         "remove a breakpoint by tag",
-        "u",
+        "",
     ),
     cmd(
         "reopen",
@@ -218,7 +218,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         (1, Some(1)),
         Some("tag"),
         "resumes the request tagged as tag",
-        "u",
+        "",
     ),
     cmd(
         "sigraise",
@@ -250,7 +250,7 @@ pub(super) const COMMANDS: &[CmdInfo] = &[
         (1, Some(1)),
         Some("tag"),
         "waits for the suspension of a request",
-        "u",
+        "",
     ),
     cmd(
         "write",
