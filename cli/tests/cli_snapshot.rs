@@ -105,7 +105,12 @@ impl Pair {
             }
             args.extend([file, "out.raw"]);
             let out = exec(Path::new("qemu-img"), &args, d);
-            assert!(out.status.success(), "qemu-img {args:?} in {}", d.display());
+            assert!(
+                out.status.success(),
+                "qemu-img {args:?} in {}: {}",
+                d.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             fs::read(d.join("out.raw")).expect("read raw")
         };
         assert!(
@@ -480,5 +485,41 @@ fn apply_with_bitmaps_refused_like_qemu_img() {
             fs::read(p.k.join("a.qcow2")).expect("read image") == before,
             "{kind}: the refused apply changed the image"
         );
+    }
+}
+
+/// The host layout of an image outside its snapshot table (whose dates differ): the header up
+/// to the snapshot table offset, and every cluster but the snapshot table's.
+fn layout_without_snapshot_table(path: &Path) -> Vec<u8> {
+    let mut bytes = fs::read(path).expect("read image");
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let cs = 1usize << u32::from_be_bytes(bytes[20..24].try_into().expect("4"));
+    let table = be64(&bytes, 64) as usize;
+    if table != 0 {
+        let end = (table + cs).min(bytes.len());
+        bytes[table..end].fill(0);
+    }
+    bytes
+}
+
+#[test]
+fn snapshots_are_laid_out_where_qemu_img_lays_them_out() {
+    for opts in ["cluster_size=65536", "extended_l2=on", "cluster_size=512"] {
+        let p = Pair::new();
+        build(&p, opts);
+        p.same(&["-c", "s1", "a.qcow2"], true);
+        // The first write after the snapshot copies an L2 table and a data cluster: QEMU
+        // takes the first free clusters, which a different layout would move.
+        p.both_qemu(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 3 4k 4k", "a.qcow2"],
+        );
+        p.same(&["-c", "s2", "a.qcow2"], true);
+        assert!(
+            layout_without_snapshot_table(&p.q.join("a.qcow2"))
+                == layout_without_snapshot_table(&p.k.join("a.qcow2")),
+            "{opts}: host layout differs from qemu-img's"
+        );
+        p.judge("a.qcow2", &["s1", "s2"]);
     }
 }

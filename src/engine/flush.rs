@@ -171,7 +171,7 @@ impl Qcow2Image {
         self.write_incompatible(m)
     }
 
-    fn write_incompatible(&self, m: &mut Meta) -> Result<()> {
+    pub(crate) fn write_incompatible(&self, m: &mut Meta) -> Result<()> {
         let s = self.storage.as_ref();
         let r = s
             .write_at(&m.header.incompatible.bits().to_be_bytes(), 72)

@@ -31,6 +31,7 @@ pub(crate) mod rebuild;
 mod refcount;
 mod resize;
 mod shared;
+mod snapshot_create;
 mod snapshot_ops;
 pub(crate) mod snapshot_table;
 mod write;

@@ -188,6 +188,11 @@ impl MetadataMap {
         self.snapshot_table = (offset, bytes);
     }
 
+    /// Where the snapshot table lies: offset and bytes.
+    pub(crate) fn snapshot_table(&self) -> (u64, u64) {
+        self.snapshot_table
+    }
+
     /// The snapshots' L1 tables, merged where they overlap or are shared.
     pub(crate) fn inactive_l1(&self) -> &RangeSet {
         &self.inactive_l1

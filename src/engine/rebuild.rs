@@ -14,7 +14,7 @@
 use super::refcount::Refcounts;
 use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::BitmapEntry;
-use crate::format::entry::{classify, ClusterKind, OFFSET_MASK};
+use crate::format::entry::{classify, ClusterKind, COPIED, OFFSET_MASK};
 use crate::format::features::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::header::Header;
 use crate::format::snapshot::Snapshot;
@@ -232,6 +232,7 @@ pub(crate) fn rebuild_refcounts(
         }
     }
     refs.write_blocks(storage)?;
+    fix_copied_flags(storage, header, &c.counts)?;
     storage
         .flush()
         .map_err(|e| Error::io("flushing rebuilt refcounts", e))?;
@@ -246,6 +247,74 @@ pub(crate) fn rebuild_refcounts(
         .and_then(|()| storage.flush())
         .map_err(|e| Error::io("clearing the dirty bit", e))?;
     Ok(refs)
+}
+
+/// Sets the COPIED flag of every active L1 entry and every allocated active L2 entry exactly
+/// when `counts` gives its cluster a count of 1 (as QEMU's repair of a dirty image does), and
+/// writes the tables that change in place. Images with an external data file keep their L2
+/// entries' flags (their data clusters are not counted).
+fn fix_copied_flags(storage: &dyn Storage, header: &Header, counts: &[u64]) -> Result<()> {
+    let cb = header.cluster_bits;
+    let cs = header.cluster_size();
+    let extended = header.has_extended_l2();
+    let step = if extended { 2 } else { 1 };
+    let count = |host: u64| counts.get((host >> cb) as usize).copied().unwrap_or(0);
+    let flag = |e: u64, host: u64| {
+        if count(host) == 1 {
+            e | COPIED
+        } else {
+            e & !COPIED
+        }
+    };
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    let n = header.l1_size as usize;
+    let raw = storage
+        .read_vec(header.l1_table_offset, n * 8)
+        .map_err(io("reading the L1 table"))?;
+    let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be_u64(c, 0)).collect();
+    let mut done = std::collections::BTreeSet::new();
+    for &e in &l1 {
+        let l2 = e & OFFSET_MASK;
+        if l2 == 0 || header.has_data_file() || !done.insert(l2) {
+            continue;
+        }
+        let mut t = storage
+            .read_vec(l2, cs as usize)
+            .map_err(io("reading an L2 table"))?;
+        let mut changed = false;
+        for i in (0..t.len() / 8).step_by(step) {
+            let w = be_u64(&t, i * 8);
+            let fixed = match classify(w, cb, extended, false) {
+                ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => {
+                    flag(w, host)
+                }
+                _ => w,
+            };
+            if fixed != w {
+                t[i * 8..i * 8 + 8].copy_from_slice(&fixed.to_be_bytes());
+                changed = true;
+            }
+        }
+        if changed {
+            storage
+                .write_at(&t, l2)
+                .map_err(io("repairing COPIED flags of an L2 table"))?;
+        }
+    }
+    let fixed: Vec<u8> = l1
+        .iter()
+        .flat_map(|&e| {
+            let l2 = e & OFFSET_MASK;
+            let v = if l2 == 0 { e } else { flag(e, l2) };
+            v.to_be_bytes()
+        })
+        .collect();
+    if fixed != raw {
+        storage
+            .write_at(&fixed, header.l1_table_offset)
+            .map_err(io("repairing COPIED flags of the L1 table"))?;
+    }
+    Ok(())
 }
 
 /// An in-memory refcount array (QEMU's "IMRT"): the refcount every host cluster should have,

@@ -50,15 +50,15 @@ const MAX_SNAPSHOT_STRING: usize = u16::MAX as usize;
 /// `EFBIG`, QEMU's answer to too many snapshots or too large a table.
 const EFBIG: i32 = 27;
 /// `EINVAL`, QEMU's answer to a refcount that would overflow its width.
-const EINVAL: i32 = 22;
+pub(super) const EINVAL: i32 = 22;
 /// `ENOTSUP`, QEMU's answer to snapshots of an image with an external data file.
 const ENOTSUP: i32 = 95;
 
-fn errno(what: &'static str, code: i32) -> Error {
+pub(super) fn errno(what: &'static str, code: i32) -> Error {
     Error::io(what, std::io::Error::from_raw_os_error(code))
 }
 
-fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+pub(super) fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
 }
 
@@ -117,13 +117,13 @@ fn next_snapshot_id(snaps: &[Snapshot]) -> String {
 }
 
 /// The state a snapshot operation switches the image to.
-struct Target {
-    size: u64,
+pub(super) struct Target {
+    pub(super) size: u64,
     /// The new active L1 table's entries (L2 table offsets; the COPIED flags are recomputed).
-    l1: Vec<u64>,
-    snapshots: Vec<Snapshot>,
+    pub(super) l1: Vec<u64>,
+    pub(super) snapshots: Vec<Snapshot>,
     /// A new refcount order (amend's `refcount_bits`), or `None` to keep the current one.
-    refcount_order: Option<u32>,
+    pub(super) refcount_order: Option<u32>,
 }
 
 /// Refcounts of the new state, indexed by cluster.
@@ -151,7 +151,28 @@ impl Qcow2Image {
     /// Creates an internal snapshot of the active image, as `qemu-img snapshot -c` does, and
     /// returns it. The image stays open and usable.
     pub fn create_snapshot(&self, new: &NewSnapshot) -> Result<Snapshot> {
-        self.guard(self.snapshot_op(|img, m| img.plan_create(m, new)))
+        if !super::snapshot_create::in_place(self.lock_meta().header.version) {
+            return self.guard(self.snapshot_op(|img, m| img.plan_create(m, new)));
+        }
+        self.guard((|| {
+            let _all = self.lock_everything()?;
+            let mut m = self.lock_meta();
+            if self.geo.data_file {
+                return Err(errno(
+                    "snapshots of an image with an external data file",
+                    ENOTSUP,
+                ));
+            }
+            self.flush_locked(&mut m)?;
+            m.l2.forget_range(0, u64::MAX);
+            let r = self.create_snapshot_in_place(&mut m, new);
+            if r.is_err() {
+                // The disk holds a dirty image (repaired at the next writable open) or the
+                // finished snapshot; memory may match neither.
+                m.broken = true;
+            }
+            r
+        })())
     }
 
     /// Makes the snapshot `which` (found by id first, then by name) the active image, as
@@ -173,7 +194,7 @@ impl Qcow2Image {
 
     /// Runs one snapshot operation: `plan` decides the target state (and what to return)
     /// from the flushed image, [`Qcow2Image::switch_state`] makes it so.
-    fn snapshot_op<T>(
+    pub(super) fn snapshot_op<T>(
         &self,
         plan: impl FnOnce(&Self, &mut Meta) -> Result<(Target, T)>,
     ) -> Result<T> {
@@ -271,7 +292,11 @@ impl Qcow2Image {
         Ok((target, ()))
     }
 
-    fn plan_create(&self, m: &mut Meta, new: &NewSnapshot) -> Result<(Target, Snapshot)> {
+    pub(super) fn plan_create(
+        &self,
+        m: &mut Meta,
+        new: &NewSnapshot,
+    ) -> Result<(Target, Snapshot)> {
         let mut snaps = self.snapshots();
         if snaps.len() >= MAX_SNAPSHOTS as usize {
             return Err(errno("too many snapshots", EFBIG));
@@ -386,7 +411,7 @@ impl Qcow2Image {
     }
 
     /// Allocates `bytes` (rounded up to clusters) from the old state's free clusters.
-    fn alloc_new(&self, m: &mut Meta, bytes: u64) -> Result<u64> {
+    pub(super) fn alloc_new(&self, m: &mut Meta, bytes: u64) -> Result<u64> {
         let n = bytes.div_ceil(self.geo.cluster_size).max(1);
         let s = self.storage.as_ref();
         let at = {
@@ -398,7 +423,13 @@ impl Qcow2Image {
         Ok(at)
     }
 
-    fn write_new(&self, m: &mut Meta, buf: &[u8], at: u64, what: &'static str) -> Result<()> {
+    pub(super) fn write_new(
+        &self,
+        m: &mut Meta,
+        buf: &[u8],
+        at: u64,
+        what: &'static str,
+    ) -> Result<()> {
         self.storage.write_at(buf, at).map_err(io_err(what))?;
         self.note_file_growth(m, at + buf.len() as u64);
         Ok(())
@@ -594,7 +625,7 @@ impl Qcow2Image {
     }
 
     /// Makes the handle's memory what the disk now holds after a switch to `t` under `header`.
-    fn reload(
+    pub(super) fn reload(
         &self,
         m: &mut Meta,
         header: crate::format::header::Header,

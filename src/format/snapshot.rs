@@ -68,6 +68,8 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
     let mut out = Vec::with_capacity((count as usize).min(buf.len() / 40));
     let mut off = 0usize;
     for index in 0..count {
+        // Entries start 8-aligned; the table ends where its last entry does (QEMU's size).
+        off = off.next_multiple_of(8);
         let fixed = SNAPSHOT_HEADER_SIZE as usize;
         if buf.len() < off + fixed {
             return Err(bad(index, ENTRY_PAST_END));
@@ -109,7 +111,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
             icount: field(2),
             extra_unknown: extra.get(24..).unwrap_or(&[]).to_vec(),
         });
-        off = (off + total).next_multiple_of(8);
+        off += total;
     }
     Ok((out, off as u64))
 }
@@ -119,6 +121,8 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
 pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for s in snapshots {
+        // Entries start 8-aligned; the last is not padded (QEMU writes no padding after it).
+        out.resize(out.len().next_multiple_of(8), 0);
         let start = out.len();
         let extra_len = 24 + s.extra_unknown.len();
         out.resize(start + SNAPSHOT_HEADER_SIZE as usize + extra_len, 0);
@@ -138,7 +142,6 @@ pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Vec<u8> {
         e[64..64 + s.extra_unknown.len()].copy_from_slice(&s.extra_unknown);
         out.extend_from_slice(s.id.as_bytes());
         out.extend_from_slice(s.name.as_bytes());
-        out.resize(out.len().next_multiple_of(8), 0);
     }
     out
 }
