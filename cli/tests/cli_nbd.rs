@@ -356,3 +356,134 @@ fn client_reads_and_writes_qcow2_behind_qemu_nbd_and_nbdkit() {
         assert!(!r.contains("failed"), "{server}: {r}");
     }
 }
+
+/// Sets the in-use flag of the first bitmap in `img`'s bitmap directory, as a writer that died
+/// before closing the image leaves it.
+fn flag_first_bitmap_in_use(img: &Path) {
+    let mut d = std::fs::read(img).expect("read image");
+    let be32 = |d: &[u8], o: usize| u32::from_be_bytes(d[o..o + 4].try_into().expect("4"));
+    let mut o = be32(&d, 100) as usize;
+    let dir = loop {
+        let (magic, len) = (be32(&d, o), be32(&d, o + 4) as usize);
+        assert_ne!(magic, 0, "no bitmap extension");
+        if magic == 0x2385_2875 {
+            break u64::from_be_bytes(d[o + 24..o + 32].try_into().expect("8")) as usize;
+        }
+        o += 8 + len.div_ceil(8) * 8;
+    };
+    d[dir + 15] |= 1;
+    std::fs::write(img, d).expect("write image");
+}
+
+/// Starts `prog` (qemu-nbd or qcow2kit under that name) serving `img` persistently on `sock`.
+fn serve_persistent(prog: &str, args: &[&str], sock: &Path, img: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(prog)
+        .args(args)
+        .args(["-t", "-f", "qcow2", "-k"])
+        .arg(sock)
+        .arg(img)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("server");
+    wait_for_socket(sock);
+    child
+}
+
+fn stop(mut child: Child) {
+    ok("kill", &[&child.id().to_string()]);
+    wait_exit(&mut child);
+}
+
+fn bitmap_map(sock: &Path, name: &str) -> (String, String) {
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        sock.display()
+    );
+    let qemu = ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let ctx = format!("--map=qemu:dirty-bitmap:{name}");
+    (qemu, ok("nbdinfo", &[&ctx, &uri(sock)]))
+}
+
+#[test]
+fn dirty_bitmaps_served_as_qemu_nbd_serves_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("a.qcow2");
+    let ip = img.to_str().expect("utf-8");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", ip, "32M"]);
+    ok("qemu-img", &["bitmap", "--add", ip, "b0"]);
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write 1M 64k",
+            "-c",
+            "write 10M 192k",
+            "-c",
+            "write 31M 1M",
+            ip,
+        ],
+    );
+    ok("qemu-img", &["bitmap", "--add", "--disable", ip, "b1"]);
+    ok("qemu-io", &["-c", "write 5M 4k", ip]);
+    let alias = dir.path().join("qemu-nbd");
+    std::os::unix::fs::symlink(BIN, &alias).expect("symlink");
+    let alias = alias.to_str().expect("utf-8");
+    let sock = dir.path().join("s");
+
+    // Read-only: both bitmaps, through qemu-img map and nbdinfo, as qemu-nbd shows them.
+    let mut seen = Vec::new();
+    for prog in ["qemu-nbd", alias] {
+        let srv = serve_persistent(prog, &["-r", "-B", "b0", "-B", "b1"], &sock, &img);
+        seen.push((bitmap_map(&sock, "b0"), bitmap_map(&sock, "b1")));
+        stop(srv);
+    }
+    assert_eq!(seen[1], seen[0]);
+    let (b0, b1) = &seen[0];
+    assert!(
+        b0.1.contains("10485760      196608    1  dirty"),
+        "{}",
+        b0.1
+    );
+    assert!(
+        b1.1.contains("clean") && !b1.1.contains(" dirty"),
+        "{}",
+        b1.1
+    );
+
+    // Writable: writes through the export mark the enabled bitmap, as qemu-nbd's do.
+    let mut live = Vec::new();
+    for prog in ["qemu-nbd", alias] {
+        let copy = dir.path().join(format!("w{}.qcow2", live.len()));
+        std::fs::copy(&img, &copy).expect("copy");
+        let srv = serve_persistent(prog, &["-B", "b0", "-B", "b1"], &sock, &copy);
+        ok("qemu-io", &["-f", "raw", "-c", "write 20M 8k", &uri(&sock)]);
+        live.push((bitmap_map(&sock, "b0"), bitmap_map(&sock, "b1")));
+        stop(srv);
+        let c = ok("qemu-img", &["check", copy.to_str().expect("utf-8")]);
+        assert!(c.contains("No errors were found"), "{c}");
+    }
+    assert_eq!(live[1], live[0]);
+    assert!(
+        live[0].0 .1.contains("20971520       65536    1  dirty"),
+        "{}",
+        live[0].0 .1
+    );
+
+    // A bitmap the image lacks, or holds inconsistent: qemu-nbd's words and status.
+    let bad = dir.path().join("bad.qcow2");
+    std::fs::copy(&img, &bad).expect("copy");
+    flag_first_bitmap_in_use(&bad);
+    let bp = bad.to_str().expect("utf-8");
+    let s = sock.to_str().expect("utf-8");
+    for args in [
+        ["-r", "-k", s, "-B", "nope", ip],
+        ["-r", "-k", s, "-B", "b0", bp],
+    ] {
+        let theirs = run("qemu-nbd", &args);
+        let mine = run(alias, &args);
+        assert_eq!(out(&mine), out(&theirs), "qemu-nbd {args:?}");
+        assert_eq!(mine.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(mine.status.code(), Some(1), "{args:?}");
+    }
+}
