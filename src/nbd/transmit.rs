@@ -558,18 +558,26 @@ fn status_extents(
                 return Err(Error::InvalidArgument("not an allocation context".into()))
             }
         };
-        match out.last_mut() {
-            Some(last) if last.1 == flags => last.0 += n as u32,
-            _ => {
-                if out.len() == max {
-                    break;
-                }
-                out.push((n as u32, flags));
-            }
+        if !push_extent(&mut out, n as u32, flags, max) {
+            break;
         }
         at += n;
     }
     Ok(out)
+}
+
+/// Appends a run of `n` bytes with `flags` to `out`, merged into the last extent when the flags
+/// match; `false` (nothing appended) when it would be extent number `max + 1`.
+fn push_extent(out: &mut Vec<(u32, u32)>, n: u32, flags: u32, max: usize) -> bool {
+    if let Some(last) = out.last_mut().filter(|l| l.1 == flags) {
+        last.0 += n;
+        return true;
+    }
+    if out.len() == max {
+        return false;
+    }
+    out.push((n, flags));
+    true
 }
 
 /// The extents of the export's dirty bitmap `index` from `offset`, at most `max` of them and at
@@ -600,14 +608,8 @@ fn bitmap_extents(
             0
         };
         // len is a u32, so every run fits.
-        match out.last_mut() {
-            Some(last) if last.1 == flags => last.0 += n as u32,
-            _ => {
-                if out.len() == max {
-                    break;
-                }
-                out.push((n as u32, flags));
-            }
+        if !push_extent(&mut out, n as u32, flags, max) {
+            break;
         }
         at += n;
     }
