@@ -30,22 +30,28 @@ fn ok(prog: &str, args: &[&str]) -> String {
 }
 
 fn make_image(p: &Path) {
-    let p = p.to_str().expect("utf-8");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "32M"]);
-    ok(
-        "qemu-io",
+    make(
+        p,
+        "qcow2",
+        "32M",
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0xab 0 1M",
-            "-c",
             "write -z 2M 1M",
-            "-c",
             "write -P 0xcd 10M 64k",
-            p,
         ],
     );
+}
+
+/// Creates a `size` image of format `fmt` at `p` and runs the qemu-io `commands` on it.
+fn make(p: &Path, fmt: &str, size: &str, commands: &[&str]) {
+    let p = p.to_str().expect("utf-8");
+    ok("qemu-img", &["create", "-q", "-f", fmt, p, size]);
+    let mut args = vec!["-f", fmt];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(p);
+    ok("qemu-io", &args);
 }
 
 fn wait_for_socket(sock: &Path) {
@@ -486,4 +492,73 @@ fn dirty_bitmaps_served_as_qemu_nbd_serves_them() {
         assert_eq!(mine.status.code(), theirs.status.code(), "{args:?}");
         assert_eq!(mine.status.code(), Some(1), "{args:?}");
     }
+}
+
+/// `map` and `convert` of a sparse raw file behind qemu-nbd and nbdkit: the client's block
+/// status shows the holes exactly as qemu-img sees them through the same export, a convert skips
+/// them (its output allocates what qemu-img's allocates), and the bytes are the file's.
+#[test]
+fn map_and_convert_over_nbd_see_holes_as_qemu_img_does() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let raw = dir.path().join("sparse.raw");
+    let rp = raw.to_str().expect("utf-8");
+    make(
+        &raw,
+        "raw",
+        "16M",
+        &[
+            "write -P 0x5a 1M 64k",
+            "write -P 0x33 8M 1M",
+            "write -P 0x11 15M 4k",
+        ],
+    );
+    for (i, server) in ["qemu-nbd", "nbdkit"].into_iter().enumerate() {
+        let sock = dir.path().join(format!("m{i}"));
+        let _f = match server {
+            "qemu-nbd" => Foreign::qemu_nbd(&raw, &sock),
+            _ => Foreign::nbdkit_file(&raw, &sock),
+        };
+        let u = uri(&sock);
+        for output in ["--output=json", "--output=human"] {
+            let theirs = ok("qemu-img", &["map", "-f", "raw", output, &u]);
+            let mine = ok(BIN, &["map", "-f", "raw", output, &u]);
+            assert_eq!(mine, theirs, "{server} {output}");
+            assert!(
+                output.ends_with("human") || theirs.contains("\"data\": false"),
+                "{server}: the export must show holes for this test to judge: {theirs}"
+            );
+        }
+        let mut maps = Vec::new();
+        for prog in ["qemu-img", BIN] {
+            let o = dir.path().join(format!("c{i}-{}.qcow2", maps.len()));
+            let op = o.to_str().expect("utf-8");
+            ok(prog, &["convert", "-f", "raw", "-O", "qcow2", &u, op]);
+            let same = ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", op, rp]);
+            assert!(same.contains("Images are identical"), "{server}: {same}");
+            maps.push(allocation(&ok("qemu-img", &["map", "--output=json", op])));
+        }
+        assert_eq!(
+            maps[1], maps[0],
+            "{server}: convert allocates as qemu-img's"
+        );
+    }
+}
+
+/// A qemu-img JSON map as `(length, data, zero)` runs, adjacent alike runs merged: what is
+/// allocated, without where (each writer places its clusters as it likes).
+fn allocation(json: &str) -> Vec<(u64, bool, bool)> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("json");
+    let mut runs: Vec<(u64, bool, bool)> = Vec::new();
+    for r in v.as_array().expect("array") {
+        let (n, d, z) = (
+            r["length"].as_u64().expect("length"),
+            r["data"].as_bool().expect("data"),
+            r["zero"].as_bool().expect("zero"),
+        );
+        match runs.last_mut() {
+            Some(l) if (l.1, l.2) == (d, z) => l.0 += n,
+            _ => runs.push((n, d, z)),
+        }
+    }
+    runs
 }

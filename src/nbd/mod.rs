@@ -23,6 +23,8 @@
 //! ```
 
 mod client;
+mod client_conn;
+mod client_reply;
 mod handshake;
 pub mod proto;
 mod server;
@@ -47,6 +49,10 @@ use std::sync::Arc;
 /// Device and inode numbers, or for an NBD export a stand-in that identifies it.
 pub type FileId = (u64, u64);
 
+/// The context of an [`Error::Io`] from [`open_uri`]: its source is the whole reason, in qemu's
+/// words (`Failed to connect to '…': …`, `Requested export not available`, …).
+pub const OPEN_CONTEXT: &str = "connecting to an NBD server";
+
 /// The storage of the NBD export `path` names when it is an NBD URI (`nbd://HOST[:PORT]/NAME`,
 /// `nbd+unix:///NAME?socket=PATH`), with an identity for backing-loop detection (device
 /// `u64::MAX`, a hash of the URI); `None` for any other name. Locking is the server's business.
@@ -57,8 +63,7 @@ pub fn open_uri(path: &Path, writable: bool) -> Result<Option<(Arc<dyn Storage>,
         return Ok(None);
     }
     let uri = String::from_utf8_lossy(bytes);
-    let s = NbdStorage::connect(&uri, writable)
-        .map_err(|e| Error::io(format!("opening '{uri}'"), e))?;
+    let s = NbdStorage::connect(&uri, writable).map_err(|e| Error::io(OPEN_CONTEXT, e))?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     uri.hash(&mut h);
     Ok(Some((Arc::new(s), (u64::MAX, h.finish()))))
