@@ -11,6 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread::JoinHandle;
 
 const SIZE: u64 = 1 << 20;
+const MAX_BLOCK: u32 = 64 << 10;
 const CTX: u32 = 7;
 const DATA: u16 = 1;
 const HOLE: u16 = 2;
@@ -33,7 +34,8 @@ fn be64(b: &[u8]) -> u64 {
 }
 
 /// Answers the client's options as a well-behaved server would: structured replies, the
-/// `base:allocation` context as id [`CTX`], and an export of [`SIZE`] bytes.
+/// `base:allocation` context as id [`CTX`], and a writable export of [`SIZE`] bytes taking
+/// requests of at most [`MAX_BLOCK`] bytes.
 fn handshake(s: &mut UnixStream) {
     let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
     hello.extend_from_slice(&3u16.to_be_bytes());
@@ -65,6 +67,11 @@ fn handshake(s: &mut UnixStream) {
                 i.extend_from_slice(&SIZE.to_be_bytes());
                 i.extend_from_slice(&(1u16 | 4).to_be_bytes());
                 reply(s, opt, 3, &i);
+                let mut b = 3u16.to_be_bytes().to_vec();
+                for v in [1, 4096, MAX_BLOCK] {
+                    b.extend_from_slice(&v.to_be_bytes());
+                }
+                reply(s, opt, 3, &b);
                 reply(s, opt, 1, &[]);
                 return;
             }
@@ -298,4 +305,78 @@ fn block_status_of_another_context_or_empty_extents_is_refused() {
         drop(c);
         f.server.join().expect("server");
     }
+}
+
+/// Writes and reads larger than the server's block size go out as several requests before the
+/// first reply comes back (the server reads them all first, or fails after 10 s), and replies
+/// in reverse order land in the right place.
+#[test]
+fn large_writes_and_reads_are_pipelined_and_matched_by_cookie() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("s");
+    let l = UnixListener::bind(&sock).expect("bind");
+    let pieces = 4usize;
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        handshake(&mut s);
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut seen = Vec::new();
+        // Writes: all pieces arrive before any reply; the last is refused with ENOSPC.
+        let mut cookies = Vec::new();
+        for _ in 0..pieces {
+            let (kind, cookie, offset, len) = request(&mut s).expect("pipelined write");
+            assert_eq!((kind, len), (1, MAX_BLOCK));
+            let mut p = vec![0u8; len as usize];
+            s.read_exact(&mut p).expect("payload");
+            seen.push((offset, p[0]));
+            cookies.push(cookie);
+        }
+        for (i, c) in cookies.iter().enumerate().rev() {
+            let err: u32 = if i == pieces - 1 { 28 } else { 0 };
+            let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
+            r.extend_from_slice(&err.to_be_bytes());
+            r.extend_from_slice(&c.to_be_bytes());
+            s.write_all(&r).expect("reply");
+        }
+        // Reads: all pieces requested first, answered last to first.
+        let mut reads = Vec::new();
+        for _ in 0..pieces {
+            let (kind, cookie, offset, len) = request(&mut s).expect("pipelined read");
+            assert_eq!(kind, 0);
+            reads.push((cookie, offset, len));
+        }
+        for &(cookie, offset, len) in reads.iter().rev() {
+            let fill = (offset / u64::from(MAX_BLOCK)) as u8 + 1;
+            chunk(
+                &mut s,
+                cookie,
+                DONE,
+                DATA,
+                &data(offset, fill, len as usize),
+            );
+        }
+        while request(&mut s).is_some_and(|r| r.0 != 2) {}
+        seen
+    });
+    let c = NbdStorage::connect(&format!("nbd+unix:///?socket={}", sock.display()), true)
+        .expect("connect");
+    let n = pieces * MAX_BLOCK as usize;
+    let buf: Vec<u8> = (0..n)
+        .map(|i| (i / MAX_BLOCK as usize) as u8 + 10)
+        .collect();
+    let e = c.write_at(&buf, 0).expect_err("one piece refused");
+    assert_eq!(e.raw_os_error(), Some(28), "{e}");
+    let mut back = vec![0u8; n];
+    c.read_at(&mut back, 0).expect("read after a refused write");
+    for (i, piece) in back.chunks(MAX_BLOCK as usize).enumerate() {
+        assert!(piece.iter().all(|&b| b == i as u8 + 1), "piece {i}");
+    }
+    drop(c);
+    let mut seen = server.join().expect("server");
+    seen.sort_unstable();
+    let want: Vec<(u64, u8)> = (0..pieces)
+        .map(|i| ((i as u64) * u64::from(MAX_BLOCK), i as u8 + 10))
+        .collect();
+    assert_eq!(seen, want);
 }

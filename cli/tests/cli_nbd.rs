@@ -562,3 +562,59 @@ fn allocation(json: &str) -> Vec<(u64, bool, bool)> {
     }
     runs
 }
+
+/// A write larger than qemu-nbd's 32 MiB block limit goes out as several requests in flight;
+/// qemu-io reads every byte back from the file, and a second client sees the data at once.
+#[test]
+fn large_pipelined_writes_through_qemu_nbd_land_whole() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let raw = dir.path().join("big.raw");
+    make(&raw, "raw", "100M", &[]);
+    let sock = dir.path().join("w");
+    let f = Foreign::qemu_nbd(&raw, &sock);
+    let u = uri(&sock);
+    let w = ok(
+        BIN,
+        &[
+            "io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 1M 80M",
+            "-c",
+            "write -P 0x62 90M 4k",
+            &u,
+        ],
+    );
+    assert!(w.contains("wrote 83886080/83886080"), "{w}");
+    let r = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x61 1M 80M",
+            "-c",
+            "read -P 0 81M 9M",
+            &u,
+        ],
+    );
+    assert!(!r.contains("failed") && !r.contains("Pattern"), "{r}");
+    drop(f);
+    let r = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 1M",
+            "-c",
+            "read -P 0x61 1M 80M",
+            "-c",
+            "read -P 0x62 90M 4k",
+            raw.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(r.matches("read ").count(), 3, "{r}");
+    assert!(!r.contains("failed") && !r.contains("Pattern"), "{r}");
+}
