@@ -124,6 +124,12 @@ pub fn run(args: &[String]) -> u8 {
             }
             let names = match &files {
                 Some(f) => f,
+                // An NBD export is named as given: opening it again for its name would need a
+                // second connection, which a server may refuse while this one is open.
+                None if qcow2kit::nbd::NbdAddress::is_uri(path.as_bytes()) && e.depth == 0 => {
+                    let name = qcow2kit::nbd::NbdAddress::parse(path)?.qemu_filename();
+                    files.insert(vec![name])
+                }
                 None => files.insert(layer_files(
                     &opened.path,
                     opened.format,

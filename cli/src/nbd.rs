@@ -9,7 +9,7 @@ use crate::args::{opt, Spec};
 use crate::common::{exit_code, open_error_text, parse_args, parse_format, prog, qemu_options};
 use qcow2kit::chain::{open, probe_file, Opened};
 use qcow2kit::engine::SnapshotRef;
-use qcow2kit::nbd::{Export, Listener, Server, DEFAULT_PORT};
+use qcow2kit::nbd::{Export, ExportBitmap, Listener, Server, DEFAULT_PORT};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -31,6 +31,7 @@ Serve FILE over the NBD protocol (qemu-nbd compatible server).
   -D, --description=TEXT    export a human-readable description
       --handshake-limit=N   limit client's handshake to N seconds (default 10)
   -A, --allocation-depth    expose the allocation depth
+  -B, --bitmap=NAME         expose a persistent dirty bitmap (may be repeated)
   -f, --format=FORMAT       set image format (raw, qcow2)
   -r, --read-only           export read-only
   -l, --load-snapshot=SNAPSHOT_PARAM
@@ -44,7 +45,7 @@ Serve FILE over the NBD protocol (qemu-nbd compatible server).
   -v, --verbose             accepted, no effect
 
 Not supported: TLS (--tls-creds, --tls-authz, --tls-hostname; listen on loopback or a
-Unix socket instead), --object, --image-opts, -B/--bitmap, -c/-d (kernel client),
+Unix socket instead), --object, --image-opts, -c/-d (kernel client),
 -s/--snapshot, -o/--offset.
 ";
 
@@ -96,7 +97,6 @@ fn serve(args: &[String]) -> Result<(), String> {
         ("tls-hostname", "TLS"),
         ("object", "--object"),
         ("image-opts", "--image-opts"),
-        ("B", "exporting dirty bitmaps (-B)"),
         ("c", "the kernel NBD client (-c)"),
         ("d", "the kernel NBD client (-d)"),
         ("s", "temporary snapshots (-s)"),
@@ -148,6 +148,8 @@ fn serve(args: &[String]) -> Result<(), String> {
 
     let image = open_export(file, p.last("f"), read_only, snapshot)
         .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?;
+    // qemu-nbd refuses a bad -B before it binds its socket.
+    let bitmaps = export_bitmaps(&image, p.all("B"))?;
     let listener = match p.last("k") {
         Some(path) => Listener::bind_unix(Path::new(path))
             .map_err(|e| format!("Failed to bind socket to {path}: {}", io_reason(&e)))?,
@@ -170,6 +172,7 @@ fn serve(args: &[String]) -> Result<(), String> {
     export.description = p.last("D").unwrap_or("").to_string();
     export.discard = discard;
     export.allocation_depth = p.has("A");
+    export.bitmaps = bitmaps;
     let server = Server::new(vec![Arc::new(export)], listener)
         .handshake_limit(handshake_limit)
         .max_clients(shared)
@@ -188,6 +191,29 @@ fn serve(args: &[String]) -> Result<(), String> {
     served
         .and(closed)
         .map_err(|e| format!("Failed to serve '{file}': {e}"))
+}
+
+/// The dirty bitmaps `-B` names, each checked readable now; qemu-nbd's errors for a bitmap the
+/// image lacks or holds inconsistent (flagged in use by a writer that did not close it).
+fn export_bitmaps(image: &Opened, names: &[String]) -> Result<Vec<ExportBitmap>, String> {
+    let mut out = Vec::new();
+    for name in names {
+        let not_found = || format!("Bitmap '{name}' is not found");
+        let q = image.qcow2.as_ref().ok_or_else(not_found)?;
+        if !q.bitmaps().iter().any(|b| b.name == *name) {
+            return Err(not_found());
+        }
+        if let Err(e) = q.bitmap(name) {
+            return Err(match e {
+                qcow2kit::Error::InvalidArgument(_) => {
+                    format!("Bitmap '{name}' is inconsistent and cannot be used")
+                }
+                other => other.to_string(),
+            });
+        }
+        out.push(ExportBitmap::of_image(q.clone(), name));
+    }
+    Ok(out)
 }
 
 /// Opens the image as qemu-nbd does: the given format or a probe, its chain followed; errors in

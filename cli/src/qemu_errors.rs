@@ -20,6 +20,10 @@ pub fn open_error_text(e: &qcow2kit::Error) -> String {
         qcow2kit::Error::Backing(inner) => {
             format!("Could not open backing file: {}", open_error_text(inner))
         }
+        // QEMU's NBD driver gives its reason alone.
+        qcow2kit::Error::Io { context, source } if context == qcow2kit::nbd::OPEN_CONTEXT => {
+            qcow2kit::error::strerror(source)
+        }
         // QEMU's file driver: "Could not open 'NAME': REASON".
         qcow2kit::Error::Io { context, source } if context.starts_with("opening '") => {
             format!(

@@ -30,22 +30,28 @@ fn ok(prog: &str, args: &[&str]) -> String {
 }
 
 fn make_image(p: &Path) {
-    let p = p.to_str().expect("utf-8");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "32M"]);
-    ok(
-        "qemu-io",
+    make(
+        p,
+        "qcow2",
+        "32M",
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0xab 0 1M",
-            "-c",
             "write -z 2M 1M",
-            "-c",
             "write -P 0xcd 10M 64k",
-            p,
         ],
     );
+}
+
+/// Creates a `size` image of format `fmt` at `p` and runs the qemu-io `commands` on it.
+fn make(p: &Path, fmt: &str, size: &str, commands: &[&str]) {
+    let p = p.to_str().expect("utf-8");
+    ok("qemu-img", &["create", "-q", "-f", fmt, p, size]);
+    let mut args = vec!["-f", fmt];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(p);
+    ok("qemu-io", &args);
 }
 
 fn wait_for_socket(sock: &Path) {
@@ -237,7 +243,13 @@ impl Foreign {
     }
 
     fn nbdkit_file(img: &Path, sock: &Path) -> Foreign {
+        Foreign::nbdkit_file_with(img, sock, &[])
+    }
+
+    /// nbdkit's file plugin with extra server options `opts`.
+    fn nbdkit_file_with(img: &Path, sock: &Path, opts: &[&str]) -> Foreign {
         let c = Command::new("nbdkit")
+            .args(opts)
             .args(["-f", "-U"])
             .arg(sock)
             .arg("file")
@@ -355,4 +367,267 @@ fn client_reads_and_writes_qcow2_behind_qemu_nbd_and_nbdkit() {
         assert_eq!(r.matches("read ").count(), 2, "{server}: {r}");
         assert!(!r.contains("failed"), "{server}: {r}");
     }
+}
+
+/// Sets the in-use flag of the first bitmap in `img`'s bitmap directory, as a writer that died
+/// before closing the image leaves it.
+fn flag_first_bitmap_in_use(img: &Path) {
+    let mut d = std::fs::read(img).expect("read image");
+    let be32 = |d: &[u8], o: usize| u32::from_be_bytes(d[o..o + 4].try_into().expect("4"));
+    let mut o = be32(&d, 100) as usize;
+    let dir = loop {
+        let (magic, len) = (be32(&d, o), be32(&d, o + 4) as usize);
+        assert_ne!(magic, 0, "no bitmap extension");
+        if magic == 0x2385_2875 {
+            break u64::from_be_bytes(d[o + 24..o + 32].try_into().expect("8")) as usize;
+        }
+        o += 8 + len.div_ceil(8) * 8;
+    };
+    d[dir + 15] |= 1;
+    std::fs::write(img, d).expect("write image");
+}
+
+/// Starts `prog` (qemu-nbd or qcow2kit under that name) serving `img` persistently on `sock`.
+fn serve_persistent(prog: &str, args: &[&str], sock: &Path, img: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(prog)
+        .args(args)
+        .args(["-t", "-f", "qcow2", "-k"])
+        .arg(sock)
+        .arg(img)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("server");
+    wait_for_socket(sock);
+    child
+}
+
+fn stop(mut child: Child) {
+    ok("kill", &[&child.id().to_string()]);
+    wait_exit(&mut child);
+}
+
+fn bitmap_map(sock: &Path, name: &str) -> (String, String) {
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        sock.display()
+    );
+    let qemu = ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let ctx = format!("--map=qemu:dirty-bitmap:{name}");
+    (qemu, ok("nbdinfo", &[&ctx, &uri(sock)]))
+}
+
+#[test]
+fn dirty_bitmaps_served_as_qemu_nbd_serves_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("a.qcow2");
+    let ip = img.to_str().expect("utf-8");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", ip, "32M"]);
+    ok("qemu-img", &["bitmap", "--add", ip, "b0"]);
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write 1M 64k",
+            "-c",
+            "write 10M 192k",
+            "-c",
+            "write 31M 1M",
+            ip,
+        ],
+    );
+    ok("qemu-img", &["bitmap", "--add", "--disable", ip, "b1"]);
+    ok("qemu-io", &["-c", "write 5M 4k", ip]);
+    let alias = dir.path().join("qemu-nbd");
+    std::os::unix::fs::symlink(BIN, &alias).expect("symlink");
+    let alias = alias.to_str().expect("utf-8");
+    let sock = dir.path().join("s");
+
+    // Read-only: both bitmaps, through qemu-img map and nbdinfo, as qemu-nbd shows them.
+    let mut seen = Vec::new();
+    for prog in ["qemu-nbd", alias] {
+        let srv = serve_persistent(prog, &["-r", "-B", "b0", "-B", "b1"], &sock, &img);
+        seen.push((bitmap_map(&sock, "b0"), bitmap_map(&sock, "b1")));
+        stop(srv);
+    }
+    assert_eq!(seen[1], seen[0]);
+    let (b0, b1) = &seen[0];
+    assert!(
+        b0.1.contains("10485760      196608    1  dirty"),
+        "{}",
+        b0.1
+    );
+    assert!(
+        b1.1.contains("clean") && !b1.1.contains(" dirty"),
+        "{}",
+        b1.1
+    );
+
+    // Writable: writes through the export mark the enabled bitmap, as qemu-nbd's do.
+    let mut live = Vec::new();
+    for prog in ["qemu-nbd", alias] {
+        let copy = dir.path().join(format!("w{}.qcow2", live.len()));
+        std::fs::copy(&img, &copy).expect("copy");
+        let srv = serve_persistent(prog, &["-B", "b0", "-B", "b1"], &sock, &copy);
+        ok("qemu-io", &["-f", "raw", "-c", "write 20M 8k", &uri(&sock)]);
+        live.push((bitmap_map(&sock, "b0"), bitmap_map(&sock, "b1")));
+        stop(srv);
+        let c = ok("qemu-img", &["check", copy.to_str().expect("utf-8")]);
+        assert!(c.contains("No errors were found"), "{c}");
+    }
+    assert_eq!(live[1], live[0]);
+    assert!(
+        live[0].0 .1.contains("20971520       65536    1  dirty"),
+        "{}",
+        live[0].0 .1
+    );
+
+    // A bitmap the image lacks, or holds inconsistent: qemu-nbd's words and status.
+    let bad = dir.path().join("bad.qcow2");
+    std::fs::copy(&img, &bad).expect("copy");
+    flag_first_bitmap_in_use(&bad);
+    let bp = bad.to_str().expect("utf-8");
+    let s = sock.to_str().expect("utf-8");
+    for args in [
+        ["-r", "-k", s, "-B", "nope", ip],
+        ["-r", "-k", s, "-B", "b0", bp],
+    ] {
+        let theirs = run("qemu-nbd", &args);
+        let mine = run(alias, &args);
+        assert_eq!(out(&mine), out(&theirs), "qemu-nbd {args:?}");
+        assert_eq!(mine.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(mine.status.code(), Some(1), "{args:?}");
+    }
+}
+
+/// `map` and `convert` of a sparse raw file behind qemu-nbd and nbdkit: the client's block
+/// status shows the holes exactly as qemu-img sees them through the same export, a convert skips
+/// them (its output allocates what qemu-img's allocates), and the bytes are the file's. nbdkit
+/// without structured replies (`--no-sr`, so no block status either) is read with simple replies
+/// and mapped all data, as qemu-img maps it.
+#[test]
+fn map_and_convert_over_nbd_see_holes_as_qemu_img_does() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let raw = dir.path().join("sparse.raw");
+    let rp = raw.to_str().expect("utf-8");
+    make(
+        &raw,
+        "raw",
+        "16M",
+        &[
+            "write -P 0x5a 1M 64k",
+            "write -P 0x33 8M 1M",
+            "write -P 0x11 15M 4k",
+        ],
+    );
+    for (i, server) in ["qemu-nbd", "nbdkit", "nbdkit --no-sr"]
+        .into_iter()
+        .enumerate()
+    {
+        let sock = dir.path().join(format!("m{i}"));
+        let _f = match server {
+            "qemu-nbd" => Foreign::qemu_nbd(&raw, &sock),
+            "nbdkit" => Foreign::nbdkit_file(&raw, &sock),
+            _ => Foreign::nbdkit_file_with(&raw, &sock, &["--no-sr"]),
+        };
+        let holes_shown = !server.ends_with("--no-sr");
+        let u = uri(&sock);
+        for output in ["--output=json", "--output=human"] {
+            let theirs = ok("qemu-img", &["map", "-f", "raw", output, &u]);
+            let mine = ok(BIN, &["map", "-f", "raw", output, &u]);
+            assert_eq!(mine, theirs, "{server} {output}");
+            assert!(
+                output.ends_with("human") || theirs.contains("\"data\": false") == holes_shown,
+                "{server}: the export must show holes for this test to judge: {theirs}"
+            );
+        }
+        let mut maps = Vec::new();
+        for prog in ["qemu-img", BIN] {
+            let o = dir.path().join(format!("c{i}-{}.qcow2", maps.len()));
+            let op = o.to_str().expect("utf-8");
+            ok(prog, &["convert", "-f", "raw", "-O", "qcow2", &u, op]);
+            let same = ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", op, rp]);
+            assert!(same.contains("Images are identical"), "{server}: {same}");
+            maps.push(allocation(&ok("qemu-img", &["map", "--output=json", op])));
+        }
+        assert_eq!(
+            maps[1], maps[0],
+            "{server}: convert allocates as qemu-img's"
+        );
+    }
+}
+
+/// A qemu-img JSON map as `(length, data, zero)` runs, adjacent alike runs merged: what is
+/// allocated, without where (each writer places its clusters as it likes).
+fn allocation(json: &str) -> Vec<(u64, bool, bool)> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("json");
+    let mut runs: Vec<(u64, bool, bool)> = Vec::new();
+    for r in v.as_array().expect("array") {
+        let (n, d, z) = (
+            r["length"].as_u64().expect("length"),
+            r["data"].as_bool().expect("data"),
+            r["zero"].as_bool().expect("zero"),
+        );
+        match runs.last_mut() {
+            Some(l) if (l.1, l.2) == (d, z) => l.0 += n,
+            _ => runs.push((n, d, z)),
+        }
+    }
+    runs
+}
+
+/// A write larger than qemu-nbd's 32 MiB block limit goes out as several requests in flight;
+/// qemu-io reads every byte back from the file, and a second client sees the data at once.
+#[test]
+fn large_pipelined_writes_through_qemu_nbd_land_whole() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let raw = dir.path().join("big.raw");
+    make(&raw, "raw", "100M", &[]);
+    let sock = dir.path().join("w");
+    let f = Foreign::qemu_nbd(&raw, &sock);
+    let u = uri(&sock);
+    let w = ok(
+        BIN,
+        &[
+            "io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 1M 80M",
+            "-c",
+            "write -P 0x62 90M 4k",
+            &u,
+        ],
+    );
+    assert!(w.contains("wrote 83886080/83886080"), "{w}");
+    let r = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x61 1M 80M",
+            "-c",
+            "read -P 0 81M 9M",
+            &u,
+        ],
+    );
+    assert!(!r.contains("failed") && !r.contains("Pattern"), "{r}");
+    drop(f);
+    let r = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 1M",
+            "-c",
+            "read -P 0x61 1M 80M",
+            "-c",
+            "read -P 0x62 90M 4k",
+            raw.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(r.matches("read ").count(), 3, "{r}");
+    assert!(!r.contains("failed") && !r.contains("Pattern"), "{r}");
 }

@@ -1,90 +1,88 @@
-//! A [`Storage`] over an NBD export: qcow2kit opens an image file that lives behind any NBD
-//! server (qemu-nbd, nbdkit, our own) as it opens a local file.
+//! A [`Storage`](crate::io::Storage) over an NBD export: qcow2kit opens an image file that lives
+//! behind any NBD server (qemu-nbd, nbdkit, our own) as it opens a local file.
 //!
-//! The client negotiates the fixed newstyle handshake with `NBD_OPT_GO` and simple replies.
-//! Large reads are split at the server's maximum block size and pipelined (up to [`WINDOW`]
-//! requests in flight). Invariants: a reply is matched to its request by cookie, and a read's
-//! data lands only in the slot of the request it answers; a reply that names no outstanding
-//! request breaks the connection (every later call fails) rather than being guessed at.
+//! The client asks for structured replies (so holes in a read travel as `OFFSET_HOLE` chunks)
+//! and the `base:allocation` context (so [`data_run`](crate::io::Storage::data_run) tells
+//! holes from data and a map or a convert skips the holes). Reads and writes are split at the
+//! server's maximum block size and pipelined. Invariants: one request at a time owns the
+//! connection's lock; a reply that breaks the protocol breaks the connection (every later call
+//! fails) rather than being guessed at; an error the server reports for a request fails that
+//! request only.
 
-use super::proto::{self, cmd, info, opt, rep, tflag, Request, MAX_PAYLOAD};
+use super::client_conn::{ClientConn, Op, Settled, Target};
+use super::client_reply::{errno_error, proto_err, Extents};
+use super::proto::{self, cmd, tflag};
 use super::uri::NbdAddress;
 use super::Stream;
-use std::io::{self, BufReader, Read, Write};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
-/// Requests a read keeps in flight at once.
-const WINDOW: usize = 16;
+/// Most bytes one block status request asks about.
+const STATUS_SPAN: u64 = 1 << 30;
+/// Most bytes one zero-write request covers (a `u32` on the wire, kept aligned).
+const ZERO_SPAN: u64 = 1 << 30;
 
 /// An NBD export as byte storage.
 pub struct NbdStorage {
     uri: String,
-    size: u64,
-    flags: u16,
-    max_payload: u32,
+    settled: Settled,
+    /// Whether the server answers `base:allocation` block status.
+    block_status: bool,
     conn: Mutex<ClientConn>,
-}
-
-struct ClientConn {
-    r: BufReader<Box<dyn Stream>>,
-    w: Box<dyn Stream>,
-    next_cookie: u64,
-    broken: bool,
+    /// The last block status answer, as contiguous runs from `.0`: `(end, holds data)`.
+    status: Mutex<(u64, Vec<(u64, bool)>)>,
 }
 
 impl std::fmt::Debug for NbdStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdStorage")
             .field("uri", &self.uri)
-            .field("size", &self.size)
-            .field("flags", &self.flags)
+            .field("size", &self.settled.size)
+            .field("flags", &self.settled.flags)
             .finish()
     }
 }
 
-fn proto_err(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-/// The `io::Error` for an error number of the protocol.
-fn errno_error(e: u32) -> io::Error {
-    let os = match e {
-        proto::errno::EPERM => 1,
-        proto::errno::ENOMEM => 12,
-        proto::errno::EINVAL => 22,
-        proto::errno::ENOSPC => 28,
-        proto::errno::EOVERFLOW => 75,
-        proto::errno::ENOTSUP => 95,
-        proto::errno::ESHUTDOWN => 108,
-        _ => 5,
-    };
-    io::Error::from_raw_os_error(os)
+/// C's `strerror` text of an OS error.
+fn reason(e: &io::Error) -> String {
+    crate::error::strerror(e)
 }
 
 impl NbdStorage {
     /// Connects to the export an NBD URI names. With `writable`, an export the server offers
-    /// read-only is refused.
+    /// read-only is refused. Failing to reach the server is reported in qemu's words
+    /// (`Failed to connect to 'WHERE': REASON`).
     pub fn connect(uri: &str, writable: bool) -> io::Result<Self> {
         let addr = NbdAddress::parse(uri)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let stream: Box<dyn Stream> = match &addr {
             NbdAddress::Tcp { host, port, .. } => {
-                let s = std::net::TcpStream::connect((host.as_str(), *port))?;
+                let s = std::net::TcpStream::connect((host.as_str(), *port)).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("Failed to connect to '{host}:{port}': {}", reason(&e)),
+                    )
+                })?;
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            NbdAddress::Unix { socket, .. } => Box::new(UnixStream::connect(socket)?),
+            NbdAddress::Unix { socket, .. } => {
+                Box::new(UnixStream::connect(socket).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "Failed to connect to '{}': {}",
+                            socket.display(),
+                            reason(&e)
+                        ),
+                    )
+                })?)
+            }
         };
-        let w = stream.try_clone_stream()?;
-        let mut conn = ClientConn {
-            r: BufReader::with_capacity(256 << 10, stream),
-            w,
-            next_cookie: 1,
-            broken: false,
-        };
-        let (size, flags, max_payload) = conn.handshake(addr.name())?;
-        if writable && flags & tflag::READ_ONLY != 0 {
+        let mut conn = ClientConn::new(stream)?;
+        let settled = conn.handshake(addr.name())?;
+        if writable && settled.flags & tflag::READ_ONLY != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "the NBD export is read-only",
@@ -92,19 +90,27 @@ impl NbdStorage {
         }
         Ok(NbdStorage {
             uri: uri.to_string(),
-            size,
-            flags,
-            max_payload,
+            settled,
+            block_status: conn.alloc_ctx.is_some(),
             conn: Mutex::new(conn),
+            status: Mutex::new((0, Vec::new())),
         })
     }
 
     /// The export's transmission flags.
     pub fn transmission_flags(&self) -> u16 {
-        self.flags
+        self.settled.flags
     }
 
-    fn with_conn<T>(&self, f: impl FnOnce(&mut ClientConn) -> io::Result<T>) -> io::Result<T> {
+    /// Whether the server answers block status for `base:allocation`, so holes can be told
+    /// from data.
+    pub fn has_block_status(&self) -> bool {
+        self.block_status
+    }
+
+    /// Runs `ops` on the connection. A failure of the connection itself (I/O, a protocol
+    /// violation) breaks it for good; an error the server reports fails these requests only.
+    fn run<'a>(&self, ops: impl IntoIterator<Item = Op<'a>>) -> io::Result<()> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if c.broken {
             return Err(io::Error::new(
@@ -112,220 +118,106 @@ impl NbdStorage {
                 "NBD connection lost",
             ));
         }
-        let r = f(&mut c);
-        if let Err(e) = &r {
-            // Errors the server reported leave the connection in step; anything else does not.
-            if e.raw_os_error().is_none() {
+        let r = c.pipeline(ops);
+        match r {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(errno_error(e)),
+            Err(e) => {
                 c.broken = true;
+                Err(e)
             }
         }
-        r
     }
 
-    /// Sends a command without payload and waits for its reply.
-    fn command(&self, kind: u16, flags: u16, offset: u64, len: u32) -> io::Result<()> {
-        self.with_conn(|c| {
-            let cookie = c.send(kind, flags, offset, len, &[])?;
-            c.reply_for(cookie)
-        })
-    }
-}
-
-impl ClientConn {
-    fn handshake(&mut self, name: &str) -> io::Result<(u64, u16, u32)> {
-        let mut hello = [0u8; 18];
-        self.r.read_exact(&mut hello)?;
-        let mut c = proto::Cursor::new(&hello);
-        if c.u64() != Some(proto::NBD_MAGIC) || c.u64() != Some(proto::IHAVEOPT) {
-            return Err(proto_err("not a newstyle NBD server"));
-        }
-        let sflags = c.u16().unwrap_or(0);
-        if sflags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto_err("NBD server does not speak fixed newstyle"));
-        }
-        let cflags = u32::from(sflags & (proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES));
-        self.w.write_all(&cflags.to_be_bytes())?;
-        let name_len = u32::try_from(name.len()).map_err(|_| proto_err("export name too long"))?;
-        let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
-        o.extend_from_slice(&opt::GO.to_be_bytes());
-        o.extend_from_slice(&(4 + name_len + 2 + 2).to_be_bytes());
-        o.extend_from_slice(&name_len.to_be_bytes());
-        o.extend_from_slice(name.as_bytes());
-        o.extend_from_slice(&1u16.to_be_bytes());
-        o.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
-        self.w.write_all(&o)?;
-        let mut export = None;
-        let mut max_payload = MAX_PAYLOAD;
-        loop {
-            let mut h = [0u8; 20];
-            self.r.read_exact(&mut h)?;
-            let mut c = proto::Cursor::new(&h);
-            let (magic, _option, kind, len) = (c.u64(), c.u32(), c.u32(), c.u32());
-            if magic != Some(proto::OPT_REPLY_MAGIC) {
-                return Err(proto_err("bad option reply magic"));
-            }
-            let (Some(kind), Some(len)) = (kind, len) else {
-                return Err(proto_err("short option reply"));
-            };
-            if len > proto::MAX_OPTION_LEN {
-                return Err(proto_err("option reply too long"));
-            }
-            let mut data = vec![0u8; len as usize];
-            self.r.read_exact(&mut data)?;
-            match kind {
-                rep::ACK => break,
-                rep::INFO => {
-                    let mut c = proto::Cursor::new(&data);
-                    match c.u16() {
-                        Some(info::EXPORT) => {
-                            if let (Some(size), Some(flags)) = (c.u64(), c.u16()) {
-                                export = Some((size, flags));
-                            }
-                        }
-                        Some(info::BLOCK_SIZE) => {
-                            if let (Some(_min), Some(_pref), Some(max)) =
-                                (c.u32(), c.u32(), c.u32())
-                            {
-                                max_payload = max.clamp(512, MAX_PAYLOAD);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                k if k & 0x8000_0000 != 0 => {
-                    let msg = String::from_utf8_lossy(&data);
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("Requested export not available ({msg})"),
-                    ));
-                }
-                _ => {}
-            }
-        }
-        let (size, flags) = export.ok_or_else(|| proto_err("server sent no export information"))?;
-        Ok((size, flags, max_payload))
+    /// Drops the cached block status; called after every change to the export, so that a
+    /// status request that ran before the change cannot be answered from afterwards.
+    fn forget_status(&self) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.1.clear();
     }
 
-    fn send(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> io::Result<u64> {
-        let cookie = self.next_cookie;
-        self.next_cookie = self.next_cookie.wrapping_add(1);
-        let req = Request {
-            flags,
-            kind,
-            cookie,
-            offset,
-            len,
-        };
-        self.w.write_all(&req.encode())?;
-        if !data.is_empty() {
-            self.w.write_all(data)?;
-        }
-        Ok(cookie)
-    }
-
-    /// Reads one simple reply header: `(cookie, error)`.
-    fn reply_header(&mut self) -> io::Result<(u64, u32)> {
-        let mut h = [0u8; 16];
-        self.r.read_exact(&mut h)?;
-        let mut c = proto::Cursor::new(&h);
-        let (magic, err, cookie) = (c.u32(), c.u32(), c.u64());
-        match (magic, err, cookie) {
-            (Some(proto::SIMPLE_REPLY_MAGIC), Some(e), Some(k)) => Ok((k, e)),
-            _ => Err(proto_err("bad NBD reply")),
-        }
-    }
-
-    fn reply_for(&mut self, cookie: u64) -> io::Result<()> {
-        let (k, e) = self.reply_header()?;
-        if k != cookie {
-            return Err(proto_err("NBD reply for an unknown request"));
-        }
-        if e != 0 {
-            return Err(errno_error(e));
+    /// Checks that `offset..offset+len` lies inside the export, which cannot grow.
+    fn check_inside(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(22))?;
+        if end > self.settled.size {
+            return Err(io::Error::from_raw_os_error(28));
         }
         Ok(())
     }
 
-    /// Reads `buf` from `offset` in pieces of at most `max` bytes, several in flight.
-    fn read(&mut self, buf: &mut [u8], offset: u64, max: usize) -> io::Result<()> {
-        let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
-        let mut at = offset;
-        for chunk in buf.chunks_mut(max) {
-            let n = chunk.len() as u64;
-            pieces.push((at, chunk));
-            at += n;
-        }
-        let mut first_err = None;
-        for window in pieces.chunks_mut(WINDOW) {
-            let mut pending = Vec::with_capacity(window.len());
-            for (i, (off, chunk)) in window.iter().enumerate() {
-                let cookie = self.send(cmd::READ, 0, *off, chunk.len() as u32, &[])?;
-                pending.push((cookie, i));
-            }
-            while !pending.is_empty() {
-                let (cookie, e) = self.reply_header()?;
-                let pos = pending
-                    .iter()
-                    .position(|(c, _)| *c == cookie)
-                    .ok_or_else(|| proto_err("NBD reply for an unknown request"))?;
-                let (_, i) = pending.swap_remove(pos);
-                if e != 0 {
-                    first_err.get_or_insert(errno_error(e));
-                    continue;
-                }
-                self.r.read_exact(window[i].1)?;
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+    /// Pieces of `offset..offset+len` of at most `max` bytes each, as `(offset, len)`.
+    fn pieces(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u32)> {
+        let end = offset + len;
+        (0..len.div_ceil(max)).map(move |i| {
+            let at = offset + i * max;
+            (at, (end - at).min(max) as u32)
+        })
     }
 }
 
 impl crate::io::Storage for NbdStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // Bytes past the end read as zeros (the Storage contract).
-        let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let inside = self
+            .settled
+            .size
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(inside);
         tail.fill(0);
-        if head.is_empty() {
+        let max = self.settled.max_payload as usize;
+        let mut at = offset;
+        let ops: Vec<Op<'_>> = head
+            .chunks_mut(max)
+            .map(|piece| {
+                let len = piece.len() as u32;
+                let op = Op {
+                    kind: cmd::READ,
+                    flags: 0,
+                    offset: at,
+                    len,
+                    payload: &[],
+                    target: Target::Read(piece),
+                };
+                at += u64::from(len);
+                op
+            })
+            .collect();
+        if ops.is_empty() {
             return Ok(());
         }
-        let max = self.max_payload as usize;
-        self.with_conn(|c| c.read(head, offset, max))
+        self.run(ops)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .ok_or_else(|| io::Error::from_raw_os_error(22))?;
-        if end > self.size {
-            // An export cannot grow.
-            return Err(io::Error::from_raw_os_error(28));
-        }
-        let max = self.max_payload as usize;
-        self.with_conn(|c| {
-            let mut at = offset;
-            for piece in buf.chunks(max) {
-                let cookie = c.send(cmd::WRITE, 0, at, piece.len() as u32, piece)?;
-                c.reply_for(cookie)?;
-                at += piece.len() as u64;
-            }
-            Ok(())
-        })
+        self.check_inside(offset, buf.len() as u64)?;
+        let max = self.settled.max_payload as usize;
+        let mut at = offset;
+        let ops = buf.chunks(max).map(|piece| {
+            let op = Op {
+                kind: cmd::WRITE,
+                flags: 0,
+                offset: at,
+                len: piece.len() as u32,
+                payload: piece,
+                target: Target::Status,
+            };
+            at += piece.len() as u64;
+            op
+        });
+        let r = self.run(ops);
+        self.forget_status();
+        r
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.size)
+        Ok(self.settled.size)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if len == self.size {
+        if len == self.settled.size {
             return Ok(());
         }
         Err(io::Error::new(
@@ -335,47 +227,92 @@ impl crate::io::Storage for NbdStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.flags & tflag::SEND_FLUSH == 0 {
+        if self.settled.flags & tflag::SEND_FLUSH == 0 {
             return Ok(());
         }
-        self.command(cmd::FLUSH, 0, 0, 0)
+        self.run([Op {
+            kind: cmd::FLUSH,
+            flags: 0,
+            offset: 0,
+            len: 0,
+            payload: &[],
+            target: Target::Status,
+        }])
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| io::Error::from_raw_os_error(22))?;
-        if end > self.size {
-            return Err(io::Error::from_raw_os_error(28));
-        }
-        if self.flags & tflag::SEND_WRITE_ZEROES == 0 {
+        self.check_inside(offset, len)?;
+        if self.settled.flags & tflag::SEND_WRITE_ZEROES == 0 {
             let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut at = offset;
-            while at < end {
-                let n = (end - at).min(zeros.len() as u64) as usize;
-                self.write_at(&zeros[..n], at)?;
-                at += n as u64;
+            for (at, n) in Self::pieces(offset, len, zeros.len().max(1) as u64) {
+                self.write_at(&zeros[..n as usize], at)?;
             }
             return Ok(());
         }
-        let mut at = offset;
-        while at < end {
-            // A zero write's length is a u32; stay well inside it and 512-byte aligned.
-            let n = (end - at).min(1 << 30) as u32;
-            self.command(cmd::WRITE_ZEROES, 0, at, n)?;
-            at += u64::from(n);
+        let r = self.run(Self::pieces(offset, len, ZERO_SPAN).map(|(at, n)| Op {
+            kind: cmd::WRITE_ZEROES,
+            flags: 0,
+            offset: at,
+            len: n,
+            payload: &[],
+            target: Target::Status,
+        }));
+        self.forget_status();
+        r
+    }
+
+    fn data_run(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        let size = self.settled.size;
+        if offset >= size {
+            return Ok(Some((false, u64::MAX)));
         }
-        Ok(())
+        if !self.has_block_status() {
+            return Ok(None);
+        }
+        // Held across the request, so a change that ends meanwhile clears the answer after it
+        // is stored.
+        let mut cache = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if offset >= cache.0 {
+            let i = cache.1.partition_point(|r| r.0 <= offset);
+            if let Some(&(end, data)) = cache.1.get(i) {
+                return Ok(Some((data, end)));
+            }
+        }
+        let len = (size - offset).min(STATUS_SPAN);
+        let mut ext = Extents::default();
+        self.run([Op {
+            kind: cmd::BLOCK_STATUS,
+            flags: 0,
+            offset,
+            len: len as u32,
+            payload: &[],
+            target: Target::Extents(&mut ext),
+        }])?;
+        if ext.list.is_empty() {
+            return Err(proto_err("NBD server sent no block status"));
+        }
+        // A run that reads as zeros is a hole whether or not the server allocated it.
+        let mut runs: Vec<(u64, bool)> = Vec::with_capacity(ext.list.len());
+        let mut end = offset;
+        for (n, flags) in ext.list {
+            end += n;
+            let data = flags & proto::STATE_ZERO == 0;
+            match runs.last_mut() {
+                Some(last) if last.1 == data => last.0 = end,
+                _ => runs.push((end, data)),
+            }
+        }
+        let first = runs[0];
+        *cache = (offset, runs);
+        Ok(Some((first.1, first.0)))
     }
 }
 
 impl Drop for NbdStorage {
     fn drop(&mut self) {
-        let c = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-        if !c.broken {
-            // A polite goodbye; the server copes without it.
-            let _ = c.send(cmd::DISC, 0, 0, 0, &[]);
-        }
-        c.w.shutdown_both();
+        self.conn
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .close();
     }
 }

@@ -17,6 +17,8 @@ pub(crate) enum MetaContext {
     BaseAllocation,
     /// `qemu:allocation-depth`.
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME` of the export's bitmap at this index.
+    DirtyBitmap(u16),
 }
 
 impl MetaContext {
@@ -25,13 +27,18 @@ impl MetaContext {
         match self {
             MetaContext::BaseAllocation => 1,
             MetaContext::AllocationDepth => 2,
+            MetaContext::DirtyBitmap(i) => 3 + u32::from(i),
         }
     }
 
-    fn name(self) -> &'static str {
+    fn name(self, export: &Export) -> String {
         match self {
-            MetaContext::BaseAllocation => proto::CTX_BASE_ALLOCATION,
-            MetaContext::AllocationDepth => proto::CTX_ALLOCATION_DEPTH,
+            MetaContext::BaseAllocation => proto::CTX_BASE_ALLOCATION.to_string(),
+            MetaContext::AllocationDepth => proto::CTX_ALLOCATION_DEPTH.to_string(),
+            MetaContext::DirtyBitmap(i) => {
+                let name = export.bitmaps.get(usize::from(i)).map_or("", |b| &b.name);
+                format!("{}{name}", proto::CTX_DIRTY_BITMAP_PREFIX)
+            }
         }
     }
 }
@@ -294,6 +301,9 @@ impl<S: Read + Write> Haggle<'_, S> {
         if export.allocation_depth {
             offered.push(MetaContext::AllocationDepth);
         }
+        // Ids are u16 indexes: an export with more bitmaps offers the first 65536.
+        let n_bitmaps = export.bitmaps.len().min(usize::from(u16::MAX) + 1);
+        offered.extend((0..n_bitmaps).map(|i| MetaContext::DirtyBitmap(i as u16)));
         let mut chosen: Vec<MetaContext> = Vec::new();
         if queries.is_empty() {
             if !set {
@@ -302,7 +312,8 @@ impl<S: Read + Write> Haggle<'_, S> {
         } else {
             for q in &queries {
                 for &ctx in &offered {
-                    let full = ctx.name().as_bytes();
+                    let name = ctx.name(&export);
+                    let full = name.as_bytes();
                     // A list query may name a namespace ("base:", "qemu:"); a set names exactly.
                     let hit = *q == full
                         || (!set
@@ -317,7 +328,7 @@ impl<S: Read + Write> Haggle<'_, S> {
         }
         for ctx in &chosen {
             let mut b = ctx.id().to_be_bytes().to_vec();
-            b.extend_from_slice(ctx.name().as_bytes());
+            b.extend_from_slice(ctx.name(&export).as_bytes());
             self.reply(option, rep::META_CONTEXT, &b)?;
         }
         if set {

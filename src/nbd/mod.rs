@@ -4,7 +4,8 @@
 //! The server speaks the fixed newstyle handshake (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`,
 //! `STRUCTURED_REPLY`, `SET_META_CONTEXT`, `LIST_META_CONTEXT`, `ABORT`) and the commands
 //! `READ`, `WRITE` (with `FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE`, `FAST_ZERO`),
-//! `CACHE`, `BLOCK_STATUS` (`base:allocation`, `qemu:allocation-depth`) and `DISC`. It runs a
+//! `CACHE`, `BLOCK_STATUS` (`base:allocation`, `qemu:allocation-depth`,
+//! `qemu:dirty-bitmap:NAME`) and `DISC`. It runs a
 //! thread per connection plus a few workers per connection, so several requests are in flight
 //! and replies may come out of order; the bytes held for requests in flight are capped per
 //! connection. No TLS: listen on loopback or a Unix socket.
@@ -22,6 +23,8 @@
 //! ```
 
 mod client;
+mod client_conn;
+mod client_reply;
 mod handshake;
 pub mod proto;
 mod server;
@@ -35,15 +38,20 @@ pub use stream::Stream;
 pub use transmit::serve_connection;
 pub use uri::{NbdAddress, DEFAULT_PORT};
 
+use crate::engine::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::io::Storage;
-use crate::BlockDevice;
+use crate::{BlockDevice, Qcow2Image};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
 /// Device and inode numbers, or for an NBD export a stand-in that identifies it.
 pub type FileId = (u64, u64);
+
+/// The context of an [`Error::Io`] from [`open_uri`]: its source is the whole reason, in qemu's
+/// words (`Failed to connect to '…': …`, `Requested export not available`, …).
+pub const OPEN_CONTEXT: &str = "connecting to an NBD server";
 
 /// The storage of the NBD export `path` names when it is an NBD URI (`nbd://HOST[:PORT]/NAME`,
 /// `nbd+unix:///NAME?socket=PATH`), with an identity for backing-loop detection (device
@@ -55,8 +63,7 @@ pub fn open_uri(path: &Path, writable: bool) -> Result<Option<(Arc<dyn Storage>,
         return Ok(None);
     }
     let uri = String::from_utf8_lossy(bytes);
-    let s = NbdStorage::connect(&uri, writable)
-        .map_err(|e| Error::io(format!("opening '{uri}'"), e))?;
+    let s = NbdStorage::connect(&uri, writable).map_err(|e| Error::io(OPEN_CONTEXT, e))?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     uri.hash(&mut h);
     Ok(Some((Arc::new(s), (u64::MAX, h.finish()))))
@@ -77,6 +84,31 @@ pub struct Export {
     pub discard: bool,
     /// Offer the `qemu:allocation-depth` meta context (qemu-nbd's `-A`).
     pub allocation_depth: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` meta contexts (qemu-nbd's `-B`).
+    pub bitmaps: Vec<ExportBitmap>,
+}
+
+/// The current bits of a dirty bitmap, asked for at each `NBD_CMD_BLOCK_STATUS`.
+pub type BitmapSource = dyn Fn() -> Result<DirtyBitmap> + Send + Sync;
+
+/// A dirty bitmap an export offers: its name and where its current bits come from (for a
+/// writable export whose bitmap tracks writes, the bits as they are now).
+pub struct ExportBitmap {
+    /// The bitmap's name, as in `qemu:dirty-bitmap:NAME`.
+    pub name: String,
+    /// Returns the bitmap's bits; a bitmap covering less than the export reads clean past its end.
+    pub source: Arc<BitmapSource>,
+}
+
+impl ExportBitmap {
+    /// The persistent bitmap `name` of `image`, read afresh at each request.
+    pub fn of_image(image: Arc<Qcow2Image>, name: &str) -> Self {
+        let owned = name.to_string();
+        ExportBitmap {
+            name: name.to_string(),
+            source: Arc::new(move || image.bitmap(&owned)),
+        }
+    }
 }
 
 impl Export {
@@ -90,6 +122,7 @@ impl Export {
             read_only,
             discard: false,
             allocation_depth: false,
+            bitmaps: Vec::new(),
         }
     }
 
@@ -115,6 +148,10 @@ impl std::fmt::Debug for Export {
             .field("read_only", &self.read_only)
             .field("discard", &self.discard)
             .field("allocation_depth", &self.allocation_depth)
+            .field(
+                "bitmaps",
+                &self.bitmaps.iter().map(|b| &b.name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -179,6 +179,10 @@ pub const STATE_ZERO: u32 = 2;
 pub const CTX_BASE_ALLOCATION: &str = "base:allocation";
 /// qemu's allocation depth context: 0 unallocated, 1 the top layer, 2 its backing file, …
 pub const CTX_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// The prefix of qemu's dirty-bitmap contexts, `qemu:dirty-bitmap:NAME`.
+pub const CTX_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// A dirty-bitmap context's flag: the range was written since the bitmap was created or cleared.
+pub const STATE_DIRTY: u32 = 1;
 
 /// Largest request payload (read or write) either side handles: qemu-nbd's 32 MiB.
 pub const MAX_PAYLOAD: u32 = 32 << 20;

@@ -454,11 +454,17 @@ impl Conn {
         };
         let mut payloads = Vec::new();
         for &ctx in &self.neg.contexts {
-            let extents =
-                match status_extents(dev.as_ref(), ctx, req.offset, u64::from(req.len), max) {
-                    Ok(e) => e,
-                    Err(e) => return self.reply_error(req, errno_of(&e), &e.to_string()),
-                };
+            let (offset, len) = (req.offset, u64::from(req.len));
+            let found = match ctx {
+                MetaContext::DirtyBitmap(i) => {
+                    bitmap_extents(&self.neg.export, i, offset, len, max)
+                }
+                _ => status_extents(dev.as_ref(), ctx, offset, len, max),
+            };
+            let extents = match found {
+                Ok(e) => e,
+                Err(e) => return self.reply_error(req, errno_of(&e), &e.to_string()),
+            };
             let mut p = ctx.id().to_be_bytes().to_vec();
             for (n, flags) in extents {
                 p.extend_from_slice(&n.to_be_bytes());
@@ -548,15 +554,62 @@ fn status_extents(
                 ExtentKind::Unallocated => 0,
                 _ => e.depth + 1,
             },
-        };
-        match out.last_mut() {
-            Some(last) if last.1 == flags => last.0 += n as u32,
-            _ => {
-                if out.len() == max {
-                    break;
-                }
-                out.push((n as u32, flags));
+            MetaContext::DirtyBitmap(_) => {
+                return Err(Error::InvalidArgument("not an allocation context".into()))
             }
+        };
+        if !push_extent(&mut out, n as u32, flags, max) {
+            break;
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Appends a run of `n` bytes with `flags` to `out`, merged into the last extent when the flags
+/// match; `false` (nothing appended) when it would be extent number `max + 1`.
+fn push_extent(out: &mut Vec<(u32, u32)>, n: u32, flags: u32, max: usize) -> bool {
+    if let Some(last) = out.last_mut().filter(|l| l.1 == flags) {
+        last.0 += n;
+        return true;
+    }
+    if out.len() == max {
+        return false;
+    }
+    out.push((n, flags));
+    true
+}
+
+/// The extents of the export's dirty bitmap `index` from `offset`, at most `max` of them and at
+/// most `len` bytes in all, as `(length, flags)`; bytes past the bitmap's end read clean.
+fn bitmap_extents(
+    export: &super::Export,
+    index: u16,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> crate::Result<Vec<(u32, u32)>> {
+    let b = export
+        .bitmaps
+        .get(usize::from(index))
+        .ok_or_else(|| Error::InvalidArgument("no such dirty bitmap".into()))?;
+    let bits = (b.source)()?;
+    let g = bits.granularity();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        // The run ends at the next granularity boundary (or the request's end).
+        let next = (at / g).checked_add(1).and_then(|i| i.checked_mul(g));
+        let n = next.map_or(end, |nx| nx.min(end)) - at;
+        let flags = if bits.get(at / g) {
+            proto::STATE_DIRTY
+        } else {
+            0
+        };
+        // len is a u32, so every run fits.
+        if !push_extent(&mut out, n as u32, flags, max) {
+            break;
         }
         at += n;
     }

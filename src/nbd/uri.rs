@@ -97,6 +97,23 @@ impl NbdAddress {
         })
     }
 
+    /// The name qemu gives an image behind this address (its `nbd_refresh_filename`): the port
+    /// always shown, the path left out for the empty export name, nothing percent-encoded.
+    pub fn qemu_filename(&self) -> String {
+        match self {
+            NbdAddress::Tcp { host, port, name } if name.is_empty() => {
+                format!("nbd://{host}:{port}")
+            }
+            NbdAddress::Tcp { host, port, name } => format!("nbd://{host}:{port}/{name}"),
+            NbdAddress::Unix { socket, name } if name.is_empty() => {
+                format!("nbd+unix://?socket={}", socket.display())
+            }
+            NbdAddress::Unix { socket, name } => {
+                format!("nbd+unix:///{name}?socket={}", socket.display())
+            }
+        }
+    }
+
     /// The export name.
     pub fn name(&self) -> &str {
         match self {
@@ -150,6 +167,17 @@ mod tests {
                 socket: "/tmp/s".into(),
                 name: "x".into()
             })
+        );
+        let named = |u: &str| NbdAddress::parse(u).map(|a| a.qemu_filename()).ok();
+        assert_eq!(named("nbd://h/x").as_deref(), Some("nbd://h:10809/x"));
+        assert_eq!(named("nbd+tcp://h:7/").as_deref(), Some("nbd://h:7"));
+        assert_eq!(
+            named("nbd+unix:///?socket=/s").as_deref(),
+            Some("nbd+unix://?socket=/s")
+        );
+        assert_eq!(
+            named("nbd+unix:///e?socket=/s").as_deref(),
+            Some("nbd+unix:///e?socket=/s")
         );
         assert!(NbdAddress::parse("nbd+unix:///x").is_err());
         assert!(NbdAddress::parse("nbd://h:99999/x").is_err());
