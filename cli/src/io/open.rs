@@ -118,6 +118,20 @@ pub(super) fn open_image(
     unmap: bool,
 ) -> Result<Image, OpenError> {
     let mut opts = spec.opts.clone();
+    // A `json:{…}` name is its options; options given beside it win (QEMU's join).
+    let mut name = spec.name.clone();
+    if let Some(json) = name.as_deref().and_then(crate::json_name::options_of) {
+        for (k, v) in json? {
+            if opts.get(&k).is_none() {
+                opts.set(&k, v);
+            }
+        }
+        name = None;
+    }
+    if let Some(k) = structural_key(&opts) {
+        let driver = opts.get("driver").unwrap_or("qcow2");
+        return Err(crate::image_opts::unsupported_option(driver, k).into());
+    }
     if spec.force_share {
         if opts.get("force-share").is_some_and(|v| v != "on") {
             return Err(OpenError::Plain("-U conflicts with image options".into()));
@@ -125,11 +139,14 @@ pub(super) fn open_image(
         opts.set("force-share", "on".into());
     }
     let driver = opts.take("driver");
+    if let Some(d) = &driver {
+        crate::image_opts::check_driver("driver", d)?;
+    }
     if let Some(proto) = driver.as_deref().filter(|d| PROTOCOLS.contains(d)) {
-        return open_protocol(spec, proto, opts, writethrough, unmap);
+        return open_protocol(name, spec, proto, opts, writethrough, unmap);
     }
     let file_name = opts.take("file.filename");
-    let path = match (&spec.name, file_name) {
+    let path = match (&name, file_name) {
         (Some(_), Some(_)) => {
             return Err(
                 "Can't specify 'file' and 'filename' options at the same time"
@@ -149,9 +166,7 @@ pub(super) fn open_image(
     let mut qopts = crate::common::qemu_options();
     qopts.qcow2.encryption = take_encryption(&mut opts)?;
     if let Some(d) = opts.take("file.driver") {
-        if d != "file" {
-            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
-        }
+        crate::image_opts::check_driver("file.driver", &d)?;
     }
     let locking = match opts.take("file.locking").as_deref() {
         None | Some("auto" | "on") => Locking::Qemu,
@@ -188,9 +203,7 @@ pub(super) fn open_image(
     // The backing file named again by options: only the file the image names is supported.
     let backing_file = opts.take("backing.file.filename");
     if let Some(d) = opts.take("backing.file.driver") {
-        if d != "file" {
-            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
-        }
+        crate::image_opts::check_driver("backing.file.driver", &d)?;
     }
     if let Some(id) = opts.take("backing.encrypt.key-secret") {
         let secrets = SECRETS.get_or_init(Default::default);
@@ -202,11 +215,9 @@ pub(super) fn open_image(
     }
     match opts.take("backing").as_deref() {
         None => {}
+        Some(crate::json_name::NULL) => qopts.backing = BackingPolicy::Ignore,
         Some("") => {
-            errln!(
-                "{}: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
-                crate::common::prog()
-            );
+            crate::image_opts::warn_empty_backing();
             qopts.backing = BackingPolicy::Ignore;
         }
         Some(node) => {
@@ -223,9 +234,7 @@ pub(super) fn open_image(
         qopts.data_file = Some(f.into());
     }
     if let Some(d) = opts.take("data-file.driver") {
-        if d != "file" {
-            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
-        }
+        crate::image_opts::check_driver("data-file.driver", &d)?;
     }
     if let Some(k) = opts
         .keys()
@@ -369,13 +378,14 @@ pub(super) const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
 /// `file` takes regular files, `host_device` and `host_cdrom` devices (block devices only
 /// here: a character device is refused).
 fn open_protocol(
+    name: Option<String>,
     spec: &OpenSpec,
     proto: &str,
     mut opts: Opts,
     writethrough: bool,
     unmap: bool,
 ) -> Result<Image, OpenError> {
-    let name = match (&spec.name, opts.take("filename")) {
+    let name = match (&name, opts.take("filename")) {
         (Some(n), None) => n.clone(),
         (None, Some(f)) => f,
         (Some(_), Some(_)) => {
@@ -451,13 +461,17 @@ fn io_text(name: &str, e: &std::io::Error) -> String {
 
 /// QEMU's message for an option no part of the image takes.
 fn unsupported_option(format: ImageFormat, key: &str) -> String {
-    match key.strip_prefix("file.") {
-        Some(k) => format!("Block protocol 'file' doesn't support the option '{k}'"),
-        None => format!(
-            "Block format '{}' does not support the option '{key}'",
-            format.name()
-        ),
-    }
+    crate::image_opts::unsupported_option(format.name(), key)
+}
+
+/// The first option whose value has no text form (a JSON `null`, `{}` or `[]`), but for
+/// `backing: null`: no option takes such a value.
+fn structural_key(opts: &Opts) -> Option<&str> {
+    opts.iter()
+        .find(|(k, v)| {
+            crate::json_name::is_structural(v) && !(*k == "backing" && *v == crate::json_name::NULL)
+        })
+        .map(|(k, _)| k)
 }
 
 /// A library error met opening `path`, in QEMU's words.
