@@ -162,8 +162,18 @@ pub fn open_image_arg(
     if arg.no_backing {
         opts.backing = qcow2kit::BackingPolicy::Ignore;
     }
-    open(Path::new(&arg.path), fmt, &opts)
-        .map_err(|e| format!("Could not open '{shown}': {}", open_error_text(&e)))
+    let opened = open(Path::new(&arg.path), fmt, &opts)
+        .map_err(|e| format!("Could not open '{shown}': {}", open_error_text(&e)))?;
+    let checked = crate::image_opts::check_backing(arg, &opened);
+    match checked {
+        Ok(()) => Ok(opened),
+        Err(e) => {
+            if let Some(q) = &opened.qcow2 {
+                let _ = q.close();
+            }
+            Err(format!("Could not open '{shown}': {e}"))
+        }
+    }
 }
 
 /// The image operand `name` of a command with `--object` and `--image-opts` options (`format`

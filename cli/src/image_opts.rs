@@ -53,6 +53,12 @@ pub struct ImageArg {
     pub no_backing: bool,
     /// The external data file named by `data-file.filename`.
     pub data_file: Option<String>,
+    /// The backing file named again by `backing.file.filename` (it must be the one the image
+    /// names: see [`check_backing_file`]).
+    pub backing_file: Option<String>,
+    /// The backing file's format named by `backing.driver` (it must be the one it is opened
+    /// in).
+    pub backing_driver: Option<String>,
 }
 
 impl ImageArg {
@@ -179,6 +185,56 @@ pub fn unsupported_option(format: &str, key: &str) -> String {
     }
 }
 
+/// Checks the options of `arg` that name the backing file of `opened` again
+/// ([`check_backing_file`], [`check_backing_driver`]).
+pub fn check_backing(arg: &ImageArg, opened: &qcow2kit::chain::Opened) -> Result<(), String> {
+    if let Some(f) = &arg.backing_file {
+        check_backing_file(opened, f)?;
+    }
+    match &arg.backing_driver {
+        Some(d) => check_backing_driver(opened, d),
+        None => Ok(()),
+    }
+}
+
+/// Checks the options that name the backing file of `opened` again: `backing.file.filename`
+/// must be the file the image names (opening another one in its place is not supported), or
+/// be given to an image with a raw data file and no backing file, which never reads one.
+pub fn check_backing_file(opened: &qcow2kit::chain::Opened, want: &str) -> Result<(), String> {
+    let same =
+        |a: &std::path::Path| match (a.canonicalize(), std::path::Path::new(want).canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        };
+    // An image whose data file is raw never reads a backing file (QEMU lets one be given at
+    // run time without effect): nothing to open.
+    let raw_data = opened.layers.len() == 1
+        && opened.qcow2.as_ref().is_some_and(|q| {
+            q.header()
+                .autoclear
+                .contains(qcow2kit::format::features::AutoclearFeatures::DATA_FILE_RAW)
+        });
+    if raw_data || opened.layers.get(1).is_some_and(|l| same(&l.path)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "Option 'backing.file.filename' naming another file than the image's backing \
+             file is not supported by qcow2kit ('{want}')"
+        ))
+    }
+}
+
+/// Checks `backing.driver` against the format the backing file of `opened` was opened in.
+pub fn check_backing_driver(opened: &qcow2kit::chain::Opened, want: &str) -> Result<(), String> {
+    match opened.layers.get(1) {
+        None => Err("Could not open backing file: Must specify either driver or file".into()),
+        Some(l) if l.format.name() != want => Err(format!(
+            "Option 'backing.driver={want}' is not supported by qcow2kit"
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// QEMU's warning for `backing=` (an empty string) instead of `backing: null`.
 pub fn warn_empty_backing() {
     errln!(
@@ -201,7 +257,14 @@ pub fn image_arg(
         if format.is_some() {
             return Err("--image-opts and --format are mutually exclusive".into());
         }
-        split_opts(name)
+        let mut options = split_opts(name);
+        // A first element without `=` is the value of the implied key `file` (QemuOpts).
+        if let Some(first) = options.first_mut() {
+            if first.1.is_empty() && !name.split(',').next().unwrap_or("").contains('=') {
+                *first = ("file".into(), std::mem::take(&mut first.0));
+            }
+        }
+        options
     } else {
         match crate::json_name::options_of(name) {
             None => {
@@ -274,6 +337,12 @@ fn image_arg_of_options(
                     format!("Parameter 'encrypt.format' does not accept value '{value}'")
                 })?;
                 arg.layer(depth).format = Some(f);
+            }
+            "file.filename" if depth == 1 => arg.backing_file = Some(value),
+            "file.driver" if depth == 1 => check_driver(key, &value)?,
+            "driver" if depth == 1 => {
+                check_driver(key, &value)?;
+                arg.backing_driver = Some(value);
             }
             _ if depth > 0 => {
                 return Err(format!("Option '{key}' is not supported by qcow2kit"));

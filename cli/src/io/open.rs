@@ -145,6 +145,9 @@ pub(super) fn open_image(
     if let Some(proto) = driver.as_deref().filter(|d| PROTOCOLS.contains(d)) {
         return open_protocol(name, spec, proto, opts, writethrough, unmap);
     }
+    if let Some(d) = opts.take("file.driver") {
+        crate::image_opts::check_driver("file.driver", &d)?;
+    }
     let file_name = opts.take("file.filename");
     let path = match (&name, file_name) {
         (Some(_), Some(_)) => {
@@ -165,9 +168,6 @@ pub(super) fn open_image(
     };
     let mut qopts = crate::common::qemu_options();
     qopts.qcow2.encryption = take_encryption(&mut opts)?;
-    if let Some(d) = opts.take("file.driver") {
-        crate::image_opts::check_driver("file.driver", &d)?;
-    }
     let locking = match opts.take("file.locking").as_deref() {
         None | Some("auto" | "on") => Locking::Qemu,
         Some("off") => Locking::Off,
@@ -302,24 +302,19 @@ pub(super) fn open_image(
     };
     let backing_format = opened.layers.get(1).map(|l| l.format);
     if let Some(want) = backing_file {
-        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => false,
-        };
-        if !opened
-            .layers
-            .get(1)
-            .is_some_and(|l| same(&l.path, Path::new(&want)))
-        {
+        if let Err(e) = crate::image_opts::check_backing_file(&opened, &want) {
             close_opened(&opened);
-            return Err(format!(
-                "Option 'backing.file.filename' naming another file than the image's backing \
-                 file is not supported by qcow2kit ('{want}')"
-            )
-            .into());
+            return Err(e.into());
         }
     }
-    if let Err(e) = check_backing_options(backing_format, backing_node_name, backing_driver) {
+    let checked = match (backing_driver, backing_node_name) {
+        (Some(d), _) => crate::image_opts::check_backing_driver(&opened, &d),
+        (None, Some(_)) if backing_format.is_none() => {
+            Err("Could not open backing file: Must specify either driver or file".to_string())
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = checked {
         close_opened(&opened);
         return Err(e.into());
     }
@@ -349,27 +344,6 @@ pub(super) fn open_image(
 /// cache is a matter of speed), `cache.no-flush` (flushes are always done, which is never less
 /// safe) and `auto-read-only`.
 pub(super) const NO_EFFECT_BOOLS: &[&str] = &["cache.direct", "cache.no-flush", "auto-read-only"];
-
-/// `backing.node-name` needs a backing file; `backing.driver` must name the format the backing
-/// file is opened in (choosing another is not supported).
-fn check_backing_options(
-    backing: Option<ImageFormat>,
-    node_name: Option<String>,
-    driver: Option<String>,
-) -> Result<(), String> {
-    match (backing, node_name.is_some() || driver.is_some()) {
-        (None, true) => {
-            Err("Could not open backing file: Must specify either driver or file".into())
-        }
-        (Some(f), _) => match driver {
-            Some(d) if d != f.name() => Err(format!(
-                "Option 'backing.driver={d}' is not supported by qcow2kit"
-            )),
-            _ => Ok(()),
-        },
-        (None, false) => Ok(()),
-    }
-}
 
 /// QEMU's protocol drivers that open a file's bytes as the image (`driver=file,filename=…`).
 pub(super) const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
