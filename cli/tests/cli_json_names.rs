@@ -306,8 +306,54 @@ fn qemu_img_commands_take_json_names() {
 }
 
 #[test]
+fn backing_named_again_by_options() {
+    // The backing file the image names, named again: used as it is.
+    let same_backing = r#"json:{"file.filename":"top.qcow2","backing":{"driver":"qcow2","file":{"filename":"base.qcow2"}}}"#;
+    same("qemu-img", &["compare", same_backing, "base.qcow2"]);
+    same("qemu-io", &["-c", "read -P 7 0 4k", same_backing]);
+    let opts = "file.filename=top.qcow2,backing.file.filename=base.qcow2";
+    same(
+        "qemu-img",
+        &[
+            "compare",
+            "--image-opts",
+            opts,
+            "driver=qcow2,file.filename=base.qcow2",
+        ],
+    );
+    // An --image-opts operand without `=` is the implied `file` key (a node name to QEMU).
+    same("qemu-img", &["compare", "--image-opts", opts, "base.qcow2"]);
+    same(
+        "qemu-img",
+        &["info", "--image-opts", "a.qcow2,driver=qcow2"],
+    );
+    // Another file in its place is refused, never silently replaced by the one the image
+    // names (QEMU would read a.qcow2 below top.qcow2).
+    let pair = Pair::new();
+    for name in [
+        r#"json:{"file.filename":"top.qcow2","backing.file.filename":"a.qcow2"}"#,
+        r#"json:{"file.filename":"top.qcow2","backing.driver":"raw"}"#,
+        r#"json:{"file.filename":"top.qcow2","backing.l2-cache-size":"1M"}"#,
+    ] {
+        let out = exec(
+            QCOW2KIT,
+            "qemu-img",
+            &["compare", name, "base.qcow2"],
+            &pair.k,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(
+            err.contains("is not supported by qcow2kit"),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[test]
 fn qemu_img_messages() {
     let pair = Pair::new();
+    let deep = format!("json:{{\"a\":{}", "[".repeat(20_000));
     for name in [
         r#"json:{"driver":"qcow2","#,
         "json:",
@@ -335,6 +381,8 @@ fn qemu_img_messages() {
         r#"json:{"driver":"qcow2","x":[1,{"y":2}],"file.filename":"a.qcow2"}"#,
         r#"json:{"driver":"qcow2","file":{"filename":"a.qcow2","x":1}}"#,
         r#"json:{"driver":"qcow2","file.filename":"nope.qcow2"}"#,
+        // Nesting far beyond QEMU's bound: refused with its message, without deep recursion.
+        deep.as_str(),
     ] {
         for cmd in ["info", "map", "check", "compare"] {
             let mut args = vec![cmd, name];

@@ -1,5 +1,7 @@
 //! Opening, closing and reopening the image qemu-io works on (the command line's FILE or
 //! `--image-opts`, and the `open`, `close` and `reopen` commands), with qemu-io 10's messages.
+//! A `json:{…}` name stands for its flattened options ([`crate::json_name`]); options given
+//! beside it (`-f`, `open -o`) win over the name's own, as in QEMU.
 //!
 //! Block options (`-o`) understood: `driver` (qcow2, raw), `file.filename`, `file.driver`
 //! (`file`), `file.locking`, `data-file.filename` and `data-file.driver` (`file`), `read-only`,
