@@ -453,4 +453,65 @@ mod tests {
             "Block format 'qcow2' does not support the option 'bogus'"
         );
     }
+
+    #[test]
+    fn drivers_by_layer() {
+        assert!(check_driver("driver", "qcow2").is_ok());
+        assert!(check_driver("file.driver", "file").is_ok());
+        assert!(check_driver("data-file.driver", "file").is_ok());
+        assert!(check_driver("backing.driver", "raw").is_ok());
+        assert!(check_driver("backing.file.driver", "file").is_ok());
+        assert_eq!(
+            check_driver("file.driver", "qcow2").unwrap_err(),
+            "Driver 'qcow2' for 'file' is not supported by qcow2kit"
+        );
+        assert_eq!(
+            check_driver("data-file.driver", "blkdebug").unwrap_err(),
+            "Driver 'blkdebug' for 'data-file' is not supported by qcow2kit"
+        );
+        assert_eq!(
+            check_driver("driver", "zzz").unwrap_err(),
+            "Unknown driver 'zzz'"
+        );
+    }
+
+    #[test]
+    fn json_names_and_implied_file() {
+        let none = Secrets::new();
+        let arg = image_arg(
+            r#"json:{"driver":"qcow2","file":{"filename":"a"},"data-file":{"driver":"file","filename":"d"},"backing":null}"#,
+            false,
+            Some("raw"),
+            &none,
+        )
+        .unwrap();
+        assert_eq!(arg.path, "a");
+        assert_eq!(
+            arg.format.as_deref(),
+            Some("raw"),
+            "-f wins over the name's driver"
+        );
+        assert_eq!(arg.data_file.as_deref(), Some("d"));
+        assert!(arg.no_backing);
+        assert!(arg
+            .options
+            .iter()
+            .any(|(k, v)| k == "data-file.driver" && v == "file"));
+        assert_eq!(
+            image_arg("a.qcow2,driver=qcow2", true, None, &none).unwrap_err(),
+            "Cannot find device='a.qcow2' nor node-name='a.qcow2'"
+        );
+        assert_eq!(
+            image_arg(r#"json:{"file.filename":"a","x":{}}"#, false, None, &none).unwrap_err(),
+            "Block format 'qcow2' does not support the option 'x'"
+        );
+        assert!(image_arg(
+            r#"json:{"file.filename":"a","backing.x":1}"#,
+            false,
+            None,
+            &none
+        )
+        .unwrap_err()
+        .contains("not supported by qcow2kit"));
+    }
 }
