@@ -111,13 +111,18 @@ pub fn locking(force_share: bool) -> Locking {
 
 /// The format of the image at `path`: `format` when given, else probed as qemu-img does.
 pub fn image_format(path: &str, format: Option<&str>) -> Result<ImageFormat, String> {
+    format_named(path, format, path)
+}
+
+/// [`image_format`] with errors naming the operand as `shown`.
+fn format_named(path: &str, format: Option<&str>, shown: &str) -> Result<ImageFormat, String> {
     match format {
         // qemu-img's block layer: an input format is a driver name.
         Some(f) => {
-            parse_format(f).map_err(|_| format!("Could not open '{path}': Unknown driver '{f}'"))
+            parse_format(f).map_err(|_| format!("Could not open '{shown}': Unknown driver '{f}'"))
         }
         None => probe_file(Path::new(path))
-            .map_err(|e| format!("Could not open '{path}': {}", open_error_text(&e))),
+            .map_err(|e| format!("Could not open '{shown}': {}", open_error_text(&e))),
     }
 }
 
@@ -131,17 +136,15 @@ pub fn warn_probed_raw(file: &str) {
 }
 
 /// Opens `path` the way qemu-img does: the given format or a probe, backing chains followed
-/// relative to the image, data files allowed.
+/// relative to the image, data files allowed; a `json:{…}` name as its options describe it.
 pub fn open_image(
     path: &str,
     format: Option<&str>,
     customize: impl FnOnce(&mut OpenOptions),
 ) -> Result<Opened, String> {
-    let arg = crate::image_opts::ImageArg {
-        path: path.to_string(),
-        format: format.map(str::to_string),
-        ..Default::default()
-    };
+    let no_secrets = qcow2kit::crypto::secret::Secrets::new();
+    let arg = crate::image_opts::image_arg(path, false, format, &no_secrets)
+        .map_err(|e| format!("Could not open '{path}': {e}"))?;
     open_image_arg(&arg, path, customize)
 }
 
@@ -152,12 +155,25 @@ pub fn open_image_arg(
     shown: &str,
     customize: impl FnOnce(&mut OpenOptions),
 ) -> Result<Opened, String> {
-    let fmt = image_format(&arg.path, arg.format.as_deref())?;
+    let fmt = format_named(&arg.path, arg.format.as_deref(), shown)?;
     let mut opts = qemu_options();
     arg.apply(&mut opts);
     customize(&mut opts);
-    open(Path::new(&arg.path), fmt, &opts)
-        .map_err(|e| format!("Could not open '{shown}': {}", open_error_text(&e)))
+    if arg.no_backing {
+        opts.backing = qcow2kit::BackingPolicy::Ignore;
+    }
+    let opened = open(Path::new(&arg.path), fmt, &opts)
+        .map_err(|e| format!("Could not open '{shown}': {}", open_error_text(&e)))?;
+    let checked = crate::image_opts::check_backing(arg, &opened);
+    match checked {
+        Ok(()) => Ok(opened),
+        Err(e) => {
+            if let Some(q) = &opened.qcow2 {
+                let _ = q.close();
+            }
+            Err(format!("Could not open '{shown}': {e}"))
+        }
+    }
 }
 
 /// The image operand `name` of a command with `--object` and `--image-opts` options (`format`
@@ -182,7 +198,13 @@ pub fn image_operand_for_info(
     format: Option<&str>,
 ) -> Result<crate::image_opts::ImageArg, String> {
     let secrets = crate::image_opts::load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
-    crate::image_opts::image_arg(name, p.has("image-opts"), format, &secrets)
+    crate::image_opts::image_arg(name, p.has("image-opts"), format, &secrets).map_err(|e| {
+        if e.contains("mutually exclusive") {
+            e
+        } else {
+            format!("Could not open '{name}': {e}")
+        }
+    })
 }
 
 /// qemu-img info's open ([`qcow2kit::ops::info::open_for_info`]); an NBD URI is opened

@@ -20,6 +20,7 @@ mod dd;
 mod image_opts;
 mod info;
 mod io;
+mod json_name;
 mod localtime;
 mod map;
 mod measure;

@@ -1,5 +1,7 @@
 //! Opening, closing and reopening the image qemu-io works on (the command line's FILE or
 //! `--image-opts`, and the `open`, `close` and `reopen` commands), with qemu-io 10's messages.
+//! A `json:{…}` name stands for its flattened options ([`crate::json_name`]); options given
+//! beside it (`-f`, `open -o`) win over the name's own, as in QEMU.
 //!
 //! Block options (`-o`) understood: `driver` (qcow2, raw), `file.filename`, `file.driver`
 //! (`file`), `file.locking`, `data-file.filename` and `data-file.driver` (`file`), `read-only`,
@@ -122,6 +124,20 @@ pub(super) fn open_image(
     unmap: bool,
 ) -> Result<Image, OpenError> {
     let mut opts = spec.opts.clone();
+    // A `json:{…}` name is its options; options given beside it win (QEMU's join).
+    let mut name = spec.name.clone();
+    if let Some(json) = name.as_deref().and_then(crate::json_name::options_of) {
+        for (k, v) in json? {
+            if opts.get(&k).is_none() {
+                opts.set(&k, v);
+            }
+        }
+        name = None;
+    }
+    if let Some(k) = structural_key(&opts) {
+        let driver = opts.get("driver").unwrap_or("qcow2");
+        return Err(crate::image_opts::unsupported_option(driver, k).into());
+    }
     if spec.force_share {
         if opts.get("force-share").is_some_and(|v| v != "on") {
             return Err(OpenError::Plain("-U conflicts with image options".into()));
@@ -129,8 +145,14 @@ pub(super) fn open_image(
         opts.set("force-share", "on".into());
     }
     let driver = opts.take("driver");
+    if let Some(d) = &driver {
+        crate::image_opts::check_driver("driver", d)?;
+    }
     if let Some(proto) = driver.as_deref().filter(|d| PROTOCOLS.contains(d)) {
-        return open_protocol(spec, proto, opts, writethrough, unmap);
+        return open_protocol(name, spec, proto, opts, writethrough, unmap);
+    }
+    if let Some(d) = opts.take("file.driver") {
+        crate::image_opts::check_driver("file.driver", &d)?;
     }
     let mut name = spec.name.clone();
     let blkdebug = super::blkdebug::take_blkdebug(&mut name, &mut opts)?;
@@ -154,11 +176,6 @@ pub(super) fn open_image(
     };
     let mut qopts = crate::common::qemu_options();
     qopts.qcow2.encryption = take_encryption(&mut opts)?;
-    if let Some(d) = opts.take("file.driver") {
-        if d != "file" {
-            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
-        }
-    }
     let locking = match opts.take("file.locking").as_deref() {
         None | Some("auto" | "on") => Locking::Qemu,
         Some("off") => Locking::Off,
@@ -194,9 +211,7 @@ pub(super) fn open_image(
     // The backing file named again by options: only the file the image names is supported.
     let backing_file = opts.take("backing.file.filename");
     if let Some(d) = opts.take("backing.file.driver") {
-        if d != "file" {
-            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
-        }
+        crate::image_opts::check_driver("backing.file.driver", &d)?;
     }
     if let Some(id) = opts.take("backing.encrypt.key-secret") {
         let secrets = SECRETS.get_or_init(Default::default);
@@ -208,11 +223,9 @@ pub(super) fn open_image(
     }
     match opts.take("backing").as_deref() {
         None => {}
+        Some(crate::json_name::NULL) => qopts.backing = BackingPolicy::Ignore,
         Some("") => {
-            errln!(
-                "{}: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
-                crate::common::prog()
-            );
+            crate::image_opts::warn_empty_backing();
             qopts.backing = BackingPolicy::Ignore;
         }
         Some(node) => {
@@ -229,9 +242,7 @@ pub(super) fn open_image(
         qopts.data_file = Some(f.into());
     }
     if let Some(d) = opts.take("data-file.driver") {
-        if d != "file" {
-            return Err(format!("Driver '{d}' is not supported by qcow2kit").into());
-        }
+        crate::image_opts::check_driver("data-file.driver", &d)?;
     }
     if let Some(k) = opts
         .keys()
@@ -306,24 +317,19 @@ pub(super) fn open_image(
     };
     let backing_format = opened.layers.get(1).map(|l| l.format);
     if let Some(want) = backing_file {
-        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => false,
-        };
-        if !opened
-            .layers
-            .get(1)
-            .is_some_and(|l| same(&l.path, Path::new(&want)))
-        {
+        if let Err(e) = crate::image_opts::check_backing_file(&opened, &want) {
             close_opened(&opened);
-            return Err(format!(
-                "Option 'backing.file.filename' naming another file than the image's backing \
-                 file is not supported by qcow2kit ('{want}')"
-            )
-            .into());
+            return Err(e.into());
         }
     }
-    if let Err(e) = check_backing_options(backing_format, backing_node_name, backing_driver) {
+    let checked = match (backing_driver, backing_node_name) {
+        (Some(d), _) => crate::image_opts::check_backing_driver(&opened, &d),
+        (None, Some(_)) if backing_format.is_none() => {
+            Err("Could not open backing file: Must specify either driver or file".to_string())
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = checked {
         close_opened(&opened);
         return Err(e.into());
     }
@@ -355,27 +361,6 @@ pub(super) fn open_image(
 /// safe) and `auto-read-only`.
 pub(super) const NO_EFFECT_BOOLS: &[&str] = &["cache.direct", "cache.no-flush", "auto-read-only"];
 
-/// `backing.node-name` needs a backing file; `backing.driver` must name the format the backing
-/// file is opened in (choosing another is not supported).
-fn check_backing_options(
-    backing: Option<ImageFormat>,
-    node_name: Option<String>,
-    driver: Option<String>,
-) -> Result<(), String> {
-    match (backing, node_name.is_some() || driver.is_some()) {
-        (None, true) => {
-            Err("Could not open backing file: Must specify either driver or file".into())
-        }
-        (Some(f), _) => match driver {
-            Some(d) if d != f.name() => Err(format!(
-                "Option 'backing.driver={d}' is not supported by qcow2kit"
-            )),
-            _ => Ok(()),
-        },
-        (None, false) => Ok(()),
-    }
-}
-
 /// QEMU's protocol drivers that open a file's bytes as the image (`driver=file,filename=…`).
 pub(super) const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
 
@@ -383,13 +368,14 @@ pub(super) const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
 /// `file` takes regular files, `host_device` and `host_cdrom` devices (block devices only
 /// here: a character device is refused).
 fn open_protocol(
+    name: Option<String>,
     spec: &OpenSpec,
     proto: &str,
     mut opts: Opts,
     writethrough: bool,
     unmap: bool,
 ) -> Result<Image, OpenError> {
-    let name = match (&spec.name, opts.take("filename")) {
+    let name = match (&name, opts.take("filename")) {
         (Some(n), None) => n.clone(),
         (None, Some(f)) => f,
         (Some(_), Some(_)) => {
@@ -466,13 +452,17 @@ fn io_text(name: &str, e: &std::io::Error) -> String {
 
 /// QEMU's message for an option no part of the image takes.
 fn unsupported_option(format: ImageFormat, key: &str) -> String {
-    match key.strip_prefix("file.") {
-        Some(k) => format!("Block protocol 'file' doesn't support the option '{k}'"),
-        None => format!(
-            "Block format '{}' does not support the option '{key}'",
-            format.name()
-        ),
-    }
+    crate::image_opts::unsupported_option(format.name(), key)
+}
+
+/// The first option whose value has no text form (a JSON `null`, `{}` or `[]`), but for
+/// `backing: null`: no option takes such a value.
+fn structural_key(opts: &Opts) -> Option<&str> {
+    opts.iter()
+        .find(|(k, v)| {
+            crate::json_name::is_structural(v) && !(*k == "backing" && *v == crate::json_name::NULL)
+        })
+        .map(|(k, _)| k)
 }
 
 /// A library error met opening `path`, in QEMU's words.

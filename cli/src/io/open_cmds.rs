@@ -329,11 +329,18 @@ fn reopened_spec(
         }
     }
     let l2 = check_runtime(img, &opts)?;
-    let current_name = img
-        .spec
-        .name
-        .clone()
-        .or_else(|| img.spec.opts.get("file.filename").map(str::to_string));
+    // The file the image was opened from: its name, the `file.filename` of a `json:` name, or
+    // the option.
+    let current_name = match img.spec.name.as_deref() {
+        Some(n) => match crate::json_name::options_of(n) {
+            Some(json) => json
+                .ok()
+                .and_then(|o| o.into_iter().find(|(k, _)| k == "file.filename"))
+                .map(|(_, v)| v),
+            None => Some(n.to_string()),
+        },
+        None => img.spec.opts.get("file.filename").map(str::to_string),
+    };
     for (k, v) in new.iter() {
         let same_as_before = img.spec.opts.get(k) == Some(v);
         let unchanged = match k {
