@@ -109,6 +109,18 @@ pub enum Error {
     },
 }
 
+/// The text of the [`Error::Unsupported`] every request gets once a metadata write of the
+/// image failed (the image must be reopened; see [`Error::is_after_failed_write`]).
+pub const AFTER_FAILED_WRITE: &str = "an earlier metadata write failed; the image must be reopened";
+
+impl Error {
+    /// Whether this is the refusal of an image whose earlier metadata write failed: the
+    /// failure itself was already returned to whoever made that write.
+    pub fn is_after_failed_write(&self) -> bool {
+        matches!(self, Error::Unsupported(t) if t == AFTER_FAILED_WRITE)
+    }
+}
+
 impl Error {
     /// This error as the failure of the copy request at `offset` (a read unless `write`); an
     /// error that already names its request is kept as it is.

@@ -150,7 +150,8 @@ fn compare_files(
                 CompareStage::Read => {
                     fail(format!(
                         "Error while reading offset {} of {name}: {}",
-                        e.offset, e.source
+                        e.offset,
+                        crate::qemu_errors::request_errno_text(&e.source)
                     ));
                     4
                 }

@@ -2,10 +2,13 @@
 //! QEMU option string (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,…`), plus the
 //! `--object secret,…` definitions that keys refer to.
 
-use qcow2kit::chain::OpenOptions;
+use qcow2kit::chain::{FileRole, Interpose, OpenOptions};
 use qcow2kit::crypto::secret::{SecretObject, Secrets};
 use qcow2kit::crypto::{EncryptionFormat, Passphrase};
 use qcow2kit::engine::EncryptionOptions;
+use qcow2kit::io::blkdebug::{Blkdebug, BlkdebugConfig};
+use qcow2kit::io::Storage;
+use std::sync::Arc;
 
 /// The secrets of every `--object secret,…` (objects of other types are accepted and
 /// ignored, as they do not concern images).
@@ -59,6 +62,10 @@ pub struct ImageArg {
     /// The backing file's format named by `backing.driver` (it must be the one it is opened
     /// in).
     pub backing_driver: Option<String>,
+    /// The rules of a blkdebug filter over the image's file (`file.driver=blkdebug`).
+    pub blkdebug_file: Option<BlkdebugConfig>,
+    /// The rules of a blkdebug filter over its data file (`data-file.driver=blkdebug`).
+    pub blkdebug_data_file: Option<BlkdebugConfig>,
 }
 
 impl ImageArg {
@@ -74,12 +81,26 @@ impl ImageArg {
         &mut self.backing_encryption[depth - 1]
     }
 
-    /// Puts the keys and the data file into `opts`.
+    /// Puts the keys, the data file and the blkdebug filters into `opts`.
     pub fn apply(&self, opts: &mut OpenOptions) {
         opts.qcow2.encryption = self.encryption.clone();
         opts.backing_encryption = self.backing_encryption.clone();
         if let Some(d) = &self.data_file {
             opts.data_file = Some(d.into());
+        }
+        if self.blkdebug_file.is_some() || self.blkdebug_data_file.is_some() {
+            let (file, data) = (self.blkdebug_file.clone(), self.blkdebug_data_file.clone());
+            let hook = move |role: FileRole, storage: Arc<dyn Storage>| -> Arc<dyn Storage> {
+                let config = match role {
+                    FileRole::DataFile => data.clone(),
+                    _ => file.clone(),
+                };
+                match config {
+                    Some(c) => Arc::new(Blkdebug::new(storage, c, None)),
+                    None => storage,
+                }
+            };
+            opts.interpose = Some(Interpose(Arc::new(hook)));
         }
     }
 }
@@ -290,10 +311,14 @@ pub fn image_arg(
 
 /// The image operand the flattened `options` describe.
 fn image_arg_of_options(
-    options: Vec<(String, String)>,
+    mut options: Vec<(String, String)>,
     secrets: &Secrets,
 ) -> Result<ImageArg, String> {
-    let mut arg = ImageArg::default();
+    let mut arg = ImageArg {
+        blkdebug_file: crate::blkdebug_rules::split_blkdebug(&mut options, "file")?,
+        blkdebug_data_file: crate::blkdebug_rules::split_blkdebug(&mut options, "data-file")?,
+        ..ImageArg::default()
+    };
     let mut path = None;
     let given = |key: &str| {
         options

@@ -10,6 +10,7 @@ mod amend;
 mod args;
 mod bench;
 mod bitmap;
+mod blkdebug_rules;
 mod check;
 mod commit;
 mod common;

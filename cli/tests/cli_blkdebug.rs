@@ -299,3 +299,68 @@ fn a_failing_flush_of_the_data_file_fails_the_flush() {
         "the flush of the data file did not fail"
     );
 }
+
+#[test]
+fn qemu_img_opens_a_blkdebug_data_file_named_by_json() {
+    let d = tempfile::tempdir().expect("tempdir");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=t.qcow2.data",
+            "t.qcow2",
+            "4M",
+        ],
+        d.path(),
+    );
+    run(
+        "qemu-io",
+        &["-c", "write -P 5 64k 128k", "t.qcow2"],
+        d.path(),
+    );
+    run(
+        "qemu-img",
+        &["convert", "-O", "qcow2", "t.qcow2", "src.qcow2"],
+        d.path(),
+    );
+    let json = "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 't.qcow2'}, \
+                'data-file': {'driver': 'blkdebug', 'image': {'driver': 'file', \
+                'filename': 't.qcow2.data'}}}";
+    // A rule failing every read of the data file: the same image must then fail to compare.
+    let failing = json.replace(
+        "'driver': 'blkdebug',",
+        "'driver': 'blkdebug', 'inject-error': [{'event': 'none', 'iotype': 'read'}],",
+    );
+    for (name, want) in [(json.to_string(), 0), (failing, 4)] {
+        let q = Command::new("qemu-img")
+            .args(["compare", "src.qcow2", &name])
+            .current_dir(d.path())
+            .output()
+            .expect("qemu-img");
+        let k = Command::new(QCOW2KIT)
+            .args(["compare", "src.qcow2", &name])
+            .current_dir(d.path())
+            .output()
+            .expect("qcow2kit");
+        assert_eq!(q.status.code(), Some(want), "qemu-img compare {name}");
+        assert_eq!(
+            k.status.code(),
+            q.status.code(),
+            "exit status differs for {name}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&k.stdout),
+            String::from_utf8_lossy(&q.stdout),
+            "stdout differs for {name}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&k.stderr).replace("qcow2kit:", "qemu-img:"),
+            String::from_utf8_lossy(&q.stderr),
+            "stderr differs for {name}"
+        );
+    }
+}

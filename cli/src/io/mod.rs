@@ -70,6 +70,7 @@ use open::{close_image, open_image, parse_cache, parse_discard, OpenError, OpenS
 use output::Out;
 pub(crate) use qcow2_opts::is_runtime_key;
 use qopts::Opts;
+pub(crate) use qopts::{parse_bool, parse_number};
 
 const SPECS: &[Spec] = &[
     opt(Some('c'), Some("cmd"), true, "c"),
@@ -200,8 +201,11 @@ pub fn run(args: &[String]) -> u8 {
     s.out.flush();
     if let Some(img) = s.img.take() {
         let name = img.spec.name.clone().unwrap_or_default();
-        if let Err(e) = close_image(img) {
-            return fail(format!("io: closing {name}: {e}"));
+        match close_image(img) {
+            // As qemu-io, silent about a failure a command already reported.
+            Err(e) if failed && e.ends_with(qcow2kit::error::AFTER_FAILED_WRITE) => return 1,
+            Err(e) => return fail(format!("io: closing {name}: {e}")),
+            Ok(()) => {}
         }
     }
     u8::from(failed)

@@ -151,11 +151,10 @@ pub(super) fn open_image(
     if let Some(proto) = driver.as_deref().filter(|d| PROTOCOLS.contains(d)) {
         return open_protocol(name, spec, proto, opts, writethrough, unmap);
     }
+    let blkdebug = super::blkdebug::take_blkdebug(&mut name, &mut opts)?;
     if let Some(d) = opts.take("file.driver") {
         crate::image_opts::check_driver("file.driver", &d)?;
     }
-    let mut name = spec.name.clone();
-    let blkdebug = super::blkdebug::take_blkdebug(&mut name, &mut opts)?;
     let file_name = opts.take("file.filename");
     let path = match (&name, file_name) {
         (Some(_), Some(_)) => {

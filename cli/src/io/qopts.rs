@@ -104,7 +104,7 @@ fn value_until_comma(s: &str) -> (String, &str) {
 }
 
 /// A boolean option's value, with QEMU's message for anything but `on`/`off`.
-pub(super) fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" => Ok(true),
         "off" => Ok(false),
@@ -157,7 +157,7 @@ pub(super) fn parse_size(key: &str, value: &str) -> Result<u64, String> {
 }
 
 /// A number option's value (`qemu_strtou64`: a negative number wraps around, as in QEMU).
-pub(super) fn parse_number(key: &str, value: &str) -> Result<u64, String> {
+pub(crate) fn parse_number(key: &str, value: &str) -> Result<u64, String> {
     let bad = || format!("Parameter '{key}' expects a number");
     let v = value.trim_start();
     let (neg, digits) = match v.strip_prefix('-') {
