@@ -12,7 +12,9 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, open_image, parse_format, parse_size};
+use crate::create::{parse_settings, target_options};
 use crate::image_opts::load_secrets;
+use crate::option_help::{accumulate, create_options, has_help_option, print_create_help};
 use crate::qemu_errors::convert_error_text;
 use qcow2kit::chain::{FileRole, ImageFormat, Locking};
 use qcow2kit::io::lock::{lock_error, LockRequest};
@@ -65,23 +67,49 @@ pub fn run(args: &[String]) -> u8 {
 
 fn convert(args: &[String]) -> Result<(), String> {
     let p = parse(args, SPECS)?;
+    // qemu-img's option loop (every -o list valid), then its checks in its order, then help.
+    let options = accumulate(p.all("o"))?;
+    if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
+    // Copy offloading: the copy is made by reads and writes either way (qemu-img falls back to
+    // them where the storage cannot offload); its refusals are qemu-img's.
+    if p.has("C") && p.has("c") {
+        return Err("Cannot enable copy offloading when -c is used".into());
+    }
+    if p.has("C") && p.has("S") {
+        return Err("Cannot enable copy offloading when -S is used".into());
+    }
+    if p.has("target-image-opts") && !p.has("n") {
+        return Err("--target-image-opts requires use of -n flag".into());
+    }
+    if p.has("n") && options.is_some() {
+        return Err("-o has no effect when skipping image creation".into());
+    }
+    if options.as_deref().is_some_and(has_help_option) {
+        let target = match p.operands.as_slice() {
+            [_, .., t] => Some(t.as_str()),
+            _ => None,
+        };
+        return match p.last("O") {
+            Some(f) => print_create_help(target, f),
+            None if p.has("target-image-opts") => {
+                Err("Option help requires a format be specified".into())
+            }
+            None => print_create_help(target, "raw"),
+        };
+    }
     let [src, dst] = p.operands.as_slice() else {
         return Err(if p.operands.len() > 2 {
             "convert: more than one source image is not supported".into()
         } else {
-            "Expecting one image file name and one output file name".into()
+            "Must specify image file name".into()
         });
     };
     let mut out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
-    if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
-        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
-    }
     // The target as an option string (`driver=…,file.filename=…,encrypt.key-secret=…`): an
     // existing image only, as in qemu-img.
     let target_arg = if p.has("target-image-opts") {
-        if !p.has("n") {
-            return Err("--target-image-opts requires use of -n flag".into());
-        }
         let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
         let arg = crate::image_opts::image_arg(dst, true, None, &secrets)?;
         if let Some(e) = &arg.secret_error {
@@ -106,43 +134,19 @@ fn convert(args: &[String]) -> Result<(), String> {
         if p.has("B") {
             return Err("Backing file not supported for file format 'raw'".into());
         }
-        for o in p.all("o") {
-            for kv in o.split(',').filter(|s| !s.is_empty()) {
-                let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
-                if k != "preallocation" {
-                    return Err(format!("Invalid parameter '{k}'"));
-                }
-            }
-        }
+        parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
     } else {
         let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
-        for o in p.all("o") {
-            let (rest, encryption) = crate::create::take_encryption(o, &secrets)?;
-            if encryption.is_some() {
-                if p.has("c") {
-                    return Err("Compression and encryption not supported at the same time".into());
-                }
-                create.encryption = encryption;
-            }
-            create
-                .apply_qemu_options(&rest, |v| parse_size(v).ok())
-                .map_err(|e| e.to_string())?;
+        let set = parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
+        create = target_options(&set, &secrets)?;
+        if create.encryption.is_some() && p.has("c") {
+            return Err("Compression and encryption not supported at the same time".into());
         }
         if let Some(b) = p.last("B") {
             create.backing_file = Some(b.to_string());
         }
         if let Some(f) = p.last("F") {
             create.backing_format = Some(f.to_string());
-        }
-    }
-    // Copy offloading: the copy is made by reads and writes either way (qemu-img falls back to
-    // them where the storage cannot offload); its refusals are qemu-img's.
-    if p.has("C") {
-        if p.has("c") {
-            return Err("Cannot enable copy offloading when -c is used".into());
-        }
-        if p.has("S") {
-            return Err("Cannot enable copy offloading when -S is used".into());
         }
     }
     let zero_granularity = match p.last("S") {

@@ -15,12 +15,16 @@
 //!    image: [`CreateOptions::apply_qemu_options`] and [`create_qcow2`], or [`create_raw`].
 //!
 //! Sizes are rounded up to a multiple of 512 bytes, as QEMU's qcow2 and file drivers do.
-//! Encryption (`encrypt.*` with a `--object secret`) creates LUKS or legacy AES images;
-//! `-o help` is refused.
+//! Encryption (`encrypt.*` with a `--object secret`) creates LUKS or legacy AES images.
+//! `-o help` / `-o ?` lists the options ([`crate::option_help`]).
 
-use crate::args::{opt, parse, Parsed, Spec};
-use crate::common::{fail, parse_size};
+use crate::args::{opt, Parsed, Spec};
+use crate::common::{parse_size, try_help};
 use crate::image_opts::load_secrets;
+use crate::option_help::{
+    accumulate, create_format, create_options, has_help_option, parse_list, print_create_help,
+    Desc, Kind,
+};
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
 use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
 use qcow2kit::crypto::secret::Secrets;
@@ -50,97 +54,18 @@ lazy_refcounts, refcount_bits, compression_type (nocow and extent_size_hint are 
 have no effect). raw options: size, preallocation (off, falloc, full).
 ";
 
-/// The type of a QemuOpts option, which decides how its value is checked and printed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Str,
-    Bool,
-    Number,
-    Size,
-}
-
-/// One option of a format's create option list, in QEMU's printing order.
-struct Desc {
-    name: &'static str,
-    kind: Kind,
-    default: Option<&'static str>,
-}
-
-const fn d(name: &'static str, kind: Kind, default: Option<&'static str>) -> Desc {
-    Desc {
-        name,
-        kind,
-        default,
-    }
-}
-
-/// qcow2's create options merged with the file protocol's, in the order qemu-img 10 prints them.
-const QCOW2_OPTS: &[Desc] = &[
-    d("encryption", Kind::Bool, None),
-    d("encrypt.format", Kind::Str, None),
-    d("encrypt.key-secret", Kind::Str, None),
-    d("encrypt.cipher-alg", Kind::Str, None),
-    d("encrypt.cipher-mode", Kind::Str, None),
-    d("encrypt.ivgen-alg", Kind::Str, None),
-    d("encrypt.ivgen-hash-alg", Kind::Str, None),
-    d("encrypt.hash-alg", Kind::Str, None),
-    d("encrypt.iter-time", Kind::Number, None),
-    d("cluster_size", Kind::Size, Some("65536")),
-    d("extended_l2", Kind::Bool, Some("off")),
-    d("preallocation", Kind::Str, None),
-    d("compression_type", Kind::Str, Some("zlib")),
-    d("size", Kind::Size, None),
-    d("compat", Kind::Str, None),
-    d("backing_file", Kind::Str, None),
-    d("backing_fmt", Kind::Str, None),
-    d("data_file", Kind::Str, None),
-    d("data_file_raw", Kind::Bool, None),
-    d("lazy_refcounts", Kind::Bool, Some("off")),
-    d("refcount_bits", Kind::Number, Some("16")),
-    d("nocow", Kind::Bool, None),
-    d("extent_size_hint", Kind::Size, None),
-];
-
-/// The file protocol's create options (raw images).
-const RAW_OPTS: &[Desc] = &[
-    d("size", Kind::Size, None),
-    d("nocow", Kind::Bool, None),
-    d("preallocation", Kind::Str, None),
-    d("extent_size_hint", Kind::Size, None),
-];
-
 /// Options that [`encryption`] reads rather than [`qcow2_options`].
 fn is_encryption_option(key: &str) -> bool {
     key == "encryption" || key.starts_with("encrypt.")
 }
 
-/// The `encrypt.*` options of a qcow2 `-o` list given to another command (`convert -O qcow2`):
-/// the list without them, and the encryption they ask for.
-pub(crate) fn take_encryption(
-    list: &str,
-    secrets: &Secrets,
-) -> Result<(String, Option<CreateEncryption>), String> {
-    let mut set = Settings::default();
-    let mut rest = Vec::new();
-    for (k, v) in split_options(list) {
-        if !is_encryption_option(&k) {
-            rest.push(format!("{k}={v}"));
-            continue;
-        }
-        let number = match k.as_str() {
-            "encrypt.iter-time" => {
-                Some(parse_number(&v).ok_or_else(|| format!("Parameter '{k}' expects a number"))?)
-            }
-            "encryption" => {
-                parse_bool(&v).ok_or_else(|| format!("Parameter '{k}' expects 'on' or 'off'"))?;
-                None
-            }
-            _ if QCOW2_OPTS.iter().any(|d| d.name == k) => None,
-            _ => return Err(format!("Invalid parameter '{k}'")),
-        };
-        set.set(&k, v, number);
-    }
-    Ok((rest.join(","), encryption(&set, secrets)?))
+/// The options of a new qcow2 image that `convert` makes, from its `-o` settings (already
+/// checked by [`parse_settings`]); `convert` sets the size and the `-B`/`-F` backing itself.
+pub(crate) fn target_options(set: &Settings, secrets: &Secrets) -> Result<CreateOptions, String> {
+    let mut o = CreateOptions::default();
+    apply_settings(&mut o, set)?;
+    o.encryption = encryption(set, secrets)?;
+    Ok(o)
 }
 
 /// The encryption the options ask for, checked as QEMU's qcow2 and crypto drivers check them
@@ -213,7 +138,7 @@ struct Setting {
 
 /// The options of the image being created, in the order given (the last of a name wins).
 #[derive(Default)]
-struct Settings(Vec<Setting>);
+pub(crate) struct Settings(Vec<Setting>);
 
 impl Settings {
     fn get(&self, name: &str) -> Option<&Setting> {
@@ -257,56 +182,34 @@ pub(crate) fn parse_number(v: &str) -> Option<u64> {
     }
 }
 
-/// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
-pub(crate) fn valid_option_list(s: &str) -> bool {
-    if s.is_empty() || s.starts_with(',') {
-        return false;
+/// QemuOpts parsing of an option list against `descs`: each name must be one of them and each
+/// value of its type (QEMU's messages). The list is valid ([`accumulate`]) or empty.
+pub(crate) fn parse_settings(list: &str, descs: &[&Desc]) -> Result<Settings, String> {
+    let mut set = Settings::default();
+    if list.is_empty() {
+        return Ok(set);
     }
-    let trailing = s.len() - s.trim_end_matches(',').len();
-    trailing % 2 == 0
-}
-
-/// Splits a QemuOpts string into `(name, value)` pairs: `,,` escapes a comma in a value, a bare
-/// `name` is `name=on` and `noname` is `name=off`.
-pub(crate) fn split_options(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        let name_end = b[i..]
+    for (k, v) in parse_list(list) {
+        let desc = descs
             .iter()
-            .position(|&c| c == b'=' || c == b',')
-            .map_or(b.len(), |p| i + p);
-        let name = &s[i..name_end];
-        if name_end < b.len() && b[name_end] == b'=' {
-            let mut value = String::new();
-            let mut j = name_end + 1;
-            let start = j;
-            let mut seg = start;
-            while j < b.len() {
-                if b[j] == b',' {
-                    if j + 1 < b.len() && b[j + 1] == b',' {
-                        value.push_str(&s[seg..=j]);
-                        j += 2;
-                        seg = j;
-                        continue;
-                    }
-                    break;
-                }
-                j += 1;
+            .find(|d| d.name == k)
+            .ok_or_else(|| format!("Invalid parameter '{k}'"))?;
+        let number = match desc.kind {
+            Kind::Str => None,
+            Kind::Bool => {
+                parse_bool(&v).ok_or_else(|| format!("Parameter '{k}' expects 'on' or 'off'"))?;
+                None
             }
-            value.push_str(&s[seg..j]);
-            out.push((name.to_string(), value));
-            i = j + 1;
-        } else {
-            match name.strip_prefix("no") {
-                Some(n) => out.push((n.to_string(), "off".into())),
-                None => out.push((name.to_string(), "on".into())),
+            Kind::Number => {
+                Some(parse_number(&v).ok_or_else(|| format!("Parameter '{k}' expects a number"))?)
             }
-            i = name_end + 1;
-        }
+            Kind::Size => Some(parse_size(&v).map_err(|_| {
+                format!("Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}")
+            })?),
+        };
+        set.set(&k, v, number);
     }
-    out
+    Ok(set)
 }
 
 /// A library error as qemu-img would word it when opening `path`.
@@ -321,21 +224,10 @@ fn open_error(path: &Path, e: &qcow2kit::Error) -> String {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            // getopt's wording, as qemu-img prints it.
-            errln!("qcow2kit create: {e}\n{TRY}");
-            return 1;
-        }
-    };
-    match create(&p) {
-        Ok(()) => 0,
-        Err(msg) => fail(msg),
-    }
+    crate::common::exit_code(
+        crate::common::parse_args(args, SPECS, "create").and_then(|p| create(&p)),
+    )
 }
-
-const TRY: &str = "Try 'qcow2kit create --help' for more info";
 
 pub(crate) const SIZE_HINT: &str =
     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
@@ -346,72 +238,33 @@ fn create(p: &Parsed) -> Result<(), String> {
         out!("{HELP}");
         return Ok(());
     }
+    // qemu-img's option loop: every -o list must be valid, every --object must be defined.
+    let options = accumulate(p.all("o"))?;
     let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    let fmt_name = p.last("f").unwrap_or("raw");
+    if options.as_deref().is_some_and(has_help_option) {
+        return print_create_help(p.operands.first().map(String::as_str), fmt_name);
+    }
     let (file, size_arg) = match p.operands.as_slice() {
-        [] => return Err(format!("Expecting image file name\n{TRY}")),
+        [] => return Err(format!("Expecting image file name\n{}", try_help("create"))),
         [f] => (f.as_str(), None),
         [f, s] => (f.as_str(), Some(s.as_str())),
-        [_, _, extra, ..] => return Err(format!("Unexpected argument: {extra}\n{TRY}")),
-    };
-    let mut options = Vec::new();
-    for o in p.all("o") {
-        if !valid_option_list(o) {
-            return Err(format!("Invalid option list: {o}"));
+        [_, _, extra, ..] => {
+            return Err(format!(
+                "Unexpected argument: {extra}\n{}",
+                try_help("create")
+            ))
         }
-        options.push(o.as_str());
-    }
-    let joined = options.join(",");
-    let pairs = split_options(&joined);
-    if pairs.iter().any(|(k, _)| k == "help" || k == "?") {
-        return Err("create: -o help is not supported; see 'qcow2kit create --help'".into());
-    }
+    };
     let size_pos = match size_arg {
         Some(s) => Some(parse_image_size(s)?),
         None => None,
     };
 
-    let fmt_name = p.last("f").unwrap_or("raw");
     let at = |msg: String| format!("{file}: {msg}");
-    let format = match fmt_name {
-        "qcow2" => ImageFormat::Qcow2,
-        "raw" => ImageFormat::Raw,
-        "vmdk" | "vdi" | "vhdx" | "vpc" | "qcow" | "qed" | "parallels" | "luks" => {
-            return Err(at(format!(
-                "creating '{fmt_name}' images is not supported by qcow2kit (qcow2 and raw only)"
-            )))
-        }
-        other => return Err(at(format!("Unknown file format '{other}'"))),
-    };
-    let descs = match format {
-        ImageFormat::Qcow2 => QCOW2_OPTS,
-        ImageFormat::Raw => RAW_OPTS,
-    };
-
-    // QemuOpts parsing: names and value types.
-    let mut set = Settings::default();
-    for (k, v) in pairs {
-        let desc = descs
-            .iter()
-            .find(|d| d.name == k)
-            .ok_or_else(|| at(format!("Invalid parameter '{k}'")))?;
-        let number = match desc.kind {
-            Kind::Str => None,
-            Kind::Bool => {
-                parse_bool(&v)
-                    .ok_or_else(|| at(format!("Parameter '{k}' expects 'on' or 'off'")))?;
-                None
-            }
-            Kind::Number => Some(
-                parse_number(&v).ok_or_else(|| at(format!("Parameter '{k}' expects a number")))?,
-            ),
-            Kind::Size => Some(parse_size(&v).map_err(|_| {
-                at(format!(
-                    "Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}"
-                ))
-            })?),
-        };
-        set.set(&k, v, number);
-    }
+    let format = create_format(fmt_name).map_err(at)?;
+    let mut set =
+        parse_settings(options.as_deref().unwrap_or(""), &create_options(format)).map_err(at)?;
     match (set.get("size"), size_pos) {
         (Some(_), Some(_)) => return Err(at("The image size must be specified only once".into())),
         (None, Some(s)) => set.set("size", s.to_string(), Some(s)),
@@ -473,7 +326,7 @@ fn create(p: &Parsed) -> Result<(), String> {
 
     if !p.has("q") {
         let mut line = format!("Formatting '{file}', fmt={fmt_name}");
-        for desc in descs {
+        for desc in create_options(format) {
             let given = set.get(desc.name);
             let Some(text) = given.map(|s| s.text.as_str()).or(desc.default) else {
                 continue;
@@ -658,6 +511,17 @@ fn qcow2_options(set: &Settings, size: u64) -> Result<CreateOptions, String> {
     }
 
     let mut o = CreateOptions::default();
+    apply_settings(&mut o, set)?;
+    o.size = Some(size);
+    // qcow2_co_create: a raw data file needs L2 tables mapping it 1:1.
+    if o.data_file_raw && o.preallocation == Preallocation::Off {
+        o.preallocation = Preallocation::Metadata;
+    }
+    Ok(o)
+}
+
+/// Sets the library's options from the `-o` settings (size and encryption aside).
+fn apply_settings(o: &mut CreateOptions, set: &Settings) -> Result<(), String> {
     let parse = |s: &str| parse_size(s).ok();
     for s in &set.0 {
         let value = match s.name.as_str() {
@@ -686,38 +550,12 @@ fn qcow2_options(set: &Settings, size: u64) -> Result<CreateOptions, String> {
         o.apply_qemu_options(&format!("{}={value}", s.name), parse)
             .map_err(|e| e.to_string())?;
     }
-    o.size = Some(size);
-    // qcow2_co_create: a raw data file needs L2 tables mapping it 1:1.
-    if o.data_file_raw && o.preallocation == Preallocation::Off {
-        o.preallocation = Preallocation::Metadata;
-    }
-    Ok(o)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn option_lists() {
-        let v = split_options("a=1,b=x,,y,flag,noother,c=");
-        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
-        assert_eq!(
-            v,
-            vec![
-                s("a", "1"),
-                s("b", "x,y"),
-                s("flag", "on"),
-                s("other", "off"),
-                s("c", "")
-            ]
-        );
-        assert!(valid_option_list("a=1"));
-        assert!(valid_option_list("a=x,,"));
-        assert!(!valid_option_list("a=1,"));
-        assert!(!valid_option_list(",a=1"));
-        assert!(!valid_option_list(""));
-    }
 
     #[test]
     fn numbers_and_sizes() {
