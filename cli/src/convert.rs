@@ -49,6 +49,7 @@ const SPECS: &[Spec] = &[
     opt(None, Some("image-opts"), false, "image-opts"),
     opt(None, Some("target-image-opts"), false, "target-image-opts"),
     opt(None, Some("bitmaps"), false, "bitmaps"),
+    opt(None, Some("salvage"), false, "salvage"),
     opt(
         None,
         Some("skip-broken-bitmaps"),
@@ -56,6 +57,27 @@ const SPECS: &[Spec] = &[
         "skip-broken-bitmaps",
     ),
 ];
+
+/// qemu-img's checks of a new image's backing file: its format must be named, and it must
+/// open (qemu-img opens the new image with its backing file before copying). qemu-img creates
+/// the target before it finds the backing file missing; qcow2kit refuses first and creates
+/// nothing.
+fn check_target_backing(dst: &str, create: &CreateOptions) -> Result<(), String> {
+    let Some(backing) = &create.backing_file else {
+        return Ok(());
+    };
+    let Some(fmt) = &create.backing_format else {
+        return Err("Use of backing file requires explicit backing format".into());
+    };
+    if !crate::option_help::is_qemu_format(fmt) {
+        return Err(format!(
+            "{dst}: error while converting qcow2: Parameter 'backing-fmt' does not accept value '{fmt}'"
+        ));
+    }
+    crate::create::open_backing(Path::new(dst), backing, Some(fmt))
+        .map(|_| ())
+        .map_err(|e| format!("Could not open '{dst}': Could not open backing file: {e}"))
+}
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
@@ -79,6 +101,9 @@ fn convert(args: &[String]) -> Result<(), String> {
     }
     if p.has("C") && p.has("S") {
         return Err("Cannot enable copy offloading when -S is used".into());
+    }
+    if p.has("C") && p.has("salvage") {
+        return Err("Cannot use copy offloading in salvaging mode".into());
     }
     if p.has("target-image-opts") && !p.has("n") {
         return Err("--target-image-opts requires use of -n flag".into());
@@ -106,6 +131,12 @@ fn convert(args: &[String]) -> Result<(), String> {
             "Must specify image file name".into()
         });
     };
+    if p.has("salvage") {
+        return Err(
+            "--salvage (reading unreadable source areas as zeros) is not supported by qcow2kit"
+                .into(),
+        );
+    }
     let mut out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
     // The target as an option string (`driver=…,file.filename=…,encrypt.key-secret=…`): an
     // existing image only, as in qemu-img.
@@ -190,6 +221,9 @@ fn convert(args: &[String]) -> Result<(), String> {
         o.locking = source_locking;
     })?;
     let dev = image.device;
+    if !p.has("n") {
+        check_target_backing(dst, &create)?;
+    }
     let bitmaps = match (&image.qcow2, p.has("bitmaps")) {
         (Some(q), true) => Some(bitmaps::to_copy(q, p.has("skip-broken-bitmaps"))?),
         _ => None,

@@ -389,7 +389,11 @@ fn parse_image_size(s: &str) -> Result<u64, String> {
 
 /// Opens the backing file named `name` (relative to the new image `image`) as qemu-img does
 /// before creating an overlay: in `fmt`, or probed. Returns its format and size.
-fn open_backing(image: &Path, name: &str, fmt: Option<&str>) -> Result<(ImageFormat, u64), String> {
+pub(crate) fn open_backing(
+    image: &Path,
+    name: &str,
+    fmt: Option<&str>,
+) -> Result<(ImageFormat, u64), String> {
     let path = resolve_relative(image, name.as_bytes()).map_err(|e| e.to_string())?;
     let format = match fmt {
         Some(f) => {

@@ -298,6 +298,11 @@ const QEMU_FORMATS: &[&str] = &[
     "vvfat",
 ];
 
+/// Whether QEMU has a format driver named `name`.
+pub(crate) fn is_qemu_format(name: &str) -> bool {
+    QEMU_FORMATS.contains(&name)
+}
+
 /// The formats qemu-img can create that qcow2kit does not.
 const QEMU_ONLY_CREATE: &[&str] = &[
     "file",
@@ -428,7 +433,7 @@ pub(crate) fn print_amend_help(fmt: &str) -> Result<(), String> {
             Ok(())
         }
         "luks" => Err("amending 'luks' images is not supported by qcow2kit (qcow2 only)".into()),
-        f if QEMU_FORMATS.contains(&f) => Err(amend_refused(f)),
+        f if is_qemu_format(f) => Err(amend_refused(f)),
         f => Err(format!("Unknown file format '{f}'")),
     }
 }
