@@ -89,12 +89,14 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
         out!("{HELP}");
         return Ok(());
     }
-    let Some(list) = accumulate(p.all("o"))? else {
+    let list = accumulate(p.all("o"))?;
+    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    let Some(list) = list else {
         return Err(format!("Must specify options (-o)\n{}", try_help("amend")));
     };
     // From here on, qemu-img ends the progress line whatever happens.
     let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !p.has("q")));
-    let r = amend_image(&p, &list, &meter);
+    let r = amend_image(&p, &list, &secrets, &meter);
     meter.lock().unwrap_or_else(|e| e.into_inner()).end();
     r
 }
@@ -102,6 +104,7 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
 fn amend_image(
     p: &crate::args::Parsed,
     list: &str,
+    secrets: &Secrets,
     meter: &std::sync::Mutex<Meter>,
 ) -> Result<(), String> {
     let wants_help = has_help_option(list);
@@ -117,8 +120,7 @@ fn amend_image(
     if let Some(mode) = p.last("t") {
         check_cache_mode(mode)?;
     }
-    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
-    let arg = image_arg(file, p.has("image-opts"), p.last("f"), &secrets)?;
+    let arg = image_arg(file, p.has("image-opts"), p.last("f"), secrets)?;
     if let Some(e) = &arg.secret_error {
         return Err(format!("Could not open '{file}': {e}"));
     }
@@ -145,7 +147,7 @@ fn amend_image(
     let Some(qcow2) = image.qcow2.clone() else {
         return Err(amend_refused(format.name()));
     };
-    let (opts, keys) = parse_amend_options(&pairs, &qcow2, &secrets, p.has("force"))?;
+    let (opts, keys) = parse_amend_options(&pairs, &qcow2, secrets, p.has("force"))?;
     if let Some(change) = keys {
         qcow2.amend_key_slots(&change).map_err(|e| match e {
             qcow2kit::Error::InvalidArgument(m) => m,

@@ -11,9 +11,10 @@
 //! qemu-img falls back to) and `-t`/`-T` (accepted, no effect).
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_image, parse_format, parse_size};
-use crate::create::{parse_settings, target_options};
+use crate::common::{fail, open_image, parse_format};
+use crate::create::{cvtnum, parse_settings, target_options};
 use crate::image_opts::load_secrets;
+use crate::option_help::parse_list;
 use crate::option_help::{accumulate, create_options, has_help_option, print_create_help};
 use crate::qemu_errors::convert_error_text;
 use qcow2kit::chain::{FileRole, ImageFormat, Locking};
@@ -79,6 +80,45 @@ fn check_target_backing(dst: &str, create: &CreateOptions) -> Result<(), String>
         .map_err(|e| format!("Could not open '{dst}': Could not open backing file: {e}"))
 }
 
+/// `-S`: a size, a multiple of 512 bytes up to 16 MiB (qemu-img's messages).
+fn sparse_size(s: &str) -> Result<u64, String> {
+    let v = cvtnum("buffer size for sparse output", s, true, 0, i64::MAX as u64)?;
+    if v % 512 != 0 || v > 16 << 20 {
+        return Err(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples \
+                    of 512 up to 16777216. Select 0 to disable sparse detection (fully \
+                    allocates output)."
+                .into(),
+        );
+    }
+    Ok(v)
+}
+
+/// `-l`: `snapshot.id=ID` and/or `snapshot.name=NAME` (an option list), or an id or name.
+fn snapshot_param(s: &str) -> Result<SnapshotRef, String> {
+    if !s.starts_with("snapshot.") {
+        return Ok(SnapshotRef::IdOrName(s.to_string()));
+    }
+    let (mut id, mut name) = (None, None);
+    for (k, v) in parse_list(s) {
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                return Err(format!(
+                    "Invalid parameter '{k}'\n{}: Failed in parsing snapshot param '{s}'",
+                    crate::common::prog()
+                ))
+            }
+        }
+    }
+    Ok(match (id, name) {
+        (Some(i), _) => SnapshotRef::Id(i),
+        (None, Some(n)) => SnapshotRef::Name(n),
+        (None, None) => SnapshotRef::IdOrName(s.to_string()),
+    })
+}
+
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
     match convert(args) {
@@ -89,8 +129,22 @@ pub fn run(args: &[String]) -> u8 {
 
 fn convert(args: &[String]) -> Result<(), String> {
     let p = parse(args, SPECS)?;
-    // qemu-img's option loop (every -o list valid), then its checks in its order, then help.
+    // qemu-img's option loop (every -o list valid, every value of -S, -m and -l, every
+    // --object), then its checks in its order, then help.
     let options = accumulate(p.all("o"))?;
+    let mut zero_granularity = 4096;
+    for s in p.all("S") {
+        zero_granularity = sparse_size(s)?;
+    }
+    let mut workers = 0;
+    for m in p.all("m") {
+        workers = cvtnum("number of coroutines", m, false, 1, 16)? as usize;
+    }
+    let mut snapshot = None;
+    for l in p.all("l").iter().chain(p.all("s")) {
+        snapshot = Some(snapshot_param(l)?);
+    }
+    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
     if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
         return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
     }
@@ -141,7 +195,6 @@ fn convert(args: &[String]) -> Result<(), String> {
     // The target as an option string (`driver=…,file.filename=…,encrypt.key-secret=…`): an
     // existing image only, as in qemu-img.
     let target_arg = if p.has("target-image-opts") {
-        let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
         let arg = crate::image_opts::image_arg(dst, true, None, &secrets)?;
         if let Some(e) = &arg.secret_error {
             return Err(format!("Could not open '{dst}': {e}"));
@@ -167,7 +220,6 @@ fn convert(args: &[String]) -> Result<(), String> {
         }
         parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
     } else {
-        let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
         let set = parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
         create = target_options(&set, &secrets)?;
         if create.encryption.is_some() && p.has("c") {
@@ -180,30 +232,6 @@ fn convert(args: &[String]) -> Result<(), String> {
             create.backing_format = Some(f.to_string());
         }
     }
-    let zero_granularity = match p.last("S") {
-        Some(s) => {
-            let v = parse_size(s).map_err(|_| "Invalid buffer size for sparse output specified")?;
-            if v % 512 != 0 {
-                return Err("Invalid buffer size for sparse output specified".into());
-            }
-            v
-        }
-        None => 4096,
-    };
-    let workers = match p.last("m") {
-        Some(m) => match m.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => n,
-            _ => return Err(
-                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-                    .into(),
-            ),
-        },
-        None => 0,
-    };
-    let snapshot = match p.last("l").or(p.last("s")) {
-        Some(s) => Some(SnapshotRef::parse(s).map_err(|e| e.to_string())?),
-        None => None,
-    };
     if src == "-" {
         if p.has("n") || snapshot.is_some() || p.last("f").is_some_and(|f| f != "qcow2") {
             return Err("a streamed source is a qcow2 image read whole: -n, -l and -f other than qcow2 do not apply".into());

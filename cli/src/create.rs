@@ -366,25 +366,50 @@ fn create(p: &Parsed) -> Result<(), String> {
     }
 }
 
-/// The positional size, as qemu-img's `cvtnum("image size", …)` judges it.
-fn parse_image_size(s: &str) -> Result<u64, String> {
-    let range = || "Invalid image size specified. Must be between 0 and 9223372036854775807.";
-    match parse_size(s) {
-        Ok(v) if v <= i64::MAX as u64 => Ok(v),
-        Ok(_) => Err(range().into()),
-        Err(_) => {
+/// qemu-img's `cvtnum_full(name, value, is_size, min, max)`: a size (with a k/M/G/T/P/E
+/// suffix) or a number (decimal, hex or octal) between `min` and `max`, with qemu-img's two
+/// messages: a value that is no number, and a number out of range (negative ones included).
+pub(crate) fn cvtnum(
+    name: &str,
+    s: &str,
+    is_size: bool,
+    min: u64,
+    max: u64,
+) -> Result<u64, String> {
+    let range = || format!("Invalid {name} specified. Must be between {min} and {max}.");
+    let value = if is_size {
+        parse_size(s).ok()
+    } else {
+        parse_number(s.trim())
+    };
+    match value {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(_) => Err(range()),
+        None => {
             let (num, suffix) = match s.char_indices().last() {
-                Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], Some(c)),
+                Some((i, c)) if is_size && c.is_ascii_alphabetic() => (&s[..i], Some(c)),
                 _ => (s, None),
             };
             let suffix_ok = suffix.is_none_or(|c| "bkmgtpe".contains(c.to_ascii_lowercase()));
-            if suffix_ok && num.parse::<f64>().is_ok_and(|f| f >= 0.0) {
-                Err(range().into())
+            let number = if is_size {
+                num.trim().parse::<f64>().is_ok()
             } else {
-                Err(format!("Invalid image size specified: '{s}'."))
+                let n = num.trim();
+                let digits = n.strip_prefix('-').unwrap_or(n);
+                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+            };
+            if suffix_ok && number {
+                Err(range())
+            } else {
+                Err(format!("Invalid {name} specified: '{s}'."))
             }
         }
     }
+}
+
+/// The positional size, as qemu-img's `cvtnum("image size", …)` judges it.
+fn parse_image_size(s: &str) -> Result<u64, String> {
+    cvtnum("image size", s, true, 0, i64::MAX as u64)
 }
 
 /// Opens the backing file named `name` (relative to the new image `image`) as qemu-img does
@@ -572,5 +597,19 @@ mod tests {
             .unwrap_err()
             .contains("Must be between"));
         assert!(parse_image_size("1x").unwrap_err().contains("'1x'"));
+        let coroutines = |v: &str| cvtnum("number of coroutines", v, false, 1, 16);
+        assert_eq!(coroutines("0x10"), Ok(16));
+        assert_eq!(coroutines("010"), Ok(8));
+        let range = "Invalid number of coroutines specified. Must be between 1 and 16.";
+        for v in ["0", "17", "-1", "99999999999999999999"] {
+            assert_eq!(coroutines(v).unwrap_err(), range, "{v}");
+        }
+        for v in ["x", "16k", "1e", ""] {
+            assert_eq!(
+                coroutines(v).unwrap_err(),
+                format!("Invalid number of coroutines specified: '{v}'."),
+                "{v}"
+            );
+        }
     }
 }

@@ -370,6 +370,19 @@ const CONVERT_HELP: &[&[&str]] = &[
     &["convert", "-O", "qcow2", "-o", "help", "t.qcow2"],
     &["convert", "-O", "qcow2", "-c", "-o", "help", "a", "b", "c"],
     &["convert", "-o", "help,preallocation=x", "t.qcow2", "t.raw"],
+    &[
+        "convert",
+        "-m",
+        "0x10",
+        "-S",
+        "16M",
+        "-l",
+        "snapshot.name=a,,b",
+        "-O",
+        "qcow2",
+        "-o",
+        "help",
+    ],
 ];
 
 const CONVERT_REFUSED: &[&[&str]] = &[
@@ -436,6 +449,17 @@ const CONVERT_REFUSED: &[&[&str]] = &[
         "t.qcow2",
     ],
     &["convert", "t.qcow2"],
+    // Values checked in qemu-img's option loop, before help.
+    &["convert", "-O", "qcow2", "-o", "help", "-S", "1x"],
+    &["convert", "-O", "qcow2", "-o", "help", "-S", "513"],
+    &["convert", "-O", "qcow2", "-o", "help", "-S", "17M"],
+    &["convert", "-O", "qcow2", "-o", "help", "-S", "-1"],
+    &["convert", "-O", "qcow2", "-o", "help", "-m", "17"],
+    &["convert", "-O", "qcow2", "-o", "help", "-m", "16k"],
+    &["convert", "-O", "qcow2", "-o", "help", "-m", "1", "-m", "0"],
+    &["convert", "-o", "help", "-l", "snapshot.foo=x"],
+    &["convert", "--object", "secret,id=s0", "-o", "help"],
+    &["convert", "-C", "-S", "1x", "-o", "help"],
     &[
         "convert", "-O", "qcow2", "-o", "foo=bar", "t.qcow2", "n.qcow2",
     ],
@@ -522,6 +546,15 @@ const AMEND_REFUSED: &[&[&str]] = &[
         "t.qcow2",
     ],
     &["amend", "-o", "help"],
+    &[
+        "amend",
+        "--object",
+        "secret,id=s0",
+        "-f",
+        "qcow2",
+        "-o",
+        "help",
+    ],
     &["amend", "-f", "bochs", "-o", "help"],
     &["amend", "-f", "raw", "-o", "help"],
     &["amend", "-f", "foo", "-o", "help"],
