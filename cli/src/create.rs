@@ -320,7 +320,12 @@ fn create(p: &Parsed) -> Result<(), String> {
             }
         }
     }
-    let Some(size) = set.get("size").and_then(|s| s.number) else {
+    // QEMU keeps sizes in an int64 where -1 (u64::MAX here) means "no size given".
+    let Some(size) = set
+        .get("size")
+        .and_then(|s| s.number)
+        .filter(|&n| n != u64::MAX)
+    else {
         return Err(at("Image creation needs a size parameter".into()));
     };
 
@@ -341,7 +346,14 @@ fn create(p: &Parsed) -> Result<(), String> {
         outln!("{line}");
     }
 
-    let size = size.next_multiple_of(512);
+    // Sizes within 511 bytes of 2^64 cannot be rounded up (QEMU, reading them as negative,
+    // makes an image of a nonsensical size; they are refused here).
+    let size = size.checked_next_multiple_of(512).ok_or_else(|| {
+        at(match format {
+            ImageFormat::Qcow2 => QCOW2_TOO_LARGE.to_string(),
+            ImageFormat::Raw => "The image size is too large for file format 'raw'".to_string(),
+        })
+    })?;
     match format {
         ImageFormat::Raw => {
             let prealloc = match set.text("preallocation").unwrap_or("off") {
@@ -406,6 +418,10 @@ pub(crate) fn cvtnum(
         }
     }
 }
+
+/// qcow2's refusal of a size its L1 table cannot map.
+const QCOW2_TOO_LARGE: &str =
+    "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
 
 /// The positional size, as qemu-img's `cvtnum("image size", …)` judges it.
 fn parse_image_size(s: &str) -> Result<u64, String> {
@@ -532,11 +548,7 @@ fn qcow2_options(set: &Settings, size: u64) -> Result<CreateOptions, String> {
     let entry = if extended_l2 { 16 } else { 8 };
     let per_l1 = cluster_size * (cluster_size / entry);
     if size.div_ceil(per_l1) > (32 << 20) / 8 {
-        return Err(
-            "The image size is too large for file format 'qcow2' (try using a larger \
-                    cluster size)"
-                .into(),
-        );
+        return Err(QCOW2_TOO_LARGE.into());
     }
 
     let mut o = CreateOptions::default();
