@@ -23,7 +23,7 @@ use crate::common::{parse_size, try_help};
 use crate::image_opts::load_secrets;
 use crate::option_help::{
     accumulate, create_format, create_options, has_help_option, parse_list, print_create_help,
-    Desc, Kind,
+    qemu_number, qemu_size, BadValue, Desc, Kind,
 };
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
 use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
@@ -81,6 +81,10 @@ fn encryption(set: &Settings, secrets: &Secrets) -> Result<Option<CreateEncrypti
         (Some(f), _) => EncryptionFormat::from_name(f)
             .ok_or_else(|| format!("Parameter 'format' does not accept value '{f}'"))?,
         (None, Some(true)) => EncryptionFormat::Aes,
+        // Any other encrypt.* option asks for an encryption whose format is not named.
+        (None, _) if set.0.iter().any(|s| s.name.starts_with("encrypt.")) => {
+            return Err("Parameter 'encrypt.format' is missing".into())
+        }
         (None, _) => return Ok(None),
     };
     const LUKS_ONLY: [&str; 6] = [
@@ -200,11 +204,15 @@ pub(crate) fn parse_settings(list: &str, descs: &[&Desc]) -> Result<Settings, St
                 parse_bool(&v).ok_or_else(|| format!("Parameter '{k}' expects 'on' or 'off'"))?;
                 None
             }
-            Kind::Number => {
-                Some(parse_number(&v).ok_or_else(|| format!("Parameter '{k}' expects a number"))?)
-            }
-            Kind::Size => Some(parse_size(&v).map_err(|_| {
-                format!("Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}")
+            Kind::Number => Some(qemu_number(&v).map_err(|e| match e {
+                BadValue::Invalid => format!("Parameter '{k}' expects a number"),
+                BadValue::Range => format!("Value '{v}' is too large for parameter '{k}'"),
+            })?),
+            Kind::Size => Some(qemu_size(&v).map_err(|e| match e {
+                BadValue::Invalid => {
+                    format!("Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}")
+                }
+                BadValue::Range => format!("Value '{v}' is out of range for parameter '{k}'"),
             })?),
         };
         set.set(&k, v, number);
@@ -338,7 +346,8 @@ fn create(p: &Parsed) -> Result<(), String> {
             };
             let shown = match (desc.kind, given.and_then(|s| s.number)) {
                 (Kind::Str, _) => text.replace(',', ",,"),
-                (Kind::Size | Kind::Number, Some(n)) => n.to_string(),
+                // QEMU prints them as int64.
+                (Kind::Size | Kind::Number, Some(n)) => (n as i64).to_string(),
                 _ => text.to_string(),
             };
             line.push_str(&format!(" {}={shown}", desc.name));

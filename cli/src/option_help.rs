@@ -513,6 +513,174 @@ pub(crate) fn parse_list(list: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Why a QemuOpts number or size was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BadValue {
+    /// Not a number (or text after it).
+    Invalid,
+    /// A number out of range (for sizes: negative, or 2^64 and above).
+    Range,
+}
+
+/// C's `strtoull` over the start of `s`: the value (wrapped for a leading `-`), the bytes
+/// consumed (0: no conversion) and whether it overflowed. `base` 0 reads `0x` as hex and a
+/// leading `0` as octal.
+fn strtoull(s: &str, base: u32) -> (u64, usize, bool) {
+    let b = s.as_bytes();
+    let mut i = b
+        .iter()
+        .take_while(|c| c.is_ascii_whitespace() || **c == 0x0b)
+        .count();
+    let negative = b.get(i) == Some(&b'-');
+    if matches!(b.get(i), Some(b'-' | b'+')) {
+        i += 1;
+    }
+    let hex_digit_at = |j: usize| b.get(j).is_some_and(|c| c.is_ascii_hexdigit());
+    let has_hex_prefix =
+        b.get(i) == Some(&b'0') && matches!(b.get(i + 1), Some(b'x' | b'X')) && hex_digit_at(i + 2);
+    let base = match base {
+        0 if has_hex_prefix => 16,
+        0 if b.get(i) == Some(&b'0') => 8,
+        0 => 10,
+        b => b,
+    };
+    if base == 16 && has_hex_prefix {
+        i += 2;
+    }
+    let start = i;
+    let (mut value, mut overflow) = (0u64, false);
+    while let Some(d) = b.get(i).and_then(|c| (*c as char).to_digit(base)) {
+        match value
+            .checked_mul(base as u64)
+            .and_then(|v| v.checked_add(d as u64))
+        {
+            Some(v) => value = v,
+            None => overflow = true,
+        }
+        i += 1;
+    }
+    if i == start {
+        return (0, 0, false);
+    }
+    if overflow {
+        return (u64::MAX, i, true);
+    }
+    (
+        if negative {
+            value.wrapping_neg()
+        } else {
+            value
+        },
+        i,
+        false,
+    )
+}
+
+/// QEMU's `qemu_strtou64(s, NULL, 0)`, as QemuOpts reads a number: decimal, hex or octal, a
+/// leading `-` wraps, nothing may follow.
+pub(crate) fn qemu_number(s: &str) -> Result<u64, BadValue> {
+    match strtoull(s, 0) {
+        (_, 0, _) => Err(BadValue::Invalid),
+        (_, n, _) if n < s.len() => Err(BadValue::Invalid),
+        (_, _, true) => Err(BadValue::Range),
+        (v, _, false) => Ok(v),
+    }
+}
+
+/// QEMU's `qemu_strtosz(s, NULL)`, as QemuOpts reads a size: a decimal number (or `0x` hex,
+/// without fraction or suffix) with an optional fraction and a `bkMGTPE` suffix (1024-based;
+/// a fraction needs a suffix above `b`), nothing after it. A negative number is out of range.
+pub(crate) fn qemu_size(s: &str) -> Result<u64, BadValue> {
+    let (mut val, mut end, overflow) = strtoull(s, 10);
+    let lead = s.len() - s.trim_start().len();
+    // A negative number is out of range, as is one that overflows.
+    let mut bad = (overflow || (end > 0 && s[lead..].starts_with('-'))).then_some(BadValue::Range);
+    let rest = |end: usize| &s[end..];
+    let mut frac = 0f64;
+    let mut fraction_read = false;
+    if bad.is_none() && end > 0 && val == 0 && rest(end).starts_with(['x', 'X']) {
+        let (v, n, o) = strtoull(s, 16);
+        (val, end) = (v, n);
+        if o {
+            bad = Some(BadValue::Range);
+        } else if rest(end).starts_with('.') || rest(end).starts_with(|c| suffix(c).is_some()) {
+            return Err(BadValue::Invalid);
+        }
+    } else if bad.is_none() && (rest(end).starts_with('.') || (end == 0 && s.contains('.'))) {
+        let digits_follow = rest(end)[1..].starts_with(|c: char| c.is_ascii_digit());
+        if end > 0 && rest(end).starts_with('.') && !digits_follow {
+            end += 1;
+        } else {
+            // strtod over the fraction, with 'e' and 'E' left to be suffixes.
+            let tail = rest(end);
+            let text = tail.split(['e', 'E']).next().unwrap_or("");
+            let lead_ws = text.len() - text.trim_start().len();
+            let len = (lead_ws..=text.len())
+                .rev()
+                .find(|&l| text[lead_ws..l].parse::<f64>().is_ok_and(f64::is_finite))
+                .filter(|&l| l > lead_ws && !text[lead_ws..l].contains(['i', 'I', 'n', 'N']));
+            let Some(len) = len else {
+                return Err(BadValue::Invalid);
+            };
+            frac = text[lead_ws..len].parse::<f64>().unwrap_or(0.0);
+            end += len;
+            fraction_read = true;
+            if frac.is_sign_negative() {
+                bad = Some(BadValue::Range);
+            }
+        }
+    }
+    if end == 0 && !fraction_read {
+        return Err(BadValue::Invalid);
+    }
+    let mut valf = 0u64;
+    if bad.is_none() {
+        if frac == 1.0 {
+            val = val.checked_add(1).ok_or(BadValue::Range)?;
+        } else {
+            valf = (frac * 18446744073709551616.0) as u64;
+        }
+        let mul = match rest(end).chars().next().and_then(suffix) {
+            Some(m) => {
+                end += 1;
+                m
+            }
+            None => 1,
+        };
+        if mul == 1 && valf != 0 {
+            return Err(BadValue::Invalid);
+        }
+        let f = valf as u128 * mul as u128;
+        let total = val as u128 * mul as u128 + (f >> 64) + ((f >> 63) & 1);
+        match u64::try_from(total) {
+            Ok(v) => val = v,
+            Err(_) => bad = Some(BadValue::Range),
+        }
+    }
+    if end < s.len() {
+        return Err(BadValue::Invalid);
+    }
+    match bad {
+        Some(b) => Err(b),
+        None => Ok(val),
+    }
+}
+
+/// The multiplier of a size suffix.
+fn suffix(c: char) -> Option<u64> {
+    let shift = match c.to_ascii_lowercase() {
+        'b' => 0,
+        'k' => 10,
+        'm' => 20,
+        'g' => 30,
+        't' => 40,
+        'p' => 50,
+        'e' => 60,
+        _ => return None,
+    };
+    Some(1 << shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +760,58 @@ mod tests {
              \x20 preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)\n\
              \x20 size=<size>            - Virtual disk size\n"
         );
+    }
+
+    #[test]
+    fn numbers_and_sizes_read_as_qemu_reads_them() {
+        use BadValue::{Invalid, Range};
+        for (text, want) in [
+            ("16", Ok(16)),
+            ("0x10", Ok(16)),
+            ("010", Ok(8)),
+            (" 7", Ok(7)),
+            ("-1", Ok(u64::MAX)),
+            ("-16", Ok(u64::MAX - 15)),
+            ("1k", Err(Invalid)),
+            ("08", Err(Invalid)),
+            ("", Err(Invalid)),
+            ("7 ", Err(Invalid)),
+            ("99999999999999999999", Err(Range)),
+        ] {
+            assert_eq!(qemu_number(text), want, "{text:?}");
+        }
+        for (text, want) in [
+            ("65536", Ok(65536)),
+            ("64K", Ok(65536)),
+            ("65536b", Ok(65536)),
+            (" 1k", Ok(1024)),
+            ("1.5k", Ok(1536)),
+            (".5k", Ok(512)),
+            ("1.k", Ok(1024)),
+            ("1.", Ok(1)),
+            ("1.0k", Ok(1024)),
+            ("1e", Ok(1 << 60)),
+            ("0x10000", Ok(65536)),
+            ("18446744073709551615", Ok(u64::MAX)),
+            ("-1024", Err(Range)),
+            ("-0", Err(Range)),
+            ("18446744073709551616", Err(Range)),
+            ("16E", Err(Range)),
+            ("-1k", Err(Invalid)),
+            ("-0x10", Err(Invalid)),
+            ("0x1k", Err(Invalid)),
+            ("0x1.8", Err(Invalid)),
+            ("0x", Err(Invalid)),
+            ("1.5", Err(Invalid)),
+            ("0.5b", Err(Invalid)),
+            ("1e3", Err(Invalid)),
+            ("inf", Err(Invalid)),
+            ("65536 ", Err(Invalid)),
+            ("foobar", Err(Invalid)),
+            ("", Err(Invalid)),
+        ] {
+            assert_eq!(qemu_size(text), want, "{text:?}");
+        }
     }
 
     #[test]
