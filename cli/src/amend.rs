@@ -14,11 +14,14 @@ use crate::args::{opt, Spec};
 use crate::common::{
     exit_code, open_error_text, parse_args, parse_format, parse_size, qemu_options, try_help,
 };
-use crate::create::{parse_bool, parse_number, split_options, valid_option_list, SIZE_HINT};
+use crate::create::{parse_bool, parse_number, SIZE_HINT};
 use crate::image_opts::{image_arg, load_secrets};
+use crate::option_help::{
+    accumulate, amend_refused, has_help_option, parse_list, print_amend_help,
+};
 use crate::progress::Meter;
 use crate::rebase::check_cache_mode;
-use qcow2kit::chain::{open, probe_file, ImageFormat};
+use qcow2kit::chain::{open, probe_file};
 use qcow2kit::crypto::keyslots::KeySlotChange;
 use qcow2kit::crypto::secret::Secrets;
 use qcow2kit::crypto::Passphrase;
@@ -59,23 +62,6 @@ Arguments:
 
 ";
 
-/// qemu-img's `-o help` for qcow2, word for word.
-const OPTIONS_HELP: &str = "Amend options for 'qcow2':
-  backing_file=<str>     - File name of a base image
-  backing_fmt=<str>      - Image format of the base image
-  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
-  data_file=<str>        - File name of an external data file
-  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
-  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
-  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
-  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
-  encrypt.old-secret=<str> - Select all keyslots that match this password
-  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
-  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
-  refcount_bits=<num>    - Width of a reference count entry in bits
-  size=<size>            - Virtual disk size
-";
-
 /// Options of qcow2 creation that amend does not take (QEMU adds a hint for them).
 const CREATE_ONLY: &[&str] = &[
     "encryption",
@@ -103,19 +89,14 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
         out!("{HELP}");
         return Ok(());
     }
-    let mut lists = Vec::new();
-    for o in p.all("o") {
-        if !valid_option_list(o) {
-            return Err(format!("Invalid option list: {o}"));
-        }
-        lists.push(o.as_str());
-    }
-    if lists.is_empty() {
+    let list = accumulate(p.all("o"))?;
+    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    let Some(list) = list else {
         return Err(format!("Must specify options (-o)\n{}", try_help("amend")));
-    }
+    };
     // From here on, qemu-img ends the progress line whatever happens.
     let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !p.has("q")));
-    let r = amend_image(&p, &lists.join(","), &meter);
+    let r = amend_image(&p, &list, &secrets, &meter);
     meter.lock().unwrap_or_else(|e| e.into_inner()).end();
     r
 }
@@ -123,22 +104,23 @@ fn amend_cmd(args: &[String]) -> Result<(), String> {
 fn amend_image(
     p: &crate::args::Parsed,
     list: &str,
+    secrets: &Secrets,
     meter: &std::sync::Mutex<Meter>,
 ) -> Result<(), String> {
-    let pairs = split_options(list);
-    let wants_help = pairs.iter().any(|(k, _)| k == "help" || k == "?");
-    let file = match p.operands.as_slice() {
-        [f] => f.as_str(),
-        [] if wants_help && p.last("f").is_some() => {
-            return options_help(parse_format(p.last("f").unwrap_or("")));
-        }
-        _ => return Err("Expecting one image file name".into()),
+    let wants_help = has_help_option(list);
+    // With a format named, help needs no image (nor exactly one file name).
+    if let (true, Some(fmt)) = (wants_help, p.last("f")) {
+        return print_amend_help(fmt);
+    }
+    let pairs = parse_list(list);
+    let [file] = p.operands.as_slice() else {
+        return Err("Expecting one image file name".into());
     };
+    let file = file.as_str();
     if let Some(mode) = p.last("t") {
         check_cache_mode(mode)?;
     }
-    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
-    let arg = image_arg(file, p.has("image-opts"), p.last("f"), &secrets)?;
+    let arg = image_arg(file, p.has("image-opts"), p.last("f"), secrets)?;
     if let Some(e) = &arg.secret_error {
         return Err(format!("Could not open '{file}': {e}"));
     }
@@ -160,12 +142,12 @@ fn amend_image(
         other => format!("Could not open '{file}': {}", open_error_text(&other)),
     })?;
     if wants_help {
-        return options_help(Ok(format));
+        return print_amend_help(format.name());
     }
     let Some(qcow2) = image.qcow2.clone() else {
-        return Err(no_amend(format));
+        return Err(amend_refused(format.name()));
     };
-    let (opts, keys) = parse_amend_options(&pairs, &qcow2, &secrets, p.has("force"))?;
+    let (opts, keys) = parse_amend_options(&pairs, &qcow2, secrets, p.has("force"))?;
     if let Some(change) = keys {
         qcow2.amend_key_slots(&change).map_err(|e| match e {
             qcow2kit::Error::InvalidArgument(m) => m,
@@ -203,23 +185,6 @@ fn open_failure(file: &str, e: qcow2kit::Error) -> String {
             )
         }
         other => format!("Could not open '{file}': {}", open_error_text(&other)),
-    }
-}
-
-fn no_amend(format: ImageFormat) -> String {
-    format!(
-        "Format driver '{}' does not support option amendment",
-        format.name()
-    )
-}
-
-fn options_help(format: Result<ImageFormat, String>) -> Result<(), String> {
-    match format? {
-        ImageFormat::Qcow2 => {
-            out!("{OPTIONS_HELP}");
-            Ok(())
-        }
-        other => Err(no_amend(other)),
     }
 }
 

@@ -11,8 +11,11 @@
 //! qemu-img falls back to) and `-t`/`-T` (accepted, no effect).
 
 use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_image, parse_format, parse_size};
+use crate::common::{fail, open_image, parse_format};
+use crate::create::{cvtnum, parse_settings, target_options};
 use crate::image_opts::load_secrets;
+use crate::option_help::parse_list;
+use crate::option_help::{accumulate, create_options, has_help_option, print_create_help};
 use crate::qemu_errors::convert_error_text;
 use qcow2kit::chain::{FileRole, ImageFormat, Locking};
 use qcow2kit::io::lock::{lock_error, LockRequest};
@@ -47,6 +50,7 @@ const SPECS: &[Spec] = &[
     opt(None, Some("image-opts"), false, "image-opts"),
     opt(None, Some("target-image-opts"), false, "target-image-opts"),
     opt(None, Some("bitmaps"), false, "bitmaps"),
+    opt(None, Some("salvage"), false, "salvage"),
     opt(
         None,
         Some("skip-broken-bitmaps"),
@@ -54,6 +58,66 @@ const SPECS: &[Spec] = &[
         "skip-broken-bitmaps",
     ),
 ];
+
+/// qemu-img's checks of a new image's backing file: its format must be named, and it must
+/// open (qemu-img opens the new image with its backing file before copying). qemu-img creates
+/// the target before it finds the backing file missing; qcow2kit refuses first and creates
+/// nothing.
+fn check_target_backing(dst: &str, create: &CreateOptions) -> Result<(), String> {
+    let Some(backing) = &create.backing_file else {
+        return Ok(());
+    };
+    let Some(fmt) = &create.backing_format else {
+        return Err("Use of backing file requires explicit backing format".into());
+    };
+    if !crate::option_help::is_qemu_format(fmt) {
+        return Err(format!(
+            "{dst}: error while converting qcow2: Parameter 'backing-fmt' does not accept value '{fmt}'"
+        ));
+    }
+    crate::create::open_backing(Path::new(dst), backing, Some(fmt))
+        .map(|_| ())
+        .map_err(|e| format!("Could not open '{dst}': Could not open backing file: {e}"))
+}
+
+/// `-S`: a size, a multiple of 512 bytes up to 16 MiB (qemu-img's messages).
+fn sparse_size(s: &str) -> Result<u64, String> {
+    let v = cvtnum("buffer size for sparse output", s, true, 0, i64::MAX as u64)?;
+    if v % 512 != 0 || v > 16 << 20 {
+        return Err(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples \
+                    of 512 up to 16777216. Select 0 to disable sparse detection (fully \
+                    allocates output)."
+                .into(),
+        );
+    }
+    Ok(v)
+}
+
+/// `-l`: `snapshot.id=ID` and/or `snapshot.name=NAME` (an option list), or an id or name.
+fn snapshot_param(s: &str) -> Result<SnapshotRef, String> {
+    if !s.starts_with("snapshot.") {
+        return Ok(SnapshotRef::IdOrName(s.to_string()));
+    }
+    let (mut id, mut name) = (None, None);
+    for (k, v) in parse_list(s) {
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                return Err(format!(
+                    "Invalid parameter '{k}'\n{}: Failed in parsing snapshot param '{s}'",
+                    crate::common::prog()
+                ))
+            }
+        }
+    }
+    Ok(match (id, name) {
+        (Some(i), _) => SnapshotRef::Id(i),
+        (None, Some(n)) => SnapshotRef::Name(n),
+        (None, None) => SnapshotRef::IdOrName(s.to_string()),
+    })
+}
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
@@ -65,24 +129,72 @@ pub fn run(args: &[String]) -> u8 {
 
 fn convert(args: &[String]) -> Result<(), String> {
     let p = parse(args, SPECS)?;
+    // qemu-img's option loop (every -o list valid, every value of -S, -m and -l, every
+    // --object), then its checks in its order, then help.
+    let options = accumulate(p.all("o"))?;
+    let mut zero_granularity = 4096;
+    for s in p.all("S") {
+        zero_granularity = sparse_size(s)?;
+    }
+    let mut workers = 0;
+    for m in p.all("m") {
+        workers = cvtnum("number of coroutines", m, false, 1, 16)? as usize;
+    }
+    let mut snapshot = None;
+    for l in p.all("l").iter().chain(p.all("s")) {
+        snapshot = Some(snapshot_param(l)?);
+    }
+    let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
+    // Copy offloading: the copy is made by reads and writes either way (qemu-img falls back to
+    // them where the storage cannot offload); its refusals are qemu-img's.
+    if p.has("C") && p.has("c") {
+        return Err("Cannot enable copy offloading when -c is used".into());
+    }
+    if p.has("C") && p.has("S") {
+        return Err("Cannot enable copy offloading when -S is used".into());
+    }
+    if p.has("C") && p.has("salvage") {
+        return Err("Cannot use copy offloading in salvaging mode".into());
+    }
+    if p.has("target-image-opts") && !p.has("n") {
+        return Err("--target-image-opts requires use of -n flag".into());
+    }
+    if p.has("n") && options.is_some() {
+        return Err("-o has no effect when skipping image creation".into());
+    }
+    if options.as_deref().is_some_and(has_help_option) {
+        let target = match p.operands.as_slice() {
+            [_, .., t] => Some(t.as_str()),
+            _ => None,
+        };
+        return match p.last("O") {
+            Some(f) => print_create_help(target, f),
+            None if p.has("target-image-opts") => {
+                Err("Option help requires a format be specified".into())
+            }
+            None => print_create_help(target, "raw"),
+        };
+    }
     let [src, dst] = p.operands.as_slice() else {
         return Err(if p.operands.len() > 2 {
             "convert: more than one source image is not supported".into()
         } else {
-            "Expecting one image file name and one output file name".into()
+            "Must specify image file name".into()
         });
     };
-    let mut out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
-    if p.has("skip-broken-bitmaps") && !p.has("bitmaps") {
-        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    if p.has("salvage") {
+        return Err(
+            "--salvage (reading unreadable source areas as zeros) is not supported by qcow2kit"
+                .into(),
+        );
     }
+    let mut out_fmt = parse_format(p.last("O").unwrap_or("raw"))?;
     // The target as an option string (`driver=…,file.filename=…,encrypt.key-secret=…`): an
     // existing image only, as in qemu-img.
     let target_arg = if p.has("target-image-opts") {
-        if !p.has("n") {
-            return Err("--target-image-opts requires use of -n flag".into());
-        }
-        let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
         let arg = crate::image_opts::image_arg(dst, true, None, &secrets)?;
         if let Some(e) = &arg.secret_error {
             return Err(format!("Could not open '{dst}': {e}"));
@@ -106,27 +218,12 @@ fn convert(args: &[String]) -> Result<(), String> {
         if p.has("B") {
             return Err("Backing file not supported for file format 'raw'".into());
         }
-        for o in p.all("o") {
-            for kv in o.split(',').filter(|s| !s.is_empty()) {
-                let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
-                if k != "preallocation" {
-                    return Err(format!("Invalid parameter '{k}'"));
-                }
-            }
-        }
+        parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
     } else {
-        let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
-        for o in p.all("o") {
-            let (rest, encryption) = crate::create::take_encryption(o, &secrets)?;
-            if encryption.is_some() {
-                if p.has("c") {
-                    return Err("Compression and encryption not supported at the same time".into());
-                }
-                create.encryption = encryption;
-            }
-            create
-                .apply_qemu_options(&rest, |v| parse_size(v).ok())
-                .map_err(|e| e.to_string())?;
+        let set = parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
+        create = target_options(&set, &secrets)?;
+        if create.encryption.is_some() && p.has("c") {
+            return Err("Compression and encryption not supported at the same time".into());
         }
         if let Some(b) = p.last("B") {
             create.backing_file = Some(b.to_string());
@@ -135,40 +232,6 @@ fn convert(args: &[String]) -> Result<(), String> {
             create.backing_format = Some(f.to_string());
         }
     }
-    // Copy offloading: the copy is made by reads and writes either way (qemu-img falls back to
-    // them where the storage cannot offload); its refusals are qemu-img's.
-    if p.has("C") {
-        if p.has("c") {
-            return Err("Cannot enable copy offloading when -c is used".into());
-        }
-        if p.has("S") {
-            return Err("Cannot enable copy offloading when -S is used".into());
-        }
-    }
-    let zero_granularity = match p.last("S") {
-        Some(s) => {
-            let v = parse_size(s).map_err(|_| "Invalid buffer size for sparse output specified")?;
-            if v % 512 != 0 {
-                return Err("Invalid buffer size for sparse output specified".into());
-            }
-            v
-        }
-        None => 4096,
-    };
-    let workers = match p.last("m") {
-        Some(m) => match m.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => n,
-            _ => return Err(
-                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-                    .into(),
-            ),
-        },
-        None => 0,
-    };
-    let snapshot = match p.last("l").or(p.last("s")) {
-        Some(s) => Some(SnapshotRef::parse(s).map_err(|e| e.to_string())?),
-        None => None,
-    };
     if src == "-" {
         if p.has("n") || snapshot.is_some() || p.last("f").is_some_and(|f| f != "qcow2") {
             return Err("a streamed source is a qcow2 image read whole: -n, -l and -f other than qcow2 do not apply".into());
@@ -186,6 +249,9 @@ fn convert(args: &[String]) -> Result<(), String> {
         o.locking = source_locking;
     })?;
     let dev = image.device;
+    if !p.has("n") {
+        check_target_backing(dst, &create)?;
+    }
     let bitmaps = match (&image.qcow2, p.has("bitmaps")) {
         (Some(q), true) => Some(bitmaps::to_copy(q, p.has("skip-broken-bitmaps"))?),
         _ => None,

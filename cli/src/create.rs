@@ -15,12 +15,16 @@
 //!    image: [`CreateOptions::apply_qemu_options`] and [`create_qcow2`], or [`create_raw`].
 //!
 //! Sizes are rounded up to a multiple of 512 bytes, as QEMU's qcow2 and file drivers do.
-//! Encryption (`encrypt.*` with a `--object secret`) creates LUKS or legacy AES images;
-//! `-o help` is refused.
+//! Encryption (`encrypt.*` with a `--object secret`) creates LUKS or legacy AES images.
+//! `-o help` / `-o ?` lists the options ([`crate::option_help`]).
 
-use crate::args::{opt, parse, Parsed, Spec};
-use crate::common::{fail, parse_size};
+use crate::args::{opt, Parsed, Spec};
+use crate::common::{parse_size, try_help};
 use crate::image_opts::load_secrets;
+use crate::option_help::{
+    accumulate, create_format, create_options, has_help_option, parse_list, print_create_help,
+    qemu_number, qemu_size, BadValue, Desc, Kind,
+};
 use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
 use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
 use qcow2kit::crypto::secret::Secrets;
@@ -50,97 +54,18 @@ lazy_refcounts, refcount_bits, compression_type (nocow and extent_size_hint are 
 have no effect). raw options: size, preallocation (off, falloc, full).
 ";
 
-/// The type of a QemuOpts option, which decides how its value is checked and printed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Str,
-    Bool,
-    Number,
-    Size,
-}
-
-/// One option of a format's create option list, in QEMU's printing order.
-struct Desc {
-    name: &'static str,
-    kind: Kind,
-    default: Option<&'static str>,
-}
-
-const fn d(name: &'static str, kind: Kind, default: Option<&'static str>) -> Desc {
-    Desc {
-        name,
-        kind,
-        default,
-    }
-}
-
-/// qcow2's create options merged with the file protocol's, in the order qemu-img 10 prints them.
-const QCOW2_OPTS: &[Desc] = &[
-    d("encryption", Kind::Bool, None),
-    d("encrypt.format", Kind::Str, None),
-    d("encrypt.key-secret", Kind::Str, None),
-    d("encrypt.cipher-alg", Kind::Str, None),
-    d("encrypt.cipher-mode", Kind::Str, None),
-    d("encrypt.ivgen-alg", Kind::Str, None),
-    d("encrypt.ivgen-hash-alg", Kind::Str, None),
-    d("encrypt.hash-alg", Kind::Str, None),
-    d("encrypt.iter-time", Kind::Number, None),
-    d("cluster_size", Kind::Size, Some("65536")),
-    d("extended_l2", Kind::Bool, Some("off")),
-    d("preallocation", Kind::Str, None),
-    d("compression_type", Kind::Str, Some("zlib")),
-    d("size", Kind::Size, None),
-    d("compat", Kind::Str, None),
-    d("backing_file", Kind::Str, None),
-    d("backing_fmt", Kind::Str, None),
-    d("data_file", Kind::Str, None),
-    d("data_file_raw", Kind::Bool, None),
-    d("lazy_refcounts", Kind::Bool, Some("off")),
-    d("refcount_bits", Kind::Number, Some("16")),
-    d("nocow", Kind::Bool, None),
-    d("extent_size_hint", Kind::Size, None),
-];
-
-/// The file protocol's create options (raw images).
-const RAW_OPTS: &[Desc] = &[
-    d("size", Kind::Size, None),
-    d("nocow", Kind::Bool, None),
-    d("preallocation", Kind::Str, None),
-    d("extent_size_hint", Kind::Size, None),
-];
-
 /// Options that [`encryption`] reads rather than [`qcow2_options`].
 fn is_encryption_option(key: &str) -> bool {
     key == "encryption" || key.starts_with("encrypt.")
 }
 
-/// The `encrypt.*` options of a qcow2 `-o` list given to another command (`convert -O qcow2`):
-/// the list without them, and the encryption they ask for.
-pub(crate) fn take_encryption(
-    list: &str,
-    secrets: &Secrets,
-) -> Result<(String, Option<CreateEncryption>), String> {
-    let mut set = Settings::default();
-    let mut rest = Vec::new();
-    for (k, v) in split_options(list) {
-        if !is_encryption_option(&k) {
-            rest.push(format!("{k}={v}"));
-            continue;
-        }
-        let number = match k.as_str() {
-            "encrypt.iter-time" => {
-                Some(parse_number(&v).ok_or_else(|| format!("Parameter '{k}' expects a number"))?)
-            }
-            "encryption" => {
-                parse_bool(&v).ok_or_else(|| format!("Parameter '{k}' expects 'on' or 'off'"))?;
-                None
-            }
-            _ if QCOW2_OPTS.iter().any(|d| d.name == k) => None,
-            _ => return Err(format!("Invalid parameter '{k}'")),
-        };
-        set.set(&k, v, number);
-    }
-    Ok((rest.join(","), encryption(&set, secrets)?))
+/// The options of a new qcow2 image that `convert` makes, from its `-o` settings (already
+/// checked by [`parse_settings`]); `convert` sets the size and the `-B`/`-F` backing itself.
+pub(crate) fn target_options(set: &Settings, secrets: &Secrets) -> Result<CreateOptions, String> {
+    let mut o = CreateOptions::default();
+    apply_settings(&mut o, set)?;
+    o.encryption = encryption(set, secrets)?;
+    Ok(o)
 }
 
 /// The encryption the options ask for, checked as QEMU's qcow2 and crypto drivers check them
@@ -156,6 +81,10 @@ fn encryption(set: &Settings, secrets: &Secrets) -> Result<Option<CreateEncrypti
         (Some(f), _) => EncryptionFormat::from_name(f)
             .ok_or_else(|| format!("Parameter 'format' does not accept value '{f}'"))?,
         (None, Some(true)) => EncryptionFormat::Aes,
+        // Any other encrypt.* option asks for an encryption whose format is not named.
+        (None, _) if set.0.iter().any(|s| s.name.starts_with("encrypt.")) => {
+            return Err("Parameter 'encrypt.format' is missing".into())
+        }
         (None, _) => return Ok(None),
     };
     const LUKS_ONLY: [&str; 6] = [
@@ -213,7 +142,7 @@ struct Setting {
 
 /// The options of the image being created, in the order given (the last of a name wins).
 #[derive(Default)]
-struct Settings(Vec<Setting>);
+pub(crate) struct Settings(Vec<Setting>);
 
 impl Settings {
     fn get(&self, name: &str) -> Option<&Setting> {
@@ -257,56 +186,38 @@ pub(crate) fn parse_number(v: &str) -> Option<u64> {
     }
 }
 
-/// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
-pub(crate) fn valid_option_list(s: &str) -> bool {
-    if s.is_empty() || s.starts_with(',') {
-        return false;
+/// QemuOpts parsing of an option list against `descs`: each name must be one of them and each
+/// value of its type (QEMU's messages). The list is valid ([`accumulate`]) or empty.
+pub(crate) fn parse_settings(list: &str, descs: &[&Desc]) -> Result<Settings, String> {
+    let mut set = Settings::default();
+    if list.is_empty() {
+        return Ok(set);
     }
-    let trailing = s.len() - s.trim_end_matches(',').len();
-    trailing % 2 == 0
-}
-
-/// Splits a QemuOpts string into `(name, value)` pairs: `,,` escapes a comma in a value, a bare
-/// `name` is `name=on` and `noname` is `name=off`.
-pub(crate) fn split_options(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        let name_end = b[i..]
+    for (k, v) in parse_list(list) {
+        let desc = descs
             .iter()
-            .position(|&c| c == b'=' || c == b',')
-            .map_or(b.len(), |p| i + p);
-        let name = &s[i..name_end];
-        if name_end < b.len() && b[name_end] == b'=' {
-            let mut value = String::new();
-            let mut j = name_end + 1;
-            let start = j;
-            let mut seg = start;
-            while j < b.len() {
-                if b[j] == b',' {
-                    if j + 1 < b.len() && b[j + 1] == b',' {
-                        value.push_str(&s[seg..=j]);
-                        j += 2;
-                        seg = j;
-                        continue;
-                    }
-                    break;
+            .find(|d| d.name == k)
+            .ok_or_else(|| format!("Invalid parameter '{k}'"))?;
+        let number = match desc.kind {
+            Kind::Str => None,
+            Kind::Bool => {
+                parse_bool(&v).ok_or_else(|| format!("Parameter '{k}' expects 'on' or 'off'"))?;
+                None
+            }
+            Kind::Number => Some(qemu_number(&v).map_err(|e| match e {
+                BadValue::Invalid => format!("Parameter '{k}' expects a number"),
+                BadValue::Range => format!("Value '{v}' is too large for parameter '{k}'"),
+            })?),
+            Kind::Size => Some(qemu_size(&v).map_err(|e| match e {
+                BadValue::Invalid => {
+                    format!("Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}")
                 }
-                j += 1;
-            }
-            value.push_str(&s[seg..j]);
-            out.push((name.to_string(), value));
-            i = j + 1;
-        } else {
-            match name.strip_prefix("no") {
-                Some(n) => out.push((n.to_string(), "off".into())),
-                None => out.push((name.to_string(), "on".into())),
-            }
-            i = name_end + 1;
-        }
+                BadValue::Range => format!("Value '{v}' is out of range for parameter '{k}'"),
+            })?),
+        };
+        set.set(&k, v, number);
     }
-    out
+    Ok(set)
 }
 
 /// A library error as qemu-img would word it when opening `path`.
@@ -321,21 +232,10 @@ fn open_error(path: &Path, e: &qcow2kit::Error) -> String {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            // getopt's wording, as qemu-img prints it.
-            errln!("qcow2kit create: {e}\n{TRY}");
-            return 1;
-        }
-    };
-    match create(&p) {
-        Ok(()) => 0,
-        Err(msg) => fail(msg),
-    }
+    crate::common::exit_code(
+        crate::common::parse_args(args, SPECS, "create").and_then(|p| create(&p)),
+    )
 }
-
-const TRY: &str = "Try 'qcow2kit create --help' for more info";
 
 pub(crate) const SIZE_HINT: &str =
     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
@@ -346,72 +246,33 @@ fn create(p: &Parsed) -> Result<(), String> {
         out!("{HELP}");
         return Ok(());
     }
+    // qemu-img's option loop: every -o list must be valid, every --object must be defined.
+    let options = accumulate(p.all("o"))?;
     let secrets = load_secrets(p.all("object").iter().map(|s| s.as_str()))?;
+    let fmt_name = p.last("f").unwrap_or("raw");
+    if options.as_deref().is_some_and(has_help_option) {
+        return print_create_help(p.operands.first().map(String::as_str), fmt_name);
+    }
     let (file, size_arg) = match p.operands.as_slice() {
-        [] => return Err(format!("Expecting image file name\n{TRY}")),
+        [] => return Err(format!("Expecting image file name\n{}", try_help("create"))),
         [f] => (f.as_str(), None),
         [f, s] => (f.as_str(), Some(s.as_str())),
-        [_, _, extra, ..] => return Err(format!("Unexpected argument: {extra}\n{TRY}")),
-    };
-    let mut options = Vec::new();
-    for o in p.all("o") {
-        if !valid_option_list(o) {
-            return Err(format!("Invalid option list: {o}"));
+        [_, _, extra, ..] => {
+            return Err(format!(
+                "Unexpected argument: {extra}\n{}",
+                try_help("create")
+            ))
         }
-        options.push(o.as_str());
-    }
-    let joined = options.join(",");
-    let pairs = split_options(&joined);
-    if pairs.iter().any(|(k, _)| k == "help" || k == "?") {
-        return Err("create: -o help is not supported; see 'qcow2kit create --help'".into());
-    }
+    };
     let size_pos = match size_arg {
         Some(s) => Some(parse_image_size(s)?),
         None => None,
     };
 
-    let fmt_name = p.last("f").unwrap_or("raw");
     let at = |msg: String| format!("{file}: {msg}");
-    let format = match fmt_name {
-        "qcow2" => ImageFormat::Qcow2,
-        "raw" => ImageFormat::Raw,
-        "vmdk" | "vdi" | "vhdx" | "vpc" | "qcow" | "qed" | "parallels" | "luks" => {
-            return Err(at(format!(
-                "creating '{fmt_name}' images is not supported by qcow2kit (qcow2 and raw only)"
-            )))
-        }
-        other => return Err(at(format!("Unknown file format '{other}'"))),
-    };
-    let descs = match format {
-        ImageFormat::Qcow2 => QCOW2_OPTS,
-        ImageFormat::Raw => RAW_OPTS,
-    };
-
-    // QemuOpts parsing: names and value types.
-    let mut set = Settings::default();
-    for (k, v) in pairs {
-        let desc = descs
-            .iter()
-            .find(|d| d.name == k)
-            .ok_or_else(|| at(format!("Invalid parameter '{k}'")))?;
-        let number = match desc.kind {
-            Kind::Str => None,
-            Kind::Bool => {
-                parse_bool(&v)
-                    .ok_or_else(|| at(format!("Parameter '{k}' expects 'on' or 'off'")))?;
-                None
-            }
-            Kind::Number => Some(
-                parse_number(&v).ok_or_else(|| at(format!("Parameter '{k}' expects a number")))?,
-            ),
-            Kind::Size => Some(parse_size(&v).map_err(|_| {
-                at(format!(
-                    "Parameter '{k}' expects a non-negative number below 2^64\n{SIZE_HINT}"
-                ))
-            })?),
-        };
-        set.set(&k, v, number);
-    }
+    let format = create_format(fmt_name).map_err(at)?;
+    let mut set =
+        parse_settings(options.as_deref().unwrap_or(""), &create_options(format)).map_err(at)?;
     match (set.get("size"), size_pos) {
         (Some(_), Some(_)) => return Err(at("The image size must be specified only once".into())),
         (None, Some(s)) => set.set("size", s.to_string(), Some(s)),
@@ -467,20 +328,26 @@ fn create(p: &Parsed) -> Result<(), String> {
             }
         }
     }
-    let Some(size) = set.get("size").and_then(|s| s.number) else {
+    // QEMU keeps sizes in an int64 where -1 (u64::MAX here) means "no size given".
+    let Some(size) = set
+        .get("size")
+        .and_then(|s| s.number)
+        .filter(|&n| n != u64::MAX)
+    else {
         return Err(at("Image creation needs a size parameter".into()));
     };
 
     if !p.has("q") {
         let mut line = format!("Formatting '{file}', fmt={fmt_name}");
-        for desc in descs {
+        for desc in create_options(format) {
             let given = set.get(desc.name);
             let Some(text) = given.map(|s| s.text.as_str()).or(desc.default) else {
                 continue;
             };
             let shown = match (desc.kind, given.and_then(|s| s.number)) {
                 (Kind::Str, _) => text.replace(',', ",,"),
-                (Kind::Size | Kind::Number, Some(n)) => n.to_string(),
+                // QEMU prints them as int64.
+                (Kind::Size | Kind::Number, Some(n)) => (n as i64).to_string(),
                 _ => text.to_string(),
             };
             line.push_str(&format!(" {}={shown}", desc.name));
@@ -488,7 +355,14 @@ fn create(p: &Parsed) -> Result<(), String> {
         outln!("{line}");
     }
 
-    let size = size.next_multiple_of(512);
+    // Sizes within 511 bytes of 2^64 cannot be rounded up (QEMU, reading them as negative,
+    // makes an image of a nonsensical size; they are refused here).
+    let size = size.checked_next_multiple_of(512).ok_or_else(|| {
+        at(match format {
+            ImageFormat::Qcow2 => QCOW2_TOO_LARGE.to_string(),
+            ImageFormat::Raw => "The image size is too large for file format 'raw'".to_string(),
+        })
+    })?;
     match format {
         ImageFormat::Raw => {
             let prealloc = match set.text("preallocation").unwrap_or("off") {
@@ -513,30 +387,63 @@ fn create(p: &Parsed) -> Result<(), String> {
     }
 }
 
-/// The positional size, as qemu-img's `cvtnum("image size", …)` judges it.
-fn parse_image_size(s: &str) -> Result<u64, String> {
-    let range = || "Invalid image size specified. Must be between 0 and 9223372036854775807.";
-    match parse_size(s) {
-        Ok(v) if v <= i64::MAX as u64 => Ok(v),
-        Ok(_) => Err(range().into()),
-        Err(_) => {
+/// qemu-img's `cvtnum_full(name, value, is_size, min, max)`: a size (with a k/M/G/T/P/E
+/// suffix) or a number (decimal, hex or octal) between `min` and `max`, with qemu-img's two
+/// messages: a value that is no number, and a number out of range (negative ones included).
+pub(crate) fn cvtnum(
+    name: &str,
+    s: &str,
+    is_size: bool,
+    min: u64,
+    max: u64,
+) -> Result<u64, String> {
+    let range = || format!("Invalid {name} specified. Must be between {min} and {max}.");
+    let value = if is_size {
+        parse_size(s).ok()
+    } else {
+        parse_number(s.trim())
+    };
+    match value {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(_) => Err(range()),
+        None => {
             let (num, suffix) = match s.char_indices().last() {
-                Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], Some(c)),
+                Some((i, c)) if is_size && c.is_ascii_alphabetic() => (&s[..i], Some(c)),
                 _ => (s, None),
             };
             let suffix_ok = suffix.is_none_or(|c| "bkmgtpe".contains(c.to_ascii_lowercase()));
-            if suffix_ok && num.parse::<f64>().is_ok_and(|f| f >= 0.0) {
-                Err(range().into())
+            let number = if is_size {
+                num.trim().parse::<f64>().is_ok()
             } else {
-                Err(format!("Invalid image size specified: '{s}'."))
+                let n = num.trim();
+                let digits = n.strip_prefix('-').unwrap_or(n);
+                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+            };
+            if suffix_ok && number {
+                Err(range())
+            } else {
+                Err(format!("Invalid {name} specified: '{s}'."))
             }
         }
     }
 }
 
+/// qcow2's refusal of a size its L1 table cannot map.
+const QCOW2_TOO_LARGE: &str =
+    "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
+
+/// The positional size, as qemu-img's `cvtnum("image size", …)` judges it.
+fn parse_image_size(s: &str) -> Result<u64, String> {
+    cvtnum("image size", s, true, 0, i64::MAX as u64)
+}
+
 /// Opens the backing file named `name` (relative to the new image `image`) as qemu-img does
 /// before creating an overlay: in `fmt`, or probed. Returns its format and size.
-fn open_backing(image: &Path, name: &str, fmt: Option<&str>) -> Result<(ImageFormat, u64), String> {
+pub(crate) fn open_backing(
+    image: &Path,
+    name: &str,
+    fmt: Option<&str>,
+) -> Result<(ImageFormat, u64), String> {
     let path = resolve_relative(image, name.as_bytes()).map_err(|e| e.to_string())?;
     let format = match fmt {
         Some(f) => {
@@ -650,14 +557,21 @@ fn qcow2_options(set: &Settings, size: u64) -> Result<CreateOptions, String> {
     let entry = if extended_l2 { 16 } else { 8 };
     let per_l1 = cluster_size * (cluster_size / entry);
     if size.div_ceil(per_l1) > (32 << 20) / 8 {
-        return Err(
-            "The image size is too large for file format 'qcow2' (try using a larger \
-                    cluster size)"
-                .into(),
-        );
+        return Err(QCOW2_TOO_LARGE.into());
     }
 
     let mut o = CreateOptions::default();
+    apply_settings(&mut o, set)?;
+    o.size = Some(size);
+    // qcow2_co_create: a raw data file needs L2 tables mapping it 1:1.
+    if o.data_file_raw && o.preallocation == Preallocation::Off {
+        o.preallocation = Preallocation::Metadata;
+    }
+    Ok(o)
+}
+
+/// Sets the library's options from the `-o` settings (size and encryption aside).
+fn apply_settings(o: &mut CreateOptions, set: &Settings) -> Result<(), String> {
     let parse = |s: &str| parse_size(s).ok();
     for s in &set.0 {
         let value = match s.name.as_str() {
@@ -686,38 +600,12 @@ fn qcow2_options(set: &Settings, size: u64) -> Result<CreateOptions, String> {
         o.apply_qemu_options(&format!("{}={value}", s.name), parse)
             .map_err(|e| e.to_string())?;
     }
-    o.size = Some(size);
-    // qcow2_co_create: a raw data file needs L2 tables mapping it 1:1.
-    if o.data_file_raw && o.preallocation == Preallocation::Off {
-        o.preallocation = Preallocation::Metadata;
-    }
-    Ok(o)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn option_lists() {
-        let v = split_options("a=1,b=x,,y,flag,noother,c=");
-        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
-        assert_eq!(
-            v,
-            vec![
-                s("a", "1"),
-                s("b", "x,y"),
-                s("flag", "on"),
-                s("other", "off"),
-                s("c", "")
-            ]
-        );
-        assert!(valid_option_list("a=1"));
-        assert!(valid_option_list("a=x,,"));
-        assert!(!valid_option_list("a=1,"));
-        assert!(!valid_option_list(",a=1"));
-        assert!(!valid_option_list(""));
-    }
 
     #[test]
     fn numbers_and_sizes() {
@@ -730,5 +618,19 @@ mod tests {
             .unwrap_err()
             .contains("Must be between"));
         assert!(parse_image_size("1x").unwrap_err().contains("'1x'"));
+        let coroutines = |v: &str| cvtnum("number of coroutines", v, false, 1, 16);
+        assert_eq!(coroutines("0x10"), Ok(16));
+        assert_eq!(coroutines("010"), Ok(8));
+        let range = "Invalid number of coroutines specified. Must be between 1 and 16.";
+        for v in ["0", "17", "-1", "99999999999999999999"] {
+            assert_eq!(coroutines(v).unwrap_err(), range, "{v}");
+        }
+        for v in ["x", "16k", "1e", ""] {
+            assert_eq!(
+                coroutines(v).unwrap_err(),
+                format!("Invalid number of coroutines specified: '{v}'."),
+                "{v}"
+            );
+        }
     }
 }

@@ -26,6 +26,7 @@ mod localtime;
 mod map;
 mod measure;
 mod nbd;
+mod option_help;
 mod progress;
 mod qemu_errors;
 mod qjson;
