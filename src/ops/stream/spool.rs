@@ -10,8 +10,8 @@
 //! 4 bytes per data cluster.
 //!
 //! Packing: compressed clusters follow each other byte by byte and may run across a host
-//! cluster boundary (as QEMU packs them); a cluster that does not compress by at least one
-//! 512-byte sector is stored whole at the next cluster boundary; a cluster of zeros takes no
+//! cluster boundary (as QEMU packs them); a cluster that does not compress to fewer bytes than
+//! a cluster is stored whole at the next cluster boundary; a cluster of zeros takes no
 //! room. A host cluster is never shared by more compressed clusters than its refcount width
 //! can count: the next one then starts a new host cluster.
 
