@@ -11,6 +11,7 @@
 mod chunks;
 mod reader;
 mod spool;
+mod walk;
 mod writer;
 
 pub use reader::{StreamReader, DEFAULT_MAX_PENDING};
