@@ -120,6 +120,20 @@ fn a_backward_reference_is_refused_by_name() {
     let mut s = streamed(&data, false);
     s[40..48].copy_from_slice(&512u64.to_be_bytes());
     assert!(read_back(&s).is_err());
+    // Data further back than the one cluster kept before its L2 table, or inside the table.
+    let s = streamed(&data, false);
+    let l1 = be64(&s, 40) as usize;
+    let table = be64(&s, l1) & OFFSET_MASK;
+    for host in [table - 65536 - 512, table + 512, table - 512] {
+        let mut bad = s.clone();
+        let t = table as usize;
+        bad[t..t + 8].copy_from_slice(&(host | COPIED).to_be_bytes());
+        let e = read_back(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("the data of guest offset 0") && e.contains("not laid out for streaming"),
+            "{host:#x}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -188,10 +188,15 @@ fn streamed_images_and_fresh_qemu_img_converts_read_back_from_a_pipe() {
     sources(d);
     sh(
         "qemu-img convert -O qcow2 -f raw mixed.raw qemu.qcow2
-         qemu-img convert -c -O qcow2 -f raw mixed.raw qemuc.qcow2",
+         qemu-img convert -c -O qcow2 -f raw mixed.raw qemuc.qcow2
+         qemu-img convert -c -O qcow2 -o cluster_size=512 -f raw mixed.raw qemuc512.qcow2",
         d,
     );
-    let mut inputs = vec!["qemu.qcow2".to_string(), "qemuc.qcow2".to_string()];
+    // (qemuc512: QEMU packs compressed clusters into the rest of the cluster before the L2
+    // table it has just allocated for them.)
+    let mut inputs: Vec<String> = ["qemu.qcow2", "qemuc.qcow2", "qemuc512.qcow2"]
+        .map(String::from)
+        .into();
     for (i, extra) in [
         &[][..],
         &["-c"],

@@ -2,7 +2,9 @@
 //!
 //! Accepted are images whose every reference points forward: the L1 table lies after cluster 0,
 //! each L2 table after the L1 table, each data cluster after the L2 table that maps it — as
-//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out. Images made by qemu-img
+//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out — or in the cluster just
+//! before that table, where QEMU packs compressed clusters (the reader keeps that cluster
+//! when it reads an L2 table). Images made by qemu-img
 //! 10 qualify when every L2 table was allocated before the data it maps and after the L1
 //! table: `qemu-img convert -O qcow2` (plain, `-c` zlib or zstd, extended L2),
 //! `qemu-img create` (also with `preallocation=metadata`) followed by writes in any order,
@@ -97,17 +99,19 @@ impl Window<'_> {
     }
 
     /// The bytes `off..off + len` (fewer when the input ends first and `short_ok`). `off` must
-    /// not lie before the last range handed out.
-    fn range(&mut self, off: u64, len: u64, short_ok: bool) -> Result<&[u8]> {
+    /// not lie before the first byte kept: the start of the last range handed out, or up to
+    /// `behind` bytes before it when that range asked to keep them.
+    fn range(&mut self, off: u64, len: u64, short_ok: bool, behind: u64) -> Result<&[u8]> {
         if off < self.start {
             return Err(stream_error(format!(
                 "the image stream would have to go back to byte {off} from {}",
                 self.start
             )));
         }
-        if off >= self.end() {
+        let from = off.saturating_sub(behind).max(self.start);
+        if from >= self.end() {
             // Skip the gap without keeping it.
-            let mut gap = off - self.end();
+            let mut gap = from - self.end();
             let mut scratch = [0u8; 64 << 10];
             self.start = self.end();
             self.buf.clear();
@@ -118,11 +122,12 @@ impl Window<'_> {
                 self.start += got as u64;
             }
         } else {
-            let drop = (off - self.start) as usize;
+            let drop = (from - self.start) as usize;
             self.buf.drain(..drop);
-            self.start = off;
+            self.start = from;
         }
-        let want = len as usize;
+        let skip = (off - self.start) as usize;
+        let want = skip + len as usize;
         while self.buf.len() < want && !self.eof {
             let have = self.buf.len();
             self.buf.resize(want, 0);
@@ -138,8 +143,8 @@ impl Window<'_> {
                 self.end()
             )));
         }
-        let n = want.min(self.buf.len());
-        Ok(&self.buf[..n])
+        let n = want.min(self.buf.len()).max(skip);
+        Ok(&self.buf[skip..n])
     }
 
     fn fill(&mut self, b: &mut [u8]) -> Result<usize> {
@@ -187,14 +192,14 @@ impl<'a> StreamReader<'a> {
             buf: Vec::new(),
             eof: false,
         };
-        let first = window.range(0, 512, false)?;
+        let first = window.range(0, 512, false, 0)?;
         let bits = be_u32(first, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
             // Let the header parser name what is wrong (magic first).
             parse_first_cluster(first)?;
             return Err(stream_error(format!("invalid cluster_bits {bits}")));
         }
-        let cluster0 = window.range(0, 1 << bits, false)?;
+        let cluster0 = window.range(0, 1 << bits, false, 0)?;
         let (header, _ext) = parse_first_cluster(cluster0)?;
         header.validate(MAX_HOST_OFFSET)?;
         if header.crypt_method != CryptMethod::None {
@@ -264,7 +269,7 @@ impl<'a> StreamReader<'a> {
                         };
                         queue.push(Reverse((off + cs, rest)));
                     }
-                    let data = self.window.range(off, cs, false)?;
+                    let data = self.window.range(off, cs, false, 0)?;
                     out.copy_from_slice(data);
                     if extended {
                         let sub = cs / 32;
@@ -280,7 +285,7 @@ impl<'a> StreamReader<'a> {
                     put(guest * cs, &out[..n])?;
                 }
                 Item::Compressed { guest, len } => {
-                    let data = self.window.range(off, len, true)?;
+                    let data = self.window.range(off, len, true, 0)?;
                     decompress_cluster(compression, data, &mut out).map_err(|e| {
                         stream_error(format!(
                             "compressed cluster of guest offset {} at host offset {off}: {e}",
@@ -306,7 +311,10 @@ impl<'a> StreamReader<'a> {
         let (bits, size, extended) = (h.cluster_bits, h.size, h.has_extended_l2());
         let entry_size = h.l2_entry_size() as usize;
         let l2_entries = cs / entry_size as u64;
-        let table = self.window.range(t, cs, false)?;
+        // The cluster before the table is kept (from `kept` on): QEMU packs compressed clusters
+        // into what is left of the last one even after allocating the L2 table that maps them.
+        let kept = t.saturating_sub(cs).max(self.window.start);
+        let table = self.window.range(t, cs, false, cs)?;
         let mut runs = RunQueue {
             queue,
             max: self.max_pending,
@@ -321,7 +329,7 @@ impl<'a> StreamReader<'a> {
             let at = j as usize * entry_size;
             let raw = be_u64(table, at);
             let bitmap = if extended { be_u64(table, at + 8) } else { 0 };
-            let (host, next) = match classify(raw, bits, extended, false) {
+            let (host, len, next) = match classify(raw, bits, extended, false) {
                 ClusterKind::Unallocated | ClusterKind::Zero { .. } => continue,
                 ClusterKind::Normal { host } => {
                     if extended && bitmap & 0xffff_ffff == 0 {
@@ -330,6 +338,7 @@ impl<'a> StreamReader<'a> {
                     let count = 1;
                     (
                         host,
+                        cs,
                         Item::Data {
                             guest,
                             bitmap,
@@ -339,10 +348,11 @@ impl<'a> StreamReader<'a> {
                 }
                 ClusterKind::Compressed(d) => {
                     let len = d.stored_len();
-                    (d.host_offset, Item::Compressed { guest, len })
+                    (d.host_offset, len, Item::Compressed { guest, len })
                 }
             };
-            if host < t + cs {
+            // Forward of the table, or wholly in the part of the stream kept before it.
+            if host < kept || (host < t + cs && host.saturating_add(len) > t) {
                 return Err(backward(
                     &format!("the data of guest offset {}", guest * cs),
                     host,
@@ -367,7 +377,7 @@ impl<'a> StreamReader<'a> {
             if l1_off < cs {
                 return Err(backward("the L1 table", l1_off, "cluster 0", 0));
             }
-            let raw = self.window.range(l1_off, l1_len, false)?;
+            let raw = self.window.range(l1_off, l1_len, false, 0)?;
             for i in 0..u64::from(h.l1_size) {
                 let mut e = be_u64(raw, i as usize * 8) & crate::format::entry::OFFSET_MASK;
                 if i.saturating_mul(span) >= h.size {
