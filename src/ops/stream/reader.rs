@@ -1,18 +1,18 @@
 //! The streamed qcow2 reader: an image read once, front to back, from any [`std::io::Read`].
 //!
 //! Accepted are images whose every reference points forward: the L1 table lies after cluster 0,
-//! each L2 table after the L1 table, each data cluster after the L2 table that maps it — as
-//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out — or in the cluster just
-//! before that table, where QEMU packs compressed clusters (the reader keeps that cluster
-//! when it reads an L2 table). Images made by qemu-img
-//! 10 qualify when every L2 table was allocated before the data it maps and after the L1
-//! table: `qemu-img convert -O qcow2` (plain, `-c` zlib or zstd, extended L2),
-//! `qemu-img create` (also with `preallocation=metadata`) followed by writes in any order,
-//! discards and rewrites, persistent bitmaps added. Refused: `preallocation=full` (QEMU puts
-//! the L2 tables before the L1 table), an L2 table copied after an internal snapshot (it maps
-//! older data), an L1 table moved by a resize. The error names the first reference found
-//! pointing back into what was already read; nothing is buffered beyond one cluster (or one
-//! compressed cluster's sectors).
+//! each L2 table after the L1 table, each data cluster after the L2 table that maps it, as
+//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out; or wholly inside the
+//! cluster just before that table, where QEMU packs compressed clusters into what is left of
+//! the last one after allocating their table (the reader keeps that cluster when it reads an L2
+//! table). Images made by qemu-img 10 qualify when every L2 table was allocated before the data
+//! it maps and after the L1 table: `qemu-img convert -O qcow2` (plain, `-c` zlib or zstd, any
+//! cluster size, extended L2), `qemu-img create` (also with `preallocation=metadata`) followed
+//! by writes in any order, discards and rewrites, persistent bitmaps added. Refused:
+//! `preallocation=full` (QEMU puts the L2 tables before the L1 table), an L2 table copied after
+//! an internal snapshot (it maps older data), an L1 table moved by a resize. The error names the
+//! first reference found pointing back into what was already read; nothing is buffered beyond
+//! two clusters (or one cluster and one compressed cluster's sectors).
 //!
 //! Memory: the L1 table (with the order of its L2 tables when they are not in ascending order
 //! already), and the queue of what the L2 tables read so far point to and the stream has not
