@@ -2,8 +2,11 @@
 //! every byte equals the source's, whose file is exactly the planned clusters, and which is the
 //! same on every run.
 
+use qcow2kit::format::entry::{classify, ClusterKind, CompressedDescriptor, COPIED, OFFSET_MASK};
 use qcow2kit::io::MemoryStorage;
-use qcow2kit::ops::stream::{write_qcow2_stream, StreamReader, StreamWriteOptions};
+use qcow2kit::ops::stream::{
+    write_qcow2_stream, StreamReader, StreamWriteOptions, DEFAULT_MAX_PENDING,
+};
 use qcow2kit::{BlockDevice, Qcow2Image, Qcow2Options, RawImage};
 use std::sync::Arc;
 
@@ -59,20 +62,31 @@ fn a_failing_writer_stops_the_stream_with_an_error() {
 }
 
 fn streamed(data: &[u8], compress: bool) -> Vec<u8> {
+    streamed_with(data, 65536, compress)
+}
+
+fn streamed_with(data: &[u8], cluster_size: u64, compress: bool) -> Vec<u8> {
     let src = RawImage::open(Arc::new(MemoryStorage::from_bytes(data.to_vec())), false).unwrap();
     let mut out = Vec::new();
-    let opts = StreamWriteOptions {
+    let mut opts = StreamWriteOptions {
         compress,
         ..Default::default()
     };
+    opts.create.cluster_size = cluster_size;
     write_qcow2_stream(&src, &mut out, &opts).unwrap();
     out
 }
 
 /// Reads a stream back into a disk image in memory.
 fn read_back(stream: &[u8]) -> qcow2kit::Result<Vec<u8>> {
+    read_back_capped(stream, DEFAULT_MAX_PENDING)
+}
+
+/// Reads a stream back with at most `max` entries queued ahead of their data.
+fn read_back_capped(stream: &[u8], max: usize) -> qcow2kit::Result<Vec<u8>> {
     let mut input: &[u8] = stream;
-    let reader = StreamReader::open(&mut input)?;
+    let mut reader = StreamReader::open(&mut input)?;
+    reader.set_max_pending(max);
     let mut disk = vec![0u8; reader.header().size as usize];
     reader.copy_to(|off, data| {
         disk[off as usize..off as usize + data.len()].copy_from_slice(data);
@@ -106,6 +120,20 @@ fn a_backward_reference_is_refused_by_name() {
     let mut s = streamed(&data, false);
     s[40..48].copy_from_slice(&512u64.to_be_bytes());
     assert!(read_back(&s).is_err());
+    // Data further back than the one cluster kept before its L2 table, or inside the table.
+    let s = streamed(&data, false);
+    let l1 = be64(&s, 40) as usize;
+    let table = be64(&s, l1) & OFFSET_MASK;
+    for host in [table - 65536 - 512, table + 512, table - 512] {
+        let mut bad = s.clone();
+        let t = table as usize;
+        bad[t..t + 8].copy_from_slice(&(host | COPIED).to_be_bytes());
+        let e = read_back(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("the data of guest offset 0") && e.contains("not laid out for streaming"),
+            "{host:#x}: {e}"
+        );
+    }
 }
 
 #[test]
@@ -141,4 +169,107 @@ fn the_queue_of_references_ahead_of_the_data_is_capped() {
     reader.set_max_pending(2);
     let e = reader.copy_to(|_, _| Ok(())).unwrap_err().to_string();
     assert!(e.contains("more than 2 clusters"), "{e}");
+}
+
+/// A disk of `n` bytes whose 512-byte clusters all differ and all compress.
+fn text_disk(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 32);
+    let mut i = 0u64;
+    while v.len() < n {
+        v.extend_from_slice(format!("stream line {i:08}\n").as_bytes());
+        i += 1;
+    }
+    v.truncate(n);
+    v
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The same image with every L2 table moved before all the data, as the first streamed writer
+/// laid images out: the clusters after the L1 table permuted, every reference moved with them.
+fn every_l2_table_first(s: &[u8]) -> Vec<u8> {
+    let bits = u32::from_be_bytes(s[20..24].try_into().unwrap());
+    let cs = 1usize << bits;
+    let l1_size = u32::from_be_bytes(s[36..40].try_into().unwrap()) as usize;
+    let l1 = be64(s, 40) as usize;
+    let tables: Vec<(usize, usize)> = (0..l1_size)
+        .map(|i| (i, be64(s, l1 + i * 8) & OFFSET_MASK))
+        .filter(|&(_, t)| t != 0)
+        .map(|(i, t)| (i, t as usize))
+        .collect();
+    let area = tables[0].1;
+    let mut out = s[..area].to_vec();
+    let mut data = Vec::new();
+    let mut moved = Vec::new();
+    for (k, &(i, t)) in tables.iter().enumerate() {
+        let end = tables.get(k + 1).map_or(s.len(), |n| n.1);
+        let new_data = area + tables.len() * cs + data.len();
+        let delta = new_data as u64 - (t + cs) as u64;
+        let mut table = s[t..t + cs].to_vec();
+        for j in 0..cs / 8 {
+            let raw = be64(&table, j * 8);
+            let e = match classify(raw, bits, false, false) {
+                ClusterKind::Normal { host } => (raw & !OFFSET_MASK) | (host + delta),
+                ClusterKind::Compressed(d) => CompressedDescriptor {
+                    host_offset: d.host_offset + delta,
+                    ..d
+                }
+                .encode(bits)
+                .unwrap(),
+                _ => raw,
+            };
+            table[j * 8..j * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        let new_table = (area + k * cs) as u64;
+        out[l1 + i * 8..l1 + i * 8 + 8].copy_from_slice(&(new_table | COPIED).to_be_bytes());
+        moved.extend_from_slice(&table);
+        data.extend_from_slice(&s[t + cs..end]);
+    }
+    out.extend_from_slice(&moved);
+    out.extend_from_slice(&data);
+    assert_eq!(out.len(), s.len());
+    out
+}
+
+fn open_in_memory(image: &[u8]) -> Vec<u8> {
+    let img = Qcow2Image::open(
+        Arc::new(MemoryStorage::from_bytes(image.to_vec())),
+        &Qcow2Options::default(),
+    )
+    .unwrap();
+    let mut back = vec![0u8; img.size() as usize];
+    img.read_at(&mut back, 0).unwrap();
+    back
+}
+
+#[test]
+fn the_reader_holds_one_l2_table_of_a_streamed_image() {
+    // 512-byte clusters: 64 entries per L2 table, 64 tables; every cluster its own entry when
+    // compressed. Each table must come just before the data it maps.
+    let data = text_disk(2 << 20);
+    for compress in [false, true] {
+        let s = streamed_with(&data, 512, compress);
+        assert!(open_in_memory(&s) == data, "compress {compress}");
+        assert!(
+            read_back_capped(&s, 64).unwrap() == data,
+            "compress {compress}"
+        );
+    }
+}
+
+#[test]
+fn an_image_with_every_l2_table_first_is_read_in_bounded_memory_or_refused() {
+    let data = text_disk(2 << 20);
+    // Plain: the data of each table follows on in the file, one queue entry per table.
+    let old = every_l2_table_first(&streamed_with(&data, 512, false));
+    assert!(open_in_memory(&old) == data);
+    assert!(read_back_capped(&old, 64).unwrap() == data);
+    // Compressed: one entry per cluster, refused past the cap (by name), read within it.
+    let old = every_l2_table_first(&streamed_with(&data, 512, true));
+    assert!(open_in_memory(&old) == data);
+    let e = read_back_capped(&old, 64).unwrap_err().to_string();
+    assert!(e.contains("more than 64 clusters ahead"), "{e}");
+    assert!(read_back_capped(&old, 4096).unwrap() == data);
 }

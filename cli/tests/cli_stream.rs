@@ -188,10 +188,15 @@ fn streamed_images_and_fresh_qemu_img_converts_read_back_from_a_pipe() {
     sources(d);
     sh(
         "qemu-img convert -O qcow2 -f raw mixed.raw qemu.qcow2
-         qemu-img convert -c -O qcow2 -f raw mixed.raw qemuc.qcow2",
+         qemu-img convert -c -O qcow2 -f raw mixed.raw qemuc.qcow2
+         qemu-img convert -c -O qcow2 -o cluster_size=512 -f raw mixed.raw qemuc512.qcow2",
         d,
     );
-    let mut inputs = vec!["qemu.qcow2".to_string(), "qemuc.qcow2".to_string()];
+    // (qemuc512: QEMU packs compressed clusters into the rest of the cluster before the L2
+    // table it has just allocated for them.)
+    let mut inputs: Vec<String> = ["qemu.qcow2", "qemuc.qcow2", "qemuc512.qcow2"]
+        .map(String::from)
+        .into();
     for (i, extra) in [
         &[][..],
         &["-c"],
@@ -301,4 +306,37 @@ fn progress_never_mixes_into_a_stream_on_standard_output() {
         .expect("qcow2kit");
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn small_clusters_compress_as_qemu_img_compresses_them() {
+    // With 512-byte clusters no cluster can save a whole sector; QEMU keeps every cluster that
+    // compresses to fewer bytes than a cluster, and so must both of our `convert -c` paths.
+    let t = tempfile::tempdir().expect("tempdir");
+    let d = t.path();
+    sh(
+        "i=0; while [ $i -lt 3000 ]; do echo \"line $i of a qcow2 stream, compressed\"; i=$((i+1)); done > text.raw
+         qemu-img convert -f raw -c -O qcow2 -o cluster_size=512 text.raw q.qcow2",
+        d,
+    );
+    let args = ["-f", "raw", "-c", "-O", "qcow2", "-o", "cluster_size=512"];
+    stream_into(&[&args[..], &["text.raw"]].concat(), &d.join("s.qcow2"), d);
+    sh(
+        &format!("{QCOW2KIT} convert {} text.raw k.qcow2", args.join(" ")),
+        d,
+    );
+    let qemu_map = sh("qemu-img map --output=json q.qcow2", d);
+    assert!(qemu_map.contains("\"compressed\": true"), "{qemu_map}");
+    let qemu_size = std::fs::metadata(d.join("q.qcow2")).expect("q").len();
+    for ours in ["s.qcow2", "k.qcow2"] {
+        sh(&format!("qemu-img check -q {ours}"), d);
+        sh(&format!("qemu-img compare -q -f raw text.raw {ours}"), d);
+        let map = sh(&format!("qemu-img map --output=json {ours}"), d);
+        assert_eq!(map, qemu_map, "{ours}");
+        let size = std::fs::metadata(d.join(ours)).expect("ours").len();
+        assert!(
+            size * 10 <= qemu_size * 11,
+            "{ours}: {size} against {qemu_size}"
+        );
+    }
 }

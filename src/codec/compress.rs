@@ -29,11 +29,16 @@ pub const ZLIB_LEVEL: u32 = 2;
 pub const ZSTD_LEVEL: i32 = 3;
 
 /// Compresses one cluster into `out` (cleared first). Returns `false` when the result would not
-/// save at least one 512-byte sector, in which case the cluster should be stored uncompressed
-/// (QEMU's rule).
+/// be smaller than the cluster, in which case the cluster should be stored uncompressed.
+///
+/// This is QEMU's rule (`qcow2_co_pwritev_compressed_task` gives the compressor a buffer of
+/// `cluster_size - 1` bytes and writes the cluster uncompressed when that does not suffice): a
+/// compressed cluster is kept even when it saves less than a sector, because compressed
+/// clusters are packed byte by byte and the next one starts where this one ends. With 512-byte
+/// clusters a sector-saving rule would never compress at all.
 pub fn compress_cluster(kind: CompressionType, input: &[u8], out: &mut Vec<u8>) -> bool {
     out.clear();
-    let limit = input.len().saturating_sub(512);
+    let limit = input.len().saturating_sub(1);
     if limit == 0 {
         return false;
     }
@@ -138,16 +143,8 @@ mod tests {
             let mut out = vec![0u8; c.len()];
             decompress_cluster(kind, &z, &mut out).unwrap();
             assert_eq!(out, c);
-            // Pseudo-random bytes do not compress by a sector.
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            let noise: Vec<u8> = (0..65536)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            // Pseudo-random bytes do not compress at all.
+            let noise = noise(65536, 0x9e37_79b9_7f4a_7c15);
             assert!(!compress_cluster(kind, &noise, &mut z));
         }
     }
@@ -191,5 +188,40 @@ mod tests {
         let cut = &z[..z.len() / 3];
         assert!(decompress_cluster(CompressionType::Zstd, cut, &mut out).is_err());
         assert!(decompress_cluster(CompressionType::Zstd, b"garbage!", &mut out).is_err());
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_cluster_that_saves_less_than_a_sector_is_kept_compressed() {
+        // 512-byte clusters of text: they compress, but never by a whole sector.
+        let text: Vec<u8> = b"qcow2 stream ".iter().copied().cycle().take(512).collect();
+        // 4 KiB clusters of noise ending in a short run of zeros: under a sector saved.
+        let mut almost = noise(4096, 7);
+        almost[4096 - 200..].fill(0);
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            for c in [&text, &almost] {
+                let mut z = Vec::new();
+                assert!(compress_cluster(kind, c, &mut z), "{kind:?} {}", c.len());
+                assert!(
+                    z.len() < c.len() && z.len() + 512 > c.len(),
+                    "{kind:?} {}",
+                    z.len()
+                );
+                let mut out = vec![0u8; c.len()];
+                decompress_cluster(kind, &z, &mut out).unwrap();
+                assert!(&out == c);
+            }
+        }
     }
 }

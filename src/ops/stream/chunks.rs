@@ -67,7 +67,6 @@ pub(super) fn for_each_chunk(
 #[derive(Debug, Default)]
 pub(super) struct ZeroMap {
     bits: Vec<u64>,
-    zeros: u64,
 }
 
 impl ZeroMap {
@@ -84,7 +83,6 @@ impl ZeroMap {
                     if let Some(w) = map.bits.last_mut() {
                         *w |= 1 << (rank % 64);
                     }
-                    map.zeros += 1;
                 }
                 rank += 1;
             }
@@ -98,10 +96,5 @@ impl ZeroMap {
         self.bits
             .get((rank / 64) as usize)
             .is_some_and(|w| w >> (rank % 64) & 1 != 0)
-    }
-
-    /// How many data clusters hold only zeros.
-    pub(super) fn zeros(&self) -> u64 {
-        self.zeros
     }
 }

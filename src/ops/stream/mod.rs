@@ -3,14 +3,16 @@
 //!
 //! The image is planned from the source's allocation map before a byte is written, so every
 //! byte of the output is written once, in order: cluster 0 (header, extensions, backing name),
-//! the refcount table, the refcount blocks, the L1 table, the L2 tables in guest order, then the
-//! data clusters in ascending guest order. Every cluster of the file is in use exactly once, so
-//! all refcounts are 1 and every L2 entry carries the COPIED flag; the output is the same bytes
-//! on every run for the same source and options.
+//! the refcount table, the refcount blocks, the L1 table, then each L2 table in guest order,
+//! directly followed by the data clusters it maps in ascending guest order, so that a reader
+//! holds one L2 table's references at a time. Without compression every cluster of the file is
+//! in use exactly once, so all refcounts are 1; every L2 entry carries the COPIED flag; the
+//! output is the same bytes on every run for the same source and options.
 
 mod chunks;
 mod reader;
 mod spool;
+mod walk;
 mod writer;
 
 pub use reader::{StreamReader, DEFAULT_MAX_PENDING};

@@ -1,22 +1,29 @@
 //! The streamed qcow2 reader: an image read once, front to back, from any [`std::io::Read`].
 //!
 //! Accepted are images whose every reference points forward: the L1 table lies after cluster 0,
-//! each L2 table after the L1 table, each data cluster after the L2 table that maps it — as
-//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out. Images made by qemu-img
-//! 10 qualify when every L2 table was allocated before the data it maps and after the L1
-//! table: `qemu-img convert -O qcow2` (plain, `-c` zlib or zstd, extended L2),
-//! `qemu-img create` (also with `preallocation=metadata`) followed by writes in any order,
-//! discards and rewrites, persistent bitmaps added. Refused: `preallocation=full` (QEMU puts
-//! the L2 tables before the L1 table), an L2 table copied after an internal snapshot (it maps
-//! older data), an L1 table moved by a resize. The error names the first reference found
-//! pointing back into what was already read; nothing is buffered beyond one cluster (or one
-//! compressed cluster's sectors).
+//! each L2 table after the L1 table, each data cluster after the L2 table that maps it, as
+//! [`write_qcow2_stream`](super::write_qcow2_stream) lays them out; or wholly inside the
+//! cluster just before that table, where QEMU packs compressed clusters into what is left of
+//! the last one after allocating their table (the reader keeps that cluster when it reads an L2
+//! table). Images made by qemu-img 10 qualify when every L2 table was allocated before the data
+//! it maps and after the L1 table: `qemu-img convert -O qcow2` (plain, `-c` zlib or zstd, any
+//! cluster size, extended L2), `qemu-img create` (also with `preallocation=metadata`) followed
+//! by writes in any order, discards and rewrites, persistent bitmaps added. Refused:
+//! `preallocation=full` (QEMU puts the L2 tables before the L1 table), an L2 table copied after
+//! an internal snapshot (it maps older data), an L1 table moved by a resize. The error names the
+//! first reference found pointing back into what was already read; nothing is buffered beyond
+//! two clusters (or one cluster and one compressed cluster's sectors).
 //!
-//! Memory: the L1 table, and the queue of what the L2 tables read so far point to and the
-//! stream has not reached yet (32 bytes per mapped cluster, a few times the tables
-//! themselves); never the data. The queue is capped ([`StreamReader::set_max_pending`],
-//! default [`DEFAULT_MAX_PENDING`]): a stream that maps more clusters ahead of their data is
-//! refused, so a hostile stream cannot grow it without bound.
+//! Memory: the L1 table (with the order of its L2 tables when they are not in ascending order
+//! already), and the queue of what the L2 tables read so far point to and the stream has not
+//! reached yet; never the data. The queue takes 32 bytes per entry, and clusters that follow
+//! each other both in the guest and in the file (with the same subcluster bitmap) share one
+//! entry. With the streamed writer's layout (each L2 table just before the data it maps) it
+//! holds one L2 table's worth at most. An image with every L2 table first holds everything
+//! those tables map: one entry per table for contiguous data, one per cluster for compressed
+//! or scattered data. The queue is capped ([`StreamReader::set_max_pending`], default
+//! [`DEFAULT_MAX_PENDING`]): a stream that maps more entries ahead of their data is refused
+//! with an error saying so, so that a hostile stream cannot grow it without bound.
 
 use crate::codec::decompress_cluster;
 use crate::error::{Corruption, Error, Result};
@@ -28,19 +35,48 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::Read;
 
-/// Default cap on the references queued ahead of the stream position: 16 Mi (512 MiB of
-/// queue; every cluster of a 1 TiB image of 64 KiB clusters mapped before its data).
-pub const DEFAULT_MAX_PENDING: usize = 16 << 20;
+/// Default cap on the entries queued ahead of the stream position: 512 Ki, 16 MiB of queue
+/// (issue 16 bounds a convert's peak memory at 32 MiB). That is more than one L2 table of any
+/// cluster size maps, and, for an image with every L2 table first, 32 GiB of compressed data
+/// in 64 KiB clusters.
+pub const DEFAULT_MAX_PENDING: usize = 512 << 10;
 
-/// What lies at a host offset the reader still has to reach.
+/// What lies at a host offset the reader still has to reach (besides the L2 tables, which the
+/// L1 table lists).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Item {
-    /// An L2 table, mapping the guest clusters from this L1 index on.
-    L2 { l1_index: u64 },
-    /// A data cluster of guest cluster `guest`, with its subcluster bitmap (extended L2).
-    Data { guest: u64, bitmap: u64 },
+    /// `count` data clusters one after the other, of guest clusters `guest..guest + count`,
+    /// with their subcluster bitmap (extended L2).
+    Data { guest: u64, bitmap: u64, count: u32 },
     /// A compressed cluster of guest cluster `guest`, `len` bytes at most.
     Compressed { guest: u64, len: u64 },
+}
+
+/// The L2 tables of an L1 table in the order of their host offsets.
+struct Tables {
+    /// Host offset of the L2 table of each L1 index (0: none).
+    l1: Vec<u64>,
+    /// The L1 indices with a table, by ascending host offset (`None`: the L1 table's order).
+    order: Option<Vec<u32>>,
+    /// Next position in that order.
+    next: usize,
+}
+
+impl Tables {
+    /// The next table to reach: its host offset and L1 index.
+    fn peek(&mut self) -> Option<(u64, u64)> {
+        loop {
+            let i = match &self.order {
+                Some(o) => u64::from(*o.get(self.next)?),
+                None => self.next as u64,
+            };
+            let off = *self.l1.get(i as usize)?;
+            if off != 0 {
+                return Some((off, i));
+            }
+            self.next += 1;
+        }
+    }
 }
 
 fn stream_error(msg: String) -> Error {
@@ -63,17 +99,19 @@ impl Window<'_> {
     }
 
     /// The bytes `off..off + len` (fewer when the input ends first and `short_ok`). `off` must
-    /// not lie before the last range handed out.
-    fn range(&mut self, off: u64, len: u64, short_ok: bool) -> Result<&[u8]> {
+    /// not lie before the first byte kept: the start of the last range handed out, or up to
+    /// `behind` bytes before it when that range asked to keep them.
+    fn range(&mut self, off: u64, len: u64, short_ok: bool, behind: u64) -> Result<&[u8]> {
         if off < self.start {
             return Err(stream_error(format!(
                 "the image stream would have to go back to byte {off} from {}",
                 self.start
             )));
         }
-        if off >= self.end() {
+        let from = off.saturating_sub(behind).max(self.start);
+        if from >= self.end() {
             // Skip the gap without keeping it.
-            let mut gap = off - self.end();
+            let mut gap = from - self.end();
             let mut scratch = [0u8; 64 << 10];
             self.start = self.end();
             self.buf.clear();
@@ -84,11 +122,12 @@ impl Window<'_> {
                 self.start += got as u64;
             }
         } else {
-            let drop = (off - self.start) as usize;
+            let drop = (from - self.start) as usize;
             self.buf.drain(..drop);
-            self.start = off;
+            self.start = from;
         }
-        let want = len as usize;
+        let skip = (off - self.start) as usize;
+        let want = skip + len as usize;
         while self.buf.len() < want && !self.eof {
             let have = self.buf.len();
             self.buf.resize(want, 0);
@@ -104,8 +143,8 @@ impl Window<'_> {
                 self.end()
             )));
         }
-        let n = want.min(self.buf.len());
-        Ok(&self.buf[..n])
+        let n = want.min(self.buf.len()).max(skip);
+        Ok(&self.buf[skip..n])
     }
 
     fn fill(&mut self, b: &mut [u8]) -> Result<usize> {
@@ -153,14 +192,14 @@ impl<'a> StreamReader<'a> {
             buf: Vec::new(),
             eof: false,
         };
-        let first = window.range(0, 512, false)?;
+        let first = window.range(0, 512, false, 0)?;
         let bits = be_u32(first, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
             // Let the header parser name what is wrong (magic first).
             parse_first_cluster(first)?;
             return Err(stream_error(format!("invalid cluster_bits {bits}")));
         }
-        let cluster0 = window.range(0, 1 << bits, false)?;
+        let cluster0 = window.range(0, 1 << bits, false, 0)?;
         let (header, _ext) = parse_first_cluster(cluster0)?;
         header.validate(MAX_HOST_OFFSET)?;
         if header.crypt_method != CryptMethod::None {
@@ -199,84 +238,38 @@ impl<'a> StreamReader<'a> {
     pub fn copy_to(mut self, mut put: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
         let h = &self.header;
         let cs = h.cluster_size();
-        let bits = h.cluster_bits;
         let size = h.size;
         let extended = h.has_extended_l2();
-        let entry_size = h.l2_entry_size() as usize;
-        let l2_entries = cs / entry_size as u64;
         let compression = h.compression_type;
-        let l1_off = h.l1_table_offset;
-        let l1_len = u64::from(h.l1_size) * 8;
+        let mut tables = self.read_l1()?;
         let mut queue: BinaryHeap<Reverse<(u64, Item)>> = BinaryHeap::new();
-        if l1_len > 0 {
-            if l1_off < cs {
-                return Err(backward("the L1 table", l1_off, "cluster 0", 0));
-            }
-            let l1 = self.window.range(l1_off, l1_len, false)?.to_vec();
-            for i in 0..u64::from(h.l1_size) {
-                let e = be_u64(&l1, i as usize * 8) & crate::format::entry::OFFSET_MASK;
-                if e == 0 || i * l2_entries * cs >= size {
-                    continue;
-                }
-                if e < l1_off + l1_len {
-                    return Err(backward(
-                        &format!("the L2 table of L1 entry {i}"),
-                        e,
-                        "the L1 table",
-                        l1_off,
-                    ));
-                }
-                queue.push(Reverse((e, Item::L2 { l1_index: i })));
-            }
-        }
         let mut out = vec![0u8; cs as usize];
-        while let Some(Reverse((off, item))) = queue.pop() {
+        loop {
+            let next = queue.peek().map(|r| r.0 .0);
+            if let Some((t, l1_index)) = tables.peek().filter(|&(t, _)| next.is_none_or(|o| t <= o))
+            {
+                tables.next += 1;
+                self.queue_table(t, l1_index, &mut queue)?;
+                continue;
+            }
+            let Some(Reverse((off, item))) = queue.pop() else {
+                return Ok(());
+            };
             match item {
-                Item::L2 { l1_index } => {
-                    let table = self.window.range(off, cs, false)?;
-                    for j in 0..l2_entries {
-                        let guest = l1_index * l2_entries + j;
-                        if guest * cs >= size {
-                            break;
-                        }
-                        let at = j as usize * entry_size;
-                        let raw = be_u64(table, at);
-                        let bitmap = if extended { be_u64(table, at + 8) } else { 0 };
-                        let (host, next) = match classify(raw, bits, extended, false) {
-                            ClusterKind::Unallocated | ClusterKind::Zero { .. } => continue,
-                            ClusterKind::Normal { host } => {
-                                if extended && bitmap & 0xffff_ffff == 0 {
-                                    continue;
-                                }
-                                (host, Item::Data { guest, bitmap })
-                            }
-                            ClusterKind::Compressed(d) => (
-                                d.host_offset,
-                                Item::Compressed {
-                                    guest,
-                                    len: d.stored_len(),
-                                },
-                            ),
+                Item::Data {
+                    guest,
+                    bitmap,
+                    count,
+                } => {
+                    if count > 1 {
+                        let rest = Item::Data {
+                            guest: guest + 1,
+                            bitmap,
+                            count: count - 1,
                         };
-                        if host < off + cs {
-                            return Err(backward(
-                                &format!("the data of guest offset {}", guest * cs),
-                                host,
-                                "its L2 table",
-                                off,
-                            ));
-                        }
-                        if queue.len() >= self.max_pending {
-                            return Err(Error::Unsupported(format!(
-                                "streams that map more than {} clusters ahead of their data",
-                                self.max_pending
-                            )));
-                        }
-                        queue.push(Reverse((host, next)));
+                        queue.push(Reverse((off + cs, rest)));
                     }
-                }
-                Item::Data { guest, bitmap } => {
-                    let data = self.window.range(off, cs, false)?;
+                    let data = self.window.range(off, cs, false, 0)?;
                     out.copy_from_slice(data);
                     if extended {
                         let sub = cs / 32;
@@ -292,7 +285,7 @@ impl<'a> StreamReader<'a> {
                     put(guest * cs, &out[..n])?;
                 }
                 Item::Compressed { guest, len } => {
-                    let data = self.window.range(off, len, true)?;
+                    let data = self.window.range(off, len, true, 0)?;
                     decompress_cluster(compression, data, &mut out).map_err(|e| {
                         stream_error(format!(
                             "compressed cluster of guest offset {} at host offset {off}: {e}",
@@ -303,6 +296,169 @@ impl<'a> StreamReader<'a> {
                     put(guest * cs, &out[..n])?;
                 }
             }
+        }
+    }
+
+    /// Reads the L2 table of `l1_index` at host offset `t` and queues the data it maps.
+    fn queue_table(
+        &mut self,
+        t: u64,
+        l1_index: u64,
+        queue: &mut BinaryHeap<Reverse<(u64, Item)>>,
+    ) -> Result<()> {
+        let h = &self.header;
+        let cs = h.cluster_size();
+        let (bits, size, extended) = (h.cluster_bits, h.size, h.has_extended_l2());
+        let entry_size = h.l2_entry_size() as usize;
+        let l2_entries = cs / entry_size as u64;
+        // The cluster before the table is kept (from `kept` on): QEMU packs compressed clusters
+        // into what is left of the last one even after allocating the L2 table that maps them.
+        let kept = t.saturating_sub(cs).max(self.window.start);
+        let table = self.window.range(t, cs, false, cs)?;
+        let mut runs = RunQueue {
+            queue,
+            max: self.max_pending,
+            cs,
+            run: None,
+        };
+        for j in 0..l2_entries {
+            let guest = l1_index * l2_entries + j;
+            if guest * cs >= size {
+                break;
+            }
+            let at = j as usize * entry_size;
+            let raw = be_u64(table, at);
+            let bitmap = if extended { be_u64(table, at + 8) } else { 0 };
+            let (host, len, next) = match classify(raw, bits, extended, false) {
+                ClusterKind::Unallocated | ClusterKind::Zero { .. } => continue,
+                ClusterKind::Normal { host } => {
+                    if extended && bitmap & 0xffff_ffff == 0 {
+                        continue;
+                    }
+                    let count = 1;
+                    (
+                        host,
+                        cs,
+                        Item::Data {
+                            guest,
+                            bitmap,
+                            count,
+                        },
+                    )
+                }
+                ClusterKind::Compressed(d) => {
+                    let len = d.stored_len();
+                    (d.host_offset, len, Item::Compressed { guest, len })
+                }
+            };
+            // Forward of the table, or wholly in the part of the stream kept before it.
+            if host < kept || (host < t + cs && host.saturating_add(len) > t) {
+                return Err(backward(
+                    &format!("the data of guest offset {}", guest * cs),
+                    host,
+                    "its L2 table",
+                    t,
+                ));
+            }
+            runs.push(host, next)?;
+        }
+        runs.flush()
+    }
+
+    /// Reads the L1 table and orders its L2 tables by host offset.
+    fn read_l1(&mut self) -> Result<Tables> {
+        let h = &self.header;
+        let cs = h.cluster_size();
+        let span = cs * (cs / h.l2_entry_size());
+        let l1_off = h.l1_table_offset;
+        let l1_len = u64::from(h.l1_size) * 8;
+        let mut l1 = Vec::new();
+        if l1_len > 0 {
+            if l1_off < cs {
+                return Err(backward("the L1 table", l1_off, "cluster 0", 0));
+            }
+            let raw = self.window.range(l1_off, l1_len, false, 0)?;
+            for i in 0..u64::from(h.l1_size) {
+                let mut e = be_u64(raw, i as usize * 8) & crate::format::entry::OFFSET_MASK;
+                if i.saturating_mul(span) >= h.size {
+                    e = 0;
+                }
+                if e != 0 && e < l1_off + l1_len {
+                    return Err(backward(
+                        &format!("the L2 table of L1 entry {i}"),
+                        e,
+                        "the L1 table",
+                        l1_off,
+                    ));
+                }
+                l1.push(e);
+            }
+        }
+        let ascending = l1
+            .iter()
+            .filter(|&&e| e != 0)
+            .try_fold(0u64, |last, &e| (e > last).then_some(e))
+            .is_some();
+        let order = (!ascending).then(|| {
+            let mut o: Vec<u32> = (0..l1.len() as u32)
+                .filter(|&i| l1[i as usize] != 0)
+                .collect();
+            o.sort_by_key(|&i| (l1[i as usize], i));
+            o
+        });
+        Ok(Tables { l1, order, next: 0 })
+    }
+}
+
+/// Queues the data an L2 table maps, clusters that follow each other on both sides merged
+/// into one run, and caps the queue.
+struct RunQueue<'q> {
+    queue: &'q mut BinaryHeap<Reverse<(u64, Item)>>,
+    max: usize,
+    cs: u64,
+    /// The run being extended: its host offset and item.
+    run: Option<(u64, Item)>,
+}
+
+impl RunQueue<'_> {
+    fn push(&mut self, host: u64, item: Item) -> Result<()> {
+        if let (
+            Some((
+                start,
+                Item::Data {
+                    guest,
+                    bitmap,
+                    count,
+                },
+            )),
+            Item::Data {
+                guest: g,
+                bitmap: b,
+                ..
+            },
+        ) = (&mut self.run, item)
+        {
+            let n = u64::from(*count);
+            if g == *guest + n && b == *bitmap && host == *start + n * self.cs && *count < u32::MAX
+            {
+                *count += 1;
+                return Ok(());
+            }
+        }
+        self.flush()?;
+        self.run = Some((host, item));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some(x) = self.run.take() {
+            if self.queue.len() >= self.max {
+                return Err(Error::Unsupported(format!(
+                    "streams that map more than {} clusters ahead of their data",
+                    self.max
+                )));
+            }
+            self.queue.push(Reverse(x));
         }
         Ok(())
     }

@@ -10,20 +10,20 @@
 //! 4 bytes per data cluster.
 //!
 //! Packing: compressed clusters follow each other byte by byte and may run across a host
-//! cluster boundary (as QEMU packs them); a cluster that does not compress by at least one
-//! 512-byte sector is stored whole at the next cluster boundary; a cluster of zeros takes no
+//! cluster boundary (as QEMU packs them); a cluster that does not compress to fewer bytes than
+//! a cluster is stored whole at the next cluster boundary; a cluster of zeros takes no
 //! room. A host cluster is never shared by more compressed clusters than its refcount width
 //! can count: the next one then starts a new host cluster.
 
 use crate::codec::compress_cluster;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::entry::{encode_normal, CompressedDescriptor};
 use crate::format::header::CompressionType;
 use crate::format::refcount::max_value;
 use crate::ops::convert::is_zero;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::fs::FileExt;
 
 /// Bytes of guest data compressed per batch (spread over the workers): the batch's input and
 /// output buffers are the spool's memory.
@@ -87,8 +87,6 @@ pub(super) struct Spool {
     index: File,
     cs: u64,
     max_refcount: u64,
-    /// Bytes of the data area (the end of the last cluster stored).
-    area: u64,
 }
 
 /// How clusters of zeros are written.
@@ -176,140 +174,97 @@ impl Spool {
         dw.flush().map_err(io("writing the spool file"))?;
         iw.flush().map_err(io("writing the spool index"))?;
         drop((dw, iw));
-        let mut spool = Spool {
+        Ok(Spool {
             data,
             index,
             cs,
             max_refcount: max_value(refcount_order),
-            area: 0,
-        };
-        let mut end = 0u64;
-        let mut r = spool.placements()?;
-        while let Some(p) = r.next_placed()? {
-            end = match p {
-                Placed::Zero => end,
-                Placed::Raw(o) => o + cs,
-                Placed::Compressed(o, len) => o + len,
-            };
-        }
-        spool.area = end.next_multiple_of(cs);
-        Ok(spool)
+        })
     }
 
-    /// Host clusters of the data area.
-    pub(super) fn clusters(&self) -> u64 {
-        self.area / self.cs
-    }
-
-    /// The placements of the spooled clusters, in order.
-    pub(super) fn placements(&self) -> Result<Placements<'_>> {
-        let mut f = &self.index;
-        std::io::Seek::rewind(&mut f).map_err(io("reading the spool index"))?;
-        Ok(Placements {
-            index: BufReader::with_capacity(64 << 10, f),
+    /// The placements of the spooled clusters, in order, with room for the L2 tables made
+    /// between them ([`Placements::table`]). Several may be read at once.
+    pub(super) fn placements(&self) -> Placements<'_> {
+        Placements {
+            index: &self.index,
+            buf: Vec::new(),
+            at: 0,
+            read: 0,
             cs: self.cs,
             max_refcount: self.max_refcount,
             pos: 0,
             tail: (u64::MAX, 0),
-        })
-    }
-
-    /// The L2 entry of a placement, the data area starting at host offset `start` (0 for
-    /// [`Placed::Zero`], whose entry the caller decides).
-    pub(super) fn entry(&self, p: Placed, start: u64, cluster_bits: u32) -> Result<u64> {
-        Ok(match p {
-            Placed::Zero => 0,
-            Placed::Raw(o) => encode_normal(start + o, true),
-            Placed::Compressed(o, len) => CompressedDescriptor::for_bytes(start + o, len)
-                .encode(cluster_bits)
-                .ok_or_else(|| {
-                    Error::Unsupported(
-                        "compressed cluster lies beyond what an L2 entry can address".into(),
-                    )
-                })?,
-        })
-    }
-
-    /// The refcount of every host cluster of the data area, in order, to `emit`.
-    pub(super) fn refcounts(&self, mut emit: impl FnMut(u64) -> Result<()>) -> Result<()> {
-        let cs = self.cs;
-        let (mut cur, mut count) = (0u64, 0u64);
-        let mut r = self.placements()?;
-        while let Some(p) = r.next_placed()? {
-            let (first, last) = match p {
-                Placed::Zero => continue,
-                Placed::Raw(o) => (o / cs, o / cs),
-                Placed::Compressed(o, len) => (o / cs, (o + len - 1) / cs),
-            };
-            for c in first..=last {
-                while cur < c {
-                    emit(count)?;
-                    (cur, count) = (cur + 1, 0);
-                }
-                count += 1;
-            }
         }
-        while cur < self.clusters() {
-            emit(count)?;
-            (cur, count) = (cur + 1, 0);
-        }
-        Ok(())
     }
 
-    /// Copies the data area to `out`: every stored cluster at its place, zeros between.
-    pub(super) fn copy_out(&self, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    /// The spooled bytes from the start, in the order of their placements.
+    pub(super) fn data(&self) -> Result<BufReader<&File>> {
         let mut f = &self.data;
         std::io::Seek::rewind(&mut f).map_err(io("reading the spool file"))?;
-        let mut data = BufReader::with_capacity(1 << 20, f);
-        let mut buf = vec![0u8; self.cs as usize];
-        let zeros = vec![0u8; self.cs as usize];
-        let mut written = 0u64;
-        let mut r = self.placements()?;
-        let pad = |out: &mut dyn FnMut(&[u8]) -> Result<()>, written: &mut u64, to: u64| {
-            while *written < to {
-                let n = (to - *written).min(zeros.len() as u64);
-                out(&zeros[..n as usize])?;
-                *written += n;
-            }
-            Ok::<(), Error>(())
-        };
-        while let Some(p) = r.next_placed()? {
-            let (at, len) = match p {
-                Placed::Zero => continue,
-                Placed::Raw(o) => (o, self.cs),
-                Placed::Compressed(o, len) => (o, len),
-            };
-            pad(out, &mut written, at)?;
-            let b = &mut buf[..len as usize];
-            data.read_exact(b).map_err(io("reading the spool file"))?;
-            out(b)?;
-            written += len;
-        }
-        pad(out, &mut written, self.area)
+        Ok(BufReader::with_capacity(1 << 20, f))
     }
 }
 
-/// Replays the packing of the spooled clusters from their records.
+/// Bytes of the index read at once.
+const INDEX_CHUNK: usize = 64 << 10;
+
+/// Replays the packing of the spooled clusters from their records (read with positioned
+/// reads, so that several replays can run side by side).
 pub(super) struct Placements<'a> {
-    index: BufReader<&'a File>,
+    index: &'a File,
+    buf: Vec<u8>,
+    /// Next record's position in `buf`.
+    at: usize,
+    /// Bytes of the index read so far.
+    read: u64,
     cs: u64,
     max_refcount: u64,
-    /// Next free byte of the data area.
+    /// Next free byte of the area.
     pos: u64,
     /// The host cluster the last compressed cluster ended in, and how many share it.
     tail: (u64, u64),
 }
 
 impl Placements<'_> {
+    /// The next 4-byte record, `None` at the end of the index.
+    fn record(&mut self) -> Result<Option<u32>> {
+        if self.at + 4 > self.buf.len() {
+            self.buf.drain(..self.at);
+            self.at = 0;
+            while self.buf.len() < 4 {
+                let have = self.buf.len();
+                self.buf.resize(have + INDEX_CHUNK, 0);
+                let n = FileExt::read_at(self.index, &mut self.buf[have..], self.read)
+                    .map_err(io("reading the spool index"))?;
+                self.read += n as u64;
+                self.buf.truncate(have + n);
+                if n == 0 {
+                    return Ok(None);
+                }
+            }
+        }
+        let rec = [0, 1, 2, 3].map(|i| self.buf[self.at + i]);
+        self.at += 4;
+        Ok(Some(u32::from_be_bytes(rec)))
+    }
+
+    /// Room for one L2 table: the next whole cluster. Returns its offset.
+    pub(super) fn table(&mut self) -> u64 {
+        let at = self.pos.next_multiple_of(self.cs);
+        self.pos = at + self.cs;
+        at
+    }
+
+    /// Bytes of the area placed so far.
+    pub(super) fn end(&self) -> u64 {
+        self.pos
+    }
+
     /// The next placement, `None` after the last.
     pub(super) fn next_placed(&mut self) -> Result<Option<Placed>> {
-        let mut rec = [0u8; 4];
-        match self.index.read_exact(&mut rec) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(Error::io("reading the spool index", e)),
-        }
-        let f = u32::from_be_bytes(rec);
+        let Some(f) = self.record()? else {
+            return Ok(None);
+        };
         let cs = self.cs;
         Ok(Some(if f == ZERO {
             Placed::Zero

@@ -3,17 +3,16 @@
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::error::{Error, Result};
 use crate::format::bytes::put_u64;
-use crate::format::entry::{encode_normal, COPIED, ZERO};
+use crate::format::entry::{COPIED, ZERO};
 use crate::format::refcount;
 use crate::format::MAX_L1_BYTES;
 use crate::ops::convert::default_workers;
 use crate::ops::create::{new_cluster0, Compat, CreateOptions, Preallocation};
 use crate::ops::stream::chunks::{for_each_chunk, ZeroMap};
 use crate::ops::stream::spool::{Placed, Spool, Zeros};
+use crate::ops::stream::walk::{entry_of, Piece, Stored, Walk};
 use std::io::Write;
 
-/// Subcluster bitmap of an extended L2 entry: every subcluster allocated.
-const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Subcluster bitmap of an extended L2 entry: every subcluster reads as zeros.
 const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
@@ -124,8 +123,6 @@ fn plan(src: &dyn BlockDevice, cs: u64, top_only: bool, zero_flag: bool) -> Resu
 #[derive(Debug)]
 struct Layout {
     cs: u64,
-    /// Bytes of an L2 entry: 8, or 16 with extended L2 entries.
-    l2_entry: u64,
     order: u32,
     reftable: u64,
     reftable_clusters: u64,
@@ -133,10 +130,8 @@ struct Layout {
     l1: u64,
     l1_entries: u64,
     l1_clusters: u64,
-    l2: u64,
-    /// The L1 indices that have an L2 table, ascending.
-    l2_indices: Vec<u64>,
-    data: u64,
+    /// The first cluster of the area: the L2 tables, each followed by the data it maps.
+    area: u64,
     total: u64,
 }
 
@@ -150,14 +145,22 @@ enum DataArea {
     Packed(Spool),
 }
 
-fn layout(
-    runs: &[Run],
-    area: &DataArea,
-    size: u64,
-    cs: u64,
-    order: u32,
-    l2_entry: u64,
-) -> Result<Layout> {
+impl DataArea {
+    /// A fresh walk of the area after the L1 table.
+    fn walk<'a>(&'a self, runs: &'a [Run], lay: (u64, u64)) -> Walk<'a> {
+        let stored = match self {
+            DataArea::Plain(zeros) => Stored::Plain {
+                zeros,
+                rank: 0,
+                pos: 0,
+            },
+            DataArea::Packed(spool) => Stored::Packed(spool.placements()),
+        };
+        Walk::new(runs, lay.0, lay.1, stored)
+    }
+}
+
+fn layout(area_clusters: u64, size: u64, cs: u64, order: u32, l2_entry: u64) -> Result<Layout> {
     let l2_entries = cs / l2_entry;
     let guest_clusters = size.div_ceil(cs);
     let l1_entries = guest_clusters.div_ceil(l2_entries);
@@ -165,23 +168,7 @@ fn layout(
         return Err(too_large());
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
-    let mut l2_indices: Vec<u64> = Vec::new();
-    let mut data_clusters = 0u64;
-    for r in runs {
-        if r.fill == Fill::Data {
-            data_clusters += r.end - r.start;
-        }
-        for i in r.start / l2_entries..=(r.end - 1) / l2_entries {
-            if l2_indices.last() != Some(&i) {
-                l2_indices.push(i);
-            }
-        }
-    }
-    match area {
-        DataArea::Packed(spool) => data_clusters = spool.clusters(),
-        DataArea::Plain(zeros) => data_clusters -= zeros.zeros(),
-    }
-    let fixed = 1 + l1_clusters + l2_indices.len() as u64 + data_clusters;
+    let fixed = 1 + l1_clusters + area_clusters;
     let per_block = refcount::entries_per_block(cs, order);
     let (mut table, mut blocks) = (1u64, 1u64);
     loop {
@@ -196,11 +183,9 @@ fn layout(
     let reftable = 1;
     let refblocks = reftable + table;
     let l1 = refblocks + blocks;
-    let l2 = l1 + l1_clusters;
-    let data = l2 + l2_indices.len() as u64;
+    let area = l1 + l1_clusters;
     Ok(Layout {
         cs,
-        l2_entry,
         order,
         reftable,
         reftable_clusters: table,
@@ -208,10 +193,8 @@ fn layout(
         l1,
         l1_entries,
         l1_clusters,
-        l2,
-        l2_indices,
-        data,
-        total: data + data_clusters,
+        area,
+        total: area + area_clusters,
     })
 }
 
@@ -229,13 +212,29 @@ impl Out<'_> {
         self.written += b.len() as u64;
         Ok(())
     }
+
+    /// Zeros up to byte `to` of the image.
+    fn pad_to(&mut self, to: u64) -> Result<()> {
+        if to < self.written {
+            return Err(out_of_step());
+        }
+        let zeros = [0u8; 4096];
+        while self.written < to {
+            let n = (to - self.written).min(zeros.len() as u64) as usize;
+            self.put(&zeros[..n])?;
+        }
+        Ok(())
+    }
+}
+
+fn out_of_step() -> Error {
+    Error::InvalidArgument("the streamed image went out of step with its plan".into())
 }
 
 /// Writes `src` as a complete qcow2 image to `out` in one forward pass and returns the bytes
 /// written. Data clusters are those the source's allocation map shows data in (zeros inside
 /// them are copied as they are, except when compressing); the source is read once, in
-/// ascending order. Not supported here: extended L2 entries, external data files and
-/// preallocation.
+/// ascending order. Not supported here: external data files and preallocation.
 pub fn write_qcow2_stream(
     src: &dyn BlockDevice,
     out: &mut dyn Write,
@@ -287,7 +286,9 @@ pub fn write_qcow2_stream(
         DataArea::Plain(ZeroMap::scan(src, &runs, cs, size)?)
     };
     let l2_entry = if o.extended_l2 { 16 } else { 8 };
-    let lay = layout(&runs, &area, size, cs, order, l2_entry)?;
+    let geometry = (cs, cs / l2_entry);
+    let area_clusters = area.walk(&runs, geometry).clusters()?;
+    let lay = layout(area_clusters, size, cs, order, l2_entry)?;
     let l1_size = u32::try_from(lay.l1_entries).map_err(|_| too_large())?;
     let table_clusters = u32::try_from(lay.reftable_clusters).map_err(|_| too_large())?;
     let mut out = Out { w: out, written: 0 };
@@ -298,25 +299,53 @@ pub fn write_qcow2_stream(
         (lay.l1 * cs, l1_size),
         size,
     )?)?;
-    write_refcounts(&mut out, &lay, &area)?;
-    write_tables(&mut out, &lay, &runs, &area, bits, top_only)?;
+    write_refcounts(&mut out, &lay, area.walk(&runs, geometry))?;
+    write_l1(&mut out, &lay, area.walk(&runs, geometry))?;
+    // What a cluster stored nowhere gets: nothing without a backing file, else a zero entry.
+    let zero = match (top_only, o.extended_l2) {
+        (false, _) => (0, 0),
+        (true, false) => (ZERO, 0),
+        (true, true) => (0, ALL_ZERO),
+    };
+    let mut em = Emitter {
+        out: &mut out,
+        behind: area.walk(&runs, geometry),
+        ahead: area.walk(&runs, geometry),
+        peeked: None,
+        table: vec![0u8; cs as usize],
+        start: lay.area * cs,
+        bits,
+        l2_entry,
+        zero,
+    };
     match &area {
-        DataArea::Plain(zeros) => write_data(&mut out, src, &runs, cs, size, zeros)?,
-        DataArea::Packed(spool) => spool.copy_out(&mut |b| out.put(b))?,
+        DataArea::Plain(_) => write_data(&mut em, src, &runs, cs, size)?,
+        DataArea::Packed(spool) => {
+            let mut data = spool.data()?;
+            let mut buf = vec![0u8; cs as usize];
+            while let Some((_, placed)) = em.next_cluster()? {
+                let (at, len) = match placed {
+                    Placed::Zero => continue,
+                    Placed::Raw(at) => (at, cs),
+                    Placed::Compressed(at, len) => (at, len),
+                };
+                let b = buf.get_mut(..len as usize).ok_or_else(out_of_step)?;
+                std::io::Read::read_exact(&mut data, b)
+                    .map_err(|e| Error::io("reading the spool file", e))?;
+                em.put_at(at, b)?;
+            }
+        }
     }
-    if out.written != lay.total * cs {
-        return Err(Error::InvalidArgument(format!(
-            "streamed image has {} bytes, planned {}",
-            out.written,
-            lay.total * cs
-        )));
+    if em.next_cluster()?.is_some() {
+        return Err(out_of_step());
     }
+    out.pad_to(lay.total * cs)?;
     Ok(out.written)
 }
 
-/// The refcount table and blocks: every metadata cluster counted once, the data area's
-/// clusters as the data area says.
-fn write_refcounts(out: &mut Out<'_>, lay: &Layout, area: &DataArea) -> Result<()> {
+/// The refcount table and blocks: every cluster before the area counted once, the area's
+/// clusters as its walk says.
+fn write_refcounts(out: &mut Out<'_>, lay: &Layout, walk: Walk<'_>) -> Result<()> {
     let cs = lay.cs;
     let blocks = lay.l1 - lay.refblocks;
     let mut buf = vec![0u8; cs as usize];
@@ -336,17 +365,10 @@ fn write_refcounts(out: &mut Out<'_>, lay: &Layout, area: &DataArea) -> Result<(
         next: 0,
         blocks_written: 0,
     };
-    for _ in 0..lay.data {
+    for _ in 0..lay.area {
         filler.push(1)?;
     }
-    match area {
-        DataArea::Plain(_) => {
-            for _ in lay.data..lay.total {
-                filler.push(1)?;
-            }
-        }
-        DataArea::Packed(spool) => spool.refcounts(|v| filler.push(v))?,
-    }
+    walk.refcounts(|v| filler.push(v))?;
     while filler.blocks_written < blocks {
         filler.flush_block()?;
     }
@@ -386,108 +408,150 @@ impl BlockFiller<'_, '_> {
     }
 }
 
-/// The L1 table, then the L2 tables in guest order.
-fn write_tables(
-    out: &mut Out<'_>,
-    lay: &Layout,
-    runs: &[Run],
-    area: &DataArea,
-    bits: u32,
-    top_only: bool,
-) -> Result<()> {
-    let cs = lay.cs;
-    let extended = lay.l2_entry == 16;
-    let l2_entries = cs / lay.l2_entry;
-    // What a cluster of zeros gets: nothing without a backing file, else a zero entry.
-    let zero = match (top_only, extended) {
-        (false, _) => (0, 0),
-        (true, false) => (ZERO, 0),
-        (true, true) => (0, ALL_ZERO),
-    };
-    let mut buf = vec![0u8; (lay.l1_clusters * cs) as usize];
-    for (rank, &i) in lay.l2_indices.iter().enumerate() {
-        put_u64(
-            &mut buf,
-            i as usize * 8,
-            ((lay.l2 + rank as u64) * cs) | COPIED,
-        );
-    }
-    out.put(&buf)?;
-    buf = vec![0u8; cs as usize];
-    let mut next_data = lay.data;
-    let mut rank = 0u64;
-    let (mut placements, zeros) = match area {
-        DataArea::Packed(spool) => (Some((spool, spool.placements()?)), None),
-        DataArea::Plain(z) => (None, Some(z)),
-    };
-    let mut r = 0usize;
-    for &i in &lay.l2_indices {
-        buf.fill(0);
-        let (lo, hi) = (i * l2_entries, (i + 1) * l2_entries);
-        while r < runs.len() && runs[r].start < hi {
-            let run = runs[r];
-            let (s, e) = (run.start.max(lo), run.end.min(hi));
-            for c in s..e {
-                let (entry, bitmap) = match (run.fill, &mut placements) {
-                    (Fill::Data, None) => {
-                        rank += 1;
-                        if zeros.is_some_and(|z| z.is_zero(rank - 1)) {
-                            zero
-                        } else {
-                            next_data += 1;
-                            (encode_normal((next_data - 1) * cs, true), ALL_ALLOCATED)
-                        }
-                    }
-                    (Fill::Data, Some((spool, pl))) => {
-                        let p = pl.next_placed()?.ok_or_else(|| {
-                            Error::InvalidArgument("spool index ended early".into())
-                        })?;
-                        match p {
-                            Placed::Zero => zero,
-                            Placed::Raw(_) => (spool.entry(p, lay.data * cs, bits)?, ALL_ALLOCATED),
-                            Placed::Compressed(..) => (spool.entry(p, lay.data * cs, bits)?, 0),
-                        }
-                    }
-                    (Fill::Zero, _) => zero,
-                };
-                let at = ((c - lo) * lay.l2_entry) as usize;
-                put_u64(&mut buf, at, entry);
-                if extended {
-                    put_u64(&mut buf, at + 8, bitmap);
-                }
-            }
-            if run.end > hi {
-                break;
-            }
-            r += 1;
+/// The L1 table: the host offset of every L2 table the walk places.
+fn write_l1(out: &mut Out<'_>, lay: &Layout, mut walk: Walk<'_>) -> Result<()> {
+    let mut buf = vec![0u8; (lay.l1_clusters * lay.cs) as usize];
+    while let Some(p) = walk.next_piece()? {
+        if let Piece::Table { l1_index, at } = p {
+            put_u64(
+                &mut buf,
+                l1_index as usize * 8,
+                (lay.area * lay.cs + at) | COPIED,
+            );
         }
-        out.put(&buf)?;
     }
-    Ok(())
+    out.put(&buf)
 }
 
-/// The data clusters, in ascending guest order, but for those of zeros; the part of the last
-/// cluster past the end of the disk is zeros.
+/// Writes the area in order: `behind` walks what is written, `ahead` fills each L2 table from
+/// the pieces that follow it before the table goes out.
+struct Emitter<'w, 'o> {
+    out: &'w mut Out<'o>,
+    behind: Walk<'w>,
+    ahead: Walk<'w>,
+    /// The piece `ahead` read past the last table it filled.
+    peeked: Option<Piece>,
+    table: Vec<u8>,
+    /// Host offset of the area.
+    start: u64,
+    bits: u32,
+    l2_entry: u64,
+    /// The entry of a cluster stored nowhere.
+    zero: (u64, u64),
+}
+
+impl Emitter<'_, '_> {
+    /// Writes the tables up to the next guest cluster of the plan and returns that cluster
+    /// with its placement; `None` after the last.
+    fn next_cluster(&mut self) -> Result<Option<(u64, Placed)>> {
+        loop {
+            match self.behind.next_piece()? {
+                None => return Ok(None),
+                Some(Piece::Cluster { guest, placed }) => return Ok(Some((guest, placed))),
+                Some(Piece::Table { l1_index, at }) => self.write_table(l1_index, at)?,
+            }
+        }
+    }
+
+    fn write_table(&mut self, l1_index: u64, at: u64) -> Result<()> {
+        let first = match self.peeked.take() {
+            Some(p) => Some(p),
+            None => self.ahead.next_piece()?,
+        };
+        if first != Some(Piece::Table { l1_index, at }) {
+            return Err(out_of_step());
+        }
+        self.table.fill(0);
+        let l2_entries = self.table.len() as u64 / self.l2_entry;
+        loop {
+            match self.ahead.next_piece()? {
+                Some(Piece::Cluster { guest, placed }) => {
+                    let (entry, bitmap) = entry_of(placed, self.start, self.bits, self.zero)?;
+                    let i = guest
+                        .checked_sub(l1_index * l2_entries)
+                        .ok_or_else(out_of_step)?;
+                    let at = (i * self.l2_entry) as usize;
+                    put_u64(&mut self.table, at, entry);
+                    if self.l2_entry == 16 {
+                        put_u64(&mut self.table, at + 8, bitmap);
+                    }
+                }
+                other => {
+                    self.peeked = other;
+                    break;
+                }
+            }
+        }
+        self.out.pad_to(self.start + at)?;
+        self.out.put(&self.table)
+    }
+
+    /// Writes `data` at offset `at` of the area.
+    fn put_at(&mut self, at: u64, data: &[u8]) -> Result<()> {
+        self.out.pad_to(self.start + at)?;
+        self.out.put(data)
+    }
+}
+
+/// The data clusters copied one for one, read from the source in ascending order, those of
+/// zeros skipped; the part of the last cluster past the end of the disk is zeros. Clusters that
+/// follow each other in the chunk and in the image go out in one piece.
 fn write_data(
-    out: &mut Out<'_>,
+    em: &mut Emitter<'_, '_>,
     src: &dyn BlockDevice,
     runs: &[Run],
     cs: u64,
     size: u64,
-    zeros: &ZeroMap,
 ) -> Result<()> {
-    let mut rank = 0u64;
-    for_each_chunk(src, runs, cs, size, |_, buf| {
-        if zeros.zeros() == 0 {
-            rank += buf.len() as u64 / cs;
-            return out.put(buf);
-        }
-        for cluster in buf.chunks(cs as usize) {
-            if !zeros.is_zero(rank) {
-                out.put(cluster)?;
+    let c = cs as usize;
+    for_each_chunk(src, runs, cs, size, |off, buf| {
+        // Clusters `a..b` of `buf` not written yet, going to area offset `at`.
+        let mut pending: Option<(usize, usize, u64)> = None;
+        let flush = |em: &mut Emitter<'_, '_>, p: &mut Option<(usize, usize, u64)>| match p.take() {
+            Some((a, b, at)) => em.put_at(at, &buf[a * c..b * c]),
+            None => Ok(()),
+        };
+        for k in 0..buf.len() / c {
+            let guest = off / cs + k as u64;
+            loop {
+                match em.behind.next_piece()?.ok_or_else(out_of_step)? {
+                    Piece::Table { l1_index, at } => {
+                        flush(em, &mut pending)?;
+                        em.write_table(l1_index, at)?;
+                    }
+                    // Zero entries without data (over a backing file) come between.
+                    Piece::Cluster {
+                        guest: g,
+                        placed: Placed::Zero,
+                    } if g < guest => {}
+                    Piece::Cluster {
+                        guest: g,
+                        placed: Placed::Zero,
+                    } if g == guest => {
+                        flush(em, &mut pending)?;
+                        break;
+                    }
+                    Piece::Cluster {
+                        guest: g,
+                        placed: Placed::Raw(at),
+                    } if g == guest => {
+                        match &mut pending {
+                            Some((a, b, start))
+                                if *b == k && *start + (k - *a) as u64 * cs == at =>
+                            {
+                                *b += 1
+                            }
+                            _ => {
+                                flush(em, &mut pending)?;
+                                pending = Some((k, k + 1, at));
+                            }
+                        }
+                        break;
+                    }
+                    _ => return Err(out_of_step()),
+                }
             }
-            rank += 1;
         }
-        Ok(())
+        flush(em, &mut pending)
     })
 }
