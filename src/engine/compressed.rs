@@ -16,7 +16,8 @@ use crate::format::entry::CompressedDescriptor;
 impl Qcow2Image {
     /// Writes the cluster at `offset` (cluster-aligned) compressed. `data` is the cluster's
     /// content: a whole cluster, or, for the device's last cluster, up to the end of the device.
-    /// Data that does not compress by at least one 512-byte sector is written uncompressed.
+    /// Data whose compressed form is not smaller than a cluster is written uncompressed (QEMU's
+    /// rule).
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.guard(self.write_compressed_impl(offset, data))
     }
