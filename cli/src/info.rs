@@ -158,8 +158,11 @@ fn node_value(info: &ImageInfo) -> Value {
     let mut e: Vec<(&str, Value)> = vec![
         ("filename", info.filename.clone().into()),
         ("format", info.format.name().into()),
-        ("dirty-flag", info.dirty.into()),
     ];
+    // QEMU knows no dirty flag of a raw image over NBD (its driver has no image info).
+    if info.qcow2.is_some() || info.file.protocol == "file" {
+        e.push(("dirty-flag", info.dirty.into()));
+    }
     if let Some(a) = info.actual_size {
         e.push(("actual-size", a.into()));
     }
@@ -210,21 +213,31 @@ fn node_value(info: &ImageInfo) -> Value {
             qdict(vec![("type", "qcow2".into()), ("data", qcow2_data(q))]),
         ));
     }
-    let file = qdict(vec![
-        ("filename", info.file.filename.clone().into()),
-        ("format", "file".into()),
-        ("dirty-flag", false.into()),
-        (
-            "actual-size",
-            info.file.actual_size.map_or(Value::Null, Value::from),
-        ),
-        ("virtual-size", info.file.length.into()),
-        (
-            "format-specific",
-            qdict(vec![("type", "file".into()), ("data", qdict(vec![]))]),
-        ),
-        ("children", Value::Array(vec![])),
-    ]);
+    let file = if info.file.protocol == "file" {
+        qdict(vec![
+            ("filename", info.file.filename.clone().into()),
+            ("format", "file".into()),
+            ("dirty-flag", false.into()),
+            (
+                "actual-size",
+                info.file.actual_size.map_or(Value::Null, Value::from),
+            ),
+            ("virtual-size", info.file.length.into()),
+            (
+                "format-specific",
+                qdict(vec![("type", "file".into()), ("data", qdict(vec![]))]),
+            ),
+            ("children", Value::Array(vec![])),
+        ])
+    } else {
+        // A protocol node without image info (nbd): its name, size and children only.
+        qdict(vec![
+            ("filename", info.file.filename.clone().into()),
+            ("format", info.file.protocol.into()),
+            ("virtual-size", info.file.length.into()),
+            ("children", Value::Array(vec![])),
+        ])
+    };
     let file = drop_nulls(file);
     e.push((
         "children",
@@ -419,9 +432,10 @@ fn dump_human(out: &mut String, info: &ImageInfo, tz: &crate::localtime::Zone) {
         out.push_str(&format_specific_text(q));
     }
     out.push_str(&format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} \
+        "Child node '/file':\n    filename: {}\n    protocol type: {}\n    file length: {} ({} \
          bytes)\n    disk size: {}\n",
         info.file.filename,
+        info.file.protocol,
         size_to_str(info.file.length),
         info.file.length,
         info.file

@@ -631,3 +631,41 @@ fn large_pipelined_writes_through_qemu_nbd_land_whole() {
     assert_eq!(r.matches("read ").count(), 3, "{r}");
     assert!(!r.contains("failed") && !r.contains("Pattern"), "{r}");
 }
+
+#[test]
+fn info_of_images_behind_qemu_nbd_matches_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (fmt, name) in [("raw", "r.raw"), ("qcow2", "q.qcow2")] {
+        let img = dir.path().join(name);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                fmt,
+                img.to_str().expect("utf-8"),
+                "1M",
+            ],
+        );
+        let sock = dir.path().join(format!("{fmt}.sock"));
+        let _server = Foreign::qemu_nbd(&img, &sock);
+        for output in ["human", "json"] {
+            let o = format!("--output={output}");
+            let args = ["info", o.as_str(), "-f", fmt, &uri(&sock)];
+            let theirs = run("qemu-img", &args);
+            let mine = run(BIN, &args);
+            assert_eq!(
+                (out(&mine), mine.status.code()),
+                (out(&theirs), theirs.status.code()),
+                "info {fmt} over NBD, {output}"
+            );
+            // A raw image over NBD has no host file: no disk size, protocol nbd.
+            assert!(
+                output == "json" || out(&mine).contains("protocol type: nbd"),
+                "{}",
+                out(&mine)
+            );
+        }
+    }
+}

@@ -68,6 +68,8 @@ pub struct FileInfo {
     pub length: u64,
     /// Bytes allocated on the host.
     pub actual_size: Option<u64>,
+    /// The protocol it is reached through: `file`, or `nbd` for an image behind an NBD server.
+    pub protocol: &'static str,
 }
 
 /// One internal snapshot.
@@ -198,7 +200,13 @@ pub fn open_for_info_with_key(
 
 /// Gathers what qemu-img info reports about the top image of `opened`.
 pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
-    let filename = opened.path.to_string_lossy().into_owned();
+    let path = opened.path.to_string_lossy().into_owned();
+    // An image behind an NBD server is named as QEMU names it, and has no host file.
+    let nbd = crate::nbd::NbdAddress::is_uri(path.as_bytes())
+        .then(|| crate::nbd::NbdAddress::parse(&path))
+        .transpose()?;
+    let filename = nbd.as_ref().map_or(path, |a| a.qemu_filename());
+    let protocol = if nbd.is_some() { "nbd" } else { "file" };
     let file = match &opened.qcow2 {
         Some(img) => {
             let s = img.storage();
@@ -209,8 +217,15 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
                 filename: filename.clone(),
                 length: round_to_sector(length),
                 actual_size: s.allocated_bytes(),
+                protocol,
             }
         }
+        None if nbd.is_some() => FileInfo {
+            filename: filename.clone(),
+            length: opened.device.size(),
+            actual_size: None,
+            protocol,
+        },
         None => {
             let m = std::fs::metadata(&opened.path)
                 .map_err(|e| Error::io(format!("reading '{}'", opened.path.display()), e))?;
@@ -218,6 +233,7 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
                 filename: filename.clone(),
                 length: round_to_sector(m.len()),
                 actual_size: Some(m.blocks() * 512),
+                protocol,
             }
         }
     };
