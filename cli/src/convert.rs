@@ -51,6 +51,7 @@ const SPECS: &[Spec] = &[
     opt(None, Some("target-image-opts"), false, "target-image-opts"),
     opt(None, Some("bitmaps"), false, "bitmaps"),
     opt(None, Some("salvage"), false, "salvage"),
+    opt(None, Some("target-is-zero"), false, "target-is-zero"),
     opt(
         None,
         Some("skip-broken-bitmaps"),
@@ -58,6 +59,16 @@ const SPECS: &[Spec] = &[
         "skip-broken-bitmaps",
     ),
 ];
+
+/// qemu-img's refusal of `--target-is-zero` with `-B`: its words, and its exit status 0, with
+/// nothing copied.
+fn refuse_zero_target_with_backing() -> Result<(), String> {
+    errln!(
+        "{}: Cannot use --target-is-zero when the destination image has a backing file",
+        crate::common::prog()
+    );
+    Ok(())
+}
 
 /// qemu-img's checks of a new image's backing file: its format must be named, and it must
 /// open (qemu-img opens the new image with its backing file before copying). qemu-img creates
@@ -162,6 +173,9 @@ fn convert(args: &[String]) -> Result<(), String> {
     if p.has("target-image-opts") && !p.has("n") {
         return Err("--target-image-opts requires use of -n flag".into());
     }
+    if p.has("target-is-zero") && !p.has("n") {
+        return Err("--target-is-zero requires use of -n flag".into());
+    }
     if p.has("n") && options.is_some() {
         return Err("-o has no effect when skipping image creation".into());
     }
@@ -215,7 +229,8 @@ fn convert(args: &[String]) -> Result<(), String> {
         if p.has("c") {
             return Err("Compression not supported for this file format".into());
         }
-        if p.has("B") {
+        // With -n nothing is created: qemu-img does not look at -B then.
+        if p.has("B") && !p.has("n") {
             return Err("Backing file not supported for file format 'raw'".into());
         }
         parse_settings(options.as_deref().unwrap_or(""), &create_options(out_fmt))?;
@@ -277,6 +292,8 @@ fn convert(args: &[String]) -> Result<(), String> {
     }
     let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
     let exists = p.has("n");
+    // The caller promises that the existing target reads as zeros: zeros are not written.
+    let target_is_zero = p.has("target-is-zero");
     if streamed {
         let opts = qcow2kit::ops::stream::StreamWriteOptions {
             create,
@@ -305,7 +322,10 @@ fn convert(args: &[String]) -> Result<(), String> {
                 None => open_image(dst, Some("qcow2"), |o| o.writable = true)?,
             };
             let q = target.qcow2.ok_or("target is not a qcow2 image")?;
-            convert_into(dev.as_ref(), &q, false, &opts).map_err(|e| {
+            if target_is_zero && p.has("B") {
+                return refuse_zero_target_with_backing();
+            }
+            convert_into(dev.as_ref(), &q, target_is_zero, &opts).map_err(|e| {
                 convert_error_text(&e, || format!("error while writing '{dst}': {e}"))
             })?;
             bitmaps::copy(&image.qcow2, &q, &bitmaps)?;
@@ -344,9 +364,12 @@ fn convert(args: &[String]) -> Result<(), String> {
         let opts = RawConvertOptions {
             workers,
             zero_granularity,
-            target_is_zero: !exists,
+            target_is_zero: !exists || target_is_zero,
             progress,
         };
+        if target_is_zero && p.has("B") {
+            return refuse_zero_target_with_backing();
+        }
         convert_to_raw(dev.as_ref(), &target, &opts)
             .map_err(|e| convert_error_text(&e, || format!("error while converting raw: {e}")))?;
         target

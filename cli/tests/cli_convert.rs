@@ -511,3 +511,66 @@ fn failed_target_writes_are_reported_as_qemu_img_reports_them() {
         io(&[QCOW2KIT, "io"], "k.qcow2")
     );
 }
+
+/// `--target-is-zero`: zeros of the source are not written into the existing target (what it
+/// held there stays), as qemu-img does; without `-n` refused; with `-B` qemu-img's message and
+/// exit status 0, nothing copied.
+#[test]
+fn target_is_zero_as_qemu_img() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
+        dir,
+    );
+    ok("qemu-io", &["-c", "write -P 9 0 64k", "s.qcow2"], dir);
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+        dir,
+    );
+    for fmt in ["qcow2", "raw"] {
+        for who in ["q", "k"] {
+            let t = format!("{who}.{fmt}");
+            ok("qemu-img", &["create", "-q", "-f", fmt, &t, "1M"], dir);
+            ok("qemu-io", &["-f", fmt, "-c", "write -P 85 0 128k", &t], dir);
+        }
+        let outcome = |prog: &str, t: &str, extra: &[&str]| {
+            let mut args = vec!["convert", "--target-is-zero", "-O", fmt];
+            args.extend_from_slice(extra);
+            args.extend(["s.qcow2", t]);
+            let o = run(prog, &args, dir);
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr)
+                    .replace("qcow2kit:", "qemu-img:")
+                    .replace(t, "T"),
+            )
+        };
+        let q = format!("q.{fmt}");
+        let k = format!("k.{fmt}");
+        for extra in [&[][..], &["-n", "-B", "b.qcow2"][..], &["-n"][..]] {
+            assert_eq!(
+                outcome(QCOW2KIT, &k, extra),
+                outcome("qemu-img", &q, extra),
+                "{fmt} {extra:?}"
+            );
+        }
+        let raw = |t: &str| {
+            let out = format!("{t}.out");
+            ok(
+                "qemu-img",
+                &["convert", "-f", fmt, "-O", "raw", t, &out],
+                dir,
+            );
+            fs::read(dir.join(out)).expect("read")
+        };
+        let (a, b) = (raw(&q), raw(&k));
+        assert!(a == b, "{fmt}: guest data differs from qemu-img's");
+        assert!(
+            b[64 << 10..128 << 10].iter().all(|&x| x == 85),
+            "{fmt}: zeros were written over the target"
+        );
+    }
+}
