@@ -44,13 +44,23 @@ pub fn compress_cluster(kind: CompressionType, input: &[u8], out: &mut Vec<u8>) 
     }
     match kind {
         CompressionType::Zlib => {
-            // Raw deflate with a 4 KiB window, as QEMU writes it (any window decodes).
-            let mut c = Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12);
-            out.reserve(limit);
-            match c.compress_vec(input, out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => out.len() <= limit,
-                _ => false,
+            // Raw deflate with a 4 KiB window, as QEMU writes it (any window decodes). One
+            // deflate state per thread, reset before each cluster: a fresh state per cluster
+            // costs a quarter MiB of allocation each time, which the allocator keeps. The
+            // output always has room for the whole stream (deflate's worst-case bound), so
+            // that no stream is ever left half-done in the state.
+            thread_local! {
+                static DEFLATE: std::cell::RefCell<Compress> = std::cell::RefCell::new(
+                    Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12),
+                );
             }
+            out.reserve(deflate_bound(input.len()));
+            DEFLATE.with(|c| {
+                let mut c = c.borrow_mut();
+                c.reset();
+                let r = c.compress_vec(input, out, FlushCompress::Finish);
+                matches!(r, Ok(Status::StreamEnd)) && out.len() <= limit
+            })
         }
         CompressionType::Zstd => match zstd::bulk::compress(input, ZSTD_LEVEL) {
             Ok(v) if v.len() <= limit => {
@@ -60,6 +70,12 @@ pub fn compress_cluster(kind: CompressionType, input: &[u8], out: &mut Vec<u8>) 
             _ => false,
         },
     }
+}
+
+/// The most bytes raw deflate can produce from `n` bytes: stored blocks of at most 65535
+/// bytes, 5 bytes of header each, plus the final block's bits.
+fn deflate_bound(n: usize) -> usize {
+    n + 5 * (n / 65535 + 1) + 64
 }
 
 fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), String> {
@@ -146,6 +162,34 @@ mod tests {
             // Pseudo-random bytes do not compress at all.
             let noise = noise(65536, 0x9e37_79b9_7f4a_7c15);
             assert!(!compress_cluster(kind, &noise, &mut z));
+        }
+    }
+
+    /// The thread's deflate state is reused: clusters that compress a little (base64 text),
+    /// that do not (noise) and that compress well, of every size, one after another, each
+    /// come out whole (a state left mid-stream, or an output short of room, corrupts the next
+    /// cluster or panics inside the compressor, as zlib-rs 0.6.8 does on this sequence).
+    #[test]
+    fn a_reused_deflate_state_serves_mixed_clusters() {
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for size in [512usize, 4096, 65536, 2 << 20] {
+            let count = (4 << 20) / size;
+            for i in 0..count.min(512) {
+                let raw = noise(size, (size * 1000 + i) as u64);
+                let data: Vec<u8> = match i % 4 {
+                    0 | 1 => raw,
+                    2 => raw.iter().map(|&b| B64[usize::from(b & 63)]).collect(),
+                    _ => (0..size).map(|j| b"qcow2kit "[j % 9]).collect(),
+                };
+                let mut z = Vec::new();
+                if compress_cluster(CompressionType::Zlib, &data, &mut z) {
+                    let mut out = vec![0u8; size];
+                    decompress_cluster(CompressionType::Zlib, &z, &mut out).unwrap();
+                    assert!(out == data, "size {size}, cluster {i} does not round-trip");
+                } else {
+                    assert!(i % 4 < 2, "size {size}, cluster {i} should compress");
+                }
+            }
         }
     }
 
