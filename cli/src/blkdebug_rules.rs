@@ -2,8 +2,38 @@
 //! with its `image.*` child, `config` file, `inject-error.N.*` and `set-state.N.*` rules, taken
 //! out of a flattened option list (`--image-opts`, `json:` names, qemu-io's `-o`).
 
-use qcow2kit::io::blkdebug::{BlkdebugConfig, DebugEvent, InjectError, IoType, SetState};
+use qcow2kit::chain::{FileRole, Interpose};
+use qcow2kit::io::blkdebug::{
+    Blkdebug, BlkdebugConfig, DebugEvent, InjectError, IoType, Reporter, SetState,
+};
+use qcow2kit::io::Storage;
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The hook that puts a blkdebug filter with the rules `file` over the image's file and one
+/// with `data_file` over its data file (neither where `None`); each filter made is handed to
+/// `made`, and reports suspended requests to `report`.
+pub fn interpose(
+    file: Option<BlkdebugConfig>,
+    data_file: Option<BlkdebugConfig>,
+    report: Option<Reporter>,
+    made: impl Fn(Arc<Blkdebug>) + Send + Sync + 'static,
+) -> Interpose {
+    Interpose(Arc::new(
+        move |role: FileRole, storage: Arc<dyn Storage>| -> Arc<dyn Storage> {
+            let config = match role {
+                FileRole::DataFile => data_file.clone(),
+                _ => file.clone(),
+            };
+            let Some(config) = config else {
+                return storage;
+            };
+            let f = Arc::new(Blkdebug::new(storage, config, report.clone()));
+            made(f.clone());
+            f
+        },
+    ))
+}
 
 /// Takes the options of the node `node` (`file`, `data-file`) out of `options` when its driver
 /// is blkdebug: the filter's rules are returned, and the file under it is left as

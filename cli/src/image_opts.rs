@@ -2,13 +2,11 @@
 //! QEMU option string (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,…`), plus the
 //! `--object secret,…` definitions that keys refer to.
 
-use qcow2kit::chain::{FileRole, Interpose, OpenOptions};
+use qcow2kit::chain::OpenOptions;
 use qcow2kit::crypto::secret::{SecretObject, Secrets};
 use qcow2kit::crypto::{EncryptionFormat, Passphrase};
 use qcow2kit::engine::EncryptionOptions;
-use qcow2kit::io::blkdebug::{Blkdebug, BlkdebugConfig};
-use qcow2kit::io::Storage;
-use std::sync::Arc;
+use qcow2kit::io::blkdebug::BlkdebugConfig;
 
 /// The secrets of every `--object secret,…` (objects of other types are accepted and
 /// ignored, as they do not concern images).
@@ -89,18 +87,12 @@ impl ImageArg {
             opts.data_file = Some(d.into());
         }
         if self.blkdebug_file.is_some() || self.blkdebug_data_file.is_some() {
-            let (file, data) = (self.blkdebug_file.clone(), self.blkdebug_data_file.clone());
-            let hook = move |role: FileRole, storage: Arc<dyn Storage>| -> Arc<dyn Storage> {
-                let config = match role {
-                    FileRole::DataFile => data.clone(),
-                    _ => file.clone(),
-                };
-                match config {
-                    Some(c) => Arc::new(Blkdebug::new(storage, c, None)),
-                    None => storage,
-                }
-            };
-            opts.interpose = Some(Interpose(Arc::new(hook)));
+            opts.interpose = Some(crate::blkdebug_rules::interpose(
+                self.blkdebug_file.clone(),
+                self.blkdebug_data_file.clone(),
+                None,
+                |_| {},
+            ));
         }
     }
 }
@@ -117,53 +109,6 @@ pub fn split_opts(s: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
-
-/// The drivers QEMU 10 has (`qemu-img --help`): a name outside this list is an unknown
-/// driver, one inside it that qcow2kit does not implement is refused as such.
-const QEMU_DRIVERS: &[&str] = &[
-    "blkdebug",
-    "blklogwrites",
-    "blkverify",
-    "bochs",
-    "cloop",
-    "compress",
-    "copy-before-write",
-    "copy-on-read",
-    "dmg",
-    "file",
-    "ftp",
-    "ftps",
-    "gluster",
-    "host_cdrom",
-    "host_device",
-    "http",
-    "https",
-    "iscsi",
-    "iser",
-    "luks",
-    "nbd",
-    "nfs",
-    "null-aio",
-    "null-co",
-    "nvme",
-    "parallels",
-    "preallocate",
-    "qcow",
-    "qcow2",
-    "qed",
-    "quorum",
-    "raw",
-    "rbd",
-    "replication",
-    "snapshot-access",
-    "ssh",
-    "throttle",
-    "vdi",
-    "vhdx",
-    "vmdk",
-    "vpc",
-    "vvfat",
-];
 
 /// Whether the driver `driver` given as option `key` (`driver`, `file.driver`,
 /// `data-file.driver`, `backing.driver`, …) is one qcow2kit opens there: formats (`qcow2`,
@@ -186,7 +131,7 @@ pub fn check_driver(key: &str, driver: &str) -> Result<(), String> {
     };
     if supported {
         Ok(())
-    } else if !QEMU_DRIVERS.contains(&driver) {
+    } else if !crate::option_help::is_qemu_format(driver) {
         Err(format!("Unknown driver '{driver}'"))
     } else if node.is_empty() {
         Err(format!("Driver '{driver}' is not supported by qcow2kit"))

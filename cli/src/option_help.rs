@@ -252,7 +252,8 @@ fn help_text<'a>(descs: impl IntoIterator<Item = &'a Desc>) -> String {
     lines.concat()
 }
 
-/// Every format driver qemu-img 10.0 knows (`qemu-img --help`).
+/// Every driver qemu-img 10.0 knows (`qemu-img --help`): formats and protocols. A name outside
+/// it is an unknown driver; one inside it that qcow2kit does not implement is refused as such.
 const QEMU_FORMATS: &[&str] = &[
     "blkdebug",
     "blklogwrites",

@@ -6,9 +6,8 @@
 use super::output::{print_buffered, stdout_is_tty, strerror};
 use super::qopts::Opts;
 use crate::blkdebug_rules::{read_config_file, split_blkdebug};
-use qcow2kit::chain::{FileRole, Interpose};
-use qcow2kit::io::blkdebug::{Blkdebug, BlkdebugConfig, DebugEvent};
-use qcow2kit::io::Storage;
+use qcow2kit::chain::Interpose;
+use qcow2kit::io::blkdebug::{Blkdebug, BlkdebugConfig, DebugEvent, Reporter};
 use std::sync::{Arc, Mutex};
 
 const ENOENT: i32 = 2;
@@ -54,22 +53,14 @@ impl Setup {
         let filters = Filters::default();
         let list = filters.0.clone();
         let tty = stdout_is_tty();
-        let hook = move |role: FileRole, storage: Arc<dyn Storage>| -> Arc<dyn Storage> {
-            let config = match role {
-                FileRole::DataFile => self.data_file.clone(),
-                _ => self.file.clone(),
-            };
-            let Some(config) = config else {
-                return storage;
-            };
-            let report = Arc::new(move |line: &str| print_buffered(&format!("{line}\n"), tty));
-            let f = Arc::new(Blkdebug::new(storage, config, Some(report)));
-            list.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(f.clone());
-            f
-        };
-        Some((Interpose(Arc::new(hook)), filters))
+        let report: Reporter = Arc::new(move |line: &str| {
+            print_buffered(&format!("{line}\n"), tty);
+        });
+        let hook =
+            crate::blkdebug_rules::interpose(self.file, self.data_file, Some(report), move |f| {
+                list.lock().unwrap_or_else(|e| e.into_inner()).push(f)
+            });
+        Some((hook, filters))
     }
 }
 
