@@ -257,7 +257,6 @@ fn fix_copied_flags(storage: &dyn Storage, header: &Header, counts: &[u64]) -> R
     let cb = header.cluster_bits;
     let cs = header.cluster_size();
     let extended = header.has_extended_l2();
-    let step = if extended { 2 } else { 1 };
     let count = |host: u64| counts.get((host >> cb) as usize).copied().unwrap_or(0);
     let flag = |e: u64, host: u64| {
         if count(host) == 1 {
@@ -278,24 +277,12 @@ fn fix_copied_flags(storage: &dyn Storage, header: &Header, counts: &[u64]) -> R
         if l2 == 0 || header.has_data_file() || !done.insert(l2) {
             continue;
         }
-        let mut t = storage
+        let table = storage
             .read_vec(l2, cs as usize)
             .map_err(io("reading an L2 table"))?;
-        let mut changed = false;
-        for i in (0..t.len() / 8).step_by(step) {
-            let w = be_u64(&t, i * 8);
-            let fixed = match classify(w, cb, extended, false) {
-                ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => {
-                    flag(w, host)
-                }
-                _ => w,
-            };
-            if fixed != w {
-                t[i * 8..i * 8 + 8].copy_from_slice(&fixed.to_be_bytes());
-                changed = true;
-            }
-        }
-        if changed {
+        let mut words: Vec<u64> = table.chunks_exact(8).map(|c| be_u64(c, 0)).collect();
+        if set_copied_flags(&mut words, cb, extended, count) {
+            let t: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
             storage
                 .write_at(&t, l2)
                 .map_err(io("repairing COPIED flags of an L2 table"))?;
@@ -315,6 +302,33 @@ fn fix_copied_flags(storage: &dyn Storage, header: &Header, counts: &[u64]) -> R
             .map_err(io("repairing COPIED flags of the L1 table"))?;
     }
     Ok(())
+}
+
+/// Sets the COPIED flag of every allocated entry of the L2 table `words` (clusters of
+/// `1 << cluster_bits` bytes; extended entries when `extended`) exactly when `count` gives its
+/// host cluster a count of 1; returns whether any entry changed.
+pub(crate) fn set_copied_flags(
+    words: &mut [u64],
+    cluster_bits: u32,
+    extended: bool,
+    count: impl Fn(u64) -> u64,
+) -> bool {
+    let step = if extended { 2 } else { 1 };
+    let mut changed = false;
+    for w in words.iter_mut().step_by(step) {
+        let host = match classify(*w, cluster_bits, extended, false) {
+            ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => host,
+            _ => continue,
+        };
+        let fixed = if count(host) == 1 {
+            *w | COPIED
+        } else {
+            *w & !COPIED
+        };
+        changed |= fixed != *w;
+        *w = fixed;
+    }
+    changed
 }
 
 /// An in-memory refcount array (QEMU's "IMRT"): the refcount every host cluster should have,

@@ -36,7 +36,7 @@ use super::Qcow2Image;
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};
 use crate::format::bytes::{put_u32, put_u64};
-use crate::format::entry::{classify, ClusterKind, COPIED, OFFSET_MASK};
+use crate::format::entry::{COPIED, OFFSET_MASK};
 use crate::format::header::check_table;
 use crate::format::snapshot::{encode_table, Snapshot};
 use crate::format::{refcount, MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
@@ -610,17 +610,9 @@ impl Qcow2Image {
     fn fixed_copied(&self, words: &[u64], counts: &Counts) -> Vec<u64> {
         let g = self.geo;
         let mut out = words.to_vec();
-        for e in out.iter_mut().step_by(g.words_per_entry) {
-            let host = match classify(*e, g.cluster_bits, g.extended, false) {
-                ClusterKind::Normal { host } | ClusterKind::Zero { host } if host != 0 => host,
-                _ => continue,
-            };
-            if counts.get(host >> g.cluster_bits) == 1 {
-                *e |= COPIED;
-            } else {
-                *e &= !COPIED;
-            }
-        }
+        super::rebuild::set_copied_flags(&mut out, g.cluster_bits, g.extended, |host| {
+            counts.get(host >> g.cluster_bits)
+        });
         out
     }
 
