@@ -88,7 +88,7 @@ impl Qcow2Image {
         for &(cl, n) in &raises {
             m.refs()?.add(s, cl << cb, n as i64)?;
         }
-        m.refs()?.write_blocks(s)?;
+        self.write_refcounts(m)?;
         s.flush().map_err(io_err("flushing raised refcounts"))?;
 
         // Every cluster the active tables reach is now shared: no COPIED flag stays.
@@ -137,7 +137,7 @@ impl Qcow2Image {
         }
         let table_at = self.alloc_new(m, table.len() as u64)?;
         self.write_new(m, &table, table_at, "writing the snapshot table")?;
-        m.refs()?.write_blocks(s)?;
+        self.write_refcounts(m)?;
         s.flush().map_err(io_err("flushing the snapshot table"))?;
         let old_table = m.refs()?.map.snapshot_table();
         let mut head = [0u8; 12];
@@ -157,7 +157,7 @@ impl Qcow2Image {
             for cl in first..=last {
                 m.refs()?.add(s, cl << cb, -1)?;
             }
-            m.refs()?.write_blocks(s)?;
+            self.write_refcounts(m)?;
             s.flush()
                 .map_err(io_err("flushing the freed snapshot table"))?;
             // QEMU discards the freed table (pass-discard-snapshot).
@@ -179,6 +179,20 @@ impl Qcow2Image {
         t.l1 = active;
         self.reload(m, header, &t, table.len() as u64)?;
         Ok(snap)
+    }
+}
+
+impl Qcow2Image {
+    /// Writes the changed refcount blocks, flushes, then the refcount table entries of blocks
+    /// allocated since (write-ordering rule 2: a block is on disk before the entry naming it).
+    fn write_refcounts(&self, m: &mut Meta) -> Result<()> {
+        let s = self.storage.as_ref();
+        m.refs()?.write_blocks(s)?;
+        s.flush().map_err(io_err("flushing refcount blocks"))?;
+        if m.refs()?.write_table_entries(s)? {
+            s.flush().map_err(io_err("flushing the refcount table"))?;
+        }
+        Ok(())
     }
 }
 
