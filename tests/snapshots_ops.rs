@@ -715,3 +715,58 @@ fn apply_refused_while_the_image_has_bitmaps() {
     assert!(matches!(&e, qcow2kit::Error::Unsupported(_)), "{e}");
     img.close().expect("close");
 }
+
+/// Nonzero entries of the refcount table of the qcow2 file at `path`: how many refcount blocks
+/// the image's header names.
+fn refcount_blocks_named(path: &Path) -> usize {
+    let file = std::fs::read(path).expect("reading the image");
+    let be64 = |at: usize| u64::from_be_bytes(file[at..at + 8].try_into().expect("8 bytes"));
+    let table = be64(48) as usize;
+    let clusters = u32::from_be_bytes(file[56..60].try_into().expect("4 bytes")) as usize;
+    let cluster = 1usize << u32::from_be_bytes(file[20..24].try_into().expect("4 bytes"));
+    (0..clusters * cluster / 8)
+        .filter(|i| be64(table + i * 8) != 0)
+        .count()
+}
+
+/// A snapshot create that needs a new refcount block must name it in the refcount table:
+/// with 512-byte clusters a block counts 256 clusters, so growing the image one cluster and
+/// one snapshot at a time makes some creates cross into a block not yet allocated. After each
+/// create the file is closed and judged by qemu-img; the test also asserts that at least one
+/// create did allocate a refcount block, so it keeps testing what it is named for.
+#[test]
+fn snapshot_create_allocating_a_refcount_block_names_it() {
+    let dir = scratch();
+    let path = dir.path().join("img.qcow2");
+    create(&path, "cluster_size=512");
+    let mut model = vec![0u8; SIZE as usize];
+    let mut snaps = BTreeMap::new();
+    let mut creates_that_grew = 0;
+    for i in 0..60u64 {
+        let before = refcount_blocks_named(&path);
+        {
+            let opened = open_rw(&path);
+            let img = qcow2(&opened);
+            let off = i * 4096;
+            let buf = pattern(i as u8, 512);
+            img.write_at(&buf, off).expect("write");
+            model[off as usize..off as usize + 512].copy_from_slice(&buf);
+            img.flush().expect("flush");
+            let after_write = refcount_blocks_named(&path);
+            let name = format!("s{i}");
+            img.create_snapshot(&NewSnapshot::now(&name))
+                .expect("create");
+            img.close().expect("close");
+            snaps.insert(name, model.clone());
+            if refcount_blocks_named(&path) > after_write.max(before) {
+                creates_that_grew += 1;
+            }
+        }
+        qemu_clean(&path);
+    }
+    assert!(
+        creates_that_grew > 0,
+        "no snapshot create needed a new refcount block: the test no longer covers that case"
+    );
+    judge(&path, &model, &snaps);
+}
