@@ -8,9 +8,10 @@
 mod support;
 
 use criterion::{BatchSize, Criterion, Throughput};
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::ops::create::{create_qcow2, CreateOptions};
 use qcow2kit::BlockDevice;
+use qcow2kit::Format;
 use std::sync::Arc;
 use support::{Scratch, CLUSTER};
 
@@ -31,7 +32,7 @@ fn fresh(scratch: &Scratch, name: &str) -> Arc<dyn BlockDevice> {
         writable: true,
         ..OpenOptions::qemu_compatible()
     };
-    open(&path, ImageFormat::Qcow2, &opts)
+    open(&path, Format::Qcow2, &opts)
         .expect("opening the bench image")
         .device
 }

@@ -21,11 +21,12 @@
 mod common;
 
 use common::{make_guest_image, noise, same_content, Res, Scratch};
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::{FileStorage, MemoryStorage, Storage};
 use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
 use qcow2kit::ops::create::{create_qcow2, create_qcow2_on, CreateOptions};
-use qcow2kit::ops::inspect::{inspect_path, Format, Policy};
+use qcow2kit::ops::inspect::{inspect_path, Policy};
+use qcow2kit::Format;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -123,13 +124,13 @@ fn main() -> Res<()> {
 /// Opens an accepted upload as its declared format, without any file it might name, converts
 /// it to raw at `target` and checks the copy reads as the upload. Returns the copy's size.
 fn import(upload: &Path, declared: Format, target: &Path) -> Res<u64> {
-    let format = ImageFormat::from_name(declared.name().as_bytes())?;
+    let format = Format::openable(declared.name().as_bytes())?;
     let src = open(upload, format, &OpenOptions::default())?;
     let dst = FileStorage::create(target)?;
     convert_to_raw(src.device.as_ref(), &dst, &RawConvertOptions::default())?;
     dst.flush()?;
     drop(dst);
-    let copy = open(target, ImageFormat::Raw, &OpenOptions::default())?;
+    let copy = open(target, Format::Raw, &OpenOptions::default())?;
     same_content(
         "upload vs. stored copy",
         src.device.as_ref(),

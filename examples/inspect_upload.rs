@@ -3,7 +3,8 @@
 //! [`InspectReader`], then prints the verdict under the strict policy, the time taken and the
 //! most bytes the inspector kept at once.
 
-use qcow2kit::ops::inspect::{Format, InspectReader, Policy};
+use qcow2kit::ops::inspect::{InspectReader, Policy};
+use qcow2kit::Format;
 use std::io::Read;
 use std::time::Instant;
 

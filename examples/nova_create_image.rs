@@ -21,13 +21,14 @@
 mod common;
 
 use common::{hex, make_guest_image, noise, same_content, Res, Scratch, GUEST_IMAGE_SIZE};
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::check::check;
 use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
 use qcow2kit::ops::create::{create_qcow2, CreateOptions};
 use qcow2kit::ops::info::{image_info, open_for_info};
-use qcow2kit::ops::inspect::{inspect_path, Format, Policy};
+use qcow2kit::ops::inspect::{inspect_path, Policy};
+use qcow2kit::Format;
 use qcow2kit::{BlockDevice, Locking};
 use sha1::{Digest, Sha1};
 use std::path::Path;
@@ -56,7 +57,7 @@ fn main() -> Res<()> {
     }
     let base = dir.path("_base").join(hex(&Sha1::digest(IMAGE_ID)));
     let converted = base.with_extension("converted");
-    let download = open(&part, ImageFormat::Qcow2, &OpenOptions::default())?;
+    let download = open(&part, Format::Qcow2, &OpenOptions::default())?;
     {
         let dst = FileStorage::create(&converted)?;
         convert_to_raw(
@@ -79,7 +80,7 @@ fn main() -> Res<()> {
         return Err(format!("base is {base_size} bytes, not {root_size}").into());
     }
     // The base reads as the image, then zeros to the flavour's size (qemu-img compare).
-    let base_dev = open(&base, ImageFormat::Raw, &OpenOptions::default())?.device;
+    let base_dev = open(&base, Format::Raw, &OpenOptions::default())?.device;
     same_content(
         "base vs. image",
         download.device.as_ref(),
@@ -109,7 +110,7 @@ fn main() -> Res<()> {
             writable: true,
             ..OpenOptions::qemu_compatible()
         };
-        let vm = open(&disk, ImageFormat::Qcow2, &rw)?;
+        let vm = open(&disk, Format::Qcow2, &rw)?;
         for (offset, data) in &writes {
             vm.device.write_at(data, *offset)?;
         }
@@ -125,12 +126,12 @@ fn main() -> Res<()> {
     if !report.is_clean() {
         return Err(format!("check of the instance disk: {report:?}").into());
     }
-    let vm = open(&disk, ImageFormat::Qcow2, &OpenOptions::qemu_compatible())?;
+    let vm = open(&disk, Format::Qcow2, &OpenOptions::qemu_compatible())?;
     verify(vm.device.as_ref(), |offset, buf| {
         expected(&original, &writes, offset, buf)
     })?;
 
-    let info = image_info(&open_for_info(&disk, ImageFormat::Qcow2, Locking::Qemu)?)?;
+    let info = image_info(&open_for_info(&disk, Format::Qcow2, Locking::Qemu)?)?;
     if info.backing_filename.as_deref().map(Path::new) != Some(base.as_path())
         || info.backing_format.as_deref() != Some("raw")
         || info.virtual_size != root_size

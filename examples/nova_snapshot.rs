@@ -22,12 +22,13 @@ mod common;
 
 use common::{hex, noise, same_content, Res, Scratch};
 use md5::Md5;
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::FileStorage;
 use qcow2kit::ops::check::check;
 use qcow2kit::ops::convert::{convert_to_qcow2, Qcow2ConvertOptions};
 use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
 use qcow2kit::ops::info::{image_info, open_for_info};
+use qcow2kit::Format;
 use qcow2kit::Locking;
 use sha2::{Digest, Sha512};
 use std::io::Read;
@@ -47,7 +48,7 @@ fn main() -> Res<()> {
 
     // The snapshot names no backing file: the default policy, which refuses an image that does,
     // opens it, and it reads exactly as the instance's disk with its base.
-    let alone = open(&snap, ImageFormat::Qcow2, &OpenOptions::default())?;
+    let alone = open(&snap, Format::Qcow2, &OpenOptions::default())?;
     let q = alone
         .qcow2
         .as_ref()
@@ -55,7 +56,7 @@ fn main() -> Res<()> {
     if q.backing_file_name().is_some() {
         return Err("the snapshot names a backing file".into());
     }
-    let vm = open(&disk, ImageFormat::Qcow2, &OpenOptions::qemu_compatible())?;
+    let vm = open(&disk, Format::Qcow2, &OpenOptions::qemu_compatible())?;
     if vm.device.size() != alone.device.size() {
         return Err("the snapshot's size differs from the disk's".into());
     }
@@ -85,7 +86,7 @@ fn make_instance(base: &Path, disk: &Path) -> Res<()> {
             writable: true,
             ..OpenOptions::default()
         };
-        let b = open(base, ImageFormat::Raw, &rw)?;
+        let b = open(base, Format::Raw, &rw)?;
         b.device.write_at(&noise(1, 8 << 20), 0)?;
         b.device.write_at(&noise(2, 4 << 20), 32 << 20)?;
         b.device.flush()?;
@@ -100,7 +101,7 @@ fn make_instance(base: &Path, disk: &Path) -> Res<()> {
         writable: true,
         ..OpenOptions::qemu_compatible()
     };
-    let vm = open(disk, ImageFormat::Qcow2, &rw)?;
+    let vm = open(disk, Format::Qcow2, &rw)?;
     vm.device.write_at(&noise(3, 100_000), (1 << 20) + 12_345)?;
     let text = b"instance log line: all is well\n".repeat(40_000);
     vm.device.write_at(&text, 16 << 20)?;
@@ -117,7 +118,7 @@ fn make_instance(base: &Path, disk: &Path) -> Res<()> {
 /// chain flattened into one new qcow2 image, every cluster compressed. This is the one place
 /// the snapshot is made: `main` verifies and records whatever image it leaves at `snap`.
 fn snapshot_by_convert(disk: &Path, snap: &Path) -> Res<()> {
-    let src = open(disk, ImageFormat::Qcow2, &OpenOptions::qemu_compatible())?;
+    let src = open(disk, Format::Qcow2, &OpenOptions::qemu_compatible())?;
     let opts = Qcow2ConvertOptions {
         compress: true,
         // qemu-img's default `-S 4k`: zeros stay unallocated (the options' default, 0, makes a
@@ -131,7 +132,7 @@ fn snapshot_by_convert(disk: &Path, snap: &Path) -> Res<()> {
 
 /// Prints the upload's fields as Glance records them.
 fn print_glance_record(path: &Path) -> Res<()> {
-    let info = image_info(&open_for_info(path, ImageFormat::Qcow2, Locking::Qemu)?)?;
+    let info = image_info(&open_for_info(path, Format::Qcow2, Locking::Qemu)?)?;
     let (mut md5, mut sha512) = (Md5::new(), Sha512::new());
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];

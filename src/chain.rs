@@ -29,37 +29,6 @@ pub const FORCE_SHARE_WRITABLE: &str = "force-share=on can only be used with rea
 /// Default limit on the number of backing layers under an image.
 pub const DEFAULT_MAX_DEPTH: usize = 16;
 
-/// Image formats qcow2kit opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    /// qcow2.
-    Qcow2,
-    /// Raw.
-    Raw,
-}
-
-impl ImageFormat {
-    /// Parses a format name (`qcow2`, `raw`).
-    pub fn from_name(name: &[u8]) -> Result<Self> {
-        match name {
-            b"qcow2" => Ok(ImageFormat::Qcow2),
-            b"raw" => Ok(ImageFormat::Raw),
-            other => Err(Error::Unsupported(format!(
-                "image format '{}'",
-                String::from_utf8_lossy(other)
-            ))),
-        }
-    }
-
-    /// The format's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Raw => "raw",
-        }
-    }
-}
-
 /// What to do with a backing file an image names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingPolicy {
@@ -110,10 +79,10 @@ pub enum FileRole {
 
 impl FileRole {
     /// The role of the file of an image in `format`.
-    pub fn of(format: ImageFormat) -> Self {
+    pub fn of(format: Format) -> Self {
         match format {
-            ImageFormat::Qcow2 => FileRole::Qcow2,
-            ImageFormat::Raw => FileRole::Raw,
+            Format::Raw => FileRole::Raw,
+            _ => FileRole::Qcow2,
         }
     }
 }
@@ -257,7 +226,7 @@ pub struct Opened {
     /// The top image, when it is qcow2.
     pub qcow2: Option<Arc<Qcow2Image>>,
     /// The top image's format.
-    pub format: ImageFormat,
+    pub format: Format,
     /// The path it was opened from.
     pub path: PathBuf,
     /// Every image of the chain, the top first (`layers[0]` is this image, `layers[1]` its
@@ -273,7 +242,7 @@ pub struct Layer {
     /// The concrete image, when it is qcow2.
     pub qcow2: Option<Arc<Qcow2Image>>,
     /// Its format.
-    pub format: ImageFormat,
+    pub format: Format,
     /// Its path (a backing file's name resolved against the directory of the image naming it).
     pub path: PathBuf,
     /// Whether it was opened for writing.
@@ -283,26 +252,30 @@ pub struct Layer {
 }
 
 impl Opened {
-    /// Closes the image: every layer opened for writing is flushed and closed (qcow2 images
-    /// through [`Qcow2Image::close`], which also writes lazy refcounts back), the first error
-    /// is returned, and the handles are dropped. The files' locks are released once no clone
-    /// of the devices remains. Dropping an `Opened` closes it too, but without reporting errors.
+    /// Closes the image: every layer is closed top first ([`BlockDevice::close`]: a layer
+    /// opened for writing is flushed, and a qcow2 layer writes lazy refcounts back), the first
+    /// error is returned, and the handles are dropped. The files' locks are released once no
+    /// clone of the devices remains; a clone kept by the caller refuses every change with
+    /// [`Error::Closed`]. Dropping an `Opened` closes it too, but without reporting errors.
+    ///
+    /// `close` takes the image by value, so it cannot be used afterwards:
+    ///
+    /// ```compile_fail
+    /// # fn f(img: qcow2kit::Opened) -> qcow2kit::Result<()> {
+    /// img.close()?;
+    /// img.device.flush()?; // error[E0382]: borrow of moved value: `img`
+    /// # Ok(()) }
+    /// ```
     pub fn close(self) -> Result<()> {
         let mut first = None;
-        for layer in self.layers.iter().filter(|l| l.writable) {
-            let r = match &layer.qcow2 {
-                Some(q) => q.close(),
-                None => layer.device.flush(),
-            };
-            if let Err(e) = r {
+        let devices: Vec<&Arc<dyn BlockDevice>> = if self.layers.is_empty() {
+            vec![&self.device]
+        } else {
+            self.layers.iter().map(|l| &l.device).collect()
+        };
+        for device in devices {
+            if let Err(e) = device.close() {
                 first.get_or_insert(e);
-            }
-        }
-        if self.layers.is_empty() {
-            if let Some(q) = &self.qcow2 {
-                if let Err(e) = q.close() {
-                    first.get_or_insert(e);
-                }
             }
         }
         drop(self);
@@ -328,7 +301,7 @@ impl Opened {
 /// A file another open uses in a way this one may not share (or that refuses to share what this
 /// one does) is refused with [`Error::Locked`]; [`Locking::ForceShare`] with `writable` is
 /// refused with [`Error::InvalidArgument`].
-pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Opened> {
+pub fn open(path: &Path, format: Format, opts: &OpenOptions) -> Result<Opened> {
     if opts.writable && opts.locking == Locking::ForceShare {
         return Err(Error::InvalidArgument(FORCE_SHARE_WRITABLE.into()));
     }
@@ -342,7 +315,7 @@ pub fn open(path: &Path, format: ImageFormat, opts: &OpenOptions) -> Result<Open
 /// does, a `.dmg` name — parallels, qcow, qed, vdi, vhdx, vmdk, vpc, luks) is named and refused
 /// as unsupported, never read as raw, and a polyglot (signatures of several formats) is refused
 /// rather than guessed at.
-pub fn probe_file(path: &Path) -> Result<ImageFormat> {
+pub fn probe_file(path: &Path) -> Result<Format> {
     // Probing takes no lock (neither does QEMU's): the open that follows does.
     let s: Arc<dyn Storage> = match crate::nbd::open_uri(path, false)? {
         Some((s, _)) => s,
@@ -364,8 +337,8 @@ pub fn probe_file(path: &Path) -> Result<ImageFormat> {
         detected.push(Format::Dmg);
     }
     match probe(&detected) {
-        Some(Format::Raw) => Ok(ImageFormat::Raw),
-        Some(Format::Qcow2) => Ok(ImageFormat::Qcow2),
+        Some(Format::Raw) => Ok(Format::Raw),
+        Some(Format::Qcow2) => Ok(Format::Qcow2),
         Some(f) => Err(Error::Unsupported(format!(
             "image format '{f}' (probed); only qcow2 and raw images can be opened"
         ))),
@@ -441,12 +414,15 @@ pub fn resolve_relative(image_path: &Path, name: &[u8]) -> Result<PathBuf> {
 
 fn open_layer(
     path: &Path,
-    format: ImageFormat,
+    format: Format,
     opts: &OpenOptions,
     depth: usize,
     seen: &mut Vec<(u64, u64)>,
     top: bool,
 ) -> Result<Opened> {
+    if !format.is_openable() {
+        return Err(Error::Unsupported(format!("image format '{format}'")));
+    }
     let writable = if top {
         opts.writable
     } else {
@@ -469,7 +445,7 @@ fn open_layer(
     let storage = Interpose::apply(interpose, FileRole::of(format), storage);
 
     match format {
-        ImageFormat::Raw => {
+        Format::Raw => {
             if top && opts.snapshot.is_some() {
                 return Err(Error::InvalidArgument(
                     "raw images have no snapshots".into(),
@@ -491,7 +467,7 @@ fn open_layer(
                 }],
             })
         }
-        ImageFormat::Qcow2 => {
+        _ => {
             let mut q_opts = opts.qcow2.clone();
             q_opts.snapshot = if top { opts.snapshot.clone() } else { None };
             q_opts.writable = writable;
@@ -553,7 +529,7 @@ fn open_layer(
                         }
                         let bpath = resolve_relative(path, &name)?;
                         let bformat = match img.backing_format() {
-                            Some(f) => ImageFormat::from_name(&f)?,
+                            Some(f) => Format::openable(&f)?,
                             None if opts.probe_backing_format => probe_file(&bpath)?,
                             None => {
                                 return Err(Error::Unsupported(format!(

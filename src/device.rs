@@ -2,8 +2,26 @@
 
 use crate::error::{Error, Result};
 use crate::io::Storage;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Most bytes a vectored request gathers into one contiguous request (see
+/// [`BlockDevice::write_vectored_at`]).
+pub const MAX_GATHER_BYTES: usize = 4 << 20;
+
+/// What a discarded range reads as afterwards (see [`BlockDevice::discard_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DiscardMode {
+    /// The range reads as zeros, whatever the backing device holds there: what a guest's
+    /// discard does to a qcow2 v3 image in QEMU, and what [`BlockDevice::discard`] does.
+    #[default]
+    Zeros,
+    /// The range reads from the backing device again (zeros where there is none): the layer
+    /// drops what it held, as QEMU's `make_empty` and a full discard do.
+    Backing,
+}
 
 /// What a range of a device holds, as seen by one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +53,49 @@ pub struct Extent {
 
 /// A virtual disk as a guest sees it.
 ///
-/// All methods take `&self` and may be called from several threads at once. Requests must lie
-/// inside `0..size()`; reads of unallocated ranges return the backing device's data or zeros.
+/// Requests must lie inside `0..size()` ([`Error::OutOfRange`] otherwise); reads of
+/// unallocated ranges return the backing device's data or zeros.
+///
+/// # Threading and locking contract
+///
+/// - Every method takes `&self`; a device is `Send + Sync` and is meant to be shared as an
+///   `Arc<dyn BlockDevice>` by any number of threads issuing requests at once.
+/// - Requests on disjoint ranges proceed in parallel. Requests on overlapping ranges are
+///   serialised by the device at cluster granularity: a write is never torn by another write,
+///   and a read that overlaps a write in flight returns either the old or the new data of each
+///   cluster, never a mix within one cluster of a qcow2 image.
+/// - A write is acknowledged (`Ok`) once it is visible to every later read from any thread;
+///   it is durable once a later [`flush`](Self::flush) returns `Ok`.
+/// - Across processes, the files under a device opened through [`crate::chain::open`] carry
+///   QEMU's image locks ([`crate::chain::Locking`]): a second writer, qcow2kit or QEMU, is
+///   refused while the device is open for writing.
+/// - [`close`](Self::close) ends the device's life for writing: every later change fails with
+///   [`Error::Closed`], never a silent `Ok`. Dropping a device without closing it flushes what
+///   it can but has no way to report an error.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::{BlockDevice, Error, RawImage};
+/// use std::sync::Arc;
+///
+/// let disk: Arc<dyn BlockDevice> =
+///     Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 1 << 20])), true)?);
+/// let writers: Vec<_> = (0..4u8)
+///     .map(|i| {
+///         let disk = disk.clone();
+///         std::thread::spawn(move || disk.write_at(&[i + 1; 4096], u64::from(i) * 4096))
+///     })
+///     .collect();
+/// for w in writers {
+///     w.join().expect("writer thread")?;
+/// }
+/// disk.close()?;
+/// let mut buf = [0u8; 4096];
+/// disk.read_at(&mut buf, 3 * 4096)?;
+/// assert_eq!(buf, [4u8; 4096]);
+/// assert!(matches!(disk.write_at(&buf, 0), Err(Error::Closed)));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub trait BlockDevice: Send + Sync {
     /// Virtual size in bytes.
     fn size(&self) -> u64;
@@ -56,6 +115,71 @@ pub trait BlockDevice: Send + Sync {
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+
+    /// Flushes, then closes the device for changes: afterwards every write, zero write,
+    /// discard, flush and resize fails with [`Error::Closed`]; reads still answer (what was
+    /// written stays readable). Closing again is a no-op. An error means the device could not
+    /// make its writes durable, and says why.
+    fn close(&self) -> Result<()>;
+
+    /// Fills `bufs`, one after the other, with the guest data starting at `offset`.
+    ///
+    /// Runs of small buffers are read as one request of at most [`MAX_GATHER_BYTES`] and
+    /// scattered, so that a guest's scatter-gather list costs as few requests as one buffer.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let total = vectored_len(bufs.iter().map(|b| b.len()), offset, self.size())?;
+        if let [one] = bufs {
+            return self.read_at(one, offset);
+        }
+        let mut chunk = vec![0u8; total.min(MAX_GATHER_BYTES)];
+        let mut pos = offset;
+        let mut cursor = SliceCursor::default();
+        while cursor.index < bufs.len() {
+            let n = cursor
+                .remaining(bufs.iter().map(|b| b.len()))
+                .min(chunk.len());
+            self.read_at(&mut chunk[..n], pos)?;
+            cursor.scatter(bufs, &chunk[..n]);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `bufs`, one after the other, starting at `offset`.
+    ///
+    /// Runs of small buffers are gathered into one request of at most [`MAX_GATHER_BYTES`], so
+    /// a list of sector-sized buffers costs one cluster write, not a copy-on-write per buffer;
+    /// a single buffer is written as it is. A failure may leave a prefix of the list written.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let total = vectored_len(bufs.iter().map(|b| b.len()), offset, self.size())?;
+        if let [one] = bufs {
+            return self.write_at(one, offset);
+        }
+        let mut chunk = Vec::with_capacity(total.min(MAX_GATHER_BYTES));
+        let mut pos = offset;
+        let mut cursor = SliceCursor::default();
+        while cursor.index < bufs.len() {
+            chunk.clear();
+            cursor.gather(bufs, &mut chunk, MAX_GATHER_BYTES);
+            self.write_at(&chunk, pos)?;
+            pos += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Discards `len` bytes at `offset`, the range reading afterwards as `mode` says.
+    /// [`DiscardMode::Zeros`] is [`discard`](Self::discard). Devices that cannot make a range
+    /// read from their backing device again return [`Error::Unsupported`] for
+    /// [`DiscardMode::Backing`] when they have one; without one it is a plain discard.
+    fn discard_with(&self, offset: u64, len: u64, mode: DiscardMode) -> Result<()> {
+        match mode {
+            DiscardMode::Backing if self.backing().is_some() => Err(Error::Unsupported(format!(
+                "discarding to the backing device on {} devices",
+                self.format_name()
+            ))),
+            _ => self.discard(offset, len),
+        }
+    }
 
     /// The status of the run starting at `offset`, at most `len` bytes, in this layer alone.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
@@ -77,6 +201,86 @@ pub trait BlockDevice: Send + Sync {
             "resizing {} devices",
             self.format_name()
         )))
+    }
+}
+
+/// The total length of a vectored request at `offset`, checked against a device of `size`.
+fn vectored_len(lens: impl Iterator<Item = usize>, offset: u64, size: u64) -> Result<usize> {
+    let mut total = 0usize;
+    for l in lens {
+        total = total.checked_add(l).ok_or(Error::OutOfRange {
+            offset,
+            len: u64::MAX,
+            size,
+        })?;
+    }
+    check_range(offset, total as u64, size)?;
+    Ok(total)
+}
+
+/// A position inside a list of buffers: buffer `index`, byte `at` within it.
+#[derive(Default)]
+struct SliceCursor {
+    index: usize,
+    at: usize,
+}
+
+impl SliceCursor {
+    /// Bytes left in the buffers from the cursor on.
+    fn remaining(&self, mut lens: impl Iterator<Item = usize>) -> usize {
+        let mut n = 0usize;
+        for (i, l) in lens.by_ref().enumerate() {
+            if i == self.index {
+                n = l - self.at;
+            } else if i > self.index {
+                n = n.saturating_add(l);
+            }
+        }
+        n
+    }
+
+    /// Copies `data` into the buffers from the cursor on, advancing it.
+    fn scatter(&mut self, bufs: &mut [IoSliceMut<'_>], mut data: &[u8]) {
+        while let Some(b) = bufs.get_mut(self.index) {
+            let n = (b.len() - self.at).min(data.len());
+            b[self.at..self.at + n].copy_from_slice(&data[..n]);
+            data = &data[n..];
+            self.advance(b.len(), n);
+            if data.is_empty() {
+                break;
+            }
+        }
+        self.skip_empty(bufs.iter().map(|b| b.len()));
+    }
+
+    /// Appends bytes from the cursor on to `out` until it holds `limit` bytes, advancing.
+    fn gather(&mut self, bufs: &[IoSlice<'_>], out: &mut Vec<u8>, limit: usize) {
+        while let Some(b) = bufs.get(self.index) {
+            let n = (b.len() - self.at).min(limit - out.len());
+            out.extend_from_slice(&b[self.at..self.at + n]);
+            self.advance(b.len(), n);
+            if out.len() == limit {
+                break;
+            }
+        }
+        self.skip_empty(bufs.iter().map(|b| b.len()));
+    }
+
+    fn advance(&mut self, len: usize, n: usize) {
+        self.at += n;
+        if self.at == len {
+            self.index += 1;
+            self.at = 0;
+        }
+    }
+
+    /// Moves past empty buffers, so the cursor is at the end only when no byte is left.
+    fn skip_empty(&mut self, lens: impl Iterator<Item = usize>) {
+        for (i, l) in lens.enumerate() {
+            if i == self.index && l == 0 && self.at == 0 {
+                self.index += 1;
+            }
+        }
     }
 }
 
@@ -123,6 +327,7 @@ pub struct RawImage {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
     writable: bool,
+    closed: AtomicBool,
 }
 
 impl RawImage {
@@ -144,6 +349,7 @@ impl RawImage {
             storage,
             size: AtomicU64::new(size),
             writable,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -153,11 +359,19 @@ impl RawImage {
     }
 
     fn writable(&self) -> Result<()> {
+        self.ensure_open()?;
         if self.writable {
             Ok(())
         } else {
             Err(Error::ReadOnly)
         }
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
     }
 }
 
@@ -194,9 +408,21 @@ impl BlockDevice for RawImage {
     }
 
     fn flush(&self) -> Result<()> {
+        self.ensure_open()?;
         self.storage
             .flush()
             .map_err(|e| Error::io("flushing raw image", e))
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.writable {
+            self.flush()?;
+        }
+        self.closed.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -38,10 +38,11 @@
 //! [`OpenOptions`] opens no file an image names):
 //!
 //! ```no_run
-//! use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+//! use qcow2kit::chain::{open, OpenOptions};
+//! use qcow2kit::Format;
 //! use qcow2kit::BlockDevice;
 //!
-//! let img = open("overlay.qcow2".as_ref(), ImageFormat::Qcow2, &OpenOptions::qemu_compatible())?;
+//! let img = open("overlay.qcow2".as_ref(), Format::Qcow2, &OpenOptions::qemu_compatible())?;
 //! let mut buf = vec![0u8; 65536];
 //! img.device.read_at(&mut buf, 0)?;
 //! # Ok::<(), qcow2kit::Error>(())
@@ -63,7 +64,8 @@ pub mod io;
 pub mod nbd;
 pub mod ops;
 
-pub use chain::{open, BackingPolicy, ImageFormat, Locking, OpenOptions, Opened};
-pub use device::{BlockDevice, Extent, ExtentKind, RawImage};
+pub use chain::{open, BackingPolicy, Locking, OpenOptions, Opened};
+pub use device::{BlockDevice, DiscardMode, Extent, ExtentKind, RawImage};
 pub use engine::{NewSnapshot, Qcow2Image, Qcow2Options, SnapshotRef};
 pub use error::{Corruption, Error, Result};
+pub use format::probe::Format;

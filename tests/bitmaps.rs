@@ -367,7 +367,7 @@ fn hostile_bitmaps_are_refused_at_writable_open() {
         std::fs::write(dir.join("h.qcow2"), &b).expect("write image");
         let r = qcow2kit::chain::open(
             &dir.join("h.qcow2"),
-            qcow2kit::ImageFormat::Qcow2,
+            qcow2kit::Format::Qcow2,
             &qcow2kit::chain::OpenOptions {
                 writable: true,
                 ..qcow2kit::chain::OpenOptions::qemu_compatible()
@@ -411,7 +411,7 @@ fn memory_is_bounded() {
     drop(one);
     let r = qcow2kit::chain::open(
         &dir.join("big.qcow2"),
-        qcow2kit::ImageFormat::Qcow2,
+        qcow2kit::Format::Qcow2,
         &qcow2kit::chain::OpenOptions {
             writable: true,
             ..qcow2kit::chain::OpenOptions::qemu_compatible()

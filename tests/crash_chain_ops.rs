@@ -18,7 +18,7 @@ use qcow2kit::ops::check::check;
 use qcow2kit::ops::commit::commit_chain;
 use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
 use qcow2kit::ops::rebase::{rebase_chain, BackingLink, NewBase, RebaseOptions};
-use qcow2kit::ImageFormat;
+use qcow2kit::Format;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -157,7 +157,7 @@ impl Op {
     fn run(self, storages: &HashMap<&'static str, Arc<dyn Storage>>) -> Result<(), String> {
         let link = |name: &str| BackingLink {
             name: name.as_bytes().to_vec(),
-            format: ImageFormat::Qcow2,
+            format: Format::Qcow2,
         };
         let opts = RebaseOptions {
             workers: 1,

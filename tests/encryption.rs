@@ -8,13 +8,14 @@
 #[path = "support/read_helpers.rs"]
 mod read_helpers;
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
 use qcow2kit::crypto::{CryptoError, EncryptionFormat, Passphrase};
 use qcow2kit::device::BlockDevice;
 use qcow2kit::engine::EncryptionOptions;
 use qcow2kit::ops::create::{create_qcow2, CreateEncryption, CreateOptions};
 use qcow2kit::Error;
+use qcow2kit::Format;
 use read_helpers::{run_tool, Rng, Work};
 use std::path::Path;
 
@@ -126,7 +127,7 @@ fn qemu_written_data_reads_decrypted() {
             &path,
             &[],
         );
-        let opened = open(&path, ImageFormat::Qcow2, &opts(key(PW), false)).expect("open");
+        let opened = open(&path, Format::Qcow2, &opts(key(PW), false)).expect("open");
         assert_eq!(
             read_all(opened.device.as_ref()),
             qemu_content(&w, &path),
@@ -145,7 +146,7 @@ fn write_and_judge(w: &Work, path: &Path, what: &str) {
     let size = 2 << 20;
     let mut model = qemu_content(w, path);
     assert_eq!(model.len(), size);
-    let opened = open(path, ImageFormat::Qcow2, &opts(key(PW), true)).expect("open rw");
+    let opened = open(path, Format::Qcow2, &opts(key(PW), true)).expect("open rw");
     let dev = opened.device.as_ref();
     let mut rng = Rng(0xc0ffee);
     let writes: [(u64, usize); 7] = [
@@ -235,7 +236,7 @@ fn keys_are_checked_and_refusals_are_clear() {
     let luks = qemu_create(&w, "l.qcow2", "luks", "", "1M");
     let aes = qemu_create(&w, "a.qcow2", "aes", "", "1M");
     let err = |p: &Path, enc: EncryptionOptions| {
-        open(p, ImageFormat::Qcow2, &opts(enc, false))
+        open(p, Format::Qcow2, &opts(enc, false))
             .err()
             .expect("open must fail")
     };
@@ -263,7 +264,7 @@ fn keys_are_checked_and_refusals_are_clear() {
         metadata_only: true,
         ..Default::default()
     };
-    let opened = open(&luks, ImageFormat::Qcow2, &opts(meta, false)).expect("metadata open");
+    let opened = open(&luks, Format::Qcow2, &opts(meta, false)).expect("metadata open");
     let q = opened.qcow2.as_ref().expect("qcow2");
     let info = q.encryption().expect("encrypted");
     assert!(!info.unlocked);
@@ -275,7 +276,7 @@ fn keys_are_checked_and_refusals_are_clear() {
     ));
     drop(opened);
     // Compressed clusters would be stored in the clear: refused.
-    let opened = open(&luks, ImageFormat::Qcow2, &opts(key(PW), true)).expect("open rw");
+    let opened = open(&luks, Format::Qcow2, &opts(key(PW), true)).expect("open rw");
     let q = opened.qcow2.as_ref().expect("qcow2");
     let e = q.write_compressed(65536, &vec![3u8; 65536]).unwrap_err();
     assert!(e.to_string().contains("Compression and encryption"), "{e}");
@@ -303,7 +304,7 @@ fn backing_layers_take_their_own_keys() {
         "qcow2",
         "top.qcow2",
     ]);
-    let e = open(&top, ImageFormat::Qcow2, &opts(key(PW), false))
+    let e = open(&top, Format::Qcow2, &opts(key(PW), false))
         .err()
         .expect("backing without its key");
     assert!(
@@ -312,7 +313,7 @@ fn backing_layers_take_their_own_keys() {
     );
     let mut o = opts(EncryptionOptions::default(), false);
     o.backing_encryption = vec![key(PW)];
-    let opened = open(&top, ImageFormat::Qcow2, &o).expect("open with the backing key");
+    let opened = open(&top, Format::Qcow2, &o).expect("open with the backing key");
     let mut b = vec![0u8; 65536];
     opened.device.read_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0x42));
@@ -335,7 +336,7 @@ fn encryption_header_is_guarded_when_refcounts_lie() {
         file[block + 2 * c + 1] = 0;
     }
     std::fs::write(&path, &file).unwrap();
-    let opened = open(&path, ImageFormat::Qcow2, &opts(key(PW), true)).expect("open rw");
+    let opened = open(&path, Format::Qcow2, &opts(key(PW), true)).expect("open rw");
     let r = opened.device.write_at(&[0xeeu8; 65536], 0);
     let e = r.expect_err("the write must be refused");
     assert!(
@@ -363,7 +364,7 @@ fn metadata_operations_keep_the_encryption_header() {
     qemu(&w, "qemu-io", &["-c", "write -P 0x61 0 100k"], &path, &[]);
     let before = qemu_content(&w, &path);
     {
-        let opened = open(&path, ImageFormat::Qcow2, &opts(key(PW), true)).expect("open rw");
+        let opened = open(&path, Format::Qcow2, &opts(key(PW), true)).expect("open rw");
         let q = opened.qcow2.as_ref().expect("qcow2");
         q.create_snapshot(&NewSnapshot::now("s1"))
             .expect("snapshot");

@@ -18,11 +18,12 @@
 mod write_helpers;
 
 use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
-use qcow2kit::chain::{ImageFormat, OpenOptions};
+use qcow2kit::chain::OpenOptions;
 use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
 use qcow2kit::crypto::{EncryptionFormat, Passphrase};
 use qcow2kit::engine::EncryptionOptions;
 use qcow2kit::ops::create::{create_qcow2, CreateEncryption, CreateOptions};
+use qcow2kit::Format;
 use std::fs;
 use std::path::Path;
 use write_helpers::*;
@@ -294,7 +295,7 @@ impl EncCfg {
         );
         let ro = qcow2kit::chain::open(
             &dir.join("img.qcow2"),
-            ImageFormat::Qcow2,
+            Format::Qcow2,
             &self.open_options(false),
         )
         .expect("read-only reopen");
@@ -577,7 +578,7 @@ fn convert_resize_snapshot_and_repair_encrypted_images() {
     ]);
     let key = cfg.open_options(false);
     let convert = |src: &str, enc: &OpenOptions, dst: &str, encrypt: bool| {
-        let s = qcow2kit::chain::open(&d.join(src), ImageFormat::Qcow2, enc).expect("source");
+        let s = qcow2kit::chain::open(&d.join(src), Format::Qcow2, enc).expect("source");
         let o = Qcow2ConvertOptions {
             create: CreateOptions {
                 encryption: encrypt.then(|| CreateEncryption {
@@ -626,16 +627,12 @@ fn convert_resize_snapshot_and_repair_encrypted_images() {
 
     // A snapshot, then changes, a grow and a shrink: qemu-img reads the snapshot as it was
     // and the active image as the model says.
-    let before = qcow2kit::chain::open(&d.join("img.qcow2"), ImageFormat::Qcow2, &key)
+    let before = qcow2kit::chain::open(&d.join("img.qcow2"), Format::Qcow2, &key)
         .map(|o| read_all(o.device.as_ref()))
         .expect("reading the image");
     {
-        let o = qcow2kit::chain::open(
-            &d.join("img.qcow2"),
-            ImageFormat::Qcow2,
-            &cfg.open_options(true),
-        )
-        .expect("open rw");
+        let o = qcow2kit::chain::open(&d.join("img.qcow2"), Format::Qcow2, &cfg.open_options(true))
+            .expect("open rw");
         let q = o.qcow2.as_ref().expect("qcow2");
         q.create_snapshot(&qcow2kit::NewSnapshot::now("s1"))
             .expect("snapshot");
@@ -706,12 +703,9 @@ fn concurrent_writers_sharing_sectors() {
     let dir = scratch();
     let d = dir.path();
     let mut model = cfg.create(d, 9);
-    let opened = qcow2kit::chain::open(
-        &d.join("img.qcow2"),
-        ImageFormat::Qcow2,
-        &cfg.open_options(true),
-    )
-    .expect("open rw");
+    let opened =
+        qcow2kit::chain::open(&d.join("img.qcow2"), Format::Qcow2, &cfg.open_options(true))
+            .expect("open rw");
     let span = 96 * K;
     let stripe = 100u64;
     let stripes: Vec<(u64, u64)> = (0..span.div_ceil(stripe))

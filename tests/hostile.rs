@@ -9,9 +9,10 @@ use flate2::write::DeflateEncoder;
 use flate2::Compression;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use qcow2kit::chain::{self, ImageFormat, OpenOptions};
+use qcow2kit::chain::{self, OpenOptions};
 use qcow2kit::format::header;
 use qcow2kit::io::{FileStorage, MemoryStorage, Storage};
+use qcow2kit::Format;
 use qcow2kit::{BlockDevice, Corruption, Error, Qcow2Image, Qcow2Options, SnapshotRef};
 use std::fs;
 use std::io::Write;
@@ -339,7 +340,7 @@ fn opens_and_reads(case: &str, p: &Path, opts: &Qcow2Options) -> Qcow2Image {
 }
 
 fn chain_open(case: &str, p: &Path, opts: &OpenOptions) -> Error {
-    match timed(case, || chain::open(p, ImageFormat::Qcow2, opts)).0 {
+    match timed(case, || chain::open(p, Format::Qcow2, opts)).0 {
         Ok(_) => panic!("{case}: chain opened but must be refused"),
         Err(e) => e,
     }
@@ -1610,7 +1611,7 @@ fn backing_chain_depth_limit() {
     // 17 images: 16 backing layers, the limit.
     let p = s.path("img16.qcow2");
     let r = timed("chain of 17 images", || {
-        chain::open(&p, ImageFormat::Qcow2, &OpenOptions::qemu_compatible()).map(|_| ())
+        chain::open(&p, Format::Qcow2, &OpenOptions::qemu_compatible()).map(|_| ())
     });
     r.0.expect("a chain of 16 backing layers opens");
     let e = chain_open(
@@ -1627,7 +1628,7 @@ fn chain_open_no_hang(case: &str, p: &Path) -> Error {
     let path = p.to_path_buf();
     let t = Instant::now();
     std::thread::spawn(move || {
-        let r = chain::open(&path, ImageFormat::Qcow2, &OpenOptions::qemu_compatible());
+        let r = chain::open(&path, Format::Qcow2, &OpenOptions::qemu_compatible());
         let _ = tx.send(r.map(|_| ()));
     });
     let r = rx

@@ -11,8 +11,9 @@ use qcow2kit::format::features::FeatureKind;
 use qcow2kit::io::MemoryStorage;
 use qcow2kit::ops::inspect::stream::MAX_KEPT_BYTES;
 use qcow2kit::ops::inspect::{
-    inspect, inspect_path, Encryption, Format, InspectReader, Inspection, Policy, Violation,
+    inspect, inspect_path, Encryption, InspectReader, Inspection, Policy, Violation,
 };
+use qcow2kit::Format;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileExt;

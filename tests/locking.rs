@@ -3,10 +3,11 @@
 //!
 //! Images are made by qemu-img; a missing qemu-img or qemu-io fails the tests.
 
-use qcow2kit::chain::{self, ImageFormat, Locking, OpenOptions, Opened};
+use qcow2kit::chain::{self, Locking, OpenOptions, Opened};
 use qcow2kit::io::lock::{LockTarget, Permissions};
 use qcow2kit::io::FileStorage;
 use qcow2kit::Error;
+use qcow2kit::Format;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tempfile::TempDir;
@@ -29,7 +30,7 @@ fn open(path: &Path, writable: bool, locking: Locking) -> Result<Opened, Error> 
         locking,
         ..OpenOptions::qemu_compatible()
     };
-    chain::open(path, ImageFormat::Qcow2, &opts)
+    chain::open(path, Format::Qcow2, &opts)
 }
 
 /// The conflict an open was refused with: the file, the permission and whether it was about

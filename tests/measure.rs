@@ -4,8 +4,9 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::ops::measure::{measure, CreationOptions, MeasureFormat, MeasureSource};
+use qcow2kit::Format;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -40,7 +41,7 @@ fn qemu(file: &Path, opts: &str) -> (u64, u64, Option<u64>) {
 }
 
 fn ours(file: &Path, opts: &str) -> (u64, u64, Option<u64>) {
-    let opened = open(file, ImageFormat::Qcow2, &OpenOptions::qemu_compatible()).expect("open");
+    let opened = open(file, Format::Qcow2, &OpenOptions::qemu_compatible()).expect("open");
     let src = MeasureSource {
         device: opened.device.as_ref(),
         bitmaps: opened.qcow2.as_ref().map(|q| q.bitmaps()),

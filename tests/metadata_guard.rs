@@ -13,8 +13,9 @@
 #[path = "support/write_helpers.rs"]
 mod write_helpers;
 
-use qcow2kit::chain::{self, ImageFormat, OpenOptions};
+use qcow2kit::chain::{self, OpenOptions};
 use qcow2kit::engine::{CorruptionEvent, CorruptionReporter};
+use qcow2kit::Format;
 use qcow2kit::{Corruption, Error};
 use std::collections::BTreeSet;
 use std::fs;
@@ -93,7 +94,7 @@ fn open_rw(path: &Path) -> (chain::Opened, Arc<Mutex<Vec<CorruptionEvent>>>) {
     opts.qcow2.on_corruption = Some(CorruptionReporter::new(move |e| {
         sink.lock().expect("event list").push(e.clone())
     }));
-    let img = chain::open(path, ImageFormat::Qcow2, &opts)
+    let img = chain::open(path, Format::Qcow2, &opts)
         .unwrap_or_else(|e| panic!("opening {} writable: {e}", path.display()));
     (img, events)
 }
@@ -154,7 +155,7 @@ fn assert_refused(
     );
     let mut opts = OpenOptions::qemu_compatible();
     opts.writable = true;
-    match chain::open(&path, ImageFormat::Qcow2, &opts) {
+    match chain::open(&path, Format::Qcow2, &opts) {
         Err(Error::Corrupt(Corruption::MarkedCorrupt)) => {}
         other => panic!(
             "{what}: writable open of a corrupt image: {:?}",
@@ -170,7 +171,7 @@ fn assert_refused(
     );
     // Where the repair leaves the image clean, the bit is gone and writes are accepted again.
     let repaired = tool(QEMU_IMG, &["check", "-q", "-r", "all", "t.qcow2"], dir);
-    let reopened = chain::open(&path, ImageFormat::Qcow2, &opts);
+    let reopened = chain::open(&path, Format::Qcow2, &opts);
     assert_eq!(
         repaired.code == 0,
         reopened.is_ok(),
@@ -257,7 +258,7 @@ fn guest_written_header_exposes_no_host_file() {
         0x5146_49fb,
         "header magic destroyed"
     );
-    let img = chain::open(&path, ImageFormat::Qcow2, &OpenOptions::qemu_compatible())
+    let img = chain::open(&path, Format::Qcow2, &OpenOptions::qemu_compatible())
         .expect("reopening read-only");
     assert!(
         img.device.backing().is_none(),
@@ -589,7 +590,7 @@ fn oversized_compressed_descriptor() {
         "expected a non-fatal event: {ev:?}"
     );
     let img =
-        chain::open(&path, ImageFormat::Qcow2, &OpenOptions::qemu_compatible()).expect("reopening");
+        chain::open(&path, Format::Qcow2, &OpenOptions::qemu_compatible()).expect("reopening");
     let mut buf = vec![0u8; 65536];
     img.device.read_at(&mut buf, CS).expect("read");
     assert!(

@@ -310,13 +310,14 @@ fn a_client_that_never_reads_its_replies_does_not_stop_the_others() {
 
 #[test]
 fn a_silent_client_loses_its_place_after_the_handshake_limit() {
-    use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+    use qcow2kit::chain::{open, OpenOptions};
     use qcow2kit::nbd::{Export, Listener, Server};
+    use qcow2kit::Format;
     let (_d, dir) = tmp();
     let img = dir.join("a.qcow2");
     make_image(&img);
     let sock = dir.join("s");
-    let image = open(&img, ImageFormat::Qcow2, &OpenOptions::default()).expect("open");
+    let image = open(&img, Format::Qcow2, &OpenOptions::default()).expect("open");
     let export = Export::new("disk", image.device.clone(), true);
     // One client at a time (qemu-nbd's default): a client that connects and says nothing
     // must not keep everyone else out.

@@ -12,7 +12,8 @@
 #[path = "support/read_helpers.rs"]
 mod read_helpers;
 
-use qcow2kit::chain::{ImageFormat, OpenOptions};
+use qcow2kit::chain::OpenOptions;
+use qcow2kit::Format;
 use qcow2kit::{BlockDevice, Error, SnapshotRef};
 use read_helpers::{
     assert_same_bytes, check_chain_status, compare_device, compressed_extent, hide_backing_format,
@@ -24,7 +25,7 @@ use std::path::Path;
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
 
-use ImageFormat::{Qcow2, Raw};
+use Format::{Qcow2, Raw};
 
 /// Guest bytes mapped by one standard L2 table.
 fn l2_span(cs: u64) -> u64 {

@@ -7,14 +7,15 @@
 #[path = "support/read_helpers.rs"]
 mod read_helpers;
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::ops::rebase::{rebase, rebase_unsafe, BackingLink, RebaseOptions};
+use qcow2kit::Format;
 use read_helpers::Work;
 
 /// A new backing link for the library, and the same as qemu-img arguments.
-type Step<'a> = (Option<(&'a str, ImageFormat)>, &'a [&'a str]);
+type Step<'a> = (Option<(&'a str, Format)>, &'a [&'a str]);
 
-fn link(name: &str, format: ImageFormat) -> BackingLink {
+fn link(name: &str, format: Format) -> BackingLink {
     BackingLink {
         name: name.as_bytes().to_vec(),
         format,
@@ -40,16 +41,13 @@ fn unsafe_rebase_writes_qemus_header() {
             std::fs::copy(w.path("q.qcow2"), w.path("k.qcow2")).expect("copy");
             let steps: [Step; 4] = [
                 (
-                    Some(("dir/new.img", ImageFormat::Raw)),
+                    Some(("dir/new.img", Format::Raw)),
                     &["-b", "dir/new.img", "-F", "raw"],
                 ),
                 (None, &["-b", ""]),
+                (Some((&long, Format::Qcow2)), &["-b", &long, "-F", "qcow2"]),
                 (
-                    Some((&long, ImageFormat::Qcow2)),
-                    &["-b", &long, "-F", "qcow2"],
-                ),
-                (
-                    Some(("b.qcow2", ImageFormat::Qcow2)),
+                    Some(("b.qcow2", Format::Qcow2)),
                     &["-b", "b.qcow2", "-F", "qcow2"],
                 ),
             ];
@@ -67,7 +65,7 @@ fn unsafe_rebase_writes_qemus_header() {
                 let mut opts = OpenOptions::qemu_compatible();
                 opts.writable = true;
                 opts.backing = qcow2kit::BackingPolicy::Ignore;
-                let img = open(&w.path("k.qcow2"), ImageFormat::Qcow2, &opts).expect("open");
+                let img = open(&w.path("k.qcow2"), Format::Qcow2, &opts).expect("open");
                 let q = img.qcow2.clone().expect("qcow2");
                 let to = to.map(|(n, f)| link(n, f));
                 let ours = rebase_unsafe(&q, to.as_ref());
@@ -117,8 +115,8 @@ fn safe_rebase_keeps_content_and_copies_nothing_onto_identical_data() {
         let before = std::fs::metadata(w.path("top.qcow2")).expect("stat").len();
         let mut opts = OpenOptions::qemu_compatible();
         opts.writable = true;
-        let img = open(&w.path("top.qcow2"), ImageFormat::Qcow2, &opts).expect("open");
-        let to = (!target.is_empty()).then(|| link(target, ImageFormat::Qcow2));
+        let img = open(&w.path("top.qcow2"), Format::Qcow2, &opts).expect("open");
+        let to = (!target.is_empty()).then(|| link(target, Format::Qcow2));
         let stats = rebase(&img, to.as_ref(), &RebaseOptions::default()).expect("rebase");
         drop(img);
         let after = std::fs::metadata(w.path("top.qcow2")).expect("stat").len();
@@ -172,7 +170,7 @@ fn header_switch_after_the_refcount_table_grew_names_the_new_table() {
     w.img(&["convert", "-O", "raw", "top.qcow2", "before.raw"]);
     let mut opts = OpenOptions::qemu_compatible();
     opts.writable = true;
-    let img = open(&w.path("top.qcow2"), ImageFormat::Qcow2, &opts).expect("open");
+    let img = open(&w.path("top.qcow2"), Format::Qcow2, &opts).expect("open");
     rebase(&img, None, &RebaseOptions::default()).expect("flatten");
     img.close().expect("close");
     let check = w.img(&["check", "top.qcow2"]);

@@ -22,7 +22,8 @@
 #[path = "support/write_helpers.rs"]
 mod write_helpers;
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
+use qcow2kit::Format;
 use qcow2kit::{BlockDevice, SnapshotRef};
 use std::collections::BTreeMap;
 use std::fs;
@@ -270,7 +271,7 @@ fn judge(dir: &Path, snaps: &BTreeMap<String, Vec<u8>>, model: &Model, context: 
         // Our reader of the snapshot agrees.
         let o = open(
             &dir.join(IMG),
-            ImageFormat::Qcow2,
+            Format::Qcow2,
             &OpenOptions {
                 snapshot: Some(SnapshotRef::Name(name.clone())),
                 ..OpenOptions::qemu_compatible()

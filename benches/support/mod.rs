@@ -8,7 +8,8 @@
 
 use criterion::measurement::WallTime;
 use criterion::BenchmarkGroup;
-use qcow2kit::chain::{open, ImageFormat, OpenOptions, Opened};
+use qcow2kit::chain::{open, OpenOptions, Opened};
+use qcow2kit::Format;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -247,12 +248,12 @@ pub(crate) fn open_qcow2(path: &Path, l2_cache_bytes: Option<usize>) -> Opened {
     if let Some(b) = l2_cache_bytes {
         opts.qcow2.l2_cache_bytes = b;
     }
-    open(path, ImageFormat::Qcow2, &opts)
+    open(path, Format::Qcow2, &opts)
         .unwrap_or_else(|e| panic!("opening {} as qcow2: {e}", path.display()))
 }
 
 /// Opens a raw image.
 pub(crate) fn open_raw(path: &Path) -> Opened {
-    open(path, ImageFormat::Raw, &OpenOptions::qemu_compatible())
+    open(path, Format::Raw, &OpenOptions::qemu_compatible())
         .unwrap_or_else(|e| panic!("opening {} as raw: {e}", path.display()))
 }

@@ -21,7 +21,7 @@ use crate::common::{
 };
 use crate::io::{strtoll0, strtosz, NumError};
 use pool::{Job, Outcome};
-use qcow2kit::chain::ImageFormat;
+use qcow2kit::Format;
 use std::time::Instant;
 
 const SPECS: &[Spec] = &[
@@ -230,7 +230,7 @@ fn open(
              cache.direct=on, which was not specified."
         ));
     }
-    if params.write && arg.format.is_none() && image_format(&arg.path, None)? == ImageFormat::Raw {
+    if params.write && arg.format.is_none() && image_format(&arg.path, None)? == Format::Raw {
         warn_probed_raw(name);
     }
     if p.has("mmap") {
@@ -276,18 +276,16 @@ fn mmap_open(
     let path = std::path::Path::new(&arg.path);
     // The read lock of a read-only image, none with -U (as FileStorage opens take them).
     let role = match format {
-        ImageFormat::Raw => qcow2kit::chain::FileRole::Raw,
-        ImageFormat::Qcow2 => qcow2kit::chain::FileRole::Qcow2,
+        Format::Raw => qcow2kit::chain::FileRole::Raw,
+        _ => qcow2kit::chain::FileRole::Qcow2,
     };
     let lock = locking(force_share).request(role, false);
     let file = qcow2kit::io::FileStorage::open_with(path, false, lock).map_err(could_not)?;
     let storage =
         std::sync::Arc::new(qcow2kit::io::MmapStorage::from_file_storage(file).map_err(could_not)?);
     Ok(match format {
-        ImageFormat::Raw => {
-            std::sync::Arc::new(qcow2kit::RawImage::open(storage, false).map_err(lib)?)
-        }
-        ImageFormat::Qcow2 => {
+        Format::Raw => std::sync::Arc::new(qcow2kit::RawImage::open(storage, false).map_err(lib)?),
+        _ => {
             let mut opts = crate::common::qemu_options();
             arg.apply(&mut opts);
             let img = qcow2kit::Qcow2Image::open(storage, &opts.qcow2).map_err(lib)?;

@@ -15,9 +15,10 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{open_error_text, parse_format, parse_size, prog, qemu_options};
-use qcow2kit::chain::{open, probe_file, BackingPolicy, ImageFormat, Opened};
+use qcow2kit::chain::{open, probe_file, BackingPolicy, Opened};
 use qcow2kit::error::strerror;
 use qcow2kit::ops::bitmap::{run as run_actions, BitmapAction};
+use qcow2kit::Format;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -173,14 +174,14 @@ fn open_error(file: &str, e: &qcow2kit::Error) -> String {
 }
 
 /// The format of `file`: `format` when given, else probed (with qemu-img's warning for raw).
-fn format_of(file: &str, format: Option<&str>) -> Result<ImageFormat, String> {
+fn format_of(file: &str, format: Option<&str>) -> Result<Format, String> {
     match format {
         Some(f) => {
             parse_format(f).map_err(|_| format!("Could not open '{file}': Unknown driver '{f}'"))
         }
         None => {
             let f = probe_file(Path::new(file)).map_err(|e| open_error(file, &e))?;
-            if f == ImageFormat::Raw {
+            if f == Format::Raw {
                 errln!(
                     "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
                      Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
@@ -192,14 +193,14 @@ fn format_of(file: &str, format: Option<&str>) -> Result<ImageFormat, String> {
     }
 }
 
-fn open_as(file: &str, format: ImageFormat, writable: bool) -> Result<Opened, String> {
+fn open_as(file: &str, format: Format, writable: bool) -> Result<Opened, String> {
     let mut o = qemu_options();
     o.writable = writable;
     open(Path::new(file), format, &o).map_err(|e| open_error(file, &e))
 }
 
 /// The source of a merge: read-only, its backing file not opened.
-fn open_source(file: &str, format: ImageFormat) -> Result<Opened, String> {
+fn open_source(file: &str, format: Format) -> Result<Opened, String> {
     let mut o = qemu_options();
     o.backing = BackingPolicy::Ignore;
     open(Path::new(file), format, &o).map_err(|e| open_error(file, &e))
@@ -207,7 +208,7 @@ fn open_source(file: &str, format: ImageFormat) -> Result<Opened, String> {
 
 /// The file and format of an `--image-opts` specification (`driver=FMT,file.driver=file,
 /// file.filename=PATH`).
-fn image_opts(spec: &str) -> Result<(String, ImageFormat), String> {
+fn image_opts(spec: &str) -> Result<(String, Format), String> {
     let mut path = None;
     let mut format = None;
     for (k, v) in crate::image_opts::split_opts(spec) {
@@ -287,7 +288,7 @@ fn bitmap(args: &[String]) -> Result<(), String> {
         (file.clone(), format_of(file, p.last("f"))?)
     };
     let file = file.as_str();
-    if format == ImageFormat::Raw {
+    if format == Format::Raw {
         let first = &acts[0];
         return Err(format!(
             "Operation {} on bitmap {name} failed: Can't store persistent bitmaps to {}: \

@@ -20,14 +20,13 @@ use crate::args::{opt, parse, Spec};
 use crate::common::fail;
 use crate::image_opts::{image_arg, load_secrets};
 use crate::qjson::{qdict, write_json};
-use qcow2kit::chain::{
-    open, probe_file, resolve_relative, FileRole, ImageFormat, Locking, OpenOptions, Opened,
-};
+use qcow2kit::chain::{open, probe_file, resolve_relative, FileRole, Locking, OpenOptions, Opened};
 use qcow2kit::error::strerror;
 use qcow2kit::format::header::CryptMethod;
 use qcow2kit::io::lock::lock_error;
 use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::check::{CheckReport, Checker, Finding, RepairMode};
+use qcow2kit::Format;
 use serde_json::Value;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -110,8 +109,8 @@ pub fn run(args: &[String]) -> u8 {
         return could_not_open(&format!("Could not open '{}': {e}", path.display()));
     }
     let format = match format.as_deref() {
-        Some("qcow2") => ImageFormat::Qcow2,
-        Some("raw") => ImageFormat::Raw,
+        Some("qcow2") => Format::Qcow2,
+        Some("raw") => Format::Raw,
         Some(other) => return fail(format!("Unknown file format '{other}'")),
         None => {
             // Probing refuses a polyglot (signatures of several formats) rather than guess.
@@ -121,7 +120,7 @@ pub fn run(args: &[String]) -> u8 {
             }
         }
     };
-    if format == ImageFormat::Raw {
+    if format == Format::Raw {
         return fail_with("This image format does not support checks", NO_CHECKS);
     }
     let writable = repair.is_some();
@@ -309,7 +308,7 @@ fn open_backing(
     let shown = || String::from_utf8_lossy(name).into_owned();
     usable_file(&path).map_err(|e| format!("Could not open '{}': {e}", shown()))?;
     let fmt = match format {
-        Some(f) => ImageFormat::from_name(f).map_err(|e| e.to_string())?,
+        Some(f) => Format::openable(f).map_err(|e| e.to_string())?,
         None => probe_file(&path).map_err(|e| e.to_string())?,
     };
     let opts = OpenOptions {

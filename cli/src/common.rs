@@ -1,6 +1,7 @@
 //! Helpers shared by the subcommands: error printing, size parsing, opening images as qemu-img.
 
-use qcow2kit::chain::{open, probe_file, ImageFormat, Locking, OpenOptions, Opened};
+use qcow2kit::chain::{open, probe_file, Locking, OpenOptions, Opened};
+use qcow2kit::Format;
 use std::path::Path;
 
 /// qemu-img's open policy ([`OpenOptions::qemu_compatible`]), with corruption found while an
@@ -96,8 +97,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses a `-f`/`-O` format name.
-pub fn parse_format(name: &str) -> Result<ImageFormat, String> {
-    ImageFormat::from_name(name.as_bytes()).map_err(|_| format!("Unknown file format '{name}'"))
+pub fn parse_format(name: &str) -> Result<Format, String> {
+    Format::openable(name.as_bytes()).map_err(|_| format!("Unknown file format '{name}'"))
 }
 
 /// The locking of a read-only open: `-U`/`--force-share` shares everything.
@@ -110,12 +111,12 @@ pub fn locking(force_share: bool) -> Locking {
 }
 
 /// The format of the image at `path`: `format` when given, else probed as qemu-img does.
-pub fn image_format(path: &str, format: Option<&str>) -> Result<ImageFormat, String> {
+pub fn image_format(path: &str, format: Option<&str>) -> Result<Format, String> {
     format_named(path, format, path)
 }
 
 /// [`image_format`] with errors naming the operand as `shown`.
-fn format_named(path: &str, format: Option<&str>, shown: &str) -> Result<ImageFormat, String> {
+fn format_named(path: &str, format: Option<&str>, shown: &str) -> Result<Format, String> {
     match format {
         // qemu-img's block layer: an input format is a driver name.
         Some(f) => {
@@ -211,7 +212,7 @@ pub fn image_operand_for_info(
 /// read-only without the files its image names (the server does the locking).
 pub fn open_for_info(
     path: &Path,
-    format: ImageFormat,
+    format: Format,
     locking: Locking,
     key: &qcow2kit::engine::EncryptionOptions,
 ) -> qcow2kit::Result<Opened> {

@@ -17,13 +17,14 @@ use crate::image_opts::load_secrets;
 use crate::option_help::parse_list;
 use crate::option_help::{accumulate, create_options, has_help_option, print_create_help};
 use crate::qemu_errors::convert_error_text;
-use qcow2kit::chain::{FileRole, ImageFormat, Locking};
+use qcow2kit::chain::{FileRole, Locking};
 use qcow2kit::io::lock::{lock_error, LockRequest};
 use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::convert::{
     convert_into, convert_to_qcow2, convert_to_raw, Qcow2ConvertOptions, RawConvertOptions,
 };
 use qcow2kit::ops::create::CreateOptions;
+use qcow2kit::Format;
 use qcow2kit::SnapshotRef;
 use std::path::Path;
 
@@ -225,7 +226,7 @@ fn convert(args: &[String]) -> Result<(), String> {
         .map_or(dst.as_str(), |a| a.path.as_str());
     let source = crate::common::image_operand(&p, src, p.last("f"))?;
     let mut create = CreateOptions::default();
-    if out_fmt == ImageFormat::Raw {
+    if out_fmt == Format::Raw {
         if p.has("c") {
             return Err("Compression not supported for this file format".into());
         }
@@ -273,7 +274,7 @@ fn convert(args: &[String]) -> Result<(), String> {
     };
 
     let quiet = p.has("q");
-    let streamed = out_fmt == ImageFormat::Qcow2 && !p.has("n") && stream::is_stream_target(dst);
+    let streamed = out_fmt == Format::Qcow2 && !p.has("n") && stream::is_stream_target(dst);
     if streamed && p.has("bitmaps") {
         return Err("--bitmaps is not supported with a streamed target".into());
     }
@@ -308,7 +309,7 @@ fn convert(args: &[String]) -> Result<(), String> {
         }
         return Ok(());
     }
-    if out_fmt == ImageFormat::Qcow2 {
+    if out_fmt == Format::Qcow2 {
         let opts = Qcow2ConvertOptions {
             create,
             workers,
@@ -439,13 +440,13 @@ fn lock_replaced(dst: &str) -> std::io::Result<Option<FileStorage>> {
 
 /// Targets that cannot seek (`-`, a FIFO): the image is written in one forward pass.
 mod stream {
-    use qcow2kit::chain::ImageFormat;
     use qcow2kit::io::{FileStorage, Storage};
     use qcow2kit::ops::convert::is_zero;
     use qcow2kit::ops::create::create_qcow2_on;
     use qcow2kit::ops::create::CreateOptions;
     use qcow2kit::ops::stream::{write_qcow2_stream, StreamReader, StreamWriteOptions};
     use qcow2kit::BlockDevice;
+    use qcow2kit::Format;
     use std::os::unix::fs::FileTypeExt;
     use std::sync::Arc;
 
@@ -485,7 +486,7 @@ mod stream {
 
     /// Reads a qcow2 image from standard input (in one forward pass) into a new `fmt` image
     /// at `dst`; clusters of zeros are not written.
-    pub fn read(dst: &str, fmt: ImageFormat, create: CreateOptions) -> Result<(), String> {
+    pub fn read(dst: &str, fmt: Format, create: CreateOptions) -> Result<(), String> {
         let stdin = std::io::stdin();
         let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
         let reader =
@@ -494,7 +495,7 @@ mod stream {
         let fail = |e: qcow2kit::Error| format!("error while converting {}: {e}", fmt.name());
         let file = FileStorage::create(dst).map_err(|e| format!("Could not open '{dst}': {e}"))?;
         let storage: Arc<dyn Storage> = Arc::new(file);
-        if fmt == ImageFormat::Qcow2 {
+        if fmt == Format::Qcow2 {
             let img = create_qcow2_on(storage.clone(), None, size, &create).map_err(fail)?;
             reader
                 .copy_to(|off, data| {

@@ -25,7 +25,7 @@ use crate::option_help::{
     accumulate, create_format, create_options, has_help_option, parse_list, print_create_help,
     qemu_number, qemu_size, BadValue, Desc, Kind,
 };
-use qcow2kit::chain::{open, probe_file, resolve_relative, ImageFormat};
+use qcow2kit::chain::{open, probe_file, resolve_relative};
 use qcow2kit::crypto::luks::{KdfCost, LuksCreateOptions};
 use qcow2kit::crypto::secret::Secrets;
 use qcow2kit::crypto::{CipherAlg, CipherMode, EncryptionFormat, HashAlg, IvGenAlg, Passphrase};
@@ -33,6 +33,7 @@ use qcow2kit::error::strerror;
 use qcow2kit::ops::create::{
     create_qcow2, create_raw, CreateEncryption, CreateOptions, Preallocation,
 };
+use qcow2kit::Format;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -279,7 +280,7 @@ fn create(p: &Parsed) -> Result<(), String> {
         _ => {}
     }
     if let Some(b) = p.last("b") {
-        if format == ImageFormat::Raw {
+        if format == Format::Raw {
             return Err(at(format!(
                 "Backing file not supported for file format '{fmt_name}'"
             )));
@@ -287,7 +288,7 @@ fn create(p: &Parsed) -> Result<(), String> {
         set.set("backing_file", b.to_string(), None);
     }
     if let Some(f) = p.last("F") {
-        if format == ImageFormat::Raw {
+        if format == Format::Raw {
             return Err(at(format!(
                 "Backing file format not supported for file format '{fmt_name}'"
             )));
@@ -359,12 +360,12 @@ fn create(p: &Parsed) -> Result<(), String> {
     // makes an image of a nonsensical size; they are refused here).
     let size = size.checked_next_multiple_of(512).ok_or_else(|| {
         at(match format {
-            ImageFormat::Qcow2 => QCOW2_TOO_LARGE.to_string(),
-            ImageFormat::Raw => "The image size is too large for file format 'raw'".to_string(),
+            Format::Raw => "The image size is too large for file format 'raw'".to_string(),
+            _ => QCOW2_TOO_LARGE.to_string(),
         })
     })?;
     match format {
-        ImageFormat::Raw => {
+        Format::Raw => {
             let prealloc = match set.text("preallocation").unwrap_or("off") {
                 "off" => Preallocation::Off,
                 "falloc" => Preallocation::Falloc,
@@ -379,11 +380,12 @@ fn create(p: &Parsed) -> Result<(), String> {
             };
             create_raw(Path::new(file), size, prealloc).map_err(|e| at(e.to_string()))
         }
-        ImageFormat::Qcow2 => {
+        Format::Qcow2 => {
             let mut o = qcow2_options(&set, size).map_err(at)?;
             o.encryption = encryption(&set, &secrets).map_err(at)?;
             create_qcow2(Path::new(file), &o).map_err(|e| at(e.to_string()))
         }
+        other => Err(at(format!("Unknown file format '{other}'"))),
     }
 }
 
@@ -443,12 +445,10 @@ pub(crate) fn open_backing(
     image: &Path,
     name: &str,
     fmt: Option<&str>,
-) -> Result<(ImageFormat, u64), String> {
+) -> Result<(Format, u64), String> {
     let path = resolve_relative(image, name.as_bytes()).map_err(|e| e.to_string())?;
     let format = match fmt {
-        Some(f) => {
-            ImageFormat::from_name(f.as_bytes()).map_err(|_| format!("Unknown driver '{f}'"))?
-        }
+        Some(f) => Format::openable(f.as_bytes()).map_err(|_| format!("Unknown driver '{f}'"))?,
         None => probe_file(&path).map_err(|e| open_error(&path, &e))?,
     };
     let opened =

@@ -13,9 +13,10 @@
 
 use crate::args::{opt, Spec};
 use crate::common::{exit_code, open_error_text, open_image, parse_args, prog};
-use qcow2kit::chain::{open, ImageFormat, Locking};
+use qcow2kit::chain::{open, Locking};
 use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
 use qcow2kit::BlockDevice;
+use qcow2kit::Format;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -94,7 +95,7 @@ fn dd(args: &[String]) -> Result<(), String> {
         .device
     };
     let out_fmt = p.last("O").unwrap_or("raw");
-    let format = match ImageFormat::from_name(out_fmt.as_bytes()) {
+    let format = match Format::openable(out_fmt.as_bytes()) {
         Ok(f) => f,
         Err(_) if OTHER_FORMATS.contains(&out_fmt) => {
             return Err(format!("dd: output format '{out_fmt}' is not supported"))
@@ -174,11 +175,11 @@ fn blocks(name: &str, v: &str) -> Result<u64, String> {
 }
 
 /// Creates OUTPUT as `format` with `size` bytes (rounded up to whole sectors) and opens it.
-fn create(path: &str, format: ImageFormat, size: u64) -> Result<Arc<dyn BlockDevice>, String> {
+fn create(path: &str, format: Format, size: u64) -> Result<Arc<dyn BlockDevice>, String> {
     let p = Path::new(path);
     let size = size.div_ceil(512).saturating_mul(512);
     let created = match format {
-        ImageFormat::Qcow2 => create_qcow2(
+        Format::Qcow2 => create_qcow2(
             p,
             &CreateOptions {
                 size: Some(size),

@@ -209,7 +209,7 @@ fn json_entry(e: &MapEntry, first: bool) -> String {
 /// image with an external data file the data file's name as recorded.
 fn layer_files(
     path: &Path,
-    format: qcow2kit::chain::ImageFormat,
+    format: qcow2kit::Format,
     locking: qcow2kit::chain::Locking,
 ) -> Result<Vec<String>, qcow2kit::Error> {
     Ok(backing_chain_info(path, Some(format), locking)?

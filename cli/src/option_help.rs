@@ -7,9 +7,9 @@
 //! them. Formats and protocols QEMU knows but qcow2kit does not write are refused with a
 //! message naming qcow2kit; those QEMU itself cannot create with, in QEMU's words.
 
-use qcow2kit::chain::ImageFormat;
 use qcow2kit::format::qemu_opts::split_option_list;
 use qcow2kit::ops::measure::is_valid_option_list;
+use qcow2kit::Format;
 
 /// The type of a QemuOpts option, which decides how its value is checked and printed.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -231,10 +231,10 @@ pub(crate) fn merged(format: &'static [Desc], protocol: &'static [Desc]) -> Vec<
 }
 
 /// The create options of `format` on the file protocol (what `create` and `convert` take).
-pub(crate) fn create_options(format: ImageFormat) -> Vec<&'static Desc> {
+pub(crate) fn create_options(format: Format) -> Vec<&'static Desc> {
     match format {
-        ImageFormat::Qcow2 => merged(QCOW2_CREATE, FILE_CREATE),
-        ImageFormat::Raw => merged(RAW_CREATE, FILE_CREATE),
+        Format::Raw => merged(RAW_CREATE, FILE_CREATE),
+        _ => merged(QCOW2_CREATE, FILE_CREATE),
     }
 }
 
@@ -329,10 +329,10 @@ const QEMU_ONLY_CREATE: &[&str] = &[
 
 /// The format `-f`/`-O` names for a new image, or the refusal (qemu-img's words where QEMU
 /// refuses too).
-pub(crate) fn create_format(name: &str) -> Result<ImageFormat, String> {
+pub(crate) fn create_format(name: &str) -> Result<Format, String> {
     match name {
-        "qcow2" => Ok(ImageFormat::Qcow2),
-        "raw" => Ok(ImageFormat::Raw),
+        "qcow2" => Ok(Format::Qcow2),
+        "raw" => Ok(Format::Raw),
         n if QEMU_ONLY_CREATE.contains(&n) => Err(format!(
             "creating '{n}' images is not supported by qcow2kit (qcow2 and raw only)"
         )),
@@ -409,8 +409,8 @@ fn protocol_options(filename: &str) -> Result<&'static [Desc], String> {
 pub(crate) fn print_create_help(filename: Option<&str>, fmt: &str) -> Result<(), String> {
     let format = create_format(fmt)?;
     let own = match format {
-        ImageFormat::Qcow2 => QCOW2_CREATE,
-        ImageFormat::Raw => RAW_CREATE,
+        Format::Raw => RAW_CREATE,
+        _ => QCOW2_CREATE,
     };
     match filename {
         Some(f) => {

@@ -17,8 +17,9 @@ use crate::common::{
     exit_code, image_format, open_error_text, parse_args, parse_format, qemu_options, try_help,
 };
 use crate::progress::Meter;
-use qcow2kit::chain::{open, BackingPolicy, ImageFormat, Opened};
+use qcow2kit::chain::{open, BackingPolicy, Opened};
 use qcow2kit::ops::rebase::{rebase_unsafe, BackingLink, RebaseOptions};
+use qcow2kit::Format;
 use std::path::Path;
 
 const SPECS: &[Spec] = &[
@@ -167,7 +168,7 @@ fn rebase_cmd(args: &[String]) -> Result<(), String> {
 fn check_new_backing(
     image: &Opened,
     name: &str,
-    format: Option<ImageFormat>,
+    format: Option<Format>,
     force_share: bool,
 ) -> Result<(), String> {
     let shown = |e: String| format!("Could not open new backing file '{name}': {e}");

@@ -16,10 +16,11 @@
 
 use crate::args::{opt, parse, Spec};
 use crate::common::{fail, parse_format, parse_size};
-use qcow2kit::chain::{open, probe_file, FileRole, ImageFormat, Locking, OpenOptions};
+use qcow2kit::chain::{open, probe_file, FileRole, Locking, OpenOptions};
 use qcow2kit::error::{strerror, Corruption};
 use qcow2kit::io::lock::{acquire, Permissions};
 use qcow2kit::BlockDevice;
+use qcow2kit::Format;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -130,7 +131,7 @@ fn resize(args: &[String]) -> Result<(), String> {
         Some(f) => parse_format(f)?,
         None => {
             let f = probe_file(path).map_err(|e| could_not_open(&e))?;
-            if f == ImageFormat::Raw {
+            if f == Format::Raw {
                 errln!(
                     "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
                      Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
@@ -144,7 +145,7 @@ fn resize(args: &[String]) -> Result<(), String> {
     let quiet = p.has("q");
     let shrink = p.has("shrink");
     match format {
-        ImageFormat::Qcow2 => {
+        Format::Qcow2 => {
             let mut opts = OpenOptions {
                 writable: true,
                 ..crate::common::qemu_options()
@@ -166,7 +167,7 @@ fn resize(args: &[String]) -> Result<(), String> {
             .map_err(|e| lib_error(&e))?;
             img.close().map_err(|e| lib_error(&e))?;
         }
-        ImageFormat::Raw => {
+        Format::Raw => {
             let f = FileOptions::new()
                 .read(true)
                 .write(true)
@@ -208,6 +209,7 @@ fn resize(args: &[String]) -> Result<(), String> {
             }
             f.sync_all().map_err(io)?;
         }
+        other => return Err(format!("Unknown file format '{other}'")),
     }
     if !quiet {
         outln!("Image resized.");

@@ -17,10 +17,10 @@
 use crate::args::{opt, Spec};
 use crate::common::{fail, open_error_text, parse_args, parse_format, qemu_options, try_help};
 use crate::info::dump_snapshots;
-use qcow2kit::chain::ImageFormat;
 use qcow2kit::chain::{open, probe_file};
 use qcow2kit::error::strerror;
 use qcow2kit::ops::info::SnapshotInfo;
+use qcow2kit::Format;
 use qcow2kit::{NewSnapshot, Qcow2Image, SnapshotRef};
 use std::path::Path;
 
@@ -122,7 +122,7 @@ pub fn run(args: &[String]) -> u8 {
         Err(e) => return fail(could_not_open(&e)),
     };
     let img = match (&opened.qcow2, opened.format) {
-        (Some(q), ImageFormat::Qcow2) => Some(q.clone()),
+        (Some(q), Format::Qcow2) => Some(q.clone()),
         _ => None,
     };
     let r = match action {

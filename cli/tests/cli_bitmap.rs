@@ -10,7 +10,8 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
+use qcow2kit::Format;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -58,7 +59,7 @@ type Bits = Vec<(String, Result<Vec<(u64, u64)>, String>)>;
 fn bits(dir: &Path) -> Bits {
     let o = open(
         &dir.join("a.qcow2"),
-        ImageFormat::Qcow2,
+        Format::Qcow2,
         &OpenOptions::qemu_compatible(),
     )
     .expect("open read-only");

@@ -3,12 +3,13 @@
 // Each example uses a subset of these helpers.
 #![allow(dead_code)]
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::FileStorage;
 use qcow2kit::ops::check::check;
 use qcow2kit::ops::compare::{compare, CompareResult};
 use qcow2kit::ops::create::{create_qcow2, CreateOptions};
 use qcow2kit::BlockDevice;
+use qcow2kit::Format;
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -71,7 +72,7 @@ pub(crate) fn make_guest_image(path: &Path) -> Res<Vec<u8>> {
         writable: true,
         ..OpenOptions::default()
     };
-    let img = open(path, ImageFormat::Qcow2, &writable)?;
+    let img = open(path, Format::Qcow2, &writable)?;
     let q = img
         .qcow2
         .clone()

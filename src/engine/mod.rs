@@ -47,7 +47,7 @@ pub use open::{Qcow2Options, SnapshotRef, DEFAULT_L2_CACHE_BYTES};
 pub use snapshot_ops::NewSnapshot;
 
 use crate::codec::decompress_cluster;
-use crate::device::{check_range, BlockDevice, Extent, ExtentKind};
+use crate::device::{check_range, BlockDevice, DiscardMode, Extent, ExtentKind};
 use crate::error::{Corruption, Error, Result};
 use crate::format::bitmap::BitmapEntry;
 use crate::format::entry::CompressedDescriptor;
@@ -405,6 +405,21 @@ impl BlockDevice for Qcow2Image {
 
     fn flush(&self) -> Result<()> {
         self.guard(self.flush_impl())
+    }
+
+    fn close(&self) -> Result<()> {
+        Qcow2Image::close(self)
+    }
+
+    /// [`DiscardMode::Backing`] drops whole clusters (subclusters) from this layer, so that
+    /// they read from the backing file again; partial clusters at the edges are left as they
+    /// are, as with [`discard`](BlockDevice::discard).
+    fn discard_with(&self, offset: u64, len: u64, mode: DiscardMode) -> Result<()> {
+        let mode = match mode {
+            DiscardMode::Backing => write::ZeroMode::Deallocate,
+            _ => write::ZeroMode::Discard,
+        };
+        self.guard(self.zero_impl(offset, len, mode))
     }
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {

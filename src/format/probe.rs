@@ -109,6 +109,33 @@ impl Format {
     }
 }
 
+impl Format {
+    /// Parses the name of a format [`chain::open`](crate::chain::open) opens (`qcow2`, `raw`);
+    /// any other name, known or not, is [`Error::Unsupported`](crate::Error::Unsupported).
+    ///
+    /// ```
+    /// use qcow2kit::Format;
+    /// assert_eq!(Format::openable(b"qcow2")?, Format::Qcow2);
+    /// assert!(Format::openable(b"vmdk").is_err());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
+    pub fn openable(name: &[u8]) -> crate::Result<Format> {
+        match name {
+            b"qcow2" => Ok(Format::Qcow2),
+            b"raw" => Ok(Format::Raw),
+            other => Err(crate::Error::Unsupported(format!(
+                "image format '{}'",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
+    /// Whether [`chain::open`](crate::chain::open) opens images of this format.
+    pub fn is_openable(self) -> bool {
+        matches!(self, Format::Qcow2 | Format::Raw)
+    }
+}
+
 impl std::fmt::Display for Format {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

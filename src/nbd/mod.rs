@@ -12,10 +12,11 @@
 //!
 //! ```no_run
 //! use qcow2kit::nbd::{Export, Listener, Server};
-//! use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+//! use qcow2kit::chain::{open, OpenOptions};
+//! use qcow2kit::Format;
 //! use std::sync::Arc;
 //!
-//! let img = open("disk.qcow2".as_ref(), ImageFormat::Qcow2, &OpenOptions::default())?;
+//! let img = open("disk.qcow2".as_ref(), Format::Qcow2, &OpenOptions::default())?;
 //! let export = Export::new("disk", img.device.clone(), true);
 //! let server = Server::new(vec![Arc::new(export)], Listener::bind_unix("/tmp/nbd.sock".as_ref())?);
 //! server.run()?; // serves one client, then flushes and returns (as qemu-nbd without -t)

@@ -13,22 +13,24 @@
 //! base. The base itself holds a mix of old and new data until the commit completes.
 //!
 //! ```no_run
-//! use qcow2kit::chain::{ImageFormat, OpenOptions};
+//! use qcow2kit::chain::OpenOptions;
+//! use qcow2kit::Format;
 //! use qcow2kit::ops::commit::{commit, open_for_commit, CommitOptions};
 //!
 //! let path = "top.qcow2".as_ref();
-//! let img = open_for_commit(path, ImageFormat::Qcow2, None, &OpenOptions::qemu_compatible())?;
+//! let img = open_for_commit(path, Format::Qcow2, None, &OpenOptions::qemu_compatible())?;
 //! let stats = commit(&img, &CommitOptions::default())?;
 //! assert!(stats.emptied);
 //! # Ok::<(), qcow2kit::Error>(())
 //! ```
 
-use crate::chain::{open, ImageFormat, OpenOptions, Opened};
+use crate::chain::{open, OpenOptions, Opened};
 use crate::device::{BlockDevice, ExtentKind};
 use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::ops::convert::Progress;
 use crate::ops::pool::for_each_region;
+use crate::Format;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -77,7 +79,7 @@ pub struct CommitStats {
 /// `writable_layer` are set here.
 pub fn open_for_commit(
     path: &Path,
-    format: ImageFormat,
+    format: Format,
     base: Option<&Path>,
     opts: &OpenOptions,
 ) -> Result<Opened> {

@@ -5,7 +5,7 @@
 //! resize, which allocates the L1 table through the allocator — so creation exercises the same
 //! code (and the same write ordering) as every later change.
 
-use crate::chain::{open, resolve_relative, ImageFormat, OpenOptions};
+use crate::chain::{open, resolve_relative, OpenOptions};
 use crate::crypto::luks::LuksCreateOptions;
 use crate::crypto::{EncryptionFormat, Passphrase};
 use crate::engine::{Qcow2Image, Qcow2Options};
@@ -19,6 +19,7 @@ use crate::format::header_area::{encode_header_area, qemu_feature_table_for};
 use crate::format::refcount;
 use crate::format::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::io::{FileStorage, Storage};
+use crate::Format;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -438,7 +439,7 @@ pub fn create_qcow2(path: &Path, o: &CreateOptions) -> Result<()> {
         (None, Some(b)) => {
             let bpath = resolve_relative(path, b.as_bytes())?;
             let fmt = match &o.backing_format {
-                Some(f) => ImageFormat::from_name(f.as_bytes())?,
+                Some(f) => Format::openable(f.as_bytes())?,
                 None => crate::chain::probe_file(&bpath)?,
             };
             open(&bpath, fmt, &OpenOptions::qemu_compatible())?

@@ -5,9 +5,7 @@
 //! still be inspected. [`image_info`] gathers the facts; [`backing_chain_info`] walks the chain
 //! by the names the images record (`--backing-chain`), top first.
 
-use crate::chain::{
-    open_storage, probe_file, FileRole, ImageFormat, Locking, Opened, DEFAULT_MAX_DEPTH,
-};
+use crate::chain::{open_storage, probe_file, FileRole, Locking, Opened, DEFAULT_MAX_DEPTH};
 use crate::device::RawImage;
 use crate::engine::EncryptionOptions;
 use crate::engine::{Qcow2Image, Qcow2Options};
@@ -16,6 +14,7 @@ use crate::format::features::{AutoclearFeatures, CompatibleFeatures, Incompatibl
 use crate::format::header::CompressionType;
 use crate::io::lock::{LockRequest, Permissions};
 use crate::io::Storage;
+use crate::Format;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +34,7 @@ pub struct ImageInfo {
     /// The name the image was opened by.
     pub filename: String,
     /// Its format.
-    pub format: ImageFormat,
+    pub format: Format,
     /// Virtual disk size in bytes (for raw images, the file length rounded up to a multiple of
     /// 512, as QEMU sees it).
     pub virtual_size: u64,
@@ -148,7 +147,7 @@ pub struct BitmapInfo {
 /// The file is locked as qemu-img info locks it under `locking`: no read permission is taken
 /// (nothing is read as guest data), but a qcow2 image is refused while another open writes it
 /// ([`Error::Locked`]) unless `locking` is [`Locking::ForceShare`] or [`Locking::Off`].
-pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Result<Opened> {
+pub fn open_for_info(path: &Path, format: Format, locking: Locking) -> Result<Opened> {
     open_for_info_with_key(path, format, locking, &EncryptionOptions::default())
 }
 
@@ -156,10 +155,13 @@ pub fn open_for_info(path: &Path, format: ImageFormat, locking: Locking) -> Resu
 /// for its metadata only (a passphrase is not tried), but an expected format must match.
 pub fn open_for_info_with_key(
     path: &Path,
-    format: ImageFormat,
+    format: Format,
     locking: Locking,
     key: &EncryptionOptions,
 ) -> Result<Opened> {
+    if !format.is_openable() {
+        return Err(Error::Unsupported(format!("image format '{format}'")));
+    }
     let lock = locking
         .request(FileRole::of(format), false)
         .map(|r| LockRequest {
@@ -169,14 +171,14 @@ pub fn open_for_info_with_key(
     let storage = open_storage(path, false, lock, 0)?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     match format {
-        ImageFormat::Raw => Ok(Opened {
+        Format::Raw => Ok(Opened {
             device: Arc::new(RawImage::open(storage, false)?),
             qcow2: None,
             format,
             path: path.to_path_buf(),
             layers: Vec::new(),
         }),
-        ImageFormat::Qcow2 => {
+        _ => {
             // As qemu-img info (BDRV_O_NO_IO): an encrypted image shows without its key.
             let opts = Qcow2Options {
                 encryption: EncryptionOptions {
@@ -321,7 +323,7 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
 /// ([`Error::BackingLoop`]), as in qemu-img.
 pub fn backing_chain_info(
     path: &Path,
-    format: Option<ImageFormat>,
+    format: Option<Format>,
     locking: Locking,
 ) -> Result<Vec<ImageInfo>> {
     let mut out: Vec<ImageInfo> = Vec::new();
@@ -340,7 +342,7 @@ pub fn backing_chain_info(
         let info = image_info(&open_for_info(&p, fmt, locking)?)?;
         if let Some(full) = &info.full_backing_filename {
             let bfmt = match &info.backing_format {
-                Some(f) => Some(ImageFormat::from_name(f.as_bytes())?),
+                Some(f) => Some(Format::openable(f.as_bytes())?),
                 None => None,
             };
             next = Some((PathBuf::from(full), bfmt));

@@ -258,6 +258,9 @@ mod tests {
         fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
             Err(Error::ReadOnly)
         }
+        fn close(&self) -> Result<()> {
+            Ok(())
+        }
         fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
             Err(Error::ReadOnly)
         }

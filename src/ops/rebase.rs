@@ -20,14 +20,15 @@
 //! content; clusters copied before a failure are kept (they are correct under both links).
 //!
 //! ```no_run
-//! use qcow2kit::chain::{open, ImageFormat, OpenOptions};
+//! use qcow2kit::chain::{open, OpenOptions};
+//! use qcow2kit::Format;
 //! use qcow2kit::ops::rebase::{pull, rebase, BackingLink, RebaseOptions};
 //!
 //! let mut o = OpenOptions::qemu_compatible();
 //! o.writable = true;
-//! let top = open("top.qcow2".as_ref(), ImageFormat::Qcow2, &o)?;
+//! let top = open("top.qcow2".as_ref(), Format::Qcow2, &o)?;
 //! // libvirt's blockRebase with a base: copy what the layers above base.qcow2 hold.
-//! let base = BackingLink { name: b"base.qcow2".to_vec(), format: ImageFormat::Qcow2 };
+//! let base = BackingLink { name: b"base.qcow2".to_vec(), format: Format::Qcow2 };
 //! pull(&top, Some(&base), &RebaseOptions::default())?;
 //! // Flatten: the whole chain into the image, no backing file left.
 //! let stats = rebase(&top, None, &RebaseOptions::default())?;
@@ -35,12 +36,13 @@
 //! # Ok::<(), qcow2kit::Error>(())
 //! ```
 
-use crate::chain::{open, resolve_relative, ImageFormat, OpenOptions, Opened};
+use crate::chain::{open, resolve_relative, OpenOptions, Opened};
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::ops::convert::{is_zero, Progress};
 use crate::ops::pool::for_each_region;
+use crate::Format;
 use std::sync::Arc;
 
 /// Most bytes compared per step (per side).
@@ -53,7 +55,7 @@ pub struct BackingLink {
     /// the directory of the image for reading.
     pub name: Vec<u8>,
     /// Its format, recorded in the backing-format extension.
-    pub format: ImageFormat,
+    pub format: Format,
 }
 
 /// Options of [`rebase`] and [`pull`].

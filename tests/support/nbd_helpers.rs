@@ -2,8 +2,9 @@
 //! child process, and QEMU's tools run as clients. Each test file uses a part of them.
 #![allow(dead_code)]
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions, Opened};
+use qcow2kit::chain::{open, OpenOptions, Opened};
 use qcow2kit::nbd::{Export, Listener, Server, ShutdownHandle};
+use qcow2kit::Format;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -101,7 +102,7 @@ impl Ours {
             writable: !read_only,
             ..OpenOptions::qemu_compatible()
         };
-        let image = open(img, ImageFormat::Qcow2, &opts).expect("open image");
+        let image = open(img, Format::Qcow2, &opts).expect("open image");
         let mut export = Export::new(name, image.device.clone(), read_only);
         tune(&mut export);
         let port = listener.local_port();

@@ -4,8 +4,9 @@
 //! Every helper panics with a message naming the command, image and offset involved: a missing
 //! or failing qemu tool is a test failure, never a silent skip.
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions, Opened};
+use qcow2kit::chain::{open, OpenOptions, Opened};
 use qcow2kit::device::chain_status;
+use qcow2kit::Format;
 use qcow2kit::{BlockDevice, ExtentKind};
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -235,7 +236,7 @@ impl Work {
     pub(crate) fn check_reads(
         &self,
         image: &str,
-        fmt: ImageFormat,
+        fmt: Format,
         opts: &OpenOptions,
         judge_args: &[&str],
     ) -> Opened {
@@ -247,7 +248,7 @@ impl Work {
         &self,
         cwd: &Path,
         image: &str,
-        fmt: ImageFormat,
+        fmt: Format,
         opts: &OpenOptions,
         judge_args: &[&str],
     ) -> Opened {
@@ -260,7 +261,7 @@ impl Work {
     }
 
     /// `check_reads` with `OpenOptions::qemu_compatible()` and no judge arguments.
-    pub(crate) fn check(&self, image: &str, fmt: ImageFormat) -> Opened {
+    pub(crate) fn check(&self, image: &str, fmt: Format) -> Opened {
         self.check_reads(image, fmt, &OpenOptions::qemu_compatible(), &[])
     }
 }
@@ -277,7 +278,7 @@ pub(crate) struct MapEntry {
 }
 
 /// Opens an image through qcow2kit, panicking with the error.
-pub(crate) fn open_image(path: &Path, fmt: ImageFormat, opts: &OpenOptions) -> Opened {
+pub(crate) fn open_image(path: &Path, fmt: Format, opts: &OpenOptions) -> Opened {
     match open(path, fmt, opts) {
         Ok(o) => o,
         Err(e) => panic!(

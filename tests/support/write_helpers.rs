@@ -7,9 +7,10 @@
 
 #![allow(dead_code)]
 
-use qcow2kit::chain::{open, ImageFormat, OpenOptions, Opened};
+use qcow2kit::chain::{open, OpenOptions, Opened};
 use qcow2kit::ops::create::{create_qcow2, Compat, CreateOptions, Preallocation};
 use qcow2kit::BlockDevice;
+use qcow2kit::Format;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -180,7 +181,7 @@ pub(crate) fn open_rw_cache(path: &Path, l2_cache_bytes: Option<usize>) -> Opene
     if let Some(b) = l2_cache_bytes {
         o.qcow2.l2_cache_bytes = b;
     }
-    open(path, ImageFormat::Qcow2, &o)
+    open(path, Format::Qcow2, &o)
         .unwrap_or_else(|e| panic!("opening {} writable: {e}", path.display()))
 }
 
@@ -195,13 +196,13 @@ pub(crate) fn open_rw_crashing(path: &Path, l2_cache_bytes: Option<usize>) -> Op
     if let Some(b) = l2_cache_bytes {
         o.qcow2.l2_cache_bytes = b;
     }
-    open(path, ImageFormat::Qcow2, &o)
+    open(path, Format::Qcow2, &o)
         .unwrap_or_else(|e| panic!("opening {} writable: {e}", path.display()))
 }
 
 /// Opens `path` read-only with the qemu-compatible policy.
 pub(crate) fn open_ro(path: &Path) -> Opened {
-    open(path, ImageFormat::Qcow2, &OpenOptions::qemu_compatible())
+    open(path, Format::Qcow2, &OpenOptions::qemu_compatible())
         .unwrap_or_else(|e| panic!("opening {} read-only: {e}", path.display()))
 }
 
@@ -440,7 +441,7 @@ impl Live {
 
     fn reopen(&self) -> Opened {
         match &self.options {
-            Some(o) => open(&self.path, ImageFormat::Qcow2, o)
+            Some(o) => open(&self.path, Format::Qcow2, o)
                 .unwrap_or_else(|e| panic!("opening {}: {e}", self.path.display())),
             None => open_rw_cache(&self.path, self.l2_cache_bytes),
         }

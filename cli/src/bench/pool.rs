@@ -351,6 +351,9 @@ mod tests {
         fn discard(&self, offset: u64, len: u64) -> qcow2kit::Result<()> {
             self.inner.discard(offset, len)
         }
+        fn close(&self) -> qcow2kit::Result<()> {
+            self.inner.close()
+        }
         fn flush(&self) -> qcow2kit::Result<()> {
             self.flushes.fetch_add(1, Ordering::SeqCst);
             if self.in_flight.load(Ordering::SeqCst) > 0 {

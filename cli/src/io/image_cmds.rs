@@ -94,7 +94,7 @@ impl Session {
         let opened = qcow2kit::chain::Opened {
             device: img.dev.clone(),
             qcow2: Some(q.clone()),
-            format: qcow2kit::chain::ImageFormat::Qcow2,
+            format: qcow2kit::Format::Qcow2,
             path: std::path::PathBuf::new(),
             layers: Vec::new(),
         };

@@ -15,9 +15,8 @@
 use super::blkdebug::Filters;
 use super::qcow2_opts::{take_qcow2_options, ImageFacts, Qcow2Runtime};
 use super::qopts::{parse_bool, Opts};
-use qcow2kit::chain::{
-    open, probe_file, BackingPolicy, ImageFormat, Locking, Opened, FORCE_SHARE_WRITABLE,
-};
+use qcow2kit::chain::{open, probe_file, BackingPolicy, Locking, Opened, FORCE_SHARE_WRITABLE};
+use qcow2kit::Format;
 use qcow2kit::{BlockDevice, Qcow2Image};
 use std::path::Path;
 use std::sync::Arc;
@@ -55,7 +54,7 @@ pub(super) struct Image {
     /// The qcow2 runtime options in effect.
     pub(super) runtime: Qcow2Runtime,
     /// The format of its backing file, when it has one open.
-    pub(super) backing_format: Option<ImageFormat>,
+    pub(super) backing_format: Option<Format>,
     /// Its blkdebug filters.
     pub(super) filters: Filters,
 }
@@ -251,12 +250,10 @@ pub(super) fn open_image(
     }
 
     let format = match driver.as_deref() {
-        Some(d) => {
-            ImageFormat::from_name(d.as_bytes()).map_err(|_| format!("Unknown driver '{d}'"))?
-        }
+        Some(d) => Format::openable(d.as_bytes()).map_err(|_| format!("Unknown driver '{d}'"))?,
         None => {
             let f = probe_file(Path::new(&path)).map_err(|e| lib_error(&path, e))?;
-            if f == ImageFormat::Raw {
+            if f == Format::Raw {
                 errln!(
                     "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
                      Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
@@ -266,7 +263,7 @@ pub(super) fn open_image(
             f
         }
     };
-    if format == ImageFormat::Raw && qopts.data_file.is_some() {
+    if format == Format::Raw && qopts.data_file.is_some() {
         return Err(unsupported_option(format, "data-file.filename").into());
     }
     qopts.writable = !read_only;
@@ -428,8 +425,7 @@ fn open_protocol(
     } else {
         locking
     };
-    let opened =
-        open(Path::new(&name), ImageFormat::Raw, &qopts).map_err(|e| lib_error(&name, e))?;
+    let opened = open(Path::new(&name), Format::Raw, &qopts).map_err(|e| lib_error(&name, e))?;
     Ok(Image {
         dev: opened.device.clone(),
         qcow2: None,
@@ -450,7 +446,7 @@ fn io_text(name: &str, e: &std::io::Error) -> String {
 }
 
 /// QEMU's message for an option no part of the image takes.
-fn unsupported_option(format: ImageFormat, key: &str) -> String {
+fn unsupported_option(format: Format, key: &str) -> String {
     crate::image_opts::unsupported_option(format.name(), key)
 }
 

@@ -21,7 +21,8 @@
 //!
 //! ```
 //! use qcow2kit::io::MemoryStorage;
-//! use qcow2kit::ops::inspect::{inspect, Format, Policy};
+//! use qcow2kit::ops::inspect::{inspect, Policy};
+//! use qcow2kit::Format;
 //!
 //! // Eight sectors of zeros: raw, nothing detected, no violation.
 //! let ins = inspect(&MemoryStorage::from_bytes(vec![0; 4096]))?;
@@ -45,7 +46,8 @@ mod vmdk;
 pub use self::policy::{Policy, Violation};
 pub use self::qcow2::{Encryption, FeatureField, Qcow2Facts};
 pub use self::stream::InspectReader;
-pub use crate::format::probe::{Format, HEAD_BYTES, TAIL_BYTES};
+pub use crate::format::probe::{HEAD_BYTES, TAIL_BYTES};
+use crate::Format;
 
 use self::source::{Source, StorageSource};
 use crate::error::{Error, Result};

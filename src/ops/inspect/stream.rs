@@ -286,7 +286,8 @@ impl Source for Kept<'_> {
 /// at most [`MAX_KEPT_BYTES`].
 ///
 /// ```
-/// use qcow2kit::ops::inspect::{Format, InspectReader, Policy};
+/// use qcow2kit::ops::inspect::{InspectReader, Policy};
+/// use qcow2kit::Format;
 /// use std::io::Read;
 ///
 /// let upload = vec![0u8; 1 << 20];
