@@ -91,6 +91,11 @@ pub enum Error {
     /// The named snapshot does not exist.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),
+    /// The caller's progress callback asked the operation to stop (see
+    /// [`ops::convert::Progress`](crate::ops::convert::Progress)); the target is left as a
+    /// failed operation leaves it.
+    #[error("cancelled")]
+    Cancelled,
     /// The image was closed ([`Qcow2Image::close`](crate::Qcow2Image::close)): it takes no
     /// more writes or flushes.
     #[error("the image is closed")]

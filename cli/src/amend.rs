@@ -156,7 +156,10 @@ fn amend_image(
     }
     let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
     lock().advance(0.0);
-    let report = |done: u64, total: u64| lock().set(100.0 * done as f32 / total.max(1) as f32);
+    let report = |done: u64, total: u64| {
+        lock().set(100.0 * done as f32 / total.max(1) as f32);
+        true
+    };
     let result = amend(&qcow2, &opts, Some(&report));
     lock().advance(100.0);
     result.map_err(|e| match e {

@@ -71,7 +71,10 @@ fn commit_cmd(args: &[String]) -> Result<(), String> {
     let meter = std::sync::Mutex::new(Meter::new(p.has("p") && !quiet));
     let lock = || meter.lock().unwrap_or_else(|e| e.into_inner());
     lock().advance(0.0);
-    let report = |done: u64, total: u64| lock().bytes(done, total);
+    let report = |done: u64, total: u64| {
+        lock().bytes(done, total);
+        true
+    };
     let opts = CommitOptions {
         base,
         keep: p.has("d"),

@@ -112,6 +112,7 @@ fn compare_files(
                     outln!("Warning: Image size mismatch!");
                 }
             }
+            true
         });
     let say = |msg: &str| {
         if !quiet {
@@ -153,6 +154,11 @@ fn compare_files(
                         e.offset,
                         crate::qemu_errors::request_errno_text(&e.source)
                     ));
+                    4
+                }
+                // The callback above never cancels.
+                CompareStage::Progress => {
+                    fail(e.to_string());
                     4
                 }
             }

@@ -287,11 +287,13 @@ fn convert(args: &[String]) -> Result<(), String> {
             d as f64 * 100.0 / t as f64
         };
         out!("    ({pct:.2}/100%)\r");
+        true
     };
     if show {
         print(0, 1);
     }
-    let progress: Option<&(dyn Fn(u64, u64) + Sync)> = if show { Some(&print) } else { None };
+    let progress: Option<qcow2kit::ops::convert::Progress<'_>> =
+        if show { Some(&print) } else { None };
     let exists = p.has("n");
     // The caller promises that the existing target reads as zeros: zeros are not written.
     let target_is_zero = p.has("target-is-zero");

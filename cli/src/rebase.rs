@@ -145,7 +145,10 @@ fn rebase_cmd(args: &[String]) -> Result<(), String> {
         lock().end();
         return r;
     }
-    let report = |done: u64, total: u64| lock().bytes(done, total);
+    let report = |done: u64, total: u64| {
+        lock().bytes(done, total);
+        true
+    };
     let opts = RebaseOptions {
         compress: p.has("c"),
         progress: Some(&report),

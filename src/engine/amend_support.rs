@@ -24,7 +24,9 @@ impl Qcow2Image {
     /// `progress` gets (L2 tables' worth of guest range visited, their number), as QEMU counts.
     ///
     /// Internal snapshots' tables are [`Self::expand_snapshot_zero_clusters`]'s.
-    pub(crate) fn expand_zero_clusters(&self, progress: &dyn Fn(u64, u64)) -> Result<()> {
+    /// `progress` returning `false` stops the expansion with [`Error::Cancelled`] (what was
+    /// expanded stays expanded: the image reads the same either way).
+    pub(crate) fn expand_zero_clusters(&self, progress: &dyn Fn(u64, u64) -> bool) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
@@ -62,7 +64,10 @@ impl Qcow2Image {
             let done = if pos == size { tables } else { pos / per_table };
             if done != reported {
                 reported = done;
-                progress(done, tables);
+                if !progress(done, tables) {
+                    self.flush()?;
+                    return Err(Error::Cancelled);
+                }
             }
         }
         self.flush()

@@ -109,19 +109,22 @@ pub fn amend(
         return Err(Error::ReadOnly);
     }
     let plan = Plan::new(image, opts)?;
-    let report = |done: u64, total: u64| {
-        if let Some(p) = progress {
-            p(done, total)
+    let report = |done: u64, total: u64| progress.is_none_or(|p| p(done, total));
+    let step = |done: u64, total: u64| {
+        if report(done, total) {
+            Ok(())
+        } else {
+            Err(Error::Cancelled)
         }
     };
     if plan.upgrade {
         // QEMU's two steps: the snapshot table (entries given their version 3 extra data),
         // the header.
-        report(0, 2);
+        step(0, 2)?;
         if image.snapshots().iter().any(|s| s.icount.is_none()) {
             image.complete_snapshot_extra_data()?;
         }
-        report(1, 2);
+        step(1, 2)?;
     }
     image.rewrite_header(|h, ext, _| {
         if plan.upgrade {
@@ -147,7 +150,7 @@ pub fn amend(
         Ok(())
     })?;
     if plan.upgrade {
-        report(2, 2);
+        step(2, 2)?;
     }
     if let Some(bits) = plan.refcount_bits {
         image.change_refcount_width(bits)?;

@@ -47,6 +47,9 @@ pub enum CompareStage {
     BlockStatus,
     /// Reading data (qemu-img exits with 4).
     Read,
+    /// Reporting progress: the caller's callback stopped the comparison
+    /// ([`Error::Cancelled`]).
+    Progress,
 }
 
 /// A comparison that could not be completed.
@@ -54,9 +57,10 @@ pub enum CompareStage {
 #[error("{} of image {image} failed at offset {offset}: {source}", match .stage {
     CompareStage::BlockStatus => "block status query",
     CompareStage::Read => "read",
+    CompareStage::Progress => "progress report",
 })]
 pub struct CompareError {
-    /// Which device failed: 1 (the first argument) or 2.
+    /// Which device failed: 1 (the first argument) or 2; 0 when neither did (a cancel).
     pub image: u8,
     /// What was being done.
     pub stage: CompareStage,
@@ -79,21 +83,34 @@ pub fn compare(
     b: &dyn BlockDevice,
     strict: bool,
 ) -> Result<CompareResult, CompareError> {
-    compare_with_progress(a, b, strict, &mut |_, _| {})
+    compare_with_progress(a, b, strict, &mut |_, _| true)
 }
 
-/// [`compare`], calling `progress(done, total)` as it advances (`total` is the larger size).
+/// [`compare`], calling `progress(done, total)` as it advances (`total` is the larger size);
+/// `progress` returning `false` stops the comparison with [`Error::Cancelled`].
 pub fn compare_with_progress(
     a: &dyn BlockDevice,
     b: &dyn BlockDevice,
     strict: bool,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<CompareResult, CompareError> {
     let size1 = a.size();
     let size2 = b.size();
     let common = size1.min(size2);
     let total = size1.max(size2);
-    progress(0, total);
+    let mut report = |done: u64| {
+        if progress(done, total) {
+            Ok(())
+        } else {
+            Err(CompareError {
+                image: 0,
+                stage: CompareStage::Progress,
+                offset: done,
+                source: Error::Cancelled,
+            })
+        }
+    };
+    report(0)?;
     if strict && size1 != size2 {
         return Ok(CompareResult::SizeMismatch);
     }
@@ -134,7 +151,7 @@ pub fn compare_with_progress(
             }
         }
         offset += chunk;
-        progress(offset, total);
+        report(offset)?;
     }
 
     if size1 != size2 {
@@ -153,7 +170,7 @@ pub fn compare_with_progress(
                 }
             }
             offset += chunk;
-            progress(offset, total);
+            report(offset)?;
         }
     }
     Ok(CompareResult::Identical)

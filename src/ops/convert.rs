@@ -23,8 +23,27 @@ use std::sync::Arc;
 /// Largest range one worker reads and writes at a time.
 pub const CHUNK_BYTES: u64 = 256 << 10;
 
-/// A progress callback: `(bytes done, bytes total)`.
-pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+/// A progress-and-cancel callback: called with `(work done, work total)` as an operation
+/// advances (bytes for copies), from any of its worker threads; it returns whether to go on.
+/// Returning `false` stops the operation with [`Error::Cancelled`], and its target is left as a
+/// failed operation leaves it (a qcow2 convert target is never created; a copy into an existing
+/// target may be partly done).
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
+/// use qcow2kit::{Error, RawImage};
+/// use std::sync::Arc;
+///
+/// let src = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![1; 8 << 20])), false)?;
+/// let dst = MemoryStorage::new();
+/// // Stop once half of the bytes are copied.
+/// let half = |done: u64, total: u64| done < total / 2;
+/// let opts = RawConvertOptions { progress: Some(&half), workers: 1, ..Default::default() };
+/// assert!(matches!(convert_to_raw(&src, &dst, &opts), Err(Error::Cancelled)));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) -> bool + Sync);
 
 /// Options of [`convert_to_raw`].
 #[derive(Clone, Copy)]

@@ -9,8 +9,9 @@ use std::sync::Mutex;
 /// Runs `handle(scratch, i)` for every `i` in `0..count` on `workers` threads (0: one per
 /// core, at most 8), each with its own `scratch`, stopping at the first error. Units are taken
 /// in ascending order; of the errors of the units under way when it stops, the lowest unit's
-/// is returned (so that the same failure is reported on every run). After each unit, `progress` gets the bytes
-/// done so far (the sum of `len_of` of the finished units) and `total`.
+/// is returned (so that the same failure is reported on every run). After each unit, `progress`
+/// gets the bytes done so far (the sum of `len_of` of the finished units) and `total`; when it
+/// returns `false` the pool stops as on an error, with [`Error::Cancelled`].
 pub(crate) fn run_pool<S: Default>(
     count: usize,
     workers: usize,
@@ -35,18 +36,21 @@ pub(crate) fn run_pool<S: Default>(
             if i >= count {
                 break;
             }
-            if let Err(e) = handle(&mut scratch, i) {
+            let r = handle(&mut scratch, i).and_then(|()| {
+                let n = len_of(i);
+                let d = done.fetch_add(n, Ordering::Relaxed) + n;
+                match progress {
+                    Some(p) if !p(d, total) => Err(Error::Cancelled),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(e) = r {
                 stop.store(true, Ordering::Relaxed);
                 let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
                 if slot.as_ref().is_none_or(|(j, _)| i < *j) {
                     *slot = Some((i, e));
                 }
                 break;
-            }
-            let n = len_of(i);
-            let d = done.fetch_add(n, Ordering::Relaxed) + n;
-            if let Some(p) = progress {
-                p(d, total);
             }
         }
     };
