@@ -469,8 +469,7 @@ fn open_layer(
         }
         _ => {
             let mut q_opts = opts.qcow2.clone();
-            q_opts.snapshot = if top { opts.snapshot.clone() } else { None };
-            q_opts.writable = writable;
+            let snapshot = if top { opts.snapshot.as_ref() } else { None };
             if !top {
                 q_opts.encryption = depth
                     .checked_sub(1)
@@ -478,7 +477,7 @@ fn open_layer(
                     .cloned()
                     .unwrap_or_default();
             }
-            let mut img = Qcow2Image::open(storage, &q_opts)?;
+            let mut img = Qcow2Image::open_as(storage, writable, snapshot, &q_opts)?;
 
             let data_file = if top { opts.data_file.as_deref() } else { None };
             if img.has_data_file() {

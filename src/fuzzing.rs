@@ -40,11 +40,11 @@ fn fuzz_key() -> crate::engine::EncryptionOptions {
 fn open_small_cache(storage: Arc<MemoryStorage>, snapshot: Option<&str>) -> Option<Qcow2Image> {
     let opts = Qcow2Options {
         l2_cache_bytes: 64 << 10,
-        snapshot: snapshot.map(|id| crate::engine::SnapshotRef::Id(id.into())),
         encryption: fuzz_key(),
         ..Default::default()
     };
-    Qcow2Image::open(storage, &opts).ok()
+    let snapshot = snapshot.map(|id| crate::engine::SnapshotRef::Id(id.into()));
+    Qcow2Image::open_as(storage, false, snapshot.as_ref(), &opts).ok()
 }
 
 /// Walks up to `max_extents` extents of `img` from `block_status` (each must lie inside the
@@ -400,7 +400,6 @@ pub fn crash_reopen(data: &[u8]) {
         .filter(|op| !matches!(op, GuestOp::Grow(_)))
         .collect();
     let rw = Qcow2Options {
-        writable: true,
         encryption: fuzz_key(),
         ..Default::default()
     };
@@ -408,7 +407,7 @@ pub fn crash_reopen(data: &[u8]) {
     // A first run without a crash counts the storage operations.
     let counts = {
         let s = Arc::new(CrashStorage::new(initial.clone(), None));
-        let Ok(img) = Qcow2Image::open(s.clone(), &rw) else {
+        let Ok(img) = Qcow2Image::open_writable(s.clone(), &rw) else {
             return;
         };
         let mut model = vec![0u8; size as usize];
@@ -433,7 +432,7 @@ pub fn crash_reopen(data: &[u8]) {
     // The run that crashes: `durable` is the guest content as of the last completed flush,
     // `later` what each operation since may have written over it.
     let s = Arc::new(CrashStorage::new(initial, Some(point)));
-    let Ok(img) = Qcow2Image::open(s.clone(), &rw) else {
+    let Ok(img) = Qcow2Image::open_writable(s.clone(), &rw) else {
         return;
     };
     let mut model = vec![0u8; size as usize];
@@ -467,7 +466,7 @@ pub fn crash_reopen(data: &[u8]) {
 
     for choices in s.choice_sets(u64::from(*seed), 1).into_iter().take(4) {
         let mem = Arc::new(MemoryStorage::from_bytes(s.crash_image(&choices)));
-        let img = Qcow2Image::open(mem.clone(), &rw);
+        let img = Qcow2Image::open_writable(mem.clone(), &rw);
         assert!(
             img.is_ok(),
             "post-crash image does not open ({point:?} {choices:?}): {img:?}"

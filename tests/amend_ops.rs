@@ -78,10 +78,9 @@ fn pair(create: &str, qemu: &str, ours: AmendOptions) {
 
     let storage = FileStorage::open(d.join("k.qcow2"), true).expect("open our copy");
     let opts = Qcow2Options {
-        writable: true,
         ..Qcow2Options::default()
     };
-    let img = Qcow2Image::open(Arc::new(storage), &opts).expect("open our copy");
+    let img = Qcow2Image::open_writable(Arc::new(storage), &opts).expect("open our copy");
     amend(&img, &ours, None).unwrap_or_else(|e| panic!("amend {qemu} of {create}: {e}"));
     img.close().expect("close");
     drop(img);
@@ -184,10 +183,9 @@ fn refcount_widths_match_qemu_img() {
             .expect("qemu-img must be installed");
         let storage = FileStorage::open(d.join("k.qcow2"), true).expect("open our copy");
         let opts = Qcow2Options {
-            writable: true,
             ..Qcow2Options::default()
         };
-        let img = Qcow2Image::open(Arc::new(storage), &opts).expect("open our copy");
+        let img = Qcow2Image::open_writable(Arc::new(storage), &opts).expect("open our copy");
         let ours = amend(
             &img,
             &AmendOptions {
@@ -337,10 +335,9 @@ fn downgrade_with_snapshots_keeps_every_snapshot() {
         let open = || {
             let storage = FileStorage::open(d.join("k.qcow2"), true).expect("open our copy");
             let opts = Qcow2Options {
-                writable: true,
                 ..Qcow2Options::default()
             };
-            Qcow2Image::open(Arc::new(storage), &opts).expect("open our copy")
+            Qcow2Image::open_writable(Arc::new(storage), &opts).expect("open our copy")
         };
         let img = open();
         let v2 = AmendOptions {
@@ -432,10 +429,9 @@ fn upgrade_completes_snapshot_extra_data_as_qemu_img() {
     run("qemu-img", &["amend", "-o", "compat=1.1", "q.qcow2"], d);
     let storage = FileStorage::open(d.join("k.qcow2"), true).expect("open our copy");
     let opts = Qcow2Options {
-        writable: true,
         ..Qcow2Options::default()
     };
-    let img = Qcow2Image::open(Arc::new(storage), &opts).expect("open our copy");
+    let img = Qcow2Image::open_writable(Arc::new(storage), &opts).expect("open our copy");
     let v3 = AmendOptions {
         compat: Some(Compat::V3),
         ..AmendOptions::default()

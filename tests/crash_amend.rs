@@ -27,13 +27,6 @@ const RANDOM_CHOICES: usize = 2;
 /// Every this many-th post-crash state is also judged by `qemu-img check`.
 const QEMU_SAMPLE: usize = 25;
 
-fn rw() -> Qcow2Options {
-    Qcow2Options {
-        writable: true,
-        ..Qcow2Options::default()
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Upgrade,
@@ -124,7 +117,7 @@ impl Op {
 
     fn run(self, storage: Arc<dyn Storage>) -> Result<(), String> {
         let e = |e: qcow2kit::Error| e.to_string();
-        let img = Qcow2Image::open(storage, &rw()).map_err(e)?;
+        let img = Qcow2Image::open_writable(storage, &Qcow2Options::default()).map_err(e)?;
         if matches!(self, Op::LazyOffDirty) {
             // The open rebuilt the refcounts; allocating makes them stale on disk again, the
             // right ones only in memory, under the dirty bit.
@@ -174,12 +167,10 @@ fn read_all(bytes: &[u8]) -> Result<(Vec<u8>, qcow2kit::format::header::Header),
     let mut out = vec![0u8; img.size() as usize];
     img.read_at(&mut out, 0).map_err(|e| e.to_string())?;
     for sn in img.snapshots() {
-        let view = Qcow2Image::open(
+        let view = Qcow2Image::open_snapshot(
             storage.clone(),
-            &Qcow2Options {
-                snapshot: Some(SnapshotRef::Id(sn.id.clone())),
-                ..Qcow2Options::default()
-            },
+            &SnapshotRef::Id(sn.id.clone()),
+            &Qcow2Options::default(),
         )
         .map_err(|e| format!("open snapshot {}: {e}", sn.id))?;
         let mut buf = vec![0u8; view.size() as usize];
@@ -198,7 +189,8 @@ fn judge(op: Op, bytes: &[u8], expected: &[u8], qemu: bool) -> Result<(), String
         }
         // Stale refcounts under the dirty bit are allowed: a writable open rebuilds them.
         let s = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
-        let img = Qcow2Image::open(s.clone(), &rw()).map_err(|e| format!("reopen: {e}"))?;
+        let img = Qcow2Image::open_writable(s.clone(), &Qcow2Options::default())
+            .map_err(|e| format!("reopen: {e}"))?;
         img.close()
             .map_err(|e| format!("close after rebuild: {e}"))?;
         drop(img);

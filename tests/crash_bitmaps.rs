@@ -87,14 +87,7 @@ fn build(cluster: u64) -> Vec<u8> {
 /// The session: open writable, write, zero, discard, flush, write, close.
 fn session(s: Arc<dyn Storage>) -> Result<(), String> {
     let e = |e: qcow2kit::Error| e.to_string();
-    let img = Qcow2Image::open(
-        s,
-        &Qcow2Options {
-            writable: true,
-            ..Qcow2Options::default()
-        },
-    )
-    .map_err(e)?;
+    let img = Qcow2Image::open_writable(s, &Qcow2Options::default()).map_err(e)?;
     img.write_at(&[7; 5000], 100_000).map_err(e)?;
     img.write_zeroes(300 * 1024, 8192).map_err(e)?;
     img.discard(0, 32 * 1024).map_err(e)?;

@@ -33,11 +33,9 @@ const QEMU_SAMPLE: usize = 40;
 #[derive(Clone)]
 struct Files(HashMap<&'static str, Vec<u8>>);
 
-fn rw() -> Qcow2Options {
-    Qcow2Options {
-        writable: true,
-        ..Qcow2Options::default()
-    }
+/// Opens the image on `s` for writing.
+fn rw(s: Arc<dyn Storage>) -> qcow2kit::Result<Qcow2Image> {
+    Qcow2Image::open_writable(s, &Qcow2Options::default())
 }
 
 fn create(backing: Option<&str>) -> (Arc<MemoryStorage>, Qcow2Image) {
@@ -101,12 +99,12 @@ fn open_over(
         return Err("backing chain too deep".into());
     }
     let s = storages.get(name).ok_or(format!("no file {name}"))?;
-    let opts = if writable {
-        rw()
+    let opened = if writable {
+        rw(s.clone())
     } else {
-        Qcow2Options::default()
+        Qcow2Image::open(s.clone(), &Qcow2Options::default())
     };
-    let mut img = Qcow2Image::open(s.clone(), &opts).map_err(|e| format!("open {name}: {e}"))?;
+    let mut img = opened.map_err(|e| format!("open {name}: {e}"))?;
     if let Some(b) = img.backing_file_name() {
         let b = String::from_utf8(b).map_err(|_| "backing name is not UTF-8".to_string())?;
         let dev: Arc<dyn BlockDevice> = open_over(&b, storages, false, depth + 1)?;
@@ -189,11 +187,10 @@ impl Op {
             Op::CommitEmptying | Op::CommitToBaseKeeping => {
                 // The base opened writable inside the chain, as `open_for_commit` does.
                 let base_name = self.written()[1];
-                let base = Qcow2Image::open(storages[base_name].clone(), &rw()).map_err(e)?;
+                let base = rw(storages[base_name].clone()).map_err(e)?;
                 let base = Arc::new(base);
                 let chain: Arc<dyn BlockDevice> = if base_name == "mid.qcow2" {
-                    let mut mid =
-                        Qcow2Image::open(storages["mid.qcow2"].clone(), &rw()).map_err(e)?;
+                    let mut mid = rw(storages["mid.qcow2"].clone()).map_err(e)?;
                     mid.set_backing(Some(open_over("base.qcow2", storages, false, 1)?));
                     drop(base);
                     Arc::new(mid)
@@ -204,7 +201,7 @@ impl Op {
                     mid.set_backing(Some(base.clone()));
                     Arc::new(mid)
                 };
-                let mut top = Qcow2Image::open(storages["top.qcow2"].clone(), &rw()).map_err(e)?;
+                let mut top = rw(storages["top.qcow2"].clone()).map_err(e)?;
                 top.set_backing(Some(chain.clone()));
                 let (depth, keep) = match self {
                     Op::CommitEmptying => (1, false),

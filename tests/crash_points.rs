@@ -414,11 +414,8 @@ impl Rng {
 const PW: &str = "crash pass";
 
 /// Options opening the image of `p`: with the passphrase when it is encrypted.
-fn image_options(p: &Prepared, writable: bool) -> Qcow2Options {
-    let mut o = Qcow2Options {
-        writable,
-        ..Qcow2Options::default()
-    };
+fn image_options(p: &Prepared) -> Qcow2Options {
+    let mut o = Qcow2Options::default();
     if p.encrypted {
         o.encryption.passphrase = Some(Passphrase::new(PW));
     }
@@ -510,7 +507,7 @@ struct RunOutcome {
 }
 
 fn open_image(media: &Media, p: &Prepared) -> Result<Qcow2Image, Error> {
-    let mut img = Qcow2Image::open(media.image.clone(), &image_options(p, true))?;
+    let mut img = Qcow2Image::open_writable(media.image.clone(), &image_options(p))?;
     img.set_backing(p.backing.clone());
     if let Some(d) = &media.data {
         img.set_data_file(d.clone());
@@ -923,11 +920,8 @@ fn judge(
 /// Every snapshot reads exactly its content when it was taken.
 fn check_snapshots(mem: &Arc<MemoryStorage>, p: &Prepared) -> Result<(), String> {
     for (name, tags) in &p.snapshots {
-        let o = Qcow2Options {
-            snapshot: Some(SnapshotRef::Name(name.clone())),
-            ..image_options(p, false)
-        };
-        let mut img = Qcow2Image::open(mem.clone(), &o)
+        let snapshot = SnapshotRef::Name(name.clone());
+        let mut img = Qcow2Image::open_snapshot(mem.clone(), &snapshot, &image_options(p))
             .map_err(|e| format!("snapshot {name} does not open: {e}"))?;
         img.set_backing(p.backing.clone());
         let size = tags.len() as u64 * SECTOR;

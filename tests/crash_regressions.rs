@@ -10,13 +10,6 @@ use std::sync::Arc;
 
 const K: u64 = 1024;
 
-fn rw() -> Qcow2Options {
-    Qcow2Options {
-        writable: true,
-        ..Qcow2Options::default()
-    }
-}
-
 /// A new image's bytes.
 fn new_image(size: u64, o: &CreateOptions) -> Vec<u8> {
     let mem = Arc::new(MemoryStorage::new());
@@ -37,7 +30,7 @@ fn every_crash(
 ) {
     let run = |point: Option<CrashPoint>| {
         let s = Arc::new(CrashStorage::new(initial.to_vec(), point));
-        if let Ok(img) = Qcow2Image::open(s.clone(), &rw()) {
+        if let Ok(img) = Qcow2Image::open_writable(s.clone(), &Qcow2Options::default()) {
             let _ = work(&img).and_then(|()| img.close());
         }
         s
@@ -93,7 +86,7 @@ fn grow_never_shows_stale_tail_after_a_crash() {
     };
     let mem = Arc::new(MemoryStorage::from_bytes(new_image(512 * K, &o)));
     {
-        let img = Qcow2Image::open(mem.clone(), &rw()).expect("open");
+        let img = Qcow2Image::open_writable(mem.clone(), &Qcow2Options::default()).expect("open");
         img.write_at(&vec![0xaa; 512 * 1024], 0).expect("write");
         img.resize(302 * K + 512, true).expect("shrink");
         img.close().expect("close");
@@ -101,8 +94,11 @@ fn grow_never_shows_stale_tail_after_a_crash() {
     let initial = mem.to_bytes();
     let work = |img: &Qcow2Image| img.resize(400 * K, false);
     every_crash(&initial, &work, &|what, bytes| {
-        let img = Qcow2Image::open(Arc::new(MemoryStorage::from_bytes(bytes)), &rw())
-            .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+        let img = Qcow2Image::open_writable(
+            Arc::new(MemoryStorage::from_bytes(bytes)),
+            &Qcow2Options::default(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: open: {e}"));
         if img.size() == 400 * K {
             let mut tail = vec![0u8; 1536];
             img.read_at(&mut tail, 302 * K + 512).expect("read");
@@ -130,7 +126,7 @@ fn close_after_a_failed_flush_reports_the_failure() {
         sticky: false,
     };
     let s = Arc::new(FailingStorage::with_fault(mem, Some(fault)));
-    let img = Qcow2Image::open(s, &rw()).expect("open");
+    let img = Qcow2Image::open_writable(s, &Qcow2Options::default()).expect("open");
     img.write_at(&[1; 4096], 0).expect("write");
     assert!(
         img.flush().is_err(),
@@ -162,7 +158,7 @@ fn failed_refcount_table_growth_refuses_further_writes() {
     let initial = new_image(4 << 20, &o);
     // 2.5 MiB of data: more than the first refcount table (one cluster, 2 MiB) covers.
     let work = |s: Arc<dyn Storage>| {
-        let img = Qcow2Image::open(s, &rw()).expect("open");
+        let img = Qcow2Image::open_writable(s, &Qcow2Options::default()).expect("open");
         for i in 0..40u64 {
             let _ = img.write_at(&[i as u8 + 1; 64 * 1024], i * 64 * K);
         }

@@ -72,13 +72,6 @@ const COPIED: u64 = 1 << 63;
 // ---------------------------------------------------------------------------------------------
 // Building and patching images.
 
-fn rw() -> Qcow2Options {
-    Qcow2Options {
-        writable: true,
-        ..Qcow2Options::default()
-    }
-}
-
 /// Deterministic pseudo-random bytes (splitmix64).
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut z = seed;
@@ -418,7 +411,8 @@ fn leak_cases(
 /// crash before close.
 fn dirty_image(shape: Shape) -> Vec<u8> {
     let s = Arc::new(CrashStorage::new(base_image(shape, true), None));
-    let img = Qcow2Image::open(s.clone(), &rw()).expect("open lazy image");
+    let img =
+        Qcow2Image::open_writable(s.clone(), &Qcow2Options::default()).expect("open lazy image");
     let cs = shape.cluster_size;
     img.write_at(&random_bytes(2 * cs as usize, 7), shape.size() / 8)
         .expect("write");
@@ -439,7 +433,7 @@ fn snapshot_image(shape: Shape) -> Vec<u8> {
     let mem = Arc::new(MemoryStorage::from_bytes(
         std::fs::read(&path).expect("read image"),
     ));
-    let img = Qcow2Image::open(mem.clone(), &rw()).expect("open");
+    let img = Qcow2Image::open_writable(mem.clone(), &Qcow2Options::default()).expect("open");
     img.write_at(&random_bytes(1024, 9), 512).expect("write");
     img.close().expect("close");
     drop(img);
@@ -508,11 +502,8 @@ fn guest_content(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
     // Then every internal snapshot's, in table order.
     let storage = img.storage().clone();
     for s in img.snapshots() {
-        let opts = Qcow2Options {
-            snapshot: Some(SnapshotRef::Id(s.id.clone())),
-            ..Qcow2Options::default()
-        };
-        let view = Qcow2Image::open(storage.clone(), &opts)
+        let id = SnapshotRef::Id(s.id.clone());
+        let view = Qcow2Image::open_snapshot(storage.clone(), &id, &Qcow2Options::default())
             .map_err(|e| format!("snapshot {} does not open: {e}", s.id))?;
         let mut b = vec![0u8; view.size() as usize];
         view.read_at(&mut b, 0)

@@ -67,13 +67,6 @@ struct Fixture {
     snaps: BTreeMap<String, Vec<u8>>,
 }
 
-fn rw() -> Qcow2Options {
-    Qcow2Options {
-        writable: true,
-        ..Qcow2Options::default()
-    }
-}
-
 fn read_all(dev: &dyn BlockDevice) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; dev.size() as usize];
     dev.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
@@ -134,7 +127,7 @@ fn build(layout: Layout, seed: u64) -> Fixture {
 impl Op {
     fn run(self, storage: Arc<dyn Storage>) -> Result<(), String> {
         let e = |e: qcow2kit::Error| e.to_string();
-        let img = Qcow2Image::open(storage, &rw()).map_err(e)?;
+        let img = Qcow2Image::open_writable(storage, &Qcow2Options::default()).map_err(e)?;
         match self {
             Op::Create => img
                 .create_snapshot(&NewSnapshot::now("new"))
@@ -206,12 +199,10 @@ fn judge(op: Op, f: &Fixture, bytes: &[u8], qemu: bool) -> Result<(), String> {
         return Err("the active image reads neither the old nor the new content".into());
     }
     for name in &names {
-        let view = Qcow2Image::open(
+        let view = Qcow2Image::open_snapshot(
             storage.clone(),
-            &Qcow2Options {
-                snapshot: Some(SnapshotRef::Name(name.clone())),
-                ..Qcow2Options::default()
-            },
+            &SnapshotRef::Name(name.clone()),
+            &Qcow2Options::default(),
         )
         .map_err(|e| format!("open snapshot {name}: {e}"))?;
         if read_all(&view)? != contents[name] {
@@ -233,7 +224,8 @@ fn is_dirty(bytes: &[u8]) -> bool {
 /// QEMU's open repairs it); the open must clear the dirty bit.
 fn repair_dirty(bytes: &[u8]) -> Result<Vec<u8>, String> {
     let mem = Arc::new(MemoryStorage::from_bytes(bytes.to_vec()));
-    let img = Qcow2Image::open(mem.clone(), &rw()).map_err(|e| format!("repairing open: {e}"))?;
+    let img = Qcow2Image::open_writable(mem.clone(), &Qcow2Options::default())
+        .map_err(|e| format!("repairing open: {e}"))?;
     img.close()
         .map_err(|e| format!("close after repair: {e}"))?;
     drop(img);

@@ -247,18 +247,38 @@ fn set_backing_name(p: &Path, name: &str) {
 // ---------------------------------------------------------------------------------------------
 
 fn open_image(p: &Path) -> qcow2kit::Result<Qcow2Image> {
-    open_with(p, &Qcow2Options::default())
+    open_with(p, &View::default())
 }
 
-fn open_with(p: &Path, opts: &Qcow2Options) -> qcow2kit::Result<Qcow2Image> {
-    let storage = FileStorage::open(p, false).map_err(|e| Error::io("opening test image", e))?;
-    Qcow2Image::open(Arc::new(storage), opts)
+fn open_with(p: &Path, view: &View) -> qcow2kit::Result<Qcow2Image> {
+    let storage =
+        Arc::new(FileStorage::open(p, false).map_err(|e| Error::io("opening test image", e))?);
+    match &view.snapshot {
+        Some(s) => Qcow2Image::open_snapshot(storage, s, &view.opts),
+        None => Qcow2Image::open(storage, &view.opts),
+    }
 }
 
-fn snapshot_opts(name: &str) -> Qcow2Options {
-    Qcow2Options {
+/// How a test opens an image: the active image, or a snapshot view (by name).
+#[derive(Default)]
+struct View {
+    opts: Qcow2Options,
+    snapshot: Option<SnapshotRef>,
+}
+
+impl From<Qcow2Options> for View {
+    fn from(opts: Qcow2Options) -> Self {
+        View {
+            opts,
+            snapshot: None,
+        }
+    }
+}
+
+fn snapshot_opts(name: &str) -> View {
+    View {
         snapshot: Some(SnapshotRef::Name(name.into())),
-        ..Qcow2Options::default()
+        ..View::default()
     }
 }
 
@@ -330,7 +350,7 @@ fn read_fails(case: &str, p: &Path) -> Error {
 }
 
 /// Asserts that the image opens and reads completely.
-fn opens_and_reads(case: &str, p: &Path, opts: &Qcow2Options) -> Qcow2Image {
+fn opens_and_reads(case: &str, p: &Path, opts: &View) -> Qcow2Image {
     let r = timed(case, || {
         let img = open_with(p, opts)?;
         read_everything(&img)?;
@@ -534,7 +554,7 @@ fn corrupt_bit_is_still_readable_read_only() {
     let s = Scratch::new();
     let p = s.data_image("a.qcow2", &[]);
     put_u64(&p, INCOMPATIBLE, 1 << 1);
-    let img = opens_and_reads("corrupt bit set, read-only", &p, &Qcow2Options::default());
+    let img = opens_and_reads("corrupt bit set, read-only", &p, &View::default());
     assert_eq!(img.header().incompatible.bits(), 1 << 1);
     let mut b = vec![0u8; 4096];
     img.read_at(&mut b, 0).expect("read");
@@ -939,7 +959,7 @@ fn snapshot_l1_misaligned_only_fails_that_snapshot() {
     opens_and_reads(
         "active image beside a snapshot with a misaligned L1",
         &p,
-        &Qcow2Options::default(),
+        &View::default(),
     );
     let e = match timed("snapshot with a misaligned L1", || {
         open_with(&p, &snapshot_opts("s1"))
@@ -968,7 +988,7 @@ fn snapshot_l1_too_big_only_fails_that_snapshot() {
     opens_and_reads(
         "active image beside a snapshot with a 32 MiB+ L1",
         &p,
-        &Qcow2Options::default(),
+        &View::default(),
     );
     let e = match timed("snapshot with an L1 over 32 MiB", || {
         open_with(&p, &snapshot_opts("s1"))
@@ -1100,18 +1120,14 @@ fn snapshot_disk_size_beyond_its_l1() {
         (1 << 40, "snapshot disk size 1 TiB with a 1-entry L1"),
     ] {
         put_u64(&p, e0 + 48, size);
-        opens_and_reads(
-            &format!("active image beside {what}"),
-            &p,
-            &Qcow2Options::default(),
-        );
+        opens_and_reads(&format!("active image beside {what}"), &p, &View::default());
         // Like QEMU (qcow2_snapshot_load_tmp), the recorded disk size is not trusted: the
         // snapshot is read at the image's current size, past its L1 table as unallocated.
         let img = match timed(what, || open_with(&p, &snapshot_opts("s1"))).0 {
             Ok(img) => img,
             Err(e) => panic!("{what}: snapshot refused: {e}"),
         };
-        let active = open_with(&p, &Qcow2Options::default()).expect("active image opens");
+        let active = open_with(&p, &View::default()).expect("active image opens");
         assert_eq!(img.size(), active.size(), "{what}: snapshot view size");
         opens_and_reads(
             &format!("snapshot view with {what}"),
@@ -1314,7 +1330,7 @@ fn extended_l2_bitmap_rules() {
     let l2 = l2_offset(&p);
     let bitmap = get_u64(&p, l2 + 8);
     assert_eq!(bitmap, 0b11, "4 KiB written = subclusters 0 and 1 of 2 KiB");
-    opens_and_reads("intact extended L2 image", &p, &Qcow2Options::default());
+    opens_and_reads("intact extended L2 image", &p, &View::default());
 
     put_u64(&p, l2 + 8, bitmap | 1 << 32);
     let e = read_fails("subcluster both allocated and zero", &p);
@@ -1382,7 +1398,7 @@ fn bomb_image(s: &Scratch, kind: &str) -> PathBuf {
 }
 
 fn check_bomb(case: &str, p: &Path) {
-    let img = opens_and_reads(case, p, &Qcow2Options::default());
+    let img = opens_and_reads(case, p, &View::default());
     let mut b = vec![1u8; CS as usize];
     img.read_at(&mut b, CS).expect("read the bomb cluster");
     assert!(
@@ -1765,11 +1781,9 @@ fn open_damaged(bytes: Vec<u8>) -> qcow2kit::Result<()> {
     let img = Qcow2Image::open(storage.clone(), &Qcow2Options::default())?;
     read_everything(&img)?;
     for snap in img.snapshots().iter().take(4) {
-        let opts = Qcow2Options {
-            snapshot: Some(SnapshotRef::Id(snap.id.clone())),
-            ..Qcow2Options::default()
-        };
-        if let Ok(view) = Qcow2Image::open(storage.clone(), &opts) {
+        let id = SnapshotRef::Id(snap.id.clone());
+        if let Ok(view) = Qcow2Image::open_snapshot(storage.clone(), &id, &Qcow2Options::default())
+        {
             let _ = read_everything(&view);
         }
     }

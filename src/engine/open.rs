@@ -86,8 +86,11 @@ impl SnapshotRef {
     }
 }
 
-/// How to open one qcow2 image (its backing and data files are attached separately; see
-/// [`crate::chain`]).
+/// The engine's settings for one qcow2 image: its cache, its corruption reporter and its key.
+/// Whether it is opened for writing or as a snapshot is the choice of the constructor
+/// ([`Qcow2Image::open`], [`Qcow2Image::open_writable`], [`Qcow2Image::open_snapshot`]), or of
+/// [`OpenOptions`](crate::OpenOptions) for a whole chain; its backing and data files are
+/// attached separately (see [`crate::chain`]).
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
     /// Bytes of memory the L2 cache may use: between 4 and 131 071 slices of at most 4 KiB
@@ -95,10 +98,6 @@ pub struct Qcow2Options {
     /// slices, about 33 bytes per slice of this budget are allocated at open for the index that
     /// lock-free lookups use.
     pub l2_cache_bytes: usize,
-    /// Read this internal snapshot instead of the active image (read-only view).
-    pub snapshot: Option<SnapshotRef>,
-    /// Open for writing (the storage must be writable).
-    pub writable: bool,
     /// Where corruption found while the image is in use is reported (see
     /// [`CorruptionEvent`](super::CorruptionEvent)); `None` reports nothing (the failing
     /// request's error still says what was found).
@@ -111,8 +110,6 @@ impl Default for Qcow2Options {
     fn default() -> Self {
         Qcow2Options {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
-            snapshot: None,
-            writable: false,
             on_corruption: None,
             encryption: EncryptionOptions::default(),
         }
@@ -174,7 +171,82 @@ impl Qcow2Image {
     /// clusters as zeros until [`set_backing`](Qcow2Image::set_backing) attaches a device, and an
     /// image with an external data file refuses reads until
     /// [`set_data_file`](Qcow2Image::set_data_file) attaches its storage.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options};
+    /// use std::sync::Arc;
+    ///
+    /// let file = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let img = Qcow2Image::open(file, &Qcow2Options::default())?;
+    /// assert_eq!(img.size(), 1 << 20);
+    /// assert!(matches!(img.write_at(&[1; 512], 0), Err(Error::ReadOnly)));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn open(storage: Arc<dyn Storage>, opts: &Qcow2Options) -> Result<Qcow2Image> {
+        Self::open_as(storage, false, None, opts)
+    }
+
+    /// Opens and validates a qcow2 image on `storage` (which must be writable) for reading
+    /// and writing; see [`open`](Qcow2Image::open) for backing and data files. A dirty image
+    /// (lazy refcounts) is repaired here, as QEMU repairs it.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::{BlockDevice, Qcow2Image, Qcow2Options};
+    /// use std::sync::Arc;
+    ///
+    /// let file = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let img = Qcow2Image::open_writable(file, &Qcow2Options::default())?;
+    /// img.write_at(&[7; 4096], 65536)?;
+    /// img.close()?;
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
+    pub fn open_writable(storage: Arc<dyn Storage>, opts: &Qcow2Options) -> Result<Qcow2Image> {
+        Self::open_as(storage, true, None, opts)
+    }
+
+    /// Opens the internal snapshot `snapshot` of the qcow2 image on `storage` as a read-only
+    /// device reading what the image held when the snapshot was taken; see
+    /// [`open`](Qcow2Image::open) for backing and data files.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::{BlockDevice, NewSnapshot, Qcow2Image, Qcow2Options, SnapshotRef};
+    /// use std::sync::Arc;
+    ///
+    /// let file = Arc::new(MemoryStorage::new());
+    /// let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// img.create_snapshot(&NewSnapshot::now("before"))?;
+    /// img.write_at(&[2; 512], 0)?;
+    /// img.close()?;
+    /// let old = Qcow2Image::open_snapshot(file, &SnapshotRef::Name("before".into()), &Qcow2Options::default())?;
+    /// let mut buf = [0; 512];
+    /// old.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [1; 512]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
+    pub fn open_snapshot(
+        storage: Arc<dyn Storage>,
+        snapshot: &SnapshotRef,
+        opts: &Qcow2Options,
+    ) -> Result<Qcow2Image> {
+        Self::open_as(storage, false, Some(snapshot), opts)
+    }
+
+    /// Opens for writing or not, the active image or `snapshot` (a read-only view).
+    pub(crate) fn open_as(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        snapshot: Option<&SnapshotRef>,
+        opts: &Qcow2Options,
+    ) -> Result<Qcow2Image> {
         let file_len = storage.len().map_err(io_err("reading image size"))?;
 
         // The header and its extensions live in cluster 0; read at most the largest cluster.
@@ -253,7 +325,7 @@ impl Qcow2Image {
         };
 
         let geo = Geometry::new(&header);
-        let (l1, size, view) = match &opts.snapshot {
+        let (l1, size, view) = match snapshot {
             None => {
                 let l1 = read_table_words(
                     storage.as_ref(),
@@ -294,7 +366,7 @@ impl Qcow2Image {
             }
         };
 
-        let refs = if opts.writable {
+        let refs = if writable {
             let mut refs = prepare_writable(
                 storage.as_ref(),
                 &mut header,
@@ -355,7 +427,7 @@ impl Qcow2Image {
             shared,
             fast_hits: Default::default(),
             frees_applied: AtomicU64::new(0),
-            writable: opts.writable,
+            writable,
             inflight: Mutex::new(Vec::new()),
             inflight_done: Condvar::new(),
             reporter: opts.on_corruption.clone(),

@@ -948,10 +948,9 @@ mod tests {
     /// reopening, the image carries the corrupt bit.
     fn assert_write_refused_and_marked_corrupt(mem: Arc<MemoryStorage>) {
         let opts = Qcow2Options {
-            writable: true,
             ..Default::default()
         };
-        let img = Qcow2Image::open(mem.clone(), &opts).unwrap();
+        let img = Qcow2Image::open_writable(mem.clone(), &opts).unwrap();
         let r = img.write_at(&[2u8; 512], 0);
         assert!(
             matches!(r, Err(Error::Corrupt(Corruption::Inconsistent(_)))),

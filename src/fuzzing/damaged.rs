@@ -196,7 +196,6 @@ pub fn write_damaged(data: &[u8]) {
     let fatal_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = fatal_seen.clone();
     let rw = Qcow2Options {
-        writable: true,
         on_corruption: Some(CorruptionReporter::new(move |e| {
             if e.fatal {
                 seen.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -204,7 +203,7 @@ pub fn write_damaged(data: &[u8]) {
         })),
         ..Qcow2Options::default()
     };
-    let Ok(img) = Qcow2Image::open(mem.clone(), &rw) else {
+    let Ok(img) = Qcow2Image::open_writable(mem.clone(), &rw) else {
         return;
     };
     let v3 = layout.header.version >= 3;

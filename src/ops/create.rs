@@ -391,11 +391,7 @@ pub fn create_qcow2_on(
         _ => None,
     };
     write_skeleton(storage.as_ref(), o, bits)?;
-    let opts = Qcow2Options {
-        writable: true,
-        ..Qcow2Options::default()
-    };
-    let mut img = Qcow2Image::open(storage.clone(), &opts)?;
+    let mut img = Qcow2Image::open_writable(storage.clone(), &Qcow2Options::default())?;
     if let Some(d) = data {
         d.set_len(0)
             .map_err(|e| Error::io("truncating data file", e))?;
@@ -412,14 +408,13 @@ pub fn create_qcow2_on(
         img.install_encryption(e.format, luks_area.as_deref())?;
         img.close()?;
         let opts = Qcow2Options {
-            writable: true,
             encryption: crate::engine::EncryptionOptions {
                 passphrase: Some(e.passphrase.clone()),
                 ..Default::default()
             },
             ..Qcow2Options::default()
         };
-        img = Qcow2Image::open(storage, &opts)?;
+        img = Qcow2Image::open_writable(storage, &opts)?;
     }
     match o.preallocation {
         Preallocation::Off => {}
