@@ -114,10 +114,14 @@ pub(crate) struct HeaderArea {
     pub(crate) backing_name: Option<Vec<u8>>,
 }
 
-/// An open qcow2 image (read path).
+/// An open qcow2 image: reads, copy-on-write writes, zero writes, discards, resizes,
+/// snapshots, bitmaps and key slots, through [`BlockDevice`] and its own methods.
 ///
-/// Created by [`Qcow2Image::open`] or, with backing and data files resolved under a policy, by
-/// [`crate::chain::open`].
+/// Created by [`Qcow2Image::open`] (read-only), [`Qcow2Image::open_writable`],
+/// [`Qcow2Image::open_snapshot`], [`create_qcow2_on`](crate::ops::create::create_qcow2_on) or,
+/// with backing and data files resolved under a policy, by [`crate::chain::open`]. Shared
+/// between threads as an `Arc` (see the threading contract of [`BlockDevice`]); a writable
+/// image is closed with [`close`](Qcow2Image::close), which reports what dropping it cannot.
 pub struct Qcow2Image {
     storage: Arc<dyn Storage>,
     data_storage: Option<Arc<dyn Storage>>,
