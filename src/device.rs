@@ -285,7 +285,7 @@ impl SliceCursor {
 }
 
 /// Checks that `offset..offset+len` lies inside a device of `size` bytes.
-pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(Error::OutOfRange { offset, len, size }),

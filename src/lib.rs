@@ -52,7 +52,7 @@
 #![deny(missing_docs)]
 
 pub mod chain;
-pub mod codec;
+pub(crate) mod codec;
 pub mod crypto;
 pub mod device;
 pub mod engine;

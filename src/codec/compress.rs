@@ -9,7 +9,7 @@ use crate::format::header::CompressionType;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// Decompresses `input` into `out` (exactly one cluster). Errors describe what went wrong.
-pub fn decompress_cluster(
+pub(crate) fn decompress_cluster(
     kind: CompressionType,
     input: &[u8],
     out: &mut [u8],
@@ -24,9 +24,9 @@ pub fn decompress_cluster(
 /// (64 KiB clusters, 4 KiB window, zlib-rs) level 2 compresses 1.5x faster for output 2.8 %
 /// larger (level 1: 2.4x faster, 8.8 % larger; level 4: 1.2x faster, 0.5 % larger), well
 /// within the 10 % of qemu-img's size this project allows itself.
-pub const ZLIB_LEVEL: u32 = 2;
+pub(crate) const ZLIB_LEVEL: u32 = 2;
 /// zstd level for compressed clusters (zstd's default, as QEMU).
-pub const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 /// Compresses one cluster into `out` (cleared first). Returns `false` when the result would not
 /// be smaller than the cluster, in which case the cluster should be stored uncompressed.
@@ -36,7 +36,7 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// compressed cluster is kept even when it saves less than a sector, because compressed
 /// clusters are packed byte by byte and the next one starts where this one ends. With 512-byte
 /// clusters a sector-saving rule would never compress at all.
-pub fn compress_cluster(kind: CompressionType, input: &[u8], out: &mut Vec<u8>) -> bool {
+pub(crate) fn compress_cluster(kind: CompressionType, input: &[u8], out: &mut Vec<u8>) -> bool {
     out.clear();
     let limit = input.len().saturating_sub(1);
     if limit == 0 {

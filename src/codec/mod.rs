@@ -2,4 +2,4 @@
 
 mod compress;
 
-pub use compress::{compress_cluster, decompress_cluster, ZLIB_LEVEL, ZSTD_LEVEL};
+pub(crate) use compress::{compress_cluster, decompress_cluster};

@@ -12,7 +12,7 @@ use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 
 /// Size of the unit each IV covers: QEMU's LUKS and qcow sector size.
-pub const SECTOR_SIZE: usize = 512;
+pub(crate) const SECTOR_SIZE: usize = 512;
 
 /// The largest cipher block (and IV) size: 16 bytes (CAST5's are 8).
 const BLOCK: usize = 16;

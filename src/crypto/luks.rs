@@ -14,19 +14,19 @@ use super::{CryptoError, MasterKey};
 use std::time::Duration;
 
 /// The LUKS magic: `LUKS\xba\xbe`.
-pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+pub(crate) const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
 /// Length of the fixed header (fields and eight key-slot descriptors).
-pub const HEADER_LEN: usize = 592;
+pub(crate) const HEADER_LEN: usize = 592;
 /// Number of key slots.
-pub const NUM_KEY_SLOTS: usize = 8;
+pub(crate) const NUM_KEY_SLOTS: usize = 8;
 /// Length of the PBKDF2 salts.
-pub const SALT_LEN: usize = 32;
+pub(crate) const SALT_LEN: usize = 32;
 /// Length of the master-key digest.
-pub const DIGEST_LEN: usize = 20;
+pub(crate) const DIGEST_LEN: usize = 20;
 /// Anti-forensic stripes QEMU (and cryptsetup) give each key slot.
-pub const STRIPES: u32 = 4000;
+pub(crate) const STRIPES: u32 = 4000;
 /// Fewest PBKDF2 iterations QEMU writes for a key slot or the master-key digest.
-pub const MIN_ITERATIONS: u32 = 1000;
+pub(crate) const MIN_ITERATIONS: u32 = 1000;
 /// Where QEMU puts the first key slot's material, in bytes.
 const KEY_SLOT_OFFSET: u64 = 4096;
 /// Sectors of the header region that key material is aligned to (4096 / 512).
@@ -83,7 +83,7 @@ pub struct LuksLimits {
 
 /// Default for [`LuksLimits::max_iterations`]: 100 million, about ten times what `qemu-img
 /// create` writes with its default `iter-time` of 2 s on a current x86-64 core (SHA-256).
-pub const DEFAULT_MAX_ITERATIONS: u32 = 100_000_000;
+pub(crate) const DEFAULT_MAX_ITERATIONS: u32 = 100_000_000;
 
 impl Default for LuksLimits {
     fn default() -> Self {
@@ -550,7 +550,7 @@ fn put_name(field: &mut [u8], name: &str) {
 }
 
 /// The mode string QEMU writes: `<mode>-<ivgen>`, with `:<hash>` when an IV hash is set.
-pub fn mode_spec(spec: &CipherSpec) -> String {
+pub(crate) fn mode_spec(spec: &CipherSpec) -> String {
     match spec.ivgen_hash {
         Some(h) => format!("{}-{}:{}", spec.mode.name(), spec.ivgen.name(), h.name()),
         None => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),
@@ -684,7 +684,7 @@ pub fn create(
 /// PBKDF2 iterations that take about `ms / divisor` milliseconds on this machine for a
 /// passphrase of `password_len` bytes and an output of `out_len` bytes (at least
 /// [`MIN_ITERATIONS`]), rounded as QEMU rounds them.
-pub fn timed_iterations(
+pub(crate) fn timed_iterations(
     hash: HashAlg,
     password_len: usize,
     out_len: usize,
@@ -719,7 +719,7 @@ fn format_uuid_v4(mut u: [u8; 16]) -> String {
 }
 
 /// The longest master key a LUKS header can hold.
-pub const MAX_MASTER_KEY_LEN: usize = MAX_KEY_LEN;
+pub(crate) const MAX_MASTER_KEY_LEN: usize = MAX_KEY_LEN;
 
 #[cfg(test)]
 mod tests {

@@ -41,7 +41,8 @@ pub mod luks;
 pub mod pbkdf;
 pub mod secret;
 
-pub use cipher::{CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher, SECTOR_SIZE};
+pub(crate) use cipher::SECTOR_SIZE;
+pub use cipher::{CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher};
 pub use luks::{LuksHeader, LuksLimits};
 pub use pbkdf::HashAlg;
 

@@ -40,7 +40,7 @@ pub const ALL_HASHES: [HashAlg; 8] = [
 ];
 
 /// The longest digest of any [`HashAlg`].
-pub const MAX_DIGEST_LEN: usize = 64;
+pub(crate) const MAX_DIGEST_LEN: usize = 64;
 
 impl HashAlg {
     /// QEMU's name, as written in a LUKS header and accepted by `encrypt.hash-alg`.
@@ -132,7 +132,7 @@ pub fn pbkdf2(
 /// How many PBKDF2 iterations of `hash` (deriving `out_len` bytes from a password of
 /// `password_len` bytes and a 32-byte salt) this machine runs in one second, measured as QEMU's
 /// `qcrypto_pbkdf2_count_iters` does: doubling a trial count until a trial takes at least 500 ms.
-pub fn iterations_per_second(hash: HashAlg, password_len: usize, out_len: usize) -> u64 {
+pub(crate) fn iterations_per_second(hash: HashAlg, password_len: usize, out_len: usize) -> u64 {
     let password = vec![0x55u8; password_len];
     let salt = [0xaau8; 32];
     let mut out = vec![0u8; out_len.clamp(1, MAX_DIGEST_LEN)];

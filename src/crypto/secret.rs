@@ -131,7 +131,7 @@ impl SecretObject {
 /// QEMU's `qbase64_decode`: only base64 characters, `=` and `\n` are accepted; decoding is
 /// glib's (groups of four, an incomplete last group dropped, each of the last two characters
 /// that is `=` dropping one output byte).
-pub fn qemu_base64_decode(input: &[u8]) -> Result<Vec<u8>, CryptoError> {
+pub(crate) fn qemu_base64_decode(input: &[u8]) -> Result<Vec<u8>, CryptoError> {
     fn rank(c: u8) -> Option<u32> {
         match c {
             b'A'..=b'Z' => Some(u32::from(c - b'A')),

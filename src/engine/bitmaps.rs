@@ -52,7 +52,8 @@ use std::sync::MutexGuard;
 pub const MAX_BITMAP_MEMORY: u64 = 1 << 30;
 
 /// The hint QEMU appends to "is inconsistent and cannot be used".
-pub const INCONSISTENT_HINT: &str = "Try block-dirty-bitmap-remove to delete this bitmap from disk";
+pub(crate) const INCONSISTENT_HINT: &str =
+    "Try block-dirty-bitmap-remove to delete this bitmap from disk";
 
 /// Which bitmaps [`Qcow2Image::flag_bitmaps_in_use`] flags.
 #[derive(Debug, Clone, Copy)]

@@ -38,7 +38,7 @@ mod write;
 mod write_checks;
 mod zero_extended;
 
-pub use bitmaps::{INCONSISTENT_HINT, MAX_BITMAP_MEMORY};
+pub use bitmaps::MAX_BITMAP_MEMORY;
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
 pub use dirty_bitmap::DirtyBitmap;
 pub use encryption::{EncryptionInfo, EncryptionOptions};

@@ -21,28 +21,26 @@ use crate::error::Corruption;
 /// Flag bit 0: the bitmap was in use and may be inconsistent.
 pub const FLAG_IN_USE: u32 = 1;
 /// Flag bit 1: the bitmap tracks writes automatically.
-pub const FLAG_AUTO: u32 = 2;
-/// Flag bit 2: extra data may be ignored by a reader that does not know it.
-pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 4;
+pub(crate) const FLAG_AUTO: u32 = 2;
 /// The only bitmap type: dirty tracking.
-pub const TYPE_DIRTY_TRACKING: u8 = 1;
+pub(crate) const TYPE_DIRTY_TRACKING: u8 = 1;
 /// Smallest log2 granularity (512 bytes).
-pub const MIN_GRANULARITY_BITS: u8 = 9;
+pub(crate) const MIN_GRANULARITY_BITS: u8 = 9;
 /// Largest log2 granularity (2 GiB).
-pub const MAX_GRANULARITY_BITS: u8 = 31;
+pub(crate) const MAX_GRANULARITY_BITS: u8 = 31;
 /// Longest bitmap name, in bytes.
-pub const MAX_NAME_SIZE: usize = 1023;
+pub(crate) const MAX_NAME_SIZE: usize = 1023;
 /// Most entries of one bitmap table.
-pub const MAX_TABLE_SIZE: u64 = 0x800_0000;
+pub(crate) const MAX_TABLE_SIZE: u64 = 0x800_0000;
 /// Most bytes of bitmap data one bitmap may take (its table's entries × the cluster size).
-pub const MAX_PHYS_SIZE: u64 = 0x2000_0000;
+pub(crate) const MAX_PHYS_SIZE: u64 = 0x2000_0000;
 
 /// Bitmap table entry: reserved bits (must be zero).
 const TABLE_RESERVED: u64 = 0xff00_0000_0000_01fe;
 /// Bitmap table entry: host offset of the data cluster.
 const TABLE_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bitmap table entry without an offset: the cluster reads as all ones.
-pub const TABLE_ALL_ONES: u64 = 1;
+pub(crate) const TABLE_ALL_ONES: u64 = 1;
 
 /// What one bitmap table entry says about its cluster of bitmap data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,12 +75,12 @@ impl TableEntry {
 }
 
 /// Bytes of the virtual disk one cluster of bitmap data covers.
-pub fn bytes_per_data_cluster(granularity_bits: u8, cluster_size: u64) -> u64 {
+pub(crate) fn bytes_per_data_cluster(granularity_bits: u8, cluster_size: u64) -> u64 {
     (cluster_size * 8) << granularity_bits
 }
 
 /// Entries of the table of a bitmap covering `disk_size` bytes.
-pub fn table_entries(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+pub(crate) fn table_entries(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
     disk_size.div_ceil(bytes_per_data_cluster(granularity_bits, cluster_size))
 }
 
@@ -125,7 +123,7 @@ impl BitmapEntry {
 }
 
 /// Parses `count` directory entries from `buf`.
-pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapEntry>, Corruption> {
+pub(crate) fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapEntry>, Corruption> {
     let bad = |rule| Corruption::BadExtension {
         kind: super::extension::EXT_BITMAPS,
         rule,
@@ -159,7 +157,7 @@ pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapEntry>, Corru
 }
 
 /// Encodes `entries` as a bitmap directory (without extra data, as QEMU writes it).
-pub fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
+pub(crate) fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
         let name = e.name.as_bytes();

@@ -2,13 +2,13 @@
 
 /// Reads a big-endian `u16` at `off`. Panics if out of bounds: callers check lengths first.
 #[inline]
-pub fn be_u16(b: &[u8], off: usize) -> u16 {
+pub(crate) fn be_u16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
 
 /// Reads a big-endian `u32` at `off`. Panics if out of bounds: callers check lengths first.
 #[inline]
-pub fn be_u32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn be_u32(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[off..off + 4]);
     u32::from_be_bytes(a)
@@ -16,7 +16,7 @@ pub fn be_u32(b: &[u8], off: usize) -> u32 {
 
 /// Reads a big-endian `u64` at `off`. Panics if out of bounds: callers check lengths first.
 #[inline]
-pub fn be_u64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn be_u64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_be_bytes(a)

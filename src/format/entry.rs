@@ -22,15 +22,9 @@ pub const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry: the cluster reads as zeros.
 pub const ZERO: u64 = 1;
 /// Reserved bits of an L1 entry.
-pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+pub(crate) const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of an uncompressed standard L2 entry.
-pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-
-/// The offset of the L2 table an L1 entry points to (0 = none).
-#[inline]
-pub fn l1_l2_offset(entry: u64) -> u64 {
-    entry & OFFSET_MASK
-}
+pub(crate) const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// What an L2 entry says about its cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +71,7 @@ pub fn classify(entry: u64, cluster_bits: u32, extended: bool, data_file: bool) 
 }
 
 /// Encodes a standard L2 entry for a normal cluster.
-pub fn encode_normal(host: u64, copied: bool) -> u64 {
+pub(crate) fn encode_normal(host: u64, copied: bool) -> u64 {
     (host & OFFSET_MASK) | if copied { COPIED } else { 0 }
 }
 

@@ -10,17 +10,17 @@ use super::{be_u32, be_u64};
 use crate::error::Corruption;
 
 /// End of the extension list.
-pub const EXT_END: u32 = 0;
+pub(crate) const EXT_END: u32 = 0;
 /// Backing file format name.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 /// Persistent bitmaps.
-pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Full disk encryption header pointer (LUKS).
-pub const EXT_CRYPTO: u32 = 0x0537_be77;
+pub(crate) const EXT_CRYPTO: u32 = 0x0537_be77;
 /// External data file name.
-pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// One entry of the feature name table (48 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,9 +71,9 @@ pub struct Extensions {
 }
 
 /// Largest bitmap directory QEMU accepts.
-pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 64 << 20;
+pub(crate) const MAX_BITMAP_DIRECTORY_SIZE: u64 = 64 << 20;
 /// Most bitmaps QEMU accepts.
-pub const MAX_BITMAPS: u32 = 65_535;
+pub(crate) const MAX_BITMAPS: u32 = 65_535;
 
 /// Rule of an extension whose type and length run past the extension area (QEMU: "Header
 /// extension too large").
@@ -83,7 +83,7 @@ pub const EXTENSION_HEADER_CROSSES_END: &str =
 /// large").
 pub const EXTENSION_TOO_LARGE: &str = "extension is larger than the header area";
 /// Rule of a backing format name of 16 bytes or more (QEMU: "ERROR: ext_backing_format: …").
-pub const BACKING_FORMAT_TOO_LONG: &str = "backing format name must be under 16 bytes";
+pub(crate) const BACKING_FORMAT_TOO_LONG: &str = "backing format name must be under 16 bytes";
 
 fn bad(kind: u32, rule: &'static str) -> Corruption {
     Corruption::BadExtension { kind, rule }

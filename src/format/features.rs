@@ -73,7 +73,7 @@ impl FeatureKind {
 }
 
 /// Names of the incompatible bits qcow2kit knows, for messages.
-pub fn known_incompatible_name(bit: u32) -> Option<&'static str> {
+pub(crate) fn known_incompatible_name(bit: u32) -> Option<&'static str> {
     Some(match bit {
         0 => "dirty bit",
         1 => "corrupt bit",

@@ -35,13 +35,13 @@ use super::{
 use crate::error::Corruption;
 
 /// Length of a version 2 header.
-pub const V2_HEADER_LENGTH: u32 = 72;
+pub(crate) const V2_HEADER_LENGTH: u32 = 72;
 /// Minimum length of a version 3 header.
-pub const V3_MIN_HEADER_LENGTH: u32 = 104;
+pub(crate) const V3_MIN_HEADER_LENGTH: u32 = 104;
 /// Length of the header qcow2kit writes for version 3 (includes the compression type byte).
-pub const V3_HEADER_LENGTH: u32 = 112;
+pub(crate) const V3_HEADER_LENGTH: u32 = 112;
 /// Size of the fixed part of one snapshot table entry.
-pub const SNAPSHOT_HEADER_SIZE: u64 = 40;
+pub(crate) const SNAPSHOT_HEADER_SIZE: u64 = 40;
 
 /// The compression algorithm of compressed clusters (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -167,7 +167,7 @@ pub const BACKING_NAME_PAST_CLUSTER: &str = "backing file name must lie inside t
 /// Rule of a `refcount_order` over 6 (QEMU: "Reference count entry width too large; …").
 pub const REFCOUNT_ORDER_TOO_LARGE: &str = "must be at most 6";
 /// Rule of extended L2 entries with clusters under 16 KiB.
-pub const EXTENDED_L2_CLUSTER_TOO_SMALL: &str =
+pub(crate) const EXTENDED_L2_CLUSTER_TOO_SMALL: &str =
     "extended L2 entries need a cluster size of at least 16 KiB";
 /// Rule of an image without a refcount table (QEMU: "Image does not contain a reference count
 /// table").
@@ -177,9 +177,9 @@ pub const TABLE_TOO_LARGE: &str = "larger than QEMU's limit for it";
 /// Rule of a table whose offset is not cluster-aligned or whose end lies past 2^63 (QEMU:
 /// "TABLE offset invalid").
 pub const TABLE_OFFSET_INVALID: &str = "offset is not cluster-aligned or the table ends past 2^63";
-/// Rule of [`check_table`] for a table whose offset is not a multiple of the cluster size.
+/// Rule of the table check for a table whose offset is not a multiple of the cluster size.
 pub const TABLE_MISALIGNED: &str = "offset is not cluster-aligned";
-/// Rule of [`check_table`] for a table whose end overflows 64 bits.
+/// Rule of the table check for a table whose end overflows 64 bits.
 pub const TABLE_OVERFLOWS: &str = "offset + size overflows";
 /// Rule of a snapshot's L1 table over QEMU's 32 MiB (QEMU: "Snapshot L1 table too large").
 pub const SNAPSHOT_L1_TOO_LARGE: &str = "larger than 32 MiB";
@@ -551,7 +551,7 @@ impl Header {
 }
 
 /// Checks a table's offset and size: cluster-aligned, no overflow, inside the file.
-pub fn check_table(
+pub(crate) fn check_table(
     table: &'static str,
     offset: u64,
     size: u64,

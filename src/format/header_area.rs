@@ -6,7 +6,7 @@ use super::features::FeatureKind;
 use super::header::{Header, V3_HEADER_LENGTH};
 
 /// The feature name table QEMU writes into every version 3 image it creates or rewrites.
-pub fn qemu_feature_table() -> Vec<FeatureName> {
+pub(crate) fn qemu_feature_table() -> Vec<FeatureName> {
     let f = |kind, bit, name: &str| FeatureName {
         kind,
         bit,
@@ -27,7 +27,7 @@ pub fn qemu_feature_table() -> Vec<FeatureName> {
 /// The feature name table QEMU writes into an image of `version` with `cluster_size` bytes
 /// per cluster: its table for version 3 with clusters over 4 KiB (smaller clusters keep the
 /// room for the backing file name), none otherwise.
-pub fn qemu_feature_table_for(version: u32, cluster_size: u64) -> Vec<FeatureName> {
+pub(crate) fn qemu_feature_table_for(version: u32, cluster_size: u64) -> Vec<FeatureName> {
     if version >= 3 && cluster_size > 4096 {
         qemu_feature_table()
     } else {
@@ -42,7 +42,7 @@ pub fn qemu_feature_table_for(version: u32, cluster_size: u64) -> Vec<FeatureNam
 ///
 /// The result is not padded: bytes after it up to the end of the cluster must read as zeros
 /// or be ignored (nothing is read past the name).
-pub fn encode_header_area(
+pub(crate) fn encode_header_area(
     header: &Header,
     ext: &Extensions,
     backing: Option<&[u8]>,
@@ -84,7 +84,7 @@ pub fn encode_header_area(
 /// Where the header area of `cluster0` (the first bytes of an image, parsed as `header`) ends:
 /// past the end of its extension list (the end marker included) or of its backing file name,
 /// whichever is later. Bytes after it are not read by anything. Clamped to `cluster0.len()`.
-pub fn area_end(cluster0: &[u8], header: &Header) -> usize {
+pub(crate) fn area_end(cluster0: &[u8], header: &Header) -> usize {
     let len = cluster0.len();
     let mut off = (header.header_length as usize).min(len);
     let stop = if header.backing_file_offset != 0 {
@@ -121,7 +121,7 @@ pub fn area_end(cluster0: &[u8], header: &Header) -> usize {
 
 /// The header as QEMU rewrites it: a version 3 header grows to the current length (the
 /// compression type byte included); unknown trailing fields are kept.
-pub fn normalized_for_rewrite(header: &Header) -> Header {
+pub(crate) fn normalized_for_rewrite(header: &Header) -> Header {
     let mut h = header.clone();
     if h.version >= 3 && h.header_length < V3_HEADER_LENGTH {
         h.header_length = V3_HEADER_LENGTH;

@@ -9,36 +9,34 @@ pub mod entry;
 pub mod extension;
 pub mod features;
 pub mod header;
-pub mod header_area;
+pub(crate) mod header_area;
 pub mod probe;
 pub mod qemu_opts;
 pub mod refcount;
 pub mod snapshot;
 
-pub use bytes::{be_u16, be_u32, be_u64};
+pub(crate) use bytes::{be_u16, be_u32, be_u64};
 
 /// `QFI\xfb`: the first four bytes of every qcow2 image.
-pub const QCOW2_MAGIC: u32 = 0x5146_49fb;
+pub(crate) const QCOW2_MAGIC: u32 = 0x5146_49fb;
 /// Smallest cluster size: 512 bytes.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// Largest cluster size: 2 MiB.
-pub const MAX_CLUSTER_BITS: u32 = 21;
+pub(crate) const MAX_CLUSTER_BITS: u32 = 21;
 /// Largest active or snapshot L1 table QEMU accepts, in bytes.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table QEMU accepts, in bytes.
-pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Most snapshots an image may hold.
-pub const MAX_SNAPSHOTS: u32 = 65_536;
+pub(crate) const MAX_SNAPSHOTS: u32 = 65_536;
 /// Largest snapshot table, in bytes.
-pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
 /// Largest extra data of one snapshot table entry, in bytes.
-pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+pub(crate) const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
 /// Longest backing file name, in bytes.
-pub const MAX_BACKING_NAME: u32 = 1023;
+pub(crate) const MAX_BACKING_NAME: u32 = 1023;
 /// Host offsets must lie below 2^56 (bits 56.. of an entry are flags or reserved).
-pub const MAX_HOST_OFFSET: u64 = 1 << 56;
-/// Number of subclusters in a cluster of an image with extended L2 entries.
-pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
+pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 /// Parses the header and its extensions from the first bytes of an image (normally its first
 /// cluster) in QEMU's order: the header's own fields, incompatible feature bits this
@@ -48,7 +46,7 @@ pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
 ///
 /// Extensions end at the backing file name and never past cluster 0 (QEMU refuses a
 /// `backing_file_offset` beyond it, and so does [`Header::parse`](header::Header::parse)).
-pub fn parse_first_cluster(
+pub(crate) fn parse_first_cluster(
     first: &[u8],
 ) -> Result<(header::Header, extension::Extensions), crate::error::Corruption> {
     let header = header::Header::parse(first)?;

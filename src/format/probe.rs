@@ -213,7 +213,7 @@ pub fn detect(head: &[u8], tail: Option<&[u8]>) -> Vec<Format> {
 }
 
 /// The first bytes of a cloop V2.0 image: a shell script that mounts it.
-pub const CLOOP_MAGIC: &[u8] =
+pub(crate) const CLOOP_MAGIC: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
 
 /// qemu's `cloop_probe`: the file starts with [`CLOOP_MAGIC`], or with a prefix of it when the
@@ -290,13 +290,13 @@ fn has_partition_table(head: &[u8]) -> bool {
 
 /// Whether `detected` is a hybrid ISO: an ISO 9660 image that also carries a partition table so
 /// it boots from a USB stick. It is one image, not a polyglot.
-pub fn is_hybrid_iso(detected: &[Format]) -> bool {
+pub(crate) fn is_hybrid_iso(detected: &[Format]) -> bool {
     detected.len() == 2 && detected.contains(&Format::Iso) && detected.contains(&Format::Gpt)
 }
 
 /// Whether a file name makes qemu probe the file as DMG (`dmg_probe` goes by the `.dmg` suffix
 /// alone, whatever the content).
-pub fn dmg_by_name(name: &[u8]) -> bool {
+pub(crate) fn dmg_by_name(name: &[u8]) -> bool {
     name.len() > 4 && name.ends_with(b".dmg")
 }
 

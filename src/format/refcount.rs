@@ -22,7 +22,7 @@ pub fn get(block: &[u8], order: u32, index: usize) -> u64 {
 }
 
 /// Largest refcount a width of `1 << order` bits can hold.
-pub fn max_value(order: u32) -> u64 {
+pub(crate) fn max_value(order: u32) -> u64 {
     if order >= 6 {
         u64::MAX
     } else {
@@ -54,7 +54,7 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) -> bool {
 }
 
 /// Number of entries in a refcount block of `cluster_size` bytes.
-pub fn entries_per_block(cluster_size: u64, order: u32) -> u64 {
+pub(crate) fn entries_per_block(cluster_size: u64, order: u32) -> u64 {
     (cluster_size * 8) >> order
 }
 

@@ -51,7 +51,7 @@ pub struct Snapshot {
 /// The rule of the [`Corruption::BadSnapshot`] returned when an entry runs past the end of the
 /// buffer given to [`parse_table`]: a caller that passed less than the whole table may retry with
 /// more.
-pub const ENTRY_PAST_END: &str = "entry lies past the end of the file or the 64 MiB limit";
+pub(crate) const ENTRY_PAST_END: &str = "entry lies past the end of the file or the 64 MiB limit";
 
 /// The rule of the [`Corruption::BadSnapshot`] returned for an entry with over 1024 bytes of
 /// extra data (QEMU: "Too much extra metadata in snapshot table entry N").
@@ -63,7 +63,7 @@ fn bad(index: u32, rule: &'static str) -> Corruption {
 
 /// Parses `count` entries from `buf` (the table's bytes, however many the file holds).
 /// Returns the snapshots and the table's length in bytes.
-pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corruption> {
+pub(crate) fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corruption> {
     // Each entry takes at least 40 bytes, so `count` is bounded by the buffer, not trusted.
     let mut out = Vec::with_capacity((count as usize).min(buf.len() / 40));
     let mut off = 0usize;
@@ -118,7 +118,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Corru
 
 /// Encodes snapshots into table bytes (QEMU's layout: 24 bytes of extra data plus any unknown).
 /// A snapshot without a recorded disk size gets `image_size`, as QEMU records it.
-pub fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Vec<u8> {
+pub(crate) fn encode_table(snapshots: &[Snapshot], image_size: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for s in snapshots {
         // Entries start 8-aligned; the last is not padded (QEMU writes no padding after it).

@@ -279,7 +279,7 @@ pub fn release(file: &File) -> io::Result<()> {
 
 /// Takes the [`LockError`] out of an I/O error from [`FileStorage`](super::FileStorage); any
 /// other error comes back unchanged.
-pub fn into_lock_error(e: io::Error) -> Result<LockError, io::Error> {
+pub(crate) fn into_lock_error(e: io::Error) -> Result<LockError, io::Error> {
     if lock_error(&e).is_none() {
         return Err(e);
     }

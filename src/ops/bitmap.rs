@@ -58,7 +58,7 @@ pub struct ActionError {
 }
 
 /// QEMU's default granularity for a new bitmap of an image with clusters of `cluster_size`.
-pub fn default_granularity(cluster_size: u64) -> u64 {
+pub(crate) fn default_granularity(cluster_size: u64) -> u64 {
     cluster_size.clamp(4096, 65536)
 }
 

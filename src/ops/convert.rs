@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Largest range one worker reads and writes at a time.
-pub const CHUNK_BYTES: u64 = 256 << 10;
+pub(crate) const CHUNK_BYTES: u64 = 256 << 10;
 
 /// A progress-and-cancel callback: called with `(work done, work total)` as an operation
 /// advances (bytes for copies), from any of its worker threads; it returns whether to go on.
@@ -91,7 +91,7 @@ struct Job {
 }
 
 /// The number of workers to use when the caller says 0.
-pub fn default_workers() -> usize {
+pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Most images [`backing_chain_info`] lists (far more than a chain that can be opened).
-pub const MAX_INFO_CHAIN: usize = 16 * DEFAULT_MAX_DEPTH;
+pub(crate) const MAX_INFO_CHAIN: usize = 16 * DEFAULT_MAX_DEPTH;
 
 /// QEMU measures files in whole 512-byte sectors: a file's length, and a raw image's virtual
 /// size, are rounded up.
@@ -318,7 +318,7 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
 /// `qemu-img info --backing-chain` lists them.
 ///
 /// Each image is opened with [`open_for_info`]. The top image is opened as `format` (probed when
-/// `None`); each backing file by the name resolved with [`combine_path`], in the format the
+/// `None`); each backing file by the name resolved as QEMU combines paths, in the format the
 /// image records (probed when it records none). A name that comes back is a loop
 /// ([`Error::BackingLoop`]), as in qemu-img.
 pub fn backing_chain_info(
@@ -355,7 +355,7 @@ pub fn backing_chain_info(
 /// Resolves `name` (a file name recorded in an image) against `base` (the name the image was
 /// opened by) as QEMU's `path_combine` does: an absolute name or one with a protocol prefix
 /// (`proto:…`) is kept, anything else replaces the last component of `base`.
-pub fn combine_path(base: &str, name: &str) -> String {
+pub(crate) fn combine_path(base: &str, name: &str) -> String {
     if name.starts_with('/') || has_protocol(name) {
         return name.to_string();
     }

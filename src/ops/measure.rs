@@ -248,7 +248,7 @@ fn overflow() -> Error {
 /// Bytes of refcount table and blocks that count `clusters` clusters and themselves
 /// (QEMU's `qcow2_refcount_metadata_size` without the generous increase): the fixed point of
 /// "blocks cover everything, the table covers the blocks".
-pub fn refcount_metadata_size(
+pub(crate) fn refcount_metadata_size(
     clusters: u64,
     cluster_size: u64,
     refcount_order: u32,
@@ -272,7 +272,7 @@ pub fn refcount_metadata_size(
 
 /// Bytes of a fully allocated qcow2 image of `virtual_size` bytes (QEMU's
 /// `qcow2_calc_prealloc_size`): header, L2 and L1 tables, refcount metadata and data.
-pub fn qcow2_fully_allocated(
+pub(crate) fn qcow2_fully_allocated(
     virtual_size: u64,
     cluster_size: u64,
     refcount_order: u32,
@@ -297,7 +297,11 @@ pub fn qcow2_fully_allocated(
 /// Bytes the persistent bitmaps `bitmaps` of a disk of `disk_size` bytes take in a new image
 /// with clusters of `cluster_size` bytes: every bitmap fully allocated, its table, and the
 /// directory (QEMU's `qcow2_get_persistent_dirty_bitmap_size`).
-pub fn bitmaps_size(bitmaps: &[BitmapEntry], disk_size: u64, cluster_size: u64) -> Option<u64> {
+pub(crate) fn bitmaps_size(
+    bitmaps: &[BitmapEntry],
+    disk_size: u64,
+    cluster_size: u64,
+) -> Option<u64> {
     let mut total = 0u64;
     let mut dir = 0u64;
     for b in bitmaps {
