@@ -82,7 +82,7 @@ impl CipherAlg {
     }
 
     /// The family name a LUKS header stores (`aes`, `cast5`, `serpent`, `twofish`).
-    pub fn family(self) -> &'static str {
+    pub(crate) fn family(self) -> &'static str {
         match self {
             CipherAlg::Aes128 | CipherAlg::Aes192 | CipherAlg::Aes256 => "aes",
             CipherAlg::Cast5_128 => "cast5",
@@ -92,7 +92,7 @@ impl CipherAlg {
     }
 
     /// The algorithm of `family` with a `key_len`-byte key, if QEMU's LUKS driver knows it.
-    pub fn from_family(family: &str, key_len: usize) -> Option<CipherAlg> {
+    pub(crate) fn from_family(family: &str, key_len: usize) -> Option<CipherAlg> {
         ALL_CIPHERS
             .into_iter()
             .find(|c| c.family() == family && c.key_len() == key_len)
@@ -201,7 +201,7 @@ impl CipherSpec {
 
     /// The cipher ESSIV runs with: `alg`'s family with a key as long as the hash's digest
     /// (dm-crypt's rule, which QEMU follows), or QEMU's error when that family has no such key.
-    pub fn essiv_cipher(&self, hash: HashAlg) -> Result<CipherAlg, CryptoError> {
+    pub(crate) fn essiv_cipher(&self, hash: HashAlg) -> Result<CipherAlg, CryptoError> {
         let want = hash.digest_len();
         if self.alg.key_len() == want {
             return Ok(self.alg);

@@ -64,7 +64,7 @@ fn slot_index(keyslot: i64) -> Result<usize, CryptoError> {
 impl LuksHeader {
     /// Decides `change` against this header (its key material in `area`); `current` is the
     /// passphrase the image was opened with (it unlocks the master key a new slot stores).
-    pub fn plan_key_slots(
+    pub(crate) fn plan_key_slots(
         &self,
         area: &[u8],
         change: &KeySlotChange,

@@ -217,7 +217,7 @@ impl LuksHeader {
     }
 
     /// Byte range of slot `index`'s key material inside the area.
-    pub fn material_range(&self, index: usize) -> Option<std::ops::Range<usize>> {
+    pub(crate) fn material_range(&self, index: usize) -> Option<std::ops::Range<usize>> {
         let slot = self.slots.get(index)?;
         let start = u64::from(slot.key_offset_sector) * SECTOR_SIZE as u64;
         let len = u64::from(self.master_key_len) * u64::from(slot.stripes);
@@ -247,7 +247,7 @@ impl LuksHeader {
 
     /// Tries key slot `index` alone: `None` when it is inactive or `passphrase` does not open
     /// it; an error when it breaks `limits` or its material lies outside `area`.
-    pub fn unlock_slot(
+    pub(crate) fn unlock_slot(
         &self,
         area: &[u8],
         index: usize,
@@ -304,7 +304,7 @@ impl LuksHeader {
     }
 
     /// Whether `key` has the header's master-key digest (compared without early exit).
-    pub fn digest_matches(&self, key: &MasterKey) -> Result<bool, CryptoError> {
+    pub(crate) fn digest_matches(&self, key: &MasterKey) -> Result<bool, CryptoError> {
         let mut digest = [0u8; DIGEST_LEN];
         pbkdf::pbkdf2(
             self.hash,
@@ -378,7 +378,7 @@ impl LuksHeader {
     /// iterations 0, state disabled, and its key material in `area` overwritten with bytes from
     /// `random`. QEMU writes the header first, then [`ERASE_PASSES`] random passes over the
     /// material, each to disk; a caller mirroring it calls this once per pass after the header.
-    pub fn erase_key(
+    pub(crate) fn erase_key(
         &mut self,
         area: &mut [u8],
         index: usize,

@@ -119,7 +119,7 @@ impl MasterKey {
     }
 
     /// The key bytes, to fill.
-    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
         &mut self.bytes[..self.len]
     }
 }

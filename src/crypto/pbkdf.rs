@@ -63,7 +63,7 @@ impl HashAlg {
     }
 
     /// Length of the digest in bytes.
-    pub fn digest_len(self) -> usize {
+    pub(crate) fn digest_len(self) -> usize {
         match self {
             HashAlg::Md5 => 16,
             HashAlg::Sha1 | HashAlg::Ripemd160 => 20,
@@ -76,7 +76,7 @@ impl HashAlg {
 
     /// The digest of the concatenation of `parts`, written to the start of `out`; returns the
     /// digest length.
-    pub fn digest_into(self, parts: &[&[u8]], out: &mut [u8; MAX_DIGEST_LEN]) -> usize {
+    pub(crate) fn digest_into(self, parts: &[&[u8]], out: &mut [u8; MAX_DIGEST_LEN]) -> usize {
         fn run<D: Digest>(parts: &[&[u8]], out: &mut [u8; MAX_DIGEST_LEN]) -> usize {
             let mut d = D::new();
             for p in parts {

@@ -299,7 +299,7 @@ impl Qcow2Image {
 
 impl Qcow2Image {
     /// Activates or erases LUKS key slots as `qemu-img amend -o encrypt.state=…` does, with
-    /// QEMU's checks and messages (see [`LuksHeader::plan_key_slots`]). A new slot's material is
+    /// QEMU's checks and messages. A new slot's material is
     /// written and flushed before the header names it; an erased slot leaves the header first,
     /// then its material is overwritten [`ERASE_PASSES`] times.
     pub fn amend_key_slots(&self, change: &KeySlotChange) -> Result<()> {

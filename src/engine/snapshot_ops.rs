@@ -230,7 +230,7 @@ impl Qcow2Image {
     /// without a disk size records the image's current size, one without an instruction count
     /// records none (-1). The table is written elsewhere and switched to as by every snapshot
     /// operation.
-    pub fn complete_snapshot_extra_data(&self) -> Result<()> {
+    pub(crate) fn complete_snapshot_extra_data(&self) -> Result<()> {
         self.guard(self.snapshot_op(|img, m| {
             let size = img.size();
             let snapshots = img

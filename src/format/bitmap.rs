@@ -57,7 +57,7 @@ impl TableEntry {
     /// Decodes a table entry of an image with clusters of `cluster_size` bytes, as QEMU's
     /// `check_table_entry` accepts them: no reserved bit, and with an offset, a cluster-aligned
     /// one and no all-ones bit. `None` for an invalid entry.
-    pub fn decode(raw: u64, cluster_size: u64) -> Option<TableEntry> {
+    pub(crate) fn decode(raw: u64, cluster_size: u64) -> Option<TableEntry> {
         if raw & TABLE_RESERVED != 0 {
             return None;
         }
@@ -110,7 +110,7 @@ pub struct BitmapEntry {
 
 impl BitmapEntry {
     /// Flag names as qemu-img prints them.
-    pub fn flag_names(&self) -> Vec<&'static str> {
+    pub(crate) fn flag_names(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
         if self.flags & FLAG_IN_USE != 0 {
             v.push("in-use");

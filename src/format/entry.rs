@@ -87,13 +87,13 @@ pub struct CompressedDescriptor {
 impl CompressedDescriptor {
     /// Bit position of the sector count: `62 - (cluster_bits - 8)`.
     #[inline]
-    pub fn size_shift(cluster_bits: u32) -> u32 {
+    pub(crate) fn size_shift(cluster_bits: u32) -> u32 {
         62 - (cluster_bits - 8)
     }
 
     /// Decodes the descriptor bits (0..=61) of a compressed L2 entry.
     #[inline]
-    pub fn decode(entry: u64, cluster_bits: u32) -> Self {
+    pub(crate) fn decode(entry: u64, cluster_bits: u32) -> Self {
         let x = Self::size_shift(cluster_bits);
         let host_offset = entry & ((1u64 << x) - 1);
         let count_mask = (1u64 << (cluster_bits - 8)) - 1;
@@ -118,7 +118,7 @@ impl CompressedDescriptor {
     }
 
     /// The descriptor for `len` compressed bytes stored at `host_offset`.
-    pub fn for_bytes(host_offset: u64, len: u64) -> Self {
+    pub(crate) fn for_bytes(host_offset: u64, len: u64) -> Self {
         let first = host_offset & !511;
         let end = (host_offset + len).next_multiple_of(512);
         CompressedDescriptor {
@@ -129,7 +129,7 @@ impl CompressedDescriptor {
 
     /// Bytes from `host_offset` to the end of the last sector: the most that may hold data.
     #[inline]
-    pub fn stored_len(self) -> u64 {
+    pub(crate) fn stored_len(self) -> u64 {
         self.sectors * 512 - (self.host_offset & 511)
     }
 }
@@ -167,7 +167,7 @@ impl SubclusterBitmap {
 
     /// Number of consecutive subclusters from `i` that share subcluster `i`'s state.
     #[inline]
-    pub fn run_len(self, i: u32) -> u32 {
+    pub(crate) fn run_len(self, i: u32) -> u32 {
         let s = self.state(i);
         let mut j = i + 1;
         while j < 32 && self.state(j) == s {

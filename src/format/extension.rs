@@ -169,7 +169,7 @@ impl Extensions {
     }
 
     /// The name of `bit` of `kind` from the feature table, if the image names it.
-    pub fn feature_name(&self, kind: FeatureKind, bit: u8) -> Option<&str> {
+    pub(crate) fn feature_name(&self, kind: FeatureKind, bit: u8) -> Option<&str> {
         self.feature_names
             .iter()
             .find(|f| f.kind == kind && f.bit == bit)

@@ -53,7 +53,7 @@ pub enum FeatureKind {
 
 impl FeatureKind {
     /// Decodes the type byte of a feature-name table entry.
-    pub fn from_byte(b: u8) -> Option<Self> {
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
         match b {
             0 => Some(FeatureKind::Incompatible),
             1 => Some(FeatureKind::Compatible),
@@ -63,7 +63,7 @@ impl FeatureKind {
     }
 
     /// The type byte.
-    pub fn to_byte(self) -> u8 {
+    pub(crate) fn to_byte(self) -> u8 {
         match self {
             FeatureKind::Incompatible => 0,
             FeatureKind::Compatible => 1,

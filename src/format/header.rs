@@ -340,7 +340,7 @@ impl Header {
     /// checks against the file.
     ///
     /// [`validate`]: Header::validate
-    pub fn check_open(&self) -> Result<(), Corruption> {
+    pub(crate) fn check_open(&self) -> Result<(), Corruption> {
         self.qemu_open_checks(false)
     }
 
@@ -349,7 +349,7 @@ impl Header {
     /// check.
     ///
     /// [`check_open`]: Header::check_open
-    pub fn check_open_for_check(&self) -> Result<(), Corruption> {
+    pub(crate) fn check_open_for_check(&self) -> Result<(), Corruption> {
         self.qemu_open_checks(true)
     }
 
@@ -410,10 +410,9 @@ impl Header {
     }
 
     /// Checks every limit that involves sizes, offsets and the file length: QEMU's checks
-    /// ([`check_open`]), the backing file name's place, plus qcow2kit's rule that tables lie
-    /// inside the file (rounded up to a whole cluster, as QEMU may leave the last cluster short).
-    ///
-    /// [`check_open`]: Header::check_open
+    /// (those of its `qcow2_do_open`), the backing file name's place, plus qcow2kit's rule that
+    /// tables lie inside the file (rounded up to a whole cluster, as QEMU may leave the last
+    /// cluster short).
     pub fn validate(&self, file_len: u64) -> Result<(), Corruption> {
         self.check_open()?;
         self.check_backing_name()?;
@@ -439,7 +438,7 @@ impl Header {
     }
 
     /// QEMU's "Backing file name too long": at most 1023 bytes, and inside cluster 0.
-    pub fn check_backing_name(&self) -> Result<(), Corruption> {
+    pub(crate) fn check_backing_name(&self) -> Result<(), Corruption> {
         if self.backing_file_offset == 0 {
             return Ok(());
         }
@@ -481,7 +480,7 @@ impl Header {
     }
 
     /// Bytes per L2 entry (8 or 16).
-    pub fn l2_entry_size(&self) -> u64 {
+    pub(crate) fn l2_entry_size(&self) -> u64 {
         if self.has_extended_l2() {
             16
         } else {
@@ -500,13 +499,13 @@ impl Header {
     }
 
     /// Number of L1 entries needed to map `size` bytes, or `None` on overflow.
-    pub fn l1_entries_for(&self, size: u64) -> Option<u64> {
+    pub(crate) fn l1_entries_for(&self, size: u64) -> Option<u64> {
         let shift = self.cluster_bits + self.l2_bits();
         Some(size.checked_add((1u64 << shift) - 1)? >> shift)
     }
 
     /// Incompatible bits this implementation does not know.
-    pub fn unknown_incompatible(&self) -> u64 {
+    pub(crate) fn unknown_incompatible(&self) -> u64 {
         self.incompatible.bits() & !IncompatibleFeatures::all().bits()
     }
 
