@@ -23,7 +23,7 @@ mod common;
 use common::{make_guest_image, noise, same_content, Res, Scratch};
 use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::{FileStorage, MemoryStorage, Storage};
-use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
+use qcow2kit::ops::convert::{convert, ConvertOptions, Target};
 use qcow2kit::ops::create::{create_qcow2, create_qcow2_on, CreateOptions};
 use qcow2kit::ops::inspect::{inspect_path, Policy};
 use qcow2kit::Format;
@@ -126,10 +126,11 @@ fn main() -> Res<()> {
 fn import(upload: &Path, declared: Format, target: &Path) -> Res<u64> {
     let format = Format::openable(declared.name().as_bytes())?;
     let src = open(upload, format, &OpenOptions::default())?;
-    let dst = FileStorage::create(target)?;
-    convert_to_raw(src.device.as_ref(), &dst, &RawConvertOptions::default())?;
-    dst.flush()?;
-    drop(dst);
+    convert(
+        src.device.as_ref(),
+        Target::NewFile(target),
+        &ConvertOptions::default(),
+    )?;
     let copy = open(target, Format::Raw, &OpenOptions::default())?;
     same_content(
         "upload vs. stored copy",

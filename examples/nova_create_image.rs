@@ -24,7 +24,7 @@ use common::{hex, make_guest_image, noise, same_content, Res, Scratch, GUEST_IMA
 use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::{FileStorage, Storage};
 use qcow2kit::ops::check::check;
-use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
+use qcow2kit::ops::convert::{convert, ConvertOptions, Target};
 use qcow2kit::ops::create::{create_qcow2, CreateOptions};
 use qcow2kit::ops::info::{image_info, open_for_info};
 use qcow2kit::ops::inspect::{inspect_path, Policy};
@@ -50,24 +50,19 @@ fn main() -> Res<()> {
     let original = make_guest_image(&part)?;
 
     // fetch_to_raw: vet the download as qcow2 (no backing or data file, nothing else inside),
-    // convert it to raw under a temporary name, then rename it into the cache.
+    // convert it to raw under a temporary name, then rename it into the cache (Target::NewFile
+    // does both: the cache entry appears whole or not at all).
     let vetted = inspect_path(&part)?.check(&Policy::openstack().declared(Format::Qcow2));
     if let Some(v) = vetted.first() {
         return Err(format!("image {IMAGE_ID} is unsafe: {v}").into());
     }
     let base = dir.path("_base").join(hex(&Sha1::digest(IMAGE_ID)));
-    let converted = base.with_extension("converted");
     let download = open(&part, Format::Qcow2, &OpenOptions::default())?;
-    {
-        let dst = FileStorage::create(&converted)?;
-        convert_to_raw(
-            download.device.as_ref(),
-            &dst,
-            &RawConvertOptions::default(),
-        )?;
-        dst.flush()?;
-    }
-    std::fs::rename(&converted, &base)?;
+    convert(
+        download.device.as_ref(),
+        Target::NewFile(&base),
+        &ConvertOptions::default(),
+    )?;
 
     // disk.extend on a raw file is a truncate up (the library has no raw resize).
     {

@@ -25,7 +25,7 @@ use md5::Md5;
 use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::io::FileStorage;
 use qcow2kit::ops::check::check;
-use qcow2kit::ops::convert::{convert_to_qcow2, Qcow2ConvertOptions};
+use qcow2kit::ops::convert::{convert, ConvertOptions, Target, TargetFormat};
 use qcow2kit::ops::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
 use qcow2kit::ops::info::{image_info, open_for_info};
 use qcow2kit::Format;
@@ -119,14 +119,12 @@ fn make_instance(base: &Path, disk: &Path) -> Res<()> {
 /// the snapshot is made: `main` verifies and records whatever image it leaves at `snap`.
 fn snapshot_by_convert(disk: &Path, snap: &Path) -> Res<()> {
     let src = open(disk, Format::Qcow2, &OpenOptions::qemu_compatible())?;
-    let opts = Qcow2ConvertOptions {
+    let opts = ConvertOptions {
+        format: TargetFormat::Qcow2(CreateOptions::default()),
         compress: true,
-        // qemu-img's default `-S 4k`: zeros stay unallocated (the options' default, 0, makes a
-        // thick copy).
-        zero_granularity: 4096,
-        ..Qcow2ConvertOptions::default()
+        ..ConvertOptions::default()
     };
-    convert_to_qcow2(src.device.as_ref(), snap, &opts)?;
+    convert(src.device.as_ref(), Target::NewFile(snap), &opts)?;
     Ok(())
 }
 

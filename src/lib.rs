@@ -103,25 +103,34 @@
 //!
 //! ```
 //! # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
-//! use qcow2kit::ops::convert::{convert_to_qcow2, Qcow2ConvertOptions};
+//! use qcow2kit::ops::convert::{convert, ConvertOptions, Target, TargetFormat};
 //! use qcow2kit::{open, Format, OpenOptions};
 //! use std::sync::atomic::{AtomicU64, Ordering};
 //!
 //! # let dir = tempfile::tempdir()?;
 //! # let path = dir.path().join("disk.qcow2");
 //! # create_qcow2(&path, &CreateOptions { size: Some(8 << 20), ..CreateOptions::default() })?;
+//! # {
+//! #     let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+//! #     let d = open(&path, Format::Qcow2, &rw)?;
+//! #     qcow2kit::BlockDevice::write_at(d.device.as_ref(), &vec![9u8; 1 << 20], 0)?;
+//! #     d.close()?;
+//! # }
 //! let src = open(&path, Format::Qcow2, &OpenOptions::qemu_compatible())?;
 //! let percent = AtomicU64::new(0);
 //! let report = |done: u64, total: u64| {
 //!     percent.store(done * 100 / total.max(1), Ordering::Relaxed);
 //!     true // go on
 //! };
-//! let opts = Qcow2ConvertOptions {
+//! let opts = ConvertOptions {
+//!     format: TargetFormat::Qcow2(Default::default()),
 //!     compress: true,
 //!     progress: Some(&report),
-//!     ..Qcow2ConvertOptions::default()
+//!     ..ConvertOptions::default()
 //! };
-//! convert_to_qcow2(src.device.as_ref(), &dir.path().join("flat.qcow2"), &opts)?;
+//! let flat = dir.path().join("flat.qcow2");
+//! convert(src.device.as_ref(), Target::NewFile(&flat), &opts)?;
+//! assert_eq!(percent.load(Ordering::Relaxed), 100);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

@@ -7,7 +7,7 @@ mod write_helpers;
 
 use qcow2kit::ops::commit::{commit, open_for_commit, CommitOptions};
 use qcow2kit::ops::compare::{compare_with_progress, CompareStage};
-use qcow2kit::ops::convert::{convert_to_qcow2, Qcow2ConvertOptions};
+use qcow2kit::ops::convert::{convert, ConvertOptions, Target, TargetFormat};
 use qcow2kit::{Error, Format, OpenOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
 use write_helpers::{assert_check_clean, export_raw, open_ro, qemu_img, qemu_io, scratch};
@@ -29,12 +29,14 @@ fn a_cancelled_qcow2_convert_leaves_no_target_and_no_temporary_file() {
     let src = open_ro(&d.join("src.qcow2"));
     let calls = AtomicU64::new(0);
     let stop = stop_after(8 << 20, &calls);
-    let opts = Qcow2ConvertOptions {
+    let opts = ConvertOptions {
+        format: TargetFormat::Qcow2(Default::default()),
         workers: 1,
         progress: Some(&stop),
         ..Default::default()
     };
-    let r = convert_to_qcow2(src.device.as_ref(), &d.join("out.qcow2"), &opts);
+    let out = d.join("out.qcow2");
+    let r = convert(src.device.as_ref(), Target::NewFile(&out), &opts);
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
     // One worker stops at the first report past the limit: well before the 64 MiB are copied.
     let n = calls.load(Ordering::SeqCst);

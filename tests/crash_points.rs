@@ -60,7 +60,7 @@ use qcow2kit::io::testing::{
 };
 use qcow2kit::io::{MemoryStorage, Storage};
 use qcow2kit::ops::check::check;
-use qcow2kit::ops::convert::{convert_into, Qcow2ConvertOptions};
+use qcow2kit::ops::convert::{self as copy, ConvertOptions, TargetFormat};
 use qcow2kit::ops::create::{create_qcow2_on, Compat, CreateEncryption, CreateOptions};
 use qcow2kit::{BlockDevice, Error, Qcow2Image, Qcow2Options, RawImage, SnapshotRef};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -604,12 +604,15 @@ fn run_step(
         Step::Reopen => unreachable!("handled above"),
         Step::Convert { compress } => {
             let (src, _) = p.source.as_ref().expect("convert needs a source");
-            let opts = Qcow2ConvertOptions {
+            // As the old default of the qcow2 copy: a thick copy (every cluster written).
+            let opts = ConvertOptions {
+                format: TargetFormat::Qcow2(CreateOptions::default()),
                 workers: 1,
                 compress,
-                ..Qcow2ConvertOptions::default()
+                zero_granularity: 0,
+                ..ConvertOptions::default()
             };
-            convert_into(src.as_ref(), dev, true, &opts)
+            copy::convert(src.as_ref(), copy::Target::Image(dev), &opts)
         }
     };
     match &r {

@@ -554,7 +554,7 @@ fn luks_spec(file: &str) -> String {
 #[test]
 fn convert_resize_snapshot_and_repair_encrypted_images() {
     use qcow2kit::ops::check::{repair, RepairMode};
-    use qcow2kit::ops::convert::{convert_to_qcow2, Qcow2ConvertOptions};
+    use qcow2kit::ops::convert::{convert, ConvertOptions, Target, TargetFormat};
     let cfg = EncCfg {
         qemu_create: true,
         ..luks(64 * K, true)
@@ -579,8 +579,8 @@ fn convert_resize_snapshot_and_repair_encrypted_images() {
     let key = cfg.open_options(false);
     let convert = |src: &str, enc: &OpenOptions, dst: &str, encrypt: bool| {
         let s = qcow2kit::chain::open(&d.join(src), Format::Qcow2, enc).expect("source");
-        let o = Qcow2ConvertOptions {
-            create: CreateOptions {
+        let o = ConvertOptions {
+            format: TargetFormat::Qcow2(CreateOptions {
                 encryption: encrypt.then(|| CreateEncryption {
                     format: EncryptionFormat::Luks,
                     passphrase: Passphrase::new(PW),
@@ -593,13 +593,11 @@ fn convert_resize_snapshot_and_repair_encrypted_images() {
                     },
                 }),
                 ..CreateOptions::default()
-            },
+            }),
             workers: 2,
-            zero_granularity: 4096,
-            compress: false,
-            progress: None,
+            ..ConvertOptions::default()
         };
-        convert_to_qcow2(s.device.as_ref(), &d.join(dst), &o).expect("convert");
+        convert(s.device.as_ref(), Target::NewFile(&d.join(dst)), &o).expect("convert");
     };
     // LUKS -> plain, then plain -> LUKS: each equal to the original as qemu-img reads them.
     convert("img.qcow2", &key, "plain.qcow2", false);

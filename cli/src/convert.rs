@@ -20,13 +20,12 @@ use crate::qemu_errors::convert_error_text;
 use qcow2kit::chain::{FileRole, Locking};
 use qcow2kit::io::lock::{lock_error, LockRequest};
 use qcow2kit::io::{FileStorage, Storage};
-use qcow2kit::ops::convert::{
-    convert_into, convert_to_qcow2, convert_to_raw, Qcow2ConvertOptions, RawConvertOptions,
-};
+use qcow2kit::ops::convert::{self as copy, ConvertOptions, Target, TargetFormat};
 use qcow2kit::ops::create::CreateOptions;
 use qcow2kit::Format;
 use qcow2kit::SnapshotRef;
 use std::path::Path;
+use std::sync::Arc;
 
 const SPECS: &[Spec] = &[
     opt(Some('f'), None, true, "f"),
@@ -312,11 +311,12 @@ fn convert(args: &[String]) -> Result<(), String> {
         return Ok(());
     }
     if out_fmt == Format::Qcow2 {
-        let opts = Qcow2ConvertOptions {
-            create,
+        let opts = ConvertOptions {
+            format: TargetFormat::Qcow2(create),
             workers,
             zero_granularity,
             compress: p.has("c"),
+            target_is_zero,
             progress,
         };
         if exists {
@@ -328,7 +328,7 @@ fn convert(args: &[String]) -> Result<(), String> {
             if target_is_zero && p.has("B") {
                 return refuse_zero_target_with_backing();
             }
-            convert_into(dev.as_ref(), &q, target_is_zero, &opts).map_err(|e| {
+            copy::convert(dev.as_ref(), Target::Image(&q), &opts).map_err(|e| {
                 convert_error_text(&e, || format!("error while writing '{dst}': {e}"))
             })?;
             bitmaps::copy(&image.qcow2, &q, &bitmaps)?;
@@ -339,7 +339,7 @@ fn convert(args: &[String]) -> Result<(), String> {
             // and no one may start to until the new one is in place.
             let _replaced = lock_replaced(dst)
                 .map_err(|e| format!("{dst}: error while converting qcow2: {e}"))?;
-            convert_to_qcow2(dev.as_ref(), Path::new(dst), &opts).map_err(|e| {
+            copy::convert(dev.as_ref(), Target::NewFile(Path::new(dst)), &opts).map_err(|e| {
                 convert_error_text(&e, || format!("error while converting qcow2: {e}"))
             })?;
             if bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
@@ -364,16 +364,19 @@ fn convert(args: &[String]) -> Result<(), String> {
         if p.has("bitmaps") {
             return Err("Format driver 'raw' does not support bitmaps".into());
         }
-        let opts = RawConvertOptions {
+        let opts = ConvertOptions {
+            format: TargetFormat::Raw,
             workers,
             zero_granularity,
+            compress: false,
             target_is_zero: !exists || target_is_zero,
             progress,
         };
         if target_is_zero && p.has("B") {
             return refuse_zero_target_with_backing();
         }
-        convert_to_raw(dev.as_ref(), &target, &opts)
+        let target: Arc<dyn Storage> = Arc::new(target);
+        copy::convert(dev.as_ref(), Target::Storage(target.clone()), &opts)
             .map_err(|e| convert_error_text(&e, || format!("error while converting raw: {e}")))?;
         target
             .flush()

@@ -1,4 +1,5 @@
-//! Converting a device (any chain) into a raw or qcow2 image.
+//! The copy engines behind [`convert`](super::convert): into raw storage, into a new qcow2 file,
+//! into an open qcow2 image.
 //!
 //! Cost is proportional to allocated data: the source's extents are resolved through its whole
 //! backing chain first (or, when the target keeps a backing file, through the source's top layer
@@ -8,6 +9,7 @@
 //! host. A qcow2 target is built in a temporary file beside the target, flushed, and renamed
 //! into place, so a failed convert never leaves a half image under the target's name.
 
+use super::Progress;
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
@@ -23,31 +25,9 @@ use std::sync::Arc;
 /// Largest range one worker reads and writes at a time.
 pub(crate) const CHUNK_BYTES: u64 = 256 << 10;
 
-/// A progress-and-cancel callback: called with `(work done, work total)` as an operation
-/// advances (bytes for copies), from any of its worker threads; it returns whether to go on.
-/// Returning `false` stops the operation with [`Error::Cancelled`], and its target is left as a
-/// failed operation leaves it (a qcow2 convert target is never created; a copy into an existing
-/// target may be partly done).
-///
-/// ```
-/// use qcow2kit::io::MemoryStorage;
-/// use qcow2kit::ops::convert::{convert_to_raw, RawConvertOptions};
-/// use qcow2kit::{Error, RawImage};
-/// use std::sync::Arc;
-///
-/// let src = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![1; 8 << 20])), false)?;
-/// let dst = MemoryStorage::new();
-/// // Stop once half of the bytes are copied.
-/// let half = |done: u64, total: u64| done < total / 2;
-/// let opts = RawConvertOptions { progress: Some(&half), workers: 1, ..Default::default() };
-/// assert!(matches!(convert_to_raw(&src, &dst, &opts), Err(Error::Cancelled)));
-/// # Ok::<(), qcow2kit::Error>(())
-/// ```
-pub type Progress<'a> = &'a (dyn Fn(u64, u64) -> bool + Sync);
-
 /// Options of [`convert_to_raw`].
 #[derive(Clone, Copy)]
-pub struct RawConvertOptions<'a> {
+pub(crate) struct RawConvertOptions<'a> {
     /// Worker threads; 0 means one per available core.
     pub workers: usize,
     /// Zero detection granularity in bytes (qemu-img `-S`): aligned blocks of this size that
@@ -245,7 +225,7 @@ fn write_sparse(
 }
 
 /// Copies the guest content of `src` into `dst` as a raw image of `src.size()` bytes.
-pub fn convert_to_raw(
+pub(crate) fn convert_to_raw(
     src: &dyn BlockDevice,
     dst: &dyn Storage,
     opts: &RawConvertOptions<'_>,
@@ -295,7 +275,7 @@ pub fn convert_to_raw(
 
 /// Options of [`convert_to_qcow2`] and [`convert_into`].
 #[derive(Clone, Default)]
-pub struct Qcow2ConvertOptions<'a> {
+pub(crate) struct Qcow2ConvertOptions<'a> {
     /// Options of the new image (its size is the source's). A backing file here (qemu-img `-B`)
     /// makes the target keep it: only the source's top layer is copied.
     pub create: CreateOptions,
@@ -411,15 +391,38 @@ fn remove_if_unlocked(path: &Path, uid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Converts `src` into a new qcow2 image at `target` (replacing any file there only when the
-/// whole image has been written and flushed). The new image is written to a hidden temporary
-/// file beside the target (`.NAME.qcow2kit-PID.tmp`), under an exclusive `flock` while it is
-/// written. Temporary files that killed converts to the same target left behind are removed
-/// on the way: those of the same user whose process is gone and that no one holds locked.
-pub fn convert_to_qcow2(
+/// Converts `src` into a new qcow2 image at `target` (see [`into_new_file`]).
+pub(crate) fn convert_to_qcow2(
     src: &dyn BlockDevice,
     target: &Path,
     opts: &Qcow2ConvertOptions<'_>,
+) -> Result<()> {
+    into_new_file(target, |storage| {
+        let data: Option<Arc<dyn Storage>> = match &opts.create.data_file {
+            Some(d) => {
+                let p = crate::chain::resolve_relative(target, d.as_bytes())?;
+                Some(Arc::new(
+                    FileStorage::create(&p).map_err(|e| Error::storage("creating data file", e))?,
+                ))
+            }
+            None => None,
+        };
+        let size = src.size().next_multiple_of(512);
+        let img = create_qcow2_on(storage, data, size, &opts.create)?;
+        convert_into(src, &img, true, opts)?;
+        img.close()
+    })
+}
+
+/// Writes a new file at `target` with `write`, replacing any file there only when `write`
+/// succeeded and the file is flushed. The file is written as a hidden temporary file beside the
+/// target (`.NAME.qcow2kit-PID.tmp`), under an exclusive `flock`, then renamed into place; on
+/// failure it is removed. Temporary files that killed converts to the same target left behind
+/// are removed on the way: those of the same user whose process is gone and that no one holds
+/// locked.
+pub(crate) fn into_new_file(
+    target: &Path,
+    write: impl FnOnce(Arc<dyn Storage>) -> Result<()>,
 ) -> Result<()> {
     let name = target
         .file_name()
@@ -441,20 +444,7 @@ pub fn convert_to_qcow2(
         remove_stale_temps(&dir, name, ours.uid());
     }
     let storage: Arc<dyn Storage> = Arc::new(file);
-    let data: Option<Arc<dyn Storage>> = match &opts.create.data_file {
-        Some(d) => {
-            let p = crate::chain::resolve_relative(target, d.as_bytes())?;
-            Some(Arc::new(
-                FileStorage::create(&p).map_err(|e| Error::storage("creating data file", e))?,
-            ))
-        }
-        None => None,
-    };
-    let size = src.size().next_multiple_of(512);
-    let img = create_qcow2_on(storage.clone(), data, size, &opts.create)?;
-    convert_into(src, &img, true, opts)?;
-    img.close()?;
-    drop(img);
+    write(storage.clone())?;
     storage
         .flush()
         .map_err(|e| Error::io("flushing target", e))?;
@@ -470,7 +460,7 @@ pub fn convert_to_qcow2(
 
 /// Copies `src` into the open qcow2 image `dst` (qemu-img `convert -n` when `dst_is_zero` is
 /// false: zero ranges are then written as zeros).
-pub fn convert_into(
+pub(crate) fn convert_into(
     src: &dyn BlockDevice,
     dst: &Qcow2Image,
     dst_is_zero: bool,
