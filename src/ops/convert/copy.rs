@@ -9,7 +9,7 @@
 //! host. A qcow2 target is built in a temporary file beside the target, flushed, and renamed
 //! into place, so a failed convert never leaves a half image under the target's name.
 
-use super::Progress;
+use super::{ConvertOptions, Progress};
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::engine::Qcow2Image;
 use crate::error::{Error, Result};
@@ -24,43 +24,6 @@ use std::sync::Arc;
 
 /// Largest range one worker reads and writes at a time.
 pub(crate) const CHUNK_BYTES: u64 = 256 << 10;
-
-/// Options of [`convert_to_raw`].
-#[derive(Clone, Copy)]
-pub(crate) struct RawConvertOptions<'a> {
-    /// Worker threads; 0 means one per available core.
-    pub workers: usize,
-    /// Zero detection granularity in bytes (qemu-img `-S`): aligned blocks of this size that
-    /// read as zeros are not written. 0 makes a thick copy: every byte is written, zeros and
-    /// unallocated ranges included, so the target ends up fully allocated.
-    pub zero_granularity: u64,
-    /// The target already reads as zeros everywhere (freshly created): ranges of zeros need no
-    /// writes at all. Otherwise they are zeroed explicitly (qemu-img `-n`).
-    pub target_is_zero: bool,
-    /// Called after each chunk.
-    pub progress: Option<Progress<'a>>,
-}
-
-impl Default for RawConvertOptions<'_> {
-    fn default() -> Self {
-        RawConvertOptions {
-            workers: 0,
-            zero_granularity: 4096,
-            target_is_zero: true,
-            progress: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for RawConvertOptions<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawConvertOptions")
-            .field("workers", &self.workers)
-            .field("zero_granularity", &self.zero_granularity)
-            .field("target_is_zero", &self.target_is_zero)
-            .finish_non_exhaustive()
-    }
-}
 
 /// One unit of work: a range that holds data (read and copy) or zeros (zero the target).
 #[derive(Debug, Clone, Copy)]
@@ -228,7 +191,7 @@ fn write_sparse(
 pub(crate) fn convert_to_raw(
     src: &dyn BlockDevice,
     dst: &dyn Storage,
-    opts: &RawConvertOptions<'_>,
+    opts: &ConvertOptions<'_>,
 ) -> Result<()> {
     let size = src.size();
     if opts.target_is_zero {
@@ -271,35 +234,6 @@ pub(crate) fn convert_to_raw(
                 .map_err(|e| Error::io("zeroing target", e))
         }
     })
-}
-
-/// Options of [`convert_to_qcow2`] and [`convert_into`].
-#[derive(Clone, Default)]
-pub(crate) struct Qcow2ConvertOptions<'a> {
-    /// Options of the new image (its size is the source's). A backing file here (qemu-img `-B`)
-    /// makes the target keep it: only the source's top layer is copied.
-    pub create: CreateOptions,
-    /// Worker threads; 0 means one per available core.
-    pub workers: usize,
-    /// Zero detection granularity (qemu-img `-S`); blocks of zeros are not allocated. The
-    /// effective granularity is at least the target's cluster size. 0 makes a thick copy
-    /// (unless a backing file is kept): every cluster is allocated, zeros written as data.
-    pub zero_granularity: u64,
-    /// Write compressed clusters (qemu-img `-c`).
-    pub compress: bool,
-    /// Called after each chunk.
-    pub progress: Option<Progress<'a>>,
-}
-
-impl std::fmt::Debug for Qcow2ConvertOptions<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2ConvertOptions")
-            .field("create", &self.create)
-            .field("workers", &self.workers)
-            .field("zero_granularity", &self.zero_granularity)
-            .field("compress", &self.compress)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A temporary file beside the target, removed unless kept.
@@ -395,10 +329,11 @@ fn remove_if_unlocked(path: &Path, uid: u32) -> std::io::Result<()> {
 pub(crate) fn convert_to_qcow2(
     src: &dyn BlockDevice,
     target: &Path,
-    opts: &Qcow2ConvertOptions<'_>,
+    create: &CreateOptions,
+    opts: &ConvertOptions<'_>,
 ) -> Result<()> {
     into_new_file(target, |storage| {
-        let data: Option<Arc<dyn Storage>> = match &opts.create.data_file {
+        let data: Option<Arc<dyn Storage>> = match &create.data_file {
             Some(d) => {
                 let p = crate::chain::resolve_relative(target, d.as_bytes())?;
                 Some(Arc::new(
@@ -408,8 +343,8 @@ pub(crate) fn convert_to_qcow2(
             None => None,
         };
         let size = src.size().next_multiple_of(512);
-        let img = create_qcow2_on(storage, data, size, &opts.create)?;
-        convert_into(src, &img, true, opts)?;
+        let img = create_qcow2_on(storage, data, size, create)?;
+        convert_into(src, &img, true, create, opts)?;
         img.close()
     })
 }
@@ -459,12 +394,14 @@ pub(crate) fn into_new_file(
 }
 
 /// Copies `src` into the open qcow2 image `dst` (qemu-img `convert -n` when `dst_is_zero` is
-/// false: zero ranges are then written as zeros).
+/// false: zero ranges are then written as zeros); a backing file in `create` (qemu-img `-B`)
+/// makes it copy the source's top layer only.
 pub(crate) fn convert_into(
     src: &dyn BlockDevice,
     dst: &Qcow2Image,
     dst_is_zero: bool,
-    opts: &Qcow2ConvertOptions<'_>,
+    create: &CreateOptions,
+    opts: &ConvertOptions<'_>,
 ) -> Result<()> {
     if dst.size() < src.size() {
         return Err(Error::InvalidArgument(
@@ -472,8 +409,8 @@ pub(crate) fn convert_into(
         ));
     }
     let cs = dst.cluster_size();
-    let keeps_backing = opts.create.backing_file.is_some() || dst.backing_file_name().is_some();
-    let top_layer = keeps_backing && opts.create.backing_file.is_some();
+    let keeps_backing = create.backing_file.is_some() || dst.backing_file_name().is_some();
+    let top_layer = keeps_backing && create.backing_file.is_some();
     // A thick copy writes zeros as data; with a backing file kept, what the top layer does not
     // allocate must stay unallocated.
     let thick = opts.zero_granularity == 0 && !top_layer;
@@ -626,7 +563,7 @@ mod tests {
         let src = RawImage::open(Arc::new(MemoryStorage::from_bytes(data.clone())), false).unwrap();
         for workers in [1, 3] {
             let dst = MemoryStorage::new();
-            let opts = RawConvertOptions {
+            let opts = ConvertOptions {
                 workers,
                 ..Default::default()
             };
@@ -635,7 +572,7 @@ mod tests {
         }
         // A target full of garbage is zeroed where the source is zero.
         let dst = MemoryStorage::from_bytes(vec![0xee; 7 << 20]);
-        let opts = RawConvertOptions {
+        let opts = ConvertOptions {
             target_is_zero: false,
             ..Default::default()
         };

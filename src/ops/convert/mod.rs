@@ -19,11 +19,9 @@ use crate::ops::create::{create_qcow2_on, CreateOptions};
 use std::path::Path;
 use std::sync::Arc;
 
+pub(crate) use copy::default_workers;
 pub use copy::{bitmaps_to_copy, copy_bitmaps, is_zero};
-pub(crate) use copy::{
-    convert_into, convert_to_qcow2, convert_to_raw, default_workers, Qcow2ConvertOptions,
-    RawConvertOptions,
-};
+use copy::{convert_into, convert_to_qcow2, convert_to_raw};
 
 /// A progress-and-cancel callback: called with `(work done, work total)` as an operation
 /// advances (bytes for copies), from any of its worker threads; it returns whether to go on.
@@ -203,32 +201,16 @@ pub fn convert(src: &dyn BlockDevice, target: Target<'_>, opts: &ConvertOptions<
         TargetFormat::Raw => None,
         TargetFormat::Qcow2(c) => Some(c),
     };
-    let qcow2 = |create: &CreateOptions| Qcow2ConvertOptions {
-        create: create.clone(),
-        workers: opts.workers,
-        zero_granularity: opts.zero_granularity,
-        compress: opts.compress,
-        progress: opts.progress,
-    };
-    let raw = || RawConvertOptions {
-        workers: opts.workers,
-        zero_granularity: opts.zero_granularity,
-        target_is_zero: opts.target_is_zero,
-        progress: opts.progress,
-    };
     match (target, create) {
-        (Target::NewFile(path), Some(c)) => convert_to_qcow2(src, path, &qcow2(c)),
+        (Target::NewFile(path), Some(c)) => convert_to_qcow2(src, path, c, opts),
         (Target::NewFile(path), None) => copy::into_new_file(path, |storage| {
-            convert_to_raw(
-                src,
-                storage.as_ref(),
-                &RawConvertOptions {
-                    target_is_zero: true,
-                    ..raw()
-                },
-            )
+            let fresh = ConvertOptions {
+                target_is_zero: true,
+                ..opts.clone()
+            };
+            convert_to_raw(src, storage.as_ref(), &fresh)
         }),
-        (Target::Storage(storage), None) => convert_to_raw(src, storage.as_ref(), &raw()),
+        (Target::Storage(storage), None) => convert_to_raw(src, storage.as_ref(), opts),
         (Target::Storage(storage), Some(c)) => {
             if c.data_file.is_some() {
                 return Err(Error::InvalidArgument(
@@ -237,10 +219,10 @@ pub fn convert(src: &dyn BlockDevice, target: Target<'_>, opts: &ConvertOptions<
             }
             let size = src.size().next_multiple_of(512);
             let img = create_qcow2_on(storage, None, size, c)?;
-            convert_into(src, &img, true, &qcow2(c))?;
+            convert_into(src, &img, true, c, opts)?;
             img.close()
         }
-        (Target::Image(img), Some(c)) => convert_into(src, img, opts.target_is_zero, &qcow2(c)),
+        (Target::Image(img), Some(c)) => convert_into(src, img, opts.target_is_zero, c, opts),
         (Target::Image(_), None) => Err(Error::InvalidArgument(
             "an open qcow2 image is written as qcow2 (TargetFormat::Qcow2)".into(),
         )),
