@@ -99,6 +99,10 @@ impl Surface {
             .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
         let parsed =
             syn::parse_file(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", file.display()));
+        // A module's own docs (`//!`) are the inner attributes of its file.
+        if public && has_example(&parsed.attrs) {
+            self.public.insert(path.to_string(), true);
+        }
         self.walk_items(&parsed.items, file, path, public);
     }
 

@@ -19,7 +19,8 @@ use crate::common::{fail, parse_format, parse_size};
 use qcow2kit::chain::{open, probe_file, FileRole, Locking, OpenOptions};
 use qcow2kit::error::{strerror, Corruption};
 use qcow2kit::io::lock::{acquire, Permissions};
-use qcow2kit::BlockDevice;
+use qcow2kit::ops::create::Preallocation;
+use qcow2kit::ops::resize::{resize as resize_image, ResizeOptions};
 use qcow2kit::Format;
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
@@ -152,20 +153,17 @@ fn resize(args: &[String]) -> Result<(), String> {
             };
             arg.apply(&mut opts);
             let opened = open(path, format, &opts).map_err(|e| could_not_open(&e))?;
-            let img = opened
-                .qcow2
-                .ok_or_else(|| "resize: the image did not open as qcow2".to_string())?;
-            let current = img.size();
+            let current = opened.device.size();
             let total = new_size(current, n, relative, prealloc, shrink)?;
             if total % 512 != 0 {
                 return Err("The new size must be a multiple of 512".into());
             }
-            match prealloc {
-                "off" => img.resize(total, shrink),
-                mode => img.resize_preallocated(total, mode != "metadata"),
-            }
-            .map_err(|e| lib_error(&e))?;
-            img.close().map_err(|e| lib_error(&e))?;
+            let how = ResizeOptions {
+                shrink,
+                preallocation: Preallocation::from_name(prealloc).map_err(|e| lib_error(&e))?,
+            };
+            resize_image(&opened, total, &how).map_err(|e| lib_error(&e))?;
+            opened.close().map_err(|e| lib_error(&e))?;
         }
         Format::Raw => {
             let f = FileOptions::new()

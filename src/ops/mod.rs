@@ -13,4 +13,5 @@ pub mod map;
 pub mod measure;
 mod pool;
 pub mod rebase;
+pub mod resize;
 pub mod stream;
