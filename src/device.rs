@@ -1,4 +1,15 @@
 //! The guest's view of a disk: the [`BlockDevice`] trait and raw images.
+//!
+//! ```
+//! use qcow2kit::device::{BlockDevice, RawImage};
+//! use qcow2kit::io::MemoryStorage;
+//! use std::sync::Arc;
+//!
+//! let disk: Arc<dyn BlockDevice> =
+//!     Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 8192])), false)?);
+//! assert_eq!((disk.size(), disk.format_name()), (8192, "raw"));
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 use crate::io::Storage;
@@ -8,9 +19,19 @@ use std::sync::Arc;
 
 /// Most bytes a vectored request gathers into one contiguous request (see
 /// [`BlockDevice::write_vectored_at`]).
+///
+/// ```
+/// use qcow2kit::device::MAX_GATHER_BYTES;
+/// assert_eq!(MAX_GATHER_BYTES, 4 << 20);
+/// ```
 pub const MAX_GATHER_BYTES: usize = 4 << 20;
 
 /// What a discarded range reads as afterwards (see [`BlockDevice::discard_with`]).
+///
+/// ```
+/// use qcow2kit::DiscardMode;
+/// assert_eq!(DiscardMode::default(), DiscardMode::Zeros);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum DiscardMode {
@@ -25,6 +46,20 @@ pub enum DiscardMode {
 
 /// What a range of a device holds, as seen by one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::BlockDevice;
+/// # use qcow2kit::io::MemoryStorage;
+/// # use std::sync::Arc;
+/// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+/// use qcow2kit::ExtentKind;
+/// disk.write_at(&[1u8; 65536], 0)?;
+/// disk.write_zeroes(0, 65536)?; // the zero flag replaces the data
+/// assert_eq!(disk.block_status(0, 65536)?.kind, ExtentKind::Zero);
+/// assert_eq!(disk.block_status(65536, 65536)?.kind, ExtentKind::Unallocated);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub enum ExtentKind {
     /// Data stored in this layer (possibly compressed).
     Data,
@@ -36,6 +71,19 @@ pub enum ExtentKind {
 
 /// A run of a device with one status: the answer of [`BlockDevice::block_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::BlockDevice;
+/// # use qcow2kit::io::MemoryStorage;
+/// # use std::sync::Arc;
+/// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+/// disk.write_at(&[1u8; 65536], 0)?;
+/// let e = disk.block_status(0, 1 << 20)?;
+/// assert_eq!((e.offset, e.len, e.depth, e.compressed), (0, 65536, 0, false));
+/// assert!(e.host_offset.is_some());
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub struct Extent {
     /// Guest offset where the run starts.
     pub offset: u64,
@@ -98,34 +146,132 @@ pub struct Extent {
 /// ```
 pub trait BlockDevice: Send + Sync {
     /// Virtual size in bytes.
+    ///
+    /// ```
+    /// # use qcow2kit::{BlockDevice, RawImage};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 1 << 20])), true)?;
+    /// assert_eq!(disk.size(), 1 << 20);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn size(&self) -> u64;
 
     /// Fills `buf` with the guest data at `offset`.
+    ///
+    /// ```
+    /// # use qcow2kit::{BlockDevice, RawImage};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 1 << 20])), true)?;
+    /// let mut buf = [1u8; 512];
+    /// disk.read_at(&mut buf, 4096)?;
+    /// assert_eq!(buf, [0u8; 512]);
+    /// assert!(disk.read_at(&mut buf, (1 << 20) - 256).is_err()); // past the end
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
     /// Writes `buf` at `offset`.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// disk.write_at(b"hello", 1000)?; // any offset and length
+    /// let mut back = [0u8; 5];
+    /// disk.read_at(&mut back, 1000)?;
+    /// assert_eq!(&back, b"hello");
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 
     /// Makes `len` bytes at `offset` read as zeros.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// disk.write_at(&[9u8; 65536], 0)?;
+    /// disk.write_zeroes(0, 65536)?; // a whole cluster: only its entry changes
+    /// let mut buf = [1u8; 512];
+    /// disk.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [0u8; 512]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
 
     /// Tells the device the range's content is no longer needed; it reads as zeros afterwards
     /// (never as backing data where the guest had written).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// disk.write_at(&[9u8; 131072], 0)?;
+    /// disk.discard(0, 131072)?; // the clusters' space is freed
+    /// let mut buf = [1u8; 512];
+    /// disk.read_at(&mut buf, 65536)?;
+    /// assert_eq!(buf, [0u8; 512]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
 
     /// Makes every completed write durable.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// disk.write_at(&[1u8; 4096], 0)?;
+    /// disk.flush()?; // the write survives a crash from here on
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn flush(&self) -> Result<()>;
 
     /// Flushes, then closes the device for changes: afterwards every write, zero write,
     /// discard, flush and resize fails with [`Error::Closed`]; reads still answer (what was
     /// written stays readable). Closing again is a no-op. An error means the device could not
     /// make its writes durable, and says why.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// disk.write_at(&[1u8; 4096], 0)?;
+    /// BlockDevice::close(&disk)?;
+    /// assert!(matches!(disk.write_at(&[2u8; 512], 0), Err(qcow2kit::Error::Closed)));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn close(&self) -> Result<()>;
 
     /// Fills `bufs`, one after the other, with the guest data starting at `offset`.
     ///
     /// Runs of small buffers are read as one request of at most [`MAX_GATHER_BYTES`] and
     /// scattered, so that a guest's scatter-gather list costs as few requests as one buffer.
+    ///
+    /// ```
+    /// # use qcow2kit::{BlockDevice, RawImage};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 1 << 20])), true)?;
+    /// use std::io::IoSliceMut;
+    /// disk.write_at(&[1u8; 1024], 0)?;
+    /// let (mut a, mut b) = ([0u8; 512], [0u8; 512]);
+    /// disk.read_vectored_at(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)], 0)?;
+    /// assert_eq!((a, b), ([1u8; 512], [1u8; 512]));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let total = vectored_len(bufs.iter().map(|b| b.len()), offset, self.size())?;
         if let [one] = bufs {
@@ -150,6 +296,21 @@ pub trait BlockDevice: Send + Sync {
     /// Runs of small buffers are gathered into one request of at most [`MAX_GATHER_BYTES`], so
     /// a list of sector-sized buffers costs one cluster write, not a copy-on-write per buffer;
     /// a single buffer is written as it is. A failure may leave a prefix of the list written.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// use std::io::IoSlice;
+    /// // One cluster allocation for the whole list, not one per buffer.
+    /// disk.write_vectored_at(&[IoSlice::new(&[1u8; 512]), IoSlice::new(&[2u8; 512])], 65536)?;
+    /// let mut buf = [0u8; 1024];
+    /// disk.read_at(&mut buf, 65536)?;
+    /// assert_eq!((buf[0], buf[1023]), (1, 2));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         let total = vectored_len(bufs.iter().map(|b| b.len()), offset, self.size())?;
         if let [one] = bufs {
@@ -171,6 +332,22 @@ pub trait BlockDevice: Send + Sync {
     /// [`DiscardMode::Zeros`] is [`discard`](Self::discard). Devices that cannot make a range
     /// read from their backing device again return [`Error::Unsupported`] for
     /// [`DiscardMode::Backing`] when they have one; without one it is a plain discard.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::DiscardMode;
+    /// disk.write_at(&[3u8; 65536], 0)?;
+    /// // Without a backing file both modes read zeros afterwards.
+    /// disk.discard_with(0, 65536, DiscardMode::Backing)?;
+    /// let mut buf = [1u8; 512];
+    /// disk.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [0u8; 512]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn discard_with(&self, offset: u64, len: u64, mode: DiscardMode) -> Result<()> {
         match mode {
             DiscardMode::Backing if self.backing().is_some() => Err(Error::Unsupported(format!(
@@ -182,19 +359,64 @@ pub trait BlockDevice: Send + Sync {
     }
 
     /// The status of the run starting at `offset`, at most `len` bytes, in this layer alone.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::ExtentKind;
+    /// disk.write_at(&[1u8; 65536], 65536)?;
+    /// assert_eq!(disk.block_status(0, 1 << 20)?.kind, ExtentKind::Unallocated);
+    /// let e = disk.block_status(65536, 1 << 19)?;
+    /// assert_eq!((e.kind, e.len), (ExtentKind::Data, 65536));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
 
     /// The backing device, if this device has one attached.
+    ///
+    /// ```
+    /// # use qcow2kit::{BlockDevice, RawImage};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 1 << 20])), true)?;
+    /// assert!(disk.backing().is_none()); // a raw image has none
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
         None
     }
 
     /// Short name of the format (`"qcow2"`, `"raw"`).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// assert_eq!(disk.format_name(), "qcow2");
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn format_name(&self) -> &'static str;
 
     /// Changes the virtual size to `new_size` bytes (a multiple of 512). Growing makes the new
     /// range read as zeros; shrinking is refused unless `allow_shrink`. Devices that cannot
     /// change size return [`Error::Unsupported`].
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use std::sync::Arc;
+    /// # let disk = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// disk.resize(4 << 20, false)?;
+    /// assert_eq!(disk.size(), 4 << 20);
+    /// assert!(disk.resize(1 << 20, false).is_err()); // shrinking needs allow_shrink
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let _ = (new_size, allow_shrink);
         Err(Error::Unsupported(format!(
@@ -295,6 +517,22 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
 /// The status of the run at `offset` resolved through the whole backing chain: the first layer
 /// that has data or zeros answers; a range no layer allocates is `Unallocated` at the depth of the
 /// last layer consulted. Past the end of a shorter backing device the answer is `Zero`.
+///
+/// ```
+/// use qcow2kit::device::chain_status;
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::{BlockDevice, ExtentKind, RawImage};
+/// use std::sync::Arc;
+///
+/// let base: Arc<dyn BlockDevice> =
+///     Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![1; 1 << 20])), false)?);
+/// let mut top = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+/// top.set_backing(Some(base));
+/// let e = chain_status(&top, 0, 1 << 20)?;
+/// assert_eq!((e.kind, e.depth), (ExtentKind::Data, 1)); // answered by the backing file
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Extent> {
     let mut e = dev.block_status(offset, len)?;
     let mut layer: &dyn BlockDevice = dev;
@@ -323,6 +561,17 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Exte
 
 /// A raw image: guest offset = offset in the storage.
 #[derive(Debug)]
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::{BlockDevice, RawImage};
+/// use std::sync::Arc;
+///
+/// let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 1000])), true)?;
+/// assert_eq!(disk.size(), 1024); // whole sectors, as QEMU counts them
+/// disk.write_at(&[5; 24], 1000)?; // the storage grows to hold the tail
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub struct RawImage {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
@@ -338,6 +587,16 @@ impl RawImage {
     /// sectors (`total_sectors` is the length rounded up), so a 1000-byte raw file is a
     /// 1024-byte disk for qemu-img (`info`, `convert`, and as a backing file). The bytes past
     /// the end of the storage read as zeros (the [`Storage`] contract).
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::{BlockDevice, Error, RawImage};
+    /// use std::sync::Arc;
+    ///
+    /// let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 4096])), false)?;
+    /// assert!(matches!(disk.write_at(&[1], 0), Err(Error::ReadOnly)));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
         let len = storage
             .len()
@@ -354,6 +613,16 @@ impl RawImage {
     }
 
     /// The storage under the image.
+    ///
+    /// ```
+    /// use qcow2kit::io::{MemoryStorage, Storage};
+    /// use qcow2kit::RawImage;
+    /// use std::sync::Arc;
+    ///
+    /// let disk = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![0; 4096])), false)?;
+    /// assert_eq!(disk.storage().len().map_err(|e| qcow2kit::Error::io("len", e))?, 4096);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
