@@ -10,6 +10,27 @@
 //! Every file an open uses (the image, its data file, its backing files) is locked as QEMU locks
 //! it ([`Locking`], [`crate::io::lock`]), so that a QEMU process and a qcow2kit one (or two opens
 //! in one process) cannot write the same image at once: a conflict is [`Error::Locked`].
+//!
+//! ```
+//! use qcow2kit::chain::{open, OpenOptions};
+//! use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+//! use qcow2kit::{Error, Format};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let top = dir.path().join("top.qcow2");
+//! let base = CreateOptions {
+//!     size: Some(1 << 20),
+//!     backing_file: Some("base.qcow2".into()),
+//!     backing_format: Some("qcow2".into()),
+//!     ..CreateOptions::default()
+//! };
+//! create_qcow2(&top, &base)?;
+//! // The default policy refuses the file the image names; qemu_compatible() opens it (and
+//! // fails here, since base.qcow2 does not exist).
+//! assert!(matches!(open(&top, Format::Qcow2, &OpenOptions::default()), Err(Error::ExternalFileDenied { .. })));
+//! assert!(open(&top, Format::Qcow2, &OpenOptions::qemu_compatible()).is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::device::{BlockDevice, RawImage};
 use crate::engine::{Qcow2Image, Qcow2Options, SnapshotRef};
@@ -24,12 +45,45 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// qemu-img's message for a writable open that asks to share everything.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, Locking, OpenOptions, FORCE_SHARE_WRITABLE};
+/// use qcow2kit::{Error, Format};
+/// let opts = OpenOptions { writable: true, locking: Locking::ForceShare, ..OpenOptions::default() };
+/// let r = open(&path, Format::Qcow2, &opts);
+/// assert!(matches!(r, Err(Error::InvalidArgument(m)) if m == FORCE_SHARE_WRITABLE));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub const FORCE_SHARE_WRITABLE: &str = "force-share=on can only be used with read-only images";
 
 /// Default limit on the number of backing layers under an image.
+///
+/// ```
+/// use qcow2kit::chain::{BackingPolicy, OpenOptions, DEFAULT_MAX_DEPTH};
+/// let o = OpenOptions::qemu_compatible();
+/// assert_eq!(o.backing, BackingPolicy::Follow { max_depth: DEFAULT_MAX_DEPTH });
+/// ```
 pub const DEFAULT_MAX_DEPTH: usize = 16;
 
 /// What to do with a backing file an image names.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, BackingPolicy, OpenOptions};
+/// use qcow2kit::Format;
+/// // Read an overlay alone, its unallocated clusters as zeros, without opening its backing file.
+/// let opts = OpenOptions { backing: BackingPolicy::Ignore, ..OpenOptions::default() };
+/// let img = open(&path, Format::Qcow2, &opts)?;
+/// assert_eq!(img.layers.len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingPolicy {
     /// Refuse images that name a backing file.
@@ -49,6 +103,24 @@ pub enum BackingPolicy {
 /// its files what QEMU's driver does: qcow2 refuses to share writes and resizes of its image
 /// file with anyone, an external data file is not resized by others, a raw image passes the
 /// root's sharing through, and backing files are only read.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, Locking, OpenOptions};
+/// use qcow2kit::{Error, Format};
+/// let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+/// let writer = open(&path, Format::Qcow2, &rw)?;
+/// // A second writer is refused, as QEMU refuses it ...
+/// assert!(matches!(open(&path, Format::Qcow2, &rw), Err(Error::Locked { .. })));
+/// // ... and so is a reader that does not share writes, unless it asks to (qemu-img -U).
+/// let shared = OpenOptions { locking: Locking::ForceShare, ..OpenOptions::default() };
+/// open(&path, Format::Qcow2, &shared)?;
+/// # drop(writer);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Locking {
     /// As qemu-img and qemu-io lock (the default): other opens may do whatever the formats
@@ -67,6 +139,13 @@ pub enum Locking {
 }
 
 /// What a file is to the image that uses it, for [`Locking::request`].
+///
+/// ```
+/// use qcow2kit::chain::FileRole;
+/// use qcow2kit::Format;
+/// assert_eq!(FileRole::of(Format::Raw), FileRole::Raw);
+/// assert_eq!(FileRole::of(Format::Qcow2), FileRole::Qcow2);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileRole {
     /// The file of a qcow2 image (top or backing layer).
@@ -79,6 +158,11 @@ pub enum FileRole {
 
 impl FileRole {
     /// The role of the file of an image in `format`.
+    ///
+    /// ```
+    /// use qcow2kit::chain::FileRole;
+    /// assert_eq!(FileRole::of(qcow2kit::Format::Raw), FileRole::Raw);
+    /// ```
     pub fn of(format: Format) -> Self {
         match format {
             Format::Raw => FileRole::Raw,
@@ -89,6 +173,12 @@ impl FileRole {
 
 impl Locking {
     /// The locks to take on one file in `role`, written or not; `None` for [`Locking::Off`].
+    ///
+    /// ```
+    /// use qcow2kit::chain::{FileRole, Locking};
+    /// assert!(Locking::Off.request(FileRole::Qcow2, true).is_none());
+    /// assert!(Locking::Qemu.request(FileRole::Qcow2, true).is_some());
+    /// ```
     pub fn request(self, role: FileRole, writable: bool) -> Option<LockRequest> {
         let read = Permissions::CONSISTENT_READ;
         let all = Permissions::all();
@@ -124,6 +214,19 @@ fn grows(writable: bool) -> Permissions {
 }
 
 /// How to open an image and what it refers to.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, OpenOptions};
+/// use qcow2kit::Format;
+/// // The defaults: read-only, no backing or data file opened, QEMU's locks.
+/// let img = open(&path, Format::Qcow2, &OpenOptions::default())?;
+/// assert!(!img.layers[0].writable);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// Open the top image for writing.
@@ -159,10 +262,42 @@ pub struct OpenOptions {
 
 /// A function given each file of the top image once it is open, with its role, that returns
 /// the storage the image is to use instead (see [`OpenOptions::interpose`]).
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, Interpose, OpenOptions};
+/// use qcow2kit::Format;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+/// // Count the files the open hands to the filter (a VMM would wrap them in its own Storage).
+/// let seen = Arc::new(AtomicUsize::new(0));
+/// let counter = seen.clone();
+/// let opts = OpenOptions {
+///     interpose: Some(Interpose(Arc::new(move |_role, storage| {
+///         counter.fetch_add(1, Ordering::SeqCst);
+///         storage
+///     }))),
+///     ..OpenOptions::default()
+/// };
+/// open(&path, Format::Qcow2, &opts)?;
+/// assert_eq!(seen.load(Ordering::SeqCst), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct Interpose(pub Arc<InterposeFn>);
 
 /// The function an [`Interpose`] holds.
+///
+/// ```
+/// use qcow2kit::chain::{FileRole, InterposeFn};
+/// use qcow2kit::io::Storage;
+/// use std::sync::Arc;
+/// let identity: Arc<InterposeFn> = Arc::new(|_role: FileRole, s: Arc<dyn Storage>| s);
+/// # let _ = identity;
+/// ```
 pub type InterposeFn = dyn Fn(FileRole, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync;
 
 impl std::fmt::Debug for Interpose {
@@ -206,6 +341,12 @@ impl Default for OpenOptions {
 impl OpenOptions {
     /// What qemu-img does: follow backing chains (probing formats it does not know) and open
     /// data files.
+    ///
+    /// ```
+    /// use qcow2kit::chain::{BackingPolicy, OpenOptions};
+    /// let o = OpenOptions::qemu_compatible();
+    /// assert!(matches!(o.backing, BackingPolicy::Follow { .. }) && o.allow_data_file);
+    /// ```
     pub fn qemu_compatible() -> Self {
         OpenOptions {
             backing: BackingPolicy::Follow {
@@ -219,6 +360,19 @@ impl OpenOptions {
 }
 
 /// An opened image: the device and, for qcow2, the concrete top image.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, OpenOptions};
+/// use qcow2kit::{BlockDevice, Format};
+/// let img = open(&path, Format::Qcow2, &OpenOptions::default())?;
+/// assert_eq!((img.format, img.device.size()), (Format::Qcow2, 1 << 20));
+/// assert!(img.qcow2.is_some());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct Opened {
     /// The image as a block device (with its chain attached).
@@ -235,6 +389,19 @@ pub struct Opened {
 }
 
 /// One image of an opened backing chain.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, OpenOptions};
+/// use qcow2kit::Format;
+/// let img = open(&path, Format::Qcow2, &OpenOptions::default())?;
+/// let top = &img.layers[0];
+/// assert_eq!((top.format, top.path.as_path()), (Format::Qcow2, path.as_path()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct Layer {
     /// The image as a block device, with the rest of the chain below it attached.
@@ -284,6 +451,19 @@ impl Opened {
 
     /// The depth in [`Opened::layers`] of the file at `path` (compared by device and inode, so
     /// any name of it matches), or `None` when it is not in the chain.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("disk.qcow2");
+    /// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+    /// use qcow2kit::chain::{open, OpenOptions};
+    /// use qcow2kit::Format;
+    /// let img = open(&path, Format::Qcow2, &OpenOptions::default())?;
+    /// assert_eq!(img.depth_of(&path)?, Some(0));
+    /// assert_eq!(img.depth_of(&dir.path().join("elsewhere"))?, None);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn depth_of(&self, path: &Path) -> Result<Option<usize>> {
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
@@ -301,6 +481,20 @@ impl Opened {
 /// A file another open uses in a way this one may not share (or that refuses to share what this
 /// one does) is refused with [`Error::Locked`]; [`Locking::ForceShare`] with `writable` is
 /// refused with [`Error::InvalidArgument`].
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::{open, OpenOptions};
+/// use qcow2kit::{BlockDevice, Format};
+/// let img = open(&path, Format::Qcow2, &OpenOptions::qemu_compatible())?;
+/// let mut buf = [1u8; 512];
+/// img.device.read_at(&mut buf, 0)?;
+/// assert_eq!(buf, [0u8; 512]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn open(path: &Path, format: Format, opts: &OpenOptions) -> Result<Opened> {
     if opts.writable && opts.locking == Locking::ForceShare {
         return Err(Error::InvalidArgument(FORCE_SHARE_WRITABLE.into()));
@@ -315,6 +509,19 @@ pub fn open(path: &Path, format: Format, opts: &OpenOptions) -> Result<Opened> {
 /// does, a `.dmg` name — parallels, qcow, qed, vdi, vhdx, vmdk, vpc, luks) is named and refused
 /// as unsupported, never read as raw, and a polyglot (signatures of several formats) is refused
 /// rather than guessed at.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..CreateOptions::default() })?;
+/// use qcow2kit::chain::probe_file;
+/// use qcow2kit::Format;
+/// assert_eq!(probe_file(&path)?, Format::Qcow2);
+/// std::fs::write(dir.path().join("blank"), [0u8; 4096])?;
+/// assert_eq!(probe_file(&dir.path().join("blank"))?, Format::Raw);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn probe_file(path: &Path) -> Result<Format> {
     // Probing takes no lock (neither does QEMU's): the open that follows does.
     let s: Arc<dyn Storage> = match crate::nbd::open_uri(path, false)? {
@@ -389,6 +596,15 @@ pub(crate) fn open_storage(
 }
 
 /// Resolves a name stored in an image relative to the directory of the image's path.
+///
+/// ```
+/// use qcow2kit::chain::resolve_relative;
+/// use std::path::Path;
+/// let p = resolve_relative(Path::new("/images/top.qcow2"), b"base.qcow2")?;
+/// assert_eq!(p, Path::new("/images/base.qcow2"));
+/// assert_eq!(resolve_relative(Path::new("/images/top.qcow2"), b"/abs.raw")?, Path::new("/abs.raw"));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn resolve_relative(image_path: &Path, name: &[u8]) -> Result<PathBuf> {
     if name.is_empty() {
         return Err(Error::InvalidArgument("empty file name".into()));
