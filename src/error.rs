@@ -10,9 +10,30 @@ use std::io;
 use std::path::PathBuf;
 
 /// A specialised `Result` for qcow2kit operations.
+///
+/// ```
+/// fn size_of(path: &std::path::Path) -> qcow2kit::Result<u64> {
+///     let img = qcow2kit::open(path, qcow2kit::Format::Qcow2, &Default::default())?;
+///     Ok(qcow2kit::BlockDevice::size(img.device.as_ref()))
+/// }
+/// assert!(size_of("no/such/image".as_ref()).is_err());
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in qcow2kit.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::{Error, Qcow2Image, Qcow2Options};
+/// use std::sync::Arc;
+///
+/// // Bytes that are not qcow2 are refused with the rule they break, not an I/O error.
+/// let junk = Arc::new(MemoryStorage::from_bytes(vec![0xff; 4096]));
+/// match Qcow2Image::open(junk, &Qcow2Options::default()) {
+///     Err(Error::Corrupt(c)) => println!("refused: {c}"),
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -116,11 +137,20 @@ pub enum Error {
 
 /// The text of the [`Error::Unsupported`] every request gets once a metadata write of the
 /// image failed (the image must be reopened; see [`Error::is_after_failed_write`]).
+///
+/// ```
+/// use qcow2kit::error::AFTER_FAILED_WRITE;
+/// assert!(qcow2kit::Error::Unsupported(AFTER_FAILED_WRITE.into()).is_after_failed_write());
+/// ```
 pub const AFTER_FAILED_WRITE: &str = "an earlier metadata write failed; the image must be reopened";
 
 impl Error {
     /// Whether this is the refusal of an image whose earlier metadata write failed: the
     /// failure itself was already returned to whoever made that write.
+    ///
+    /// ```
+    /// assert!(!qcow2kit::Error::ReadOnly.is_after_failed_write());
+    /// ```
     pub fn is_after_failed_write(&self) -> bool {
         matches!(self, Error::Unsupported(t) if t == AFTER_FAILED_WRITE)
     }
@@ -161,6 +191,12 @@ impl From<io::Error> for Error {
 impl Error {
     /// The error itself when it is not [`Error::Backing`]; for a backing file that could not be
     /// opened, the error of the deepest one.
+    ///
+    /// ```
+    /// use qcow2kit::Error;
+    /// let e = Error::Backing(Box::new(Error::Backing(Box::new(Error::ReadOnly))));
+    /// assert!(matches!(e.into_innermost(), Error::ReadOnly));
+    /// ```
     pub fn into_innermost(self) -> Error {
         match self {
             Error::Backing(inner) => inner.into_innermost(),
@@ -169,6 +205,11 @@ impl Error {
     }
 
     /// Wraps an I/O error with a description of what was being done.
+    ///
+    /// ```
+    /// let e = qcow2kit::Error::io("reading header", std::io::Error::from_raw_os_error(5));
+    /// assert!(e.to_string().starts_with("I/O error reading header: "));
+    /// ```
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -178,6 +219,12 @@ impl Error {
 
     /// An error from opening or creating a file as [`Error::Locked`] when it is a lock conflict
     /// ([`crate::io::lock::LockError`]), else as [`Error::io`] with `context`.
+    ///
+    /// ```
+    /// use qcow2kit::Error;
+    /// let e = Error::storage("opening image", std::io::Error::from_raw_os_error(2));
+    /// assert!(matches!(e, Error::Io { .. })); // not a lock conflict
+    /// ```
     pub fn storage(context: impl Into<String>, source: io::Error) -> Self {
         match crate::io::lock::into_lock_error(source) {
             Ok(source) => Error::Locked {
@@ -189,6 +236,14 @@ impl Error {
     }
 
     /// Returns the corruption, if this error is one.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::{Qcow2Image, Qcow2Options};
+    /// use std::sync::Arc;
+    /// let e = Qcow2Image::open(Arc::new(MemoryStorage::new()), &Qcow2Options::default()).unwrap_err();
+    /// assert!(e.corruption().is_some()); // an empty file is no qcow2 image
+    /// ```
     pub fn corruption(&self) -> Option<&Corruption> {
         match self {
             Error::Corrupt(c) => Some(c),
@@ -198,6 +253,15 @@ impl Error {
 }
 
 /// A rule of the qcow2 format broken by an image, naming the field and the rule.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::{Corruption, Qcow2Image, Qcow2Options};
+/// use std::sync::Arc;
+/// let e = Qcow2Image::open(Arc::new(MemoryStorage::from_bytes(vec![0; 512])), &Qcow2Options::default())
+///     .unwrap_err();
+/// assert!(matches!(e.corruption(), Some(Corruption::BadMagic { .. })));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Corruption {
@@ -370,6 +434,11 @@ impl std::error::Error for Corruption {}
 
 /// The message of an I/O error as C's `strerror` words it (without Rust's ` (os error N)`
 /// suffix): how qemu-img prints the errors behind its messages.
+///
+/// ```
+/// use qcow2kit::error::strerror;
+/// assert_eq!(strerror(&std::io::Error::from_raw_os_error(2)), "No such file or directory");
+/// ```
 pub fn strerror(e: &io::Error) -> String {
     let s = e.to_string();
     match s.rfind(" (os error ") {

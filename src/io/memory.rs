@@ -5,6 +5,14 @@ use std::io;
 use std::sync::RwLock;
 
 /// A growable byte vector behind a lock, optionally with a capacity (like a small disk).
+///
+/// ```
+/// use qcow2kit::io::{MemoryStorage, Storage};
+/// let m = MemoryStorage::new();
+/// m.write_at(b"abc", 10)?; // grows, the gap reads as zeros
+/// assert_eq!(m.to_bytes(), b"\0\0\0\0\0\0\0\0\0\0abc");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct MemoryStorage {
     data: RwLock<Vec<u8>>,
@@ -20,11 +28,26 @@ impl Default for MemoryStorage {
 
 impl MemoryStorage {
     /// Empty storage.
+    ///
+    /// ```
+    /// use qcow2kit::io::{MemoryStorage, Storage};
+    /// assert_eq!(MemoryStorage::new().len()?, 0);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Storage holding `bytes`.
+    ///
+    /// ```
+    /// use qcow2kit::io::{MemoryStorage, Storage};
+    /// let m = MemoryStorage::from_bytes(vec![7; 512]);
+    /// let mut b = [0u8; 4];
+    /// m.read_at(&mut b, 508)?;
+    /// assert_eq!(b, [7; 4]);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         MemoryStorage {
             data: RwLock::new(bytes),
@@ -35,6 +58,14 @@ impl MemoryStorage {
     /// Storage holding `bytes` that cannot grow past `capacity` bytes: a write or resize beyond
     /// it fails with [`io::ErrorKind::StorageFull`] (ENOSPC) and changes nothing. Bounds the
     /// memory a hostile image can make a writer allocate.
+    ///
+    /// ```
+    /// use qcow2kit::io::{MemoryStorage, Storage};
+    /// let m = MemoryStorage::with_capacity_limit(Vec::new(), 4096);
+    /// assert!(m.write_at(&[1; 512], 4000).is_err()); // ENOSPC, nothing changed
+    /// assert_eq!(m.len()?, 0);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn with_capacity_limit(bytes: Vec<u8>, capacity: u64) -> Self {
         MemoryStorage {
             data: RwLock::new(bytes),
@@ -50,6 +81,11 @@ impl MemoryStorage {
     }
 
     /// A copy of the current contents.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// assert_eq!(MemoryStorage::from_bytes(vec![1, 2]).to_bytes(), vec![1, 2]);
+    /// ```
     pub fn to_bytes(&self) -> Vec<u8> {
         self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
