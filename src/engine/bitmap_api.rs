@@ -36,6 +36,19 @@ impl Qcow2Image {
 
     /// The bits of the persistent bitmap `name`: as tracked in memory on a writable image,
     /// else as stored. A bitmap flagged in use (inconsistent) is refused.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("b", 65536, true)?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// assert_eq!(img.bitmap("b")?.count(), 1);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn bitmap(&self, name: &str) -> Result<DirtyBitmap> {
         if self.bitmap_state().loaded {
             return self.with_bitmap(name, |t| t.bits.clone().ok_or_else(|| inconsistent(name)));
@@ -53,12 +66,38 @@ impl Qcow2Image {
 
     /// The dirty ranges (offset, length) of the persistent bitmap `name`: what an incremental
     /// backup since the bitmap was created or cleared copies.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("b", 65536, true)?;
+    /// img.write_at(&[1; 200_000], 0)?;
+    /// assert_eq!(img.bitmap_dirty_extents("b")?, vec![(0, 262144)]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn bitmap_dirty_extents(&self, name: &str) -> Result<Vec<(u64, u64)>> {
         Ok(self.bitmap(name)?.extents())
     }
 
     /// Adds a persistent bitmap, clean, tracking writes if `enabled`, at a granularity of
     /// `granularity` bytes (a power of two, 512 B..2 GiB). Stored on close, as QEMU stores it.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("backup", 65536, true)?;
+    /// img.write_at(&[1; 512], 70000)?;
+    /// assert_eq!(img.bitmap_dirty_extents("backup")?, vec![(65536, 65536)]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn add_bitmap(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
         self.ensure_open()?;
         if name.is_empty() {
@@ -137,6 +176,19 @@ impl Qcow2Image {
 
     /// Removes the persistent bitmap `name` from the image at once (inconsistent ones too),
     /// freeing its clusters, as QEMU's `block-dirty-bitmap-remove` does.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("b", 65536, true)?;
+    /// img.remove_bitmap("b")?;
+    /// assert!(img.bitmaps().is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
         self.ensure_open()?;
         self.guard(self.remove_bitmap_impl(name))
@@ -201,6 +253,20 @@ impl Qcow2Image {
     }
 
     /// Clears every bit of the bitmap `name`.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("b", 65536, true)?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// img.clear_bitmap("b")?;
+    /// assert_eq!(img.bitmap("b")?.count(), 0);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn clear_bitmap(&self, name: &str) -> Result<()> {
         self.ensure_open()?;
         self.with_bitmap(name, |t| {
@@ -212,6 +278,20 @@ impl Qcow2Image {
     }
 
     /// Enables or disables the tracking of writes by the bitmap `name`.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("b", 65536, true)?;
+    /// img.set_bitmap_enabled("b", false)?;
+    /// img.write_at(&[1; 512], 0)?; // not tracked while disabled
+    /// assert_eq!(img.bitmap("b")?.count(), 0);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
         self.ensure_open()?;
         let flag = self.with_bitmap(name, |t| {
@@ -227,6 +307,21 @@ impl Qcow2Image {
     }
 
     /// Marks dirty in the bitmap `name` every range `source` has dirty.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("a", 65536, true)?;
+    /// img.add_bitmap("b", 65536, false)?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// img.merge_into_bitmap("b", &img.bitmap("a")?)?;
+    /// assert_eq!(img.bitmap("b")?.count(), 1);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn merge_into_bitmap(&self, name: &str, source: &DirtyBitmap) -> Result<()> {
         self.ensure_open()?;
         self.with_bitmap(name, |_| Ok(()))?;

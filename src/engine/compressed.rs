@@ -18,6 +18,18 @@ impl Qcow2Image {
     /// content: a whole cluster, or, for the device's last cluster, up to the end of the device.
     /// Data whose compressed form is not smaller than a cluster is written uncompressed (QEMU's
     /// rule).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_compressed(0, &vec![b'a'; 65536])?;
+    /// assert!(img.block_status(0, 65536)?.compressed);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.guard(self.write_compressed_impl(offset, data))
     }

@@ -168,6 +168,17 @@ fn inconsistent(msg: &str) -> Error {
 
 impl Qcow2Image {
     /// The image's encryption, if it has any.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(img.encryption().is_none()); // not encrypted
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn encryption(&self) -> Option<EncryptionInfo> {
         self.encryption.as_ref().map(|e| EncryptionInfo {
             format: e.format,

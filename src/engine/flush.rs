@@ -190,6 +190,19 @@ impl Qcow2Image {
     /// says so (an `Ok` would claim that writes acknowledged since the last successful flush
     /// are durable). After a successful `close` every write and flush fails with
     /// [`Error::Closed`] (never a silent `Ok`); closing again is a no-op.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// img.close()?;
+    /// assert!(matches!(img.write_at(&[1; 512], 0), Err(qcow2kit::Error::Closed)));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn close(&self) -> Result<()> {
         let r = self.settle().map(|()| self.lock_meta().closed = true);
         self.guard(r)

@@ -21,6 +21,21 @@ impl Qcow2Image {
     /// and preallocates the clusters of the new range. With `allocate_data` (qemu-img's
     /// `falloc` and `full`) the new clusters hold zeros as data, their subclusters allocated;
     /// without it (`metadata`) they are allocated but read as zeros by their entries.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.resize_preallocated(2 << 20, false)?; // --preallocation=metadata
+    /// assert!(img.block_status(1 << 20, 65536)?.host_offset.is_some()); // allocated
+    /// let mut buf = [1u8; 512];
+    /// img.read_at(&mut buf, 1 << 20)?;
+    /// assert_eq!(buf, [0u8; 512]); // and reads as zeros
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn resize_preallocated(&self, new_size: u64, allocate_data: bool) -> Result<()> {
         let old_size = self.size();
         if new_size <= old_size {

@@ -42,6 +42,19 @@ impl Qcow2Image {
     ///
     /// The backing device attached to this handle is not changed; reopen the image to read
     /// through the new chain.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.set_backing_link(Some(b"base.qcow2"), Some(b"qcow2"))?; // qemu-img rebase -u
+    /// img.set_backing_link(None, None)?;
+    /// assert!(img.backing_file_name().is_none());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn set_backing_link(&self, name: Option<&[u8]>, format: Option<&[u8]>) -> Result<()> {
         self.ensure_open()?;
         self.guard(self.set_backing_link_impl(name, format))
@@ -222,6 +235,18 @@ impl Qcow2Image {
     /// zero too (the zero flag; real zeros on a version 2 image) even without a backing file,
     /// so that they still read as zeros once the image has one — what QEMU's zero writes do
     /// (`qemu-io write -z`), and what a rebase needs.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_zeroes_flagged(0, 65536)?;
+    /// assert_eq!(img.block_status(0, 65536)?.kind, qcow2kit::ExtentKind::Zero);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn write_zeroes_flagged(&self, offset: u64, len: u64) -> Result<()> {
         self.guard(self.zero_impl(offset, len, ZeroMode::Explicit))
     }
@@ -229,6 +254,20 @@ impl Qcow2Image {
     /// As [`write_zeroes_flagged`](Self::write_zeroes_flagged), but whole clusters this image
     /// alone owns keep their host cluster (marked zero): QEMU's zero write without
     /// `BDRV_REQ_MAY_UNMAP` (`qemu-io write -z` without `-u`), which keeps the space reserved.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// img.write_zeroes_keeping_allocation(0, 65536)?;
+    /// let e = img.block_status(0, 65536)?;
+    /// assert!(e.kind == qcow2kit::ExtentKind::Zero && e.host_offset.is_some());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn write_zeroes_keeping_allocation(&self, offset: u64, len: u64) -> Result<()> {
         self.guard(self.zero_impl(offset, len, ZeroMode::Keep))
     }
@@ -237,6 +276,19 @@ impl Qcow2Image {
     /// again (what `qemu-img commit` does to the committed image), flushes, and cuts the file
     /// after its last cluster in use. Internal snapshots keep their clusters; L2 tables stay
     /// (empty).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// img.make_empty()?; // as after qemu-img commit
+    /// assert_eq!(img.block_status(0, 65536)?.kind, qcow2kit::ExtentKind::Unallocated);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn make_empty(&self) -> Result<()> {
         self.ensure_open()?;
         self.guard(self.make_empty_impl())

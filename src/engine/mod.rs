@@ -176,31 +176,100 @@ impl std::fmt::Debug for Qcow2Image {
 
 impl Qcow2Image {
     /// The header as currently on disk.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert_eq!(img.header().version, 3);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn header(&self) -> Header {
         self.lock_meta().header.clone()
     }
 
     /// Whether the image was opened for writing.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(img.is_writable());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn is_writable(&self) -> bool {
         self.writable
     }
 
     /// The header extensions, as on disk now.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(img.extensions().bitmaps.is_none());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn extensions(&self) -> Extensions {
         self.area().extensions.clone()
     }
 
     /// The backing file name as stored (bytes), if the image names one.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(img.backing_file_name().is_none());
+    /// img.set_backing_link(Some(b"base.raw"), Some(b"raw"))?;
+    /// assert_eq!(img.backing_file_name().as_deref(), Some(&b"base.raw"[..]));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn backing_file_name(&self) -> Option<Vec<u8>> {
         self.area().backing_name.clone()
     }
 
     /// The backing file format from the header extension, if recorded.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.set_backing_link(Some(b"base.raw"), Some(b"raw"))?;
+    /// assert_eq!(img.backing_format().as_deref(), Some(&b"raw"[..]));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn backing_format(&self) -> Option<Vec<u8>> {
         self.area().extensions.backing_format.clone()
     }
 
     /// The external data file name from the header extension, if recorded.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(img.data_file_name().is_none());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn data_file_name(&self) -> Option<Vec<u8>> {
         self.area().extensions.data_file.clone()
     }
@@ -212,11 +281,35 @@ impl Qcow2Image {
     }
 
     /// Whether the image keeps its data in an external data file.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(!img.has_data_file());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn has_data_file(&self) -> bool {
         self.geo.data_file
     }
 
     /// Internal snapshots, as on disk now.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::NewSnapshot;
+    /// img.create_snapshot(&NewSnapshot::now("s1"))?;
+    /// assert_eq!(img.snapshots()[0].name, "s1");
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn snapshots(&self) -> Vec<Snapshot> {
         // Writers replace the whole list in one assignment: a poisoned lock still holds a
         // consistent one.
@@ -228,6 +321,19 @@ impl Qcow2Image {
 
     /// Persistent bitmaps listed in the bitmap directory, as on disk now (while a writable
     /// open tracks them, flagged in use; bitmaps added since open are stored on close).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.add_bitmap("b0", 65536, true)?;
+    /// img.close()?; // the bitmap is stored
+    /// assert_eq!(img.bitmaps()[0].name, "b0");
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn bitmaps(&self) -> Vec<BitmapEntry> {
         self.bitmaps
             .read()
@@ -236,26 +342,92 @@ impl Qcow2Image {
     }
 
     /// The snapshot being viewed, if the image was opened on one.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert!(img.snapshot_view().is_none()); // the active image
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn snapshot_view(&self) -> Option<&Snapshot> {
         self.view.as_ref()
     }
 
     /// Cluster size in bytes.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// assert_eq!(img.cluster_size(), 65536);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn cluster_size(&self) -> u64 {
         self.geo.cluster_size
     }
 
     /// The storage under the image.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::io::Storage;
+    /// assert!(img.storage().len().map_err(|e| qcow2kit::Error::io("len", e))? > 0);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
 
     /// Attaches the backing device that unallocated clusters read from.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::RawImage;
+    /// let mut top = img;
+    /// top.set_backing_link(Some(b"base.raw"), Some(b"raw"))?;
+    /// let base = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![4; 1 << 20])), false)?;
+    /// top.set_backing(Some(Arc::new(base)));
+    /// let mut buf = [0u8; 512];
+    /// top.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [4u8; 512]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn set_backing(&mut self, backing: Option<Arc<dyn BlockDevice>>) {
         self.backing = backing;
     }
 
     /// Attaches the storage of the external data file.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// // An image without an external data file never reads from one.
+    /// let mut img = img;
+    /// img.set_data_file(Arc::new(MemoryStorage::new()));
+    /// assert!(!img.has_data_file());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn set_data_file(&mut self, storage: Arc<dyn Storage>) {
         self.data_storage = Some(storage);
     }
@@ -263,6 +435,21 @@ impl Qcow2Image {
     /// L2 cache (hits, misses) since open. Hits made without the metadata lock are counted
     /// per thread without atomic read-modify-writes, so under concurrency the hit count is a
     /// lower bound.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// let mut buf = [0u8; 512];
+    /// img.read_at(&mut buf, 0)?;
+    /// let (hits, misses) = img.cache_stats();
+    /// assert!(hits + misses > 0);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn cache_stats(&self) -> (u64, u64) {
         let (hits, misses) = self.lock_meta().l2.stats();
         (hits + self.fast_hits.total(), misses)

@@ -42,6 +42,18 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 impl Qcow2Image {
     /// Resizes the image to `new_size` bytes (a multiple of 512). A smaller size is refused
     /// unless `allow_shrink` (qemu-img `--shrink`).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.resize(2 << 20, false)?;
+    /// assert_eq!(img.size(), 2 << 20);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.ensure_open()?;
         self.guard(self.resize_impl(new_size, allow_shrink))

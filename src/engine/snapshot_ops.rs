@@ -146,10 +146,38 @@ impl Qcow2Image {
     /// The text of the [`Error::Unsupported`] that refuses to apply a snapshot to an image
     /// with persistent bitmaps (QEMU's words: applying changes the guest content without
     /// marking any bitmap, so QEMU refuses it whatever the bitmaps' flags).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::{NewSnapshot, Qcow2Image, SnapshotRef};
+    /// img.create_snapshot(&NewSnapshot::now("s"))?;
+    /// img.add_bitmap("b", 65536, true)?;
+    /// let r = img.apply_snapshot(&SnapshotRef::Name("s".into()));
+    /// assert!(matches!(r, Err(qcow2kit::Error::Unsupported(m)) if m == Qcow2Image::APPLY_WITH_BITMAPS));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub const APPLY_WITH_BITMAPS: &'static str = "Device has active dirty bitmaps";
 
     /// Creates an internal snapshot of the active image, as `qemu-img snapshot -c` does, and
     /// returns it. The image stays open and usable.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::NewSnapshot;
+    /// let s = img.create_snapshot(&NewSnapshot::now("nightly"))?;
+    /// assert_eq!((s.name.as_str(), s.id.as_str()), ("nightly", "1"));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn create_snapshot(&self, new: &NewSnapshot) -> Result<Snapshot> {
         if !super::snapshot_create::in_place(self.lock_meta().header.version) {
             return self.guard(self.snapshot_op(|img, m| img.plan_create(m, new)));
@@ -179,6 +207,24 @@ impl Qcow2Image {
     /// `qemu-img snapshot -a` does: what was written since is dropped, and the virtual size
     /// becomes the snapshot's. Refused, as QEMU refuses it, on an image with persistent
     /// bitmaps ([`Self::APPLY_WITH_BITMAPS`]).
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::{NewSnapshot, SnapshotRef};
+    /// img.write_at(&[1; 512], 0)?;
+    /// img.create_snapshot(&NewSnapshot::now("before"))?;
+    /// img.write_at(&[2; 512], 0)?;
+    /// img.apply_snapshot(&SnapshotRef::Name("before".into()))?;
+    /// let mut buf = [0u8; 512];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [1u8; 512]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn apply_snapshot(&self, which: &SnapshotRef) -> Result<()> {
         if !self.bitmap_state().list.is_empty() {
             return Err(Error::Unsupported(Self::APPLY_WITH_BITMAPS.into()));
@@ -188,6 +234,20 @@ impl Qcow2Image {
     }
 
     /// Deletes the snapshot `which` and frees what only it used; returns it.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// use qcow2kit::{NewSnapshot, SnapshotRef};
+    /// img.create_snapshot(&NewSnapshot::now("old"))?;
+    /// img.delete_snapshot(&SnapshotRef::Name("old".into()))?;
+    /// assert!(img.snapshots().is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn delete_snapshot(&self, which: &SnapshotRef) -> Result<Snapshot> {
         self.guard(self.snapshot_op(|img, m| img.plan_delete(m, which)))
     }
@@ -221,6 +281,18 @@ impl Qcow2Image {
     /// written and switched to with the rest of the image's metadata in one header write, and
     /// the old one freed. A narrower width that cannot hold a cluster's count is refused with
     /// QEMU's message, before anything is written.
+    ///
+    /// ```
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # let img = create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?;
+    /// img.change_refcount_width(64)?; // qemu-img amend -o refcount_bits=64
+    /// assert_eq!(img.header().refcount_order, 6);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn change_refcount_width(&self, bits: u64) -> Result<()> {
         self.guard(self.snapshot_op(|img, m| img.plan_refcount_width(m, bits)))
     }
