@@ -24,6 +24,19 @@
 //! | 100..104| header_length            | v3: ≥ 104, multiple of 8, ≤ cluster size     |
 //! | 104     | compression_type         | if header_length > 104: 0 zlib, 1 zstd       |
 //! | 105..112| padding                  |                                              |
+//!
+//! ```
+//! # use qcow2kit::io::MemoryStorage;
+//! # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+//! # use std::sync::Arc;
+//! # let file = Arc::new(MemoryStorage::new());
+//! # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+//! # let bytes = file.to_bytes();
+//! use qcow2kit::format::header::Header;
+//! let h = Header::parse(&bytes)?;
+//! assert_eq!(h.size, 1 << 30);
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
 
 use super::bytes::{put_u32, put_u64};
 use super::features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
@@ -44,6 +57,20 @@ pub(crate) const V3_HEADER_LENGTH: u32 = 112;
 pub(crate) const SNAPSHOT_HEADER_SIZE: u64 = 40;
 
 /// The compression algorithm of compressed clusters (header byte 104).
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use std::sync::Arc;
+/// # let file = Arc::new(MemoryStorage::new());
+/// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+/// # let bytes = file.to_bytes();
+/// use qcow2kit::format::header::Header;
+/// let h = Header::parse(&bytes)?;
+/// use qcow2kit::format::header::CompressionType;
+/// assert_eq!(h.compression_type, CompressionType::Zlib);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CompressionType {
     /// Raw deflate (RFC 1951), the default.
@@ -64,6 +91,20 @@ impl CompressionType {
 }
 
 /// Encryption method (header bytes 32..36).
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use std::sync::Arc;
+/// # let file = Arc::new(MemoryStorage::new());
+/// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+/// # let bytes = file.to_bytes();
+/// use qcow2kit::format::header::Header;
+/// let h = Header::parse(&bytes)?;
+/// use qcow2kit::format::header::CryptMethod;
+/// assert_eq!(h.crypt_method, CryptMethod::None);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CryptMethod {
     /// Not encrypted.
@@ -86,6 +127,19 @@ impl CryptMethod {
 }
 
 /// A parsed, validated qcow2 header.
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use std::sync::Arc;
+/// # let file = Arc::new(MemoryStorage::new());
+/// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+/// # let bytes = file.to_bytes();
+/// use qcow2kit::format::header::Header;
+/// let h = Header::parse(&bytes)?;
+/// assert_eq!((h.version, h.cluster_bits, h.refcount_order), (3, 16, 4));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     /// Format version, 2 or 3.
@@ -217,6 +271,19 @@ impl Header {
     /// checks the rest against the file size.
     ///
     /// [`validate`]: Header::validate
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert!(Header::parse(&bytes[..50]).is_err()); // cut short
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn parse(buf: &[u8]) -> Result<Header, Corruption> {
         let truncated = |needed: u32| Corruption::Truncated {
             what: "header",
@@ -413,6 +480,20 @@ impl Header {
     /// (those of its `qcow2_do_open`), the backing file name's place, plus qcow2kit's rule that
     /// tables lie inside the file (rounded up to a whole cluster, as QEMU may leave the last
     /// cluster short).
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// h.validate(bytes.len() as u64)?;
+    /// assert!(h.validate(1000).is_err()); // tables past the end of a 1000-byte file
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn validate(&self, file_len: u64) -> Result<(), Corruption> {
         self.check_open()?;
         self.check_backing_name()?;
@@ -463,17 +544,56 @@ impl Header {
     }
 
     /// Cluster size in bytes.
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert_eq!(h.cluster_size(), 65536);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
 
     /// Whether L2 entries are 128 bits wide (incompatible bit 4).
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert!(!h.has_extended_l2());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn has_extended_l2(&self) -> bool {
         self.incompatible
             .contains(IncompatibleFeatures::EXTENDED_L2)
     }
 
     /// Whether guest data lives in an external data file (incompatible bit 2).
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert!(!h.has_data_file());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn has_data_file(&self) -> bool {
         self.incompatible
             .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
@@ -489,11 +609,37 @@ impl Header {
     }
 
     /// log2 of the number of L2 entries per L2 table.
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert_eq!(h.l2_bits(), 13); // 8192 entries of 8 bytes per 64 KiB table
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn l2_bits(&self) -> u32 {
         self.cluster_bits - if self.has_extended_l2() { 4 } else { 3 }
     }
 
     /// Refcount width in bits.
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert_eq!(h.refcount_bits(), 16);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
     }
@@ -510,6 +656,19 @@ impl Header {
     }
 
     /// Encodes the header into `header_length` bytes (v2: 72).
+    ///
+    /// ```
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use std::sync::Arc;
+    /// # let file = Arc::new(MemoryStorage::new());
+    /// # create_qcow2_on(file.clone(), None, 1 << 30, &CreateOptions::default())?.close()?;
+    /// # let bytes = file.to_bytes();
+    /// use qcow2kit::format::header::Header;
+    /// let h = Header::parse(&bytes)?;
+    /// assert_eq!(Header::parse(&h.encode())?, h); // the exact inverse of parse
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; self.header_length as usize];
         put_u32(&mut b, 0, QCOW2_MAGIC);

@@ -2,6 +2,23 @@
 //!
 //! Everything is big-endian. Parsing returns validated values or a [`Corruption`](crate::Corruption)
 //! naming the field and the rule broken; encoding is the exact inverse, so that round trips hold.
+//!
+//! The parsers and encoders here are a stable API of their own, tested by round trips and by the
+//! hostile-image corpus, for tools that read qcow2 metadata without opening an image:
+//!
+//! ```
+//! # use qcow2kit::io::MemoryStorage;
+//! # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+//! # use std::sync::Arc;
+//! # let file = Arc::new(MemoryStorage::new());
+//! # create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+//! use qcow2kit::format::header::Header;
+//! let bytes = file.to_bytes(); // an image's first cluster is enough
+//! let h = Header::parse(&bytes)?;
+//! h.validate(bytes.len() as u64)?;
+//! assert_eq!((h.version, h.size, h.cluster_size()), (3, 1 << 20, 65536));
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
 
 pub mod bitmap;
 pub(crate) mod bytes;

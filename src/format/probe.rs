@@ -1,13 +1,35 @@
 //! Format detection from a file's first bytes and its last sector: every format whose signature
 //! a file carries (several means a *polyglot*). Used by `inspect` and by policies that allow
 //! probing a file's format; opening an image never guesses on its own.
+//!
+//! ```
+//! use qcow2kit::format::probe::{detect, probe};
+//! use qcow2kit::Format;
+//! let head = b"QFI\xfb\0\0\0\x03";
+//! assert_eq!(detect(head, None), vec![Format::Qcow2]);
+//! assert_eq!(probe(&detect(&[0u8; 512], None)), Some(Format::Raw));
+//! ```
 
 /// Bytes of a file's head examined for signatures (every signature lies within them).
+///
+/// ```
+/// assert_eq!(qcow2kit::format::probe::HEAD_BYTES, 65536);
+/// ```
 pub const HEAD_BYTES: u64 = 64 << 10;
 /// Bytes of a file's tail examined for signatures (a VHD footer, a DMG `koly` trailer).
+///
+/// ```
+/// assert_eq!(qcow2kit::format::probe::TAIL_BYTES, 512);
+/// ```
 pub const TAIL_BYTES: u64 = 512;
 
 /// A disk image format, as qemu-img names it.
+///
+/// ```
+/// use qcow2kit::Format;
+/// assert_eq!(Format::from_name("vhd"), Some(Format::Vpc));
+/// assert_eq!(Format::Vpc.to_string(), "vpc");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Format {
@@ -47,6 +69,10 @@ pub enum Format {
 
 impl Format {
     /// The name qemu-img (or, for `gpt`, OpenStack) uses.
+    ///
+    /// ```
+    /// assert_eq!(qcow2kit::Format::Qcow2.name(), "qcow2");
+    /// ```
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
@@ -68,6 +94,10 @@ impl Format {
     }
 
     /// Every format, in detection order.
+    ///
+    /// ```
+    /// assert!(qcow2kit::Format::ALL.contains(&qcow2kit::Format::Vmdk));
+    /// ```
     pub const ALL: [Format; 15] = [
         Format::Raw,
         Format::Qcow2,
@@ -87,6 +117,12 @@ impl Format {
     ];
 
     /// Parses a format name (`vhd` is accepted for `vpc`).
+    ///
+    /// ```
+    /// use qcow2kit::Format;
+    /// assert_eq!(Format::from_name("qcow2"), Some(Format::Qcow2));
+    /// assert_eq!(Format::from_name("nonsense"), None);
+    /// ```
     pub fn from_name(name: &str) -> Option<Format> {
         Some(match name {
             "raw" => Format::Raw,
@@ -131,6 +167,10 @@ impl Format {
     }
 
     /// Whether [`chain::open`](crate::chain::open) opens images of this format.
+    ///
+    /// ```
+    /// assert!(qcow2kit::Format::Raw.is_openable() && !qcow2kit::Format::Vmdk.is_openable());
+    /// ```
     pub fn is_openable(self) -> bool {
         matches!(self, Format::Qcow2 | Format::Raw)
     }
@@ -150,6 +190,15 @@ impl std::fmt::Display for Format {
 /// parallels, qcow, qcow2, qed, vdi, vhdx, vmdk including text descriptors, vpc, luks), some more
 /// broadly than qemu (a LUKS header of any version, a VHD footer at the tail, a `koly` trailer),
 /// so that nothing qemu would read as an image is ever taken for raw data.
+///
+/// ```
+/// use qcow2kit::format::probe::detect;
+/// use qcow2kit::Format;
+/// // A qcow2 header that also ends in a VHD footer is a polyglot: both are reported.
+/// let mut tail = [0u8; 512];
+/// tail[..8].copy_from_slice(b"conectix");
+/// assert_eq!(detect(b"QFI\xfb\0\0\0\x03", Some(&tail)), vec![Format::Qcow2, Format::Vpc]);
+/// ```
 pub fn detect(head: &[u8], tail: Option<&[u8]>) -> Vec<Format> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     let mut v = Vec::new();
@@ -305,6 +354,13 @@ pub(crate) fn dmg_by_name(name: &[u8]) -> bool {
 /// partition tables are raw disks to qemu); `None` for a polyglot, which a careful reader must
 /// not guess at (qemu picks one by its drivers' scores; which one differs between tools, and that
 /// difference is what a polyglot attack exploits).
+///
+/// ```
+/// use qcow2kit::format::probe::probe;
+/// use qcow2kit::Format;
+/// assert_eq!(probe(&[Format::Qcow2]), Some(Format::Qcow2));
+/// assert_eq!(probe(&[]), Some(Format::Raw));
+/// ```
 pub fn probe(detected: &[Format]) -> Option<Format> {
     let drivers: Vec<Format> = detected
         .iter()
