@@ -5,7 +5,10 @@
 mod nbd_helpers;
 
 use nbd_helpers::*;
-use qcow2kit::nbd::proto::{self, cmd, errno, opt, rep, Request};
+#[path = "support/nbd_wire.rs"]
+mod proto;
+
+use proto::{cmd, errno, opt, rep, Request};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;

@@ -27,7 +27,7 @@ mod client;
 mod client_conn;
 mod client_reply;
 mod handshake;
-pub mod proto;
+pub(crate) mod proto;
 mod server;
 mod stream;
 mod transmit;
