@@ -557,6 +557,11 @@ fn info_snapshot_dates_follow_the_time_zone() {
         "America/New_York",
         "CET-1CEST,M3.5.0,M10.5.0/3",
         "<+0530>-5:30",
+        ":/usr/share/zoneinfo/Asia/Kolkata",
+        ":Asia/Kolkata",
+        "Nonexistent/Zone",
+        "garbage123",
+        "",
     ] {
         let r = same_env(&["info", "s.qcow2"], dir, &[("TZ", tz)]);
         assert!(r.stdout.contains("Snapshot list:"), "{}", r.stdout);
