@@ -2,6 +2,17 @@
 //! getopt, which qemu-img uses), `--` ends options, `--name=value` and `--name value` both work,
 //! short options may be bundled (`-pU`) and take their argument attached or separate (`-Oraw`,
 //! `-O raw`).
+//!
+//! Why it is written here rather than taken from a crate such as `clap`: a drop-in must accept
+//! exactly what qemu-img's `getopt_long` calls accept and fail as they fail. That means GNU
+//! permutation (operands and options in any order), unambiguous prefixes of long options
+//! (`--out` for `--output`), options repeated with the last one winning (and some, like `-o`,
+//! accumulating), `-` as an operand, qemu-img's own messages for an unknown or argument-less
+//! option ("invalid option -- 'x'", "option requires an argument -- 'O'") printed before its
+//! usage hint, and per-command option tables that differ from command to command. Argument
+//! parsers that impose their own conventions (help generation, error wording, `--` handling,
+//! subcommand syntax) would change exit statuses and messages that scripts and qemu-iotests
+//! check.
 
 use std::collections::HashMap;
 
@@ -16,6 +27,33 @@ pub struct Spec {
     pub takes_arg: bool,
     /// Key under which values are stored (the long name or the letter).
     pub key: &'static str,
+}
+
+/// The spec of long option `--name`: an exact match, else the one option `name` is a prefix
+/// of (GNU getopt_long accepts unambiguous abbreviations), in getopt's words when there is none
+/// or several.
+fn long_option<'a>(specs: &'a [Spec], name: &str) -> Result<&'a Spec, String> {
+    if let Some(s) = specs.iter().find(|s| s.long == Some(name)) {
+        return Ok(s);
+    }
+    let matches: Vec<&Spec> = specs
+        .iter()
+        .filter(|s| s.long.is_some_and(|l| l.starts_with(name)))
+        .collect();
+    match matches.as_slice() {
+        [] => Err(format!("unrecognized option '--{name}'")),
+        [one] => Ok(one),
+        // Several long names for one option (aliases) are not ambiguous.
+        [first, rest @ ..] if rest.iter().all(|s| s.key == first.key) => Ok(first),
+        several => Err(format!(
+            "option '--{name}' is ambiguous; possibilities:{}",
+            several
+                .iter()
+                .filter_map(|s| s.long)
+                .map(|l| format!(" '--{l}'"))
+                .collect::<String>()
+        )),
+    }
 }
 
 /// Shorthand for a spec.
@@ -77,10 +115,7 @@ pub fn parse(args: &[String], specs: &[Spec]) -> Result<Parsed, String> {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (long, None),
             };
-            let spec = specs
-                .iter()
-                .find(|s| s.long == Some(name))
-                .ok_or_else(|| format!("unrecognized option '--{name}'"))?;
+            let spec = long_option(specs, name)?;
             let value = if spec.takes_arg {
                 match inline {
                     Some(v) => v,

@@ -16,7 +16,7 @@
 //! not verified). Without `-f`, a file carrying the signatures of several formats (a polyglot,
 //! see `ops::inspect`) is refused rather than probed.
 
-use crate::args::{opt, parse, Spec};
+use crate::args::{opt, Spec};
 use crate::common::fail;
 use crate::image_opts::{image_arg, load_secrets};
 use crate::qjson::{qdict, write_json};
@@ -59,9 +59,9 @@ const NO_CHECKS: u8 = 63;
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
+    let p = match crate::common::parse_args(args, SPECS, "check") {
         Ok(p) => p,
-        Err(e) => return usage_error(e),
+        Err(_) => return 1,
     };
     if p.has("help") {
         out!("{HELP}");

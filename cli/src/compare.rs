@@ -3,7 +3,7 @@
 //! 1 different, 2 an image could not be opened, 3 an allocation status query failed, 4 a read
 //! failed.
 
-use crate::args::{opt, parse, Spec};
+use crate::args::{opt, Spec};
 use crate::common::{fail, image_operand, locking, open_image_arg};
 use crate::image_opts::ImageArg;
 use crate::progress::Meter;
@@ -31,9 +31,9 @@ Compares the guest contents of two images. Exit codes: 0 identical, 1 different,
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
+    let p = match crate::common::parse_args(args, SPECS, "compare") {
         Ok(p) => p,
-        Err(e) => return fail(format!("compare: {e}")),
+        Err(_) => return 1,
     };
     if p.has("help") {
         out!("{HELP}");

@@ -10,8 +10,8 @@
 //! with `-c` and `-S` as qemu-img refuses it, otherwise the ordinary copy, which is what
 //! qemu-img falls back to) and `-t`/`-T` (accepted, no effect).
 
-use crate::args::{opt, parse, Spec};
-use crate::common::{fail, open_image, parse_format};
+use crate::args::{opt, Spec};
+use crate::common::{open_image, parse_format};
 use crate::create::{cvtnum, parse_settings, target_options};
 use crate::image_opts::load_secrets;
 use crate::option_help::parse_list;
@@ -132,14 +132,11 @@ fn snapshot_param(s: &str) -> Result<SnapshotRef, String> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    match convert(args) {
-        Ok(()) => 0,
-        Err(msg) => fail(msg),
-    }
+    crate::common::exit_code(convert(args))
 }
 
 fn convert(args: &[String]) -> Result<(), String> {
-    let p = parse(args, SPECS)?;
+    let p = crate::common::parse_args(args, SPECS, "convert")?;
     // qemu-img's option loop (every -o list valid, every value of -S, -m and -l, every
     // --object), then its checks in its order, then help.
     let options = accumulate(p.all("o"))?;

@@ -1,6 +1,10 @@
 //! The image operand as qemu-img takes it: a file name (with `-f`), or with `--image-opts` a
 //! QEMU option string (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,…`), plus the
 //! `--object secret,…` definitions that keys refer to.
+//!
+//! Hand-written because QEMU's option syntax has no crate: QemuOpts lists with `,,` escaping,
+//! dotted keys flattened from `json:{…}` names, and QEMU's exact messages for unknown or
+//! invalid keys.
 
 use qcow2kit::chain::OpenOptions;
 use qcow2kit::crypto::secret::{SecretObject, Secrets};

@@ -7,7 +7,7 @@
 //! [`dump_value`] the human dump of format-specific data. Snapshot dates are printed in local
 //! time, read from `TZ` or `/etc/localtime` as the C library does (see [`crate::localtime`]).
 
-use crate::args::{opt, parse, Spec};
+use crate::args::{opt, Spec};
 use crate::common::{fail, parse_format};
 use crate::qjson::{qdict, write_json};
 use qcow2kit::chain::probe_file;
@@ -32,9 +32,9 @@ Shows what qemu-img info shows about an image (and, with --backing-chain, every 
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
+    let p = match crate::common::parse_args(args, SPECS, "info") {
         Ok(p) => p,
-        Err(e) => return fail(format!("info: {e}")),
+        Err(_) => return 1,
     };
     if p.has("help") {
         out!("{HELP}");

@@ -6,7 +6,7 @@
 //! holding data, with the file they live in, and fails (exit 1) on data without a host offset
 //! (compressed clusters), as qemu-img does.
 
-use crate::args::{opt, parse, Spec};
+use crate::args::{opt, Spec};
 use crate::common::{fail, image_operand, locking, open_image_arg, parse_size};
 use qcow2kit::ops::info::backing_chain_info;
 use qcow2kit::ops::map::{for_each_extent, MapEntry};
@@ -66,9 +66,9 @@ fn offset_arg(name: &str, v: Option<&str>) -> Result<Option<u64>, String> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(args: &[String]) -> u8 {
-    let p = match parse(args, SPECS) {
+    let p = match crate::common::parse_args(args, SPECS, "map") {
         Ok(p) => p,
-        Err(e) => return fail(format!("map: {e}")),
+        Err(_) => return 1,
     };
     if p.has("help") {
         out!("{HELP}");

@@ -14,8 +14,8 @@
 //! [`Qcow2Image::resize`]: qcow2kit::Qcow2Image::resize
 //! [`Qcow2Image::resize_preallocated`]: qcow2kit::Qcow2Image::resize_preallocated
 
-use crate::args::{opt, parse, Spec};
-use crate::common::{fail, parse_format, parse_size};
+use crate::args::{opt, Spec};
+use crate::common::{fail, parse_format, parse_size, try_help};
 use qcow2kit::chain::{open, probe_file, FileRole, Locking, OpenOptions};
 use qcow2kit::error::{strerror, Corruption};
 use qcow2kit::io::lock::{acquire, Permissions};
@@ -44,8 +44,6 @@ const HELP: &str =
 
 Changes the virtual size of an image as qemu-img resize does.
 ";
-
-const TRY: &str = "Try 'qcow2kit resize --help' for more info";
 
 const SIZE_HINT: &str = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
 and exabytes, respectively.";
@@ -91,20 +89,26 @@ fn resize(args: &[String]) -> Result<(), String> {
     }
     // The size is the last argument, taken before option parsing (negative sizes).
     let Some((size_arg, rest)) = args.split_last() else {
-        return Err(format!("Expecting image file name and size\n{TRY}"));
+        return Err(format!(
+            "Expecting image file name and size\n{}",
+            try_help("resize")
+        ));
     };
-    let p = match parse(rest, SPECS) {
-        Ok(p) => p,
-        Err(e) => {
-            // getopt's wording, as qemu-img prints it.
-            errln!("qcow2kit resize: {e}\n{TRY}");
-            return Err(String::new());
-        }
-    };
+    let p = crate::common::parse_args(rest, SPECS, "resize")?;
     let file = match p.operands.as_slice() {
         [f] => f.as_str(),
-        [] => return Err(format!("Expecting image file name and size\n{TRY}")),
-        _ => return Err(format!("Extra argument(s) in command line\n{TRY}")),
+        [] => {
+            return Err(format!(
+                "Expecting image file name and size\n{}",
+                try_help("resize")
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "Extra argument(s) in command line\n{}",
+                try_help("resize")
+            ))
+        }
     };
     let arg = crate::common::image_operand(&p, file, p.last("f"))?;
     let prealloc = match p.last("preallocation").unwrap_or("off") {

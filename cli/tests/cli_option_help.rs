@@ -812,3 +812,31 @@ fn create_size_next_to_2_64_is_refused() {
         assert!(!p.ours.1.join("n.img").exists(), "{args:?} made a file");
     }
 }
+
+/// getopt_long's handling of options, as qemu-img's commands get it from glibc: unambiguous
+/// abbreviations of long options accepted, ambiguous and unknown ones refused in getopt's words
+/// with qemu-img's hint, and the operand checks' messages; stdout, stderr and exit status.
+#[test]
+fn options_are_parsed_as_getopt_long_parses_them() {
+    let diffs = compare(&[
+        &["info", "--out=json", "t.qcow2"],
+        &["info", "--out", "json", "t.qcow2"],
+        &["info", "--f", "t.qcow2"],
+        &["info", "--force", "t.qcow2"],
+        &["info", "--xyz", "t.qcow2"],
+        &["map", "--out=json", "t.qcow2"],
+        &["map", "--xyz", "t.qcow2"],
+        &["check", "--out", "json", "t.qcow2"],
+        &["check", "--xyz", "t.qcow2"],
+        &["check"],
+        &["check", "a", "b"],
+        &["compare", "--xyz", "t.qcow2", "t.qcow2"],
+        &["convert", "--xyz", "t.qcow2", "u.qcow2"],
+        &["convert", "--target-is", "-n", "t.qcow2", "t.qcow2"],
+        &["resize", "--xyz", "t.qcow2", "1M"],
+        &["resize"],
+        &["resize", "t.qcow2"],
+        &["resize", "a", "b", "c"],
+    ]);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
