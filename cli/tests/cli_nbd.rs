@@ -669,3 +669,34 @@ fn info_of_images_behind_qemu_nbd_matches_qemu_img() {
         }
     }
 }
+
+/// A persistent server (`-t`) on a Unix socket stopped by SIGTERM removes its socket, as
+/// qemu-nbd does, so that the next server binds the same path; the image is left clean.
+#[test]
+fn persistent_server_removes_its_socket_on_sigterm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("t.qcow2");
+    make_image(&img);
+    let sock = tmp.path().join("s.sock");
+    for round in 0..2 {
+        let mut server = Command::new(BIN)
+            .args(["nbd", "-t", "-f", "qcow2", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server");
+        wait_for_socket(&sock);
+        let o = ok(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x33 64k 64k", &uri(&sock)],
+        );
+        assert!(o.contains("wrote 65536/65536"), "round {round}: {o}");
+        ok("kill", &["-TERM", &server.id().to_string()]);
+        assert!(wait_exit(&mut server).success(), "round {round}");
+        assert!(!sock.exists(), "round {round}: socket left behind");
+    }
+    let c = ok("qemu-img", &["check", img.to_str().expect("utf-8")]);
+    assert!(c.contains("No errors were found"), "{c}");
+}
