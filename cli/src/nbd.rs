@@ -2,8 +2,8 @@
 //! server mode).
 //!
 //! Differences from qemu-nbd, each on the safe side: the default bind address is `127.0.0.1`
-//! (qemu-nbd binds `0.0.0.0`); TLS, `--object`, `--image-opts`, `-B`, `-c`/`-d`, `-s`, `-o` and
-//! `--detect-zeroes` other than `off` are refused rather than half-supported.
+//! (qemu-nbd binds `0.0.0.0`); TLS, `-c`/`-d`, `-s`, `-o` and `--detect-zeroes` other than
+//! `off` are refused rather than half-supported.
 
 use crate::args::{opt, Spec};
 use crate::common::{exit_code, open_error_text, parse_args, parse_format, prog, qemu_options};
@@ -44,9 +44,13 @@ Serve FILE over the NBD protocol (qemu-nbd compatible server).
       --pid-file=PATH       store the server's process ID in the given file
   -v, --verbose             accepted, no effect
 
-Not supported: TLS (--tls-creds, --tls-authz, --tls-hostname; listen on loopback or a
-Unix socket instead), --object, --image-opts, -c/-d (kernel client),
--s/--snapshot, -o/--offset.
+      --object=secret,id=ID,data=KEY|file=PATH
+                            define a secret for an encrypted image's key
+      --image-opts          treat FILE as a full set of image options
+                            (driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,…)
+
+Not supported: TLS (--tls-creds, --tls-authz, --tls-hostname: out of scope; listen on
+loopback or a Unix socket instead), -c/-d (kernel client), -s/--snapshot, -o/--offset.
 ";
 
 const SPECS: &[Spec] = &[
@@ -95,8 +99,6 @@ fn serve(args: &[String]) -> Result<(), String> {
         ("tls-creds", "TLS"),
         ("tls-authz", "TLS"),
         ("tls-hostname", "TLS"),
-        ("object", "--object"),
-        ("image-opts", "--image-opts"),
         ("c", "the kernel NBD client (-c)"),
         ("d", "the kernel NBD client (-d)"),
         ("s", "temporary snapshots (-s)"),
@@ -146,7 +148,7 @@ fn serve(args: &[String]) -> Result<(), String> {
         return fork_and_wait(args);
     }
 
-    let image = open_export(file, p.last("f"), read_only, snapshot)
+    let image = open_export(&p, file, read_only, snapshot)
         .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?;
     // qemu-nbd refuses a bad -B before it binds its socket.
     let bitmaps = export_bitmaps(&image, p.all("B"))?;
@@ -219,19 +221,28 @@ fn export_bitmaps(image: &Opened, names: &[String]) -> Result<Vec<ExportBitmap>,
 /// Opens the image as qemu-nbd does: the given format or a probe, its chain followed; errors in
 /// QEMU's words (without the `Could not open` prefix qemu-img adds).
 fn open_export(
+    p: &crate::args::Parsed,
     file: &str,
-    format: Option<&str>,
     read_only: bool,
     snapshot: Option<SnapshotRef>,
 ) -> Result<Opened, String> {
-    let path = Path::new(file);
-    let fmt = match format {
+    // FILE, or with --image-opts an option string; keys from --object secret,… definitions.
+    let mut arg = crate::common::image_operand_for_info(p, file, p.last("f"))?;
+    if let Some(e) = arg.secret_error.take() {
+        return Err(e);
+    }
+    let path = Path::new(&arg.path);
+    let fmt = match arg.format.as_deref() {
         Some(f) => parse_format(f).map_err(|_| format!("Unknown driver '{f}'"))?,
         None => probe_file(path).map_err(|e| open_error_text(&e))?,
     };
     let mut opts = qemu_options();
+    arg.apply(&mut opts);
     opts.writable = !read_only;
     opts.snapshot = snapshot;
+    if arg.no_backing {
+        opts.backing = qcow2kit::BackingPolicy::Ignore;
+    }
     open(path, fmt, &opts).map_err(|e| open_error_text(&e))
 }
 
