@@ -380,3 +380,156 @@ fn large_writes_and_reads_are_pipelined_and_matched_by_cookie() {
         .collect();
     assert_eq!(seen, want);
 }
+
+/// An in-memory disk of [`SIZE`] bytes served in simple replies, refusing with `EINVAL` every
+/// request not aligned to `min_block` (as a server over an `O_DIRECT` disk does). The
+/// handshake is `shake`'s. Returns the disk's bytes when the client leaves.
+fn memory_server(
+    min_block: u32,
+    shake: impl Fn(&mut UnixStream) + Send + 'static,
+) -> (tempfile::TempDir, String, JoinHandle<Vec<u8>>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("s");
+    let l = UnixListener::bind(&sock).expect("bind");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        shake(&mut s);
+        let mut disk = vec![0u8; SIZE as usize];
+        while let Some((kind, cookie, offset, len)) = request(&mut s) {
+            if kind == 2 {
+                break;
+            }
+            let (o, n) = (offset as usize, len as usize);
+            let aligned = offset % u64::from(min_block) == 0 && len % min_block == 0;
+            let mut payload = vec![0u8; if kind == 1 { n } else { 0 }];
+            s.read_exact(&mut payload).expect("payload");
+            let err: u32 = if !aligned { 22 } else { 0 };
+            let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
+            r.extend_from_slice(&err.to_be_bytes());
+            r.extend_from_slice(&cookie.to_be_bytes());
+            if err == 0 {
+                match kind {
+                    0 => r.extend_from_slice(&disk[o..o + n]),
+                    1 => disk[o..o + n].copy_from_slice(&payload),
+                    6 => disk[o..o + n].fill(0),
+                    _ => {}
+                }
+            }
+            s.write_all(&r).expect("reply");
+        }
+        disk
+    });
+    (
+        dir,
+        format!("nbd+unix:///?socket={}", sock.display()),
+        server,
+    )
+}
+
+/// Option replies of a scripted handshake: `(option, kind, data)`.
+fn option_reply(s: &mut UnixStream, opt: u32, kind: u32, data: &[u8]) {
+    let mut h = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+    h.extend_from_slice(&opt.to_be_bytes());
+    h.extend_from_slice(&kind.to_be_bytes());
+    h.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    h.extend_from_slice(data);
+    s.write_all(&h).expect("option reply");
+}
+
+/// Reads one option: `(option, data)`.
+fn option(s: &mut UnixStream) -> (u32, Vec<u8>) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).expect("option");
+    let mut data = vec![0u8; be32(&h[12..16]) as usize];
+    s.read_exact(&mut data).expect("option data");
+    (be32(&h[8..12]), data)
+}
+
+/// A server older than `NBD_OPT_GO` (it knows only `NBD_OPT_EXPORT_NAME`, and answers the
+/// 124 zero bytes the client did not ask it to leave out): the client falls back, and reads and
+/// writes work in simple replies.
+#[test]
+fn a_server_without_opt_go_is_reached_through_export_name() {
+    let (_dir, uri, server) = memory_server(1, |s| {
+        let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
+        // Fixed newstyle only: no NO_ZEROES.
+        hello.extend_from_slice(&1u16.to_be_bytes());
+        s.write_all(&hello).expect("hello");
+        let mut cflags = [0u8; 4];
+        s.read_exact(&mut cflags).expect("client flags");
+        loop {
+            let (opt, data) = option(s);
+            if opt == 1 {
+                assert!(data.is_empty(), "the default export's name");
+                let mut answer = SIZE.to_be_bytes().to_vec();
+                answer.extend_from_slice(&(1u16 | 4).to_be_bytes());
+                answer.extend_from_slice(&[0u8; 124]);
+                s.write_all(&answer).expect("export");
+                return;
+            }
+            // Every other option is unknown to this server.
+            option_reply(s, opt, 0x8000_0001, &[]);
+        }
+    });
+    let c = NbdStorage::connect(&uri, true).expect("connect through NBD_OPT_EXPORT_NAME");
+    assert_eq!(c.len().expect("len"), SIZE);
+    c.write_at(&[0x5a; 4096], 8192).expect("write");
+    let mut back = [0u8; 4096];
+    c.read_at(&mut back, 8192).expect("read");
+    assert_eq!(back, [0x5a; 4096]);
+    drop(c);
+    let disk = server.join().expect("server");
+    assert_eq!(&disk[8192..12288], &[0x5a; 4096][..]);
+}
+
+/// A server with a minimum block size of 4 KiB refuses unaligned requests: the client widens
+/// reads to whole blocks and writes and zero writes by reading, patching and writing whole
+/// blocks, so that an 8-byte header update of an image behind it works.
+#[test]
+fn requests_are_aligned_to_the_servers_minimum_block_size() {
+    let (_dir, uri, server) = memory_server(4096, |s| {
+        let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
+        hello.extend_from_slice(&3u16.to_be_bytes());
+        s.write_all(&hello).expect("hello");
+        let mut cflags = [0u8; 4];
+        s.read_exact(&mut cflags).expect("client flags");
+        loop {
+            let (opt, _) = option(s);
+            if opt == 7 {
+                let mut i = 0u16.to_be_bytes().to_vec();
+                i.extend_from_slice(&SIZE.to_be_bytes());
+                // Read-write, flush, write zeroes.
+                i.extend_from_slice(&(1u16 | 4 | 64).to_be_bytes());
+                option_reply(s, opt, 3, &i);
+                let mut b = 3u16.to_be_bytes().to_vec();
+                for v in [4096u32, 4096, MAX_BLOCK] {
+                    b.extend_from_slice(&v.to_be_bytes());
+                }
+                option_reply(s, opt, 3, &b);
+                option_reply(s, opt, 1, &[]);
+                return;
+            }
+            // No structured replies, no meta contexts: simple replies only.
+            option_reply(s, opt, 0x8000_0001, &[]);
+        }
+    });
+    let c = NbdStorage::connect(&uri, true).expect("connect");
+    c.write_at(&[0x11; 20000], 0).expect("unaligned length");
+    c.write_at(b"8 bytes!", 100).expect("8 bytes at 100");
+    c.write_at(&[0x22; 5000], 4000)
+        .expect("across a block boundary");
+    c.punch_hole(10_000, 6000).expect("unaligned zero write");
+    let mut b = [0u8; 8];
+    c.read_at(&mut b, 100).expect("unaligned read");
+    assert_eq!(&b, b"8 bytes!");
+    let mut all = vec![0u8; 20000];
+    c.read_at(&mut all, 0).expect("read back");
+    let mut want = vec![0x11u8; 20000];
+    want[100..108].copy_from_slice(b"8 bytes!");
+    want[4000..9000].fill(0x22);
+    want[10_000..16_000].fill(0);
+    assert!(all == want, "unaligned requests must land as asked");
+    drop(c);
+    let disk = server.join().expect("server");
+    assert!(disk[..20000] == want[..]);
+}

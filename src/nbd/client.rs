@@ -30,6 +30,9 @@ pub struct NbdStorage {
     /// Whether the server answers `base:allocation` block status.
     block_status: bool,
     conn: Mutex<ClientConn>,
+    /// Held by every write when the server has a minimum block size, so that a block read,
+    /// patched and written whole never loses a write that landed in between.
+    rmw: Mutex<()>,
     /// The last block status answer, as contiguous runs from `.0`: `(end, holds data)`.
     status: Mutex<(u64, Vec<(u64, bool)>)>,
 }
@@ -93,6 +96,7 @@ impl NbdStorage {
             settled,
             block_status: conn.alloc_ctx.is_some(),
             conn: Mutex::new(conn),
+            rmw: Mutex::new(()),
             status: Mutex::new((0, Vec::new())),
         })
     }
@@ -159,57 +163,22 @@ impl NbdStorage {
 
 impl crate::io::Storage for NbdStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // Bytes past the end read as zeros (the Storage contract).
-        let inside = self
-            .settled
-            .size
-            .saturating_sub(offset)
-            .min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(inside);
-        tail.fill(0);
-        let max = self.settled.max_payload as usize;
-        let mut at = offset;
-        let ops: Vec<Op<'_>> = head
-            .chunks_mut(max)
-            .map(|piece| {
-                let len = piece.len() as u32;
-                let op = Op {
-                    kind: cmd::READ,
-                    flags: 0,
-                    offset: at,
-                    len,
-                    payload: &[],
-                    target: Target::Read(piece),
-                };
-                at += u64::from(len);
-                op
-            })
-            .collect();
-        if ops.is_empty() {
-            return Ok(());
-        }
-        self.run(ops)
+        let Some((start, end)) = self.widened(offset, buf.len() as u64) else {
+            return self.read_direct(buf, offset);
+        };
+        let mut whole = vec![0u8; (end - start) as usize];
+        self.read_direct(&mut whole, start)?;
+        let at = (offset - start) as usize;
+        buf.copy_from_slice(&whole[at..at + buf.len()]);
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check_inside(offset, buf.len() as u64)?;
-        let max = self.settled.max_payload as usize;
-        let mut at = offset;
-        let ops = buf.chunks(max).map(|piece| {
-            let op = Op {
-                kind: cmd::WRITE,
-                flags: 0,
-                offset: at,
-                len: piece.len() as u32,
-                payload: piece,
-                target: Target::Status,
-            };
-            at += piece.len() as u64;
-            op
-        });
-        let r = self.run(ops);
-        self.forget_status();
-        r
+        if self.settled.min_block <= 1 {
+            return self.write_direct(buf, offset);
+        }
+        let _whole_blocks = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_blocks(buf, offset)
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -241,24 +210,20 @@ impl crate::io::Storage for NbdStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_inside(offset, len)?;
-        if self.settled.flags & tflag::SEND_WRITE_ZEROES == 0 {
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            for (at, n) in Self::pieces(offset, len, zeros.len().max(1) as u64) {
-                self.write_at(&zeros[..n as usize], at)?;
-            }
-            return Ok(());
+        let b = u64::from(self.settled.min_block);
+        if b <= 1 {
+            return self.zero_direct(offset, len);
         }
-        let r = self.run(Self::pieces(offset, len, ZERO_SPAN).map(|(at, n)| Op {
-            kind: cmd::WRITE_ZEROES,
-            flags: 0,
-            offset: at,
-            len: n,
-            payload: &[],
-            target: Target::Status,
-        }));
-        self.forget_status();
-        r
+        self.check_inside(offset, len)?;
+        let end = offset + len;
+        let _whole_blocks = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let (first, last) = (offset.next_multiple_of(b), end - end % b);
+        if first >= last {
+            return self.write_blocks(&vec![0u8; len as usize], offset);
+        }
+        self.write_blocks(&vec![0u8; (first - offset) as usize], offset)?;
+        self.zero_direct(first, last - first)?;
+        self.write_blocks(&vec![0u8; (end - last) as usize], last)
     }
 
     fn data_run(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
@@ -314,5 +279,116 @@ impl Drop for NbdStorage {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .close();
+    }
+}
+
+impl NbdStorage {
+    /// A read as the server gets it (no alignment).
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Bytes past the end read as zeros (the Storage contract).
+        let inside = self
+            .settled
+            .size
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        tail.fill(0);
+        let max = self.settled.max_payload as usize;
+        let mut at = offset;
+        let ops: Vec<Op<'_>> = head
+            .chunks_mut(max)
+            .map(|piece| {
+                let len = piece.len() as u32;
+                let op = Op {
+                    kind: cmd::READ,
+                    flags: 0,
+                    offset: at,
+                    len,
+                    payload: &[],
+                    target: Target::Read(piece),
+                };
+                at += u64::from(len);
+                op
+            })
+            .collect();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.run(ops)
+    }
+
+    /// A write as the server gets it (no alignment).
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_inside(offset, buf.len() as u64)?;
+        let max = self.settled.max_payload as usize;
+        let mut at = offset;
+        let ops = buf.chunks(max).map(|piece| {
+            let op = Op {
+                kind: cmd::WRITE,
+                flags: 0,
+                offset: at,
+                len: piece.len() as u32,
+                payload: piece,
+                target: Target::Status,
+            };
+            at += piece.len() as u64;
+            op
+        });
+        let r = self.run(ops);
+        self.forget_status();
+        r
+    }
+
+    /// A zero write as the server gets it (no alignment).
+    fn zero_direct(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_inside(offset, len)?;
+        if self.settled.flags & tflag::SEND_WRITE_ZEROES == 0 {
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            for (at, n) in Self::pieces(offset, len, zeros.len().max(1) as u64) {
+                self.write_direct(&zeros[..n as usize], at)?;
+            }
+            return Ok(());
+        }
+        let r = self.run(Self::pieces(offset, len, ZERO_SPAN).map(|(at, n)| Op {
+            kind: cmd::WRITE_ZEROES,
+            flags: 0,
+            offset: at,
+            len: n,
+            payload: &[],
+            target: Target::Status,
+        }));
+        self.forget_status();
+        r
+    }
+
+    /// `offset..offset+len` widened to the server's minimum block size, or `None` when it is
+    /// aligned already (or the server has no minimum).
+    fn widened(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let b = u64::from(self.settled.min_block);
+        if b <= 1 || (offset % b == 0 && len % b == 0) {
+            return None;
+        }
+        let end = offset.checked_add(len)?.checked_next_multiple_of(b)?;
+        Some((offset - offset % b, end))
+    }
+
+    /// Writes `buf` at `offset` in whole blocks of the server's minimum size: the blocks it
+    /// covers partly are read, patched and written whole. The caller holds `rmw`, so that no
+    /// other write lands between the read and the write of a block.
+    fn write_blocks(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let Some((start, end)) = self.widened(offset, buf.len() as u64) else {
+            return self.write_direct(buf, offset);
+        };
+        self.check_inside(start, end - start)?;
+        let b = self.settled.min_block as usize;
+        let mut whole = vec![0u8; (end - start) as usize];
+        self.read_direct(&mut whole[..b], start)?;
+        if whole.len() > b {
+            let tail = whole.len() - b;
+            self.read_direct(&mut whole[tail..], end - b as u64)?;
+        }
+        let at = (offset - start) as usize;
+        whole[at..at + buf.len()].copy_from_slice(buf);
+        self.write_direct(&whole, start)
     }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Settled {
     pub(crate) flags: u16,
     /// Largest payload per request.
     pub(crate) max_payload: u32,
+    /// The server's minimum block size: requests must be aligned to it (1: any).
+    pub(crate) min_block: u32,
 }
 
 /// One request to run, and where its answer goes.
@@ -151,6 +153,7 @@ impl ClientConn {
         o.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
         let mut export = None;
         let mut max_payload = MAX_PAYLOAD;
+        let mut min_block = 1;
         let mut refusal = None;
         let went = self.option_with_refusal(opt::GO, &o, &mut refusal, |kind, data| {
             if kind != rep::INFO {
@@ -164,8 +167,14 @@ impl ClientConn {
                     }
                 }
                 Some(info::BLOCK_SIZE) => {
-                    if let (Some(_min), Some(_pref), Some(max)) = (c.u32(), c.u32(), c.u32()) {
-                        max_payload = max.clamp(512, MAX_PAYLOAD);
+                    if let (Some(min), Some(_pref), Some(max)) = (c.u32(), c.u32(), c.u32()) {
+                        // The protocol's minimum is a power of two of at most 64 KiB; any
+                        // other value is not trusted (and alignment is then not attempted).
+                        if min.is_power_of_two() && min <= 1 << 16 {
+                            min_block = min;
+                        }
+                        max_payload = max.clamp(512, MAX_PAYLOAD).max(min_block);
+                        max_payload -= max_payload % min_block;
                     }
                 }
                 _ => {}
@@ -173,7 +182,11 @@ impl ClientConn {
             Ok(())
         })?;
         if !went {
-            let msg = refusal.unwrap_or_default();
+            let (kind, msg) = refusal.unwrap_or_default();
+            if kind == rep::ERR_UNSUP {
+                // A server older than NBD_OPT_GO: the export by NBD_OPT_EXPORT_NAME.
+                return self.export_name(name, cflags);
+            }
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("Requested export not available\nserver reported: {msg}"),
@@ -184,6 +197,40 @@ impl ClientConn {
             size,
             flags,
             max_payload,
+            min_block,
+        })
+    }
+
+    /// `NBD_OPT_EXPORT_NAME`, the option that ends the handshake without a reply header: the
+    /// server answers with the export's size and flags (and 124 zero bytes unless both sides
+    /// agreed to `NO_ZEROES`), or closes the connection when it has no such export.
+    fn export_name(&mut self, name: &str, cflags: u32) -> io::Result<Settled> {
+        let len = u32::try_from(name.len()).map_err(|_| proto_err("export name too long"))?;
+        self.w.write_all(&proto::IHAVEOPT.to_be_bytes())?;
+        self.w.write_all(&opt::EXPORT_NAME.to_be_bytes())?;
+        self.w.write_all(&len.to_be_bytes())?;
+        self.w.write_all(name.as_bytes())?;
+        self.w.flush()?;
+        let mut answer = [0u8; 10];
+        self.r.read_exact(&mut answer).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                io::Error::new(io::ErrorKind::NotFound, "Requested export not available")
+            }
+            _ => e,
+        })?;
+        if cflags & u32::from(proto::FLAG_NO_ZEROES) == 0 {
+            let mut zeros = [0u8; 124];
+            self.r.read_exact(&mut zeros)?;
+        }
+        let mut c = proto::Cursor::new(&answer);
+        let (Some(size), Some(flags)) = (c.u64(), c.u16()) else {
+            return Err(proto_err("short export information"));
+        };
+        Ok(Settled {
+            size,
+            flags,
+            max_payload: MAX_PAYLOAD,
+            min_block: 1,
         })
     }
 
@@ -202,7 +249,7 @@ impl ClientConn {
         &mut self,
         code: u32,
         data: &[u8],
-        refusal: &mut Option<String>,
+        refusal: &mut Option<(u32, String)>,
         mut each: impl FnMut(u32, &[u8]) -> io::Result<()>,
     ) -> io::Result<bool> {
         let len = u32::try_from(data.len()).map_err(|_| proto_err("option too long"))?;
@@ -232,7 +279,7 @@ impl ClientConn {
             match kind {
                 rep::ACK => return Ok(true),
                 k if k & 0x8000_0000 != 0 => {
-                    *refusal = Some(String::from_utf8_lossy(&payload).into_owned());
+                    *refusal = Some((k, String::from_utf8_lossy(&payload).into_owned()));
                     return Ok(false);
                 }
                 k => each(k, &payload)?,
