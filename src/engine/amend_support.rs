@@ -6,7 +6,7 @@ use super::mapping::Mapped;
 use super::meta::Meta;
 use super::open::read_table_words;
 use super::overlap::Structure;
-use super::write::ZeroMode;
+use super::zero_write::ZeroMode;
 use super::Qcow2Image;
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};

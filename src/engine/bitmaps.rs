@@ -31,7 +31,7 @@
 
 use super::dirty_bitmap::DirtyBitmap;
 use super::meta::Meta;
-use super::write::RangeGuard;
+use super::range_lock::RangeGuard;
 use super::Qcow2Image;
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};

@@ -6,7 +6,7 @@
 //! all new data clusters (which, for a safe rebase, read as the old chain did); after it, the
 //! new link.
 
-use super::write::ZeroMode;
+use super::zero_write::ZeroMode;
 use super::{HeaderArea, Qcow2Image};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};

@@ -12,6 +12,7 @@
 //! I/O, a cluster it mapped can be freed and reused meanwhile; frees are counted, and a read that
 //! overlapped some is done again (see `read_at`).
 
+mod allocate;
 mod amend_support;
 mod bitmap_api;
 mod bitmaps;
@@ -23,10 +24,13 @@ mod encryption;
 mod flush;
 mod grow_prealloc;
 mod header_update;
+mod l2_update;
 mod mapping;
 mod meta;
 mod open;
 mod overlap;
+mod preallocate;
+mod range_lock;
 pub(crate) mod rebuild;
 mod refcount;
 mod resize;
@@ -37,6 +41,7 @@ pub(crate) mod snapshot_table;
 mod write;
 mod write_checks;
 mod zero_extended;
+mod zero_write;
 
 pub use bitmaps::MAX_BITMAP_MEMORY;
 pub use corrupt::{CorruptionEvent, CorruptionReporter};
@@ -587,11 +592,11 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.guard(self.zero_impl(offset, len, write::ZeroMode::WriteZeroes))
+        self.guard(self.zero_impl(offset, len, zero_write::ZeroMode::WriteZeroes))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.guard(self.zero_impl(offset, len, write::ZeroMode::Discard))
+        self.guard(self.zero_impl(offset, len, zero_write::ZeroMode::Discard))
     }
 
     fn flush(&self) -> Result<()> {
@@ -607,8 +612,8 @@ impl BlockDevice for Qcow2Image {
     /// are, as with [`discard`](BlockDevice::discard).
     fn discard_with(&self, offset: u64, len: u64, mode: DiscardMode) -> Result<()> {
         let mode = match mode {
-            DiscardMode::Backing => write::ZeroMode::Deallocate,
-            _ => write::ZeroMode::Discard,
+            DiscardMode::Backing => zero_write::ZeroMode::Deallocate,
+            _ => zero_write::ZeroMode::Discard,
         };
         self.guard(self.zero_impl(offset, len, mode))
     }

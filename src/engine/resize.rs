@@ -19,7 +19,7 @@
 
 use super::meta::Meta;
 use super::refcount::Refcounts;
-use super::write::ZeroMode;
+use super::zero_write::ZeroMode;
 use super::Qcow2Image;
 use crate::device::BlockDevice;
 use crate::error::{Corruption, Error, Result};

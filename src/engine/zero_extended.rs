@@ -11,7 +11,8 @@
 //! is then written as data.
 
 use super::meta::Meta;
-use super::write::{ZeroMode, ALL_ZERO};
+use super::write::ALL_ZERO;
+use super::zero_write::ZeroMode;
 use super::Qcow2Image;
 use crate::device::{chain_status, BlockDevice, ExtentKind};
 use crate::error::Result;
