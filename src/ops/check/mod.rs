@@ -32,9 +32,13 @@
 //!   an L1 table is seen twice (never in images QEMU writes); counts are unaffected.
 //! - A broken bitmap directory or table is reported with a [`Finding`] (QEMU prints nothing).
 
+mod bitmap_walk;
+mod l2_walk;
 mod refcounts;
 mod repair;
 mod report;
+mod snapshot_walk;
+mod stored;
 #[cfg(test)]
 mod tests;
 mod walk;

@@ -3,6 +3,7 @@
 //! them (`check_oflag_copied`).
 
 use super::report::{CheckFailure, Finding};
+use super::stored::{CachedBlock, CopiedSummary, Lookup, RefcountReader};
 use super::walk::{Step, Stop, Walk};
 use super::{CHUNK, MAX_CACHED_FINDINGS};
 use crate::error::Error;
@@ -21,34 +22,6 @@ pub(super) fn max_growth(file_len: u64) -> u64 {
     file_len
         .saturating_mul(2)
         .max(file_len.saturating_add(1 << 30))
-}
-
-/// What the COPIED check of one L2 table finds, replayed for every active L1 entry naming it.
-#[derive(Default)]
-pub(super) struct CopiedSummary {
-    corruptions: u64,
-    findings: Vec<Finding>,
-}
-
-/// Stored refcounts, read block by block with a small cache.
-pub(super) struct RefcountReader {
-    /// The in-file part of the refcount table (entries past the end of the file are zero).
-    table: Vec<u64>,
-    /// log2 of entries per refcount block.
-    block_bits: u32,
-    cache: Vec<CachedBlock>,
-}
-
-/// A refcount block read by the check; a repair changes it in memory until written back.
-struct CachedBlock {
-    offset: u64,
-    data: Vec<u8>,
-    dirty: bool,
-}
-
-pub(super) enum Lookup {
-    Value(u64),
-    Unaligned { offset: u64, index: u64 },
 }
 
 impl Walk<'_, '_> {
