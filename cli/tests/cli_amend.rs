@@ -12,29 +12,11 @@
 //! refuses before changing anything (qemu-img may upgrade first) are tested apart.
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::{exec, tool};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{prog}` ({e}); these tests need qemu-img 10.x"))
-}
-
-fn tool(prog: &str, args: &[&str], dir: &Path) {
-    let out = exec(prog, args, dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !stderr.contains("qemu-io:"),
-        "`{prog} {}` failed: {stderr}",
-        args.join(" ")
-    );
-}
 
 /// How a case's image is made: `qemu-img create` options, then qemu-io commands.
 struct Setup {

@@ -6,27 +6,17 @@
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 #[path = "../../tests/support/lock_helpers.rs"]
 mod lock_helpers;
 use lock_helpers::{make_images, Held};
+use qcow2kit_testsupport::exec;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
 
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (10.x)")
-        })
-}
-
 fn sh(script: &str, dir: &Path) {
-    let o = run("sh", &["-ec", script], dir);
+    let o = exec("sh", &["-ec", script], dir);
     assert!(
         o.status.success(),
         "{script}: {}",
@@ -62,7 +52,7 @@ fn mask_time(stdout: &str) -> String {
 fn outcome(prog: &str, args: &[&str], dir: &Path) -> (Option<i32>, String, String) {
     let mut full = vec!["bench"];
     full.extend_from_slice(args);
-    let o = run(prog, &full, dir);
+    let o = exec(prog, &full, dir);
     let norm = |b: &[u8]| String::from_utf8_lossy(b).replace("qcow2kit", "qemu-img");
     (
         o.status.code(),
@@ -278,7 +268,7 @@ fn writes_leave_the_image_qemu_leaves() {
             assert_eq!((code, err.as_str()), (Some(0), ""), "{prog} bench {a:?}");
         }
         for other in [&theirs, &io] {
-            let o = run(
+            let o = exec(
                 "qemu-img",
                 &["compare", "-f", fmt, "-F", fmt, &ours, other],
                 dir,
@@ -290,7 +280,7 @@ fn writes_leave_the_image_qemu_leaves() {
             );
         }
         if fmt == "qcow2" {
-            let o = run("qemu-img", &["check", &ours], dir);
+            let o = exec("qemu-img", &["check", &ours], dir);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
         }
     }

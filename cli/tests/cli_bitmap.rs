@@ -12,18 +12,10 @@
 
 use qcow2kit::chain::{open, OpenOptions};
 use qcow2kit::Format;
+use qcow2kit_testsupport::exec;
 use std::path::Path;
-use std::process::{Command, Output};
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{prog}` ({e}); these tests need qemu-img 10.x"))
-}
 
 /// The text with `qcow2kit` read as `qemu-img` and `#blockNNN` node names as `NODE`.
 fn norm(b: &[u8]) -> String {

@@ -9,27 +9,13 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::tool_output;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    let o = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    assert!(
-        o.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// Runs `script` (one command per line) on stdin of qemu-io (`qemu == true`) or qcow2kit io,
 /// with `args` before it; returns (stdout with timings masked, stderr with the program name
@@ -82,7 +68,7 @@ fn images(create: &[&str]) -> tempfile::TempDir {
         let mut args = vec!["create", "-q", "-f", "qcow2"];
         args.extend_from_slice(create);
         args.insert(4, name);
-        run("qemu-img", &args, d.path());
+        tool_output("qemu-img", &args, d.path());
     }
     d
 }
@@ -90,7 +76,7 @@ fn images(create: &[&str]) -> tempfile::TempDir {
 /// The guest content of `img` as raw bytes.
 fn raw(dir: &Path, img: &str) -> Vec<u8> {
     let out = format!("{img}.raw");
-    run("qemu-img", &["convert", "-O", "raw", img, &out], dir);
+    tool_output("qemu-img", &["convert", "-O", "raw", img, &out], dir);
     fs::read(dir.join(out)).expect("read raw")
 }
 
@@ -154,7 +140,7 @@ fn requests_to_a_suspended_allocation_wait_for_it() {
         "{out}"
     );
     for (p, off) in [(10, "30k"), (11, "20k"), (12, "40k")] {
-        let o = run(
+        let o = tool_output(
             QCOW2KIT,
             &["io", "-c", &format!("read -P {p} {off} 2k"), "k.qcow2"],
             d.path(),
@@ -169,18 +155,18 @@ fn requests_to_a_suspended_allocation_wait_for_it() {
 #[test]
 fn a_synchronous_write_runs_while_a_copy_on_write_is_suspended() {
     let d = tempfile::tempdir().expect("tempdir");
-    run(
+    tool_output(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
         d.path(),
     );
-    run(
+    tool_output(
         "qemu-io",
         &["-c", "write -P 7 0 128k", "base.qcow2"],
         d.path(),
     );
     for name in ["q.qcow2", "k.qcow2"] {
-        run(
+        tool_output(
             "qemu-img",
             &[
                 "create",
@@ -258,7 +244,7 @@ fn config_file_rules_fail_requests_after_their_event() {
 fn a_failing_flush_of_the_data_file_fails_the_flush() {
     let d = tempfile::tempdir().expect("tempdir");
     for name in ["q.qcow2", "k.qcow2"] {
-        run(
+        tool_output(
             "qemu-img",
             &[
                 "create",
@@ -303,7 +289,7 @@ fn a_failing_flush_of_the_data_file_fails_the_flush() {
 #[test]
 fn qemu_img_opens_a_blkdebug_data_file_named_by_json() {
     let d = tempfile::tempdir().expect("tempdir");
-    run(
+    tool_output(
         "qemu-img",
         &[
             "create",
@@ -317,12 +303,12 @@ fn qemu_img_opens_a_blkdebug_data_file_named_by_json() {
         ],
         d.path(),
     );
-    run(
+    tool_output(
         "qemu-io",
         &["-c", "write -P 5 64k 128k", "t.qcow2"],
         d.path(),
     );
-    run(
+    tool_output(
         "qemu-img",
         &["convert", "-O", "qcow2", "t.qcow2", "src.qcow2"],
         d.path(),

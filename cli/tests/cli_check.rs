@@ -12,42 +12,14 @@
 //!
 //! A missing or failing qemu-img / qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::{exec, tool};
 use serde_json::Value;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use tempfile::TempDir;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-/// Runs `prog args…` in `dir`; panics clearly if the program cannot be started.
-fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (Debian \
-                 package qemu-utils, 10.x) in PATH"
-            )
-        })
-}
-
-/// Runs a qemu tool that must succeed (building images).
-fn tool(prog: &str, args: &[&str], dir: &Path) {
-    let out = exec(prog, args, dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || stdout.contains(" failed") || stderr.contains("qemu-io:") {
-        panic!(
-            "`{prog} {}` failed with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-            args.join(" "),
-            out.status
-        );
-    }
-}
 
 /// A scratch directory of images.
 struct Work {

@@ -5,35 +5,13 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::{exec, tool};
 use serde_json::Value;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
 use tempfile::TempDir;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (qemu-utils)")
-        })
-}
-
-fn ok(prog: &str, args: &[&str], dir: &Path) -> String {
-    let o = run(prog, args, dir);
-    assert!(
-        o.status.success(),
-        "`{prog} {}` failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// Inputs shared by the cases: `mixed.raw`, the chain `c0 <- c1 <- c2`, `comp.qcow2`,
 /// `snap.qcow2` with snapshot `s1`.
@@ -66,7 +44,7 @@ fn inputs() -> TempDir {
     }
     data.truncate(data.len() - 1536);
     fs::write(d.join("mixed.raw"), &data).expect("write raw");
-    ok(
+    tool(
         "qemu-img",
         &[
             "create",
@@ -80,24 +58,24 @@ fn inputs() -> TempDir {
         ],
         d,
     );
-    ok(
+    tool(
         "qemu-io",
         &["-c", "write -P 0x10 0 8M", "-c", "write -z 1M 512k", "c0"],
         d,
     );
-    ok(
+    tool(
         "qemu-img",
         &[
             "create", "-q", "-f", "qcow2", "-b", "c0", "-F", "qcow2", "c1", "10M",
         ],
         d,
     );
-    ok(
+    tool(
         "qemu-io",
         &["-c", "write -P 0x21 2M 2M", "-c", "discard 5M 1M", "c1"],
         d,
     );
-    ok(
+    tool(
         "qemu-img",
         &[
             "create",
@@ -114,7 +92,7 @@ fn inputs() -> TempDir {
         ],
         d,
     );
-    ok(
+    tool(
         "qemu-io",
         &[
             "-c",
@@ -125,24 +103,24 @@ fn inputs() -> TempDir {
         ],
         d,
     );
-    ok(
+    tool(
         "qemu-img",
         &["convert", "-c", "-O", "qcow2", "mixed.raw", "comp.qcow2"],
         d,
     );
-    ok(
+    tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "snap.qcow2", "4M"],
         d,
     );
-    ok("qemu-io", &["-c", "write -P 0x41 0 2M", "snap.qcow2"], d);
-    ok("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], d);
-    ok("qemu-io", &["-c", "write -P 0x42 1M 2M", "snap.qcow2"], d);
+    tool("qemu-io", &["-c", "write -P 0x41 0 2M", "snap.qcow2"], d);
+    tool("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], d);
+    tool("qemu-io", &["-c", "write -P 0x42 1M 2M", "snap.qcow2"], d);
     t
 }
 
 fn info(dir: &Path, file: &str) -> Value {
-    serde_json::from_str(&ok("qemu-img", &["info", "--output", "json", file], dir)).expect("json")
+    serde_json::from_str(&tool("qemu-img", &["info", "--output", "json", file], dir)).expect("json")
 }
 
 /// Converts `src` with `opts` into `out` and judges the result.
@@ -150,15 +128,15 @@ fn case(dir: &Path, src: &str, src_fmt: &str, opts: &[&str], out: &str) {
     let mut args = vec!["convert", "-f", src_fmt, "-O", "qcow2"];
     args.extend_from_slice(opts);
     args.extend_from_slice(&[src, out]);
-    ok(QCOW2KIT, &args, dir);
+    tool(QCOW2KIT, &args, dir);
     let what = format!("convert {}", args.join(" "));
-    let check = run("qemu-img", &["check", out], dir);
+    let check = exec("qemu-img", &["check", out], dir);
     assert_eq!(
         check.status.code(),
         Some(0),
         "{what}: qemu-img check: {check:?}"
     );
-    let cmp = run(
+    let cmp = exec(
         "qemu-img",
         &["compare", "-f", src_fmt, "-F", "qcow2", src, out],
         dir,
@@ -242,7 +220,7 @@ fn compressed_output_is_close_to_qemu_img_size() {
     let d = t.path();
     for ty in ["zlib", "zstd"] {
         let o = format!("compression_type={ty}");
-        ok(
+        tool(
             "qemu-img",
             &[
                 "convert",
@@ -263,7 +241,7 @@ fn compressed_output_is_close_to_qemu_img_size() {
             k <= q * 1.15,
             "{ty}: our compressed output {k} vs qemu-img's {q}"
         );
-        let chk = ok("qemu-img", &["check", "--output", "json", "k.qcow2"], d);
+        let chk = tool("qemu-img", &["check", "--output", "json", "k.qcow2"], d);
         let v: Value = serde_json::from_str(&chk).expect("json");
         assert!(
             v["compressed-clusters"].as_u64().unwrap_or(0) > 0,
@@ -276,7 +254,7 @@ fn compressed_output_is_close_to_qemu_img_size() {
 fn backing_target_copies_only_the_top_layer() {
     let t = inputs();
     let d = t.path();
-    ok(
+    tool(
         QCOW2KIT,
         &[
             "convert",
@@ -292,17 +270,17 @@ fn backing_target_copies_only_the_top_layer() {
         d,
     );
     assert_eq!(
-        run("qemu-img", &["check", "top.qcow2"], d).status.code(),
+        exec("qemu-img", &["check", "top.qcow2"], d).status.code(),
         Some(0)
     );
-    let cmp = run("qemu-img", &["compare", "c2", "top.qcow2"], d);
+    let cmp = exec("qemu-img", &["compare", "c2", "top.qcow2"], d);
     assert_eq!(cmp.status.code(), Some(0), "{cmp:?}");
     let i = info(d, "top.qcow2");
     assert_eq!(i["backing-filename"], "c1");
     assert_eq!(i["backing-filename-format"], "qcow2");
     // Only c2's own clusters were copied: far less than the flattened image.
     let flat = {
-        ok(QCOW2KIT, &["convert", "-O", "qcow2", "c2", "flat.qcow2"], d);
+        tool(QCOW2KIT, &["convert", "-O", "qcow2", "c2", "flat.qcow2"], d);
         fs::metadata(d.join("flat.qcow2")).expect("flat").len()
     };
     let top = fs::metadata(d.join("top.qcow2")).expect("top").len();
@@ -321,17 +299,17 @@ fn existing_target_and_snapshot_source() {
         .expect("raw")
         .len()
         .to_string();
-    ok(
+    tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "n.qcow2", &size],
         d,
     );
-    ok(
+    tool(
         "qemu-io",
         &["-c", &format!("write -P 0x77 0 {size}"), "n.qcow2"],
         d,
     );
-    ok(
+    tool(
         QCOW2KIT,
         &[
             "convert",
@@ -346,17 +324,17 @@ fn existing_target_and_snapshot_source() {
         d,
     );
     assert_eq!(
-        run("qemu-img", &["check", "n.qcow2"], d).status.code(),
+        exec("qemu-img", &["check", "n.qcow2"], d).status.code(),
         Some(0)
     );
-    let cmp = run(
+    let cmp = exec(
         "qemu-img",
         &["compare", "-f", "raw", "mixed.raw", "n.qcow2"],
         d,
     );
     assert_eq!(cmp.status.code(), Some(0), "{cmp:?}");
     // -l: a snapshot's content, as qemu-img exports it.
-    ok(
+    tool(
         QCOW2KIT,
         &[
             "convert",
@@ -369,7 +347,7 @@ fn existing_target_and_snapshot_source() {
         ],
         d,
     );
-    ok(
+    tool(
         "qemu-img",
         &[
             "convert",
@@ -382,7 +360,7 @@ fn existing_target_and_snapshot_source() {
         ],
         d,
     );
-    let cmp = run("qemu-img", &["compare", "-F", "raw", "s.qcow2", "s.raw"], d);
+    let cmp = exec("qemu-img", &["compare", "-F", "raw", "s.qcow2", "s.raw"], d);
     assert_eq!(cmp.status.code(), Some(0), "{cmp:?}");
 }
 
@@ -406,7 +384,7 @@ fn failed_convert_leaves_the_target_alone() {
     bytes[host..host + 64].fill(0xff);
     fs::write(d.join("bad.qcow2"), &bytes).expect("write");
     fs::write(d.join("target.qcow2"), b"precious").expect("target");
-    let o = run(
+    let o = exec(
         QCOW2KIT,
         &["convert", "-O", "qcow2", "bad.qcow2", "target.qcow2"],
         d,
@@ -430,12 +408,12 @@ fn failed_convert_leaves_the_target_alone() {
 fn copy_offloading_option_as_qemu_img() {
     let t = tempfile::tempdir().expect("tempdir");
     let d = t.path();
-    ok(
+    tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
         d,
     );
-    ok("qemu-io", &["-c", "write -P 7 64k 64k", "s.qcow2"], d);
+    tool("qemu-io", &["-c", "write -P 7 64k 64k", "s.qcow2"], d);
     for extra in [&["-c"][..], &["-S", "4k"][..], &[][..]] {
         let args = |out: &'static str| {
             let mut a = vec!["convert", "-C"];
@@ -443,8 +421,8 @@ fn copy_offloading_option_as_qemu_img() {
             a.extend(["-O", "qcow2", "s.qcow2", out]);
             a
         };
-        let q = run("qemu-img", &args("q.qcow2"), d);
-        let k = run(QCOW2KIT, &args("k.qcow2"), d);
+        let q = exec("qemu-img", &args("q.qcow2"), d);
+        let k = exec(QCOW2KIT, &args("k.qcow2"), d);
         assert_eq!(q.status.code(), k.status.code(), "-C {extra:?}");
         assert_eq!(
             String::from_utf8_lossy(&q.stderr).replace("qemu-img", "qcow2kit"),
@@ -452,7 +430,7 @@ fn copy_offloading_option_as_qemu_img() {
             "-C {extra:?}"
         );
         if q.status.success() {
-            ok("qemu-img", &["compare", "q.qcow2", "k.qcow2"], d);
+            tool("qemu-img", &["compare", "q.qcow2", "k.qcow2"], d);
         }
     }
 }
@@ -464,23 +442,23 @@ fn copy_offloading_option_as_qemu_img() {
 fn failed_target_writes_are_reported_as_qemu_img_reports_them() {
     let t = tempfile::tempdir().expect("tempdir");
     let d = t.path();
-    ok(
+    tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"],
         d,
     );
-    ok("qemu-io", &["-c", "write -P 0x11 0 1M", "s.qcow2"], d);
+    tool("qemu-io", &["-c", "write -P 0x11 0 1M", "s.qcow2"], d);
     for name in ["q", "k"] {
         let data = format!("data_file={name}.data");
         let img = format!("{name}.qcow2");
-        ok(
+        tool(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", &data, &img, "64M"],
             d,
         );
     }
     let convert = |prog: &str, img: &str| {
-        let o = run(
+        let o = exec(
             prog,
             &["convert", "-n", "-c", "-O", "qcow2", "s.qcow2", img],
             d,
@@ -498,7 +476,7 @@ fn failed_target_writes_are_reported_as_qemu_img_reports_them() {
     let io = |prog: &[&str], img: &str| {
         let mut args = prog[1..].to_vec();
         args.extend(["-c", "write -c -P 0x11 0 64k", img]);
-        let o = run(prog[0], &args, d);
+        let o = exec(prog[0], &args, d);
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         (
             o.status.code(),
@@ -519,13 +497,13 @@ fn failed_target_writes_are_reported_as_qemu_img_reports_them() {
 fn target_is_zero_as_qemu_img() {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path();
-    ok(
+    tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
         dir,
     );
-    ok("qemu-io", &["-c", "write -P 9 0 64k", "s.qcow2"], dir);
-    ok(
+    tool("qemu-io", &["-c", "write -P 9 0 64k", "s.qcow2"], dir);
+    tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
         dir,
@@ -533,14 +511,14 @@ fn target_is_zero_as_qemu_img() {
     for fmt in ["qcow2", "raw"] {
         for who in ["q", "k"] {
             let t = format!("{who}.{fmt}");
-            ok("qemu-img", &["create", "-q", "-f", fmt, &t, "1M"], dir);
-            ok("qemu-io", &["-f", fmt, "-c", "write -P 85 0 128k", &t], dir);
+            tool("qemu-img", &["create", "-q", "-f", fmt, &t, "1M"], dir);
+            tool("qemu-io", &["-f", fmt, "-c", "write -P 85 0 128k", &t], dir);
         }
         let outcome = |prog: &str, t: &str, extra: &[&str]| {
             let mut args = vec!["convert", "--target-is-zero", "-O", fmt];
             args.extend_from_slice(extra);
             args.extend(["s.qcow2", t]);
-            let o = run(prog, &args, dir);
+            let o = exec(prog, &args, dir);
             (
                 o.status.code(),
                 String::from_utf8_lossy(&o.stderr)
@@ -559,7 +537,7 @@ fn target_is_zero_as_qemu_img() {
         }
         let raw = |t: &str| {
             let out = format!("{t}.out");
-            ok(
+            tool(
                 "qemu-img",
                 &["convert", "-f", fmt, "-O", "raw", t, &out],
                 dir,

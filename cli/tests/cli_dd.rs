@@ -8,39 +8,11 @@
 //!
 //! A missing qemu-img fails the tests; it never skips them.
 
-use std::os::unix::process::CommandExt;
+use qcow2kit_testsupport::{exec_as, tool};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use tempfile::TempDir;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-/// Runs `prog args…` in `dir` with argv[0] `name`.
-fn exec(prog: &str, name: &str, args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(prog)
-        .arg0(name)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (Debian \
-                 package qemu-utils, 10.x) in PATH"
-            )
-        })
-}
-
-/// A qemu tool that must succeed (building inputs).
-fn tool(prog: &str, args: &[&str], dir: &Path) {
-    let out = exec(prog, prog, args, dir);
-    assert!(
-        out.status.success(),
-        "`{prog} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The inputs: a 3 MiB qcow2 image with data at 0 (64 KiB of 0x07) and 1 MiB (100 KiB of
 /// 0x09), an overlay on it with 4 KiB of 0x0a at 32 KiB, and a raw file of 1000 bytes that
@@ -102,8 +74,8 @@ fn same(args: &[&str]) -> Res {
     inputs(&k);
     let mut a = vec!["dd"];
     a.extend_from_slice(args);
-    let want = res(&exec("qemu-img", "qemu-img", &a, &q));
-    let got = res(&exec(QCOW2KIT, "qemu-img", &a, &k));
+    let want = res(&exec_as("qemu-img", "qemu-img", &a, &q));
+    let got = res(&exec_as(QCOW2KIT, "qemu-img", &a, &k));
     assert_eq!(got, want, "qemu-img dd {args:?}");
     let mut names: Vec<_> = std::fs::read_dir(&q)
         .expect("list case directory")
@@ -117,21 +89,21 @@ fn same(args: &[&str]) -> Res {
         if head.starts_with(b"QFI\xfb") {
             let (qs, ks) = (qf.to_str().expect("utf-8"), kf.to_str().expect("utf-8"));
             let cmp = ["compare", "-q", "-f", "qcow2", "-F", "qcow2", qs, ks];
-            let cmp = exec("qemu-img", "qemu-img", &cmp, tmp.path());
+            let cmp = exec_as("qemu-img", "qemu-img", &cmp, tmp.path());
             assert_eq!(
                 cmp.status.code(),
                 Some(0),
                 "{name:?} differs after {args:?}"
             );
             let size = |p: &str| {
-                let o = exec("qemu-img", "qemu-img", &["info", "-U", p], tmp.path());
+                let o = exec_as("qemu-img", "qemu-img", &["info", "-U", p], tmp.path());
                 let o = String::from_utf8_lossy(&o.stdout).into_owned();
                 o.lines()
                     .find(|l| l.starts_with("virtual size:"))
                     .map(str::to_string)
             };
             assert_eq!(size(ks), size(qs), "{name:?}'s size after {args:?}");
-            let check = exec("qemu-img", "qemu-img", &["check", "-q", ks], tmp.path());
+            let check = exec_as("qemu-img", "qemu-img", &["check", "-q", ks], tmp.path());
             assert_eq!(
                 check.status.code(),
                 Some(0),

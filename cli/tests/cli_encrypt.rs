@@ -4,19 +4,11 @@
 //! `check` with `--image-opts …,encrypt.key-secret=ID`.
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::exec;
 use std::path::Path;
-use std::process::{Command, Output};
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
 const SECRET: &str = "secret,id=s,data=pw";
-
-fn exec(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{prog}` ({e}); these tests need qemu-img 10.x"))
-}
 
 /// Runs `args` through qemu-img in `q` and qcow2kit in `k`; requires the same exit status,
 /// stdout and stderr (program name and directory aside). Returns the exit status.

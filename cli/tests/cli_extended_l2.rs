@@ -11,34 +11,20 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::tool_output;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    let o = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    assert!(
-        o.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// One qemu-io command on `img`, through qemu-io (`q.qcow2`) or qcow2kit io (`k.qcow2`).
 fn io(dir: &Path, img: &str, cmd: &str) {
     if img == "q.qcow2" {
-        run("qemu-io", &["-c", cmd, img], dir);
+        tool_output("qemu-io", &["-c", cmd, img], dir);
     } else {
-        run(QCOW2KIT, &["io", "-c", cmd, img], dir);
+        tool_output(QCOW2KIT, &["io", "-c", cmd, img], dir);
     }
 }
 
@@ -95,7 +81,7 @@ fn same_after_each(dir: &Path, what: &str, cmds: &[String]) {
         .output()
         .expect("qemu-img compare");
     assert!(c.status.success(), "{what}: guest data differs");
-    run("qemu-img", &["check", "k.qcow2"], dir);
+    tool_output("qemu-img", &["check", "k.qcow2"], dir);
 }
 
 /// `qemu-img create` of the image (with a raw backing file of 0xff when `backing`), copied to
@@ -103,12 +89,12 @@ fn same_after_each(dir: &Path, what: &str, cmds: &[String]) {
 fn fresh(dir: &Path, size: &str, backing: bool) {
     let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"];
     if backing {
-        run(
+        tool_output(
             "qemu-img",
             &["create", "-q", "-f", "raw", "base", size],
             dir,
         );
-        run(
+        tool_output(
             "qemu-io",
             &[
                 "-f",
@@ -122,7 +108,7 @@ fn fresh(dir: &Path, size: &str, backing: bool) {
         args.extend(["-F", "raw", "-b", "base"]);
     }
     args.extend(["q.qcow2", size]);
-    run("qemu-img", &args, dir);
+    tool_output("qemu-img", &args, dir);
     fs::copy(dir.join("q.qcow2"), dir.join("k.qcow2")).expect("copy image");
 }
 
@@ -181,7 +167,7 @@ fn copy_on_write_into_snapshot_shared_clusters_matches_qemu_io() {
     same_after_each(d, "setup", &cmds);
     // The snapshot is taken by qemu-img on both, so that the layouts stay identical.
     for img in ["q.qcow2", "k.qcow2"] {
-        run("qemu-img", &["snapshot", "-c", "snap1", img], d);
+        tool_output("qemu-img", &["snapshot", "-c", "snap1", img], d);
     }
     let cmds: Vec<String> = [
         "write -q -P 0xf0 30k 1k",
@@ -214,19 +200,19 @@ fn resize_with_preallocation_reads_as_qemu_img_leaves_it() {
                 }
             }
             let prealloc = format!("--preallocation={mode}");
-            run("qemu-img", &["resize", &prealloc, "q.qcow2", "1013k"], d);
-            let o = run(QCOW2KIT, &["resize", &prealloc, "k.qcow2", "1013k"], d);
+            tool_output("qemu-img", &["resize", &prealloc, "q.qcow2", "1013k"], d);
+            let o = tool_output(QCOW2KIT, &["resize", &prealloc, "k.qcow2", "1013k"], d);
             assert_eq!(String::from_utf8_lossy(&o.stdout), "Image resized.\n");
             for img in ["q.qcow2", "k.qcow2"] {
                 for read in ["read -P 0xff 0 503k", "read -P 0 503k 510k"] {
-                    let o = run("qemu-io", &["-c", read, img], d);
+                    let o = tool_output("qemu-io", &["-c", read, img], d);
                     assert!(
                         !String::from_utf8_lossy(&o.stdout).contains("verification failed"),
                         "{mode} backing={backing} {img}: '{read}' fails"
                     );
                 }
             }
-            run("qemu-img", &["check", "k.qcow2"], d);
+            tool_output("qemu-img", &["check", "k.qcow2"], d);
             let c = Command::new("qemu-img")
                 .args(["compare", "q.qcow2", "k.qcow2"])
                 .current_dir(d)
@@ -244,13 +230,13 @@ fn compressed_rebase_compresses_whole_clusters_as_qemu_img() {
     for d in [&q, &k] {
         fs::create_dir(d).expect("mkdir");
         let o = "cluster_size=1M,extended_l2=on";
-        run(
+        tool_output(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", o, "base", "3M"],
             d,
         );
         for (img, back) in [("mid", "base"), ("top", "mid")] {
-            run(
+            tool_output(
                 "qemu-img",
                 &[
                     "create", "-q", "-f", "qcow2", "-o", o, "-b", back, "-F", "qcow2", img, "3M",
@@ -258,8 +244,8 @@ fn compressed_rebase_compresses_whole_clusters_as_qemu_img() {
                 d,
             );
         }
-        run("qemu-io", &["-c", "write -q -P 0x11 1M 1M", "base"], d);
-        run(
+        tool_output("qemu-io", &["-c", "write -q -P 0x11 1M 1M", "base"], d);
+        tool_output(
             "qemu-io",
             &[
                 "-c",
@@ -271,12 +257,12 @@ fn compressed_rebase_compresses_whole_clusters_as_qemu_img() {
             d,
         );
     }
-    run(
+    tool_output(
         "qemu-img",
         &["rebase", "-c", "-b", "base", "-F", "qcow2", "top"],
         &q,
     );
-    run(
+    tool_output(
         QCOW2KIT,
         &["rebase", "-c", "-b", "base", "-F", "qcow2", "top"],
         &k,
@@ -284,7 +270,7 @@ fn compressed_rebase_compresses_whole_clusters_as_qemu_img() {
     let (lq, lk) = (l2_table(&q.join("top")), l2_table(&k.join("top")));
     let diff = differing_entries(&lq, &lk);
     assert!(diff.is_empty(), "rebase -c: {diff:#?}");
-    let map = |d: &Path| run("qemu-img", &["map", "--output=json", "top"], d).stdout;
+    let map = |d: &Path| tool_output("qemu-img", &["map", "--output=json", "top"], d).stdout;
     assert_eq!(map(&q), map(&k), "rebase -c: maps differ");
-    run("qemu-img", &["check", "top"], &k);
+    tool_output("qemu-img", &["check", "top"], &k);
 }

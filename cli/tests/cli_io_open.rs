@@ -15,39 +15,13 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::{exec_as, tool};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use tempfile::TempDir;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-/// Runs `prog args…` in `dir` with argv[0] `name`; panics clearly if it cannot be started.
-fn exec(prog: &str, name: &str, args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(prog)
-        .arg0(name)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (Debian \
-                 package qemu-utils, 10.x) in PATH"
-            )
-        })
-}
-
-/// A qemu tool that must succeed (building images).
-fn tool(prog: &str, args: &[&str], dir: &Path) {
-    let out = exec(prog, prog, args, dir);
-    assert!(
-        out.status.success(),
-        "`{prog} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The images every case starts with: an empty 64 MiB qcow2 image, a chain (`top.qcow2` over
 /// `base.qcow2`, whose first 4 KiB are 0x07), a raw file, a qcow2 image with 256 KiB
@@ -165,10 +139,10 @@ fn same(args: &[&str]) -> Res {
     let (q, k) = (tmp.path().join("q"), tmp.path().join("k"));
     images(&q);
     images(&k);
-    let want = normalised(&exec("qemu-io", "qemu-io", args, &q));
+    let want = normalised(&exec_as("qemu-io", "qemu-io", args, &q));
     let mut kit_args = vec!["io"];
     kit_args.extend_from_slice(args);
-    let got = normalised(&exec(QCOW2KIT, "qemu-io", &kit_args, &k));
+    let got = normalised(&exec_as(QCOW2KIT, "qemu-io", &kit_args, &k));
     assert_eq!(got, want, "qemu-io {args:?}");
     // QEMU finds `dd.qcow2`'s data file relative to its working directory: each image is
     // checked from its own directory, and the data file compared as raw.
@@ -181,11 +155,11 @@ fn same(args: &[&str]) -> Res {
             "qcow2"
         };
         let cmp = ["compare", "-q", "-f", fmt, "-F", fmt, qi, ki];
-        let cmp = exec("qemu-img", "qemu-img", &cmp, tmp.path());
+        let cmp = exec_as("qemu-img", "qemu-img", &cmp, tmp.path());
         assert_eq!(cmp.status.code(), Some(0), "{img} differs after {args:?}");
     }
     for img in ["a.qcow2", "top.qcow2", "base.qcow2", "dd.qcow2"] {
-        let check = exec("qemu-img", "qemu-img", &["check", "-q", img], &k);
+        let check = exec_as("qemu-img", "qemu-img", &["check", "-q", img], &k);
         assert_eq!(
             check.status.code(),
             Some(0),
@@ -541,7 +515,7 @@ fn readers_beside(prog: &str, pre: &[&str], cmds: &[&str], dir: &Path) -> Vec<bo
     for (i, cmd) in cmds.iter().enumerate() {
         writeln!(stdin, "{cmd}").expect("send command");
         wait_prompt(i + 2);
-        let other = exec(
+        let other = exec_as(
             "qemu-io",
             "qemu-io",
             &["-r", "-c", "read 0 1", "a.qcow2"],

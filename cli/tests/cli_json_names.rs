@@ -15,39 +15,11 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
-use std::os::unix::process::CommandExt;
+use qcow2kit_testsupport::{exec_as, tool};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use tempfile::TempDir;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-/// Runs `prog args…` in `dir` with argv[0] `name`; panics clearly if it cannot be started.
-fn exec(prog: &str, name: &str, args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(prog)
-        .arg0(name)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (Debian \
-                 package qemu-utils, 10.x) in PATH"
-            )
-        })
-}
-
-/// A qemu tool that must succeed (building images).
-fn tool(prog: &str, args: &[&str], dir: &Path) {
-    let out = exec(prog, prog, args, dir);
-    assert!(
-        out.status.success(),
-        "`{prog} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The images of every case: `a.qcow2` (1 MiB, its first 64 KiB 0x01), `b.qcow2` (the same
 /// data), `base.qcow2` (0x07 in its first 4 KiB) under `top.qcow2`, `dd.qcow2` on the data
@@ -157,13 +129,13 @@ impl Pair {
     /// Runs `prog` (`qemu-img` or `qemu-io`) and qcow2kit standing in for it with `args`;
     /// asserts they print and end the same. Returns qcow2kit's result.
     fn run(&self, prog: &str, args: &[&str]) -> Res {
-        let want = normalised(&exec(prog, prog, args, &self.q));
+        let want = normalised(&exec_as(prog, prog, args, &self.q));
         let mut kit_args = Vec::new();
         if prog == "qemu-io" {
             kit_args.push("io");
         }
         kit_args.extend_from_slice(args);
-        let got = normalised(&exec(QCOW2KIT, prog, &kit_args, &self.k));
+        let got = normalised(&exec_as(QCOW2KIT, prog, &kit_args, &self.k));
         assert_eq!(got, want, "{prog} {args:?}");
         got
     }
@@ -186,10 +158,10 @@ impl Pair {
             let (qi, ki) = (self.q.join(img), self.k.join(img));
             let (qi, ki) = (qi.to_str().expect("utf-8"), ki.to_str().expect("utf-8"));
             let cmp = ["compare", "-q", "-f", fmt, "-F", fmt, qi, ki];
-            let cmp = exec("qemu-img", "qemu-img", &cmp, self.tmp.path());
+            let cmp = exec_as("qemu-img", "qemu-img", &cmp, self.tmp.path());
             assert_eq!(cmp.status.code(), Some(0), "{img} differs after {after}");
             if fmt == "qcow2" {
-                let check = exec("qemu-img", "qemu-img", &["check", "-q", img], &self.k);
+                let check = exec_as("qemu-img", "qemu-img", &["check", "-q", img], &self.k);
                 assert_eq!(
                     check.status.code(),
                     Some(0),
@@ -335,7 +307,7 @@ fn backing_named_again_by_options() {
         r#"json:{"file.filename":"top.qcow2","backing.driver":"raw"}"#,
         r#"json:{"file.filename":"top.qcow2","backing.l2-cache-size":"1M"}"#,
     ] {
-        let out = exec(
+        let out = exec_as(
             QCOW2KIT,
             "qemu-img",
             &["compare", name, "base.qcow2"],

@@ -11,24 +11,14 @@
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 #[path = "../../tests/support/lock_helpers.rs"]
 mod lock_helpers;
 use lock_helpers::{make_images, Held};
+use qcow2kit_testsupport::exec;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (10.x)")
-        })
-}
 
 /// The images of [`make_images`] in a new directory.
 fn images() -> tempfile::TempDir {
@@ -76,13 +66,13 @@ fn tool(qemu: bool, cmd: &[&str], dir: &Path) -> (Option<i32>, String, String) {
         } else {
             "qemu-io"
         };
-        run(prog, &cmd[1..], dir)
+        exec(prog, &cmd[1..], dir)
     } else {
         let mut args = cmd.to_vec();
         if args[0] == "img" {
             args.remove(0);
         }
-        run(QCOW2KIT, &args, dir)
+        exec(QCOW2KIT, &args, dir)
     };
     result(&o)
 }

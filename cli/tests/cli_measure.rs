@@ -5,21 +5,12 @@
 //!
 //! A missing qemu-img or qemu-io fails the tests; it never skips them.
 
+use qcow2kit_testsupport::exec;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use tempfile::TempDir;
 
 const QCOW2KIT: &str = env!("CARGO_BIN_EXE_qcow2kit");
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{prog}` ({e}); these tests need qemu-img and qemu-io (qemu-utils)")
-        })
-}
 
 fn sh(script: &str, dir: &Path) {
     let o = Command::new("sh")
@@ -36,7 +27,7 @@ fn sh(script: &str, dir: &Path) {
 
 /// What a run printed and returned, with our program name replaced by qemu-img's.
 fn outcome(prog: &str, args: &[&str], dir: &Path) -> String {
-    let o = run(prog, args, dir);
+    let o = exec(prog, args, dir);
     let text = format!(
         "stdout:\n{}stderr:\n{}status: {:?}",
         String::from_utf8_lossy(&o.stdout),
