@@ -10,6 +10,17 @@
 //! the run being compared, exactly as qemu-img reports them. In strict mode a size difference or
 //! any difference in the allocation status of the two devices (QEMU's status bits: data, zero,
 //! allocated, host offset known, compressed, end of image) is a mismatch too.
+//!
+//! ```
+//! use qcow2kit::io::MemoryStorage;
+//! use qcow2kit::ops::compare::{compare, CompareResult};
+//! use qcow2kit::RawImage;
+//! use std::sync::Arc;
+//! let a = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![1; 4096])), false)?;
+//! let b = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![1; 4096])), false)?;
+//! assert_eq!(compare(&a, &b, false)?, CompareResult::Identical);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use super::map::{flags, layer_status, LayerStatus};
 use crate::device::BlockDevice;
@@ -78,6 +89,20 @@ impl From<CompareError> for Error {
 }
 
 /// Compares the guest contents of `a` and `b` (see the module documentation).
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::compare::{compare, CompareResult};
+/// use qcow2kit::RawImage;
+/// use std::sync::Arc;
+/// let mut other = vec![1; 4096];
+/// other[1000] = 2;
+/// let a = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![1; 4096])), false)?;
+/// let b = RawImage::open(Arc::new(MemoryStorage::from_bytes(other)), false)?;
+/// // As qemu-img, the first differing sector is named.
+/// assert_eq!(compare(&a, &b, false)?, CompareResult::ContentMismatch { offset: 512 });
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn compare(
     a: &dyn BlockDevice,
     b: &dyn BlockDevice,

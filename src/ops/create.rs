@@ -4,6 +4,20 @@
 //! refcount table, one refcount block) and is then grown to its size by the engine's own
 //! resize, which allocates the L1 table through the allocator — so creation exercises the same
 //! code (and the same write ordering) as every later change.
+//!
+//! ```
+//! use qcow2kit::ops::create::{create_qcow2, Compat, CreateOptions};
+//! # let dir = tempfile::tempdir()?;
+//! // qemu-img create -f qcow2 -o compat=0.10,cluster_size=4096 old.qcow2 10M
+//! let o = CreateOptions {
+//!     size: Some(10 << 20),
+//!     compat: Compat::V2,
+//!     cluster_size: 4096,
+//!     ..CreateOptions::default()
+//! };
+//! create_qcow2(&dir.path().join("old.qcow2"), &o)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::chain::{open, resolve_relative, OpenOptions};
 use crate::crypto::luks::LuksCreateOptions;
@@ -24,6 +38,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Format version (`compat`).
+///
+/// ```
+/// use qcow2kit::ops::create::{Compat, CreateOptions};
+/// assert_eq!(CreateOptions::default().compat, Compat::V3);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compat {
     /// Version 2 (`compat=0.10`).
@@ -33,6 +52,13 @@ pub enum Compat {
 }
 
 /// `preallocation`.
+///
+/// ```
+/// use qcow2kit::ops::create::{create_raw, Preallocation};
+/// # let dir = tempfile::tempdir()?;
+/// create_raw(&dir.path().join("thick.raw"), 1 << 20, Preallocation::Full)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preallocation {
     /// Nothing allocated up front.
@@ -48,6 +74,13 @@ pub enum Preallocation {
 
 impl Preallocation {
     /// Parses qemu-img's names.
+    ///
+    /// ```
+    /// use qcow2kit::ops::create::Preallocation;
+    /// assert_eq!(Preallocation::from_name("falloc")?, Preallocation::Falloc);
+    /// assert!(Preallocation::from_name("thick").is_err());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn from_name(s: &str) -> Result<Self> {
         Ok(match s {
             "off" => Preallocation::Off,
@@ -64,6 +97,19 @@ impl Preallocation {
 }
 
 /// Options of a new qcow2 image, with qemu-img's defaults.
+///
+/// ```
+/// use qcow2kit::ops::create::CreateOptions;
+/// // qemu-img create -f qcow2 -o extended_l2=on,cluster_size=128k,lazy_refcounts=on disk 1G
+/// let o = CreateOptions {
+///     size: Some(1 << 30),
+///     extended_l2: true,
+///     cluster_size: 128 << 10,
+///     lazy_refcounts: true,
+///     ..CreateOptions::default()
+/// };
+/// # let _ = o;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Virtual size; `None` takes the backing file's size.
@@ -95,6 +141,24 @@ pub struct CreateOptions {
 }
 
 /// How a new image is encrypted.
+///
+/// ```
+/// use qcow2kit::crypto::{EncryptionFormat, Passphrase};
+/// use qcow2kit::ops::create::{create_qcow2, CreateEncryption, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// let o = CreateOptions {
+///     size: Some(1 << 20),
+///     encryption: Some(CreateEncryption {
+///         format: EncryptionFormat::Luks,
+///         passphrase: Passphrase::new("secret"),
+///         luks: Default::default(),
+///     }),
+///     ..CreateOptions::default()
+/// };
+/// # let o = CreateOptions { encryption: o.encryption.map(|mut e| { e.luks.kdf = qcow2kit::crypto::luks::KdfCost::Iterations { master: 1000, slot: 1000 }; e }), ..o };
+/// create_qcow2(&dir.path().join("secret.qcow2"), &o)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateEncryption {
     /// LUKS (the default of qemu-img) or legacy AES.
@@ -140,6 +204,14 @@ fn parse_bool(k: &str, v: &str) -> Result<bool> {
 impl CreateOptions {
     /// Applies one `-o` argument (`key=value,key=value`, qemu-img's option names). `parse_size`
     /// converts sizes with suffixes.
+    ///
+    /// ```
+    /// use qcow2kit::ops::create::CreateOptions;
+    /// let mut o = CreateOptions::default();
+    /// o.apply_qemu_options("cluster_size=4096,refcount_bits=1", |s| s.parse().ok())?;
+    /// assert_eq!((o.cluster_size, o.refcount_bits), (4096, 1));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn apply_qemu_options(
         &mut self,
         arg: &str,
@@ -367,6 +439,17 @@ fn write_skeleton(storage: &dyn Storage, o: &CreateOptions, bits: u32) -> Result
 
 /// Creates a qcow2 image on `storage` (and its data file on `data`, when the options name one)
 /// of `size` bytes and returns it opened writable. Backing files are only recorded.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::BlockDevice;
+/// use std::sync::Arc;
+/// let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+/// img.write_at(&[1; 512], 0)?; // open for writing already
+/// img.close()?;
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn create_qcow2_on(
     storage: Arc<dyn Storage>,
     data: Option<Arc<dyn Storage>>,
@@ -428,6 +511,13 @@ pub fn create_qcow2_on(
 
 /// Creates a qcow2 image file at `path`. Without a size, the backing file is opened (as qemu-img
 /// does: relative to the new image, its format given or probed) for its size.
+///
+/// ```
+/// use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// create_qcow2(&dir.path().join("disk.qcow2"), &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn create_qcow2(path: &Path, o: &CreateOptions) -> Result<()> {
     let size = match (o.size, &o.backing_file) {
         (Some(s), _) => s,
@@ -503,6 +593,15 @@ fn reserve_whole_file(path: &Path) -> Result<()> {
 
 /// Creates a raw image file of `size` bytes: sparse, its blocks reserved (`Falloc`) or zeros
 /// written (`Full`).
+///
+/// ```
+/// use qcow2kit::ops::create::{create_raw, Preallocation};
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("disk.raw");
+/// create_raw(&path, 1 << 20, Preallocation::Off)?; // sparse
+/// assert_eq!(std::fs::metadata(&path)?.len(), 1 << 20);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn create_raw(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
     let s = FileStorage::create(path).map_err(|e| Error::storage("creating image file", e))?;
     if preallocation == Preallocation::Full {

@@ -10,6 +10,22 @@
 //! clusters are *allocated* (present); an unallocated range reads as zeros when the layer has no
 //! backing device or lies at or past the end of its backing device, and is then reported by that
 //! layer (depth of the layer, not present).
+//!
+//! ```
+//! use qcow2kit::io::MemoryStorage;
+//! use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+//! use qcow2kit::ops::map::map_extents;
+//! use qcow2kit::BlockDevice;
+//! use std::sync::Arc;
+//! let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+//! img.write_at(&[1; 65536], 65536)?;
+//! let runs: Vec<(u64, u64, bool)> = map_extents(&img, 0, None)?
+//!     .iter()
+//!     .map(|e| (e.start, e.length, e.data))
+//!     .collect();
+//! assert_eq!(runs, vec![(0, 65536, false), (65536, 65536, true), (131072, 917504, false)]);
+//! # Ok::<(), qcow2kit::Error>(())
+//! ```
 
 use crate::device::{BlockDevice, ExtentKind};
 use crate::error::{Error, Result};
@@ -217,6 +233,17 @@ pub fn for_each_extent<E: From<Error>>(
 }
 
 /// The merged map of `dev` from `start`, at most `max_length` bytes (see [`for_each_extent`]).
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::map::map_extents;
+/// use qcow2kit::RawImage;
+/// use std::sync::Arc;
+/// let raw = RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![3; 8192])), false)?;
+/// let m = map_extents(&raw, 0, None)?; // qemu-img map --output=json
+/// assert_eq!((m.len(), m[0].data, m[0].offset), (1, true, Some(0)));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn map_extents(
     dev: &dyn BlockDevice,
     start: u64,
