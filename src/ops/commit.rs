@@ -38,6 +38,13 @@ use std::sync::Arc;
 const CHUNK_BYTES: u64 = 2 << 20;
 
 /// Options of [`commit`].
+///
+/// ```
+/// use qcow2kit::ops::commit::CommitOptions;
+/// // qemu-img commit -d: keep the image's data after committing it.
+/// let opts = CommitOptions { keep: true, ..CommitOptions::default() };
+/// # let _ = opts;
+/// ```
 #[derive(Clone, Default)]
 pub struct CommitOptions<'a> {
     /// The base to commit into; `None` is the image's immediate backing file.
@@ -62,6 +69,25 @@ impl std::fmt::Debug for CommitOptions<'_> {
 }
 
 /// What a commit reports.
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::{BlockDevice, RawImage};
+/// # use std::sync::Arc;
+/// # let base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), false)?);
+/// # let with_base = CreateOptions { backing_file: Some("base.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+/// # let mut top = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &with_base)?;
+/// # top.set_backing(Some(base));
+/// use qcow2kit::ops::commit::commit_chain;
+/// # let mut top = top;
+/// # let writable_base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), true)?);
+/// # top.set_backing(Some(writable_base));
+/// top.write_at(&[9; 65536], 0)?;
+/// let stats = commit_chain(&top, 1, false, 1, None)?;
+/// assert_eq!(stats.copied, 65536);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CommitStats {
     /// Bytes written into the base as data.
@@ -77,6 +103,21 @@ pub struct CommitStats {
 /// Opens `path` for a commit: the image and its base writable, the layers between read-only.
 /// `opts` gives the policy (backing depth, probing, locking); its `writable` and
 /// `writable_layer` are set here.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # use qcow2kit::{open, BlockDevice, Format, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+/// # create_qcow2(&base, &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// # create_qcow2(&top, &CreateOptions { backing_file: Some("base.qcow2".into()), backing_format: Some("qcow2".into()), ..Default::default() })?;
+/// # let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+/// # let b = open(&base, Format::Qcow2, &rw)?; b.device.write_at(&[7; 65536], 0)?; b.close()?;
+/// use qcow2kit::ops::commit::open_for_commit;
+/// let img = open_for_commit(&top, Format::Qcow2, None, &OpenOptions::qemu_compatible())?;
+/// assert!(img.layers[1].writable); // the base, for the commit to write into
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn open_for_commit(
     path: &Path,
     format: Format,
@@ -115,6 +156,28 @@ pub fn open_for_commit(
 }
 
 /// Commits `image` (opened by [`open_for_commit`]) into its base.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # use qcow2kit::{open, BlockDevice, Format, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+/// # create_qcow2(&base, &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// # create_qcow2(&top, &CreateOptions { backing_file: Some("base.qcow2".into()), backing_format: Some("qcow2".into()), ..Default::default() })?;
+/// # let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+/// # let b = open(&base, Format::Qcow2, &rw)?; b.device.write_at(&[7; 65536], 0)?; b.close()?;
+/// use qcow2kit::ops::commit::{commit, open_for_commit, CommitOptions};
+/// # let t = open(&top, Format::Qcow2, &OpenOptions { writable: true, ..OpenOptions::qemu_compatible() })?;
+/// # t.device.write_at(&[9; 512], 0)?; t.close()?;
+/// let img = open_for_commit(&top, Format::Qcow2, None, &OpenOptions::qemu_compatible())?;
+/// commit(&img, &CommitOptions::default())?; // qemu-img commit top.qcow2
+/// img.close()?;
+/// let b = open(&base, Format::Qcow2, &OpenOptions::default())?;
+/// let mut buf = [0u8; 512];
+/// b.device.read_at(&mut buf, 0)?;
+/// assert_eq!(buf, [9u8; 512]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn commit(image: &Opened, opts: &CommitOptions<'_>) -> Result<CommitStats> {
     let depth = match &opts.base {
         None => 1,
@@ -155,6 +218,25 @@ pub fn commit(image: &Opened, opts: &CommitOptions<'_>) -> Result<CommitStats> {
 /// is grown to `top`'s size if smaller; then `top` is emptied unless `keep`. `workers` threads
 /// (0: one per core) copy regions of the image in parallel. Usable on images
 /// over any [`Storage`](crate::io::Storage).
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::{BlockDevice, RawImage};
+/// # use std::sync::Arc;
+/// # let base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), false)?);
+/// # let with_base = CreateOptions { backing_file: Some("base.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+/// # let mut top = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &with_base)?;
+/// # top.set_backing(Some(base));
+/// use qcow2kit::ops::commit::commit_chain;
+/// # let mut top = top;
+/// # let writable_base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), true)?);
+/// # top.set_backing(Some(writable_base));
+/// top.write_at(&[9; 512], 0)?;
+/// commit_chain(&top, 1, false, 1, None)?; // into the backing device, then emptied
+/// assert_eq!(top.block_status(0, 65536)?.kind, qcow2kit::ExtentKind::Unallocated);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn commit_chain(
     top: &Qcow2Image,
     depth: usize,

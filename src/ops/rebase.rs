@@ -49,6 +49,14 @@ use std::sync::Arc;
 const CHUNK_BYTES: u64 = 2 << 20;
 
 /// The backing file an image is rebased onto.
+///
+/// ```
+/// use qcow2kit::ops::rebase::BackingLink;
+/// use qcow2kit::Format;
+/// // What -b base.qcow2 -F qcow2 names (relative to the image).
+/// let link = BackingLink { name: b"base.qcow2".to_vec(), format: Format::Qcow2 };
+/// # let _ = link;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingLink {
     /// The name stored in the header, exactly as given. A relative name is resolved against
@@ -59,6 +67,13 @@ pub struct BackingLink {
 }
 
 /// Options of [`rebase`] and [`pull`].
+///
+/// ```
+/// use qcow2kit::ops::rebase::RebaseOptions;
+/// let report = |done: u64, total: u64| { let _ = (done, total); true };
+/// let opts = RebaseOptions { progress: Some(&report), ..RebaseOptions::default() };
+/// # let _ = opts;
+/// ```
 #[derive(Clone, Default)]
 pub struct RebaseOptions<'a> {
     /// Write the copied clusters compressed (`qemu-img rebase -c`).
@@ -85,6 +100,21 @@ impl std::fmt::Debug for RebaseOptions<'_> {
 }
 
 /// What a rebase reports.
+///
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # use qcow2kit::{open, BlockDevice, Format, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+/// # create_qcow2(&base, &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// # create_qcow2(&top, &CreateOptions { backing_file: Some("base.qcow2".into()), backing_format: Some("qcow2".into()), ..Default::default() })?;
+/// # let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+/// # let b = open(&base, Format::Qcow2, &rw)?; b.device.write_at(&[7; 65536], 0)?; b.close()?;
+/// use qcow2kit::ops::rebase::{pull, RebaseOptions};
+/// let img = open(&top, Format::Qcow2, &OpenOptions { writable: true, ..OpenOptions::qemu_compatible() })?;
+/// let stats = pull(&img, None, &RebaseOptions::default())?; // flatten: take the base's data in
+/// assert!(stats.copied > 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RebaseStats {
     /// Bytes read from both sides and compared.
@@ -100,6 +130,23 @@ pub struct RebaseStats {
 /// the module documentation. When `to` names a file of the image's current chain it is a
 /// [`pull`]; otherwise the new backing file is opened read-only with
 /// [`RebaseOptions::backing_open`].
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # use qcow2kit::{open, BlockDevice, Format, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+/// # create_qcow2(&base, &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// # create_qcow2(&top, &CreateOptions { backing_file: Some("base.qcow2".into()), backing_format: Some("qcow2".into()), ..Default::default() })?;
+/// # let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+/// # let b = open(&base, Format::Qcow2, &rw)?; b.device.write_at(&[7; 65536], 0)?; b.close()?;
+/// use qcow2kit::ops::rebase::{rebase, RebaseOptions};
+/// let img = open(&top, Format::Qcow2, &OpenOptions { writable: true, ..OpenOptions::qemu_compatible() })?;
+/// // qemu-img rebase -b "" top.qcow2: the image keeps reading the same, standing alone.
+/// rebase(&img, None, &RebaseOptions::default())?;
+/// assert!(img.qcow2.as_ref().map(|q| q.backing_file_name().is_none()).unwrap_or(false));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn rebase(
     image: &Opened,
     to: Option<&BackingLink>,
@@ -135,6 +182,23 @@ pub fn rebase(
 }
 
 /// The device an image reads through after a rebase, for [`rebase_chain`].
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::{BlockDevice, RawImage};
+/// # use std::sync::Arc;
+/// # let base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), false)?);
+/// # let with_base = CreateOptions { backing_file: Some("base.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+/// # let mut top = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &with_base)?;
+/// # top.set_backing(Some(base));
+/// use qcow2kit::ops::rebase::{rebase_chain, NewBase, RebaseOptions};
+/// rebase_chain(&top, NewBase::None, None, &RebaseOptions::default())?;
+/// let mut buf = [0u8; 512];
+/// top.read_at(&mut buf, 0)?; // copied in before the link was dropped
+/// assert_eq!(buf, [7u8; 512]);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Clone)]
 pub enum NewBase {
     /// No backing file: the chain is flattened into the image.
@@ -160,6 +224,21 @@ impl std::fmt::Debug for NewBase {
 /// needs of its old chain to read the same over `new`, then its header names `link`. What
 /// [`rebase`] and [`pull`] do after resolving names; usable on images over any
 /// [`Storage`](crate::io::Storage).
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::{BlockDevice, RawImage};
+/// # use std::sync::Arc;
+/// # let base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), false)?);
+/// # let with_base = CreateOptions { backing_file: Some("base.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+/// # let mut top = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &with_base)?;
+/// # top.set_backing(Some(base));
+/// use qcow2kit::ops::rebase::{rebase_chain, NewBase, RebaseOptions};
+/// let stats = rebase_chain(&top, NewBase::None, None, &RebaseOptions::default())?;
+/// assert_eq!(stats.copied, 1 << 20);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn rebase_chain(
     top: &Qcow2Image,
     new: NewBase,
@@ -195,6 +274,26 @@ pub fn rebase_chain(
 /// Pulls the layers above `base` into `image`: `base` must be a file of the image's backing
 /// chain (`None`: the whole chain, which flattens it). Only ranges the layers between the image
 /// and the base provide are read and copied; the header then names `base` (as given).
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # use qcow2kit::{open, BlockDevice, Format, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+/// # create_qcow2(&base, &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// # create_qcow2(&top, &CreateOptions { backing_file: Some("base.qcow2".into()), backing_format: Some("qcow2".into()), ..Default::default() })?;
+/// # let rw = OpenOptions { writable: true, ..OpenOptions::default() };
+/// # let b = open(&base, Format::Qcow2, &rw)?; b.device.write_at(&[7; 65536], 0)?; b.close()?;
+/// use qcow2kit::ops::rebase::{pull, RebaseOptions};
+/// let img = open(&top, Format::Qcow2, &OpenOptions { writable: true, ..OpenOptions::qemu_compatible() })?;
+/// pull(&img, None, &RebaseOptions::default())?; // blockRebase with no base: a full pull
+/// img.close()?;
+/// let alone = open(&top, Format::Qcow2, &OpenOptions::default())?; // no backing file any more
+/// let mut buf = [0u8; 512];
+/// alone.device.read_at(&mut buf, 0)?;
+/// assert_eq!(buf, [7u8; 512]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn pull(
     image: &Opened,
     base: Option<&BackingLink>,
@@ -219,6 +318,24 @@ pub fn pull(
 /// Unsafe rebase (`qemu-img rebase -u`): only the header's backing link changes, to `to`
 /// (`None`: no backing file). Nothing is copied, so the guest content changes unless the new
 /// backing file reads as the old one; the new file need not exist.
+///
+/// ```
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::{BlockDevice, RawImage};
+/// # use std::sync::Arc;
+/// # let base: Arc<dyn BlockDevice> = Arc::new(RawImage::open(Arc::new(MemoryStorage::from_bytes(vec![7; 1 << 20])), false)?);
+/// # let with_base = CreateOptions { backing_file: Some("base.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+/// # let mut top = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &with_base)?;
+/// # top.set_backing(Some(base));
+/// use qcow2kit::ops::rebase::{rebase_unsafe, BackingLink};
+/// use qcow2kit::Format;
+/// // qemu-img rebase -u -b moved.raw -F raw: only the header changes.
+/// let link = BackingLink { name: b"moved.raw".to_vec(), format: Format::Raw };
+/// rebase_unsafe(&top, Some(&link))?;
+/// assert_eq!(top.backing_file_name().as_deref(), Some(&b"moved.raw"[..]));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn rebase_unsafe(image: &Qcow2Image, to: Option<&BackingLink>) -> Result<()> {
     if !image.is_writable() {
         return Err(Error::ReadOnly);
