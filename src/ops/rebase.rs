@@ -101,6 +101,7 @@ impl std::fmt::Debug for RebaseOptions<'_> {
 
 /// What a rebase reports.
 ///
+/// ```
 /// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
 /// # use qcow2kit::{open, BlockDevice, Format, OpenOptions};
 /// # let dir = tempfile::tempdir()?;
