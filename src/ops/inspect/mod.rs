@@ -60,9 +60,17 @@ use std::path::Path;
 /// Bytes of a file's head that facts are read from: the largest qcow2 header cluster (2 MiB),
 /// which also covers a VMDK descriptor (< 1 MiB from byte 512), a VHDX region table (192 KiB)
 /// and an ISO volume descriptor (32 KiB).
+///
+/// ```
+/// assert_eq!(qcow2kit::ops::inspect::FACTS_HEAD_BYTES, 2 << 20);
+/// ```
 pub const FACTS_HEAD_BYTES: usize = 1 << MAX_CLUSTER_BITS;
 /// Bytes of a file's tail that facts are read from: a VMDK stream-optimized footer (three
 /// sectors), which covers a VHD footer and a DMG trailer (one).
+///
+/// ```
+/// assert!(qcow2kit::ops::inspect::FACTS_TAIL_BYTES >= 512);
+/// ```
 pub const FACTS_TAIL_BYTES: usize = vmdk::FOOTER_BYTES;
 
 /// What the bytes of one detected format say, whatever the format.
@@ -93,6 +101,18 @@ impl FormatFacts {
 }
 
 /// The result of [`inspect`] (or of a streaming [`InspectReader`]).
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::ops::inspect::{inspect, Policy};
+/// use std::sync::Arc;
+/// let upload = Arc::new(MemoryStorage::new());
+/// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+/// let found = inspect(upload.as_ref())?;
+/// assert_eq!(found.format(), qcow2kit::Format::Qcow2);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspection {
     /// Length of the file in bytes.
@@ -115,21 +135,69 @@ impl Inspection {
     /// The file's format: the one detected, [`Format::Raw`] if none; for a polyglot, the first
     /// detected (a probing reader may pick another: qemu-img takes a qcow2 image carrying a VDI
     /// signature for VDI).
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert_eq!(found.format().name(), "qcow2");
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn format(&self) -> Format {
         self.detected.first().copied().unwrap_or(Format::Raw)
     }
 
     /// Whether more than one format was detected (a hybrid ISO, `iso` + `gpt`, excepted).
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert!(!found.is_polyglot());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn is_polyglot(&self) -> bool {
         self.detected.len() > 1 && !is_hybrid_iso(&self.detected)
     }
 
     /// The facts of [`format`](Inspection::format).
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert!(found.facts().is_some()); // the qcow2 header's fields
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn facts(&self) -> Option<&FormatFacts> {
         self.formats.iter().find(|f| f.format == self.format())
     }
 
     /// The virtual disk size of [`format`](Inspection::format), if its bytes tell.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert_eq!(found.virtual_size(), Some(1 << 20));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn virtual_size(&self) -> Option<u64> {
         self.facts().and_then(|f| f.virtual_size)
     }
@@ -137,6 +205,15 @@ impl Inspection {
 
 /// Inspects the file at `path`, refusing anything but a regular file or a block device before
 /// opening it (opening a FIFO would block).
+///
+/// ```
+/// use qcow2kit::ops::inspect::inspect_path;
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("upload.iso");
+/// std::fs::write(&path, vec![0u8; 4096])?;
+/// assert_eq!(inspect_path(&path)?.format(), qcow2kit::Format::Raw);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn inspect_path(path: &Path) -> Result<Inspection> {
     let ctx = || format!("opening '{}'", path.display());
     let meta = std::fs::metadata(path).map_err(|e| Error::io(ctx(), e))?;
@@ -154,6 +231,18 @@ pub fn inspect_path(path: &Path) -> Result<Inspection> {
 /// Inspects the bytes of `storage`: at most its first 2 MiB, its last 1536 bytes, and a few
 /// small structures they point to (a backing file name, a VHDX metadata table and items). Fails
 /// only on I/O errors.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::ops::inspect::{inspect, Policy};
+/// use std::sync::Arc;
+/// let upload = Arc::new(MemoryStorage::new());
+/// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+/// let found = inspect(upload.as_ref())?;
+/// assert!(found.check(&Policy::openstack()).is_empty());
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 pub fn inspect(storage: &dyn Storage) -> Result<Inspection> {
     let size = storage
         .len()

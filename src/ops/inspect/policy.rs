@@ -8,6 +8,18 @@ use std::fmt;
 
 impl Inspection {
     /// Applies `policy` and returns every rule the file breaks (empty: acceptable).
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert!(found.check(&Policy::openstack()).is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn check(&self, policy: &Policy) -> Vec<Violation> {
         let mut v = Vec::new();
         if let Some(declared) = policy.declared_format {
@@ -96,6 +108,20 @@ fn format_matches(declared: Format, detected: &[Format]) -> bool {
 }
 
 /// Which rules [`Inspection::check`] applies. Build one from a preset and adjust its fields.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::ops::inspect::{inspect, Policy};
+/// use std::sync::Arc;
+/// let upload = Arc::new(MemoryStorage::new());
+/// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+/// let found = inspect(upload.as_ref())?;
+/// // Glance's import: only what was declared, and nothing that names other files.
+/// let policy = Policy::openstack().declared(qcow2kit::Format::Raw);
+/// assert!(!found.check(&policy).is_empty()); // declared raw, is qcow2
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// The format the file claims to be (e.g. an upload's `disk_format`); when set, the detected
@@ -146,6 +172,18 @@ impl Policy {
     /// know (in any field), no legacy AES, a valid header (every format's structure), not a
     /// polyglot, only the formats OpenStack accepts, OpenStack's per-format rules, and — once
     /// [`declared`](Policy::declared) — the declared format.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert!(found.check(&Policy::strict()).is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn strict() -> Self {
         Policy {
             declared_format: None,
@@ -173,6 +211,18 @@ impl Policy {
     /// metadata table) must be sound. qcow2kit adds one rule of its own for every format: no
     /// backing file (a VMDK parent, a QED backing file, a differencing VHD/VHDX/VDI), where
     /// `format_inspector` checks only qcow2's.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert!(found.check(&Policy::openstack()).is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn openstack() -> Self {
         Policy {
             declared_format: None,
@@ -192,6 +242,18 @@ impl Policy {
     /// For images made locally by a trusted user: backing and data files, legacy AES, any
     /// format and any VMDK subformat are fine; invalid headers, unknown incompatible features
     /// and polyglots are still refused.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// assert!(found.check(&Policy::trusted_local()).is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn trusted_local() -> Self {
         Policy {
             declared_format: None,
@@ -224,6 +286,19 @@ impl Policy {
     }
 
     /// The same policy, requiring the file to be a `format` image.
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// let qcow2 = Policy::openstack().declared(qcow2kit::Format::Qcow2);
+    /// assert!(found.check(&qcow2).is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn declared(mut self, format: Format) -> Self {
         self.declared_format = Some(format);
         self
@@ -231,6 +306,19 @@ impl Policy {
 }
 
 /// A rule an inspected file breaks.
+///
+/// ```
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::ops::inspect::{inspect, Policy};
+/// use std::sync::Arc;
+/// let upload = Arc::new(MemoryStorage::new());
+/// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+/// let found = inspect(upload.as_ref())?;
+/// let v = found.check(&Policy::openstack().declared(qcow2kit::Format::Vmdk));
+/// println!("refused: {}", v[0]);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Violation {
@@ -299,6 +387,19 @@ pub enum Violation {
 
 impl Violation {
     /// The rule's short name (OpenStack's check names where it has one).
+    ///
+    /// ```
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::ops::inspect::{inspect, Policy};
+    /// use std::sync::Arc;
+    /// let upload = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(upload.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// let found = inspect(upload.as_ref())?;
+    /// let v = found.check(&Policy::openstack().declared(qcow2kit::Format::Vmdk));
+    /// assert!(!v[0].rule().is_empty());
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn rule(&self) -> &'static str {
         match self {
             Violation::InvalidHeader(_) => "invalid_header",
