@@ -4,6 +4,19 @@
 //! backing file or external data file, so that an image naming missing or untrusted files can
 //! still be inspected. [`image_info`] gathers the facts; [`backing_chain_info`] walks the chain
 //! by the names the images record (`--backing-chain`), top first.
+//!
+//! ```
+//! # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("disk.qcow2");
+//! # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+//! use qcow2kit::chain::Locking;
+//! use qcow2kit::ops::info::{image_info, open_for_info};
+//! use qcow2kit::Format;
+//! let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+//! assert_eq!((info.virtual_size, info.cluster_size), (1 << 30, Some(65536)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::chain::{open_storage, probe_file, FileRole, Locking, Opened, DEFAULT_MAX_DEPTH};
 use crate::device::RawImage;
@@ -29,6 +42,20 @@ fn round_to_sector(len: u64) -> u64 {
 }
 
 /// Facts about one image, as `qemu-img info` reports them.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// assert_eq!(info.format, Format::Qcow2);
+/// assert!(info.backing_filename.is_none() && info.snapshots.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
     /// The name the image was opened by.
@@ -59,6 +86,20 @@ pub struct ImageInfo {
 }
 
 /// The host file under an image.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// assert_eq!(info.file.protocol, "file");
+/// assert!(info.file.length > 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInfo {
     /// Its name.
@@ -72,6 +113,19 @@ pub struct FileInfo {
 }
 
 /// One internal snapshot.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// assert!(info.snapshots.is_empty()); // `qemu-img snapshot -c` adds one
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// Unique id.
@@ -105,6 +159,20 @@ impl From<&crate::format::snapshot::Snapshot> for SnapshotInfo {
 }
 
 /// qcow2-specific facts (qemu-img's `format-specific` data).
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// let q = info.qcow2.expect("a qcow2 image");
+/// assert_eq!((q.compat, q.refcount_bits), ("1.1", 16));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qcow2Info {
     /// `"0.10"` for version 2, `"1.1"` for version 3.
@@ -130,6 +198,19 @@ pub struct Qcow2Info {
 }
 
 /// One persistent bitmap.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// assert!(info.qcow2.map(|q| q.bitmaps.is_empty()).unwrap_or(false));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
     /// Name.
@@ -147,12 +228,39 @@ pub struct BitmapInfo {
 /// The file is locked as qemu-img info locks it under `locking`: no read permission is taken
 /// (nothing is read as guest data), but a qcow2 image is refused while another open writes it
 /// ([`Error::Locked`]) unless `locking` is [`Locking::ForceShare`] or [`Locking::Off`].
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// assert!(!info.dirty);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn open_for_info(path: &Path, format: Format, locking: Locking) -> Result<Opened> {
     open_for_info_with_key(path, format, locking, &EncryptionOptions::default())
 }
 
 /// [`open_for_info`] with the caller's encryption options: as qemu-img info, the image opens
 /// for its metadata only (a passphrase is not tried), but an expected format must match.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::engine::EncryptionOptions;
+/// use qcow2kit::ops::info::open_for_info_with_key;
+/// use qcow2kit::Format;
+/// let opened = open_for_info_with_key(&path, Format::Qcow2, Locking::Qemu, &EncryptionOptions::default())?;
+/// assert!(opened.qcow2.is_some());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn open_for_info_with_key(
     path: &Path,
     format: Format,
@@ -201,6 +309,19 @@ pub fn open_for_info_with_key(
 }
 
 /// Gathers what qemu-img info reports about the top image of `opened`.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.qcow2");
+/// # create_qcow2(&path, &CreateOptions { size: Some(1 << 30), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::{image_info, open_for_info};
+/// use qcow2kit::Format;
+/// let info = image_info(&open_for_info(&path, Format::Qcow2, Locking::Qemu)?)?;
+/// assert!(info.actual_size.is_some());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
     let path = opened.path.to_string_lossy().into_owned();
     // An image behind an NBD server is named as QEMU names it, and has no host file.
@@ -321,6 +442,21 @@ pub fn image_info(opened: &Opened) -> Result<ImageInfo> {
 /// `None`); each backing file by the name resolved as QEMU combines paths, in the format the
 /// image records (probed when it records none). A name that comes back is a loop
 /// ([`Error::BackingLoop`]), as in qemu-img.
+///
+/// ```
+/// # use qcow2kit::ops::create::{create_qcow2, CreateOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # create_qcow2(&dir.path().join("base.qcow2"), &CreateOptions { size: Some(1 << 20), ..Default::default() })?;
+/// # let top = dir.path().join("top.qcow2");
+/// # create_qcow2(&top, &CreateOptions { backing_file: Some("base.qcow2".into()), backing_format: Some("qcow2".into()), ..Default::default() })?;
+/// use qcow2kit::chain::Locking;
+/// use qcow2kit::ops::info::backing_chain_info;
+/// // qemu-img info --backing-chain top.qcow2
+/// let chain = backing_chain_info(&top, None, Locking::Qemu)?;
+/// assert_eq!(chain.len(), 2);
+/// assert_eq!(chain[0].backing_filename.as_deref(), Some("base.qcow2"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn backing_chain_info(
     path: &Path,
     format: Option<Format>,
