@@ -19,6 +19,31 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// A corruption found while the image was in use.
+///
+/// ```
+/// use qcow2kit::engine::{CorruptionEvent, CorruptionReporter};
+/// use qcow2kit::io::MemoryStorage;
+/// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// use qcow2kit::{BlockDevice, Qcow2Image, Qcow2Options};
+/// use std::sync::{Arc, Mutex};
+///
+/// let file = Arc::new(MemoryStorage::new());
+/// create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+/// // Damage: the header's cluster counted free, so the allocator could hand it to guest data.
+/// let mut bytes = file.to_bytes();
+/// bytes[2 * 65536..2 * 65536 + 2].copy_from_slice(&[0, 0]);
+/// let seen: Arc<Mutex<Vec<CorruptionEvent>>> = Arc::default();
+/// let log = seen.clone();
+/// let opts = Qcow2Options {
+///     on_corruption: Some(CorruptionReporter::new(move |e| log.lock().unwrap().push(e.clone()))),
+///     ..Qcow2Options::default()
+/// };
+/// let img = Qcow2Image::open_writable(Arc::new(MemoryStorage::from_bytes(bytes)), &opts)?;
+/// assert!(img.write_at(&[1; 512], 0).is_err()); // refused, never written over the header
+/// let events = seen.lock().unwrap();
+/// assert!(events[0].fatal);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CorruptionEvent {
@@ -32,6 +57,31 @@ pub struct CorruptionEvent {
 impl CorruptionEvent {
     /// The line QEMU prints for the event, e.g. `qcow2: Marking image as corrupt: …; further
     /// corruption events will be suppressed`.
+    ///
+    /// ```
+    /// use qcow2kit::engine::{CorruptionEvent, CorruptionReporter};
+    /// use qcow2kit::io::MemoryStorage;
+    /// use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// use qcow2kit::{BlockDevice, Qcow2Image, Qcow2Options};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// let file = Arc::new(MemoryStorage::new());
+    /// create_qcow2_on(file.clone(), None, 1 << 20, &CreateOptions::default())?.close()?;
+    /// // Damage: the header's cluster counted free, so the allocator could hand it to guest data.
+    /// let mut bytes = file.to_bytes();
+    /// bytes[2 * 65536..2 * 65536 + 2].copy_from_slice(&[0, 0]);
+    /// let seen: Arc<Mutex<Vec<CorruptionEvent>>> = Arc::default();
+    /// let log = seen.clone();
+    /// let opts = Qcow2Options {
+    ///     on_corruption: Some(CorruptionReporter::new(move |e| log.lock().unwrap().push(e.clone()))),
+    ///     ..Qcow2Options::default()
+    /// };
+    /// let img = Qcow2Image::open_writable(Arc::new(MemoryStorage::from_bytes(bytes)), &opts)?;
+    /// assert!(img.write_at(&[1; 512], 0).is_err()); // refused, never written over the header
+    /// let events = seen.lock().unwrap();
+    /// assert!(events[0].qemu_line().starts_with("qcow2: Marking image as corrupt: "));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn qemu_line(&self) -> String {
         if self.fatal {
             format!(
@@ -50,17 +100,44 @@ impl CorruptionEvent {
 /// Receives the corruption events of an open image (set in
 /// [`Qcow2Options::on_corruption`](super::Qcow2Options::on_corruption)); called with the
 /// image's metadata lock held, so it must not use the image.
+///
+/// ```
+/// use qcow2kit::engine::CorruptionReporter;
+/// use qcow2kit::Qcow2Options;
+/// use std::sync::{Arc, Mutex};
+/// // A VMM records the events to raise them to its management layer.
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let log = seen.clone();
+/// let opts = Qcow2Options {
+///     on_corruption: Some(CorruptionReporter::new(move |e| log.lock().unwrap().push(e.message.clone()))),
+///     ..Qcow2Options::default()
+/// };
+/// # let _ = opts;
+/// ```
 #[derive(Clone)]
 pub struct CorruptionReporter(Arc<dyn Fn(&CorruptionEvent) + Send + Sync>);
 
 impl CorruptionReporter {
     /// A reporter calling `f` for each event.
+    ///
+    /// ```
+    /// let r = qcow2kit::engine::CorruptionReporter::new(|e| eprintln!("{}", e.qemu_line()));
+    /// # let _ = r;
+    /// ```
     pub fn new(f: impl Fn(&CorruptionEvent) + Send + Sync + 'static) -> Self {
         CorruptionReporter(Arc::new(f))
     }
 
     /// A reporter that prints QEMU's line for each event on standard error, as qemu-img and
     /// qemu-io do.
+    ///
+    /// ```
+    /// let opts = qcow2kit::Qcow2Options {
+    ///     on_corruption: Some(qcow2kit::engine::CorruptionReporter::stderr()), // as qemu-img does
+    ///     ..Default::default()
+    /// };
+    /// # let _ = opts;
+    /// ```
     pub fn stderr() -> Self {
         CorruptionReporter::new(|e| eprintln!("{}", e.qemu_line()))
     }

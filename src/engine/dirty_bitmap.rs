@@ -7,6 +7,20 @@
 use crate::error::{Error, Result};
 
 /// The dirty bits of one persistent bitmap (see the module docs).
+///
+/// ```
+/// use qcow2kit::engine::DirtyBitmap;
+/// # use qcow2kit::io::MemoryStorage;
+/// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+/// # use qcow2kit::BlockDevice;
+/// # use std::sync::Arc;
+/// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+/// # img.add_bitmap("b", 65536, true)?;
+/// # img.write_at(&[1; 512], 70_000)?;
+/// let bits: DirtyBitmap = img.bitmap("b")?;
+/// assert_eq!(bits.extents(), vec![(65536, 65536)]);
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
     granularity_bits: u8,
@@ -45,31 +59,115 @@ impl DirtyBitmap {
     }
 
     /// Bytes of the disk each bit covers.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert_eq!(bits.granularity(), 65536);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn granularity(&self) -> u64 {
         1 << self.granularity_bits
     }
 
     /// log2 of [`granularity`](Self::granularity).
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert_eq!(bits.granularity_bits(), 16);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn granularity_bits(&self) -> u8 {
         self.granularity_bits
     }
 
     /// Bytes of the disk the bitmap covers.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert_eq!(bits.size(), 1 << 20);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn size(&self) -> u64 {
         self.size
     }
 
     /// Number of bits.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert_eq!(bits.bits(), 16); // 1 MiB in 64 KiB granules
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn bits(&self) -> u64 {
         self.size.div_ceil(self.granularity())
     }
 
     /// Bytes of memory the bits take.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert!(bits.memory() >= 2);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn memory(&self) -> u64 {
         self.words.len() as u64 * 8
     }
 
     /// Whether bit `i` is set.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert!(bits.get(1) && !bits.get(0));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn get(&self, i: u64) -> bool {
         self.words
             .get((i / 64) as usize)
@@ -77,6 +175,20 @@ impl DirtyBitmap {
     }
 
     /// Number of dirty bits.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// assert_eq!(bits.count(), 1);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
@@ -100,6 +212,22 @@ impl DirtyBitmap {
     }
 
     /// Marks guest bytes `offset..offset + len` dirty (every bit they touch).
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// let mut b = bits;
+    /// b.mark(0, 1); // a byte dirties its whole granule
+    /// assert_eq!(b.count(), 2);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn mark(&mut self, offset: u64, len: u64) {
         if len == 0 || offset >= self.size {
             return;
@@ -110,12 +238,45 @@ impl DirtyBitmap {
     }
 
     /// Clears every bit.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// let mut b = bits;
+    /// b.clear();
+    /// assert_eq!(b.count(), 0);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn clear(&mut self) {
         self.words.fill(0);
     }
 
     /// Marks dirty every range `other` has dirty (the granularities may differ). Refused, in
     /// QEMU's words, when the two cover different sizes.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// let mut b = bits.clone();
+    /// b.clear();
+    /// b.merge(&bits)?;
+    /// assert_eq!(b.count(), 1);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn merge(&mut self, other: &DirtyBitmap) -> Result<()> {
         if other.size != self.size {
             return Err(Error::InvalidArgument(format!(
@@ -132,6 +293,21 @@ impl DirtyBitmap {
 
     /// The dirty ranges of the disk as (offset, length) byte ranges, in order, each as long as
     /// possible, clipped to the disk size: what an incremental backup copies.
+    ///
+    /// ```
+    /// use qcow2kit::engine::DirtyBitmap;
+    /// # use qcow2kit::io::MemoryStorage;
+    /// # use qcow2kit::ops::create::{create_qcow2_on, CreateOptions};
+    /// # use qcow2kit::BlockDevice;
+    /// # use std::sync::Arc;
+    /// # let img = create_qcow2_on(Arc::new(MemoryStorage::new()), None, 1 << 20, &CreateOptions::default())?;
+    /// # img.add_bitmap("b", 65536, true)?;
+    /// # img.write_at(&[1; 512], 70_000)?;
+    /// let bits: DirtyBitmap = img.bitmap("b")?;
+    /// // What an incremental backup copies: (offset, length) runs.
+    /// assert_eq!(bits.extents(), vec![(65536, 65536)]);
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn extents(&self) -> Vec<(u64, u64)> {
         let g = self.granularity_bits;
         let mut out = Vec::new();

@@ -31,6 +31,17 @@ const MAX_LUKS_AREA: u64 = 16 << 20;
 const SECTOR: u64 = SECTOR_SIZE as u64;
 
 /// What the caller gives to open an encrypted image.
+///
+/// ```
+/// use qcow2kit::crypto::Passphrase;
+/// use qcow2kit::engine::EncryptionOptions;
+/// use qcow2kit::Qcow2Options;
+/// let opts = Qcow2Options {
+///     encryption: EncryptionOptions { passphrase: Some(Passphrase::new("secret")), ..Default::default() },
+///     ..Qcow2Options::default()
+/// };
+/// # let _ = opts;
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct EncryptionOptions {
     /// The passphrase: the secret of a LUKS key slot, or the legacy AES key.

@@ -24,6 +24,10 @@ const MAX_BACKING_FORMAT: usize = 15;
 
 /// The error text (QEMU's) when the header, its extensions and the backing file name do not
 /// fit in the first cluster.
+///
+/// ```
+/// assert_eq!(qcow2kit::engine::HEADER_FULL, "No space left in the file header");
+/// ```
 pub const HEADER_FULL: &str = "No space left in the file header";
 
 /// The unit a storage writes atomically (a torn write keeps or drops whole sectors).

@@ -27,9 +27,21 @@ use std::sync::Condvar;
 use std::sync::{Arc, Mutex};
 
 /// Default memory for the L2 cache: maps 256 GiB of guest data with 64 KiB clusters.
+///
+/// ```
+/// use qcow2kit::engine::DEFAULT_L2_CACHE_BYTES;
+/// assert_eq!(qcow2kit::Qcow2Options::default().l2_cache_bytes, DEFAULT_L2_CACHE_BYTES);
+/// ```
 pub const DEFAULT_L2_CACHE_BYTES: usize = 32 << 20;
 
 /// Which snapshot to read instead of the active image.
+///
+/// ```
+/// use qcow2kit::SnapshotRef;
+/// assert_eq!(SnapshotRef::parse("snapshot.name=nightly")?, SnapshotRef::Name("nightly".into()));
+/// assert_eq!(SnapshotRef::parse("3")?, SnapshotRef::IdOrName("3".into()));
+/// # Ok::<(), qcow2kit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotRef {
     /// Match the snapshot id (`snapshot.id=`).
@@ -43,6 +55,12 @@ pub enum SnapshotRef {
 impl SnapshotRef {
     /// Parses qemu-img's `-l` argument: `snapshot.id=ID`, `snapshot.name=NAME`, a combination
     /// separated by commas, or a plain id-or-name.
+    ///
+    /// ```
+    /// use qcow2kit::SnapshotRef;
+    /// assert_eq!(SnapshotRef::parse("snapshot.id=2")?, SnapshotRef::Id("2".into()));
+    /// # Ok::<(), qcow2kit::Error>(())
+    /// ```
     pub fn parse(s: &str) -> Result<Self> {
         let mut id = None;
         let mut name = None;
@@ -91,6 +109,13 @@ impl SnapshotRef {
 /// ([`Qcow2Image::open`], [`Qcow2Image::open_writable`], [`Qcow2Image::open_snapshot`]), or of
 /// [`OpenOptions`](crate::OpenOptions) for a whole chain; its backing and data files are
 /// attached separately (see [`crate::chain`]).
+///
+/// ```
+/// use qcow2kit::Qcow2Options;
+/// // A small cache for a VMM running many disks.
+/// let opts = Qcow2Options { l2_cache_bytes: 1 << 20, ..Qcow2Options::default() };
+/// # let _ = opts;
+/// ```
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
     /// Bytes of memory the L2 cache may use: between 4 and 131 071 slices of at most 4 KiB

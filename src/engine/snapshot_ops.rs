@@ -63,6 +63,13 @@ pub(super) fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error
 }
 
 /// What a new snapshot records besides its tables.
+///
+/// ```
+/// use qcow2kit::NewSnapshot;
+/// // An explicit date, for reproducible images.
+/// let s = NewSnapshot { date_sec: 1_700_000_000, ..NewSnapshot::now("release") };
+/// assert_eq!(s.name, "release");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSnapshot {
     /// Name (tag); need not be unique, as in QEMU.
@@ -82,6 +89,11 @@ pub struct NewSnapshot {
 impl NewSnapshot {
     /// A snapshot named `name` taken now, as `qemu-img snapshot -c` records it (microsecond
     /// precision, guest clock and instruction count 0).
+    ///
+    /// ```
+    /// let s = qcow2kit::NewSnapshot::now("before-upgrade");
+    /// assert!(s.date_sec > 0 && s.id.is_none());
+    /// ```
     pub fn now(name: &str) -> Self {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
