@@ -13,6 +13,16 @@ use std::path::{Path, PathBuf};
 ///
 /// Opened by [`open`](Self::open), [`open_with`](Self::open_with) or [`create`](Self::create),
 /// it holds QEMU's image locks ([`super::lock`]) for as long as it lives.
+///
+/// ```
+/// use qcow2kit::io::{FileStorage, Storage};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("f");
+/// let s = FileStorage::create(&path)?;
+/// s.write_at(b"qcow", 0)?;
+/// s.flush()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -36,12 +46,32 @@ impl FileStorage {
     /// [`LockError`](super::lock::LockError) inside the I/O error) when another open of the file,
     /// in this process or another, writes it, or when this open writes and another one
     /// refuses to share that.
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// std::fs::write(&path, [5u8; 512])?;
+    /// let s = FileStorage::open(&path, false)?; // read-only
+    /// assert_eq!(s.len()?, 512);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
         Self::open_with(path, writable, Some(LockRequest::image(writable)))
     }
 
     /// Opens an existing file, read-only or read-write, taking the locks of `lock` (none when
     /// `None`, for callers that lock by themselves).
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// std::fs::write(&path, [5u8; 512])?;
+    /// let s = FileStorage::open_with(&path, true, None)?; // no image lock
+    /// assert!(s.is_writable());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open_with(
         path: impl AsRef<Path>,
         writable: bool,
@@ -63,6 +93,15 @@ impl FileStorage {
     /// Creates a file for writing, or empties an existing one, as qemu-img create does: the
     /// file is locked ([`LockRequest::create`]) before it is truncated, so an image another
     /// open is using is refused, not destroyed.
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// let s = FileStorage::create(&path)?; // truncated if it existed
+    /// assert_eq!(s.len()?, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
@@ -82,6 +121,16 @@ impl FileStorage {
     }
 
     /// Wraps an already open file; no lock is taken.
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// let file = std::fs::File::create(&path)?;
+    /// let s = FileStorage::from_file(file, path.clone(), true);
+    /// assert_eq!(s.path(), path.as_path());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_file(file: File, path: PathBuf, writable: bool) -> Self {
         FileStorage {
             file,
@@ -92,16 +141,43 @@ impl FileStorage {
     }
 
     /// The path this storage was opened from.
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// let s = FileStorage::create(&path)?;
+    /// assert_eq!(s.path(), path.as_path());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The underlying file.
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// let s = FileStorage::create(&path)?;
+    /// assert!(s.file().metadata()?.is_file());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn file(&self) -> &File {
         &self.file
     }
 
     /// Whether the file was opened for writing.
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, Storage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("f");
+    /// let s = FileStorage::create(&path)?;
+    /// assert!(s.is_writable());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_writable(&self) -> bool {
         self.writable
     }

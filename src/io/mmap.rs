@@ -38,6 +38,18 @@ use std::sync::{PoisonError, RwLock};
 /// Growth is safe and handled: a read that reaches past the mapped length looks at the file's
 /// length, re-maps it when it grew, and reads what still lies past the mapping with `pread`
 /// (bytes past the end of the file read as zeros, as the [`Storage`] contract says).
+///
+/// ```
+/// use qcow2kit::io::{MmapStorage, Storage};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("image");
+/// std::fs::write(&path, vec![6u8; 8192])?;
+/// let m = MmapStorage::open(&path)?; // read-only, QEMU's read lock taken
+/// let mut b = [0u8; 4];
+/// m.read_at(&mut b, 4096)?;
+/// assert_eq!(b, [6; 4]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct MmapStorage {
     /// The file, locked for reading; also the `pread` path past the mapping.
@@ -49,6 +61,15 @@ pub struct MmapStorage {
 impl MmapStorage {
     /// Opens the file at `path` read-only, locked as a read-only image
     /// ([`FileStorage::open`]), and maps it.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("image");
+    /// std::fs::write(&path, vec![6u8; 8192])?;
+    /// let m = qcow2kit::io::MmapStorage::open(&path)?;
+    /// assert_eq!(m.mapped_len(), 8192);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         Self::from_file_storage(FileStorage::open_with(
             path,
@@ -59,6 +80,16 @@ impl MmapStorage {
 
     /// Maps an already opened file (its locks are the caller's; see the type's documentation
     /// for the hazard of a file truncated under the mapping).
+    ///
+    /// ```
+    /// use qcow2kit::io::{FileStorage, MmapStorage};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("image");
+    /// std::fs::write(&path, vec![6u8; 8192])?;
+    /// let m = MmapStorage::from_file_storage(FileStorage::open(&path, false)?)?;
+    /// assert_eq!(m.mapped_len(), 8192);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_file_storage(file: FileStorage) -> io::Result<Self> {
         let s = MmapStorage {
             file,
@@ -69,6 +100,14 @@ impl MmapStorage {
     }
 
     /// The length now mapped.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("image");
+    /// std::fs::write(&path, vec![6u8; 100])?;
+    /// assert_eq!(qcow2kit::io::MmapStorage::open(&path)?.mapped_len(), 100);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn mapped_len(&self) -> usize {
         self.map
             .read()
