@@ -636,9 +636,7 @@ fn open_layer(
     seen: &mut Vec<(u64, u64)>,
     top: bool,
 ) -> Result<Opened> {
-    if !format.is_openable() {
-        return Err(Error::Unsupported(format!("image format '{format}'")));
-    }
+    format.ensure_openable()?;
     let writable = if top {
         opts.writable
     } else {

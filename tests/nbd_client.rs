@@ -33,15 +33,21 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b.try_into().expect("8 bytes"))
 }
 
+/// The server's greeting with handshake `flags` (1: fixed newstyle, 2: no zeroes), and the
+/// client's flags read.
+fn greet(s: &mut UnixStream, flags: u16) {
+    let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
+    hello.extend_from_slice(&flags.to_be_bytes());
+    s.write_all(&hello).expect("hello");
+    let mut cflags = [0u8; 4];
+    s.read_exact(&mut cflags).expect("client flags");
+}
+
 /// Answers the client's options as a well-behaved server would: structured replies, the
 /// `base:allocation` context as id [`CTX`], and a writable export of [`SIZE`] bytes taking
 /// requests of at most [`MAX_BLOCK`] bytes.
 fn handshake(s: &mut UnixStream) {
-    let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
-    hello.extend_from_slice(&3u16.to_be_bytes());
-    s.write_all(&hello).expect("hello");
-    let mut cflags = [0u8; 4];
-    s.read_exact(&mut cflags).expect("client flags");
+    greet(s, 3);
     let reply = |s: &mut UnixStream, opt: u32, kind: u32, data: &[u8]| {
         let mut h = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
         h.extend_from_slice(&opt.to_be_bytes());
@@ -451,12 +457,8 @@ fn option(s: &mut UnixStream) -> (u32, Vec<u8>) {
 #[test]
 fn a_server_without_opt_go_is_reached_through_export_name() {
     let (_dir, uri, server) = memory_server(1, |s| {
-        let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
         // Fixed newstyle only: no NO_ZEROES.
-        hello.extend_from_slice(&1u16.to_be_bytes());
-        s.write_all(&hello).expect("hello");
-        let mut cflags = [0u8; 4];
-        s.read_exact(&mut cflags).expect("client flags");
+        greet(s, 1);
         loop {
             let (opt, data) = option(s);
             if opt == 1 {
@@ -488,11 +490,7 @@ fn a_server_without_opt_go_is_reached_through_export_name() {
 #[test]
 fn requests_are_aligned_to_the_servers_minimum_block_size() {
     let (_dir, uri, server) = memory_server(4096, |s| {
-        let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
-        hello.extend_from_slice(&3u16.to_be_bytes());
-        s.write_all(&hello).expect("hello");
-        let mut cflags = [0u8; 4];
-        s.read_exact(&mut cflags).expect("client flags");
+        greet(s, 3);
         loop {
             let (opt, _) = option(s);
             if opt == 7 {

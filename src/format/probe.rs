@@ -174,6 +174,15 @@ impl Format {
     pub fn is_openable(self) -> bool {
         matches!(self, Format::Qcow2 | Format::Raw)
     }
+
+    /// [`Error::Unsupported`](crate::Error::Unsupported) for a format `open` does not open.
+    pub(crate) fn ensure_openable(self) -> crate::Result<()> {
+        if self.is_openable() {
+            Ok(())
+        } else {
+            Err(crate::Error::Unsupported(format!("image format '{self}'")))
+        }
+    }
 }
 
 impl std::fmt::Display for Format {

@@ -267,9 +267,7 @@ pub fn open_for_info_with_key(
     locking: Locking,
     key: &EncryptionOptions,
 ) -> Result<Opened> {
-    if !format.is_openable() {
-        return Err(Error::Unsupported(format!("image format '{format}'")));
-    }
+    format.ensure_openable()?;
     let lock = locking
         .request(FileRole::of(format), false)
         .map(|r| LockRequest {

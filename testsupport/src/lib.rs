@@ -1,6 +1,6 @@
 //! Helpers shared by qcow2kit's integration tests (`tests/`, `cli/tests/`) and benches: running
 //! qemu-img, qemu-io and qcow2kit the same way everywhere, with one panic message when a tool
-//! is missing, and scratch directories.
+//! is missing.
 //!
 //! Every helper panics with the command that failed: a missing or failing qemu tool is a test
 //! failure, never a silent skip.
@@ -59,21 +59,4 @@ pub fn tool_output(prog: &str, args: &[&str], dir: &Path) -> Output {
         );
     }
     out
-}
-
-/// Standard output then standard error of a run, as text.
-pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A scratch directory, in tmpfs when there is one (flushes cost nothing there).
-pub fn scratch(prefix: &str) -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    let b = tempfile::Builder::new().prefix(prefix).tempdir_in(shm);
-    b.or_else(|_| tempfile::Builder::new().prefix(prefix).tempdir())
-        .expect("creating a scratch directory")
 }
